@@ -1,0 +1,25 @@
+"""Data: readers (NIfTI, DICOM, PNG/JPEG, MedMNIST npz), manifests, transforms, datasets."""
+
+from .datasets import ManifestDataset, NpzDataset, SampleDataset
+from .errors import DataError, MissingFileError
+from .io import load
+from .manifest import read_records, read_rows
+from .npz import npz_splits, read_npz
+from .transforms import PRESETS, ct_3d, mr_3d, radiograph_2d
+
+__all__ = [
+    "load",
+    "DataError",
+    "MissingFileError",
+    "ManifestDataset",
+    "NpzDataset",
+    "SampleDataset",
+    "read_npz",
+    "npz_splits",
+    "read_rows",
+    "read_records",
+    "radiograph_2d",
+    "ct_3d",
+    "mr_3d",
+    "PRESETS",
+]

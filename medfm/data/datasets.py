@@ -1,0 +1,210 @@
+"""Datasets of sample dicts: from a CSV/JSONL manifest, or from a MedMNIST ``.npz``.
+
+Both share :class:`SampleDataset`: MONAI dict transforms applied to each
+sample, an optional in-memory cache of the deterministic part of the
+transforms (everything before the first random transform), and ``on_error``:
+``"raise"`` stops at the first bad sample with a message naming the file and
+manifest row; ``"skip"`` drops it, counts it in ``skipped`` and warns.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Randomizable
+from torch.utils.data import Dataset
+
+from .errors import DataError
+from .io import load
+from .manifest import ManifestRecord, read_records
+from .npz import read_npz
+from .volume import describe_affine, make_sample
+
+
+def _split_transform(transform: Callable | Sequence[Callable] | None) -> tuple[Callable | None, Callable | None]:
+    """(deterministic prefix, rest): the prefix ends before the first random transform."""
+    if transform is None:
+        return None, None
+    items = list(transform.transforms) if isinstance(transform, Compose) else (
+        list(transform) if isinstance(transform, (list, tuple)) else [transform]
+    )
+    k = next((i for i, t in enumerate(items) if isinstance(t, Randomizable)), len(items))
+    return (Compose(items[:k]) if k else None), (Compose(items[k:]) if k < len(items) else None)
+
+
+def _finalise(sample: dict) -> dict:
+    """MetaTensor -> plain tensor; ``meta`` updated to the affine/spacing the transforms produced."""
+    image = sample["image"]
+    meta = dict(sample.get("meta", {}))
+    if isinstance(image, MetaTensor):
+        affine = image.affine.numpy()
+        dims = image.ndim - 1
+        meta["affine"] = affine
+        meta["spacing"], meta["orientation"] = describe_affine(affine, dims)
+        sample["image"] = image.as_tensor()
+    if isinstance(sample.get("mask"), MetaTensor):
+        sample["mask"] = sample["mask"].as_tensor()
+    sample["meta"] = meta
+    return sample
+
+
+class SampleDataset(Dataset):
+    """Base: subclasses implement ``__len__``, ``load_sample(i)`` and ``describe(i)`` (for errors)."""
+
+    def __init__(self, transform=None, cache: bool = False, on_error: str = "raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.pre, self.post = _split_transform(transform)
+        self.cache = {} if cache else None
+        self.on_error = on_error
+        self.skipped: list[tuple[str, str]] = []  # (which sample, why)
+
+    def load_sample(self, i: int) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _prepared(self, i: int) -> dict:
+        if self.cache is not None and i in self.cache:
+            return dict(self.cache[i])
+        sample = self.load_sample(i)
+        if self.pre is not None:
+            sample = self.pre(sample)
+        if self.cache is not None:
+            self.cache[i] = sample
+            sample = dict(sample)
+        return sample
+
+    def _get(self, i: int) -> dict:
+        try:
+            sample = self._prepared(i)
+            if self.post is not None:
+                sample = self.post(sample)
+            return _finalise(sample)
+        except DataError as e:
+            raise DataError(f"{self.describe(i)}: {e}") from e
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        for attempt in range(n):
+            j = (i + attempt) % n
+            try:
+                return self._get(j)
+            except DataError as e:
+                if self.on_error == "raise":
+                    raise
+                self.skipped.append((self.describe(j), str(e)))
+                warnings.warn(f"skipped bad sample ({len(self.skipped)} so far): {e}", stacklevel=2)
+        raise DataError(f"every sample of this dataset is bad; first: {self.skipped[0][1] if self.skipped else '?'}")
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+
+class ManifestDataset(SampleDataset):
+    """Rows of a CSV or JSONL manifest -> sample dicts.
+
+    Each row names an ``image`` (a file or a DICOM folder; relative paths resolve
+    against the manifest's folder) and optionally labels, a ``mask`` and a report
+    ``text``. See :func:`medfm.data.manifest.read_records` for how labels are encoded.
+    Rows with a missing file or an unknown label are errors (or, with
+    ``on_error="skip"``, dropped and counted before training starts).
+    """
+
+    def __init__(
+        self,
+        manifest: str | os.PathLike,
+        split: str | None = None,
+        image_key: str = "image",
+        label_keys: str | Sequence[str] | None = None,
+        classes: Sequence[str] | None = None,
+        multi_label: bool = False,
+        mask_key: str | None = None,
+        text_key: str | None = None,
+        split_key: str = "split",
+        spatial_dims: int | None = None,
+        transform=None,
+        cache: bool = False,
+        on_error: str = "raise",
+    ):
+        super().__init__(transform=transform, cache=cache, on_error=on_error)
+        self.manifest = str(manifest)
+        self.spatial_dims = spatial_dims
+        records, self.classes, bad = read_records(
+            manifest,
+            split=split,
+            image_key=image_key,
+            label_keys=label_keys,
+            classes=classes,
+            multi_label=multi_label,
+            mask_key=mask_key,
+            text_key=text_key,
+            split_key=split_key,
+            on_error=on_error,
+        )
+        self.records: list[ManifestRecord] = records
+        self.skipped.extend(bad)
+        if bad:
+            warnings.warn(f"{self.manifest}: skipped {len(bad)} bad row(s), e.g. {bad[0][1]}", stacklevel=2)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def describe(self, i: int) -> str:
+        return f"{self.manifest} line {self.records[i].line}"
+
+    def load_sample(self, i: int) -> dict:
+        rec = self.records[i]
+        sample = load(rec.image, spatial_dims=self.spatial_dims)
+        if rec.mask is not None:
+            sample["mask"] = load(rec.mask, spatial_dims=sample["meta"]["spatial_dims"], allow_constant=True)["image"]
+        if rec.label is not None:
+            sample["label"] = rec.label
+        if rec.text is not None:
+            sample["text"] = rec.text
+        sample["meta"].update(row=rec.line, **rec.extra)
+        return sample
+
+
+class NpzDataset(SampleDataset):
+    """One split of a MedMNIST-style ``.npz`` as sample dicts (image float32 with the file's 0-255 values).
+
+    ``label`` is an int for single-label sets, a float multi-hot vector for
+    multi-label ones (MedMNIST stores those as (N, K) with K > 1).
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str = "train", spatial_dims: int | None = None,
+                 transform=None, cache: bool = False, on_error: str = "raise"):
+        super().__init__(transform=transform, cache=cache, on_error=on_error)
+        self.path = str(path)
+        self.split = split
+        self.images, self.labels, self.spatial_dims = read_npz(path, split, spatial_dims)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self, i: int) -> str:
+        return f"{self.path} [{self.split}] sample {i}"
+
+    def load_sample(self, i: int) -> dict:
+        affine = np.eye(4)
+        sample = make_sample(self.images[i], affine, self.path, self.spatial_dims, allow_constant=False)
+        sample["meta"].update(row=i, split=self.split)
+        if self.labels is not None:
+            lab = self.labels[i]
+            sample["label"] = int(lab[0]) if lab.shape[0] == 1 else torch.as_tensor(lab, dtype=torch.float32)
+        return sample
+
+    @property
+    def targets(self) -> np.ndarray | None:
+        """All labels of the split, (N,) for single-label sets, (N, K) for multi-label ones."""
+        if self.labels is None:
+            return None
+        return self.labels[:, 0] if self.labels.shape[1] == 1 else self.labels

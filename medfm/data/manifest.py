@@ -1,0 +1,181 @@
+"""CSV / JSONL manifests: one row per sample, naming its files, labels, text and split.
+
+Columns (names are arguments): ``image`` (file or DICOM folder, required),
+``split``, one or several label columns, ``mask``, a report ``text``. Any other
+column is kept in ``meta``. Relative paths resolve against the manifest's folder.
+Rows are numbered by their line in the file, so errors point at a line to fix.
+
+Labels:
+  * one label column: class names (or integers) -> an int index into ``classes``;
+    ``classes`` defaults to the sorted distinct values over the whole manifest (all
+    splits, so every split gets the same indices);
+  * one column with ``multi_label=True``: ``|``-separated names -> a multi-hot vector;
+  * several label columns: 0/1 per column -> a multi-hot vector, ``classes`` = the columns.
+A label outside ``classes`` is an error naming the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import DataError, MissingFileError
+
+TRUE = {"1", "1.0", "true", "yes", "y", "t"}
+FALSE = {"0", "0.0", "false", "no", "n", "f", ""}
+
+
+@dataclass
+class ManifestRecord:
+    line: int
+    image: str
+    label: Any = None
+    mask: str | None = None
+    text: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, row dict) for every row of a CSV or JSONL manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: manifest not found")
+    rows: list[tuple[int, dict]] = []
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            for n, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {n}: not valid JSON ({e})") from e
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+                rows.append((n, row))
+    elif path.suffix.lower() in (".csv", ".tsv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            for row in reader:
+                rows.append((reader.line_num, row))
+    else:
+        raise DataError(f"{path}: unknown manifest type {path.suffix!r} (use .csv, .tsv or .jsonl)")
+    if not rows:
+        raise DataError(f"{path}: the manifest has no rows")
+    return rows
+
+
+def _infer_classes(values: list[str]) -> list[str]:
+    distinct = sorted(set(values))
+    try:
+        return [str(v) for v in sorted(distinct, key=float)]
+    except ValueError:
+        return distinct
+
+
+def _column(path, rows, key: str) -> None:
+    present = set().union(*(r.keys() for _, r in rows))
+    if key not in present:
+        raise DataError(f"{path}: no column {key!r}; columns are {sorted(present)}")
+
+
+def read_records(
+    manifest: str | os.PathLike,
+    split: str | None = None,
+    image_key: str = "image",
+    label_keys: str | Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    multi_label: bool = False,
+    mask_key: str | None = None,
+    text_key: str | None = None,
+    split_key: str = "split",
+    on_error: str = "raise",
+) -> tuple[list[ManifestRecord], list[str] | None, list[tuple[str, str]]]:
+    """Parse and check a manifest; return (records, classes, bad rows skipped as (where, why))."""
+    path = Path(manifest)
+    rows = read_rows(path)
+    root = path.parent
+    label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys or [])
+    for key in [image_key, *label_keys, *(k for k in (mask_key, text_key) if k)]:
+        _column(path, rows, key)
+
+    if label_keys and classes is None:
+        if len(label_keys) > 1:
+            classes = list(label_keys)
+        else:
+            raw = [str(r.get(label_keys[0], "") or "").strip() for _, r in rows]
+            if multi_label:
+                raw = [t.strip() for v in raw for t in v.split("|") if t.strip()]
+            classes = _infer_classes([v for v in raw if v])
+    classes = list(classes) if classes is not None else None
+
+    if split is not None:
+        _column(path, rows, split_key)
+        present = sorted({str(r.get(split_key, "")) for _, r in rows})
+        rows = [(n, r) for n, r in rows if str(r.get(split_key, "")) == split]
+        if not rows:
+            raise DataError(f"{path}: no rows with {split_key}={split!r}; splits present: {present}")
+
+    records, bad = [], []
+    for line, row in rows:
+        try:
+            records.append(_record(path, root, line, row, image_key, label_keys, classes, multi_label, mask_key, text_key))
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            bad.append((f"{path} line {line}", str(e)))
+    if not records:
+        raise DataError(f"{path}: no usable rows ({len(bad)} bad; first: {bad[0][1] if bad else '-'})")
+    return records, classes, bad
+
+
+def _resolve(root: Path, value: Any, where: str, key: str) -> str:
+    text = str(value or "").strip()
+    if not text:
+        raise DataError(f"{where}: empty {key!r}")
+    p = Path(text).expanduser()
+    p = p if p.is_absolute() else root / p
+    if not p.exists():
+        raise MissingFileError(f"{where}: {key} file not found: {p}")
+    return str(p)
+
+
+def _record(path, root, line, row, image_key, label_keys, classes, multi_label, mask_key, text_key) -> ManifestRecord:
+    where = f"{path} line {line}"
+    label: Any = None
+    if len(label_keys) == 1 and not multi_label:
+        value = str(row.get(label_keys[0], "") or "").strip()
+        if not value:
+            raise DataError(f"{where}: empty label in column {label_keys[0]!r}")
+        if value not in classes:
+            raise DataError(f"{where}: label {value!r} in column {label_keys[0]!r} is not one of the classes {classes}")
+        label = classes.index(value)
+    elif len(label_keys) == 1:
+        names = [t.strip() for t in str(row.get(label_keys[0], "") or "").split("|") if t.strip()]
+        unknown = [t for t in names if t not in classes]
+        if unknown:
+            raise DataError(f"{where}: label(s) {unknown} in column {label_keys[0]!r} are not among the classes {classes}")
+        label = torch.zeros(len(classes))
+        label[[classes.index(t) for t in names]] = 1.0
+    elif label_keys:
+        label = torch.zeros(len(label_keys))
+        for k, key in enumerate(label_keys):
+            value = str(row.get(key, "") or "").strip().lower()
+            if value not in TRUE | FALSE:
+                raise DataError(f"{where}: column {key!r} holds {value!r}; multi-label columns must be 0/1")
+            label[k] = float(value in TRUE)
+    used = {image_key, *label_keys, mask_key, text_key}
+    return ManifestRecord(
+        line=line,
+        image=_resolve(root, row.get(image_key), where, image_key),
+        label=label,
+        mask=_resolve(root, row.get(mask_key), where, mask_key) if mask_key else None,
+        text=str(row.get(text_key) or "") if text_key else None,
+        extra={k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool))},
+    )

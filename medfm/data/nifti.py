@@ -1,0 +1,29 @@
+"""NIfTI reader (nibabel): .nii / .nii.gz, 3D volumes or 4D multi-channel volumes."""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+
+from .errors import DataError
+
+
+def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Return a channel-first float32 array (C, X, Y[, Z]) and the RAS affine of the file.
+
+    A 4D file's last axis becomes channels (e.g. MRI sequences or time points).
+    """
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel raises many kinds on truncated/corrupt files
+        raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
+    if data.ndim == 4:
+        data = np.moveaxis(data, -1, 0)
+    elif data.ndim in (2, 3):
+        data = data[None]
+    else:
+        raise DataError(f"{path}: NIfTI with {data.ndim} dimensions {data.shape}; expected 2, 3 or 4")
+    return data, np.asarray(img.affine, dtype=np.float64)

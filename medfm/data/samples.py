@@ -1,0 +1,30 @@
+"""Real files that ship inside installed packages, for demos and tests (no download)."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from pathlib import Path
+
+
+def _package_dir(package: str) -> Path:
+    spec = find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed (pip install {package})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def mni152(kind: str = "t1") -> Path:
+    """nilearn's MNI152 2009a template (197x233x189, 1 mm): ``t1``, ``gm`` (grey matter) or ``wm`` (white matter)."""
+    if kind not in ("t1", "gm", "wm"):
+        raise ValueError(f"kind must be t1, gm or wm, got {kind!r}")
+    return _package_dir("nilearn") / "datasets" / "data" / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def pydicom_file(name: str = "CT_small.dcm") -> Path:
+    """A test file bundled with pydicom (``CT_small.dcm``, ``MR_small.dcm``, ``rtdose.dcm``, ...)."""
+    return _package_dir("pydicom") / "data" / "test_files" / name
+
+
+def nibabel_file(name: str = "anatomical.nii") -> Path:
+    """A test file bundled with nibabel (``anatomical.nii``, ``example4d.nii.gz``, ``0.dcm``, ...)."""
+    return _package_dir("nibabel") / "tests" / "data" / name

@@ -1,0 +1,95 @@
+"""MONAI dict-transform presets for 2D radiographs and 3D CT / MR.
+
+Each preset is a ``monai.transforms.Compose`` over the keys ``image`` and, when
+present, ``mask`` (resampled with nearest neighbour). The deterministic steps
+come first, so a dataset built with ``cache=True`` keeps them in memory and only
+the random crops and augmentations run every epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    Orientationd,
+    RandAffined,
+    RandSpatialCropd,
+    Resized,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+)
+
+KEYS = ("image", "mask")
+
+
+def _size(size: int | Sequence[int], n: int) -> tuple[int, ...]:
+    return (size,) * n if isinstance(size, int) else tuple(size)
+
+
+def _crop(size: tuple[int, ...], train: bool) -> list:
+    pad = SpatialPadd(KEYS, spatial_size=size, allow_missing_keys=True)
+    if train:
+        return [pad, RandSpatialCropd(KEYS, roi_size=size, random_size=False, allow_missing_keys=True)]
+    return [pad, CenterSpatialCropd(KEYS, roi_size=size, allow_missing_keys=True)]
+
+
+def radiograph_2d(size: int | Sequence[int] = 224, train: bool = False, percentiles=(0.5, 99.5)) -> Compose:
+    """Chest X-ray and other 2D images: percentile scaling to [0, 1], resize to ``size``;
+    in training a mild random affine (±5°, ±10 % scale; no flips: anatomy is lateralised)."""
+    size = _size(size, 2)
+    steps = [
+        ScaleIntensityRangePercentilesd("image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True),
+        Resized("image", spatial_size=size, mode="area"),
+        Resized("mask", spatial_size=size, mode="nearest", allow_missing_keys=True),
+    ]
+    if train:
+        steps.append(
+            RandAffined(KEYS, prob=0.5, rotate_range=0.087, scale_range=0.1, mode=("bilinear", "nearest"),
+                        padding_mode="zeros", allow_missing_keys=True)
+        )
+    return Compose(steps)
+
+
+def _volume(size, spacing, intensity, train: bool) -> Compose:
+    size = _size(size, 3)
+    spacing = _size(spacing, 3) if not isinstance(spacing, float) else (spacing,) * 3
+    return Compose(
+        [
+            Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
+            Spacingd(KEYS, pixdim=spacing, mode=("bilinear", "nearest"), allow_missing_keys=True),
+            intensity,
+            *_crop(size, train),
+        ]
+    )
+
+
+def ct_3d(
+    size: int | Sequence[int] = 96,
+    spacing: float | Sequence[float] = 1.5,
+    window: tuple[float, float] = (-1000.0, 1000.0),
+    train: bool = False,
+) -> Compose:
+    """CT volumes: RAS orientation, resampling to ``spacing`` mm, a HU window scaled to [0, 1],
+    pad and crop to ``size`` (random crop in training, centre crop otherwise)."""
+    intensity = ScaleIntensityRanged("image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
+    return _volume(size, spacing, intensity, train)
+
+
+def mr_3d(
+    size: int | Sequence[int] = 96,
+    spacing: float | Sequence[float] = 1.0,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    train: bool = False,
+) -> Compose:
+    """MR volumes: like :func:`ct_3d`, but intensities are scaled by percentiles (MR has no absolute units)."""
+    intensity = ScaleIntensityRangePercentilesd(
+        "image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True, channel_wise=True
+    )
+    return _volume(size, spacing, intensity, train)
+
+
+PRESETS = {"radiograph_2d": radiograph_2d, "ct_3d": ct_3d, "mr_3d": mr_3d}

@@ -1,0 +1,128 @@
+"""ResNet encoders: timm's ResNet for 2D, MONAI's ResNet for 3D, behind the ViT's API.
+
+The network lives in ``self.net`` with its library's own parameter names, so a
+timm (2D) or MONAI/MedicalNet (3D) state dict loads with the ``net.`` prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import timm
+import torch
+import torch.nn as nn
+from monai.networks import nets as monai_nets
+from timm.models import checkpoint_seq
+
+from .hub import HubMixin
+from .registry import register_class, register_encoder
+
+
+@register_class
+class ResNetEncoder(nn.Module, HubMixin):
+    """ResNet-{18,34,50} for 2D (timm) or 3D (MONAI), with pooled, map and multi-scale outputs.
+
+    ``patch_size`` is the total stride (32), so feature maps are ``input / 32``;
+    ``embed_dim`` is the channel count of the last stage.
+    """
+
+    def __init__(self, spatial_dims: int = 2, depth: int = 18, in_chans: int = 1, img_size: int | Sequence[int] = 224):
+        super().__init__()
+        if depth not in (18, 34, 50):
+            raise ValueError(f"ResNet depth must be 18, 34 or 50, got {depth}")
+        self.spatial_dims = spatial_dims
+        self.in_chans = in_chans
+        self.img_size = img_size
+        if spatial_dims == 2:
+            self.net = timm.create_model(f"resnet{depth}", num_classes=0, global_pool="", in_chans=in_chans)
+            self._act = self.net.act1
+        elif spatial_dims == 3:
+            self.net = getattr(monai_nets, f"resnet{depth}")(
+                spatial_dims=3, n_input_channels=in_chans, feed_forward=False, conv1_t_stride=2, shortcut_type="B", bias_downsample=False
+            )
+            self._act = self.net.act
+        else:
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.stages = [self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4]
+        self.embed_dim = self.num_features = 2048 if depth == 50 else 512
+        self.patch_size = (32,) * spatial_dims
+        self.grad_checkpointing = False
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise LR decay: stem, then one group per block of each stage."""
+        return dict(stem=r"^net\.conv1|^net\.bn1", blocks=r"^net\.layer(\d+)" if coarse else r"^net\.layer(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"ResNetEncoder(spatial_dims={self.spatial_dims}, in_chans={self.in_chans}) expects "
+                f"(B, {self.in_chans}, *{self.spatial_dims} spatial dims), got shape {tuple(x.shape)}"
+            )
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self._act(self.net.bn1(self.net.conv1(x)))
+
+    def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Feature maps (B, C, *spatial) at strides 2, 4, 8, 16, 32 (stem, then the four stages).
+
+        ``indices`` selects among those five, as in :meth:`ViT.forward_intermediates`.
+        """
+        self._check_input(x)
+        n = 5
+        take = list(range(n)) if indices is None else (
+            list(range(n - indices, n)) if isinstance(indices, int) else [i % n for i in indices]
+        )
+        x = self._stem(x)
+        maps = [x]
+        x = self.net.maxpool(x)
+        for stage in self.stages[: max(take)]:
+            x = self._stage(stage, x)
+            maps.append(x)
+        return [maps[i] for i in take]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-stage feature map (B, embed_dim, *input/32)."""
+        return self.forward_intermediates(x, indices=[-1])[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        return x.flatten(2).mean(dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled embedding (B, embed_dim): global average of the last feature map."""
+        return self.forward_head(self.forward_features(x))
+
+
+def _resnet(depth: int, spatial_dims: int, in_chans: int, img_size) -> ResNetEncoder:
+    return ResNetEncoder(spatial_dims=spatial_dims, depth=depth, in_chans=in_chans, img_size=img_size)
+
+
+@register_encoder
+def resnet18(spatial_dims: int = 2, in_chans: int = 1, img_size=224) -> ResNetEncoder:
+    """ResNet-18: timm ``resnet18`` in 2D, MONAI ``resnet18`` (MedicalNet layout) in 3D."""
+    return _resnet(18, spatial_dims, in_chans, img_size)
+
+
+@register_encoder
+def resnet34(spatial_dims: int = 2, in_chans: int = 1, img_size=224) -> ResNetEncoder:
+    """ResNet-34: timm ``resnet34`` in 2D, MONAI ``resnet34`` in 3D."""
+    return _resnet(34, spatial_dims, in_chans, img_size)
+
+
+@register_encoder
+def resnet50(spatial_dims: int = 2, in_chans: int = 1, img_size=224) -> ResNetEncoder:
+    """ResNet-50: timm ``resnet50`` in 2D, MONAI ``resnet50`` in 3D."""
+    return _resnet(50, spatial_dims, in_chans, img_size)

@@ -1,0 +1,298 @@
+"""One Vision Transformer for 2D images and 3D volumes.
+
+Built from timm's transformer ``Block`` with timm's parameter names
+(``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N``, ``norm``,
+``fc_norm``), so timm / MAE / DINO 2D checkpoints load unchanged and can be
+inflated to 3D (see :mod:`medfm.encoders.weights`). The only difference between
+2D and 3D is the patch-embedding convolution and the shape of the token grid.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
+from timm.layers import trunc_normal_
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import Block
+
+from .hub import HubMixin
+from .registry import register_class, register_encoder
+
+
+def as_tuple(value: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
+    """``16`` -> ``(16,)*n``; a sequence must already have ``n`` entries."""
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    if len(value) != n:
+        raise ValueError(f"{what} {value} must have {n} entries for spatial_dims={n}")
+    return value
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens, through a Conv2d or Conv3d named ``proj`` (timm's name)."""
+
+    def __init__(self, spatial_dims: int, patch_size: tuple[int, ...], in_chans: int, embed_dim: int):
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.proj = conv(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.patch_size = patch_size
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        x = self.proj(x)
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+def resample_grid_embed(pos: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> torch.Tensor:
+    """Resample grid position embeddings (1, N, D) from ``old_grid`` to ``new_grid`` (same number of dims).
+
+    Bicubic in 2D (timm's choice), trilinear in 3D.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    d = pos.shape[-1]
+    grid = pos.reshape(1, *old_grid, d).movedim(-1, 1).float()
+    mode = "bicubic" if len(old_grid) == 2 else "trilinear"
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False)
+    return grid.movedim(1, -1).reshape(1, -1, d).to(pos.dtype)
+
+
+@register_class
+class ViT(nn.Module, HubMixin):
+    """Vision Transformer over 2D (C, H, W) or 3D (C, D, H, W) inputs.
+
+    Args:
+        spatial_dims: 2 or 3.
+        img_size: the input size the position embedding is built for; other sizes
+            divisible by the patch size work too (the embedding is resampled).
+        patch_size: an int, or one entry per spatial dim (e.g. ``(4, 16, 16)`` for thick-slice CT).
+        pos_embed: ``"learned"`` (timm default, initialised at random) or ``"sincos"``
+            (fixed, not trained, as in MAE).
+        global_pool: ``"token"`` (class token, then ``norm``) or ``"avg"`` (mean of patch
+            tokens, then ``fc_norm``), exactly as timm does.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int | Sequence[int] = 16,
+        in_chans: int = 1,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        pos_embed: str = "learned",
+        class_token: bool = True,
+        global_pool: str = "token",
+        drop_path_rate: float = 0.0,
+        init_values: float | None = None,
+    ):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        self.spatial_dims = spatial_dims
+        self.img_size = as_tuple(img_size, spatial_dims, "img_size")
+        self.patch_size = as_tuple(patch_size, spatial_dims, "patch_size")
+        bad = [s for s, p in zip(self.img_size, self.patch_size) if s % p]
+        if bad:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+        self.in_chans = in_chans
+        self.embed_dim = self.num_features = embed_dim
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(spatial_dims, self.patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        n_pos = math.prod(self.grid_size) + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim), requires_grad=pos_embed == "learned")
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    init_values=init_values,
+                    drop_path=dpr[i],
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                )
+                for i in range(depth)
+            ]
+        )
+        use_fc_norm = global_pool == "avg"
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self._init_weights(pos_embed)
+
+    # ----------------------------------------------------------------- init
+    def _init_weights(self, pos_embed: str) -> None:
+        if pos_embed == "sincos":
+            grid = build_sincos_position_embedding(list(self.grid_size), self.embed_dim, self.spatial_dims)
+            with torch.no_grad():
+                self.pos_embed[:, self.num_prefix_tokens :].copy_(grid.data)
+        else:
+            trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        trunc_normal_(w.view(w.shape[0], -1), std=0.02)
+
+    # ----------------------------------------------------------- timm-style API
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise LR decay: stem, one group per block, final norms."""
+        return dict(
+            stem=r"^cls_token|^pos_embed|^patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^(fc_)?norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    # --------------------------------------------------------------- forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"{type(self).__name__}(spatial_dims={self.spatial_dims}) expects a "
+                f"{self.spatial_dims + 2}-d batch (B, C, {'D, ' if self.spatial_dims == 3 else ''}H, W), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+        bad = [s for s, p in zip(x.shape[2:], self.patch_size) if s % p]
+        if bad:
+            raise ValueError(f"input size {tuple(x.shape[2:])} is not divisible by patch_size {self.patch_size}")
+
+    def grid_pos_embed(self, grid: Sequence[int]) -> torch.Tensor:
+        """Position embeddings of the patch tokens for a token grid, resampled if it differs from the built one."""
+        return resample_grid_embed(self.pos_embed[:, self.num_prefix_tokens :], self.grid_size, grid)
+
+    def patchify_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Patch tokens with their position embedding added, no prefix token: (B, N, D), grid.
+
+        Pretraining methods that drop tokens (MAE) start here.
+        """
+        self._check_input(x)
+        tokens, grid = self.patch_embed(x)
+        return tokens + self.grid_pos_embed(grid), grid
+
+    def add_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prepend the class token (with its position embedding) if the model has one."""
+        if self.cls_token is None:
+            return tokens
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1)
+
+    def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, tokens)
+        return self.blocks(tokens)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the last block and norm: (B, num_prefix_tokens + N, D)."""
+        tokens, _ = self.patchify_embed(x)
+        return self.norm(self.run_blocks(self.add_prefix(tokens)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        """Pool tokens to one embedding (B, D), as timm's ``forward_head(pre_logits=True)``."""
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        else:
+            x = x[:, 0]
+        return self.fc_norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled embedding (B, embed_dim)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False
+    ) -> list[torch.Tensor]:
+        """Feature maps (B, embed_dim, *grid) after the chosen blocks, for dense decoders.
+
+        ``indices``: ``None`` for every block, an int ``n`` for the last ``n`` blocks,
+        or a list of block indices (negative counts from the end), as in timm.
+        """
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            take = list(range(depth - indices, depth))
+        else:
+            take = [i % depth for i in indices]
+        tokens, grid = self.patchify_embed(x)
+        h = self.add_prefix(tokens)
+        out = []
+        for i, blk in enumerate(self.blocks[: max(take) + 1]):
+            h = blk(h)
+            if i in take:
+                f = self.norm(h) if norm else h
+                f = f[:, self.num_prefix_tokens :]
+                out.append(f.transpose(1, 2).reshape(f.shape[0], self.embed_dim, *grid))
+        return out
+
+
+_VIT_SIZES = {
+    "micro": dict(embed_dim=48, depth=4, num_heads=3),
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def _vit(size: str, spatial_dims: int, in_chans: int, img_size, **kwargs) -> ViT:
+    args = dict(_VIT_SIZES[size], patch_size=16)
+    args.update(kwargs)
+    return ViT(spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size, **args)
+
+
+@register_encoder
+def vit_micro(spatial_dims: int = 2, in_chans: int = 1, img_size=224, **kwargs) -> ViT:
+    """ViT-Micro (width 48, 4 blocks): for smoke tests, CI and the demo, not for results."""
+    return _vit("micro", spatial_dims, in_chans, img_size, **kwargs)
+
+
+@register_encoder
+def vit_tiny(spatial_dims: int = 2, in_chans: int = 1, img_size=224, **kwargs) -> ViT:
+    """ViT-Ti/16 (width 192, 12 blocks, 3 heads), timm ``vit_tiny_patch16_224`` layout."""
+    return _vit("tiny", spatial_dims, in_chans, img_size, **kwargs)
+
+
+@register_encoder
+def vit_small(spatial_dims: int = 2, in_chans: int = 1, img_size=224, **kwargs) -> ViT:
+    """ViT-S/16 (width 384, 12 blocks, 6 heads), timm ``vit_small_patch16_224`` layout."""
+    return _vit("small", spatial_dims, in_chans, img_size, **kwargs)
+
+
+@register_encoder
+def vit_base(spatial_dims: int = 2, in_chans: int = 1, img_size=224, **kwargs) -> ViT:
+    """ViT-B/16 (width 768, 12 blocks, 12 heads), timm ``vit_base_patch16_224`` layout."""
+    return _vit("base", spatial_dims, in_chans, img_size, **kwargs)
