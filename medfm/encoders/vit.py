@@ -170,7 +170,7 @@ class ViT(nn.Module, HubMixin):
         """Parameter groups for layer-wise LR decay: stem, one group per block, final norms."""
         return dict(
             stem=r"^cls_token|^pos_embed|^patch_embed",
-            blocks=[(r"^blocks\.(\d+)", None), (r"^(fc_)?norm", (99999,))],
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm|^fc_norm", (99999,))],
         )
 
     @torch.jit.ignore

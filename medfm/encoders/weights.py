@@ -55,9 +55,9 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
         return sd, None
-    if path.exists():
+    if path.exists() and not path.is_dir():
         raise ValueError(f"{source}: neither a weight file nor a save_pretrained folder")
-    config = read_config(source)
+    config = read_config(source)  # a save_pretrained folder, or a hub id (downloaded)
     return load_file(resolve_file(source, WEIGHTS_NAME)), config
 
 

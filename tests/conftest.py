@@ -1,0 +1,30 @@
+"""Shared fixtures: real files from installed packages and ../shared/data (skipped when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medfm.data import samples
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} is absent: ../shared/data is only beside the repository on the team's machines and in CI")
+    return p
+
+
+@pytest.fixture(scope="session")
+def mni_t1() -> Path:
+    return samples.mni152("t1")
+
+
+@pytest.fixture(scope="session")
+def ct_small() -> Path:
+    return samples.pydicom_file("CT_small.dcm")

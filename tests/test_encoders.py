@@ -1,0 +1,124 @@
+"""Every registered encoder, 2D and 3D: shapes, intermediates, backward, save/load round trip."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from medfm.encoders import ViT, create_encoder, from_pretrained, layer_decay_param_groups, list_encoders
+
+SIZE = 32
+CASES = [(name, dims) for name in list_encoders() for dims in (2, 3)]
+
+
+def _input(dims: int, batch: int = 2, chans: int = 1) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(batch, chans, *(SIZE,) * dims)
+
+
+@pytest.mark.parametrize("name,dims", CASES)
+def test_encoder_api(name, dims, tmp_path):
+    torch.manual_seed(0)
+    model = create_encoder(name, spatial_dims=dims, img_size=SIZE)
+    assert model.spatial_dims == dims and len(model.patch_size) == dims
+    x = _input(dims)
+
+    # forward / features / intermediates
+    emb = model(x)
+    assert emb.shape == (2, model.embed_dim)
+    feats = model.forward_features(x)
+    assert feats.shape[0] == 2 and feats.shape[-1 if isinstance(model, ViT) else 1] == model.embed_dim
+    maps = model.forward_intermediates(x)
+    assert len(maps) >= 4
+    for m in maps:
+        assert m.ndim == dims + 2 and m.shape[0] == 2
+    last = model.forward_intermediates(x, indices=1)[0]
+    grid = tuple(s // p for s, p in zip(x.shape[2:], model.patch_size))
+    assert last.shape == (2, model.embed_dim, *grid)
+
+    # backward reaches every trainable parameter
+    emb.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing[:5]}"
+
+    # save_pretrained / from_pretrained: safetensors + config.json, identical outputs
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json"} <= files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    for loaded in (from_pretrained(tmp_path), type(model).from_pretrained(tmp_path),
+                   create_encoder(name, spatial_dims=dims, img_size=SIZE, pretrained=tmp_path)):
+        loaded.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_vit_grad_checkpointing_same_result(dims):
+    torch.manual_seed(0)
+    model = create_encoder("vit_micro", spatial_dims=dims, img_size=SIZE)
+    x = _input(dims)
+    model(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_vit_other_input_size_resamples_pos_embed():
+    model = create_encoder("vit_micro", spatial_dims=3, img_size=32, patch_size=(4, 16, 16))
+    assert model.patch_size == (4, 16, 16)
+    out = model.forward_intermediates(torch.randn(1, 1, 16, 48, 64), indices=1)[0]
+    assert out.shape == (1, 48, 4, 3, 4)
+
+
+def test_vit_rejects_wrong_input():
+    model = create_encoder("vit_micro", spatial_dims=3, img_size=32)
+    with pytest.raises(ValueError, match="5-d batch"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        model(torch.randn(1, 1, 30, 32, 32))
+    with pytest.raises(ValueError, match="input channel"):
+        model(torch.randn(1, 3, 32, 32, 32))
+    with pytest.raises(KeyError, match="unknown encoder 'vit_huge'"):
+        create_encoder("vit_huge")
+
+
+def test_sincos_pos_embed_is_fixed():
+    model = create_encoder("vit_micro", spatial_dims=3, img_size=32, pos_embed="sincos")
+    assert not model.pos_embed.requires_grad
+    assert model.pos_embed[:, 1:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["vit_micro", "resnet18"])
+def test_layer_decay_groups(name):
+    model = create_encoder(name, spatial_dims=2, img_size=SIZE)
+    groups = layer_decay_param_groups(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    lrs = sorted({g["lr"] for g in groups})
+    assert max(lrs) == pytest.approx(1e-3)
+    assert len(lrs) >= 4 and min(lrs) < 1e-3 * 0.5**3
+    n_params = sum(p.numel() for g in groups for p in g["params"])
+    assert n_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if name.startswith("vit"):  # stem, then one group per block (the final norm joins the last, as in timm)
+        assert len(lrs) == len(model.blocks) + 1
+        no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+        assert id(model.pos_embed) in no_decay and id(model.cls_token) in no_decay
+
+
+def test_strict_loading_names_bad_keys(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = create_encoder("vit_micro", spatial_dims=2, img_size=SIZE)
+    model.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["blocks.0.attn.qkv.weight"]
+    sd["surprise.weight"] = torch.zeros(1)
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \['blocks.0.attn.qkv.weight'\].*unexpected keys \['surprise.weight'\]"):
+        from_pretrained(tmp_path)
