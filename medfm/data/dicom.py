@@ -41,7 +41,7 @@ def _read(path: str | os.PathLike, pixels: bool = True) -> Dataset:
 
 def _pixels(ds: Dataset, path) -> np.ndarray:
     if "PixelData" not in ds:
-        raise DataError(f"{path}: DICOM file has no pixel data (SOP class {ds.get('SOPClassUID', '?')})")
+        raise DataError(f"{path}: DICOM file has no pixel data (truncated, or not an image: SOP class {ds.get('SOPClassUID', '?')})")
     try:
         arr = ds.pixel_array.astype(np.float32)
     except Exception as e:
