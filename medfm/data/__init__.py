@@ -1,6 +1,6 @@
 """Data: readers (NIfTI, DICOM, PNG/JPEG, MedMNIST npz), manifests, transforms, datasets."""
 
-from .datasets import ManifestDataset, NpzDataset, SampleDataset
+from .datasets import ManifestDataset, NpzDataset, SampleDataset, collate
 from .errors import DataError, MissingFileError
 from .io import load
 from .manifest import read_records, read_rows
@@ -9,6 +9,7 @@ from .transforms import PRESETS, ct_3d, mr_3d, radiograph_2d
 
 __all__ = [
     "load",
+    "collate",
     "DataError",
     "MissingFileError",
     "ManifestDataset",

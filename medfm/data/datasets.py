@@ -45,12 +45,29 @@ def _finalise(sample: dict) -> dict:
         affine = image.affine.numpy()
         dims = image.ndim - 1
         meta["affine"] = affine
-        meta["spacing"], meta["orientation"] = describe_affine(affine, dims)
+        meta["spacing"], orientation = describe_affine(affine, dims)
+        if orientation is not None:
+            meta["orientation"] = orientation
         sample["image"] = image.as_tensor()
     if isinstance(sample.get("mask"), MetaTensor):
         sample["mask"] = sample["mask"].as_tensor()
     sample["meta"] = meta
     return sample
+
+
+def collate(batch: list[dict]) -> dict:
+    """Batch sample dicts: tensors and labels stacked, ``text`` a list of str, ``meta`` a list of dicts.
+
+    Use it as ``DataLoader(..., collate_fn=collate)`` when manifest rows carry
+    extra columns of mixed types; torch's default collation also works otherwise.
+    """
+    from torch.utils.data import default_collate
+
+    out = default_collate([{k: v for k, v in s.items() if k not in ("meta", "text")} for s in batch])
+    if "text" in batch[0]:
+        out["text"] = [s["text"] for s in batch]
+    out["meta"] = [s.get("meta", {}) for s in batch]
+    return out
 
 
 class SampleDataset(Dataset):

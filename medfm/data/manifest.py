@@ -1,7 +1,7 @@
 """CSV / JSONL manifests: one row per sample, naming its files, labels, text and split.
 
 Columns (names are arguments): ``image`` (file or DICOM folder, required),
-``split``, one or several label columns, ``mask``, a report ``text``. Any other
+``split``, one or several label columns, ``mask`` (may be empty on unlabelled rows), a report ``text``. Any other
 column is kept in ``meta``. Relative paths resolve against the manifest's folder.
 Rows are numbered by their line in the file, so errors point at a line to fix.
 
@@ -175,7 +175,7 @@ def _record(path, root, line, row, image_key, label_keys, classes, multi_label, 
         line=line,
         image=_resolve(root, row.get(image_key), where, image_key),
         label=label,
-        mask=_resolve(root, row.get(mask_key), where, mask_key) if mask_key else None,
+        mask=_resolve(root, row.get(mask_key), where, mask_key) if mask_key and row.get(mask_key) else None,
         text=str(row.get(text_key) or "") if text_key else None,
         extra={k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool))},
     )

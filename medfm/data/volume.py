@@ -46,8 +46,9 @@ def make_sample(
         "spatial_dims": spatial_dims,
         "spacing": spacing,
         "affine": np.asarray(affine, dtype=np.float64),
-        "orientation": orientation,
     }
+    if orientation is not None:  # 3D only; absent (not None) so that default collation works
+        meta["orientation"] = orientation
     return {"image": image, "meta": meta}
 
 
