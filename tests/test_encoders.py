@@ -122,3 +122,26 @@ def test_strict_loading_names_bad_keys(tmp_path):
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing keys \['blocks.0.attn.qkv.weight'\].*unexpected keys \['surprise.weight'\]"):
         from_pretrained(tmp_path)
+
+
+def test_hub_id_goes_through_the_hub_client(tmp_path, monkeypatch):
+    """A hub id is fetched with huggingface_hub (stood in for here by a local folder: no network in CI)."""
+    import medfm.encoders.hub as hub
+
+    model = create_encoder("vit_micro", spatial_dims=3, img_size=SIZE).eval()
+    model.save_pretrained(tmp_path / "repo")
+    asked = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return str(tmp_path / "repo" / filename)
+
+    import huggingface_hub.hub_mixin
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)  # our weight/config fetch
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "hf_hub_download", fake_download)  # the mixin's config fetch
+    loaded = from_pretrained("medfm-team/vit-micro-3d")
+    assert ("medfm-team/vit-micro-3d", "config.json") in asked and ("medfm-team/vit-micro-3d", "model.safetensors") in asked
+    x = _input(3, batch=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

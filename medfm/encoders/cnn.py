@@ -35,12 +35,12 @@ class ResNetEncoder(nn.Module, HubMixin):
         self.img_size = img_size
         if spatial_dims == 2:
             self.net = timm.create_model(f"resnet{depth}", num_classes=0, global_pool="", in_chans=in_chans)
-            self._act = self.net.act1
+            self._act_name = "act1"
         elif spatial_dims == 3:
             self.net = getattr(monai_nets, f"resnet{depth}")(
                 spatial_dims=3, n_input_channels=in_chans, feed_forward=False, conv1_t_stride=2, shortcut_type="B", bias_downsample=False
             )
-            self._act = self.net.act
+            self._act_name = "act"
         else:
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.stages = [self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4]
@@ -69,7 +69,7 @@ class ResNetEncoder(nn.Module, HubMixin):
             )
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self._act(self.net.bn1(self.net.conv1(x)))
+        return getattr(self.net, self._act_name)(self.net.bn1(self.net.conv1(x)))
 
     def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():

@@ -9,7 +9,6 @@ id, or a timm/torch state-dict file that is adapted to the model).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch.nn as nn
@@ -79,8 +78,3 @@ def from_pretrained(model_id: str | os.PathLike, **hub_kwargs: Any) -> nn.Module
             f"(known: {', '.join(sorted(_CLASSES))})"
         )
     return _CLASSES[cls_name].from_pretrained(str(model_id), **hub_kwargs)
-
-
-def is_pretrained_folder(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / "config.json").is_file()
