@@ -15,7 +15,7 @@ from .nifti import read_nifti
 from .volume import make_sample, pixel_affine_2d
 
 
-def _to_dims(array: np.ndarray, affine: np.ndarray, dims: int, want: int | None, path) -> tuple[np.ndarray, int]:
+def _to_dims(array: np.ndarray, dims: int, want: int | None, path) -> tuple[np.ndarray, int]:
     """Check the array has the asked number of spatial dims; squeeze a singleton 3rd axis for 2D."""
     if want is None or want == dims:
         return array, dims
@@ -65,5 +65,5 @@ def load(
         array, affine, dims = read_dicom_file(p)
     else:
         raise DataError(f"{path}: unknown file type (expected .nii/.nii.gz, DICOM, PNG/JPEG/BMP/TIFF, or a DICOM folder)")
-    array, dims = _to_dims(array, affine, dims, spatial_dims, path)
+    array, dims = _to_dims(array, dims, spatial_dims, path)
     return make_sample(array, affine, p, dims, allow_constant=allow_constant)

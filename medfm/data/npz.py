@@ -11,7 +11,7 @@ from .errors import DataError, MissingFileError
 
 
 def npz_splits(path: str | os.PathLike) -> list[str]:
-    """Splits present in the archive (those with both ``_images`` and ``_labels``... or images only)."""
+    """Splits present in the archive: one per ``{split}_images`` array (MedMNIST key names)."""
     keys = _keys(path)
     return sorted(k[: -len("_images")] for k in keys if k.endswith("_images"))
 

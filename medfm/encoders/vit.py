@@ -276,7 +276,7 @@ def _vit(size: str, spatial_dims: int, in_chans: int, img_size, **kwargs) -> ViT
 
 @register_encoder
 def vit_micro(spatial_dims: int = 2, in_chans: int = 1, img_size=224, **kwargs) -> ViT:
-    """ViT-Micro (width 48, 4 blocks): for smoke tests, CI and the demo, not for results."""
+    """ViT-Micro (width 48, 4 blocks): for smoke tests and CI, not for results."""
     return _vit("micro", spatial_dims, in_chans, img_size, **kwargs)
 
 
