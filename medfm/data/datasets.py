@@ -23,7 +23,7 @@ from .errors import DataError
 from .io import load
 from .manifest import ManifestRecord, read_records
 from .npz import read_npz
-from .volume import describe_affine, make_sample
+from .volume import geometry_meta, make_sample
 
 
 def _split_transform(transform: Callable | Sequence[Callable] | None) -> tuple[Callable | None, Callable | None]:
@@ -42,12 +42,7 @@ def _finalise(sample: dict) -> dict:
     image = sample["image"]
     meta = dict(sample.get("meta", {}))
     if isinstance(image, MetaTensor):
-        affine = image.affine.numpy()
-        dims = image.ndim - 1
-        meta["affine"] = affine
-        meta["spacing"], orientation = describe_affine(affine, dims)
-        if orientation is not None:
-            meta["orientation"] = orientation
+        meta.update(geometry_meta(image.affine.numpy(), image.ndim - 1))
         sample["image"] = image.as_tensor()
     if isinstance(sample.get("mask"), MetaTensor):
         sample["mask"] = sample["mask"].as_tensor()

@@ -20,6 +20,18 @@ def describe_affine(affine: np.ndarray, spatial_dims: int) -> tuple[tuple[float,
     return spacing, orientation
 
 
+def geometry_meta(affine: np.ndarray, spatial_dims: int) -> dict:
+    """``affine``, ``spacing`` and, for 3D, ``orientation`` entries of a sample's ``meta``.
+
+    ``orientation`` is absent in 2D (not None), so that torch's default collation works.
+    """
+    spacing, orientation = describe_affine(affine, spatial_dims)
+    meta = {"affine": np.asarray(affine, dtype=np.float64), "spacing": spacing}
+    if orientation is not None:
+        meta["orientation"] = orientation
+    return meta
+
+
 def check_array(array: np.ndarray, path: str | os.PathLike, allow_constant: bool = False) -> None:
     """Reject empty, non-finite and (for images) constant arrays, naming the file."""
     if array.size == 0:
@@ -38,17 +50,9 @@ def make_sample(
     """Build ``{"image": MetaTensor (C, *spatial), "meta": {...}}`` from a channel-first array."""
     array = np.ascontiguousarray(array, dtype=np.float32)
     check_array(array, path, allow_constant)
-    spacing, orientation = describe_affine(affine, spatial_dims)
-    affine_t = torch.as_tensor(np.asarray(affine, dtype=np.float64))
-    image = MetaTensor(torch.from_numpy(array), affine=affine_t)
-    meta = {
-        "path": str(path),
-        "spatial_dims": spatial_dims,
-        "spacing": spacing,
-        "affine": np.asarray(affine, dtype=np.float64),
-    }
-    if orientation is not None:  # 3D only; absent (not None) so that default collation works
-        meta["orientation"] = orientation
+    affine = np.asarray(affine, dtype=np.float64)
+    image = MetaTensor(torch.from_numpy(array), affine=torch.as_tensor(affine))
+    meta = {"path": str(path), "spatial_dims": spatial_dims, **geometry_meta(affine, spatial_dims)}
     return {"image": image, "meta": meta}
 
 

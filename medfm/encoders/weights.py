@@ -61,7 +61,7 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return load_file(resolve_file(source, WEIGHTS_NAME)), config
 
 
-def _source_grid(model: ViT, pos: torch.Tensor, src_dims: int, config: dict | None) -> tuple[int, ...]:
+def _source_grid(pos: torch.Tensor, src_dims: int, config: dict | None) -> tuple[int, ...]:
     n = pos.shape[1]
     if config and "img_size" in config and "patch_size" in config:
         dims = config.get("spatial_dims", src_dims)
@@ -91,7 +91,7 @@ def _adapt_pos_embed(model: ViT, pos: torch.Tensor, src_dims: int, config: dict 
     n_model_grid = math.prod(model.grid_size)
     src_prefix = _source_prefix(pos.shape[1], src_dims, config)
     prefix, grid_pos = pos[:, :src_prefix], pos[:, src_prefix:]
-    src_grid = _source_grid(model, grid_pos, src_dims, config)
+    src_grid = _source_grid(grid_pos, src_dims, config)
     if src_dims == 2 and model.spatial_dims == 3:
         plane = resample_grid_embed(grid_pos, src_grid, model.grid_size[1:])
         plane = plane.reshape(1, 1, *model.grid_size[1:], -1)
