@@ -1,6 +1,6 @@
 """Data: readers (NIfTI, DICOM, PNG/JPEG, MedMNIST npz), manifests, transforms, datasets."""
 
-from .datasets import ManifestDataset, NpzDataset, SampleDataset, collate
+from .datasets import FolderDataset, ManifestDataset, NpzDataset, SampleDataset, collate, open_dataset
 from .errors import DataError, MissingFileError
 from .io import load
 from .manifest import read_records, read_rows
@@ -13,6 +13,8 @@ __all__ = [
     "DataError",
     "MissingFileError",
     "ManifestDataset",
+    "FolderDataset",
+    "open_dataset",
     "NpzDataset",
     "SampleDataset",
     "read_npz",

@@ -220,3 +220,73 @@ class NpzDataset(SampleDataset):
         if self.labels is None:
             return None
         return self.labels[:, 0] if self.labels.shape[1] == 1 else self.labels
+
+
+class FolderDataset(SampleDataset):
+    """Every image or volume under a folder (recursively), unlabelled, in sorted order.
+
+    Files: NIfTI, PNG/JPEG/BMP/TIFF, single DICOM files. A folder whose files are
+    all ``.dcm`` and that holds more than one of them is read as one DICOM series.
+    """
+
+    SUFFIXES = (".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+    def __init__(self, root: str | os.PathLike, spatial_dims: int | None = None, transform=None,
+                 cache: bool = False, on_error: str = "raise"):
+        from pathlib import Path
+
+        super().__init__(transform=transform, cache=cache, on_error=on_error)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"{root}: not a folder")
+        self.spatial_dims = spatial_dims
+        files, series = [], []
+        for folder, _, names in os.walk(self.root):
+            dcm = [n for n in names if n.lower().endswith(".dcm")]
+            if len(dcm) > 1 and len(dcm) == len(names):
+                series.append(Path(folder))
+                continue
+            files += [Path(folder) / n for n in names if n.lower().endswith(self.SUFFIXES + (".dcm",))]
+        self.paths = sorted(files + series)
+        if not self.paths:
+            raise DataError(f"{root}: no images found (looked for {', '.join(self.SUFFIXES)}, .dcm and DICOM series)")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, i: int) -> str:
+        return str(self.paths[i])
+
+    def load_sample(self, i: int) -> dict:
+        sample = load(self.paths[i], spatial_dims=self.spatial_dims)
+        sample["meta"]["row"] = i
+        return sample
+
+
+def open_dataset(
+    path: str | os.PathLike,
+    split: str | None = None,
+    spatial_dims: int | None = None,
+    label: str | Sequence[str] | None = None,
+    transform=None,
+    cache: bool = False,
+    on_error: str = "raise",
+    **manifest_kwargs,
+) -> SampleDataset:
+    """One dataset from whatever ``path`` is: a MedMNIST ``.npz`` (``split`` names its split),
+    a CSV/TSV/JSONL manifest (``split`` filters rows, ``label`` names the label column(s)),
+    or a folder of images/volumes (unlabelled; ``split`` must be None)."""
+    p = str(path)
+    low = p.lower()
+    common = dict(spatial_dims=spatial_dims, transform=transform, cache=cache, on_error=on_error)
+    if not os.path.exists(p):
+        raise DataError(f"{p}: no such file or folder")
+    if low.endswith(".npz"):
+        return NpzDataset(p, split=split or "train", **common)
+    if low.endswith((".csv", ".tsv", ".jsonl")):
+        return ManifestDataset(p, split=split, label_keys=label, **manifest_kwargs, **common)
+    if os.path.isdir(p):
+        if split is not None:
+            raise DataError(f"{p}: a folder has no splits (asked for {split!r}); use a manifest with a split column")
+        return FolderDataset(p, **common)
+    raise DataError(f"{p}: not a .npz, a .csv/.tsv/.jsonl manifest or a folder")

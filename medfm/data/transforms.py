@@ -37,15 +37,20 @@ def _crop(size: tuple[int, ...], train: bool) -> list:
     return [pad, CenterSpatialCropd(KEYS, roi_size=size, allow_missing_keys=True)]
 
 
-def radiograph_2d(size: int | Sequence[int] = 224, train: bool = False, percentiles=(0.5, 99.5)) -> Compose:
+def radiograph_2d(size: int | Sequence[int] | None = 224, train: bool = False, percentiles=(0.5, 99.5)) -> Compose:
     """Chest X-ray and other 2D images: percentile scaling to [0, 1], resize to ``size``;
-    in training a mild random affine (±5°, ±10 % scale; no flips: anatomy is lateralised)."""
-    size = _size(size, 2)
+    in training a mild random affine (±5°, ±10 % scale; no flips: anatomy is lateralised).
+
+    ``size=None`` keeps the image size (pretraining views crop and resize later)."""
     steps = [
         ScaleIntensityRangePercentilesd("image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True),
-        Resized("image", spatial_size=size, mode="area"),
-        Resized("mask", spatial_size=size, mode="nearest", allow_missing_keys=True),
     ]
+    if size is not None:
+        size = _size(size, 2)
+        steps += [
+            Resized("image", spatial_size=size, mode="area"),
+            Resized("mask", spatial_size=size, mode="nearest", allow_missing_keys=True),
+        ]
     if train:
         steps.append(
             RandAffined(KEYS, prob=0.5, rotate_range=0.087, scale_range=0.1, mode=("bilinear", "nearest"),
@@ -55,32 +60,30 @@ def radiograph_2d(size: int | Sequence[int] = 224, train: bool = False, percenti
 
 
 def _volume(size, spacing, intensity, train: bool) -> Compose:
-    size = _size(size, 3)
     spacing = _size(spacing, 3) if not isinstance(spacing, float) else (spacing,) * 3
-    return Compose(
-        [
-            Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
-            Spacingd(KEYS, pixdim=spacing, mode=("bilinear", "nearest"), allow_missing_keys=True),
-            intensity,
-            *_crop(size, train),
-        ]
-    )
+    steps = [
+        Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
+        Spacingd(KEYS, pixdim=spacing, mode=("bilinear", "nearest"), allow_missing_keys=True),
+        intensity,
+    ]
+    # size=None: the whole resampled volume (pretraining views crop later)
+    return Compose(steps if size is None else steps + _crop(_size(size, 3), train))
 
 
 def ct_3d(
-    size: int | Sequence[int] = 96,
+    size: int | Sequence[int] | None = 96,
     spacing: float | Sequence[float] = 1.5,
     window: tuple[float, float] = (-1000.0, 1000.0),
     train: bool = False,
 ) -> Compose:
     """CT volumes: RAS orientation, resampling to ``spacing`` mm, a HU window scaled to [0, 1],
-    pad and crop to ``size`` (random crop in training, centre crop otherwise)."""
+    pad and crop to ``size`` (random crop in training, centre crop otherwise; ``None``: no crop)."""
     intensity = ScaleIntensityRanged("image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
     return _volume(size, spacing, intensity, train)
 
 
 def mr_3d(
-    size: int | Sequence[int] = 96,
+    size: int | Sequence[int] | None = 96,
     spacing: float | Sequence[float] = 1.0,
     percentiles: tuple[float, float] = (0.5, 99.5),
     train: bool = False,

@@ -1,0 +1,5 @@
+"""Evaluation: probes on frozen features, metrics and plots."""
+
+from .probe import embed_dataset, logistic_probe
+
+__all__ = ["embed_dataset", "logistic_probe"]

@@ -1,0 +1,137 @@
+"""DINO self-distillation pretraining for 2D images and 3D volumes.
+
+Caron et al., "Emerging Properties in Self-Supervised Vision Transformers",
+ICCV 2021 (https://arxiv.org/abs/2104.14294). A student (encoder + projection
+head) is trained to match a teacher on different crops of the same image; the
+teacher is an exponential moving average (EMA) of the student, its outputs are
+centred (a running mean, all-reduced across ranks) and sharpened (low
+temperature). Global crops go through both networks, local crops through the
+student only.
+
+The loss, the projection head, the EMA update and the cosine momentum schedule
+are lightly's (``DINOLoss``, ``DINOProjectionHead``, ``update_momentum``,
+``cosine_schedule``); the crops are MONAI transforms (:class:`~medfm.pretrain.views.MultiCrop`),
+so 2D and 3D share every line here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from lightly.loss import DINOLoss
+from lightly.models.modules import DINOProjectionHead
+from lightly.models.utils import update_momentum
+from lightly.utils.scheduler import cosine_schedule
+
+from .base import PretrainModule
+from .views import MultiCrop
+
+
+class DINO(nn.Module):
+    """Student and EMA teacher (each encoder + DINO head) and the DINO loss."""
+
+    def __init__(self, encoder: nn.Module, hidden_dim: int = 2048, bottleneck_dim: int = 256, output_dim: int = 65536,
+                 student_temp: float = 0.1, teacher_temp: float = 0.04, center_momentum: float = 0.9,
+                 norm_last_layer: bool = True):
+        super().__init__()
+        def head() -> nn.Module:
+            return DINOProjectionHead(encoder.embed_dim, hidden_dim, bottleneck_dim, output_dim,
+                                      norm_last_layer=norm_last_layer)
+
+        self.student = nn.Sequential()
+        self.student.add_module("backbone", encoder)
+        self.student.add_module("head", head())
+        # the weight-normed head cannot be deep-copied: build the teacher's anew and copy the weights
+        self.teacher = nn.Sequential()
+        self.teacher.add_module("backbone", copy.deepcopy(encoder))
+        self.teacher.add_module("head", head())
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.criterion = DINOLoss(output_dim=output_dim, teacher_temp=teacher_temp, student_temp=student_temp,
+                                  center_momentum=center_momentum)
+
+    @staticmethod
+    def _run(net: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One forward per crop size (crops of equal size are batched together)."""
+        if not views:
+            return []
+        out = net(torch.cat(views))
+        return list(out.chunk(len(views)))
+
+    def forward(self, global_views: list[torch.Tensor], local_views: list[torch.Tensor],
+                teacher_temp: float | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            self.teacher.eval()
+            teacher_out = self._run(self.teacher, global_views)
+        student_out = self._run(self.student, global_views) + self._run(self.student, local_views)
+        return self.criterion(teacher_out, student_out, teacher_temp=teacher_temp)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+        update_momentum(self.student, self.teacher, m=momentum)
+
+
+class DINOModule(PretrainModule):
+    """Lightning wrapper of :class:`DINO` (batches hold ``global`` and ``local`` lists of crops).
+
+    Schedules, all per step: the teacher momentum rises from ``momentum`` to 1
+    along a cosine; the teacher temperature warms up linearly from
+    ``warmup_teacher_temp`` over ``warmup_teacher_temp_steps``; the last layer of
+    the student head is frozen for ``freeze_last_layer_steps`` (DINO's first epoch).
+    """
+
+    def __init__(self, encoder: nn.Module, hidden_dim: int = 2048, bottleneck_dim: int = 256, output_dim: int = 65536,
+                 student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
+                 warmup_teacher_temp_steps: int = 0, center_momentum: float = 0.9, momentum: float = 0.996,
+                 freeze_last_layer_steps: int = 0, norm_last_layer: bool = True, **optim):
+        super().__init__(**optim)
+        self.model = DINO(encoder, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, output_dim=output_dim,
+                          student_temp=student_temp, teacher_temp=teacher_temp, center_momentum=center_momentum,
+                          norm_last_layer=norm_last_layer)
+        self.momentum = momentum
+        self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
+        self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
+        self.freeze_last_layer_steps = freeze_last_layer_steps
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.student.backbone
+
+    @staticmethod
+    def make_view(spatial_dims: int, size, local_size=None, n_global: int = 2, n_local: int = 6,
+                  global_scale=(0.6, 1.0), local_scale=(0.25, 0.6), multiple: int = 16):
+        """Multi-crop views; ``local_size`` defaults to 3/7 of ``size`` (DINO's 96 for 224),
+        rounded to a ``multiple`` of the patch size."""
+        if local_size is None:
+            side = size if isinstance(size, int) else min(size)
+            local_size = max(multiple, round(side * 3 / 7 / multiple) * multiple)
+        return MultiCrop(spatial_dims, size, local_size, n_global=n_global, n_local=n_local,
+                         global_scale=tuple(global_scale), local_scale=tuple(local_scale))
+
+    def current_teacher_temp(self) -> float:
+        s, n = self.global_step, self.warmup_teacher_temp_steps
+        if s >= n:
+            return self.teacher_temp
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * s / n
+
+    def current_momentum(self) -> float:
+        return cosine_schedule(min(self.global_step, self.max_steps), self.max_steps, self.momentum, 1.0)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        temp = self.current_teacher_temp()
+        loss = self.model(batch["global"], batch.get("local", []), teacher_temp=temp)
+        return loss, {"teacher_temp": temp, "momentum": self.current_momentum()}
+
+    def on_after_backward(self) -> None:
+        if self.global_step < self.freeze_last_layer_steps:
+            for p in self.model.student.head.last_layer.parameters():
+                p.grad = None
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # the teacher follows the updated student right after each optimizer step, inside the
+        # training step, so a checkpoint written at the end of the step already holds it
+        super().optimizer_step(*args, **kwargs)
+        self.model.update_teacher(self.current_momentum())

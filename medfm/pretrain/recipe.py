@@ -1,0 +1,304 @@
+"""YAML pretraining recipes: read, override from the command line, build, run.
+
+A recipe (see the top-level ``encoders/`` folder) has the sections ``method``,
+``seed``, ``encoder``, ``mae`` / ``dino`` (the method's arguments), ``data``,
+``view`` (the method's augmentation), ``optim``, ``trainer`` and ``probe``.
+Keys a recipe leaves out take the defaults below; a key that is neither in
+the defaults nor in a free-form section is an error, so typos do not pass
+silently. ``run_pretrain`` writes into the run folder:
+
+* ``recipe.yaml``: the resolved recipe;
+* ``checkpoints/last.ckpt`` (and every ``checkpoint_every_n_steps``): full
+  resume state: weights, optimizer, scheduler, step, RNG;
+* ``logs/metrics.csv`` (+ TensorBoard events when tensorboard is installed);
+* ``encoder/``: the encoder alone (``save_pretrained``), loadable with
+  ``create_encoder(name, ..., pretrained=RUN/encoder)`` or ``medfm.encoders.from_pretrained``;
+* ``mae_reconstruction.png`` for MAE.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import yaml
+from torch.utils.data import DataLoader, Subset
+
+from medfm.data import open_dataset
+from medfm.data.transforms import PRESETS
+
+from .callbacks import FinishRun, OnlineProbe, RngState
+from .dino import DINOModule
+from .mae import MAEModule
+from .views import StepSampler, ViewDataset
+
+METHODS = {"mae": MAEModule, "dino": DINOModule}
+
+DEFAULTS: dict[str, Any] = {
+    "method": "mae",
+    "seed": 0,
+    # encoder: name + spatial_dims + in_chans + img_size + pretrained; other keys go to the encoder (free-form)
+    "encoder": {"name": "vit_small", "spatial_dims": 2, "in_chans": 1, "img_size": 224, "pretrained": None},
+    "mae": {},  # free-form: MAEModule arguments
+    "dino": {},  # free-form: DINOModule arguments
+    "data": {
+        "path": None,  # npz, CSV/TSV/JSONL manifest or folder (or give --data)
+        "split": "train",  # npz split / manifest split column value (null: every row)
+        "preset": "radiograph_2d",  # intensity/geometry preprocessing: radiograph_2d | ct_3d | mr_3d
+        "preset_args": {},  # e.g. {spacing: 2.0} for the 3D presets
+        "batch_size": 64,  # per device
+        "num_workers": 2,
+        "cache": True,  # keep preprocessed samples in memory (views are drawn fresh every step)
+    },
+    "view": {},  # free-form: the method's make_view arguments (crop scales, number of local crops, ...)
+    "optim": {"lr": 1.5e-4, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_steps": 0},
+    "trainer": {
+        "max_steps": 1000,
+        "accelerator": "auto",
+        "devices": 1,
+        "strategy": "auto",
+        "precision": "auto",  # bf16-mixed on CUDA, 32-true on CPU (bf16 is ~500x slower on CPUs)
+        "gradient_clip_val": None,
+        "log_every_n_steps": 10,
+        "checkpoint_every_n_steps": 500,
+        "enable_progress_bar": True,
+        # any other lightning.Trainer argument may be added here
+    },
+    "probe": {
+        "every_n_steps": 0,  # 0: off
+        "path": None,  # labelled data (default: data.path)
+        "label": None,  # manifest label column (npz: its labels)
+        "train_split": "train",
+        "val_split": "val",
+        "max_train": 1000,
+        "max_val": 500,
+    },
+}
+FREE_FORM = {"encoder", "mae", "dino", "view", "data.preset_args", "trainer"}
+
+
+# --------------------------------------------------------------------- recipe
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?\d+\.\d*$|^[-+]?\.\d+$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def _merge(base: dict, extra: dict, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        name = f"{prefix}{key}"
+        if key not in out and prefix.rstrip(".") not in FREE_FORM:
+            known = ", ".join(sorted(out)) if out else "(none)"
+            raise KeyError(f"unknown recipe key {name!r}; known keys here: {known}")
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and name not in FREE_FORM:
+            out[key] = _merge(out[key], value, f"{name}.")
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["trainer.max_steps=10", "mae.mask_ratio=0.6"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. trainer.max_steps=100)")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _yaml(raw)
+    return out
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = ()) -> dict:
+    """The recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{path}: no such recipe")
+        raw = _yaml(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+        cfg = _merge(cfg, raw)
+    cfg = _merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    if cfg["method"] not in METHODS:
+        raise ValueError(f"unknown method {cfg['method']!r}; available: {', '.join(METHODS)}")
+    if cfg["data"]["preset"] not in PRESETS:
+        raise ValueError(f"unknown preset {cfg['data']['preset']!r}; available: {', '.join(PRESETS)}")
+    return cfg
+
+
+# ----------------------------------------------------------------------- build
+def build_encoder(cfg: dict) -> torch.nn.Module:
+    from medfm.encoders import create_encoder
+
+    kw = dict(cfg["encoder"])
+    return create_encoder(kw.pop("name"), **kw)
+
+
+def build_module(cfg: dict, encoder: torch.nn.Module) -> L.LightningModule:
+    method = cfg["method"]
+    optim = dict(cfg["optim"], max_steps=cfg["trainer"]["max_steps"])
+    return METHODS[method](encoder, **cfg[method], **optim)
+
+
+def _preprocess(cfg: dict, size=None):
+    d = cfg["data"]
+    return PRESETS[d["preset"]](size=size, **d["preset_args"])
+
+
+def build_view(cfg: dict):
+    enc = cfg["encoder"]
+    kw = dict(cfg["view"])
+    if cfg["method"] == "dino":
+        patch = enc.get("patch_size", 16)
+        kw.setdefault("multiple", patch if isinstance(patch, int) else max(patch))
+    return METHODS[cfg["method"]].make_view(enc["spatial_dims"], enc["img_size"], **kw)
+
+
+class PretrainData(L.LightningDataModule):
+    """Endless, step-addressed batches of random views (see :mod:`medfm.pretrain.views`)."""
+
+    def __init__(self, dataset, view, batch_size: int, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.views = ViewDataset(dataset, view, seed=seed)
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.trainer
+        sampler = StepSampler(len(self.views), self.batch_size, seed=self.seed, rank=t.global_rank,
+                              world_size=t.world_size, start_step=t.global_step)
+        return DataLoader(
+            self.views,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed),  # keep the global RNG untouched
+        )
+
+    def fixed_views(self, n: int) -> torch.Tensor:
+        """The first ``n`` views of the run (positions 0..n-1), for figures."""
+        sampler = iter(StepSampler(len(self.views), n, seed=self.seed))
+        return torch.stack([self.views[next(sampler)]["image"] for _ in range(n)])
+
+
+def build_data(cfg: dict) -> PretrainData:
+    d = cfg["data"]
+    path = d["path"]
+    if not path:
+        raise ValueError("no pretraining data: give --data PATH (an npz, a manifest or a folder) or set data.path")
+    dataset = open_dataset(path, split=d["split"], spatial_dims=cfg["encoder"]["spatial_dims"],
+                           transform=_preprocess(cfg), cache=d["cache"])
+    return PretrainData(dataset, build_view(cfg), d["batch_size"], d["num_workers"], seed=cfg["seed"])
+
+
+def _subset(ds, n: int, seed: int):
+    if len(ds) <= n:
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Subset(ds, idx.tolist())
+
+
+def build_probe(cfg: dict) -> OnlineProbe | None:
+    p = cfg["probe"]
+    if not p["every_n_steps"]:
+        return None
+    path = p["path"] or cfg["data"]["path"]
+    enc = cfg["encoder"]
+    kw = dict(spatial_dims=enc["spatial_dims"], label=p["label"], transform=_preprocess(cfg, size=enc["img_size"]),
+              cache=True)
+    train = open_dataset(path, split=p["train_split"], **kw)
+    val = open_dataset(path, split=p["val_split"], **kw)
+    return OnlineProbe(_subset(train, p["max_train"], cfg["seed"]), _subset(val, p["max_val"], cfg["seed"]),
+                       p["every_n_steps"])
+
+
+def build_trainer(cfg: dict, out: Path, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    t = dict(cfg["trainer"])
+    precision = t.pop("precision")
+    accelerator = t.pop("accelerator")
+    if precision == "auto":
+        on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        precision = "bf16-mixed" if on_cuda else "32-true"
+    every = t.pop("checkpoint_every_n_steps")
+    ckpt_dir = out / "checkpoints"
+    loggers = [CSVLogger(out, name="logs", version="")]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+        import tensorboard  # noqa: F401
+
+        loggers.append(TensorBoardLogger(out, name="logs", version=""))
+    except ImportError:
+        pass
+    return L.Trainer(
+        accelerator=accelerator,
+        precision=precision,
+        default_root_dir=out,
+        logger=loggers,
+        callbacks=[
+            ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_last=True, save_top_k=1),
+            RngState(),
+            *callbacks,
+            FinishRun(out, ckpt_dir, figure_samples=4 if cfg["method"] == "mae" else 0),
+        ],
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        **t,
+    )
+
+
+def run_pretrain(cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
+                 callbacks: Sequence[L.Callback] = ()) -> Path:
+    """Pretrain the recipe's encoder with its method; returns the run folder.
+
+    ``resume=True`` continues from ``out/checkpoints/last.ckpt`` (model, optimizer,
+    scheduler, step, RNG): the resumed run ends with the weights an uninterrupted
+    run would have.
+    """
+    out = Path(out)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    if resume and not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt}: nothing to resume (no checkpoint in the run folder)")
+    if not resume and ckpt.exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if data_path:
+        cfg = _merge(cfg, {"data": {"path": str(data_path)}})
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    data = build_data(cfg)
+    probe = build_probe(cfg)
+    module = build_module(cfg, build_encoder(cfg))
+    trainer = build_trainer(cfg, out, [*([probe] if probe else []), *callbacks])
+    if trainer.is_global_zero:
+        with open(out / "recipe.yaml", "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if resume else None)
+    return out
