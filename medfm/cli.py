@@ -1,4 +1,4 @@
-"""``medfm`` command line: ``info`` and ``encode`` (more commands arrive with their modules)."""
+"""``medfm`` command line: ``info``, ``encode``, ``pretrain`` (more commands arrive with their modules)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,36 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def find_recipe(name: str, kind: str = "encoders"):
+    """A recipe path, or a bare name (``mae_vit_2d``) looked up in the recipe folders."""
+    from pathlib import Path
+
+    from medfm.recipes import list_recipes
+
+    if Path(name).exists():
+        return Path(name)
+    stem = Path(name).name.removesuffix(".yaml")
+    for p in list_recipes()[kind]:
+        if p.stem == stem:
+            return p
+    known = ", ".join(p.stem for p in list_recipes()[kind]) or "(none found)"
+    raise FileNotFoundError(f"{name}: no such recipe file or name; {kind} recipes: {known}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from medfm.pretrain import load_recipe, run_pretrain
+
+    overrides = list(args.set or []) + list(args.overrides or [])
+    if args.max_steps is not None:
+        overrides.append(f"trainer.max_steps={args.max_steps}")
+    if args.devices is not None:
+        overrides.append(f"trainer.devices={args.devices}")
+    cfg = load_recipe(find_recipe(args.recipe), overrides)
+    out = run_pretrain(cfg, args.out, data_path=args.data, resume=args.resume)
+    print(f"encoder saved to {out / 'encoder'}  (create_encoder(..., pretrained='{out / 'encoder'}'))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfm", description="Medical foundation models: encoders, pretraining, tasks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,17 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=96, help="crop/resize size per side (default 96)")
     p.add_argument("--spacing", type=float, default=2.0, help="3D resampling in mm (default 2.0)")
     p.set_defaults(fn=cmd_encode)
+    p = sub.add_parser("pretrain", help="self-supervised pretraining (MAE, DINO) from a recipe in encoders/",
+                       epilog="Any recipe key can be overridden: KEY=VALUE, e.g. mae.mask_ratio=0.6 data.batch_size=32")
+    p.add_argument("recipe", help="recipe file or name, e.g. encoders/mae_vit_2d.yaml or mae_vit_2d")
+    p.add_argument("--data", default=None, help="npz, CSV/JSONL manifest or folder (sets data.path)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, logs, encoder/")
+    p.add_argument("--max-steps", type=int, default=None, help="sets trainer.max_steps")
+    p.add_argument("--devices", type=int, default=None, help="sets trainer.devices (>1: DDP)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable)")
+    p.set_defaults(fn=cmd_pretrain, takes_overrides=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if "=" not in a or a.startswith("-")]
+    if bad or (extra and not getattr(args, "takes_overrides", False)):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    args.overrides = extra
     from medfm.data.errors import DataError
 
     try:
         return args.fn(args)
-    except (DataError, KeyError, ValueError) as e:
-        print(f"medfm {args.command}: error: {e}", file=sys.stderr)
+    except (DataError, KeyError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"medfm {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

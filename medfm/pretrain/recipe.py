@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +30,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Subset
 
-from medfm.data import open_dataset
+from medfm.data import DataError, open_dataset
 from medfm.data.transforms import PRESETS
 
 from .callbacks import FinishRun, OnlineProbe, RngState
@@ -223,15 +224,28 @@ def _subset(ds, n: int, seed: int):
 
 
 def build_probe(cfg: dict) -> OnlineProbe | None:
+    """The online probe, or None when it is off or the data has no labels / no validation split."""
     p = cfg["probe"]
     if not p["every_n_steps"]:
         return None
-    path = p["path"] or cfg["data"]["path"]
+    path = str(p["path"] or cfg["data"]["path"])
     enc = cfg["encoder"]
+    is_npz = path.lower().endswith(".npz")
+    if os.path.isdir(path) or not (is_npz or p["label"]):
+        warnings.warn(f"online probe off: {path} has no labels (set probe.label to a manifest column, "
+                      "or probe.path to a labelled npz/manifest)", stacklevel=2)
+        return None
     kw = dict(spatial_dims=enc["spatial_dims"], label=p["label"], transform=_preprocess(cfg, size=enc["img_size"]),
               cache=True)
-    train = open_dataset(path, split=p["train_split"], **kw)
-    val = open_dataset(path, split=p["val_split"], **kw)
+    try:
+        train = open_dataset(path, split=p["train_split"], **kw)
+        val = open_dataset(path, split=p["val_split"], **kw)
+    except DataError as e:
+        warnings.warn(f"online probe off: {e}", stacklevel=2)
+        return None
+    if is_npz and train.labels is None:
+        warnings.warn(f"online probe off: {path} has no labels", stacklevel=2)
+        return None
     return OnlineProbe(_subset(train, p["max_train"], cfg["seed"]), _subset(val, p["max_val"], cfg["seed"]),
                        p["every_n_steps"])
 
