@@ -275,7 +275,7 @@ def open_dataset(
 ) -> SampleDataset:
     """One dataset from whatever ``path`` is: a MedMNIST ``.npz`` (``split`` names its split),
     a CSV/TSV/JSONL manifest (``split`` filters rows, ``label`` names the label column(s)),
-    or a folder of images/volumes (unlabelled; ``split`` must be None)."""
+    or a folder of images/volumes (unlabelled; all of it is the ``train`` split)."""
     p = str(path)
     low = p.lower()
     common = dict(spatial_dims=spatial_dims, transform=transform, cache=cache, on_error=on_error)
@@ -286,7 +286,8 @@ def open_dataset(
     if low.endswith((".csv", ".tsv", ".jsonl")):
         return ManifestDataset(p, split=split, label_keys=label, **manifest_kwargs, **common)
     if os.path.isdir(p):
-        if split is not None:
-            raise DataError(f"{p}: a folder has no splits (asked for {split!r}); use a manifest with a split column")
+        if split not in (None, "train"):
+            raise DataError(f"{p}: a folder has no splits: all of it is 'train' (asked for {split!r}); "
+                            "use a manifest with a split column")
         return FolderDataset(p, **common)
     raise DataError(f"{p}: not a .npz, a .csv/.tsv/.jsonl manifest or a folder")

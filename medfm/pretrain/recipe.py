@@ -11,6 +11,7 @@ silently. ``run_pretrain`` writes into the run folder:
 * ``checkpoints/last.ckpt`` (and every ``checkpoint_every_n_steps``): full
   resume state: weights, optimizer, scheduler, step, RNG;
 * ``logs/metrics.csv`` (+ TensorBoard events when tensorboard is installed);
+  a resumed run keeps the earlier log as ``logs/metrics-partN.csv``;
 * ``encoder/``: the encoder alone (``save_pretrained``), loadable with
   ``create_encoder(name, ..., pretrained=RUN/encoder)`` or ``medfm.encoders.from_pretrained``;
 * ``mae_reconstruction.png`` for MAE.
@@ -289,6 +290,14 @@ def build_trainer(cfg: dict, out: Path, callbacks: Sequence[L.Callback] = ()) ->
     )
 
 
+def _keep_logs(logs: Path) -> None:
+    """Lightning's CSV logger deletes an existing metrics.csv; a resumed run keeps it as metrics-partN.csv."""
+    current = logs / "metrics.csv"
+    if current.exists():
+        n = len(list(logs.glob("metrics-part*.csv"))) + 1
+        current.rename(logs / f"metrics-part{n}.csv")
+
+
 def run_pretrain(cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
                  callbacks: Sequence[L.Callback] = ()) -> Path:
     """Pretrain the recipe's encoder with its method; returns the run folder.
@@ -304,6 +313,8 @@ def run_pretrain(cfg: dict, out: str | os.PathLike, data_path: str | None = None
     if not resume and ckpt.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _keep_logs(out / "logs")
     if data_path:
         cfg = _merge(cfg, {"data": {"path": str(data_path)}})
     L.seed_everything(cfg["seed"], workers=True, verbose=False)

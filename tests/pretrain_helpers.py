@@ -1,0 +1,77 @@
+"""Tiny pretraining recipes and real data for the pretraining tests."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from medfm.data import load
+from medfm.pretrain import load_recipe
+
+from .conftest import REPO, SHARED
+
+TINY = {
+    "encoder": {"name": "vit_micro", "img_size": 32, "patch_size": 8},
+    "mae": {"decoder_dim": 24, "decoder_depth": 1, "decoder_heads": 2},
+    "dino": {"hidden_dim": 64, "bottleneck_dim": 32, "output_dim": 128, "freeze_last_layer_steps": 0,
+             "warmup_teacher_temp_steps": 0},
+    "data": {"batch_size": 8, "num_workers": 0},
+    "optim": {"lr": 1e-3, "warmup_steps": 2},
+    "trainer": {"max_steps": 30, "log_every_n_steps": 1, "enable_progress_bar": False, "checkpoint_every_n_steps": 10},
+    "probe": {"every_n_steps": 0},
+}
+
+
+def tiny_recipe(name: str, **sections) -> dict:
+    """A recipe of encoders/ shrunk to CI size (32 px / 32^3 views, width-48 ViT)."""
+    over = {k: dict(v) for k, v in TINY.items()}
+    if name.startswith("dino"):
+        over["view"] = {"n_local": 2, "local_size": 16}
+    if name.endswith("3d"):
+        over["data"].update(preset="mr_3d", preset_args={"spacing": 4.0})
+        over["encoder"]["patch_size"] = [8, 8, 8]
+    for k, v in sections.items():
+        over.setdefault(k, {}).update(v)
+    return load_recipe(REPO / "encoders" / f"{name}.yaml", over)
+
+
+def mni_folder(tmp: Path) -> Path:
+    """A folder holding the real MNI152 T1 brain (3D pretraining data, CI-sized views are crops of it)."""
+    from medfm.data import samples
+
+    d = tmp / "mni3d"
+    d.mkdir(exist_ok=True)
+    (d / "t1.nii.gz").write_bytes(Path(samples.mni152("t1")).read_bytes())
+    return d
+
+
+def data_2d(tmp: Path) -> str:
+    """PneumoniaMNIST (../shared/data) when present, else axial slices of the MNI152 brain as PNGs + a manifest."""
+    npz = SHARED / "pneumoniamnist" / "pneumoniamnist_trainval.npz"
+    if npz.exists():
+        return str(npz)
+    from PIL import Image
+
+    from medfm.data import samples
+
+    vol = load(samples.mni152("t1"))["image"][0].numpy()
+    d = tmp / "mni2d"
+    d.mkdir(exist_ok=True)
+    rows = []
+    for i, z in enumerate(range(40, 150, 2)):
+        sl = vol[:, :, z]
+        img = (255 * (sl - sl.min()) / max(np.ptp(sl), 1e-6)).astype(np.uint8)
+        Image.fromarray(img).save(d / f"z{z}.png")
+        rows.append({"image": f"z{z}.png", "split": "train" if i % 4 else "val", "label": int(z > 95)})
+    with open(d / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "split", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    return str(d / "manifest.csv")
+
+
+def losses(run: Path, name: str = "metrics.csv") -> list[float]:
+    with open(run / "logs" / name) as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]

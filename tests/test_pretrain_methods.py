@@ -1,0 +1,163 @@
+"""MAE and DINO: masking, loss on masked patches, missing-modality masking, EMA teacher, views."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medfm.encoders import create_encoder
+from medfm.pretrain import DINOModule, MaskedAutoencoder, patchify, unpatchify
+from medfm.pretrain.views import MultiCrop, StepSampler, ViewDataset, mae_view
+
+
+def _encoder(dims: int, patch=8, in_chans=1):
+    return create_encoder("vit_micro", spatial_dims=dims, in_chans=in_chans, img_size=32, patch_size=patch)
+
+
+@pytest.mark.parametrize("dims,patch", [(2, 8), (3, 8), (3, (8, 8, 4))])
+def test_patchify_matches_patch_embedding_order(dims, patch):
+    enc = _encoder(dims, patch, in_chans=2)
+    x = torch.randn(2, 2, *([32] * dims))
+    p = patchify(x, enc.patch_size)
+    # a patch embedding whose output k is "pixel k of the patch" must reproduce patchify
+    conv = enc.patch_embed.proj
+    n_pix = 2 * math.prod(enc.patch_size)
+    probe = type(conv)(2, n_pix, kernel_size=conv.kernel_size, stride=conv.stride, bias=False)
+    with torch.no_grad():
+        probe.weight.copy_(torch.eye(n_pix).view(n_pix, 2, *enc.patch_size))
+    tokens = probe(x).flatten(2).transpose(1, 2)
+    assert torch.allclose(tokens, p.flatten(2), atol=1e-5)
+    assert torch.equal(unpatchify(p, enc.patch_size, enc.grid_size), x)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("ratio", [0.75, 0.5])
+def test_mae_masks_the_stated_fraction_and_encoder_sees_only_visible_tokens(dims, ratio):
+    enc = _encoder(dims)
+    mae = MaskedAutoencoder(enc, mask_ratio=ratio, decoder_dim=24, decoder_depth=1, decoder_heads=2)
+    seen = []
+    enc.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    out = mae(torch.randn(3, 1, *([32] * dims)))
+    n = math.prod(enc.grid_size)
+    keep = int(n * (1 - ratio))
+    assert out["mask"].shape == (3, n)
+    assert out["mask"].sum(1).tolist() == [n - keep] * 3
+    assert out["mask"].mean().item() == pytest.approx(ratio, abs=1 / n)
+    assert seen == [keep + enc.num_prefix_tokens]  # class token + visible patches only
+
+
+def test_mae_loss_is_computed_on_masked_patches_only():
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(_encoder(2), decoder_dim=24, decoder_depth=1, decoder_heads=2)
+    out = mae(torch.rand(4, 1, 32, 32))
+    err = (out["pred"] - out["target"]).pow(2).mean(-1)[..., 0]  # (B, N)
+    m = out["mask"].bool()
+    assert out["loss"].item() == pytest.approx(err[m].mean().item(), rel=1e-5)
+    assert out["loss"].item() != pytest.approx(err.mean().item(), rel=1e-3)
+    # per-patch normalised targets
+    assert out["target"].mean(-1).abs().max() < 1e-4
+
+
+def test_missing_modality_masking_drops_a_channel_and_reconstructs_all_of_it():
+    torch.manual_seed(0)
+    enc = _encoder(3, in_chans=3)
+    mae = MaskedAutoencoder(enc, decoder_dim=24, decoder_depth=1, decoder_heads=2, modality_dropout=1.0)
+    x = torch.rand(4, 3, 32, 32, 32) + 0.5
+    inputs = []
+    enc.patch_embed.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
+    out = mae(x)
+    dropped = out["dropped"]
+    assert dropped.sum(1).tolist() == [1, 1, 1, 1]  # exactly one sequence per sample
+    for b in range(4):
+        c = int(dropped[b].nonzero())
+        assert inputs[0][b, c].abs().max() == 0 and inputs[0][b].abs().sum() > 0
+    err = (out["pred"] - out["target"]).pow(2).mean(-1)  # (B, N, C)
+    w = torch.maximum(out["mask"][:, :, None], dropped[:, None, :].float())
+    assert out["loss"].item() == pytest.approx((err * w).sum().item() / w.sum().item(), rel=1e-5)
+    assert w.sum() > out["mask"].sum() * 3  # visible patches of the dropped channel are in the loss
+    # off by default, and a no-op for one channel
+    mae1 = MaskedAutoencoder(_encoder(2), decoder_dim=24, decoder_depth=1, decoder_heads=2, modality_dropout=1.0)
+    assert not mae1(torch.rand(2, 1, 32, 32))["dropped"].any()
+
+
+def test_mae_reconstruction_figure_inputs():
+    mae = MaskedAutoencoder(_encoder(3), decoder_dim=24, decoder_depth=1, decoder_heads=2)
+    x = torch.rand(2, 1, 32, 32, 32)
+    r = mae.reconstruct(x)
+    assert r["masked"].shape == r["reconstruction"].shape == x.shape
+    visible = r["masked"] != 0
+    assert torch.allclose(r["reconstruction"][visible], x[visible])  # visible patches are pasted back
+
+
+def test_dino_teacher_is_the_ema_of_the_student():
+    torch.manual_seed(0)
+    module = DINOModule(_encoder(2), hidden_dim=64, bottleneck_dim=32, output_dim=128, momentum=0.9)
+    model = module.model
+    for t, s in zip(model.teacher.parameters(), model.student.parameters()):
+        assert torch.equal(t, s)  # teacher starts as a copy
+        assert not t.requires_grad
+    opt = torch.optim.SGD(model.student.parameters(), lr=0.5)
+    views = MultiCrop(2, 32, 16, n_local=2)
+    x = torch.rand(1, 40, 40)
+    crops = [views(x) for _ in range(4)]
+    batch = {k: [torch.stack([c[k][i] for c in crops]) for i in range(len(crops[0][k]))] for k in ("global", "local")}
+    for m in (0.9, 0.99):
+        before = [p.detach().clone() for p in model.teacher.parameters()]
+        loss = model(batch["global"], batch["local"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_teacher(m)
+        moved = 0
+        for t0, t, s in zip(before, model.teacher.parameters(), model.student.parameters()):
+            assert torch.allclose(t, m * t0 + (1 - m) * s, atol=1e-6)
+            moved += int(not torch.equal(t, t0))
+        assert moved > 0
+    # the teacher's centre is a running mean of its outputs
+    assert model.criterion.center.abs().sum() > 0
+
+
+def test_dino_schedules():
+    module = DINOModule(_encoder(2), hidden_dim=64, bottleneck_dim=32, output_dim=128, momentum=0.99,
+                        teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_steps=10, max_steps=100)
+    assert module.current_teacher_temp() == pytest.approx(0.04)
+    assert module.current_momentum() == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_views_are_reproducible_per_position(dims):
+    img = torch.rand(1, *([40] * dims))
+
+    class One(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"image": img * (i + 1), "label": i}
+
+    for view in (mae_view(dims, 32), MultiCrop(dims, 32, 16, n_local=2)):
+        ds = ViewDataset(One(), view, seed=1)
+        a, b, c = ds[(0, 5)], ds[(0, 5)], ds[(0, 6)]
+        key = "image" if "image" in a else "global"
+        first = (lambda s: s[key][0]) if key == "global" else (lambda s: s[key])
+        assert torch.equal(first(a), first(b)) and not torch.equal(first(a), first(c))
+        assert tuple(first(a).shape[1:]) == (32,) * dims and a["label"] == 0
+    if dims == 3:
+        assert [tuple(v.shape) for v in a["local"]] == [(1, 16, 16, 16)] * 2
+
+
+def test_step_sampler_splits_ranks_and_resumes_in_place():
+    def take(s, n):
+        it = iter(s)
+        return [next(it) for _ in range(n)]
+
+    r0 = take(StepSampler(10, 4, seed=0, rank=0, world_size=2), 8)
+    r1 = take(StepSampler(10, 4, seed=0, rank=1, world_size=2), 8)
+    assert not {p for _, p in r0} & {p for _, p in r1}  # ranks never share a position
+    whole = take(StepSampler(10, 4, seed=0), 12)
+    resumed = take(StepSampler(10, 4, seed=0, start_step=1), 8)
+    assert resumed == whole[4:]
+    # each pass over the data is a permutation
+    assert sorted(i for i, _ in take(StepSampler(10, 5, seed=3), 10)) == list(range(10))
