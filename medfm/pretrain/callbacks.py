@@ -129,18 +129,31 @@ def save_mae_figure(model, images: torch.Tensor, path: str | Path) -> Path:
     return path
 
 
-class FinishRun(L.Callback):
-    """At the end of training: a final checkpoint (``last.ckpt``), the encoder as ``save_pretrained``
-    in ``RUN/encoder``, and for MAE a reconstruction figure of the first ``figure_samples`` views."""
+def save_encoder_atomically(encoder, folder: Path) -> None:
+    """``save_pretrained`` into a temporary folder, then swap it in: a crash never leaves half a folder."""
+    import shutil
 
-    def __init__(self, out: str | Path, checkpoint_dir: str | Path, figure_samples: int = 4):
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save_pretrained(tmp)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class FinishRun(L.Callback):
+    """At the end of training (rank 0): the encoder as ``save_pretrained`` in ``RUN/encoder``, and for
+    MAE a reconstruction figure of the first ``figure_samples`` views. (``ModelCheckpoint`` writes
+    the final ``last.ckpt`` itself.)"""
+
+    def __init__(self, out: str | Path, figure_samples: int = 4):
         self.out = Path(out)
-        self.checkpoint_dir = Path(checkpoint_dir)
         self.figure_samples = figure_samples
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
-        pl_module.encoder.save_pretrained(self.out / "encoder")
+        save_encoder_atomically(pl_module.encoder, self.out / "encoder")
         model = getattr(pl_module, "model", None)
         if hasattr(model, "reconstruct") and self.figure_samples:
             views = trainer.datamodule.fixed_views(self.figure_samples)

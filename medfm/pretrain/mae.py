@@ -30,6 +30,8 @@ from monai.networks.blocks.patchembedding import build_sincos_position_embedding
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
+from medfm.encoders.vit import resample_grid_embed
+
 from .base import PretrainModule
 from .views import mae_view
 
@@ -140,8 +142,6 @@ class MaskedAutoencoder(nn.Module):
 
     def decode(self, h: torch.Tensor, idx_keep: torch.Tensor, n: int, grid: Sequence[int]) -> torch.Tensor:
         """Decoder: visible tokens back in place, mask tokens elsewhere -> (B, N, C*P) pixels."""
-        from medfm.encoders.vit import resample_grid_embed
-
         prefix = self.encoder.num_prefix_tokens
         h = self.decoder_embed(h)
         b, _, d = h.shape

@@ -280,7 +280,7 @@ def build_trainer(cfg: dict, out: Path, callbacks: Sequence[L.Callback] = ()) ->
             ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_last=True, save_top_k=1),
             RngState(),
             *callbacks,
-            FinishRun(out, ckpt_dir, figure_samples=4 if cfg["method"] == "mae" else 0),
+            FinishRun(out, figure_samples=4 if cfg["method"] == "mae" else 0),
         ],
         use_distributed_sampler=False,
         num_sanity_val_steps=0,

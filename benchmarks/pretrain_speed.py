@@ -1,0 +1,220 @@
+"""Pretraining speed: MAE and DINO on ViT-S, 2D (224^2) and 3D (96^3), at a few batch sizes.
+
+For each configuration, in the same process:
+
+* **plain**: a minimal PyTorch loop over the same model and loss (forward, backward,
+  AdamW step, LR schedule step, DINO's teacher update; bf16 autocast on CUDA);
+* **medfm**: the real recipe path: ``build_module`` + ``build_trainer`` (Lightning,
+  logging, checkpoint callback, NaN guard, RNG state) on the same in-memory batch.
+
+Both see the same fixed batch, so the data pipeline is not timed (see
+``synth``/data benchmarks for that). Reported: training images/s, the step-time
+ratio medfm/plain (target <= 1.05), peak memory (CUDA: max allocated; CPU: peak
+RSS growth sampled during the run), FLOPs per step (torch's FlopCounterMode on
+the plain step) and model FLOP utilisation against the matmul peak measured in
+this run (fp32 on CPU, bf16 on CUDA).
+
+    python benchmarks/pretrain_speed.py            # CPU: small batches, few steps
+    python benchmarks/pretrain_speed.py --steps 20 # more steps, on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from medfm.pretrain.recipe import build_encoder, build_module, build_trainer, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def matmul_peak() -> float:
+    """Achieved FLOP/s of a large matmul: fp32 on CPU, bf16 on CUDA."""
+    n, dtype = (8192, torch.bfloat16) if CUDA else (2048, torch.float32)
+    dev = "cuda" if CUDA else "cpu"
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync()
+    reps = 20 if CUDA else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA max allocated, or peak RSS growth sampled every 2 ms on CPU."""
+
+    def __enter__(self):
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = self._rss()
+            self._stop = False
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if CUDA:
+            self.bytes = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop = True
+            self._thread.join()
+            self.bytes = self.peak - self.base
+
+
+def make_batch(cfg: dict, batch: int, device: str) -> dict:
+    """One batch of random views of the recipe's sizes (timing does not depend on pixel values)."""
+    dims, size = cfg["encoder"]["spatial_dims"], cfg["encoder"]["img_size"]
+    if cfg["method"] == "mae":
+        return {"image": torch.rand(batch, 1, *([size] * dims), device=device)}
+    v = cfg["view"]
+    return {"global": [torch.rand(batch, 1, *([size] * dims), device=device) for _ in range(v["n_global"])],
+            "local": [torch.rand(batch, 1, *([v["local_size"]] * dims), device=device) for _ in range(v["n_local"])]}
+
+
+def step_loss(module, batch: dict) -> torch.Tensor:
+    if "image" in batch:
+        return module.model(batch["image"])["loss"]
+    return module.model(batch["global"], batch["local"])
+
+
+def plain_loop(cfg: dict, batch: dict, steps: int, warmup: int) -> tuple[list[float], float, int]:
+    """The reference: forward, backward, optimizer + schedule step (+ EMA) in a bare loop."""
+    L.seed_everything(0, verbose=False)
+    module = build_module(cfg, build_encoder(cfg)).to("cuda" if CUDA else "cpu")
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    times = []
+    with PeakMemory() as mem:
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA):
+                loss = step_loss(module, batch)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if cfg["method"] == "dino":
+                module.model.update_teacher(module.current_momentum())
+            sync()
+            times.append(time.perf_counter() - t)
+    # FLOPs of one training step (forward + backward) of the same model
+    with FlopCounterMode(display=False) as fc:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA):
+            loss = step_loss(module, batch)
+        loss.backward()
+    opt.zero_grad(set_to_none=True)
+    return times[warmup:], fc.get_total_flops(), mem.bytes
+
+
+class _StepTimer(L.Callback):
+    def __init__(self):
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, *args):
+        sync()
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, trainer, *args):
+        sync()
+        self.starts.append(time.perf_counter())
+
+
+class _Fixed(L.LightningDataModule):
+    def __init__(self, batch: dict):
+        super().__init__()
+        self.batch = batch
+
+    def train_dataloader(self):
+        batch = self.batch
+
+        class Endless(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                while True:
+                    yield batch
+
+        return torch.utils.data.DataLoader(Endless(), batch_size=None)
+
+
+def medfm_loop(cfg: dict, batch: dict, steps: int, warmup: int) -> tuple[list[float], int]:
+    """The toolkit path: the recipe's module and Trainer (logging, checkpoint callback, NaN guard, RNG state)."""
+    L.seed_everything(0, verbose=False)
+    cfg = dict(cfg, trainer=dict(cfg["trainer"], max_steps=warmup + steps, enable_progress_bar=False,
+                                 checkpoint_every_n_steps=10**6))
+    module = build_module(cfg, build_encoder(cfg))
+    timer = _StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = build_trainer(cfg, Path(out), [timer])
+        trainer.callbacks = [c for c in trainer.callbacks if type(c).__name__ != "FinishRun"]
+        with PeakMemory() as mem:
+            trainer.fit(module, datamodule=_Fixed(batch))
+    times = [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:])]
+    return times[warmup:], mem.bytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3 if not CUDA else 20)
+    ap.add_argument("--warmup", type=int, default=1 if not CUDA else 5)
+    ap.add_argument("--batch-2d", type=int, nargs="+", default=[4, 8] if not CUDA else [64, 128])
+    ap.add_argument("--batch-3d", type=int, nargs="+", default=[1, 2] if not CUDA else [4, 8])
+    ap.add_argument("--methods", nargs="+", default=["mae", "dino"])
+    ap.add_argument("--dims", type=int, nargs="+", default=[2, 3])
+    args = ap.parse_args()
+
+    peak = matmul_peak()
+    device = "cuda" if CUDA else "cpu"
+    name = torch.cuda.get_device_name() if CUDA else f"CPU, {torch.get_num_threads()} threads, fp32"
+    print(f"device: {name}; matmul peak measured here: {peak / 1e12:.3f} TFLOP/s "
+          f"({'bf16' if CUDA else 'fp32'}); {args.steps} timed steps after {args.warmup} warm-up\n")
+    header = ("| method | input | batch | medfm img/s | plain img/s | medfm/plain step time | peak mem (MiB) "
+              "| GFLOP/step | TFLOP/s | MFU |")
+    print(header)
+    print("|---" * 10 + "|")
+    for method in args.methods:
+        for dims in args.dims:
+            cfg = load_recipe(REPO / "encoders" / f"{method}_vit_{dims}d.yaml", {"trainer": {"log_every_n_steps": 10}})
+            for bs in args.batch_2d if dims == 2 else args.batch_3d:
+                batch = make_batch(cfg, bs, device)
+                plain, flops, _ = plain_loop(cfg, batch, args.steps, args.warmup)
+                ours, mem = medfm_loop(cfg, batch, args.steps, args.warmup)
+                t_plain, t_ours = statistics.median(plain), statistics.median(ours)
+                size = cfg["encoder"]["img_size"]
+                shape = f"{size}^{dims}"
+                print(f"| {method} | {shape} | {bs} | {bs / t_ours:.2f} | {bs / t_plain:.2f} | {t_ours / t_plain:.3f} "
+                      f"| {mem / 2**20:.0f} | {flops / 1e9:.1f} | {flops / t_ours / 1e12:.3f} "
+                      f"| {flops / t_ours / peak:.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
