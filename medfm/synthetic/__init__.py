@@ -1,0 +1,8 @@
+"""Procedural randomized-synthesis engine: random label maps with random appearance, 2D and 3D."""
+
+from .appearance import RANGES, render
+from .engine import SynthConfig, SyntheticDataset, synth_pair, synth_sample
+from .labels import elastic_deform, random_label_map
+
+__all__ = ["SynthConfig", "SyntheticDataset", "synth_sample", "synth_pair", "render", "RANGES",
+           "random_label_map", "elastic_deform"]
