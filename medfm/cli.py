@@ -1,4 +1,4 @@
-"""``medfm`` command line: ``info``, ``encode``, ``pretrain`` (more commands arrive with their modules)."""
+"""``medfm`` command line: ``info``, ``encode``, ``pretrain``, ``synth`` (more arrive with their modules)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from medfm.synthetic import SynthConfig, export_synthetic
+
+    cfg = SynthConfig(spatial_dims=args.dims, size=args.size, n_labels=args.labels, kind=args.kind)
+    manifest = export_synthetic(cfg, args.n, args.out, seed=args.seed)
+    print(f"wrote {args.n} samples: {manifest} (contact sheet: {manifest.parent / 'contact_sheet.png'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfm", description="Medical foundation models: encoders, pretraining, tasks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable)")
     p.set_defaults(fn=cmd_pretrain, takes_overrides=True)
+    p = sub.add_parser("synth", help="write a synthetic set (random label maps + random appearance) as NIfTI")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=3)
+    p.add_argument("--size", type=int, default=96, help="side length in voxels (default 96)")
+    p.add_argument("--n", type=int, default=200, help="number of samples (default 200)")
+    p.add_argument("--labels", type=int, default=8, help="labels per map incl. background (default 8)")
+    p.add_argument("--kind", default="mixed", choices=("noise", "shapes", "mixed"), help="label-map generator")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder: images/, labels/, manifest.csv, contact_sheet.png")
+    p.set_defaults(fn=cmd_synth)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 from .appearance import RANGES, render
 from .engine import SynthConfig, SyntheticDataset, synth_pair, synth_sample
+from .export import export_synthetic
 from .labels import elastic_deform, random_label_map
 
 __all__ = ["SynthConfig", "SyntheticDataset", "synth_sample", "synth_pair", "render", "RANGES",
-           "random_label_map", "elastic_deform"]
+           "random_label_map", "elastic_deform", "export_synthetic"]
