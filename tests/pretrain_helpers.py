@@ -29,7 +29,7 @@ def tiny_recipe(name: str, **sections) -> dict:
     over = {k: dict(v) for k, v in TINY.items()}
     if name.startswith("dino"):
         over["view"] = {"n_local": 2, "local_size": 16}
-    if name.endswith("3d"):
+    if "_3d" in name:
         over["data"].update(preset="mr_3d", preset_args={"spacing": 4.0})
         over["encoder"]["patch_size"] = [8, 8, 8]
     for k, v in sections.items():

@@ -161,3 +161,19 @@ def test_step_sampler_splits_ranks_and_resumes_in_place():
     assert resumed == whole[4:]
     # each pass over the data is a permutation
     assert sorted(i for i, _ in take(StepSampler(10, 5, seed=3), 10)) == list(range(10))
+
+
+def test_mixed_views_draw_synthetic_samples_at_the_stated_rate_reproducibly():
+    from medfm.synthetic import SynthConfig, synth_sample
+
+    real = [{"image": torch.zeros(1, 32, 32), "label": 0}] * 4
+    cfg = SynthConfig(spatial_dims=2, size=32, n_labels=3)
+    ds = ViewDataset(real, mae_view(2, 32, scale=(1.0, 1.0)), seed=0,
+                     synthetic=lambda p: synth_sample(cfg, 0, p)["image"], mix=0.25)
+    synthetic = [bool(ds[(p % 4, p)]["image"].abs().sum() > 0) for p in range(200)]
+    assert 0.15 < sum(synthetic) / 200 < 0.35
+    assert synthetic == [bool(ds[(p % 4, p)]["image"].abs().sum() > 0) for p in range(200)]
+    assert "label" not in ds[(0, 0)]  # mixed batches carry no labels
+    only = ViewDataset(None, mae_view(2, 32), seed=0, synthetic=lambda p: synth_sample(cfg, 0, p)["image"])
+    assert only[(5, 5)]["image"].shape == (1, 32, 32)
+    assert next(iter(StepSampler(None, 4, seed=0, start_step=2))) == (8, 8)  # endless source: index = position

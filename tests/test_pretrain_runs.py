@@ -139,3 +139,21 @@ def test_every_recipe_in_encoders_loads():
     for n in names:
         cfg = load_recipe(REPO / "encoders" / f"{n}.yaml")
         assert cfg["method"] in ("mae", "dino")
+
+
+def test_synthetic_regime_needs_no_data_and_its_loss_falls(tmp_path):
+    cfg = tiny_recipe("mae_vit_3d_synthetic", data={"synthetic": {"size": 32, "n_labels": 4}, "batch_size": 4},
+                      optim={"lr": 3e-3})
+    assert cfg["data"]["regime"] == "synthetic" and cfg["data"]["path"] is None
+    run = run_pretrain(cfg, tmp_path / "run")
+    curve = losses(run)
+    assert sum(curve[-5:]) < 0.95 * sum(curve[:5]), curve
+    assert (run / "encoder" / "model.safetensors").exists()
+
+
+def test_mixed_regime_runs_on_real_and_synthetic_samples(data, tmp_path):
+    cfg = tiny_recipe("mae_vit_2d", data={"regime": "mixed", "mix": 0.5}, trainer={"max_steps": 4})
+    run = run_pretrain(cfg, tmp_path / "run", data_path=data[2])
+    assert len(losses(run)) == 4
+    with pytest.raises(ValueError, match="needs data"):
+        run_pretrain(tiny_recipe("mae_vit_2d", data={"regime": "mixed"}), tmp_path / "nodata")

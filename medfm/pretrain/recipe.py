@@ -49,6 +49,9 @@ DEFAULTS: dict[str, Any] = {
     "mae": {},  # free-form: MAEModule arguments
     "dino": {},  # free-form: DINOModule arguments
     "data": {
+        "regime": "real",  # real | synthetic (the randomized-synthesis engine) | mixed
+        "mix": 0.5,  # mixed: fraction of samples drawn from the engine
+        "synthetic": {},  # free-form: SynthConfig arguments (size defaults to encoder.img_size, n_labels, kind, ...)
         "path": None,  # npz, CSV/TSV/JSONL manifest or folder (or give --data)
         "split": "train",  # npz split / manifest split column value (null: every row)
         "preset": "radiograph_2d",  # intensity/geometry preprocessing: radiograph_2d | ct_3d | mr_3d
@@ -81,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
         "max_val": 500,
     },
 }
-FREE_FORM = {"encoder", "mae", "dino", "view", "data.preset_args", "trainer"}
+FREE_FORM = {"encoder", "mae", "dino", "view", "data.preset_args", "data.synthetic", "trainer"}
 
 
 # --------------------------------------------------------------------- recipe
@@ -146,6 +149,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     cfg = _merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     if cfg["method"] not in METHODS:
         raise ValueError(f"unknown method {cfg['method']!r}; available: {', '.join(METHODS)}")
+    if cfg["data"]["regime"] not in ("real", "synthetic", "mixed"):
+        raise ValueError(f"unknown data.regime {cfg['data']['regime']!r}: real, synthetic or mixed")
     if cfg["data"]["preset"] not in PRESETS:
         raise ValueError(f"unknown preset {cfg['data']['preset']!r}; available: {', '.join(PRESETS)}")
     return cfg
@@ -182,14 +187,19 @@ def build_view(cfg: dict):
 class PretrainData(L.LightningDataModule):
     """Endless, step-addressed batches of random views (see :mod:`medfm.pretrain.views`)."""
 
-    def __init__(self, dataset, view, batch_size: int, num_workers: int = 0, seed: int = 0):
+    def __init__(self, dataset, view, batch_size: int, num_workers: int = 0, seed: int = 0, synthetic=None,
+                 mix: float = 0.0):
         super().__init__()
-        self.views = ViewDataset(dataset, view, seed=seed)
+        self.views = ViewDataset(dataset, view, seed=seed, synthetic=synthetic, mix=mix)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+
+    @property
+    def n(self) -> int | None:
+        return len(self.views) if self.views.dataset is not None else None
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
-        sampler = StepSampler(len(self.views), self.batch_size, seed=self.seed, rank=t.global_rank,
+        sampler = StepSampler(self.n, self.batch_size, seed=self.seed, rank=t.global_rank,
                               world_size=t.world_size, start_step=t.global_step)
         return DataLoader(
             self.views,
@@ -203,18 +213,44 @@ class PretrainData(L.LightningDataModule):
 
     def fixed_views(self, n: int) -> torch.Tensor:
         """The first ``n`` views of the run (positions 0..n-1), for figures."""
-        sampler = iter(StepSampler(len(self.views), n, seed=self.seed))
+        sampler = iter(StepSampler(self.n, n, seed=self.seed))
         return torch.stack([self.views[next(sampler)]["image"] for _ in range(n)])
 
 
+class _SynthImages:
+    """Picklable ``position -> image`` of the synthesis engine (seeded by the run's seed)."""
+
+    def __init__(self, config, seed: int):
+        self.config, self.seed = config, seed
+
+    def __call__(self, position: int) -> torch.Tensor:
+        from medfm.synthetic import synth_sample
+
+        return synth_sample(self.config, self.seed, position)["image"]
+
+
 def build_data(cfg: dict) -> PretrainData:
-    d = cfg["data"]
-    path = d["path"]
-    if not path:
-        raise ValueError("no pretraining data: give --data PATH (an npz, a manifest or a folder) or set data.path")
-    dataset = open_dataset(path, split=d["split"], spatial_dims=cfg["encoder"]["spatial_dims"],
-                           transform=_preprocess(cfg), cache=d["cache"])
-    return PretrainData(dataset, build_view(cfg), d["batch_size"], d["num_workers"], seed=cfg["seed"])
+    """Real data (``data.path``), the synthesis engine, or a mix of both, as ``data.regime`` says."""
+    d, enc = cfg["data"], cfg["encoder"]
+    regime = d["regime"]
+    dataset = synthetic = None
+    if regime in ("real", "mixed"):
+        if not d["path"]:
+            raise ValueError(f"data.regime={regime} needs data: give --data PATH (an npz, a manifest or a folder) "
+                             "or set data.path; or use data.regime=synthetic")
+        dataset = open_dataset(d["path"], split=d["split"], spatial_dims=enc["spatial_dims"],
+                               transform=_preprocess(cfg), cache=d["cache"])
+    if regime in ("synthetic", "mixed"):
+        from medfm.synthetic import SynthConfig
+
+        if enc.get("in_chans", 1) != 1:
+            raise ValueError("the synthesis engine makes one-channel images; set encoder.in_chans=1")
+        synth = dict(d["synthetic"])
+        synth.setdefault("size", enc["img_size"])
+        synthetic = _SynthImages(SynthConfig(spatial_dims=enc["spatial_dims"], **synth), cfg["seed"])
+    mix = {"real": 0.0, "synthetic": 1.0, "mixed": d["mix"]}[regime]
+    return PretrainData(dataset, build_view(cfg), d["batch_size"], d["num_workers"], seed=cfg["seed"],
+                        synthetic=synthetic, mix=mix)
 
 
 def _subset(ds, n: int, seed: int):
@@ -228,6 +264,9 @@ def build_probe(cfg: dict) -> OnlineProbe | None:
     """The online probe, or None when it is off or the data has no labels / no validation split."""
     p = cfg["probe"]
     if not p["every_n_steps"]:
+        return None
+    if not (p["path"] or cfg["data"]["path"]):
+        warnings.warn("online probe off: no labelled data (set probe.path to a labelled npz or manifest)", stacklevel=2)
         return None
     path = str(p["path"] or cfg["data"]["path"])
     enc = cfg["encoder"]

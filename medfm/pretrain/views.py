@@ -120,19 +120,38 @@ class ViewDataset(Dataset):
     ``view`` is a MONAI ``Compose`` (output under ``image``) or a :class:`MultiCrop`
     (output under ``global`` / ``local``). Labels are kept; ``meta`` is dropped
     so that batches collate with torch's default collation.
+
+    Data regimes: ``synthetic`` (a callable ``position -> sample``, e.g. the
+    randomized-synthesis engine) replaces the real ``dataset`` when that is
+    None, or, with ``mix`` in (0, 1], replaces a real sample at a position with
+    probability ``mix`` (decided from the seed and the position, so reproducibly).
+    Mixed batches carry no labels.
     """
 
-    def __init__(self, dataset: Dataset, view, seed: int = 0):
-        self.dataset = dataset
-        self.view = view
-        self.seed = seed
+    def __init__(self, dataset: Dataset | None, view, seed: int = 0, synthetic=None, mix: float = 0.0):
+        if dataset is None and synthetic is None:
+            raise ValueError("ViewDataset needs a dataset, a synthetic source, or both")
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"mix (fraction of synthetic samples) must be in [0, 1], got {mix}")
+        self.dataset, self.view, self.seed = dataset, view, seed
+        self.synthetic, self.mix = synthetic, mix if dataset is not None else 1.0
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) if self.dataset is not None else 0
+
+    def _source(self, index: int, position: int) -> dict:
+        if self.synthetic is not None and (
+            self.mix >= 1.0 or (self.mix > 0 and np.random.default_rng([self.seed, position, 1]).random() < self.mix)
+        ):
+            return {"image": self.synthetic(position)}
+        sample = self.dataset[index]
+        if self.synthetic is not None and self.mix > 0:
+            sample = {"image": sample["image"]}
+        return sample
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, position = key
-        sample = self.dataset[index]
+        sample = self._source(index, position)
         image = torch.as_tensor(sample["image"])
         self.view.set_random_state(seed=position_seed(self.seed, position))
         views = self.view(image)
@@ -150,18 +169,21 @@ class StepSampler(Sampler):
     ``s * B * world + r * B + k`` (``k < B``), and position ``p`` reads index
     ``perm[p // n][p % n]`` where ``perm[e]`` is a permutation seeded by ``(seed, e)``.
     Every rank therefore sees different samples, and resuming at a step
-    continues exactly where the stopped run would have gone.
+    continues exactly where the stopped run would have gone. ``n=None`` (an
+    endless synthetic source): index = position.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+    def __init__(self, n: int | None, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  start_step: int = 0):
-        if n < 1:
+        if n is not None and n < 1:
             raise ValueError("the pretraining dataset is empty")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
         self._perm: tuple[int, np.ndarray] | None = None
 
     def _index(self, position: int) -> int:
+        if self.n is None:  # an endless source (synthetic): index = position
+            return position
         epoch = position // self.n
         if self._perm is None or self._perm[0] != epoch:
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
