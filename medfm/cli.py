@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -110,7 +111,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         overrides.append(f"trainer.devices={args.devices}")
     cfg = load_recipe(find_recipe(args.recipe), overrides)
     out = run_pretrain(cfg, args.out, data_path=args.data, resume=args.resume)
-    print(f"encoder saved to {out / 'encoder'}  (create_encoder(..., pretrained='{out / 'encoder'}'))")
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # once, not per DDP process
+        print(f"encoder saved to {out / 'encoder'}  (create_encoder(..., pretrained='{out / 'encoder'}'))")
     return 0
 
 
