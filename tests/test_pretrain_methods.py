@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medfm.encoders import create_encoder
 from medfm.pretrain import DINOModule, MaskedAutoencoder, patchify, unpatchify
@@ -177,3 +178,30 @@ def test_mixed_views_draw_synthetic_samples_at_the_stated_rate_reproducibly():
     only = ViewDataset(None, mae_view(2, 32), seed=0, synthetic=lambda p: synth_sample(cfg, 0, p)["image"])
     assert only[(5, 5)]["image"].shape == (1, 32, 32)
     assert next(iter(StepSampler(None, 4, seed=0, start_step=2))) == (8, 8)  # endless source: index = position
+
+
+def test_dense_contrastive_loss_rewards_location_agreement_and_ignores_same_label_negatives():
+    from medfm.pretrain.synth_contrastive import dense_contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    label = torch.arange(64).view(1, 1, 8, 8) % 4
+    f = torch.randn(1, 16, 8, 8, generator=g)
+    matched = dense_contrastive_loss(f, f, label, n_samples=64, generator=torch.Generator().manual_seed(1))
+    shuffled = dense_contrastive_loss(f, f[:, :, torch.randperm(8, generator=g)], label, n_samples=64,
+                                      generator=torch.Generator().manual_seed(1))
+    assert matched < shuffled
+    # features that only encode the label: same-label voxels are not negatives, so the loss is ~0
+    onehot = F.one_hot(label[:, 0], 4).permute(0, 3, 1, 2).float()
+    assert dense_contrastive_loss(onehot, onehot, label, n_samples=64, temperature=0.05) < 1e-3
+    # the same features with every voxel its own label: now same-label pairs are negatives
+    assert dense_contrastive_loss(onehot, onehot, torch.arange(64).view(1, 1, 8, 8), n_samples=64) > 1.0
+
+
+def test_dense_vit_gives_full_resolution_features():
+    from medfm.pretrain.synth_contrastive import DenseViT
+
+    for dims in (2, 3):
+        net = DenseViT(_encoder(dims), feature_dim=8)
+        assert net(torch.rand(2, 1, *([32] * dims))).shape == (2, 8) + (32,) * dims
+    with pytest.raises(ValueError, match="power-of-two"):
+        DenseViT(create_encoder("vit_micro", spatial_dims=3, img_size=24, patch_size=(8, 8, 4)))

@@ -135,10 +135,11 @@ def test_cli_pretrain_with_overrides_and_errors(data, tmp_path, capsys):
 
 def test_every_recipe_in_encoders_loads():
     names = sorted(p.stem for p in (REPO / "encoders").glob("*.yaml"))
-    assert {"mae_vit_2d", "mae_vit_3d", "dino_vit_2d", "dino_vit_3d"} <= set(names)
+    assert {"mae_vit_2d", "mae_vit_3d", "dino_vit_2d", "dino_vit_3d", "mae_vit_3d_synthetic",
+            "synth_contrastive_3d"} <= set(names)
     for n in names:
         cfg = load_recipe(REPO / "encoders" / f"{n}.yaml")
-        assert cfg["method"] in ("mae", "dino")
+        assert cfg["method"] in ("mae", "dino", "synth_contrastive")
 
 
 def test_synthetic_regime_needs_no_data_and_its_loss_falls(tmp_path):
@@ -157,3 +158,15 @@ def test_mixed_regime_runs_on_real_and_synthetic_samples(data, tmp_path):
     assert len(losses(run)) == 4
     with pytest.raises(ValueError, match="needs data"):
         run_pretrain(tiny_recipe("mae_vit_2d", data={"regime": "mixed"}), tmp_path / "nodata")
+
+
+def test_synthetic_pair_contrastive_pretraining_loss_falls(tmp_path):
+    cfg = tiny_recipe("synth_contrastive_3d", data={"synthetic": {"size": 32, "n_labels": 4}, "batch_size": 2},
+                      synth_contrastive={"feature_dim": 16, "n_samples": 128}, optim={"lr": 1e-3})
+    run = run_pretrain(cfg, tmp_path / "run")
+    curve = losses(run)
+    assert len(curve) == 30 and sum(curve[-5:]) < 0.95 * sum(curve[:5]), curve
+    assert (run / "encoder" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="regime=synthetic"):
+        run_pretrain(tiny_recipe("synth_contrastive_3d", data={"regime": "mixed"}), tmp_path / "bad",
+                     data_path=str(tmp_path))

@@ -37,9 +37,10 @@ from medfm.data.transforms import PRESETS
 from .callbacks import FinishRun, OnlineProbe, RngState
 from .dino import DINOModule
 from .mae import MAEModule
+from .synth_contrastive import SynthContrastiveModule
 from .views import StepSampler, ViewDataset
 
-METHODS = {"mae": MAEModule, "dino": DINOModule}
+METHODS = {"mae": MAEModule, "dino": DINOModule, "synth_contrastive": SynthContrastiveModule}
 
 DEFAULTS: dict[str, Any] = {
     "method": "mae",
@@ -48,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "encoder": {"name": "vit_small", "spatial_dims": 2, "in_chans": 1, "img_size": 224, "pretrained": None},
     "mae": {},  # free-form: MAEModule arguments
     "dino": {},  # free-form: DINOModule arguments
+    "synth_contrastive": {},  # free-form: SynthContrastiveModule arguments
     "data": {
         "regime": "real",  # real | synthetic (the randomized-synthesis engine) | mixed
         "mix": 0.5,  # mixed: fraction of samples drawn from the engine
@@ -84,7 +86,7 @@ DEFAULTS: dict[str, Any] = {
         "max_val": 500,
     },
 }
-FREE_FORM = {"encoder", "mae", "dino", "view", "data.preset_args", "data.synthetic", "trainer"}
+FREE_FORM = {"encoder", "mae", "dino", "synth_contrastive", "view", "data.preset_args", "data.synthetic", "trainer"}
 
 
 # --------------------------------------------------------------------- recipe
@@ -217,15 +219,19 @@ class PretrainData(L.LightningDataModule):
         return torch.stack([self.views[next(sampler)]["image"] for _ in range(n)])
 
 
-class _SynthImages:
-    """Picklable ``position -> image`` of the synthesis engine (seeded by the run's seed)."""
+class _SynthSource:
+    """Picklable ``position -> sample`` of the synthesis engine (seeded by the run's seed):
+    the image alone, or for pair methods ``image``, ``image2`` and ``mask``."""
 
-    def __init__(self, config, seed: int):
-        self.config, self.seed = config, seed
+    def __init__(self, config, seed: int, pairs: bool = False):
+        self.config, self.seed, self.pairs = config, seed, pairs
 
-    def __call__(self, position: int) -> torch.Tensor:
-        from medfm.synthetic import synth_sample
+    def __call__(self, position: int):
+        from medfm.synthetic import synth_pair, synth_sample
 
+        if self.pairs:
+            s = synth_pair(self.config, self.seed, position)
+            return {"image": s["image"], "image2": s["image2"], "mask": s["mask"]}
         return synth_sample(self.config, self.seed, position)["image"]
 
 
@@ -233,6 +239,9 @@ def build_data(cfg: dict) -> PretrainData:
     """Real data (``data.path``), the synthesis engine, or a mix of both, as ``data.regime`` says."""
     d, enc = cfg["data"], cfg["encoder"]
     regime = d["regime"]
+    pairs = getattr(METHODS[cfg["method"]], "needs_pairs", False)
+    if pairs and regime != "synthetic":
+        raise ValueError(f"method {cfg['method']} trains on synthetic pairs: set data.regime=synthetic")
     dataset = synthetic = None
     if regime in ("real", "mixed"):
         if not d["path"]:
@@ -247,7 +256,7 @@ def build_data(cfg: dict) -> PretrainData:
             raise ValueError("the synthesis engine makes one-channel images; set encoder.in_chans=1")
         synth = dict(d["synthetic"])
         synth.setdefault("size", enc["img_size"])
-        synthetic = _SynthImages(SynthConfig(spatial_dims=enc["spatial_dims"], **synth), cfg["seed"])
+        synthetic = _SynthSource(SynthConfig(spatial_dims=enc["spatial_dims"], **synth), cfg["seed"], pairs=pairs)
     mix = {"real": 0.0, "synthetic": 1.0, "mixed": d["mix"]}[regime]
     return PretrainData(dataset, build_view(cfg), d["batch_size"], d["num_workers"], seed=cfg["seed"],
                         synthetic=synthetic, mix=mix)

@@ -125,7 +125,8 @@ class ViewDataset(Dataset):
     randomized-synthesis engine) replaces the real ``dataset`` when that is
     None, or, with ``mix`` in (0, 1], replaces a real sample at a position with
     probability ``mix`` (decided from the seed and the position, so reproducibly).
-    Mixed batches carry no labels.
+    Mixed batches carry no labels. ``view=None`` passes samples through unchanged
+    (minus ``meta``), for methods whose source already makes their inputs.
     """
 
     def __init__(self, dataset: Dataset | None, view, seed: int = 0, synthetic=None, mix: float = 0.0):
@@ -143,7 +144,8 @@ class ViewDataset(Dataset):
         if self.synthetic is not None and (
             self.mix >= 1.0 or (self.mix > 0 and np.random.default_rng([self.seed, position, 1]).random() < self.mix)
         ):
-            return {"image": self.synthetic(position)}
+            out = self.synthetic(position)
+            return out if isinstance(out, dict) else {"image": out}
         sample = self.dataset[index]
         if self.synthetic is not None and self.mix > 0:
             sample = {"image": sample["image"]}
@@ -152,6 +154,8 @@ class ViewDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, position = key
         sample = self._source(index, position)
+        if self.view is None:  # the source already made what the method needs (e.g. synthetic pairs)
+            return {k: _plain(v) for k, v in sample.items() if k != "meta"}
         image = torch.as_tensor(sample["image"])
         self.view.set_random_state(seed=position_seed(self.seed, position))
         views = self.view(image)
