@@ -139,7 +139,7 @@ def test_every_recipe_in_encoders_loads():
             "synth_contrastive_3d"} <= set(names)
     for n in names:
         cfg = load_recipe(REPO / "encoders" / f"{n}.yaml")
-        assert cfg["method"] in ("mae", "dino", "synth_contrastive")
+        assert cfg["method"] in ("mae", "dino", "synth_contrastive", "synth_seg")
 
 
 def test_synthetic_regime_needs_no_data_and_its_loss_falls(tmp_path):
@@ -170,3 +170,11 @@ def test_synthetic_pair_contrastive_pretraining_loss_falls(tmp_path):
     with pytest.raises(ValueError, match="regime=synthetic"):
         run_pretrain(tiny_recipe("synth_contrastive_3d", data={"regime": "mixed"}), tmp_path / "bad",
                      data_path=str(tmp_path))
+
+
+def test_supervised_synthetic_segmentation_pretraining_loss_falls(tmp_path):
+    cfg = tiny_recipe("synth_seg_3d", data={"synthetic": {"size": 32, "n_labels": 4}, "batch_size": 2},
+                      optim={"lr": 3e-3})
+    run = run_pretrain(cfg, tmp_path / "run")
+    curve = losses(run)
+    assert len(curve) == 30 and sum(curve[-5:]) < 0.95 * sum(curve[:5]), curve

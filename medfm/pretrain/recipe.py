@@ -37,10 +37,11 @@ from medfm.data.transforms import PRESETS
 from .callbacks import FinishRun, OnlineProbe, RngState
 from .dino import DINOModule
 from .mae import MAEModule
-from .synth_contrastive import SynthContrastiveModule
+from .synth_contrastive import SynthContrastiveModule, SynthSegModule
 from .views import StepSampler, ViewDataset
 
-METHODS = {"mae": MAEModule, "dino": DINOModule, "synth_contrastive": SynthContrastiveModule}
+METHODS = {"mae": MAEModule, "dino": DINOModule, "synth_contrastive": SynthContrastiveModule,
+           "synth_seg": SynthSegModule}
 
 DEFAULTS: dict[str, Any] = {
     "method": "mae",
@@ -50,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "mae": {},  # free-form: MAEModule arguments
     "dino": {},  # free-form: DINOModule arguments
     "synth_contrastive": {},  # free-form: SynthContrastiveModule arguments
+    "synth_seg": {},  # free-form: SynthSegModule arguments (n_labels comes from data.synthetic)
     "data": {
         "regime": "real",  # real | synthetic (the randomized-synthesis engine) | mixed
         "mix": 0.5,  # mixed: fraction of samples drawn from the engine
@@ -86,7 +88,7 @@ DEFAULTS: dict[str, Any] = {
         "max_val": 500,
     },
 }
-FREE_FORM = {"encoder", "mae", "dino", "synth_contrastive", "view", "data.preset_args", "data.synthetic", "trainer"}
+FREE_FORM = {"encoder", "mae", "dino", "synth_contrastive", "synth_seg", "view", "data.preset_args", "data.synthetic", "trainer"}
 
 
 # --------------------------------------------------------------------- recipe
@@ -169,7 +171,10 @@ def build_encoder(cfg: dict) -> torch.nn.Module:
 def build_module(cfg: dict, encoder: torch.nn.Module) -> L.LightningModule:
     method = cfg["method"]
     optim = dict(cfg["optim"], max_steps=cfg["trainer"]["max_steps"])
-    return METHODS[method](encoder, **cfg[method], **optim)
+    args = dict(cfg[method])
+    if method == "synth_seg":
+        args.setdefault("n_labels", cfg["data"]["synthetic"].get("n_labels", 8))
+    return METHODS[method](encoder, **args, **optim)
 
 
 def _preprocess(cfg: dict, size=None):
@@ -223,8 +228,8 @@ class _SynthSource:
     """Picklable ``position -> sample`` of the synthesis engine (seeded by the run's seed):
     the image alone, or for pair methods ``image``, ``image2`` and ``mask``."""
 
-    def __init__(self, config, seed: int, pairs: bool = False):
-        self.config, self.seed, self.pairs = config, seed, pairs
+    def __init__(self, config, seed: int, pairs: bool = False, masks: bool = False):
+        self.config, self.seed, self.pairs, self.masks = config, seed, pairs, masks
 
     def __call__(self, position: int):
         from medfm.synthetic import synth_pair, synth_sample
@@ -232,7 +237,8 @@ class _SynthSource:
         if self.pairs:
             s = synth_pair(self.config, self.seed, position)
             return {"image": s["image"], "image2": s["image2"], "mask": s["mask"]}
-        return synth_sample(self.config, self.seed, position)["image"]
+        s = synth_sample(self.config, self.seed, position)
+        return {"image": s["image"], "mask": s["mask"]} if self.masks else s["image"]
 
 
 def build_data(cfg: dict) -> PretrainData:
@@ -240,8 +246,9 @@ def build_data(cfg: dict) -> PretrainData:
     d, enc = cfg["data"], cfg["encoder"]
     regime = d["regime"]
     pairs = getattr(METHODS[cfg["method"]], "needs_pairs", False)
-    if pairs and regime != "synthetic":
-        raise ValueError(f"method {cfg['method']} trains on synthetic pairs: set data.regime=synthetic")
+    masks = getattr(METHODS[cfg["method"]], "needs_mask", False)
+    if (pairs or masks) and regime != "synthetic":
+        raise ValueError(f"method {cfg['method']} trains on the engine's samples: set data.regime=synthetic")
     dataset = synthetic = None
     if regime in ("real", "mixed"):
         if not d["path"]:
@@ -256,7 +263,8 @@ def build_data(cfg: dict) -> PretrainData:
             raise ValueError("the synthesis engine makes one-channel images; set encoder.in_chans=1")
         synth = dict(d["synthetic"])
         synth.setdefault("size", enc["img_size"])
-        synthetic = _SynthSource(SynthConfig(spatial_dims=enc["spatial_dims"], **synth), cfg["seed"], pairs=pairs)
+        synthetic = _SynthSource(SynthConfig(spatial_dims=enc["spatial_dims"], **synth), cfg["seed"], pairs=pairs,
+                                 masks=masks)
     mix = {"real": 0.0, "synthetic": 1.0, "mixed": d["mix"]}[regime]
     return PretrainData(dataset, build_view(cfg), d["batch_size"], d["num_workers"], seed=cfg["seed"],
                         synthetic=synthetic, mix=mix)

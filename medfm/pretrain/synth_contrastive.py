@@ -1,4 +1,6 @@
-"""Voxel-wise contrastive pretraining on synthetic pairs (two appearances of one label map).
+"""Dense pretraining on the synthesis engine: voxel-wise contrastive on pairs, and supervised segmentation.
+
+Voxel-wise contrastive pretraining on synthetic pairs (two appearances of one label map).
 
 After Dey et al., "Learning General-Purpose Biomedical Volume Representations
 using Randomized Synthesis" (ICLR 2025, https://arxiv.org/abs/2411.02372): the
@@ -98,3 +100,34 @@ class SynthContrastiveModule(PretrainModule):
         f1, f2 = self.model(x).chunk(2)
         loss = dense_contrastive_loss(f1, f2, batch["mask"], self.n_samples, self.temperature)
         return loss, {}
+
+
+class SynthSegModule(PretrainModule):
+    """Supervised segmentation pretraining on the engine's label maps (SynthSeg-style): the dense ViT
+    predicts the label map of each synthetic image, MONAI's Dice + cross-entropy loss.
+
+    Label identities are meaningful when maps come from templates (real segmentations, ``kind:
+    template``) and in nested-shape maps (label k is the k-th nested structure); in noise maps the
+    objective reduces to grouping voxels of equal appearance statistics."""
+
+    needs_mask = True
+
+    def __init__(self, encoder: nn.Module, n_labels: int = 8, **optim):
+        from monai.losses import DiceCELoss
+
+        super().__init__(**optim)
+        self.model = DenseViT(encoder, feature_dim=n_labels)
+        self.criterion = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.n_labels = n_labels
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    @staticmethod
+    def make_view(spatial_dims: int, size, **kwargs):
+        return None
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = self.model(batch["image"])
+        return self.criterion(logits.float(), batch["mask"]), {}
