@@ -197,6 +197,32 @@ def test_dense_contrastive_loss_rewards_location_agreement_and_ignores_same_labe
     assert dense_contrastive_loss(onehot, onehot, torch.arange(64).view(1, 1, 8, 8), n_samples=64) > 1.0
 
 
+def test_dense_contrastive_loss_matches_locations_through_the_shift():
+    from medfm.pretrain.synth_contrastive import dense_contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(1, 16, 12, 12, generator=g)
+    label = torch.arange(64).view(1, 1, 8, 8)
+    f1, f2 = big[:, :, 0:8, 0:8], big[:, :, 3:11, 1:9]  # view 2 cropped at (3, 1): v -> v + (-3, -1)
+    shift = torch.tensor([[-3, -1]])
+    right = dense_contrastive_loss(f1, f2, label, n_samples=64, temperature=0.05, shift=shift,
+                                   generator=torch.Generator().manual_seed(1))
+    wrong = dense_contrastive_loss(f1, f2, label, n_samples=64, temperature=0.05,
+                                   generator=torch.Generator().manual_seed(1))
+    assert right < 0.05 < wrong
+
+
+def test_synthetic_pairs_are_cropped_apart_with_the_shift_recorded():
+    from medfm.pretrain.recipe import _SynthSource
+    from medfm.synthetic import SynthConfig
+
+    src = _SynthSource(SynthConfig(spatial_dims=2, size=16, n_labels=3), seed=0, pairs=True, max_shift=4)
+    p = src(5)
+    assert p["image"].shape == p["image2"].shape == p["mask"].shape == (1, 16, 16)
+    assert p["shift"].shape == (2,) and p["shift"].abs().max() <= 4
+    assert torch.equal(src(5)["image"], p["image"])  # reproducible per position
+
+
 def test_dense_vit_gives_full_resolution_features():
     from medfm.pretrain.synth_contrastive import DenseViT
 

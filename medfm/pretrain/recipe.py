@@ -228,17 +228,37 @@ class _SynthSource:
     """Picklable ``position -> sample`` of the synthesis engine (seeded by the run's seed):
     the image alone, or for pair methods ``image``, ``image2`` and ``mask``."""
 
-    def __init__(self, config, seed: int, pairs: bool = False, masks: bool = False):
-        self.config, self.seed, self.pairs, self.masks = config, seed, pairs, masks
+    def __init__(self, config, seed: int, pairs: bool = False, masks: bool = False, max_shift: int = 0):
+        self.config, self.seed, self.pairs, self.masks, self.max_shift = config, seed, pairs, masks, max_shift
 
     def __call__(self, position: int):
         from medfm.synthetic import synth_pair, synth_sample
 
         if self.pairs:
-            s = synth_pair(self.config, self.seed, position)
-            return {"image": s["image"], "image2": s["image2"], "mask": s["mask"]}
+            return self._pair(position)
         s = synth_sample(self.config, self.seed, position)
         return {"image": s["image"], "mask": s["mask"]} if self.masks else s["image"]
+
+    def _pair(self, position: int) -> dict:
+        """Two renderings of one map (made ``max_shift`` larger), cropped independently; ``shift`` maps
+        view-1 voxels to view-2 voxels (v -> v + shift)."""
+        import dataclasses
+
+        import numpy as np
+
+        from medfm.synthetic import synth_pair
+
+        m = self.max_shift
+        big = dataclasses.replace(self.config, size=tuple(s + m for s in self.config.shape))
+        s = synth_pair(big, self.seed, position)
+        rng = np.random.default_rng([self.seed, position, 3])
+        o1, o2 = rng.integers(0, m + 1, (2, len(self.config.shape)))
+
+        def crop(x, o):
+            return x[(slice(None),) + tuple(slice(int(a), int(a) + n) for a, n in zip(o, self.config.shape))]
+
+        return {"image": crop(s["image"], o1), "image2": crop(s["image2"], o2), "mask": crop(s["mask"], o1),
+                "shift": torch.as_tensor(o1 - o2)}
 
 
 def build_data(cfg: dict) -> PretrainData:
@@ -264,7 +284,7 @@ def build_data(cfg: dict) -> PretrainData:
         synth = dict(d["synthetic"])
         synth.setdefault("size", enc["img_size"])
         synthetic = _SynthSource(SynthConfig(spatial_dims=enc["spatial_dims"], **synth), cfg["seed"], pairs=pairs,
-                                 masks=masks)
+                                 masks=masks, max_shift=cfg[cfg["method"]].get("max_shift", 8) if pairs else 0)
     mix = {"real": 0.0, "synthetic": 1.0, "mixed": d["mix"]}[regime]
     return PretrainData(dataset, build_view(cfg), d["batch_size"], d["num_workers"], seed=cfg["seed"],
                         synthetic=synthetic, mix=mix)

@@ -28,30 +28,38 @@ from .base import PretrainModule
 
 
 def dense_contrastive_loss(f1: torch.Tensor, f2: torch.Tensor, label: torch.Tensor, n_samples: int = 256,
-                           temperature: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
-    """InfoNCE over sampled locations: positives = the same location in the other appearance,
-    negatives = locations with a different label; symmetric over the two directions.
+                           temperature: float = 0.1, shift: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """InfoNCE over sampled locations: positives = the same anatomical location in the other appearance,
+    negatives = locations with a different label; symmetric over the two directions, mean over the batch.
 
-    ``f1``, ``f2``: (B, C, *spatial) features; ``label``: (B, 1, *spatial) or (B, *spatial) integer map.
+    ``f1``, ``f2``: (B, C, *spatial) features; ``label``: (B, 1, *spatial) or (B, *spatial) integer map in
+    view-1 coordinates. ``shift`` (B, dims): view 2 is offset so that voxel ``v`` of view 1 is voxel
+    ``v + shift`` of view 2 (independent crops defeat the shortcut of matching by absolute position);
+    locations are sampled where both views overlap.
     """
-    b, c = f1.shape[:2]
-    z1, z2 = F.normalize(f1.flatten(2), dim=1), F.normalize(f2.flatten(2), dim=1)  # (B, C, N)
-    lab = label.reshape(b, -1)
-    n = z1.shape[-1]
-    k = min(n_samples, n)
-    idx = torch.stack([torch.randperm(n, generator=generator, device="cpu")[:k] for _ in range(b)]).to(f1.device)
-    a = torch.gather(z1, 2, idx[:, None].expand(-1, c, -1)).transpose(1, 2)  # (B, K, C)
-    p = torch.gather(z2, 2, idx[:, None].expand(-1, c, -1)).transpose(1, 2)
-    li = torch.gather(lab, 1, idx)  # (B, K)
-    same = li[:, :, None] == li[:, None, :]
-    eye = torch.eye(k, dtype=torch.bool, device=f1.device)[None]
-    drop = same & ~eye  # same label, other location: neither positive nor negative
-    logits = (a @ p.transpose(1, 2)).float() / temperature  # (B, K, K)
-    logits = logits.masked_fill(drop, float("-inf"))
-    target = torch.arange(k, device=f1.device).expand(b, -1)
-    loss_12 = F.cross_entropy(logits.reshape(b * k, k), target.reshape(-1))
-    loss_21 = F.cross_entropy(logits.transpose(1, 2).reshape(b * k, k), target.reshape(-1))
-    return (loss_12 + loss_21) / 2
+    b, c, *spatial = f1.shape
+    dims = len(spatial)
+    z1, z2 = F.normalize(f1, dim=1), F.normalize(f2, dim=1)
+    lab = label.reshape(b, *spatial)
+    losses = []
+    for i in range(b):
+        d = [0] * dims if shift is None else [int(v) for v in shift[i]]
+        lo = [max(0, -dd) for dd in d]
+        sizes = [min(sz, sz - dd) - l for sz, dd, l in zip(spatial, d, lo)]
+        n = math.prod(sizes)
+        k = min(n_samples, n)
+        flat = torch.randperm(n, generator=generator)[:k]
+        coords = torch.stack(torch.unravel_index(flat, sizes), dim=1) + torch.tensor(lo)  # (k, dims) in view 1
+        c1 = tuple(coords.T.to(f1.device))
+        c2 = tuple((coords + torch.tensor(d)).T.to(f1.device))
+        a, p = z1[i][(slice(None),) + c1].T, z2[i][(slice(None),) + c2].T  # (k, C)
+        li = lab[i][c1]
+        drop = (li[:, None] == li[None, :]) & ~torch.eye(k, dtype=torch.bool, device=f1.device)
+        logits = (a @ p.T).float().div(temperature).masked_fill(drop, float("-inf"))
+        target = torch.arange(k, device=f1.device)
+        losses.append((F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2)
+    return torch.stack(losses).mean()
 
 
 class DenseViT(nn.Module):
@@ -81,10 +89,11 @@ class SynthContrastiveModule(PretrainModule):
     needs_pairs = True
 
     def __init__(self, encoder: nn.Module, feature_dim: int = 32, n_samples: int = 256, temperature: float = 0.1,
-                 **optim):
+                 max_shift: int = 8, **optim):
         super().__init__(**optim)
         self.model = DenseViT(encoder, feature_dim)
         self.n_samples, self.temperature = n_samples, temperature
+        self.max_shift = max_shift  # read by the data source: the two renderings are cropped this far apart
 
     @property
     def encoder(self) -> nn.Module:
@@ -98,7 +107,8 @@ class SynthContrastiveModule(PretrainModule):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         x = torch.cat([batch["image"], batch["image2"]])
         f1, f2 = self.model(x).chunk(2)
-        loss = dense_contrastive_loss(f1, f2, batch["mask"], self.n_samples, self.temperature)
+        loss = dense_contrastive_loss(f1, f2, batch["mask"], self.n_samples, self.temperature,
+                                      shift=batch.get("shift"))
         return loss, {}
 
 
