@@ -83,8 +83,21 @@ class DenseViT(nn.Module):
         return self.head(self.decoder(feats))
 
 
-class SynthContrastiveModule(PretrainModule):
-    """Lightning module: batches of synthetic pairs (``image``, ``image2``, ``mask``) from the engine."""
+class _DenseEngineModule(PretrainModule):
+    """Shared by the dense methods on the engine: ``self.model`` is a :class:`DenseViT`; no views
+    (the engine renders the inputs at the encoder's size)."""
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    @staticmethod
+    def make_view(spatial_dims: int, size, **kwargs):
+        return None
+
+
+class SynthContrastiveModule(_DenseEngineModule):
+    """Lightning module: batches of synthetic pairs (``image``, ``image2``, ``mask``, ``shift``) from the engine."""
 
     needs_pairs = True
 
@@ -95,15 +108,6 @@ class SynthContrastiveModule(PretrainModule):
         self.n_samples, self.temperature = n_samples, temperature
         self.max_shift = max_shift  # read by the data source: the two renderings are cropped this far apart
 
-    @property
-    def encoder(self) -> nn.Module:
-        return self.model.encoder
-
-    @staticmethod
-    def make_view(spatial_dims: int, size, **kwargs):
-        """No view: the engine already renders two appearances at the encoder's size."""
-        return None
-
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         x = torch.cat([batch["image"], batch["image2"]])
         f1, f2 = self.model(x).chunk(2)
@@ -112,7 +116,7 @@ class SynthContrastiveModule(PretrainModule):
         return loss, {}
 
 
-class SynthSegModule(PretrainModule):
+class SynthSegModule(_DenseEngineModule):
     """Supervised segmentation pretraining on the engine's label maps (SynthSeg-style): the dense ViT
     predicts the label map of each synthetic image, MONAI's Dice + cross-entropy loss.
 
@@ -129,14 +133,6 @@ class SynthSegModule(PretrainModule):
         self.model = DenseViT(encoder, feature_dim=n_labels)
         self.criterion = DiceCELoss(to_onehot_y=True, softmax=True)
         self.n_labels = n_labels
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.model.encoder
-
-    @staticmethod
-    def make_view(spatial_dims: int, size, **kwargs):
-        return None
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = self.model(batch["image"])
