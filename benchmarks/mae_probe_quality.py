@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from medfm.data import NpzDataset, radiograph_2d
 from medfm.encoders import create_encoder

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from medfm.data import load, samples
+from medfm.data.volume import plain_tensor
 from medfm.evaluate.probe import logistic_probe
 from medfm.pretrain.recipe import build_encoder, load_recipe, run_pretrain
 from medfm.pretrain.synth_contrastive import DenseViT
@@ -75,7 +76,7 @@ def dense_features(net: DenseViT, t1: torch.Tensor, roi: int = 32) -> torch.Tens
     net.eval()
     out = sliding_window_inference(t1[None], roi_size=(roi,) * 3, sw_batch_size=8, predictor=net, overlap=0.5,
                                    mode="gaussian")
-    return torch.as_tensor(out)[0].as_subclass(torch.Tensor)
+    return plain_tensor(out)[0]
 
 
 def main() -> None:

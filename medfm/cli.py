@@ -85,24 +85,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def find_recipe(name: str, kind: str = "encoders"):
-    """A recipe path, or a bare name (``mae_vit_2d``) looked up in the recipe folders."""
-    from pathlib import Path
-
-    from medfm.recipes import list_recipes
-
-    if Path(name).exists():
-        return Path(name)
-    stem = Path(name).name.removesuffix(".yaml")
-    for p in list_recipes()[kind]:
-        if p.stem == stem:
-            return p
-    known = ", ".join(p.stem for p in list_recipes()[kind]) or "(none found)"
-    raise FileNotFoundError(f"{name}: no such recipe file or name; {kind} recipes: {known}")
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from medfm.pretrain import load_recipe, run_pretrain
+    from medfm.recipes import find_recipe
 
     overrides = list(args.set or []) + list(args.overrides or [])
     if args.max_steps is not None:

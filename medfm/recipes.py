@@ -27,3 +27,16 @@ def list_recipes() -> dict[str, list[Path]]:
             for p in sorted((root / kind).glob("*.yaml")):
                 found[kind].setdefault(p.name, p)
     return {kind: list(v.values()) for kind, v in found.items()}
+
+
+def find_recipe(name: str, kind: str = "encoders") -> Path:
+    """A recipe path, or a bare name (``mae_vit_2d``) looked up in the recipe folders."""
+    if Path(name).exists():
+        return Path(name)
+    stem = Path(name).name.removesuffix(".yaml")
+    found = list_recipes()[kind]
+    for p in found:
+        if p.stem == stem:
+            return p
+    known = ", ".join(p.stem for p in found) or "(none found)"
+    raise FileNotFoundError(f"{name}: no such recipe file or name; {kind} recipes: {known}")

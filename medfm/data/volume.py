@@ -12,6 +12,12 @@ from monai.data import MetaTensor
 from .errors import DataError
 
 
+def plain_tensor(x) -> torch.Tensor:
+    """``x`` as a plain ``torch.Tensor``: MONAI transforms return MetaTensors, which batch, pickle and
+    optimise slower and drag their metadata into every result."""
+    return torch.as_tensor(x).as_subclass(torch.Tensor)
+
+
 def describe_affine(affine: np.ndarray, spatial_dims: int) -> tuple[tuple[float, ...], str | None]:
     """Voxel spacing (norm of each axis column) and, for 3D, orientation codes such as ``"RAS"``."""
     affine = np.asarray(affine, dtype=np.float64)

@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics.functional.classification as tmc
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from medfm.data.volume import plain_tensor
 
 
 @torch.no_grad()
@@ -43,8 +45,7 @@ def logistic_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Te
     ``balanced_accuracy`` and the ``val_scores`` (N, K) probabilities.
     """
     # plain tensors: MONAI MetaTensor features would drag their metadata through L-BFGS
-    train_x, val_x, train_y, val_y = (torch.as_tensor(t).as_subclass(torch.Tensor).detach()
-                                      for t in (train_x, val_x, train_y, val_y))
+    train_x, val_x, train_y, val_y = (plain_tensor(t).detach() for t in (train_x, val_x, train_y, val_y))
     num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     xt, xv = (train_x - mean) / std, (val_x - mean) / std

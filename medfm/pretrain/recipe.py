@@ -37,7 +37,7 @@ from medfm.data.transforms import PRESETS
 from .callbacks import FinishRun, OnlineProbe, RngState
 from .dino import DINOModule
 from .mae import MAEModule
-from .synth_contrastive import SynthContrastiveModule, SynthSegModule
+from .synth_contrastive import MAX_SHIFT, SynthContrastiveModule, SynthSegModule
 from .views import StepSampler, ViewDataset
 
 METHODS = {"mae": MAEModule, "dino": DINOModule, "synth_contrastive": SynthContrastiveModule,
@@ -232,7 +232,7 @@ class _SynthSource:
         self.config, self.seed, self.pairs, self.masks, self.max_shift = config, seed, pairs, masks, max_shift
 
     def __call__(self, position: int):
-        from medfm.synthetic import synth_pair, synth_sample
+        from medfm.synthetic import synth_sample
 
         if self.pairs:
             return self._pair(position)
@@ -284,7 +284,7 @@ def build_data(cfg: dict) -> PretrainData:
         synth = dict(d["synthetic"])
         synth.setdefault("size", enc["img_size"])
         synthetic = _SynthSource(SynthConfig(spatial_dims=enc["spatial_dims"], **synth), cfg["seed"], pairs=pairs,
-                                 masks=masks, max_shift=cfg[cfg["method"]].get("max_shift", 8) if pairs else 0)
+                                 masks=masks, max_shift=cfg[cfg["method"]].get("max_shift", MAX_SHIFT) if pairs else 0)
     mix = {"real": 0.0, "synthetic": 1.0, "mixed": d["mix"]}[regime]
     return PretrainData(dataset, build_view(cfg), d["batch_size"], d["num_workers"], seed=cfg["seed"],
                         synthetic=synthetic, mix=mix)

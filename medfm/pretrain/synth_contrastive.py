@@ -26,6 +26,8 @@ from monai.networks.blocks import UnetrPrUpBlock
 
 from .base import PretrainModule
 
+MAX_SHIFT = 8  # voxels: how far apart the two renderings of a pair are cropped (default)
+
 
 def dense_contrastive_loss(f1: torch.Tensor, f2: torch.Tensor, label: torch.Tensor, n_samples: int = 256,
                            temperature: float = 0.1, shift: torch.Tensor | None = None,
@@ -102,7 +104,7 @@ class SynthContrastiveModule(_DenseEngineModule):
     needs_pairs = True
 
     def __init__(self, encoder: nn.Module, feature_dim: int = 32, n_samples: int = 256, temperature: float = 0.1,
-                 max_shift: int = 8, **optim):
+                 max_shift: int = MAX_SHIFT, **optim):
         super().__init__(**optim)
         self.model = DenseViT(encoder, feature_dim)
         self.n_samples, self.temperature = n_samples, temperature

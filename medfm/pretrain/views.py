@@ -31,6 +31,8 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset, Sampler
 
+from medfm.data.volume import plain_tensor
+
 
 def _tuple(size: int | Sequence[int], n: int) -> tuple[int, ...]:
     return (int(size),) * n if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
@@ -109,11 +111,6 @@ def position_seed(seed: int, position: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(position)]).generate_state(1)[0])
 
 
-def _plain(x) -> torch.Tensor:
-    """A plain tensor (MONAI transforms return MetaTensors, which batch and pickle slower)."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-
-
 class ViewDataset(Dataset):
     """Wraps a sample dataset: item ``(index, position)`` -> the random view(s) of that sample.
 
@@ -155,12 +152,12 @@ class ViewDataset(Dataset):
         index, position = key
         sample = self._source(index, position)
         if self.view is None:  # the source already made what the method needs (e.g. synthetic pairs)
-            return {k: _plain(v) for k, v in sample.items() if k != "meta"}
+            return {k: plain_tensor(v) for k, v in sample.items() if k != "meta"}
         image = torch.as_tensor(sample["image"])
         self.view.set_random_state(seed=position_seed(self.seed, position))
         views = self.view(image)
         out = dict(views) if isinstance(views, dict) else {"image": views}
-        out = {k: ([_plain(x) for x in v] if isinstance(v, list) else _plain(v)) for k, v in out.items()}
+        out = {k: ([plain_tensor(x) for x in v] if isinstance(v, list) else plain_tensor(v)) for k, v in out.items()}
         if "label" in sample:
             out["label"] = sample["label"]
         return out

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from medfm.data.volume import plain_tensor
+
 from .appearance import render
 from .labels import random_label_map
 
@@ -51,17 +53,13 @@ def _label(config: SynthConfig, seed: int, index: int) -> tuple[torch.Tensor, st
                             templates=config.templates, deform=config.deform)
 
 
-def _plain(x) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-
-
 def synth_sample(config: SynthConfig, seed: int = 0, index: int = 0) -> dict:
     """``{"image": (1, *shape) in [0, 1], "mask": (1, *shape) int64 label map, "meta": {...}}``."""
     label, kind = _label(config, seed, index)
     image, params = render(label, config.n_labels, _rng(seed, index, 1), config.ranges)
     meta = {"seed": int(seed), "index": int(index), "label_kind": kind, "n_labels": config.n_labels,
             "spatial_dims": config.spatial_dims, "appearance": params}
-    return {"image": _plain(image), "mask": label[None], "meta": meta}
+    return {"image": plain_tensor(image), "mask": label[None], "meta": meta}
 
 
 def synth_pair(config: SynthConfig, seed: int = 0, index: int = 0) -> dict:
@@ -71,7 +69,7 @@ def synth_pair(config: SynthConfig, seed: int = 0, index: int = 0) -> dict:
     b, pb = render(label, config.n_labels, _rng(seed, index, 2), config.ranges)
     meta = {"seed": int(seed), "index": int(index), "label_kind": kind, "n_labels": config.n_labels,
             "spatial_dims": config.spatial_dims, "appearance": pa, "appearance2": pb}
-    return {"image": _plain(a), "image2": _plain(b), "mask": label[None], "meta": meta}
+    return {"image": plain_tensor(a), "image2": plain_tensor(b), "mask": label[None], "meta": meta}
 
 
 class SyntheticDataset(IterableDataset):
