@@ -175,3 +175,6 @@ def test_npz_missing_split(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(DataError, match=r"bad\.npz: cannot read as \.npz"):
         read_npz(tmp_path / "bad.npz")
+    np.savez(tmp_path / "empty.npz", train_images=np.zeros((0, 28, 28), np.uint8), train_labels=np.zeros((0, 1)))
+    with pytest.raises(DataError, match=r"empty\.npz: split 'train' is empty"):
+        NpzDataset(tmp_path / "empty.npz")

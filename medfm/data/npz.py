@@ -46,6 +46,8 @@ def read_npz(
             labels = z[f"{split}_labels"] if f"{split}_labels" in z.files else None
     except Exception as e:
         raise DataError(f"{path}: cannot read split {split!r} ({type(e).__name__}: {e})") from e
+    if len(images) == 0:
+        raise DataError(f"{path}: split {split!r} is empty (0 images)")
     if images.ndim == 3:
         dims, images = 2, images[:, None]
     elif images.ndim == 4 and images.shape[-1] == 3 and spatial_dims != 3:
