@@ -19,9 +19,7 @@ silently. ``run_pretrain`` writes into the run folder:
 
 from __future__ import annotations
 
-import copy
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +32,10 @@ from torch.utils.data import DataLoader, Subset
 from medfm.data import DataError, open_dataset
 from medfm.data.transforms import PRESETS
 
-from .callbacks import FinishRun, OnlineProbe, RngState
+from medfm.config import load_config, merge
+from medfm.training import make_trainer, prepare_run_folder
+
+from .callbacks import FinishRun, OnlineProbe
 from .dino import DINOModule
 from .mae import MAEModule
 from .synth_contrastive import MAX_SHIFT, SynthContrastiveModule, SynthSegModule
@@ -92,65 +93,9 @@ FREE_FORM = {"encoder", "mae", "dino", "synth_contrastive", "synth_seg", "view",
 
 
 # --------------------------------------------------------------------- recipe
-class _Loader(yaml.SafeLoader):
-    """Safe YAML that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?\d+\.\d*$|^[-+]?\.\d+$"
-               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
-
-
-def _merge(base: dict, extra: dict, prefix: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        name = f"{prefix}{key}"
-        if key not in out and prefix.rstrip(".") not in FREE_FORM:
-            known = ", ".join(sorted(out)) if out else "(none)"
-            raise KeyError(f"unknown recipe key {name!r}; known keys here: {known}")
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and name not in FREE_FORM:
-            out[key] = _merge(out[key], value, f"{name}.")
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = value
-    return out
-
-
-def parse_overrides(items: Sequence[str]) -> dict:
-    """``["trainer.max_steps=10", "mae.mask_ratio=0.6"]`` -> nested dict (values parsed as YAML)."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. trainer.max_steps=100)")
-        key, raw = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _yaml(raw)
-    return out
-
-
 def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = ()) -> dict:
     """The recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
-    cfg = copy.deepcopy(DEFAULTS)
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"{path}: no such recipe")
-        raw = _yaml(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
-        cfg = _merge(cfg, raw)
-    cfg = _merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    cfg = load_config(DEFAULTS, FREE_FORM, path, overrides)
     if cfg["method"] not in METHODS:
         raise ValueError(f"unknown method {cfg['method']!r}; available: {', '.join(METHODS)}")
     if cfg["data"]["regime"] not in ("real", "synthetic", "mixed"):
@@ -328,50 +273,8 @@ def build_probe(cfg: dict) -> OnlineProbe | None:
 
 
 def build_trainer(cfg: dict, out: Path, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-
-    t = dict(cfg["trainer"])
-    precision = t.pop("precision")
-    accelerator = t.pop("accelerator")
-    if precision == "auto":
-        on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        precision = "bf16-mixed" if on_cuda else "32-true"
-    every = t.pop("checkpoint_every_n_steps")
-    ckpt_dir = out / "checkpoints"
-    loggers = [CSVLogger(out, name="logs", version="")]
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-        import tensorboard  # noqa: F401
-
-        loggers.append(TensorBoardLogger(out, name="logs", version=""))
-    except ImportError:
-        pass
-    return L.Trainer(
-        accelerator=accelerator,
-        precision=precision,
-        default_root_dir=out,
-        logger=loggers,
-        callbacks=[
-            ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_last=True, save_top_k=1),
-            RngState(),
-            *callbacks,
-            FinishRun(out, figure_samples=4 if cfg["method"] == "mae" else 0),
-        ],
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        enable_model_summary=False,
-        **t,
-    )
-
-
-def _keep_logs(logs: Path) -> None:
-    """Lightning's CSV logger deletes an existing metrics.csv; a resumed run keeps it as metrics-partN.csv."""
-    current = logs / "metrics.csv"
-    if current.exists():
-        n = len(list(logs.glob("metrics-part*.csv"))) + 1
-        current.rename(logs / f"metrics-part{n}.csv")
+    finish = FinishRun(out, figure_samples=4 if cfg["method"] == "mae" else 0)
+    return make_trainer(cfg["trainer"], out, [*callbacks, finish])
 
 
 def run_pretrain(cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
@@ -383,16 +286,9 @@ def run_pretrain(cfg: dict, out: str | os.PathLike, data_path: str | None = None
     run would have.
     """
     out = Path(out)
-    ckpt = out / "checkpoints" / "last.ckpt"
-    if resume and not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: nothing to resume (no checkpoint in the run folder)")
-    if not resume and ckpt.exists():
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        _keep_logs(out / "logs")
+    ckpt = prepare_run_folder(out, resume)
     if data_path:
-        cfg = _merge(cfg, {"data": {"path": str(data_path)}})
+        cfg = merge(cfg, {"data": {"path": str(data_path)}}, FREE_FORM)
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     data = build_data(cfg)
     probe = build_probe(cfg)
@@ -401,5 +297,5 @@ def run_pretrain(cfg: dict, out: str | os.PathLike, data_path: str | None = None
     if trainer.is_global_zero:
         with open(out / "recipe.yaml", "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if resume else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
     return out
