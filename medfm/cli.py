@@ -1,4 +1,4 @@
-"""``medfm`` command line: ``info``, ``encode``, ``pretrain``, ``synth`` (more arrive with their modules)."""
+"""``medfm`` command line: ``info``, ``encode``, ``pretrain``, ``finetune``, ``evaluate``, ``synth``."""
 
 from __future__ import annotations
 
@@ -101,6 +101,57 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encoder_weights(path: str) -> str:
+    """A pretraining run folder means its ``encoder/``; anything else is passed on as is."""
+    from pathlib import Path
+
+    p = Path(path)
+    return str(p / "encoder") if (p / "encoder" / "config.json").exists() else path
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from medfm.finetune.recipe import load_task_recipe, run_finetune
+    from medfm.recipes import find_recipe
+
+    overrides = list(args.set or []) + list(args.overrides or [])
+    for flag, key in ((args.max_steps, "trainer.max_steps"), (args.method, "method"), (args.shots, "shots")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    if args.encoder is not None:
+        overrides.append(f"encoder.pretrained={_encoder_weights(args.encoder)}")
+    cfg = load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides)
+    out = run_finetune(cfg, args.out, data_path=args.data, resume=args.resume)
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
+        _print_metrics(out / "metrics.json")
+    return 0
+
+
+def _print_metrics(path) -> None:
+    """The headline numbers of a metrics.json as a small table."""
+    import json
+
+    m = json.loads(open(path).read())
+    rows = [(k, v) for k, v in m.items() if isinstance(v, dict) and ("auroc" in v or "mean_dice" in v)]
+    if "trainable_params" in m:
+        print(f"{m['method']}: {m['trainable_params']:,} trainable / {m['total_params']:,} parameters, "
+              f"{m['wall_time_s']} s")
+    for split, v in rows:
+        keys = ("auroc", "accuracy", "balanced_accuracy", "f1") if "auroc" in v else ("mean_dice", "mean_hd95")
+        print(f"  {split:<8} " + "  ".join(f"{k} {v[k]:.4f}" for k in keys if k in v) + f"  (n={v.get('n')})")
+    print(f"metrics: {path}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from medfm.finetune.recipe import evaluate_run
+
+    out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}"
+    evaluate_run(args.run, data_path=args.data, split=args.split, out=out)
+    _print_metrics(out / "metrics.json")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from medfm.synthetic import SynthConfig, export_synthetic
 
@@ -133,6 +184,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable)")
     p.set_defaults(fn=cmd_pretrain, takes_overrides=True)
+    p = sub.add_parser("finetune", help="fine-tune an encoder on a task (classification, segmentation) from tasks/",
+                       epilog="Any recipe key can be overridden: KEY=VALUE, e.g. optim.lr=3e-4 lora.r=4")
+    p.add_argument("recipe", help="recipe file or name, e.g. tasks/classify_2d.yaml or classify_2d")
+    p.add_argument("--encoder", default=None,
+                   help="pretrained encoder: a pretraining run, a save_pretrained folder, a weight file or "
+                        "timm:<name> (default: the recipe's encoder.pretrained; none: random init)")
+    p.add_argument("--data", default=None, help="npz or CSV/JSONL manifest with splits (sets data.path)")
+    p.add_argument("--out", required=True, help="run folder: metrics.json, figures, model, checkpoints")
+    p.add_argument("--method", default=None, help="linear_probe | full | lora | vpt | ssf | bitfit (sets method)")
+    p.add_argument("--shots", type=int, default=None, help="few-shot: K training examples per class")
+    p.add_argument("--max-steps", type=int, default=None, help="sets trainer.max_steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable)")
+    p.set_defaults(fn=cmd_finetune, takes_overrides=True)
+    p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a held-out split")
+    p.add_argument("--run", required=True, help="a `medfm finetune` run folder")
+    p.add_argument("--data", default=None, help="npz or manifest (default: the run's data)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--out", default=None, help="folder for metrics.json and figures (default: RUN/eval_SPLIT)")
+    p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser("synth", help="write a synthetic set (random label maps + random appearance) as NIfTI")
     p.add_argument("--dims", type=int, choices=(2, 3), default=3)
     p.add_argument("--size", type=int, default=96, help="side length in voxels (default 96)")

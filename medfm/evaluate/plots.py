@@ -1,0 +1,105 @@
+"""Result figures as PNG: ROC curves, confusion matrices, segmentation overlays (mid-slice for volumes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_png(scores: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], path: str | Path,
+            multi_label: bool = False, title: str = "") -> Path:
+    """ROC curve per class (binary: the positive class; otherwise one-vs-rest), AUROC in the legend."""
+    import torchmetrics.functional.classification as tmc
+
+    plt = _plt()
+    k = scores.shape[1]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    columns = [1] if (k == 2 and not multi_label) else range(k)
+    for c in columns:
+        y = (target[:, c] if multi_label else (target == c)).long()
+        if y.min() == y.max():
+            continue
+        fpr, tpr, _ = tmc.binary_roc(scores[:, c].float(), y)
+        auc = float(tmc.binary_auroc(scores[:, c].float(), y))
+        ax.plot(fpr.numpy(), tpr.numpy(), label=f"{class_names[c]} (AUROC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def confusion_png(pred: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], path: str | Path,
+                  title: str = "") -> Path:
+    """Confusion matrix (rows: true class, columns: predicted), counts in the cells."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    plt = _plt()
+    k = len(class_names)
+    cm = multiclass_confusion_matrix(pred.long(), target.long(), num_classes=k).numpy()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1.0 + 0.6 * k))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(k), class_names, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+    return _save(fig, path)
+
+
+def _mid(x: torch.Tensor) -> np.ndarray:
+    """(C, H, W) -> (H, W), first channel, as stored; (C, X, Y, Z) RAS volume -> the middle axial slice,
+    transposed so that it shows with ``origin='lower'`` (anterior up)."""
+    x = torch.as_tensor(x)[0]
+    if x.ndim == 3:
+        x = x[..., x.shape[-1] // 2].T
+    return x.float().cpu().numpy()
+
+
+def overlay_png(images: Sequence[torch.Tensor], preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] | None,
+                path: str | Path, num_classes: int, title: str = "") -> Path:
+    """One row per sample: image, prediction overlay, ground-truth overlay (mid-slice for volumes)."""
+    plt = _plt()
+    n = len(images)
+    cols = 3 if targets is not None else 2
+    fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols, 2.4 * n), squeeze=False)
+    cmap = plt.get_cmap("tab10", max(num_classes, 2))
+    for i in range(n):
+        img = _mid(images[i])
+        origin = "lower" if torch.as_tensor(images[i]).ndim == 4 else "upper"
+        panels = [("image", None), ("prediction", preds[i])] + ([("ground truth", targets[i])] if targets is not None else [])
+        for j, (name, lab) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(img, cmap="gray", origin=origin)
+            if lab is not None:
+                m = _mid(lab)
+                ax.imshow(np.ma.masked_where(m == 0, m), cmap=cmap, vmin=0, vmax=max(num_classes - 1, 1),
+                          alpha=0.5, origin=origin, interpolation="nearest")
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    plt = _plt()
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,199 @@
+"""Segmentation: a UNETR-style decoder for ViTs, a U-Net-style decoder for CNNs, 2D and 3D from one code path.
+
+The encoder's ``forward_intermediates`` gives feature maps; each becomes the
+skip connection of one decoder level (stride 1 from the image itself, then
+strides 2, 4, ... up to the encoder's total stride). ViT token maps are brought
+to their level's resolution with MONAI's ``UnetrPrUpBlock`` (transposed
+convolutions, as in UNETR: Hatamizadeh et al., WACV 2022); CNN maps already
+have them and are only projected. Decoding is MONAI's ``UnetrUpBlock``
+(upsample, concatenate the skip, residual convolutions) at every level, then a
+1x1 convolution to class logits. Training uses MONAI's Dice + cross-entropy;
+volumes larger than the training patch are predicted with MONAI's sliding-window
+inference; Dice and HD95 come from MONAI's metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+
+from medfm.training import TrainingModule
+
+from .classification import encoder_and_head_groups
+
+
+def _is_vit(encoder: nn.Module) -> bool:
+    return hasattr(encoder, "patchify_embed")
+
+
+class SegmentationModel(nn.Module):
+    """``encoder`` + decoder: (B, C, *spatial) -> (B, num_classes, *spatial) logits.
+
+    Inputs must be divisible by the encoder's total stride (the ViT patch size, which
+    must be an isotropic power of two; 32 for ResNets).
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int, feature_size: int = 16, norm: str = "instance"):
+        super().__init__()
+        self.encoder = encoder
+        self.num_classes = num_classes
+        dims, fs = encoder.spatial_dims, feature_size
+        if _is_vit(encoder):
+            patch = set(encoder.patch_size)
+            p = next(iter(patch))
+            if len(patch) != 1 or p < 2 or p & (p - 1):
+                raise ValueError(f"the UNETR decoder needs an isotropic power-of-two patch size, got {encoder.patch_size}")
+            k = int(math.log2(p))
+            depth = len(encoder.blocks)
+            # one block per level, evenly spaced, the last block at the bottom (UNETR: 3, 6, 9, 12 of 12)
+            self.indices = [max(0, round(depth * j / k) - 1) for j in range(1, k + 1)]
+            if len(set(self.indices)) < k:
+                raise ValueError(f"a patch size of {p} needs {k} decoder levels, hence at least {k} blocks; "
+                                 f"the encoder has {depth}")
+            bottom = encoder.embed_dim
+            self.skips = nn.ModuleList([
+                UnetrPrUpBlock(dims, encoder.embed_dim, fs * 2**j, num_layer=k - j - 1, kernel_size=3, stride=1,
+                               upsample_kernel_size=2, norm_name=norm)
+                for j in range(1, k)
+            ])
+        else:
+            was = encoder.training
+            with torch.no_grad():  # a dry run in eval mode (no BatchNorm statistics touched) gives the widths
+                probe = torch.zeros(1, encoder.in_chans, *([32] * dims))
+                channels = [m.shape[1] for m in encoder.eval().forward_intermediates(probe)]
+            encoder.train(was)
+            k = len(channels)  # strides 2 .. 2^k
+            self.indices = list(range(k))
+            bottom = channels[-1]
+            self.skips = nn.ModuleList([
+                UnetrBasicBlock(dims, channels[j - 1], fs * 2**j, kernel_size=1, stride=1, norm_name=norm)
+                for j in range(1, k)
+            ])
+        self.levels = k
+        self.stem = UnetrBasicBlock(dims, encoder.in_chans, fs, kernel_size=3, stride=1, norm_name=norm, res_block=True)
+        ups, ch = [], bottom
+        for j in reversed(range(k)):
+            ups.append(UnetrUpBlock(dims, ch, fs * 2**j, kernel_size=3, upsample_kernel_size=2, norm_name=norm,
+                                    res_block=True))
+            ch = fs * 2**j
+        self.ups = nn.ModuleList(ups)
+        self.out = UnetOutBlock(dims, fs, num_classes)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if _is_vit(self.encoder):
+            return self.encoder.forward_intermediates(x, indices=self.indices, norm=True)
+        return self.encoder.forward_intermediates(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.encode(x)
+        skips = [self.stem(x)] + [blk(f) for blk, f in zip(self.skips, feats[:-1])]
+        h = feats[-1]
+        for up, skip in zip(self.ups, reversed(skips)):
+            h = up(h, skip)
+        return self.out(h)
+
+    @property
+    def stride(self) -> int:
+        return 2**self.levels
+
+
+def check_mask(mask: torch.Tensor, num_classes: int, where: str = "mask") -> None:
+    """A clear error for a mask holding labels outside ``0 .. num_classes-1``."""
+    bad = torch.unique(mask[(mask < 0) | (mask >= num_classes) | (mask != mask.round())])
+    if len(bad):
+        from medfm.data import DataError
+
+        raise DataError(f"{where}: label value(s) {bad[:5].tolist()} outside the recipe's classes "
+                        f"0..{num_classes - 1} (set segmentation.num_classes, or check the mask file)")
+
+
+class SegmentationTask(TrainingModule):
+    """Lightning module: a :class:`SegmentationModel` trained with MONAI's Dice + cross-entropy on
+    ``image`` / ``mask`` batches (random patches)."""
+
+    def __init__(self, model: SegmentationModel, layer_decay: float | None = None, frozen_encoder: bool = False,
+                 **optim):
+        from monai.losses import DiceCELoss
+
+        super().__init__(**optim)
+        self.model = model
+        self.layer_decay, self.frozen_encoder = layer_decay, frozen_encoder
+        self.criterion = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_encoder:  # a frozen encoder keeps its normalisation statistics
+            self.model.encoder.eval()
+        return self
+
+    def param_groups(self) -> list[dict]:
+        return encoder_and_head_groups(self, self.layer_decay)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        mask = batch["mask"]
+        check_mask(mask, self.model.num_classes, "training batch")
+        logits = self.model(batch["image"])
+        return self.criterion(logits.float(), mask), {}
+
+
+@torch.no_grad()
+def predict(model: SegmentationModel, image: torch.Tensor, roi_size: Sequence[int], overlap: float = 0.25,
+            sw_batch_size: int = 4) -> torch.Tensor:
+    """Class probabilities (B, K, *spatial) for images of any size: MONAI sliding-window inference over
+    ``roi_size`` windows (Gaussian-blended), padded where the image is smaller than a window."""
+    from monai.inferers import sliding_window_inference
+
+    was = model.training
+    model.eval()
+    try:
+        logits = sliding_window_inference(image, roi_size, sw_batch_size, model, overlap=overlap, mode="gaussian")
+    finally:
+        model.train(was)
+    return torch.as_tensor(logits).float().softmax(1)
+
+
+def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                         class_names: Sequence[str] | None = None, spacing: Sequence[float] | None = None,
+                         hd95: bool = True) -> dict:
+    """Dice and HD95 (in ``spacing`` units, voxels if None) per foreground class and their mean.
+
+    ``pred``, ``target``: (B, 1, *spatial) label maps. A class absent from both gets no Dice (NaN, left out
+    of the mean); HD95 is NaN where either side is empty.
+    """
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+    from monai.networks.utils import one_hot
+
+    names = list(class_names or [str(i) for i in range(num_classes)])
+    p, t = one_hot(pred.long(), num_classes), one_hot(target.long(), num_classes)
+    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, t).nanmean(0)
+    out: dict = {"dice": {n: float(v) for n, v in zip(names[1:], dice)}, "mean_dice": float(dice.nanmean())}
+    if hd95:
+        hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
+        kw = {"spacing": list(spacing)} if spacing is not None else {}
+        with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal argument
+            warnings.simplefilter("ignore", FutureWarning)
+            d = hd(p, t, **kw).nanmean(0)
+        out["hd95"] = {n: float(v) for n, v in zip(names[1:], d)}
+        out["mean_hd95"] = float(d.nanmean())
+    return out
+
+
+def save_prediction_nifti(labels: torch.Tensor, affine, path: str | Path) -> Path:
+    """A (1, *spatial) 3D label map as NIfTI (uint8) with the affine of the image it was predicted from."""
+    import nibabel as nib
+
+    path = Path(path)
+    arr = labels[0].cpu().numpy().astype(np.uint8)
+    nib.save(nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64)), str(path))
+    return path
