@@ -57,6 +57,7 @@ DEFAULTS: dict = {
         "num_classes": None,  # null: from the training labels
         "class_weights": "auto",  # auto (inverse frequency) | none
         "dropout": 0.0,
+        "head_norm": True,  # standardise features (BatchNorm, no affine) before the linear head
     },
     "segmentation": {
         "num_classes": 2,  # including background (label 0)
@@ -218,7 +219,8 @@ def build_task_model(cfg: dict, pretrained: bool = True) -> torch.nn.Module:
     encoder = create_encoder(name, **kw)
     encoder = adapt_encoder(encoder, cfg["method"], lora=cfg["lora"], vpt=cfg["vpt"])
     if cfg["task"] == "classification":
-        return ClassificationModel(encoder, _num_classes(cfg), cfg["classification"]["dropout"])
+        return ClassificationModel(encoder, _num_classes(cfg), cfg["classification"]["dropout"],
+                                   standardize=cfg["classification"]["head_norm"])
     s = cfg["segmentation"]
     return SegmentationModel(encoder, s["num_classes"], s["feature_size"])
 

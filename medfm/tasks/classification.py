@@ -21,16 +21,21 @@ from medfm.training import TrainingModule
 
 
 class ClassificationModel(nn.Module):
-    """``encoder`` -> pooled embedding -> dropout -> linear head (``num_classes`` logits)."""
+    """``encoder`` -> pooled embedding -> [feature standardisation] -> dropout -> linear head.
 
-    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.0):
+    ``standardize`` puts a BatchNorm without affine parameters before the linear layer,
+    as MAE's linear probe does: frozen features have arbitrary scales per channel.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.0, standardize: bool = False):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (binary tasks use 2), got {num_classes}")
         self.encoder = encoder
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(encoder.embed_dim, num_classes))
-        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
-        nn.init.zeros_(self.head[1].bias)
+        norm = nn.BatchNorm1d(encoder.embed_dim, affine=False) if standardize else nn.Identity()
+        self.head = nn.Sequential(norm, nn.Dropout(dropout), nn.Linear(encoder.embed_dim, num_classes))
+        nn.init.trunc_normal_(self.head[-1].weight, std=0.01)
+        nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))

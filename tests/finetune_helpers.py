@@ -1,0 +1,109 @@
+"""Tiny task recipes and real labelled data (MNI152 tissue maps) for the fine-tuning tests."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medfm.data import samples
+from medfm.finetune.recipe import load_task_recipe
+
+from .conftest import REPO
+
+TINY = {
+    "encoder": {"name": "vit_micro", "img_size": 32, "patch_size": 4},
+    "data": {"batch_size": 16, "num_workers": 0},
+    "optim": {"lr": 3e-3, "warmup_steps": 0},
+    "trainer": {"max_steps": 30, "log_every_n_steps": 1, "enable_progress_bar": False, "checkpoint_every_n_steps": 10},
+}
+
+
+def tiny_task(name: str, **sections) -> dict:
+    """A recipe of tasks/ shrunk to CI size (32 px / 32^3 inputs, width-48 ViT with 4-voxel patches)."""
+    over = {k: dict(v) for k, v in TINY.items()}
+    if "_3d" in name:
+        over["data"].update(batch_size=2, preset_args={"spacing": 4.0})
+    if name.startswith("segment"):
+        over["segmentation"] = {"num_classes": 3, "class_names": ["background", "grey matter", "white matter"],
+                                "feature_size": 8}
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            over.setdefault(k, {}).update(v)
+        else:
+            over[k] = v
+    return load_task_recipe(REPO / "tasks" / f"{name}.yaml", over)
+
+
+def tissue_labels() -> tuple[np.ndarray, np.ndarray]:
+    """The MNI152 T1 brain and its tissue label map: 1 grey matter, 2 white matter (probability > 0.5)."""
+    t1 = nib.load(samples.mni152("t1"))
+    gm = np.asarray(nib.load(samples.mni152("gm")).dataobj) > 0.5
+    wm = np.asarray(nib.load(samples.mni152("wm")).dataobj) > 0.5
+    lab = np.zeros(t1.shape, np.uint8)
+    lab[gm] = 1
+    lab[wm] = 2
+    return t1, lab
+
+
+def mni_hemispheres(tmp: Path) -> Path:
+    """A segmentation manifest: the left hemisphere (train) and the right one (val) of the MNI152 brain,
+    T1 image + tissue labels as NIfTI, each half keeping its world affine."""
+    t1, lab = tissue_labels()
+    mid = _midline(t1)
+    d = tmp / "mni_hemi"
+    d.mkdir(exist_ok=True)
+    labimg = nib.Nifti1Image(lab, t1.affine)
+    rows = []
+    for side, sl, split in (("left", slice(0, mid), "train"), ("right", slice(mid, None), "val")):
+        nib.save(t1.slicer[sl], d / f"{side}_t1.nii.gz")
+        nib.save(labimg.slicer[sl], d / f"{side}_tissue.nii.gz")
+        rows.append({"image": f"{side}_t1.nii.gz", "mask": f"{side}_tissue.nii.gz", "split": split, "side": side})
+    return _write(d / "manifest.csv", rows)
+
+
+def _midline(img) -> int:
+    """Voxel index along the first axis where the world x coordinate crosses 0 (the brain's midline)."""
+    return int(round(float(np.linalg.solve(img.affine, [0.0, 0.0, 0.0, 1.0])[0])))
+
+
+def mni_slices(tmp: Path, n: int = 12) -> Path:
+    """A 2D segmentation manifest: axial MNI152 slices (PNG) and their tissue labels (PNG), 3/4 train, 1/4 val."""
+    from PIL import Image
+
+    t1, lab = tissue_labels()
+    vol = np.asarray(t1.dataobj, dtype=np.float32)
+    d = tmp / "mni_slices"
+    d.mkdir(exist_ok=True)
+    rows = []
+    for i, z in enumerate(np.linspace(50, 130, n).astype(int)):
+        sl = vol[:, :, z]
+        Image.fromarray((255 * sl / sl.max()).astype(np.uint8)).save(d / f"t1_{z}.png")
+        Image.fromarray(lab[:, :, z]).save(d / f"tissue_{z}.png")
+        rows.append({"image": f"t1_{z}.png", "mask": f"tissue_{z}.png", "split": "val" if i % 4 == 3 else "train"})
+    return _write(d / "manifest.csv", rows)
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def mni_map_classes(tmp: Path) -> Path:
+    """A 3D classification manifest: which MNI152 map a volume is (T1, grey- or white-matter probability);
+    left hemispheres train, right hemispheres validate."""
+    d = tmp / "mni_maps"
+    d.mkdir(exist_ok=True)
+    rows = []
+    for kind in ("t1", "gm", "wm"):
+        img = nib.load(samples.mni152(kind))
+        mid = _midline(img)
+        for side, sl, split in (("left", slice(0, mid), "train"), ("right", slice(mid, None), "val")):
+            nib.save(img.slicer[sl], d / f"{side}_{kind}.nii.gz")
+            rows.append({"image": f"{side}_{kind}.nii.gz", "split": split, "map": kind})
+    return _write(d / "manifest.csv", rows)
