@@ -25,7 +25,7 @@ def _trainable(m: nn.Module) -> dict[str, int]:
 
 def _expected(method: str, vit: nn.Module) -> tuple[callable, int]:
     """(name predicate, parameter count) each method must train in the encoder, computed from the architecture."""
-    d, depth = vit.embed_dim, len(vit.blocks)
+    d = vit.embed_dim
     linears = {n: m for n, m in vit.named_modules() if isinstance(m, nn.Linear)}
     if method == "full":
         return (lambda n: True), sum(p.numel() for p in vit.parameters())

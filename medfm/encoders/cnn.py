@@ -16,6 +16,7 @@ from timm.models import checkpoint_seq
 
 from .hub import HubMixin
 from .registry import register_class, register_encoder
+from .vit import select_indices
 
 
 @register_class
@@ -83,9 +84,7 @@ class ResNetEncoder(nn.Module, HubMixin):
         """
         self._check_input(x)
         n = 5
-        take = list(range(n)) if indices is None else (
-            list(range(n - indices, n)) if isinstance(indices, int) else [i % n for i in indices]
-        )
+        take = select_indices(indices, n)
         x = self._stem(x)
         maps = [x]
         x = self.net.maxpool(x)

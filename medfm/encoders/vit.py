@@ -64,6 +64,16 @@ def resample_grid_embed(pos: torch.Tensor, old_grid: Sequence[int], new_grid: Se
     return grid.movedim(1, -1).reshape(1, -1, d).to(pos.dtype)
 
 
+def select_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
+    """timm's ``indices`` convention over ``n`` layers: None = all, int k = the last k, a list (negative
+    counts from the end)."""
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        return list(range(n - indices, n))
+    return [i % n for i in indices]
+
+
 @register_class
 class ViT(nn.Module, HubMixin):
     """Vision Transformer over 2D (C, H, W) or 3D (C, D, H, W) inputs.
@@ -241,13 +251,7 @@ class ViT(nn.Module, HubMixin):
         ``indices``: ``None`` for every block, an int ``n`` for the last ``n`` blocks,
         or a list of block indices (negative counts from the end), as in timm.
         """
-        depth = len(self.blocks)
-        if indices is None:
-            take = list(range(depth))
-        elif isinstance(indices, int):
-            take = list(range(depth - indices, depth))
-        else:
-            take = [i % depth for i in indices]
+        take = select_indices(indices, len(self.blocks))
         tokens, grid = self.patchify_embed(x)
         h = self.add_prefix(tokens)
         out = []

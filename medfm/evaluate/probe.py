@@ -20,18 +20,22 @@ from medfm.data.volume import plain_tensor
 
 @torch.no_grad()
 def embed_dataset(encoder: nn.Module, dataset: Dataset, batch_size: int = 64,
-                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled embeddings (N, D) and labels (N,) of a dataset of sample dicts, encoder in eval mode."""
+                  device: torch.device | str | None = None, progress: str | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled embeddings (N, D) and labels (N,) or (N, K) of a dataset of sample dicts, encoder in eval
+    mode; ``progress`` names a progress bar (None: no bar)."""
+    from tqdm.auto import tqdm
+
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     try:
-        for i in range(0, len(dataset), batch_size):
+        for i in tqdm(range(0, len(dataset), batch_size), desc=progress, leave=False, disable=progress is None):
             items = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
             x = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)
             feats.append(encoder(x).float().cpu())
-            labels.append(torch.as_tensor([int(s["label"]) for s in items]))
+            labels.append(torch.stack([torch.as_tensor(s["label"]) for s in items]))
     finally:
         encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)

@@ -243,26 +243,10 @@ def _class_names(cfg: dict, ds) -> list[str]:
     return [str(c) for c in names] if names else [str(i) for i in range(cfg["classification"]["num_classes"])]
 
 
-@torch.no_grad()
-def _embed(encoder, ds, batch_size: int = 64, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features and labels of a dataset, encoder in eval mode (frozen-encoder probes)."""
-    from tqdm.auto import tqdm
-
-    device = next(encoder.parameters()).device
-    feats, labels = [], []
-    was = encoder.training
-    encoder.eval()
-    for i in tqdm(range(0, len(ds), batch_size), desc=desc, leave=False):
-        items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
-        feats.append(encoder(torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)).float().cpu())
-        labels.append(torch.stack([torch.as_tensor(s["label"]) for s in items]))
-    encoder.train(was)
-    return torch.cat(feats), torch.cat(labels)
-
-
 def run_finetune(cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
                  callbacks: Sequence[L.Callback] = ()) -> Path:
     """Fine-tune the recipe's encoder on its task; evaluate; export. Returns the run folder."""
+    from medfm.evaluate.probe import embed_dataset
     from medfm.finetune.fewshot import few_shot_indices
     from medfm.tasks.classification import ClassificationTask, class_weights
     from medfm.tasks.segmentation import SegmentationTask
@@ -303,7 +287,7 @@ def run_finetune(cfg: dict, out: str | os.PathLike, data_path: str | None = None
             plain = open_split(cfg, d["train_split"], train=False)
             if cfg["shots"]:
                 plain = Subset(plain, idx)
-            train = _Features(*_embed(model.encoder, plain, desc="caching features"))
+            train = _Features(*embed_dataset(model.encoder, plain, progress="caching features"))
     else:
         task = SegmentationTask(model, frozen_encoder=cfg["method"] == "linear_probe", **optim)
     data = StepData(train, d["batch_size"], d["num_workers"], cfg["seed"])

@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from medfm.encoders.vit import select_indices
+
 
 class PromptedViT(nn.Module):
     """A medfm ViT with ``num_tokens`` learnable prompts (shallow or ``deep``); the same API as the ViT."""
@@ -77,11 +79,5 @@ class PromptedViT(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False) -> list[torch.Tensor]:
         """As :meth:`medfm.encoders.ViT.forward_intermediates`, with the prompts in the sequence."""
-        depth = len(self.vit.blocks)
-        if indices is None:
-            take = list(range(depth))
-        elif isinstance(indices, int):
-            take = list(range(depth - indices, depth))
-        else:
-            take = [i % depth for i in indices]
+        take = select_indices(indices, len(self.vit.blocks))
         return self._run(x, take, norm)[1]
