@@ -181,8 +181,9 @@ def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: 
     if hd95:
         hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
         kw = {"spacing": list(spacing)} if spacing is not None else {}
-        with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal argument
-            warnings.simplefilter("ignore", FutureWarning)
+        with warnings.catch_warnings():  # MONAI warns about its own internal argument, and about empty
+            warnings.simplefilter("ignore", FutureWarning)  # classes, which come back as NaN (documented)
+            warnings.filterwarnings("ignore", message="the (prediction|ground truth) of class")
             d = hd(p, t, **kw).nanmean(0)
         out["hd95"] = {n: float(v) for n, v in zip(names[1:], d)}
         out["mean_hd95"] = float(d.nanmean())
