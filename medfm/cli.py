@@ -85,18 +85,27 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """``--set`` and trailing ``KEY=VALUE`` overrides, plus ``KEY=value`` for each given flag (``flags``:
+    argument name -> recipe key)."""
+    out = list(args.set or []) + list(args.overrides or [])
+    out += [f"{key}={getattr(args, name)}" for name, key in flags.items() if getattr(args, name) is not None]
+    return out
+
+
+def _rank_zero() -> bool:
+    """True in the first (or only) process: print once, not per DDP process."""
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from medfm.pretrain import load_recipe, run_pretrain
     from medfm.recipes import find_recipe
 
-    overrides = list(args.set or []) + list(args.overrides or [])
-    if args.max_steps is not None:
-        overrides.append(f"trainer.max_steps={args.max_steps}")
-    if args.devices is not None:
-        overrides.append(f"trainer.devices={args.devices}")
+    overrides = _overrides(args, {"max_steps": "trainer.max_steps", "devices": "trainer.devices"})
     cfg = load_recipe(find_recipe(args.recipe), overrides)
     out = run_pretrain(cfg, args.out, data_path=args.data, resume=args.resume)
-    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # once, not per DDP process
+    if _rank_zero():
         print(f"encoder saved to {out / 'encoder'}  (create_encoder(..., pretrained='{out / 'encoder'}'))")
     return 0
 
@@ -113,15 +122,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from medfm.finetune.recipe import load_task_recipe, run_finetune
     from medfm.recipes import find_recipe
 
-    overrides = list(args.set or []) + list(args.overrides or [])
-    for flag, key in ((args.max_steps, "trainer.max_steps"), (args.method, "method"), (args.shots, "shots")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
+    overrides = _overrides(args, {"max_steps": "trainer.max_steps", "method": "method", "shots": "shots"})
     if args.encoder is not None:
         overrides.append(f"encoder.pretrained={_encoder_weights(args.encoder)}")
     cfg = load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides)
     out = run_finetune(cfg, args.out, data_path=args.data, resume=args.resume)
-    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
+    if _rank_zero():
         _print_metrics(out / "metrics.json")
     return 0
 

@@ -18,6 +18,7 @@ from typing import Sequence
 import lightning as L
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
 from timm.optim import param_groups_weight_decay
 from transformers.optimization import get_cosine_schedule_with_warmup
 
@@ -81,6 +82,34 @@ class TrainingModule(L.LightningModule):
                 "(on at least one rank); stopped before the weights were updated. Lower the learning rate, "
                 "check the data for extreme values, or raise warmup_steps; the last good checkpoint is kept."
             )
+
+
+class StepData(L.LightningDataModule):
+    """Endless, step-addressed training batches of a dataset keyed by ``(index, position)``
+    (:class:`medfm.pretrain.views.StepSampler`): every rank sees different samples, and a resumed run
+    continues exactly where the stopped one would have gone. ``n`` is the number of indices (None: an
+    endless source, index = position)."""
+
+    def __init__(self, keyed: Dataset, n: int | None, batch_size: int, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.keyed, self.n = keyed, n
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+
+    def train_dataloader(self) -> DataLoader:
+        from medfm.pretrain.views import StepSampler
+
+        t = self.trainer
+        sampler = StepSampler(self.n, self.batch_size, seed=self.seed, rank=t.global_rank,
+                              world_size=t.world_size, start_step=t.global_step)
+        return DataLoader(
+            self.keyed,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed),  # keep the global RNG untouched
+        )
 
 
 def make_trainer(trainer_cfg: dict, out: Path, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:

@@ -29,12 +29,12 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from medfm.config import load_config, merge
 from medfm.data import DataError, open_dataset
 from medfm.data.transforms import PRESETS
-from medfm.training import make_trainer, prepare_run_folder
+from medfm.training import StepData, make_trainer, prepare_run_folder
 
 from .methods import METHODS, adapt_encoder, count_parameters, export_encoder, is_lora
 
@@ -187,24 +187,6 @@ class _Features(Dataset):
         return {"features": self.features[i], "label": self.labels[i]}
 
 
-class StepData(L.LightningDataModule):
-    """Endless, step-addressed training batches (resume continues exactly where the run stopped)."""
-
-    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int):
-        super().__init__()
-        self.dataset, self.batch_size, self.num_workers, self.seed = TrainSet(dataset, seed), batch_size, num_workers, seed
-
-    def train_dataloader(self) -> DataLoader:
-        from medfm.pretrain.views import StepSampler
-
-        t = self.trainer
-        sampler = StepSampler(len(self.dataset), self.batch_size, seed=self.seed, rank=t.global_rank,
-                              world_size=t.world_size, start_step=t.global_step)
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-                          generator=torch.Generator().manual_seed(self.seed))
-
-
 # ---------------------------------------------------------------------- model
 def build_task_model(cfg: dict, pretrained: bool = True) -> torch.nn.Module:
     """Encoder (``encoder.pretrained`` loaded when ``pretrained``), adapted by ``method``, plus the task's head."""
@@ -290,7 +272,7 @@ def run_finetune(cfg: dict, out: str | os.PathLike, data_path: str | None = None
             train = _Features(*embed_dataset(model.encoder, plain, progress="caching features"))
     else:
         task = SegmentationTask(model, frozen_encoder=cfg["method"] == "linear_probe", **optim)
-    data = StepData(train, d["batch_size"], d["num_workers"], cfg["seed"])
+    data = StepData(TrainSet(train, cfg["seed"]), len(train), d["batch_size"], d["num_workers"], cfg["seed"])
     trainer = make_trainer(cfg["trainer"], out, callbacks)
     if trainer.is_global_zero:
         with open(out / "recipe.yaml", "w") as f:
@@ -342,20 +324,12 @@ def evaluate_classification(model, ds, cfg: dict, out: Path, split: str,
     """Scores on ``ds``; metrics at ``thresholds`` (default 0.5 / argmax) plus the Youden thresholds of
     this split; ROC and confusion-matrix PNGs."""
     from medfm.evaluate.plots import confusion_png, roc_png
+    from medfm.evaluate.probe import embed_dataset
     from medfm.tasks.classification import classification_metrics, scores_from_logits, select_thresholds
 
     multi = cfg["classification"]["multi_label"]
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    logits, labels = [], []
-    bs = cfg["data"]["batch_size"]
-    for i in range(0, len(ds), bs):
-        items = [ds[j] for j in range(i, min(i + bs, len(ds)))]
-        logits.append(model(torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)).float().cpu())
-        labels.append(torch.stack([torch.as_tensor(s["label"]) for s in items]))
-    model.train(was)
-    scores, target = scores_from_logits(torch.cat(logits), multi), torch.cat(labels)
+    logits, target = embed_dataset(model, ds, cfg["data"]["batch_size"])  # class logits instead of embeddings
+    scores = scores_from_logits(logits, multi)
     names = _class_names(cfg, ds)
     res = classification_metrics(scores, target, multi, thresholds, names)
     thr = select_thresholds(scores, target, multi)
@@ -446,7 +420,7 @@ def load_run(run: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     cfg = load_task_recipe(overrides={})
     cfg = merge(cfg, yaml.safe_load((run / "recipe.yaml").read_text()), FREE_FORM)
     model = build_task_model(cfg, pretrained=False)
-    missing, unexpected = load_model(model, str(run / "model.safetensors"), strict=True)
+    load_model(model, str(run / "model.safetensors"), strict=True)  # raises on any missing/unexpected key
     return model.eval(), cfg
 
 

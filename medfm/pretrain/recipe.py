@@ -27,13 +27,13 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 import yaml
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from medfm.data import DataError, open_dataset
 from medfm.data.transforms import PRESETS
 
 from medfm.config import load_config, merge
-from medfm.training import make_trainer, prepare_run_folder
+from medfm.training import StepData, make_trainer, prepare_run_folder
 
 from .callbacks import FinishRun, OnlineProbe
 from .dino import DINOModule
@@ -136,32 +136,14 @@ def build_view(cfg: dict):
     return METHODS[cfg["method"]].make_view(enc["spatial_dims"], enc["img_size"], **kw)
 
 
-class PretrainData(L.LightningDataModule):
+class PretrainData(StepData):
     """Endless, step-addressed batches of random views (see :mod:`medfm.pretrain.views`)."""
 
     def __init__(self, dataset, view, batch_size: int, num_workers: int = 0, seed: int = 0, synthetic=None,
                  mix: float = 0.0):
-        super().__init__()
-        self.views = ViewDataset(dataset, view, seed=seed, synthetic=synthetic, mix=mix)
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-
-    @property
-    def n(self) -> int | None:
-        return len(self.views) if self.views.dataset is not None else None
-
-    def train_dataloader(self) -> DataLoader:
-        t = self.trainer
-        sampler = StepSampler(self.n, self.batch_size, seed=self.seed, rank=t.global_rank,
-                              world_size=t.world_size, start_step=t.global_step)
-        return DataLoader(
-            self.views,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(self.seed),  # keep the global RNG untouched
-        )
+        views = ViewDataset(dataset, view, seed=seed, synthetic=synthetic, mix=mix)
+        super().__init__(views, len(views) if dataset is not None else None, batch_size, num_workers, seed)
+        self.views = views
 
     def fixed_views(self, n: int) -> torch.Tensor:
         """The first ``n`` views of the run (positions 0..n-1), for figures."""

@@ -138,7 +138,7 @@ class ClassificationTask(TrainingModule):
         self.model = model
         self.multi_label = multi_label
         self.layer_decay = layer_decay
-        self.register_buffer("weight", weight if weight is not None else None, persistent=False)
+        self.register_buffer("weight", weight, persistent=False)
 
     @property
     def encoder(self) -> nn.Module:
