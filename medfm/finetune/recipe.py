@@ -144,10 +144,10 @@ def dataset_labels(ds) -> np.ndarray:
     if getattr(ds, "labels", None) is not None:  # npz
         return np.asarray(ds.targets)
     if hasattr(ds, "records"):
-        labels = [r.label for r in ds.records]
-        if any(lab is None for lab in labels):
-            raise DataError(f"{ds.manifest}: some rows have no label")
-        return np.stack([np.asarray(lab) for lab in labels])
+        missing = next((r for r in ds.records if r.label is None), None)
+        if missing is not None:
+            raise DataError(f"{ds.manifest} line {missing.line}: no label")
+        return np.stack([np.asarray(r.label) for r in ds.records])
     raise DataError(f"{ds}: has no labels")
 
 
