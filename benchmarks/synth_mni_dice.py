@@ -2,14 +2,14 @@
 
 Real anatomy: nilearn's MNI152 2009a T1 with its grey- and white-matter maps
 (thresholded at 0.5; CSF = dark T1 voxels inside the dilated brain that are
-neither), resampled to 3 mm. A frozen dense network (ViT + transposed-conv
-decoder) gives per-voxel features; a logistic-regression probe is fitted on
+neither), resampled to 3 mm. A frozen dense network (the encoder + the segmentation
+task's decoder: UNETR-style over a ViT, U-Net-style over a ResNet) gives per-voxel features; a logistic-regression probe is fitted on
 voxels of the **left** hemisphere and Dice per tissue is measured on the
 **right** one. Rows: the network at random init, the same network after
 ``synth_contrastive`` pretraining on the engine (no real data), and a probe on
 the T1 intensity alone for reference.
 
-    python benchmarks/synth_mni_dice.py --steps 300
+    python benchmarks/synth_mni_dice.py --steps 300 --encoder resnet18
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from medfm.data import load, samples
 from medfm.data.volume import plain_tensor
 from medfm.evaluate.probe import logistic_probe
 from medfm.pretrain.recipe import build_encoder, load_recipe, run_pretrain
-from medfm.pretrain.synth_contrastive import DenseViT
+from medfm.pretrain.synth_contrastive import dense_network
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ("background", "grey matter", "white matter", "CSF")
@@ -68,7 +68,7 @@ def probe_dice(features: torch.Tensor, label: torch.Tensor, n_train: int, seed: 
 
 
 @torch.no_grad()
-def dense_features(net: DenseViT, t1: torch.Tensor, roi: int = 32) -> torch.Tensor:
+def dense_features(net: torch.nn.Module, t1: torch.Tensor, roi: int = 32) -> torch.Tensor:
     """Per-voxel features of the whole volume from ``roi``^3 windows (the size the network was trained at),
     blended by MONAI's sliding-window inference."""
     from monai.inferers import sliding_window_inference
@@ -83,18 +83,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/synth_mni_dice")
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--encoder", default="vit_tiny")
+    ap.add_argument("--encoder", default="resnet18", help="a registered encoder: resnet18, vit_tiny (patch 8), ...")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--n-train", type=int, default=20000, help="left-hemisphere voxels for the probe")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     t1, label = mni_tissue()
     counts = [int((label == k).sum()) for k in range(4)]
+    vit = args.encoder.startswith("vit")
     cfg = load_recipe(REPO / "encoders" / "synth_contrastive_3d.yaml", {
         "seed": args.seed,
-        "encoder": {"name": args.encoder, "img_size": 32, "patch_size": 8},
+        "encoder": {"name": args.encoder, "img_size": 32, "patch_size": 8 if vit else None},
         "synth_contrastive": {"feature_dim": 16, "n_samples": 256},
-        "data": {"synthetic": {"size": 32, "n_labels": 6}, "batch_size": 4, "num_workers": 1},
+        "data": {"synthetic": {"size": 32, "n_labels": 6}, "batch_size": args.batch, "num_workers": args.workers},
         "optim": {"lr": 1e-3, "warmup_steps": args.steps // 10},
         "trainer": {"max_steps": args.steps, "log_every_n_steps": 10, "checkpoint_every_n_steps": 100},
     })
@@ -104,18 +107,18 @@ def main() -> None:
     minutes = (time.perf_counter() - t0) / 60
 
     L.seed_everything(args.seed, verbose=False)
-    random_net = DenseViT(build_encoder(cfg), feature_dim=16)
-    trained = DenseViT(build_encoder(cfg), feature_dim=16)
+    random_net = dense_network(build_encoder(cfg), 16)
+    trained = dense_network(build_encoder(cfg), 16)
     state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     trained.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
 
     rows = [("T1 intensity only", probe_dice(t1, label, args.n_train, args.seed))]
-    rows.append(("random init (ViT + decoder)", probe_dice(dense_features(random_net, t1), label, args.n_train, args.seed)))
+    rows.append((f"random init ({args.encoder} + decoder)", probe_dice(dense_features(random_net, t1), label, args.n_train, args.seed)))
     rows.append((f"synth_contrastive, {args.steps} steps", probe_dice(dense_features(trained, t1), label, args.n_train,
                                                                       args.seed)))
     print(f"MNI152 at 3 mm, {tuple(label.shape)} voxels (background/GM/WM/CSF: {counts}); probe fitted on "
-          f"{args.n_train} left-hemisphere voxels, Dice on the right hemisphere; {args.encoder}/8 + UNETR-style "
-          f"decoder, 16 features/voxel; pretraining {args.steps} steps x 4 synthetic 32^3 pairs: {minutes:.1f} min\n")
+          f"{args.n_train} left-hemisphere voxels, Dice on the right hemisphere; {args.encoder} + decoder, "
+          f"16 features/voxel; pretraining {args.steps} steps x {args.batch} synthetic 32^3 pairs: {minutes:.1f} min\n")
     print("| features | Dice GM | Dice WM | Dice CSF | mean |")
     print("|---|---|---|---|---|")
     for name, d in rows:

@@ -223,11 +223,12 @@ def test_synthetic_pairs_are_cropped_apart_with_the_shift_recorded():
     assert torch.equal(src(5)["image"], p["image"])  # reproducible per position
 
 
-def test_dense_vit_gives_full_resolution_features():
-    from medfm.pretrain.synth_contrastive import DenseViT
+def test_dense_network_gives_full_resolution_features_for_vits_and_resnets():
+    from medfm.pretrain.synth_contrastive import dense_network
 
     for dims in (2, 3):
-        net = DenseViT(_encoder(dims), feature_dim=8)
-        assert net(torch.rand(2, 1, *([32] * dims))).shape == (2, 8) + (32,) * dims
+        for enc in (_encoder(dims), create_encoder("resnet18", spatial_dims=dims, img_size=32)):
+            net = dense_network(enc, 8, feature_size=8)
+            assert net(torch.rand(2, 1, *([32] * dims))).shape == (2, 8) + (32,) * dims
     with pytest.raises(ValueError, match="power-of-two"):
-        DenseViT(create_encoder("vit_micro", spatial_dims=3, img_size=24, patch_size=(8, 8, 4)))
+        dense_network(create_encoder("vit_micro", spatial_dims=3, img_size=24, patch_size=(8, 8, 4)), 8)

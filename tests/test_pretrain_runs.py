@@ -160,15 +160,15 @@ def test_mixed_regime_runs_on_real_and_synthetic_samples(data, tmp_path):
         run_pretrain(tiny_recipe("mae_vit_2d", data={"regime": "mixed"}), tmp_path / "nodata")
 
 
-def test_synthetic_pair_contrastive_pretraining_runs(tmp_path):
-    # Only runs and exports: with independently cropped views (no position shortcut) the loss does not
-    # yet fall at CI scale (see benchmarks/RESULTS.md, MNI152 Dice section); issue 4 is open on it.
+def test_synthetic_pair_contrastive_pretraining_loss_falls(tmp_path):
+    # Pairs are cropped apart (no matching by absolute position); the full-resolution stem skip of the
+    # dense decoder lets the loss fall within CI's budget (a ViT with a plain upsampling decoder did not).
     cfg = tiny_recipe("synth_contrastive_3d", data={"synthetic": {"size": 32, "n_labels": 4}, "batch_size": 2},
-                      synth_contrastive={"feature_dim": 16, "n_samples": 64, "max_shift": 8},
-                      trainer={"max_steps": 4})
+                      synth_contrastive={"feature_dim": 16, "n_samples": 64, "max_shift": 8, "feature_size": 8},
+                      optim={"lr": 3e-3})
     run = run_pretrain(cfg, tmp_path / "run")
     curve = losses(run)
-    assert len(curve) == 4 and all(0 < v < 10 for v in curve)
+    assert len(curve) == 30 and sum(curve[-5:]) < 0.9 * sum(curve[:5]), curve
     assert (run / "encoder" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="regime=synthetic"):
         run_pretrain(tiny_recipe("synth_contrastive_3d", data={"regime": "mixed"}), tmp_path / "bad",

@@ -109,7 +109,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 def build_encoder(cfg: dict) -> torch.nn.Module:
     from medfm.encoders import create_encoder
 
-    kw = dict(cfg["encoder"])
+    # a key set to null takes the encoder's default (e.g. ``patch_size: null`` for a ResNet, which has none)
+    kw = {k: v for k, v in cfg["encoder"].items() if v is not None}
     return create_encoder(kw.pop("name"), **kw)
 
 

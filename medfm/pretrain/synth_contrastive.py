@@ -11,8 +11,10 @@ features at locations of *different* labels disagree. Locations with the same
 label are left out of the negatives (they may be the same tissue). The
 encoder learns contrast-invariant, anatomy-aware features.
 
-The decoder is MONAI's ``UnetrPrUpBlock`` (transposed-conv upsampling from the
-ViT token grid back to full resolution), 2D or 3D.
+The dense network is the segmentation task's encoder-decoder (UNETR-style for a ViT,
+U-Net-style for a ResNet), 2D or 3D. The paper uses a translation-equivariant CNN; with a
+ViT alone (absolute position embeddings, 8^3 patches, no full-resolution path) the loss
+stayed at log K at CPU scale (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.blocks import UnetrPrUpBlock
 
 from .base import PretrainModule
 
@@ -64,29 +65,18 @@ def dense_contrastive_loss(f1: torch.Tensor, f2: torch.Tensor, label: torch.Tens
     return torch.stack(losses).mean()
 
 
-class DenseViT(nn.Module):
-    """A medfm ViT plus a transposed-conv decoder: (B, C_in, *spatial) -> (B, feature_dim, *spatial)."""
+def dense_network(encoder: nn.Module, out_channels: int, feature_size: int = 16) -> nn.Module:
+    """``encoder`` + the segmentation task's decoder (:class:`medfm.tasks.segmentation.SegmentationModel`:
+    UNETR-style over a ViT, U-Net-style over a ResNet, with a full-resolution convolutional stem skip):
+    (B, C_in, *spatial) -> (B, out_channels, *spatial). Pretraining and fine-tuning share one decoder, so a
+    dense-pretrained encoder meets the architecture it was trained with."""
+    from medfm.tasks.segmentation import SegmentationModel
 
-    def __init__(self, encoder: nn.Module, feature_dim: int = 32, norm: str = "instance"):
-        super().__init__()
-        patch = set(encoder.patch_size)
-        p = next(iter(patch))
-        if len(patch) != 1 or p < 2 or p & (p - 1):
-            raise ValueError(f"the dense decoder needs an isotropic power-of-two patch size, got {encoder.patch_size}")
-        self.encoder = encoder
-        self.decoder = UnetrPrUpBlock(encoder.spatial_dims, encoder.embed_dim, feature_dim,
-                                      num_layer=int(math.log2(p)) - 1, kernel_size=3, stride=1,
-                                      upsample_kernel_size=2, norm_name=norm)
-        conv = nn.Conv2d if encoder.spatial_dims == 2 else nn.Conv3d
-        self.head = conv(feature_dim, feature_dim, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder.forward_intermediates(x, indices=1, norm=True)[-1]
-        return self.head(self.decoder(feats))
+    return SegmentationModel(encoder, out_channels, feature_size=feature_size)
 
 
 class _DenseEngineModule(PretrainModule):
-    """Shared by the dense methods on the engine: ``self.model`` is a :class:`DenseViT`; no views
+    """Shared by the dense methods on the engine: ``self.model`` is a :func:`dense_network`; no views
     (the engine renders the inputs at the encoder's size)."""
 
     @property
@@ -104,9 +94,9 @@ class SynthContrastiveModule(_DenseEngineModule):
     needs_pairs = True
 
     def __init__(self, encoder: nn.Module, feature_dim: int = 32, n_samples: int = 256, temperature: float = 0.1,
-                 max_shift: int = MAX_SHIFT, **optim):
+                 max_shift: int = MAX_SHIFT, feature_size: int = 16, **optim):
         super().__init__(**optim)
-        self.model = DenseViT(encoder, feature_dim)
+        self.model = dense_network(encoder, feature_dim, feature_size)
         self.n_samples, self.temperature = n_samples, temperature
         self.max_shift = max_shift  # read by the data source: the two renderings are cropped this far apart
 
@@ -119,7 +109,7 @@ class SynthContrastiveModule(_DenseEngineModule):
 
 
 class SynthSegModule(_DenseEngineModule):
-    """Supervised segmentation pretraining on the engine's label maps (SynthSeg-style): the dense ViT
+    """Supervised segmentation pretraining on the engine's label maps (SynthSeg-style): the dense network
     predicts the label map of each synthetic image, MONAI's Dice + cross-entropy loss.
 
     Label identities are meaningful when maps come from templates (real segmentations, ``kind:
@@ -128,11 +118,11 @@ class SynthSegModule(_DenseEngineModule):
 
     needs_mask = True
 
-    def __init__(self, encoder: nn.Module, n_labels: int = 8, **optim):
+    def __init__(self, encoder: nn.Module, n_labels: int = 8, feature_size: int = 16, **optim):
         from monai.losses import DiceCELoss
 
         super().__init__(**optim)
-        self.model = DenseViT(encoder, feature_dim=n_labels)
+        self.model = dense_network(encoder, n_labels, feature_size)
         self.criterion = DiceCELoss(to_onehot_y=True, softmax=True)
         self.n_labels = n_labels
 
