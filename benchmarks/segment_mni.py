@@ -105,7 +105,8 @@ def main() -> None:
             rows.append((init, method, m))
             print(init, method, m["val"]["dice"], flush=True)
     print(f"\nMNI152 tissue segmentation, train: left hemisphere, Dice on the right hemisphere ({args.spacing:g} mm), "
-          f"ViT-Micro/4 + UNETR decoder, {args.steps} steps x 2 patches of 32^3, CPU fp32\n")
+          f"ViT-Micro/4 + UNETR decoder, {args.steps} steps x 2 patches of 32^3, "
+          f"{torch.cuda.get_device_name() + ' bf16' if torch.cuda.is_available() else 'CPU fp32'}\n")
     print("| encoder init | method | trainable params | Dice GM | Dice WM | Dice CSF | mean Dice | mean HD95 (mm) | wall (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for init, method, m in rows:
