@@ -1,4 +1,5 @@
-"""``medfm`` command line: ``info``, ``encode``, ``pretrain``, ``finetune``, ``evaluate``, ``synth``."""
+"""``medfm`` command line: ``info``, ``encode``, ``pretrain``, ``finetune``, ``evaluate`` (and
+``evaluate zero-shot``), ``synth``."""
 
 from __future__ import annotations
 
@@ -150,11 +151,37 @@ def _print_metrics(path) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.mode == "zero-shot":
+        return cmd_zero_shot(args)
+    if not args.run:
+        raise SystemExit("medfm evaluate: give --run RUN (a fine-tuning run), or `medfm evaluate zero-shot --model RUN`")
     from medfm.finetune.recipe import evaluate_run
 
     out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}"
     evaluate_run(args.run, data_path=args.data, split=args.split, out=out)
     _print_metrics(out / "metrics.json")
+    return 0
+
+
+def cmd_zero_shot(args: argparse.Namespace) -> int:
+    from medfm.evaluate.zeroshot import TEMPLATES, evaluate_zero_shot
+
+    if not args.model or not args.data:
+        raise SystemExit("medfm evaluate zero-shot: give --model RUN (a CLIP run) and --data MANIFEST")
+    classes = [c for c in (args.classes or "").split(",") if c]
+    templates = args.prompt or TEMPLATES
+    split = None if args.split in ("", "all") else args.split
+    m = evaluate_zero_shot(args.model, args.data, classes, split=split, text_key=args.text, templates=templates,
+                           out=args.out)
+    print(f"{m['n']} images of {args.data} (split {split})")
+    for col in classes:
+        v = m[col]
+        print(f"  {col:<20} zero-shot accuracy {v['accuracy']:.4f}  balanced {v['balanced_accuracy']:.4f}  "
+              f"majority-class rate {v['majority_rate']:.4f}  ({len(v['classes'])} classes)")
+    if "retrieval" in m:
+        r = m["retrieval"]
+        for way in ("image_to_text", "text_to_image"):
+            print(f"  {way:<20} " + "  ".join(f"{k} {r[way][k]:.3f} (chance {r['chance'][k]:.3f})" for k in r["chance"]))
     return 0
 
 
@@ -204,10 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable)")
     p.set_defaults(fn=cmd_finetune, takes_overrides=True)
-    p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a held-out split")
-    p.add_argument("--run", required=True, help="a `medfm finetune` run folder")
+    p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a held-out split, or a CLIP run zero-shot",
+                       epilog="zero-shot: medfm evaluate zero-shot --model RUN --data manifest.csv --split dev "
+                              "--classes type,plane --text caption")
+    p.add_argument("mode", nargs="?", choices=("zero-shot",), help="zero-shot: classify from class names and "
+                   "retrieve image <-> text with a CLIP run (default: evaluate a fine-tuning run)")
+    p.add_argument("--run", default=None, help="a `medfm finetune` run folder")
+    p.add_argument("--model", default=None, help="zero-shot: a CLIP run (`medfm pretrain encoders/clip_vit_2d.yaml`)")
     p.add_argument("--data", default=None, help="npz or manifest (default: the run's data)")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test; zero-shot: 'all' for every row)")
+    p.add_argument("--classes", default=None, help="zero-shot: manifest label columns, comma-separated "
+                   "(their values are the class names)")
+    p.add_argument("--text", default=None, help="zero-shot: manifest text column for image <-> text retrieval")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEMPLATE",
+                   help="zero-shot prompt template with {} for the class name (repeatable: an ensemble)")
     p.add_argument("--out", default=None, help="folder for metrics.json and figures (default: RUN/eval_SPLIT)")
     p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser("synth", help="write a synthetic set (random label maps + random appearance) as NIfTI")

@@ -20,6 +20,11 @@ def mni152(kind: str = "t1") -> Path:
     return _package_dir("nilearn") / "datasets" / "data" / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
 
 
+def iu_xray_reports() -> Path:
+    """The 3,955 Indiana University chest X-ray reports (XML in a .tgz) that torchxrayvision ships."""
+    return _package_dir("torchxrayvision") / "data" / "NLMCXR_reports.tgz"
+
+
 def pydicom_file(name: str = "CT_small.dcm") -> Path:
     """A test file bundled with pydicom (``CT_small.dcm``, ``MR_small.dcm``, ``rtdose.dcm``, ...)."""
     return _package_dir("pydicom") / "data" / "test_files" / name

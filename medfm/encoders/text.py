@@ -75,6 +75,12 @@ class TextEncoder(nn.Module):
         return {"tokens": tokens, "pooled": pooled, "attention_mask": attention_mask}
 
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Model (safetensors) and tokenizer in Hugging Face format: ``TextEncoder(folder)`` reloads it."""
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+
+
 def create_text_encoder(name_or_path: str | os.PathLike | None = None, **kwargs) -> TextEncoder:
     """Build a :class:`TextEncoder`; ``None`` gives the packaged, pretrained MiniLM."""
     return TextEncoder(name_or_path, **kwargs)

@@ -96,6 +96,23 @@ def overlay_png(images: Sequence[torch.Tensor], preds: Sequence[torch.Tensor], t
     return _save(fig, path)
 
 
+def retrieval_png(metrics: dict, path: str | Path, title: str = "") -> Path:
+    """Bars of recall@K, image->text and text->image, with the chance rate marked."""
+    plt = _plt()
+    ks = list(metrics["chance"])
+    x = np.arange(len(ks))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for j, (key, label) in enumerate((("image_to_text", "image -> text"), ("text_to_image", "text -> image"))):
+        ax.bar(x + (j - 0.5) * 0.35, [metrics[key][k] for k in ks], 0.35, label=label)
+    ax.scatter(x, [metrics["chance"][k] for k in ks], color="k", marker="_", s=400, label="chance", zorder=3)
+    ax.set_xticks(x, ks)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("recall")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path) -> Path:
     plt = _plt()
     path = Path(path)

@@ -154,6 +154,8 @@ class FinishRun(L.Callback):
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
         save_encoder_atomically(pl_module.encoder, self.out / "encoder")
+        if hasattr(pl_module, "export"):  # what a method saves besides the encoder (CLIP: text tower, heads)
+            pl_module.export(self.out)
         model = getattr(pl_module, "model", None)
         if hasattr(model, "reconstruct") and self.figure_samples:
             views = trainer.datamodule.fixed_views(self.figure_samples)

@@ -37,12 +37,13 @@ from medfm.training import StepData, make_trainer, prepare_run_folder
 
 from .callbacks import FinishRun, OnlineProbe
 from .dino import DINOModule
+from .clip import CLIPModule
 from .mae import MAEModule
 from .synth_contrastive import MAX_SHIFT, SynthContrastiveModule, SynthSegModule
 from .views import StepSampler, ViewDataset
 
 METHODS = {"mae": MAEModule, "dino": DINOModule, "synth_contrastive": SynthContrastiveModule,
-           "synth_seg": SynthSegModule}
+           "synth_seg": SynthSegModule, "clip": CLIPModule}
 
 DEFAULTS: dict[str, Any] = {
     "method": "mae",
@@ -53,12 +54,14 @@ DEFAULTS: dict[str, Any] = {
     "dino": {},  # free-form: DINOModule arguments
     "synth_contrastive": {},  # free-form: SynthContrastiveModule arguments
     "synth_seg": {},  # free-form: SynthSegModule arguments (n_labels comes from data.synthetic)
+    "clip": {},  # free-form: CLIPModule arguments (text_model, embed_dim, loss, lock_image, ...)
     "data": {
         "regime": "real",  # real | synthetic (the randomized-synthesis engine) | mixed
         "mix": 0.5,  # mixed: fraction of samples drawn from the engine
         "synthetic": {},  # free-form: SynthConfig arguments (size defaults to encoder.img_size, n_labels, kind, ...)
         "path": None,  # npz, CSV/TSV/JSONL manifest or folder (or give --data)
         "split": "train",  # npz split / manifest split column value (null: every row)
+        "text": None,  # manifest column with each image's report/caption (CLIP)
         "preset": "radiograph_2d",  # intensity/geometry preprocessing: radiograph_2d | ct_3d | mr_3d
         "preset_args": {},  # e.g. {spacing: 2.0} for the 3D presets
         "batch_size": 64,  # per device
@@ -89,7 +92,7 @@ DEFAULTS: dict[str, Any] = {
         "max_val": 500,
     },
 }
-FREE_FORM = {"encoder", "mae", "dino", "synth_contrastive", "synth_seg", "view", "data.preset_args", "data.synthetic", "trainer"}
+FREE_FORM = {"encoder", "mae", "dino", "synth_contrastive", "synth_seg", "clip", "view", "data.preset_args", "data.synthetic", "trainer"}
 
 
 # --------------------------------------------------------------------- recipe
@@ -197,13 +200,18 @@ def build_data(cfg: dict) -> PretrainData:
     masks = getattr(METHODS[cfg["method"]], "needs_mask", False)
     if (pairs or masks) and regime != "synthetic":
         raise ValueError(f"method {cfg['method']} trains on the engine's samples: set data.regime=synthetic")
+    if getattr(METHODS[cfg["method"]], "needs_text", False) and (regime != "real" or not d["text"]):
+        raise ValueError(f"method {cfg['method']} trains on image-text pairs: set data.regime=real and data.text "
+                         f"to the manifest column holding each image's report or caption (now regime={regime}, "
+                         f"text={d['text']})")
     dataset = synthetic = None
     if regime in ("real", "mixed"):
         if not d["path"]:
             raise ValueError(f"data.regime={regime} needs data: give --data PATH (an npz, a manifest or a folder) "
                              "or set data.path; or use data.regime=synthetic")
+        text = {"text_key": d["text"]} if d["text"] else {}
         dataset = open_dataset(d["path"], split=d["split"], spatial_dims=enc["spatial_dims"],
-                               transform=_preprocess(cfg), cache=d["cache"])
+                               transform=_preprocess(cfg), cache=d["cache"], **text)
     if regime in ("synthetic", "mixed"):
         from medfm.synthetic import SynthConfig
 

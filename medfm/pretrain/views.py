@@ -158,8 +158,9 @@ class ViewDataset(Dataset):
         views = self.view(image)
         out = dict(views) if isinstance(views, dict) else {"image": views}
         out = {k: ([plain_tensor(x) for x in v] if isinstance(v, list) else plain_tensor(v)) for k, v in out.items()}
-        if "label" in sample:
-            out["label"] = sample["label"]
+        for key in ("label", "text"):  # text: a report or caption paired with the image (CLIP)
+            if key in sample:
+                out[key] = sample[key]
         return out
 
 

@@ -1,0 +1,271 @@
+"""Vision-language: IU X-ray reports, the CLIP losses (single process and DDP), zero-shot and retrieval."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medfm.data import DataError, ManifestDataset
+from medfm.data.reports import IU_LABELS, clean_text, read_iu_xray, split_sections
+
+from .conftest import shared_path
+
+
+# --------------------------------------------------------------------------- reports
+@pytest.fixture(scope="module")
+def iu_reports():
+    return read_iu_xray()
+
+
+def test_iu_xray_reader_returns_every_report_with_sections_and_mesh_labels(iu_reports):
+    assert len(iu_reports) == 3955  # the count the archive holds (3,955 studies)
+    with_text = sum(bool(r.findings or r.impression) for r in iu_reports)
+    assert with_text / len(iu_reports) > 0.98
+    assert sum(bool(r.findings) for r in iu_reports) > 3300 and sum(bool(r.impression) for r in iu_reports) > 3800
+    labels = np.stack([r.labels for r in iu_reports])
+    assert labels.shape == (3955, len(IU_LABELS)) and set(np.unique(labels)) <= {0.0, 1.0}
+    counts = dict(zip(IU_LABELS, labels.sum(0)))
+    assert 1300 < counts["normal"] < 1500 and counts["cardiomegaly"] > 300 and counts["effusion"] > 100
+    first = iu_reports[0]
+    assert first.uid == "CXR1" and first.image_ids and first.mesh
+    text = first.text()
+    assert text.startswith("findings:") or text.startswith("impression:")
+    assert "xxxx" not in text and text == text.lower() and "  " not in text
+    # normal studies carry no other finding label far more often than not
+    normal = labels[:, 0] == 1
+    assert labels[normal, 1:].sum(1).mean() < 0.1
+
+
+def test_report_cleaning_and_sections():
+    assert clean_text("Clear lung XXXX  bilaterally .\n No effusion.") == "clear lung bilaterally. no effusion."
+    assert clean_text("Heart  SIZE normal", lower=False) == "Heart SIZE normal"
+    s = split_sections("Chest PA. FINDINGS: Heart normal.  Lungs clear. impression: No acute disease.")
+    assert s == {"": "Chest PA.", "findings": "Heart normal.  Lungs clear.", "impression": "No acute disease."}
+
+
+def test_damaged_or_missing_report_archive_is_named(tmp_path):
+    bad = tmp_path / "reports.tgz"
+    bad.write_bytes(b"not a tar archive at all")
+    with pytest.raises(DataError, match="reports.tgz"):
+        read_iu_xray(bad)
+    with pytest.raises(FileNotFoundError, match="nothere.tgz"):
+        read_iu_xray(tmp_path / "nothere.tgz")
+
+
+def test_medpix_captions_load_through_the_generic_manifest_reader():
+    manifest = shared_path("medpix2", "manifest.csv")
+    ds = ManifestDataset(manifest, split="dev", text_key="caption", label_keys="type")
+    assert len(ds) == 197
+    s = ds[0]
+    assert s["image"].ndim == 3 and isinstance(s["text"], str) and len(s["text"]) > 10
+    assert set(ds.classes) == {"CT", "MR"}
+
+
+# --------------------------------------------------------------------------- CLIP losses
+def _features(n=8, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=-1), F.normalize(torch.randn(n, d, generator=g), dim=-1)
+
+
+def test_clip_and_siglip_losses_equal_their_formulas():
+    from medfm.pretrain.clip import clip_loss, make_loss
+
+    img, txt = _features()
+    scale = torch.tensor(14.0)
+
+    class Scales(torch.nn.Module):  # the two learnable scalars of a CLIP model
+        def __init__(self, bias=None):
+            super().__init__()
+            self.logit_scale = torch.nn.Parameter(scale.log())
+            self.logit_bias = None if bias is None else torch.nn.Parameter(torch.tensor(bias))
+
+    logits = scale * img @ txt.T
+    target = torch.arange(8)
+    want = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    assert torch.allclose(clip_loss(Scales(), img, txt, make_loss("clip")), want, atol=1e-6)
+    from open_clip.loss import ClipLoss
+
+    assert torch.allclose(clip_loss(Scales(), img, txt, make_loss("clip")), ClipLoss()(img, txt, scale), atol=1e-6)
+    sign = 2 * torch.eye(8) - 1
+    want = -F.logsigmoid(sign * (logits - 10.0)).sum() / 8
+    assert torch.allclose(clip_loss(Scales(-10.0), img, txt, make_loss("siglip")), want, atol=1e-5)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from medfm.pretrain.clip import make_loss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    img, txt = _features(n=8, seed=1)
+    n = 8 // world
+    mine_i = img[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    mine_t = txt[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    loss = make_loss("clip", rank, world)(mine_i, mine_t, torch.tensor(10.0))
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad_i": mine_i.grad, "grad_t": mine_t.grad}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gathered_clip_loss_under_two_process_ddp_matches_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    from medfm.pretrain.clip import make_loss
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    img, txt = (t.clone().requires_grad_(True) for t in _features(n=8, seed=1))
+    single = make_loss("clip")(img, txt, torch.tensor(10.0))
+    single.backward()
+    assert torch.allclose((ranks[0]["loss"] + ranks[1]["loss"]) / 2, single.detach(), atol=1e-6)
+    # DDP averages gradients over ranks; gathered with gradients, each rank's features receive the
+    # gradient of the sum of both ranks' losses = world x the gradient of the global-batch mean
+    grad_i = torch.cat([r["grad_i"] for r in ranks]) / 2
+    grad_t = torch.cat([r["grad_t"] for r in ranks]) / 2
+    assert torch.allclose(grad_i, img.grad, atol=1e-6) and torch.allclose(grad_t, txt.grad, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- CLIP training
+def paired_manifest(tmp: Path) -> Path:
+    """Real images with text: axial, coronal and sagittal slices of the MNI152 brain, captioned with their plane
+    and position (so captions differ and each names what its image shows)."""
+    from PIL import Image
+
+    from medfm.data import load, samples
+
+    vol = load(samples.mni152("t1"))["image"][0].numpy()
+    d = tmp / "paired"
+    d.mkdir(exist_ok=True)
+    rows = []
+    for plane, axis in (("sagittal", 0), ("coronal", 1), ("axial", 2)):
+        for k, frac in enumerate(np.linspace(0.3, 0.7, 6)):
+            idx = int(frac * vol.shape[axis])
+            sl = np.take(vol, idx, axis=axis)
+            Image.fromarray((255 * sl / max(sl.max(), 1e-6)).astype(np.uint8)).save(d / f"{plane}_{k}.png")
+            where = ("left" if frac < 0.5 else "right") if axis == 0 else ("low" if frac < 0.5 else "high")
+            rows.append({"image": f"{plane}_{k}.png", "caption": f"{plane} T1 MRI slice of the brain, {where}",
+                         "plane": plane, "split": "train"})
+    with open(d / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return d / "manifest.csv"
+
+
+def tiny_clip_recipe(**clip):
+    from medfm.pretrain import load_recipe
+
+    from .conftest import REPO
+
+    return load_recipe(REPO / "encoders" / "clip_vit_2d.yaml", {
+        "encoder": {"name": "vit_micro", "img_size": 32, "patch_size": 8},
+        "clip": {"max_length": 24, "embed_dim": 32, **clip},
+        "data": {"batch_size": 9, "num_workers": 0},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "trainer": {"max_steps": 30, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "checkpoint_every_n_steps": 10},
+    })
+
+
+def test_clip_loss_falls_over_30_steps_on_real_image_text_pairs(tmp_path):
+    from medfm.pretrain import run_pretrain
+
+    from .pretrain_helpers import losses
+
+    # A CNN image tower: a randomly initialised ViT's pooled features barely depend on the image, and
+    # CLIP from such a start sits at the uniform solution (log B) for many steps (benchmarks/RESULTS.md).
+    cfg = tiny_clip_recipe(lock_text=True)
+    cfg["encoder"].update(name="resnet18", patch_size=None)
+    cfg["data"]["batch_size"] = 18
+    run = run_pretrain(cfg, tmp_path / "run", data_path=str(paired_manifest(tmp_path)))
+    curve = losses(run)
+    assert len(curve) == 30 and sum(curve[-5:]) < 0.85 * sum(curve[:5]), curve
+    for f in ("encoder/model.safetensors", "text/model.safetensors", "text/tokenizer.json", "clip_heads.safetensors"):
+        assert (run / f).exists(), f
+    # the run reloads (safetensors only) and evaluates zero-shot from the command line
+    from medfm.cli import main
+
+    manifest = tmp_path / "paired" / "manifest.csv"
+    assert main(["evaluate", "zero-shot", "--model", str(run), "--data", str(manifest), "--split", "train",
+                 "--classes", "plane", "--text", "caption", "--prompt", "{} T1 MRI slice of the brain",
+                 "--out", str(tmp_path / "zs")]) == 0
+    m = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    assert m["n"] == 18 and m["plane"]["classes"] == ["axial", "coronal", "sagittal"]
+    assert 0 <= m["plane"]["accuracy"] <= 1 and m["plane"]["majority_rate"] == pytest.approx(1 / 3)
+    assert set(m["retrieval"]["image_to_text"]) == {"R@1", "R@5", "R@10"}
+    assert (tmp_path / "zs" / "confusion_plane.png").exists() and (tmp_path / "zs" / "retrieval.png").exists()
+
+
+def test_locked_towers_train_only_what_is_unlocked():
+    from medfm.encoders import create_encoder
+    from medfm.pretrain.clip import CLIPModule
+
+    m = CLIPModule(create_encoder("vit_micro", img_size=32, patch_size=8), max_length=16, embed_dim=16,
+                   lock_image=True, lock_text=True, unlocked_layers=1)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("model.image_encoder.blocks.3.", "model.image_encoder.norm.",
+                             "model.text_encoder.model.encoder.layer.5.", "model.image_proj", "model.text_proj",
+                             "model.logit_scale")) for n in trainable), sorted(trainable)
+    assert any(".blocks.3." in n for n in trainable) and any(".layer.5." in n for n in trainable)
+
+
+def test_clip_recipe_without_text_is_a_clear_error(tmp_path):
+    from medfm.pretrain import run_pretrain
+
+    cfg = tiny_clip_recipe()
+    cfg["data"]["text"] = None
+    with pytest.raises(ValueError, match="data.text"):
+        run_pretrain(cfg, tmp_path / "run", data_path=str(paired_manifest(tmp_path)))
+
+
+# --------------------------------------------------------------------------- zero-shot and retrieval
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from medfm.encoders import create_encoder
+    from medfm.encoders.text import TextEncoder
+    from medfm.pretrain.clip import CLIP
+
+    torch.manual_seed(0)
+    return CLIP(create_encoder("vit_micro", img_size=32, patch_size=8), TextEncoder(max_length=16), embed_dim=32).eval()
+
+
+def test_zero_shot_is_exact_when_image_embeddings_equal_the_prompt_embeddings(tiny_clip):
+    from medfm.evaluate.zeroshot import class_embeddings, finding_scores, zero_shot_scores
+
+    names = ["pleural effusion", "cardiomegaly", "pneumothorax", "normal chest"]
+    cls = class_embeddings(tiny_clip, names)
+    target = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 2])
+    scores = zero_shot_scores(cls[target], cls)
+    assert (scores.argmax(1) == target).all() and torch.allclose(scores.sum(1), torch.ones(9))
+    # an image whose embedding is the positive prompt ensemble of a finding scores > 0.5 for it
+    from medfm.evaluate.zeroshot import FINDING_PAIRS
+
+    pos = class_embeddings(tiny_clip, names, [p for p, _ in FINDING_PAIRS])
+    assert (finding_scores(tiny_clip, pos, names).diagonal() > 0.5).all()
+
+
+def test_retrieval_recall_is_one_for_matching_pairs_and_near_chance_for_random_ones():
+    from medfm.evaluate.zeroshot import retrieval_metrics
+
+    emb = F.normalize(torch.randn(50, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    m = retrieval_metrics(emb, emb)
+    assert m["image_to_text"] == m["text_to_image"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0}
+    assert m["chance"] == {"R@1": 0.02, "R@5": 0.1, "R@10": 0.2}
+    rand = F.normalize(torch.randn(50, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    assert retrieval_metrics(emb, rand)["image_to_text"]["R@10"] < 0.5
+    # duplicate captions: any text with the pair's key is a hit
+    keys = ["a", "a", "b", "b"]
+    two = F.normalize(torch.tensor([[1.0, 0], [1, 0.01], [0, 1], [0.01, 1]]), dim=-1)
+    assert retrieval_metrics(two, two[[1, 0, 3, 2]], ks=(1,), keys=keys)["image_to_text"]["R@1"] == 1.0
+    with pytest.raises(ValueError, match="paired"):
+        retrieval_metrics(emb, emb[:10])
