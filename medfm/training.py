@@ -90,10 +90,12 @@ class StepData(L.LightningDataModule):
     continues exactly where the stopped one would have gone. ``n`` is the number of indices (None: an
     endless source, index = position)."""
 
-    def __init__(self, keyed: Dataset, n: int | None, batch_size: int, num_workers: int = 0, seed: int = 0):
+    def __init__(self, keyed: Dataset, n: int | None, batch_size: int, num_workers: int = 0, seed: int = 0,
+                 collate_fn=None):
         super().__init__()
         self.keyed, self.n = keyed, n
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.collate_fn = collate_fn
 
     def train_dataloader(self) -> DataLoader:
         from medfm.pretrain.views import StepSampler
@@ -106,6 +108,7 @@ class StepData(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(self.seed),  # keep the global RNG untouched

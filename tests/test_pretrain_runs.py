@@ -136,10 +136,10 @@ def test_cli_pretrain_with_overrides_and_errors(data, tmp_path, capsys):
 def test_every_recipe_in_encoders_loads():
     names = sorted(p.stem for p in (REPO / "encoders").glob("*.yaml"))
     assert {"mae_vit_2d", "mae_vit_3d", "dino_vit_2d", "dino_vit_3d", "mae_vit_3d_synthetic",
-            "synth_contrastive_3d"} <= set(names)
+            "synth_contrastive_3d", "clip_vit_2d", "clip_vit_3d", "text_mlm_reports"} <= set(names)
     for n in names:
         cfg = load_recipe(REPO / "encoders" / f"{n}.yaml")
-        assert cfg["method"] in ("mae", "dino", "synth_contrastive", "synth_seg")
+        assert cfg["method"] in ("mae", "dino", "synth_contrastive", "synth_seg", "clip", "text_mlm")
 
 
 def test_synthetic_regime_needs_no_data_and_its_loss_falls(tmp_path):

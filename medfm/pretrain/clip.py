@@ -123,6 +123,7 @@ class CLIPModule(PretrainModule):
         if lock_text:
             lock_tower(text, unlocked_layers)
         self.locked = {"image": lock_image, "text": lock_text}
+        self.train()  # from_pretrained leaves the text tower in eval mode; locked towers stay in eval
         self.criterion = make_loss(loss)
 
     @property

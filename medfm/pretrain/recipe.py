@@ -40,10 +40,11 @@ from .dino import DINOModule
 from .clip import CLIPModule
 from .mae import MAEModule
 from .synth_contrastive import MAX_SHIFT, SynthContrastiveModule, SynthSegModule
+from .text_mlm import TextMLMModule
 from .views import StepSampler, ViewDataset
 
 METHODS = {"mae": MAEModule, "dino": DINOModule, "synth_contrastive": SynthContrastiveModule,
-           "synth_seg": SynthSegModule, "clip": CLIPModule}
+           "synth_seg": SynthSegModule, "clip": CLIPModule, "text_mlm": TextMLMModule}
 
 DEFAULTS: dict[str, Any] = {
     "method": "mae",
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "synth_contrastive": {},  # free-form: SynthContrastiveModule arguments
     "synth_seg": {},  # free-form: SynthSegModule arguments (n_labels comes from data.synthetic)
     "clip": {},  # free-form: CLIPModule arguments (text_model, embed_dim, loss, lock_image, ...)
+    "text_mlm": {},  # free-form: text_model, max_length, mlm_probability, holdout_every (text tower adaptation)
     "data": {
         "regime": "real",  # real | synthetic (the randomized-synthesis engine) | mixed
         "mix": 0.5,  # mixed: fraction of samples drawn from the engine
@@ -92,7 +94,7 @@ DEFAULTS: dict[str, Any] = {
         "max_val": 500,
     },
 }
-FREE_FORM = {"encoder", "mae", "dino", "synth_contrastive", "synth_seg", "clip", "view", "data.preset_args", "data.synthetic", "trainer"}
+FREE_FORM = {"encoder", "mae", "dino", "synth_contrastive", "synth_seg", "clip", "text_mlm", "view", "data.preset_args", "data.synthetic", "trainer"}
 
 
 # --------------------------------------------------------------------- recipe
@@ -277,9 +279,13 @@ def run_pretrain(cfg: dict, out: str | os.PathLike, data_path: str | None = None
     run would have.
     """
     out = Path(out)
-    ckpt = prepare_run_folder(out, resume)
     if data_path:
         cfg = merge(cfg, {"data": {"path": str(data_path)}}, FREE_FORM)
+    if cfg["method"] == "text_mlm":  # text only: no image encoder, views or probe
+        from .text_mlm import run_text_mlm
+
+        return run_text_mlm(cfg, out, resume=resume, callbacks=callbacks)
+    ckpt = prepare_run_folder(out, resume)
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     data = build_data(cfg)
     probe = build_probe(cfg)
