@@ -335,3 +335,33 @@ def test_mlm_resume_masks_and_ends_like_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(DataError, match="no column 'notes'"):
         run_pretrain(_mlm_recipe(data={"path": str(manifest), "text": "notes"}), tmp_path / "bad")
+
+
+def test_3d_clip_trains_on_volumes_with_text_and_evaluates_zero_shot(tmp_path):
+    from medfm.evaluate.zeroshot import evaluate_zero_shot
+    from medfm.pretrain import load_recipe, run_pretrain
+
+    from .conftest import REPO
+    from .finetune_helpers import mni_map_classes
+
+    src = mni_map_classes(tmp_path)
+    words = {"t1": "a T1-weighted MRI of the brain", "gm": "a grey matter probability map",
+             "wm": "a white matter probability map"}
+    with open(src) as f:
+        rows = list(csv.DictReader(f))
+    manifest = src.with_name("reports.csv")
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], "report"])
+        w.writeheader()
+        w.writerows({**r, "report": f"{words[r['map']]}, {r['image'].split('_')[0]} hemisphere"} for r in rows)
+    cfg = load_recipe(REPO / "encoders" / "clip_vit_3d.yaml", {
+        "encoder": {"name": "vit_micro", "img_size": 32, "patch_size": 8},
+        "clip": {"max_length": 16, "embed_dim": 16, "lock_text": True},
+        "data": {"batch_size": 3, "num_workers": 0, "preset": "mr_3d", "preset_args": {"spacing": 4.0}},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "trainer": {"max_steps": 4, "log_every_n_steps": 1, "enable_progress_bar": False}})
+    run = run_pretrain(cfg, tmp_path / "clip3d", data_path=str(manifest))
+    m = evaluate_zero_shot(run, manifest, ["map"], split="train", text_key="report", out=tmp_path / "zs")
+    assert m["n"] == 3 and m["map"]["classes"] == ["gm", "t1", "wm"] and m["map"]["majority_rate"] == pytest.approx(1 / 3)
+    assert m["retrieval"]["chance"]["R@1"] == pytest.approx(1 / 3)
+    assert (tmp_path / "zs" / "confusion_map.png").exists()
