@@ -74,7 +74,6 @@ class TextEncoder(nn.Module):
             pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
         return {"tokens": tokens, "pooled": pooled, "attention_mask": attention_mask}
 
-
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Model (safetensors) and tokenizer in Hugging Face format: ``TextEncoder(folder)`` reloads it."""
         self.model.save_pretrained(folder, safe_serialization=True)

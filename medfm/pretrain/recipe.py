@@ -1,7 +1,7 @@
 """YAML pretraining recipes: read, override from the command line, build, run.
 
 A recipe (see the top-level ``encoders/`` folder) has the sections ``method``,
-``seed``, ``encoder``, ``mae`` / ``dino`` (the method's arguments), ``data``,
+``seed``, ``encoder``, ``mae`` / ``dino`` / ``clip`` / ... (the method's arguments), ``data``,
 ``view`` (the method's augmentation), ``optim``, ``trainer`` and ``probe``.
 Keys a recipe leaves out take the defaults below; a key that is neither in
 the defaults nor in a free-form section is an error, so typos do not pass
@@ -14,7 +14,10 @@ silently. ``run_pretrain`` writes into the run folder:
   a resumed run keeps the earlier log as ``logs/metrics-partN.csv``;
 * ``encoder/``: the encoder alone (``save_pretrained``), loadable with
   ``create_encoder(name, ..., pretrained=RUN/encoder)`` or ``medfm.encoders.from_pretrained``;
-* ``mae_reconstruction.png`` for MAE.
+* ``mae_reconstruction.png`` for MAE; ``text/`` and ``clip_heads.safetensors`` for CLIP.
+
+``method: text_mlm`` (text tower adaptation) has no image encoder: ``run_pretrain`` hands it to
+:func:`medfm.pretrain.text_mlm.run_text_mlm`.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from medfm.config import load_config, merge
 from medfm.training import StepData, make_trainer, prepare_run_folder
 
 from .callbacks import FinishRun, OnlineProbe
-from .dino import DINOModule
 from .clip import CLIPModule
+from .dino import DINOModule
 from .mae import MAEModule
 from .synth_contrastive import MAX_SHIFT, SynthContrastiveModule, SynthSegModule
 from .text_mlm import TextMLMModule
