@@ -194,6 +194,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_options(p: argparse.ArgumentParser, fn) -> None:
+    """What every recipe-driven training command takes besides its own flags: step budget, resume, and
+    recipe overrides (``--set KEY=VALUE`` or bare ``KEY=VALUE``)."""
+    p.add_argument("--max-steps", type=int, default=None, help="sets trainer.max_steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable)")
+    p.set_defaults(fn=fn, takes_overrides=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfm", description="Medical foundation models: encoders, pretraining, tasks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,11 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe file or name, e.g. encoders/mae_vit_2d.yaml or mae_vit_2d")
     p.add_argument("--data", default=None, help="npz, CSV/JSONL manifest or folder (sets data.path)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, logs, encoder/")
-    p.add_argument("--max-steps", type=int, default=None, help="sets trainer.max_steps")
     p.add_argument("--devices", type=int, default=None, help="sets trainer.devices (>1: DDP)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable)")
-    p.set_defaults(fn=cmd_pretrain, takes_overrides=True)
+    _run_options(p, cmd_pretrain)
     p = sub.add_parser("finetune", help="fine-tune an encoder on a task (classification, segmentation) from tasks/",
                        epilog="Any recipe key can be overridden: KEY=VALUE, e.g. optim.lr=3e-4 lora.r=4")
     p.add_argument("recipe", help="recipe file or name, e.g. tasks/classify_2d.yaml or classify_2d")
@@ -227,10 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: metrics.json, figures, model, checkpoints")
     p.add_argument("--method", default=None, help="linear_probe | full | lora | vpt | ssf | bitfit (sets method)")
     p.add_argument("--shots", type=int, default=None, help="few-shot: K training examples per class")
-    p.add_argument("--max-steps", type=int, default=None, help="sets trainer.max_steps")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable)")
-    p.set_defaults(fn=cmd_finetune, takes_overrides=True)
+    _run_options(p, cmd_finetune)
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a held-out split, or a CLIP run zero-shot",
                        epilog="zero-shot: medfm evaluate zero-shot --model RUN --data manifest.csv --split dev "
                               "--classes type,plane --text caption")

@@ -20,25 +20,28 @@ from medfm.data.volume import plain_tensor
 
 @torch.no_grad()
 def embed_dataset(encoder: nn.Module, dataset: Dataset, batch_size: int = 64,
-                  device: torch.device | str | None = None, progress: str | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled embeddings (N, D) and labels (N,) or (N, K) of a dataset of sample dicts, encoder in eval
-    mode; ``progress`` names a progress bar (None: no bar)."""
+                  device: torch.device | str | None = None, progress: str | None = None, forward=None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pooled embeddings (N, D) and labels (N,) or (N, K) (None when the samples have none) of a dataset of
+    sample dicts, encoder in eval mode; ``forward`` replaces ``encoder(x)`` (e.g. a CLIP model's
+    ``encode_image``); ``progress`` names a progress bar (None: no bar)."""
     from tqdm.auto import tqdm
 
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
+    forward = forward or encoder
     feats, labels = [], []
     try:
         for i in tqdm(range(0, len(dataset), batch_size), desc=progress, leave=False, disable=progress is None):
             items = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
             x = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)
-            feats.append(encoder(x).float().cpu())
-            labels.append(torch.stack([torch.as_tensor(s["label"]) for s in items]))
+            feats.append(forward(x).float().cpu())
+            if "label" in items[0]:
+                labels.append(torch.stack([torch.as_tensor(s["label"]) for s in items]))
     finally:
         encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(feats), torch.cat(labels) if labels else None
 
 
 def logistic_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,

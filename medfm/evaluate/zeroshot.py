@@ -11,7 +11,6 @@ each text) by cosine similarity: recall@K, against the chance rate K/N.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -109,19 +108,6 @@ def load_clip_run(run: str | os.PathLike):
     return model.eval(), cfg
 
 
-@torch.no_grad()
-def embed_images(model, dataset, batch_size: int = 64, progress: str | None = "embedding images") -> torch.Tensor:
-    """Normalised image embeddings (N, D) of a dataset of sample dicts."""
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    out = []
-    for i in tqdm(range(0, len(dataset), batch_size), desc=progress, leave=False, disable=progress is None):
-        x = torch.stack([torch.as_tensor(dataset[j]["image"]) for j in range(i, min(i + batch_size, len(dataset)))])
-        out.append(model.encode_image(x.to(device)).float().cpu())
-    return torch.cat(out)
-
-
 def evaluate_zero_shot(run: str | os.PathLike, data: str | os.PathLike, classes: Sequence[str] = (),
                        split: str | None = None, text_key: str | None = None,
                        templates: Sequence[str] = TEMPLATES, prompts: dict[str, dict[str, str]] | None = None,
@@ -132,8 +118,10 @@ def evaluate_zero_shot(run: str | os.PathLike, data: str | os.PathLike, classes:
     ``retrieval.png`` into ``out`` (default RUN/zero_shot_<split>)."""
     from torchmetrics.functional.classification import multiclass_accuracy
 
+    from medfm.atomic import write_json
     from medfm.data import ManifestDataset
     from medfm.evaluate.plots import confusion_png, retrieval_png
+    from medfm.evaluate.probe import embed_dataset
     from medfm.pretrain.recipe import _preprocess
 
     if not classes and not text_key:
@@ -146,7 +134,7 @@ def evaluate_zero_shot(run: str | os.PathLike, data: str | os.PathLike, classes:
                          transform=_preprocess(cfg, size=enc["img_size"]))
     if len(ds) == 0:
         raise ValueError(f"{data}: no rows in split {split!r}")
-    image_emb = embed_images(model, ds)
+    image_emb = embed_dataset(model, ds, progress="embedding images", forward=model.encode_image)[0]
     metrics: dict = {"run": str(run), "data": str(data), "split": split, "n": len(ds), "templates": list(templates)}
     for col in classes:
         labels = ManifestDataset(data, split=split, label_keys=col)
@@ -168,7 +156,5 @@ def evaluate_zero_shot(run: str | os.PathLike, data: str | os.PathLike, classes:
         texts = [ds.records[i].text for i in range(len(ds))]
         metrics["retrieval"] = retrieval_metrics(image_emb, text_embeddings(model, texts), keys=texts)
         retrieval_png(metrics["retrieval"], out / "retrieval.png", title=f"retrieval ({split}, n={len(ds)})")
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
     return metrics

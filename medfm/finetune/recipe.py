@@ -31,6 +31,7 @@ import torch
 import yaml
 from torch.utils.data import Dataset, Subset
 
+from medfm.atomic import atomic_path, write_json
 from medfm.config import load_config, merge
 from medfm.data import DataError, open_dataset
 from medfm.data.transforms import PRESETS
@@ -287,7 +288,7 @@ def run_finetune(cfg: dict, out: str | os.PathLike, data_path: str | None = None
                "trainable_params": trainable, "total_params": total, "train_time_s": round(train_time, 1)}
     metrics.update(evaluate_splits(model, cfg, out))
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     return out
 
 
@@ -387,12 +388,6 @@ def _mean_case_metrics(cases: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------- saving
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
-
-
 def save_model(model: torch.nn.Module, out: Path) -> None:
     """``model.safetensors`` (whole task model, atomically), ``encoder/`` (plain, merged) and, for LoRA,
     ``adapter/`` (peft's adapter folder)."""
@@ -400,9 +395,8 @@ def save_model(model: torch.nn.Module, out: Path) -> None:
 
     from medfm.pretrain.callbacks import save_encoder_atomically
 
-    tmp = out / "model.safetensors.tmp"
-    save_st(model, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_st(model, str(tmp))
     save_encoder_atomically(export_encoder(model.encoder), out / "encoder")
     if is_lora(model.encoder):
         model.encoder.save_pretrained(str(out / "adapter"))
@@ -438,5 +432,5 @@ def evaluate_run(run: str | os.PathLike, data_path: str | None = None, split: st
         thresholds = val.get("selected_thresholds")
     res = evaluate_splits(model, cfg, out, data_path=data_path, splits=[split], thresholds=thresholds)
     metrics = {"run": str(run), "data": str(data_path or cfg["data"]["path"]), **res}
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     return metrics

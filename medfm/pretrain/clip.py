@@ -157,13 +157,13 @@ class CLIPModule(PretrainModule):
     def export(self, out: Path) -> None:
         """Besides ``encoder/`` (the image tower): ``text/`` (the text tower, Hugging Face format) and
         ``clip_heads.safetensors`` (projections, scale, bias), written atomically."""
-        import os
-
         from safetensors.torch import save_file
+
+        from medfm.atomic import atomic_path
 
         from .callbacks import save_encoder_atomically
 
         save_encoder_atomically(self.model.text_encoder, out / "text")
-        tmp = out / "clip_heads.safetensors.tmp"
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.model.heads_state().items()}, str(tmp))
-        os.replace(tmp, out / "clip_heads.safetensors")
+        with atomic_path(out / "clip_heads.safetensors") as tmp:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in self.model.heads_state().items()},
+                      str(tmp))

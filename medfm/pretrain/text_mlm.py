@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from medfm.atomic import write_json
 from medfm.training import StepData, TrainingModule
 
 
@@ -57,6 +58,12 @@ def split_holdout(texts: list[str], every: int) -> tuple[list[str], list[str]]:
     held = [t for i, t in enumerate(texts) if every and i % every == every - 1]
     train = [t for i, t in enumerate(texts) if not every or i % every != every - 1]
     return train, held
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[dict]:
+    """One dict of token lists per text (truncated, unpadded): what the MLM collator takes."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    return [{k: enc[k][i] for k in enc} for i in range(len(texts))]
 
 
 class _Keyed(Dataset):
@@ -147,8 +154,7 @@ def masked_perplexity(model, tokenizer, texts: list[str], max_length: int = 128,
     total, count = 0.0, 0
     try:
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length)
-            batch = collator([{k: enc[k][j] for k in enc} for j in range(len(enc["input_ids"]))])
+            batch = collator(tokenize(tokenizer, texts[i:i + batch_size], max_length))
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"]
@@ -179,8 +185,7 @@ def run_text_mlm(cfg: dict, out: str | os.PathLike, resume: bool = False, callba
     optim = dict(cfg["optim"], max_steps=cfg["trainer"]["max_steps"])
     module = TextMLMModule(t.get("text_model"), **optim)
     tok = module.tokenizer
-    enc = tok(train, truncation=True, max_length=max_length)
-    keyed = _Keyed([{k: enc[k][i] for k in enc} for i in range(len(train))])
+    keyed = _Keyed(tokenize(tok, train, max_length))
     data = StepData(keyed, len(keyed), d["batch_size"], d["num_workers"], seed=cfg["seed"],
                     collate_fn=SeededMasking(make_collator(tok, p, cfg["seed"]), cfg["seed"]))
     trainer = make_trainer(cfg["trainer"], out, [*callbacks, FinishRun(out, figure_samples=0)])
@@ -190,18 +195,12 @@ def run_text_mlm(cfg: dict, out: str | os.PathLike, resume: bool = False, callba
             yaml.safe_dump(cfg, f, sort_keys=False)
         if not ckpt:  # a fresh run measures the unadapted model (a resumed one keeps that number)
             before = masked_perplexity(module.model, tok, held, max_length, p) if held else None
-            _write_json(metrics_path, {"train_texts": len(train), "heldout_texts": len(held),
-                                       "heldout_perplexity_before": before})
+            write_json(metrics_path, {"train_texts": len(train), "heldout_texts": len(held),
+                                      "heldout_perplexity_before": before})
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.is_global_zero:
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         metrics["heldout_perplexity_after"] = masked_perplexity(module.model, tok, held, max_length, p) if held else None
         save_encoder_atomically(_TextTower(module.model, tok), out / "mlm")
-        _write_json(metrics_path, metrics)
+        write_json(metrics_path, metrics)
     return out
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)

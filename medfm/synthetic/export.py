@@ -15,6 +15,8 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
+from medfm.atomic import atomic_path
+
 from .engine import SynthConfig, synth_sample
 
 
@@ -23,9 +25,8 @@ def _write_nifti(array: np.ndarray, path: Path) -> None:
     img = nib.Nifti1Image(array, np.eye(4))
     img.header.set_xyzt_units("mm")
     data = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def contact_sheet(samples: list[dict], path: Path) -> Path:
