@@ -1,14 +1,31 @@
-"""``medfm`` command line: ``info``, ``encode``, ``pretrain``, ``finetune``, ``evaluate`` (and
-``evaluate zero-shot``), ``synth``."""
+"""``medfm`` command line: ``info``, ``encode``, ``pretrain`` (every registered method: MAE, DINO, CLIP,
+text MLM, dense synthetic), ``finetune`` (classification, segmentation), ``evaluate RUN`` (any run kind),
+``synth``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from medfm.data import DataError, load, samples
+from medfm.data.datasets import finalise_sample
+from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
+from medfm.finetune import METHODS as ADAPTATIONS
+from medfm.finetune import TASKS, load_task_recipe, run_finetune
+from medfm.finetune.recipe import run_recipe
+from medfm.pretrain import METHODS, load_recipe, run_pretrain
+from medfm.run import RunFolder, find_recipe, list_recipes
+from medfm.synthetic import SynthConfig, export_synthetic
+
+mni152 = samples.mni152
 
 PACKAGES = ("medfm", "torch", "torchvision", "timm", "monai", "open_clip_torch", "transformers", "diffusers",
             "lightning", "torchmetrics", "peft", "nibabel", "pydicom", "safetensors", "huggingface_hub")
@@ -22,8 +39,6 @@ def _version(pkg: str) -> str:
 
 
 def device_description() -> str:
-    import torch
-
     if torch.cuda.is_available():
         names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
         return f"cuda x{torch.cuda.device_count()} ({', '.join(sorted(names))})"
@@ -33,18 +48,15 @@ def device_description() -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from medfm.encoders import list_encoders
-    from medfm.encoders.registry import _REGISTRY
-    from medfm.recipes import list_recipes
-
     print(f"python      {platform.python_version()} ({platform.platform()})")
     for pkg in PACKAGES:
         print(f"{pkg:<16}{_version(pkg)}")
     print(f"device      {device_description()}")
     print("\nencoders (create_encoder(name, spatial_dims=2|3)):")
     for name in list_encoders():
-        doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:<12} {doc}")
+        print(f"  {name:<12} {describe_encoder(name)}")
+    print("\npretraining methods: " + ", ".join(METHODS))
+    print("fine-tuning tasks:   " + ", ".join(TASKS) + "  (adaptation: " + ", ".join(ADAPTATIONS) + ")")
     print("\nrecipes:")
     for kind, paths in list_recipes().items():
         print(f"  {kind}/: " + (", ".join(p.name for p in paths) if paths else "(none yet)"))
@@ -52,35 +64,34 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    import torch
-
-    from medfm.data import load
-    from medfm.data.datasets import _finalise
-    from medfm.data.samples import mni152
-    from medfm.data.transforms import PRESETS
-    from medfm.encoders import create_encoder
-
     path = args.path or mni152("t1")
     t0 = time.perf_counter()
     sample = load(path)
     dims = sample["meta"]["spatial_dims"]
-    preset = args.preset or ("mr_3d" if dims == 3 else "radiograph_2d")
-    kwargs = {"size": args.size}
-    if dims == 3:
-        kwargs["spacing"] = args.spacing
-    sample = _finalise(PRESETS[preset](**kwargs)(sample))
+    model = None
+    if args.pretrained and not args.preset and os.path.isdir(args.pretrained):
+        # a medfm encoder folder or run brings the preprocessing it was trained with
+        model = from_pretrained(_encoder_weights(args.pretrained))
+        preprocess = getattr(model, "preprocess", None)
+    if model is None or not preprocess:
+        preset = args.preset or ("mr_3d" if dims == 3 else "radiograph_2d")
+        preprocess = {"preset": preset, "size": args.size, "args": {"spacing": args.spacing} if dims == 3 else {}}
+    sample = finalise_sample(preprocess_transform(preprocess)(sample))
     t_load = time.perf_counter() - t0
     x = sample["image"][None]
-    model = create_encoder(args.encoder, spatial_dims=dims, in_chans=x.shape[1], img_size=args.size,
-                           pretrained=args.pretrained).eval()
+    if model is None:
+        model = create_encoder(args.encoder, spatial_dims=dims, in_chans=x.shape[1], img_size=args.size,
+                               pretrained=args.pretrained)
+    model.eval()
     with torch.inference_mode():
         t1 = time.perf_counter()
         emb = model(x)
         t_enc = time.perf_counter() - t1
     n_params = sum(p.numel() for p in model.parameters())
+    name = args.pretrained if model is not None and args.pretrained else args.encoder
     print(f"input      {path}")
-    print(f"preset     {preset}: {tuple(x.shape)} (spacing {tuple(round(s, 2) for s in sample['meta']['spacing'])})")
-    print(f"encoder    {args.encoder} {dims}D, {n_params / 1e6:.1f}M parameters, {device_description()}")
+    print(f"preset     {preprocess['preset']}: {tuple(x.shape)} (spacing {tuple(round(s, 2) for s in sample['meta']['spacing'])})")
+    print(f"encoder    {name} {dims}D, {n_params / 1e6:.1f}M parameters, {device_description()}")
     print(f"embedding  {tuple(emb.shape)}  (norm {emb.norm().item():.2f})")
     print(f"time       load+preprocess {t_load:.2f} s, encode {t_enc:.2f} s")
     return 0
@@ -100,9 +111,6 @@ def _rank_zero() -> bool:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from medfm.pretrain import load_recipe, run_pretrain
-    from medfm.recipes import find_recipe
-
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "devices": "trainer.devices"})
     cfg = load_recipe(find_recipe(args.recipe), overrides)
     out = run_pretrain(cfg, args.out, data_path=args.data, resume=args.resume)
@@ -113,16 +121,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _encoder_weights(path: str) -> str:
     """A pretraining run folder means its ``encoder/``; anything else is passed on as is."""
-    from pathlib import Path
-
     p = Path(path)
     return str(p / "encoder") if (p / "encoder" / "config.json").exists() else path
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from medfm.finetune.recipe import load_task_recipe, run_finetune
-    from medfm.recipes import find_recipe
-
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "method": "method", "shots": "shots"})
     if args.encoder is not None:
         overrides.append(f"encoder.pretrained={_encoder_weights(args.encoder)}")
@@ -135,8 +138,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _print_metrics(path) -> None:
     """The headline numbers of a metrics.json as a small table."""
-    import json
-
     m = json.loads(open(path).read())
     rows = [(k, v) for k, v in m.items() if isinstance(v, dict) and ("auroc" in v or "mean_dice" in v)]
     if "trainable_params" in m:
@@ -148,46 +149,60 @@ def _print_metrics(path) -> None:
     print(f"metrics: {path}")
 
 
+def run_plugin(run: Path):
+    """The plug-in that made a run folder, from its ``run.json`` (a folder without one is taken for a
+    fine-tuning run written before run.json existed)."""
+    if not (run / "run.json").exists():
+        return TASKS.get_plugin(run_recipe(run)["task"])
+    info = RunFolder(run).info()
+    registry = {"pretrain": METHODS, "finetune": TASKS}.get(info.get("kind"))
+    if registry is None:
+        raise ValueError(f"{run}: unknown run kind {info.get('kind')!r} in run.json")
+    return registry.get_plugin(info["plugin"])
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    if args.mode == "zero-shot":
-        return cmd_zero_shot(args)
-    if not args.run:
-        raise SystemExit("medfm evaluate: give --run RUN (a fine-tuning run), or `medfm evaluate zero-shot --model RUN`")
-    from medfm.finetune.recipe import evaluate_run
-
-    out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}"
-    evaluate_run(args.run, data_path=args.data, split=args.split, out=out)
-    _print_metrics(out / "metrics.json")
-    return 0
-
-
-def cmd_zero_shot(args: argparse.Namespace) -> int:
-    from medfm.evaluate.zeroshot import TEMPLATES, evaluate_zero_shot
-
-    if not args.model or not args.data:
-        raise SystemExit("medfm evaluate zero-shot: give --model RUN (a CLIP run) and --data MANIFEST")
+    if args.mode == "zero-shot":  # the older spelling of `medfm evaluate CLIP_RUN`
+        args.run = args.run or args.model
+        if not args.run or not args.data:
+            raise SystemExit("medfm evaluate zero-shot: give --model RUN (a CLIP run) and --data MANIFEST")
+    run = args.run or (args.mode if args.mode not in (None, "zero-shot") else None)
+    if not run:
+        raise SystemExit("medfm evaluate: give a run folder (medfm evaluate RUN, or --run RUN)")
+    run = Path(run)
+    plugin = run_plugin(run)
     classes = [c for c in (args.classes or "").split(",") if c]
-    templates = args.prompt or TEMPLATES
     split = None if args.split in ("", "all") else args.split
-    m = evaluate_zero_shot(args.model, args.data, classes, split=split, text_key=args.text, templates=templates,
-                           out=args.out)
-    print(f"{m['n']} images of {args.data} (split {split})")
-    for col in classes:
-        v = m[col]
-        print(f"  {col:<20} zero-shot accuracy {v['accuracy']:.4f}  balanced {v['balanced_accuracy']:.4f}  "
-              f"majority-class rate {v['majority_rate']:.4f}  ({len(v['classes'])} classes)")
-    if "retrieval" in m:
-        r = m["retrieval"]
-        for way in ("image_to_text", "text_to_image"):
-            print(f"  {way:<20} " + "  ".join(f"{k} {r[way][k]:.3f} (chance {r['chance'][k]:.3f})" for k in r["chance"]))
+    metrics = plugin.evaluate(run, data=args.data, split=split, out=args.out, classes=classes, text=args.text,
+                              templates=args.prompt, label=args.label)
+    _print_evaluation(metrics, plugin, run, args)
     return 0
+
+
+def _print_evaluation(m: dict, plugin, run: Path, args: argparse.Namespace) -> None:
+    """The headline numbers of an evaluation, by kind."""
+    if plugin.kind == "finetune":
+        out = Path(args.out) if args.out else run / f"eval_{args.split}"
+        _print_metrics(out / "metrics.json")
+    elif "n" in m and ("retrieval" in m or any(isinstance(v, dict) and "majority_rate" in v for v in m.values())):
+        print(f"{m['n']} images of {args.data} (split {m['split']})")
+        for col, v in m.items():
+            if isinstance(v, dict) and "majority_rate" in v:
+                print(f"  {col:<20} zero-shot accuracy {v['accuracy']:.4f}  balanced {v['balanced_accuracy']:.4f}  "
+                      f"majority-class rate {v['majority_rate']:.4f}  ({len(v['classes'])} classes)")
+        if "retrieval" in m:
+            r = m["retrieval"]
+            for way in ("image_to_text", "text_to_image"):
+                print(f"  {way:<20} " + "  ".join(f"{k} {r[way][k]:.3f} (chance {r['chance'][k]:.3f})" for k in r["chance"]))
+    else:
+        for key, value in m.items():
+            if isinstance(value, dict):
+                print(f"  {key:<14} " + "  ".join(f"{k} {v:.4f}" for k, v in value.items() if isinstance(v, float)))
+            elif isinstance(value, float):
+                print(f"  {key:<14} {value:.4f}")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from medfm.synthetic import SynthConfig, export_synthetic
-
     cfg = SynthConfig(spatial_dims=args.dims, size=args.size, n_labels=args.labels, kind=args.kind)
     manifest = export_synthetic(cfg, args.n, args.out, seed=args.seed)
     print(f"wrote {args.n} samples: {manifest} (contact sheet: {manifest.parent / 'contact_sheet.png'})")
@@ -216,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=96, help="crop/resize size per side (default 96)")
     p.add_argument("--spacing", type=float, default=2.0, help="3D resampling in mm (default 2.0)")
     p.set_defaults(fn=cmd_encode)
-    p = sub.add_parser("pretrain", help="self-supervised pretraining (MAE, DINO) from a recipe in encoders/",
+    p = sub.add_parser("pretrain", help="pretraining (MAE, DINO, CLIP, text MLM, dense synthetic) from a recipe "
+                       "in encoders/",
                        epilog="Any recipe key can be overridden: KEY=VALUE, e.g. mae.mask_ratio=0.6 data.batch_size=32")
     p.add_argument("recipe", help="recipe file or name, e.g. encoders/mae_vit_2d.yaml or mae_vit_2d")
     p.add_argument("--data", default=None, help="npz, CSV/JSONL manifest or folder (sets data.path)")
@@ -234,13 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="linear_probe | full | lora | vpt | ssf | bitfit (sets method)")
     p.add_argument("--shots", type=int, default=None, help="few-shot: K training examples per class")
     _run_options(p, cmd_finetune)
-    p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a held-out split, or a CLIP run zero-shot",
-                       epilog="zero-shot: medfm evaluate zero-shot --model RUN --data manifest.csv --split dev "
-                              "--classes type,plane --text caption")
-    p.add_argument("mode", nargs="?", choices=("zero-shot",), help="zero-shot: classify from class names and "
-                   "retrieve image <-> text with a CLIP run (default: evaluate a fine-tuning run)")
-    p.add_argument("--run", default=None, help="a `medfm finetune` run folder")
-    p.add_argument("--model", default=None, help="zero-shot: a CLIP run (`medfm pretrain encoders/clip_vit_2d.yaml`)")
+    p = sub.add_parser("evaluate", help="evaluate any run: a fine-tuned task on a held-out split, a CLIP run "
+                       "zero-shot, a pretrained encoder by a linear probe, a text MLM run by perplexity",
+                       epilog="examples: medfm evaluate RUN --split test | medfm evaluate CLIP_RUN --data "
+                              "manifest.csv --split dev --classes type,plane --text caption | medfm evaluate "
+                              "MAE_RUN --data pneumoniamnist.npz --split val")
+    p.add_argument("mode", nargs="?", help="the run folder (or `zero-shot`, the older spelling, with --model)")
+    p.add_argument("--run", default=None, help="the run folder (same as the positional RUN)")
+    p.add_argument("--model", default=None, help="zero-shot: a CLIP run (older spelling)")
+    p.add_argument("--label", default=None, help="pretraining runs: the manifest label column for the linear probe")
     p.add_argument("--data", default=None, help="npz or manifest (default: the run's data)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test; zero-shot: 'all' for every row)")
     p.add_argument("--classes", default=None, help="zero-shot: manifest label columns, comma-separated "
@@ -269,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     if bad or (extra and not getattr(args, "takes_overrides", False)):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     args.overrides = extra
-    from medfm.data.errors import DataError
-
     try:
         return args.fn(args)
     except (DataError, KeyError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:

@@ -46,7 +46,8 @@ def test_each_method_lowers_the_loss_on_a_small_real_set(method, cls_data, tmp_p
     assert m["method"] == method and m["steps"] == 40 and m["shots"] == 32
     assert 0 < m["trainable_params"] <= m["total_params"]
     assert 0.0 <= m["val"]["auroc"] <= 1.0 and m["val"]["n"] > 0 and "selected_thresholds" in m["val"]
-    for f in ("model.safetensors", "encoder/model.safetensors", "roc_val.png", "confusion_val.png"):
+    for f in ("model/config.json", "model/model.safetensors", "encoder/model.safetensors", "roc_val.png",
+              "confusion_val.png"):
         assert (run / f).exists(), f
     assert (run / "adapter" / "adapter_model.safetensors").exists() == (method == "lora")
 

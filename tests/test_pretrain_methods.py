@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from medfm.encoders import create_encoder
 from medfm.pretrain import DINOModule, MaskedAutoencoder, patchify, unpatchify
-from medfm.pretrain.views import MultiCrop, StepSampler, ViewDataset, mae_view
+from medfm.pretrain.views import MultiCrop, mae_view
+from medfm.run import KeyedDataset, StepSampler
 
 
 def _encoder(dims: int, patch=8, in_chans=1):
@@ -139,7 +140,7 @@ def test_views_are_reproducible_per_position(dims):
             return {"image": img * (i + 1), "label": i}
 
     for view in (mae_view(dims, 32), MultiCrop(dims, 32, 16, n_local=2)):
-        ds = ViewDataset(One(), view, seed=1)
+        ds = KeyedDataset(One(), view, seed=1)
         a, b, c = ds[(0, 5)], ds[(0, 5)], ds[(0, 6)]
         key = "image" if "image" in a else "global"
         first = (lambda s: s[key][0]) if key == "global" else (lambda s: s[key])
@@ -169,13 +170,13 @@ def test_mixed_views_draw_synthetic_samples_at_the_stated_rate_reproducibly():
 
     real = [{"image": torch.zeros(1, 32, 32), "label": 0}] * 4
     cfg = SynthConfig(spatial_dims=2, size=32, n_labels=3)
-    ds = ViewDataset(real, mae_view(2, 32, scale=(1.0, 1.0)), seed=0,
+    ds = KeyedDataset(real, mae_view(2, 32, scale=(1.0, 1.0)), seed=0,
                      synthetic=lambda p: synth_sample(cfg, 0, p)["image"], mix=0.25)
     synthetic = [bool(ds[(p % 4, p)]["image"].abs().sum() > 0) for p in range(200)]
     assert 0.15 < sum(synthetic) / 200 < 0.35
     assert synthetic == [bool(ds[(p % 4, p)]["image"].abs().sum() > 0) for p in range(200)]
     assert "label" not in ds[(0, 0)]  # mixed batches carry no labels
-    only = ViewDataset(None, mae_view(2, 32), seed=0, synthetic=lambda p: synth_sample(cfg, 0, p)["image"])
+    only = KeyedDataset(None, mae_view(2, 32), seed=0, synthetic=lambda p: synth_sample(cfg, 0, p)["image"])
     assert only[(5, 5)]["image"].shape == (1, 32, 32)
     assert next(iter(StepSampler(None, 4, seed=0, start_step=2))) == (8, 8)  # endless source: index = position
 
@@ -213,10 +214,10 @@ def test_dense_contrastive_loss_matches_locations_through_the_shift():
 
 
 def test_synthetic_pairs_are_cropped_apart_with_the_shift_recorded():
-    from medfm.pretrain.recipe import _SynthSource
+    from medfm.pretrain.data import SynthSource
     from medfm.synthetic import SynthConfig
 
-    src = _SynthSource(SynthConfig(spatial_dims=2, size=16, n_labels=3), seed=0, pairs=True, max_shift=4)
+    src = SynthSource(SynthConfig(spatial_dims=2, size=16, n_labels=3), seed=0, pairs=True, max_shift=4)
     p = src(5)
     assert p["image"].shape == p["image2"].shape == p["mask"].shape == (1, 16, 16)
     assert p["shift"].shape == (2,) and p["shift"].abs().max() <= 4

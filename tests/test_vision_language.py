@@ -191,7 +191,8 @@ def test_clip_loss_falls_over_30_steps_on_real_image_text_pairs(tmp_path):
     run = run_pretrain(cfg, tmp_path / "run", data_path=str(paired_manifest(tmp_path)))
     curve = losses(run)
     assert len(curve) == 30 and sum(curve[-5:]) < 0.85 * sum(curve[:5]), curve
-    for f in ("encoder/model.safetensors", "text/model.safetensors", "text/tokenizer.json", "clip_heads.safetensors"):
+    for f in ("encoder/model.safetensors", "text/model.safetensors", "text/tokenizer.json", "model/config.json",
+              "model/model.safetensors"):
         assert (run / f).exists(), f
     # the run reloads (safetensors only) and evaluates zero-shot from the command line
     from medfm.cli import main
@@ -234,7 +235,7 @@ def test_clip_recipe_without_text_is_a_clear_error(tmp_path):
 def tiny_clip():
     from medfm.encoders import create_encoder
     from medfm.encoders.text import TextEncoder
-    from medfm.pretrain.clip import CLIP
+    from medfm.encoders import CLIP
 
     torch.manual_seed(0)
     return CLIP(create_encoder("vit_micro", img_size=32, patch_size=8), TextEncoder(max_length=16), embed_dim=32).eval()

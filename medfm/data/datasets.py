@@ -37,7 +37,7 @@ def _split_transform(transform: Callable | Sequence[Callable] | None) -> tuple[C
     return (Compose(items[:k]) if k else None), (Compose(items[k:]) if k < len(items) else None)
 
 
-def _finalise(sample: dict) -> dict:
+def finalise_sample(sample: dict) -> dict:
     """MetaTensor -> plain tensor; ``meta`` updated to the affine/spacing the transforms produced."""
     image = sample["image"]
     meta = dict(sample.get("meta", {}))
@@ -98,7 +98,7 @@ class SampleDataset(Dataset):
             sample = self._prepared(i)
             if self.post is not None:
                 sample = self.post(sample)
-            return _finalise(sample)
+            return finalise_sample(sample)
         except DataError as e:
             raise DataError(f"{self.describe(i)}: {e}") from e
 

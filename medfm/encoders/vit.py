@@ -18,21 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from timm.layers import trunc_normal_
+from monai.utils import ensure_tuple_rep
 from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
 from .hub import HubMixin
-from .registry import register_class, register_encoder
-
-
-def as_tuple(value: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
-    """``16`` -> ``(16,)*n``; a sequence must already have ``n`` entries."""
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(int(v) for v in value)
-    if len(value) != n:
-        raise ValueError(f"{what} {value} must have {n} entries for spatial_dims={n}")
-    return value
+from .registry import register_encoder
 
 
 class PatchEmbed(nn.Module):
@@ -64,17 +56,31 @@ def resample_grid_embed(pos: torch.Tensor, old_grid: Sequence[int], new_grid: Se
     return grid.movedim(1, -1).reshape(1, -1, d).to(pos.dtype)
 
 
-def select_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
-    """timm's ``indices`` convention over ``n`` layers: None = all, int k = the last k, a list (negative
-    counts from the end)."""
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        return list(range(n - indices, n))
-    return [i % n for i in indices]
+def _source_grid(n: int, src_dims: int, config: dict | None) -> tuple[int, ...]:
+    """The token grid of a source position embedding with ``n`` grid tokens (from its config when known)."""
+    if config and "img_size" in config and "patch_size" in config:
+        dims = config.get("spatial_dims", src_dims)
+        img = ensure_tuple_rep(config["img_size"], dims)
+        ps = ensure_tuple_rep(config["patch_size"], dims)
+        grid = tuple(i // p for i, p in zip(img, ps))
+        if math.prod(grid) == n:
+            return grid
+    root = round(n ** (1.0 / src_dims))
+    if root**src_dims != n:
+        raise ValueError(f"cannot infer the {src_dims}D token grid of a position embedding with {n} patch tokens")
+    return (root,) * src_dims
 
 
-@register_class
+def _source_prefix(n: int, src_dims: int, config: dict | None) -> int:
+    """Number of prefix (class-token) slots in a source position embedding of length ``n``."""
+    if config is not None:
+        return 1 if config.get("class_token", True) else 0
+    for prefix in (1, 0):  # timm ViTs keep a class-token slot first
+        if round((n - prefix) ** (1.0 / src_dims)) ** src_dims == n - prefix:
+            return prefix
+    raise ValueError(f"cannot split a position embedding of length {n} into prefix tokens and a {src_dims}D grid")
+
+
 class ViT(nn.Module, HubMixin):
     """Vision Transformer over 2D (C, H, W) or 3D (C, D, H, W) inputs.
 
@@ -116,8 +122,8 @@ class ViT(nn.Module, HubMixin):
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
         self.spatial_dims = spatial_dims
-        self.img_size = as_tuple(img_size, spatial_dims, "img_size")
-        self.patch_size = as_tuple(patch_size, spatial_dims, "patch_size")
+        self.img_size = ensure_tuple_rep(img_size, spatial_dims)
+        self.patch_size = ensure_tuple_rep(patch_size, spatial_dims)
         bad = [s for s, p in zip(self.img_size, self.patch_size) if s % p]
         if bad:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
@@ -169,6 +175,34 @@ class ViT(nn.Module, HubMixin):
                     nn.init.zeros_(m.bias)
         w = self.patch_embed.proj.weight
         trunc_normal_(w.view(w.shape[0], -1), std=0.02)
+
+    # ------------------------------------------------------- checkpoint loading
+    def checkpoint_filter_fn(self, state_dict: dict[str, torch.Tensor], config: dict | None = None,
+                             source_dims: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Adapt a ViT checkpoint to this model (timm's ``checkpoint_filter_fn`` idea): the position
+        embedding is resampled to this token grid (a 2D grid in-plane, then repeated along depth), and a
+        class-token slot is added or dropped. ``config`` is the source's medfm config when it has one;
+        ``source_dims`` the source's number of spatial dims. Returns the state dict and what was done."""
+        pos = state_dict.get("pos_embed")
+        if pos is None or pos.shape == self.pos_embed.shape:
+            return state_dict, []
+        old = tuple(pos.shape)
+        pos = self._adapt_pos_embed(pos, source_dims or self.spatial_dims, config)
+        return {**state_dict, "pos_embed": pos}, [f"pos_embed: resampled {old} -> {tuple(pos.shape)} for grid {self.grid_size}"]
+
+    def _adapt_pos_embed(self, pos: torch.Tensor, src_dims: int, config: dict | None) -> torch.Tensor:
+        src_prefix = _source_prefix(pos.shape[1], src_dims, config)
+        prefix, grid_pos = pos[:, :src_prefix], pos[:, src_prefix:]
+        src_grid = _source_grid(grid_pos.shape[1], src_dims, config)
+        if src_dims == 2 and self.spatial_dims == 3:
+            plane = resample_grid_embed(grid_pos, src_grid, self.grid_size[1:]).reshape(1, 1, *self.grid_size[1:], -1)
+            grid_pos = plane.expand(1, self.grid_size[0], *self.grid_size[1:], plane.shape[-1])
+            grid_pos = grid_pos.reshape(1, math.prod(self.grid_size), -1)
+        else:
+            grid_pos = resample_grid_embed(grid_pos, src_grid, self.grid_size)
+        if self.num_prefix_tokens and not src_prefix:
+            prefix = torch.zeros(1, self.num_prefix_tokens, pos.shape[-1], dtype=pos.dtype)
+        return torch.cat([prefix[:, : self.num_prefix_tokens], grid_pos], dim=1)
 
     # ----------------------------------------------------------- timm-style API
     @torch.jit.ignore
@@ -251,11 +285,11 @@ class ViT(nn.Module, HubMixin):
         ``indices``: ``None`` for every block, an int ``n`` for the last ``n`` blocks,
         or a list of block indices (negative counts from the end), as in timm.
         """
-        take = select_indices(indices, len(self.blocks))
+        take, last = feature_take_indices(len(self.blocks), indices)
         tokens, grid = self.patchify_embed(x)
         h = self.add_prefix(tokens)
         out = []
-        for i, blk in enumerate(self.blocks[: max(take) + 1]):
+        for i, blk in enumerate(self.blocks[: last + 1]):
             h = blk(h)
             if i in take:
                 f = self.norm(h) if norm else h

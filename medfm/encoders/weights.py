@@ -7,15 +7,14 @@ Adaptations, each reported in one warning that lists the keys it touched:
     inflated along depth and divided by the depth (I3D inflation), so a constant
     volume gives the same response as the 2D image did;
   * input channels (e.g. RGB -> 1): timm's ``adapt_input_conv`` (sum, or repeat and rescale);
-  * ViT position embeddings: resampled to the model's token grid; a 2D grid is
-    resampled in-plane and repeated along depth.
+  * whatever the model class adapts itself (its ``checkpoint_filter_fn``, timm's idea): the ViT
+    resamples its position embeddings to its token grid (a 2D grid in-plane, then repeated along depth).
 Everything else must match exactly: after adaptation the state dict is loaded
 strictly, and a mismatch raises an error naming the keys.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -25,8 +24,9 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from timm.models import adapt_input_conv
 
-from .hub import WEIGHTS_NAME, load_state_dict_strict, read_config, resolve_file
-from .vit import ViT, resample_grid_embed
+from medfm.artifacts import WEIGHTS_NAME, load_state_dict_strict
+
+from .hub import read_config, resolve_file
 
 HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")
 INPUT_CONV_KEYS = ("patch_embed.proj.weight", "net.conv1.weight")
@@ -61,48 +61,6 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return load_file(resolve_file(source, WEIGHTS_NAME)), config
 
 
-def _source_grid(pos: torch.Tensor, src_dims: int, config: dict | None) -> tuple[int, ...]:
-    n = pos.shape[1]
-    if config and "img_size" in config and "patch_size" in config:
-        dims = config.get("spatial_dims", src_dims)
-        img = config["img_size"] if isinstance(config["img_size"], list) else [config["img_size"]] * dims
-        ps = config["patch_size"] if isinstance(config["patch_size"], list) else [config["patch_size"]] * dims
-        grid = tuple(i // p for i, p in zip(img, ps))
-        if math.prod(grid) == n:
-            return grid
-    root = round(n ** (1.0 / src_dims))
-    if root**src_dims != n:
-        raise ValueError(f"cannot infer the {src_dims}D token grid of a position embedding with {n} patch tokens")
-    return (root,) * src_dims
-
-
-def _source_prefix(n: int, src_dims: int, config: dict | None) -> int:
-    """Number of prefix (class-token) slots in a source position embedding of length ``n``."""
-    if config is not None:
-        return 1 if config.get("class_token", True) else 0
-    for prefix in (1, 0):  # timm ViTs keep a class-token slot first
-        if round((n - prefix) ** (1.0 / src_dims)) ** src_dims == n - prefix:
-            return prefix
-    raise ValueError(f"cannot split a position embedding of length {n} into prefix tokens and a {src_dims}D grid")
-
-
-def _adapt_pos_embed(model: ViT, pos: torch.Tensor, src_dims: int, config: dict | None) -> torch.Tensor:
-    own_prefix = model.num_prefix_tokens
-    n_model_grid = math.prod(model.grid_size)
-    src_prefix = _source_prefix(pos.shape[1], src_dims, config)
-    prefix, grid_pos = pos[:, :src_prefix], pos[:, src_prefix:]
-    src_grid = _source_grid(grid_pos, src_dims, config)
-    if src_dims == 2 and model.spatial_dims == 3:
-        plane = resample_grid_embed(grid_pos, src_grid, model.grid_size[1:])
-        plane = plane.reshape(1, 1, *model.grid_size[1:], -1)
-        grid_pos = plane.expand(1, model.grid_size[0], *model.grid_size[1:], plane.shape[-1]).reshape(1, n_model_grid, -1)
-    else:
-        grid_pos = resample_grid_embed(grid_pos, src_grid, model.grid_size)
-    if own_prefix and not src_prefix:
-        prefix = torch.zeros(1, own_prefix, pos.shape[-1], dtype=pos.dtype)
-    return torch.cat([prefix[:, :own_prefix], grid_pos], dim=1)
-
-
 def adapt_state_dict(
     model: nn.Module, state_dict: dict[str, torch.Tensor], config: dict | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -135,13 +93,11 @@ def adapt_state_dict(
             depth = target.shape[2]
             v = v.unsqueeze(2).repeat_interleave(depth, dim=2) / depth
             inflated.append(k)
-        if k == "pos_embed" and isinstance(model, ViT) and v.shape != target.shape:
-            patch_w = sd_in.get("patch_embed.proj.weight")
-            pos_dims = patch_w.ndim - 2 if patch_w is not None else model.spatial_dims
-            old = tuple(v.shape)
-            v = _adapt_pos_embed(model, v, pos_dims, config)
-            notes.append(f"pos_embed: resampled {old} -> {tuple(v.shape)} for grid {model.grid_size}")
         sd[k] = v
+    if hasattr(model, "checkpoint_filter_fn"):  # the model class adapts what only it knows how to
+        patch_w = sd_in.get("patch_embed.proj.weight")
+        sd, own_notes = model.checkpoint_filter_fn(sd, config, patch_w.ndim - 2 if patch_w is not None else None)
+        notes += own_notes
     if inflated:
         notes.append(f"inflated {len(inflated)} 2D kernel(s) to 3D along depth: {inflated[:5]}{' ...' if len(inflated) > 5 else ''}")
     return sd, notes
@@ -152,6 +108,8 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike) -> nn.Module:
     state_dict, config = read_state_dict(source)
     sd, notes = adapt_state_dict(model, state_dict, config)
     load_state_dict_strict(model, sd, source=str(source))
+    if config and config.get("preprocess"):  # a medfm folder records how its inputs were prepared
+        model.preprocess = config["preprocess"]
     if notes:
         warnings.warn(f"{source} -> {type(model).__name__}: adapted weights: " + "; ".join(notes), stacklevel=2)
     return model

@@ -10,6 +10,7 @@ import torch
 
 
 def _plt():
+    # imported when a figure is drawn: matplotlib is slow to import, and a notebook keeps its own backend
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,6 +111,35 @@ def retrieval_png(metrics: dict, path: str | Path, title: str = "") -> Path:
     ax.set_ylabel("recall")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _first_slice(x: torch.Tensor) -> np.ndarray:
+    """First channel of a (C, H, W) image or the middle depth slice (first axis) of a (C, D, H, W) volume."""
+    x = torch.as_tensor(x)[0]
+    if x.ndim == 3:
+        x = x[x.shape[0] // 2]
+    return x.float().cpu().numpy()
+
+
+def reconstruction_png(panels: dict[str, torch.Tensor], path: str | Path, title: str = "",
+                       reference: str = "target") -> Path:
+    """One row per sample, one column per entry of ``panels`` (e.g. MAE's masked input, reconstruction,
+    target; (N, C, *spatial) each), every row on the grey scale of its ``reference`` image."""
+    plt = _plt()
+    n = len(panels[reference])
+    fig, axes = plt.subplots(n, len(panels), figsize=(2 * len(panels), 2 * n), squeeze=False)
+    for i in range(n):
+        ref = _first_slice(panels[reference][i])
+        lo, hi = float(ref.min()), float(ref.max())
+        for j, (key, images) in enumerate(panels.items()):
+            ax = axes[i, j]
+            ax.imshow(_first_slice(images[i]), cmap="gray", vmin=lo, vmax=hi)
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(key)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 

@@ -17,6 +17,15 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_accuracy
+
+from medfm.artifacts import load
+from medfm.atomic import write_json
+from medfm.data import ManifestDataset
+from medfm.encoders import CLIP, preprocess_transform
+
+from .plots import confusion_png, retrieval_png
+from .probe import embed_dataset
 
 TEMPLATES = ("{}.", "a medical image of {}.", "a radiology image showing {}.", "a scan of the {}.")
 FINDING_PAIRS = (("{}.", "no {}."), ("there is {}.", "there is no {}."), ("findings of {}.", "no evidence of {}."))
@@ -24,7 +33,7 @@ FINDING_PAIRS = (("{}.", "no {}."), ("there is {}.", "there is no {}."), ("findi
 
 @torch.no_grad()
 def text_embeddings(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Normalised text embeddings (N, D) of a CLIP model (:class:`medfm.pretrain.clip.CLIP`)."""
+    """Normalised text embeddings (N, D) of a CLIP model (:class:`medfm.encoders.CLIP`)."""
     model.eval()
     out = [model.encode_text(list(texts[i:i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
     return torch.cat(out)
@@ -78,34 +87,17 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Seque
             "chance": {f"R@{k}": min(k, n) / n for k in ks}, "n": n}
 
 
-def load_clip_run(run: str | os.PathLike):
-    """The CLIP model of a ``medfm pretrain`` CLIP run (``recipe.yaml``, ``encoder/``, ``text/``,
-    ``clip_heads.safetensors``; safetensors only, nothing unpickled) and its recipe."""
-    import yaml
-    from safetensors.torch import load_file
-
-    from medfm.encoders.text import TextEncoder
-    from medfm.pretrain.clip import CLIP
-    from medfm.pretrain.recipe import build_encoder
-
+def load_clip_run(run: str | os.PathLike) -> CLIP:
+    """The CLIP model of a ``medfm pretrain`` CLIP run (its ``model/`` folder; safetensors only)."""
     run = Path(run)
-    for f in ("recipe.yaml", "encoder", "text", "clip_heads.safetensors"):
-        if not (run / f).exists():
-            raise FileNotFoundError(f"{run / f}: not a finished CLIP run (missing {f}; train one with "
-                                    "`medfm pretrain encoders/clip_vit_2d.yaml`)")
-    cfg = yaml.safe_load((run / "recipe.yaml").read_text())
-    if cfg.get("method") != "clip":
-        raise ValueError(f"{run}: a {cfg.get('method')!r} run, not a CLIP run")
-    c = cfg["clip"]
-    enc_cfg = dict(cfg, encoder=dict(cfg["encoder"], pretrained=str(run / "encoder")))
-    text = TextEncoder(run / "text", max_length=c.get("max_length", 128), pooling=c.get("pooling", "mean"))
-    model = CLIP(build_encoder(enc_cfg), text, embed_dim=c.get("embed_dim", 256), loss=c.get("loss", "clip"))
-    missing, unexpected = model.load_state_dict(load_file(str(run / "clip_heads.safetensors")), strict=False)
-    heads_missing = [k for k in missing if not k.startswith(("image_encoder.", "text_encoder."))]
-    if heads_missing or unexpected:
-        raise ValueError(f"{run / 'clip_heads.safetensors'}: does not fit the recipe "
-                         f"(missing {heads_missing}, unexpected {unexpected})")
-    return model.eval(), cfg
+    folder = run / "model" if (run / "model").is_dir() else run
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{run}: not a finished CLIP run (no model/config.json; train one with "
+                                "`medfm pretrain encoders/clip_vit_2d.yaml`)")
+    model = load(folder)
+    if not isinstance(model, CLIP):
+        raise ValueError(f"{folder}: a {type(model).__name__}, not a CLIP model")
+    return model
 
 
 def evaluate_zero_shot(run: str | os.PathLike, data: str | os.PathLike, classes: Sequence[str] = (),
@@ -116,22 +108,14 @@ def evaluate_zero_shot(run: str | os.PathLike, data: str | os.PathLike, classes:
     the phrases in ``prompts[column][value]``) against the majority-class rate, and retrieval R@1/5/10 when
     ``text_key`` names a text column. Writes ``metrics.json``, ``confusion_<column>.png`` and
     ``retrieval.png`` into ``out`` (default RUN/zero_shot_<split>)."""
-    from torchmetrics.functional.classification import multiclass_accuracy
-
-    from medfm.atomic import write_json
-    from medfm.data import ManifestDataset
-    from medfm.evaluate.plots import confusion_png, retrieval_png
-    from medfm.evaluate.probe import embed_dataset
-    from medfm.pretrain.recipe import _preprocess
-
     if not classes and not text_key:
         raise ValueError("nothing to evaluate: name label columns (classes) and/or a text column (text_key)")
-    model, cfg = load_clip_run(run)
+    model = load_clip_run(run)
     out = Path(out) if out else Path(run) / f"zero_shot_{split or 'all'}"
     out.mkdir(parents=True, exist_ok=True)
-    enc = cfg["encoder"]
-    ds = ManifestDataset(data, split=split, text_key=text_key, spatial_dims=enc["spatial_dims"],
-                         transform=_preprocess(cfg, size=enc["img_size"]))
+    image_encoder = model.image_encoder  # its recorded preprocessing: what the run trained on
+    ds = ManifestDataset(data, split=split, text_key=text_key, spatial_dims=image_encoder.spatial_dims,
+                         transform=preprocess_transform(image_encoder.preprocess))
     if len(ds) == 0:
         raise ValueError(f"{data}: no rows in split {split!r}")
     image_emb = embed_dataset(model, ds, progress="embedding images", forward=model.encode_image)[0]

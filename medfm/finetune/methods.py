@@ -17,11 +17,39 @@ weights) for ``save_pretrained``.
 from __future__ import annotations
 
 import copy
+import re
+from dataclasses import asdict, dataclass
 
 import torch.nn as nn
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from medfm.run.recipe import config_from_signature
+
+from .ssf import add_ssf, merge_ssf
+from .vpt import PromptedViT
 
 METHODS = ("linear_probe", "full", "lora", "vpt", "ssf", "bitfit")
 LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # the ViT's attention and MLP projections
+
+
+@dataclass
+class FullConfig:
+    """``full`` recipe section."""
+
+    layer_decay: float = 0.75  # layer-wise learning-rate decay (BEiT / MAE fine-tuning); 1: off
+
+
+@dataclass
+class LoRAConfig:
+    """``lora`` recipe section (peft's LoRA)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list | None = None  # regex or layer names (null: the ViT's qkv/proj/fc1/fc2)
+
+
+VPTConfig = config_from_signature(PromptedViT, "VPTConfig", exclude=("self", "vit"))  # ``vpt`` recipe section
 
 
 def _freeze(module: nn.Module) -> None:
@@ -30,7 +58,8 @@ def _freeze(module: nn.Module) -> None:
 
 
 def adapt_encoder(encoder: nn.Module, method: str, lora: dict | None = None, vpt: dict | None = None) -> nn.Module:
-    """The encoder prepared for ``method``: its trainable parameters set, adapter modules added."""
+    """The encoder prepared for ``method``: its trainable parameters set, adapter modules added
+    (``lora`` / ``vpt``: those sections' keys, defaults from :class:`LoRAConfig` / :class:`VPTConfig`)."""
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; available: {', '.join(METHODS)}")
     if method == "full":
@@ -44,16 +73,10 @@ def adapt_encoder(encoder: nn.Module, method: str, lora: dict | None = None, vpt
                 p.requires_grad_(True)
         return encoder
     if method == "ssf":
-        from .ssf import add_ssf
-
         return add_ssf(encoder)
     if method == "vpt":
-        from .vpt import PromptedViT
-
-        return PromptedViT(encoder, **(vpt or {}))
-    from peft import LoraConfig, get_peft_model
-
-    args = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None, **(lora or {})}
+        return PromptedViT(encoder, **asdict(VPTConfig(**(vpt or {}))))
+    args = asdict(LoRAConfig(**(lora or {})))
     targets = args["target_modules"] or LORA_TARGETS
     if isinstance(targets, str) and not any(True for n, _ in encoder.named_modules() if _full_match(targets, n)):
         raise ValueError(f"LoRA: no layer of {type(encoder).__name__} matches target_modules {targets!r} "
@@ -63,30 +86,22 @@ def adapt_encoder(encoder: nn.Module, method: str, lora: dict | None = None, vpt
 
 
 def _full_match(pattern: str, name: str) -> bool:
-    import re
-
     return re.fullmatch(pattern, name) is not None
 
 
 def is_lora(encoder: nn.Module) -> bool:
-    from peft import PeftModel
-
     return isinstance(encoder, PeftModel)
 
 
 def export_encoder(encoder: nn.Module) -> nn.Module:
     """A plain medfm encoder with the adaptation folded in (a copy): LoRA merged (``merge_and_unload``),
     SSF merged, VPT's base ViT (prompts live in the task model, not in a plain encoder)."""
-    from .vpt import PromptedViT
-
     enc = copy.deepcopy(encoder)
     if is_lora(enc):
         enc = enc.merge_and_unload()
     if isinstance(enc, PromptedViT):
         enc = enc.vit
     if hasattr(enc, "ssf"):
-        from .ssf import merge_ssf
-
         enc = merge_ssf(enc)
     for p in enc.parameters():
         p.requires_grad_(True)

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from medfm.encoders.vit import select_indices
+from timm.models._features import feature_take_indices
 
 
 class PromptedViT(nn.Module):
@@ -79,5 +79,5 @@ class PromptedViT(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False) -> list[torch.Tensor]:
         """As :meth:`medfm.encoders.ViT.forward_intermediates`, with the prompts in the sequence."""
-        take = select_indices(indices, len(self.vit.blocks))
+        take, _ = feature_take_indices(len(self.vit.blocks), indices)
         return self._run(x, take, norm)[1]

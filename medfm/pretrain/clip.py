@@ -18,15 +18,22 @@ trained), or all but its last ``unlocked_layers`` blocks frozen.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from open_clip.loss import ClipLoss, SigLipLoss
 
-from .base import PretrainModule
+from medfm.encoders import CLIP, TextEncoder
+from medfm.evaluate.zeroshot import TEMPLATES, evaluate_zero_shot
+from medfm.run import TrainingModule
+from medfm.run.recipe import split_kwargs
 
-LOSSES = ("clip", "siglip")
+from .method import PretrainMethod
+from .registry import register_method
+from .views import mae_view
 
 
 def _blocks(tower: nn.Module) -> list[nn.Module]:
@@ -55,43 +62,8 @@ def lock_tower(tower: nn.Module, unlocked_layers: int = 0) -> None:
                 getattr(tower, name).requires_grad_(True)
 
 
-class CLIP(nn.Module):
-    """Image encoder + text encoder + linear projections + learnable logit scale (and bias for SigLIP)."""
-
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 256,
-                 init_temperature: float = 0.07, loss: str = "clip", init_bias: float = -10.0):
-        super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        self.image_encoder, self.text_encoder = image_encoder, text_encoder
-        self.image_proj = nn.Linear(image_encoder.embed_dim, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_encoder.embed_dim, embed_dim, bias=False)
-        # SigLIP's paper initialises t' = log 10 and b = -10; CLIP's 1/0.07
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if loss == "siglip" else 1 / init_temperature)))
-        self.logit_bias = nn.Parameter(torch.tensor(init_bias)) if loss == "siglip" else None
-        self.loss_name = loss
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image (or volume) embeddings (B, embed_dim)."""
-        return F.normalize(self.image_proj(self.image_encoder(images)), dim=-1)
-
-    def encode_text(self, texts=None, input_ids=None, attention_mask=None) -> torch.Tensor:
-        """L2-normalised text embeddings (B, embed_dim) of raw strings or token ids."""
-        pooled = self.text_encoder(texts, input_ids=input_ids, attention_mask=attention_mask)["pooled"]
-        return F.normalize(self.text_proj(pooled), dim=-1)
-
-    def forward(self, images: torch.Tensor, texts) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode_image(images), self.encode_text(texts)
-
-    def heads_state(self) -> dict[str, torch.Tensor]:
-        """Everything but the two towers (projections, scale, bias): what zero-shot needs besides them."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("image_encoder.", "text_encoder."))}
-
-
 def make_loss(name: str, rank: int = 0, world_size: int = 1) -> nn.Module:
     """open_clip's loss for ``name``, set up for this rank of ``world_size`` (gather with gradients)."""
-    from open_clip.loss import ClipLoss, SigLipLoss
-
     if name == "clip":
         return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=False, rank=rank, world_size=world_size)
     return SigLipLoss(rank=rank, world_size=world_size)
@@ -105,36 +77,41 @@ def clip_loss(model: CLIP, image_features: torch.Tensor, text_features: torch.Te
     return criterion(image_features, text_features, scale, model.logit_bias)
 
 
-class CLIPModule(PretrainModule):
-    """Lightning module for paired ``image`` + ``text`` batches (text = list of strings)."""
+@dataclass
+class CLIPConfig:
+    """``clip`` recipe section."""
 
-    needs_text = True
+    text_model: str | None = None  # Hugging Face id or folder (null: the packaged MiniLM)
+    max_length: int = 128  # text tokens
+    pooling: str = "mean"  # mean | cls
+    embed_dim: int = 256  # shared embedding width
+    loss: str = "clip"  # clip | siglip
+    init_temperature: float = 0.07
+    lock_image: bool = False  # LiT: freeze the image tower
+    lock_text: bool = False
+    unlocked_layers: int = 0  # blocks left trainable at the end of a locked tower
 
-    def __init__(self, encoder: nn.Module, text_model: str | None = None, max_length: int = 128,
-                 pooling: str = "mean", embed_dim: int = 256, loss: str = "clip", init_temperature: float = 0.07,
-                 lock_image: bool = False, lock_text: bool = False, unlocked_layers: int = 0, **optim):
-        from medfm.encoders.text import TextEncoder
 
+class CLIPModule(TrainingModule):
+    """Lightning module for paired ``image`` + ``text`` batches (text = list of strings); keyword
+    arguments are :class:`CLIPConfig`'s and the optimizer's."""
+
+    def __init__(self, encoder: nn.Module, **kwargs):
+        c, optim = split_kwargs(CLIPConfig, kwargs)
         super().__init__(**optim)
-        text = TextEncoder(text_model, max_length=max_length, pooling=pooling)
-        self.model = CLIP(encoder, text, embed_dim=embed_dim, init_temperature=init_temperature, loss=loss)
-        if lock_image:
-            lock_tower(encoder, unlocked_layers)
-        if lock_text:
-            lock_tower(text, unlocked_layers)
-        self.locked = {"image": lock_image, "text": lock_text}
+        text = TextEncoder(c.text_model, max_length=c.max_length, pooling=c.pooling)
+        self.model = CLIP(encoder, text, embed_dim=c.embed_dim, init_temperature=c.init_temperature, loss=c.loss)
+        if c.lock_image:
+            lock_tower(encoder, c.unlocked_layers)
+        if c.lock_text:
+            lock_tower(text, c.unlocked_layers)
+        self.locked = {"image": c.lock_image, "text": c.lock_text}
         self.train()  # from_pretrained leaves the text tower in eval mode; locked towers stay in eval
-        self.criterion = make_loss(loss)
+        self.criterion = make_loss(c.loss)
 
     @property
     def encoder(self) -> nn.Module:
         return self.model.image_encoder
-
-    @staticmethod
-    def make_view(spatial_dims: int, size, scale=(0.8, 1.0), flip: bool = False):
-        from .views import mae_view
-
-        return mae_view(spatial_dims, size, scale=tuple(scale), flip=flip)
 
     def setup(self, stage: str) -> None:
         # the loss must know this rank's place to gather embeddings across ranks
@@ -154,16 +131,35 @@ class CLIPModule(PretrainModule):
         loss = clip_loss(self.model, img.float(), txt.float(), self.criterion)
         return loss, {"logit_scale": self.model.logit_scale.exp().detach()}
 
-    def export(self, out: Path) -> None:
-        """Besides ``encoder/`` (the image tower): ``text/`` (the text tower, Hugging Face format) and
-        ``clip_heads.safetensors`` (projections, scale, bias), written atomically."""
-        from safetensors.torch import save_file
 
-        from medfm.atomic import atomic_path
+@register_method
+class CLIPMethod(PretrainMethod):
+    """``method: clip``: image-text pairs (``data.text``); views are mild random-resized crops. Exports
+    ``encoder/`` (image tower), ``text/`` (text tower, also a Hugging Face folder) and ``model/`` (the
+    whole CLIP model; ``medfm.load(RUN)``). ``medfm evaluate RUN`` runs zero-shot classification and
+    retrieval."""
 
-        from .callbacks import save_encoder_atomically
+    name = "clip"
+    Config = CLIPConfig
+    module_class = CLIPModule
+    needs = "text"
+    model_folder = "model"
 
-        save_encoder_atomically(self.model.text_encoder, out / "text")
-        with atomic_path(out / "clip_heads.safetensors") as tmp:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in self.model.heads_state().items()},
-                      str(tmp))
+    def make_view(self, cfg: dict):
+        enc = cfg["encoder"]
+        kw = {"scale": (0.8, 1.0), **cfg["view"]}
+        return mae_view(enc["spatial_dims"], enc["img_size"], scale=tuple(kw.pop("scale")), **kw)
+
+    def export(self, module, folder, trainer) -> None:
+        super().export(module, folder, trainer)
+        folder.save(module.model.text_encoder, "text")
+        folder.save(module.model, "model")
+
+    def evaluate(self, run: Path, data: str | None = None, split: str = "val", classes: Sequence[str] = (),
+                 text: str | None = None, templates: Sequence[str] | None = None, out: str | None = None,
+                 **_: Any) -> dict:
+        if not data:
+            raise ValueError("evaluating a CLIP run needs a manifest: give --data and --classes COLUMNS "
+                             "and/or --text COLUMN")
+        return evaluate_zero_shot(run, data, classes, split=split, text_key=text, templates=templates or TEMPLATES,
+                                  out=out)

@@ -17,6 +17,7 @@ so 2D and 3D share every line here.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,16 +26,19 @@ from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import update_momentum
 from lightly.utils.scheduler import cosine_schedule
 
-from .base import PretrainModule
+from medfm.run import TrainingModule
+from medfm.run.recipe import split_kwargs
+
+from .method import PretrainMethod
+from .registry import register_method
 from .views import MultiCrop
 
 
 class DINO(nn.Module):
     """Student and EMA teacher (each encoder + DINO head) and the DINO loss."""
 
-    def __init__(self, encoder: nn.Module, hidden_dim: int = 2048, bottleneck_dim: int = 256, output_dim: int = 65536,
-                 student_temp: float = 0.1, teacher_temp: float = 0.04, center_momentum: float = 0.9,
-                 norm_last_layer: bool = True):
+    def __init__(self, encoder: nn.Module, hidden_dim: int, bottleneck_dim: int, output_dim: int,
+                 student_temp: float, teacher_temp: float, center_momentum: float, norm_last_layer: bool):
         super().__init__()
         def head() -> nn.Module:
             return DINOProjectionHead(encoder.embed_dim, hidden_dim, bottleneck_dim, output_dim,
@@ -74,8 +78,26 @@ class DINO(nn.Module):
         update_momentum(self.student, self.teacher, m=momentum)
 
 
-class DINOModule(PretrainModule):
-    """Lightning wrapper of :class:`DINO` (batches hold ``global`` and ``local`` lists of crops).
+@dataclass
+class DINOConfig:
+    """``dino`` recipe section: the DINO head and loss, and the per-step schedules (DINO's defaults)."""
+
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    output_dim: int = 65536
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 0
+    center_momentum: float = 0.9
+    momentum: float = 0.996
+    freeze_last_layer_steps: int = 0
+    norm_last_layer: bool = True
+
+
+class DINOModule(TrainingModule):
+    """Lightning wrapper of :class:`DINO` (batches hold ``global`` and ``local`` lists of crops); keyword
+    arguments are :class:`DINOConfig`'s and the optimizer's.
 
     Schedules, all per step: the teacher momentum rises from ``momentum`` to 1
     along a cosine; the teacher temperature warms up linearly from
@@ -83,33 +105,20 @@ class DINOModule(PretrainModule):
     the student head is frozen for ``freeze_last_layer_steps`` (DINO's first epoch).
     """
 
-    def __init__(self, encoder: nn.Module, hidden_dim: int = 2048, bottleneck_dim: int = 256, output_dim: int = 65536,
-                 student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
-                 warmup_teacher_temp_steps: int = 0, center_momentum: float = 0.9, momentum: float = 0.996,
-                 freeze_last_layer_steps: int = 0, norm_last_layer: bool = True, **optim):
+    def __init__(self, encoder: nn.Module, **kwargs):
+        c, optim = split_kwargs(DINOConfig, kwargs)
         super().__init__(**optim)
-        self.model = DINO(encoder, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, output_dim=output_dim,
-                          student_temp=student_temp, teacher_temp=teacher_temp, center_momentum=center_momentum,
-                          norm_last_layer=norm_last_layer)
-        self.momentum = momentum
-        self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
-        self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
-        self.freeze_last_layer_steps = freeze_last_layer_steps
+        self.model = DINO(encoder, hidden_dim=c.hidden_dim, bottleneck_dim=c.bottleneck_dim, output_dim=c.output_dim,
+                          student_temp=c.student_temp, teacher_temp=c.teacher_temp,
+                          center_momentum=c.center_momentum, norm_last_layer=c.norm_last_layer)
+        self.momentum = c.momentum
+        self.teacher_temp, self.warmup_teacher_temp = c.teacher_temp, c.warmup_teacher_temp
+        self.warmup_teacher_temp_steps = c.warmup_teacher_temp_steps
+        self.freeze_last_layer_steps = c.freeze_last_layer_steps
 
     @property
     def encoder(self) -> nn.Module:
         return self.model.student.backbone
-
-    @staticmethod
-    def make_view(spatial_dims: int, size, local_size=None, n_global: int = 2, n_local: int = 6,
-                  global_scale=(0.6, 1.0), local_scale=(0.25, 0.6), multiple: int = 16):
-        """Multi-crop views; ``local_size`` defaults to 3/7 of ``size`` (DINO's 96 for 224),
-        rounded to a ``multiple`` of the patch size."""
-        if local_size is None:
-            side = size if isinstance(size, int) else min(size)
-            local_size = max(multiple, round(side * 3 / 7 / multiple) * multiple)
-        return MultiCrop(spatial_dims, size, local_size, n_global=n_global, n_local=n_local,
-                         global_scale=tuple(global_scale), local_scale=tuple(local_scale))
 
     def current_teacher_temp(self) -> float:
         s, n = self.global_step, self.warmup_teacher_temp_steps
@@ -135,3 +144,26 @@ class DINOModule(PretrainModule):
         # training step, so a checkpoint written at the end of the step already holds it
         super().optimizer_step(*args, **kwargs)
         self.model.update_teacher(self.current_momentum())
+
+
+@register_method
+class DINOMethod(PretrainMethod):
+    """``method: dino``: multi-crop views (``view`` section: :meth:`make_view`'s arguments)."""
+
+    name = "dino"
+    Config = DINOConfig
+    module_class = DINOModule
+
+    def make_view(self, cfg: dict) -> MultiCrop:
+        """Multi-crop views; ``local_size`` defaults to 3/7 of ``size`` (DINO's 96 for 224), rounded to a
+        multiple of the patch size."""
+        enc = cfg["encoder"]
+        kw = dict(cfg["view"])
+        patch = enc.get("patch_size") or 16
+        multiple = kw.pop("multiple", patch if isinstance(patch, int) else max(patch))
+        size = enc["img_size"]
+        if kw.get("local_size") is None:
+            side = size if isinstance(size, int) else min(size)
+            kw["local_size"] = max(multiple, round(side * 3 / 7 / multiple) * multiple)
+        kw.update({k: tuple(kw[k]) for k in ("global_scale", "local_scale") if k in kw})
+        return MultiCrop(enc["spatial_dims"], size, **kw)

@@ -19,8 +19,10 @@ so the model learns to synthesise a missing sequence from the others.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -31,9 +33,12 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 from medfm.encoders.vit import resample_grid_embed
+from medfm.evaluate.plots import reconstruction_png
+from medfm.run import TrainingModule
+from medfm.run.recipe import config_from_signature, split_kwargs
 
-from .base import PretrainModule
-from .views import mae_view
+from .method import PretrainMethod
+from .registry import register_method
 
 
 def patchify(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
@@ -196,15 +201,17 @@ class MaskedAutoencoder(nn.Module):
         }
 
 
-class MAEModule(PretrainModule):
-    """Lightning wrapper of :class:`MaskedAutoencoder` (batches hold ``image``)."""
+MAEConfig = config_from_signature(MaskedAutoencoder, "MAEConfig", exclude=("self", "encoder"))
 
-    def __init__(self, encoder: nn.Module, mask_ratio: float = 0.75, decoder_dim: int = 256, decoder_depth: int = 4,
-                 decoder_heads: int = 8, norm_pix_loss: bool = True, modality_dropout: float = 0.0, **optim):
+
+class MAEModule(TrainingModule):
+    """Lightning wrapper of :class:`MaskedAutoencoder` (batches hold ``image``); keyword arguments are
+    :class:`MaskedAutoencoder`'s (the ``mae`` recipe section) and the optimizer's."""
+
+    def __init__(self, encoder: nn.Module, **kwargs):
+        config, optim = split_kwargs(MAEConfig, kwargs)
         super().__init__(**optim)
-        self.model = MaskedAutoencoder(encoder, mask_ratio=mask_ratio, decoder_dim=decoder_dim,
-                                       decoder_depth=decoder_depth, decoder_heads=decoder_heads,
-                                       norm_pix_loss=norm_pix_loss, modality_dropout=modality_dropout)
+        self.model = MaskedAutoencoder(encoder, **dataclasses.asdict(config))
 
     @property
     def encoder(self) -> nn.Module:
@@ -213,10 +220,35 @@ class MAEModule(PretrainModule):
     def no_weight_decay_params(self) -> list[nn.Parameter]:
         return super().no_weight_decay_params() + [self.model.mask_token, self.model.decoder_pos_embed]
 
-    @staticmethod
-    def make_view(spatial_dims: int, size, scale=(0.5, 1.0), flip: bool = False):
-        return mae_view(spatial_dims, size, scale=tuple(scale), flip=flip)
-
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         out = self.model(batch["image"])
         return out["loss"], {"masked_fraction": out["mask"].mean()}
+
+
+def save_mae_figure(model: MaskedAutoencoder, images: torch.Tensor, path: str | Path) -> Path:
+    """PNG with one row per sample: masked input, reconstruction, target (mid-slice for volumes)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.reconstruct(images)
+    finally:
+        model.train(was_training)
+    panels = {k: out[k] for k in ("masked", "reconstruction", "target")}
+    return reconstruction_png(panels, path, title=f"MAE, mask ratio {model.mask_ratio:.2f}, loss {float(out['loss']):.3f}")
+
+
+@register_method
+class MAE(PretrainMethod):
+    """``method: mae``: views are random-resized crops; exports the encoder and ``mae_reconstruction.png``
+    (the first four views of the run)."""
+
+    name = "mae"
+    Config = MAEConfig
+    module_class = MAEModule
+    figure_samples = 4
+
+    def export(self, module, folder, trainer) -> None:
+        super().export(module, folder, trainer)
+        views = trainer.datamodule.fixed_samples(self.figure_samples)
+        device = next(module.parameters()).device
+        save_mae_figure(module.model, views.to(device), folder / "mae_reconstruction.png")

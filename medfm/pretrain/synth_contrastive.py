@@ -20,14 +20,20 @@ stayed at log K at CPU scale (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.losses import DiceCELoss
 
-from .base import PretrainModule
+from medfm.run import TrainingModule
+from medfm.run.recipe import split_kwargs
+from medfm.tasks.segmentation import SegmentationModel
 
-MAX_SHIFT = 8  # voxels: how far apart the two renderings of a pair are cropped (default)
+from .data import synth_config
+from .method import PretrainMethod
+from .registry import register_method
 
 
 def dense_contrastive_loss(f1: torch.Tensor, f2: torch.Tensor, label: torch.Tensor, n_samples: int = 256,
@@ -70,35 +76,36 @@ def dense_network(encoder: nn.Module, out_channels: int, feature_size: int = 16)
     UNETR-style over a ViT, U-Net-style over a ResNet, with a full-resolution convolutional stem skip):
     (B, C_in, *spatial) -> (B, out_channels, *spatial). Pretraining and fine-tuning share one decoder, so a
     dense-pretrained encoder meets the architecture it was trained with."""
-    from medfm.tasks.segmentation import SegmentationModel
-
     return SegmentationModel(encoder, out_channels, feature_size=feature_size)
 
 
-class _DenseEngineModule(PretrainModule):
-    """Shared by the dense methods on the engine: ``self.model`` is a :func:`dense_network`; no views
-    (the engine renders the inputs at the encoder's size)."""
+class _DenseEngineModule(TrainingModule):
+    """Shared by the dense methods on the engine: ``self.model`` is a :func:`dense_network`."""
 
     @property
     def encoder(self) -> nn.Module:
         return self.model.encoder
 
-    @staticmethod
-    def make_view(spatial_dims: int, size, **kwargs):
-        return None
+
+@dataclass
+class SynthContrastiveConfig:
+    """``synth_contrastive`` recipe section."""
+
+    feature_dim: int = 32  # per-voxel feature width
+    n_samples: int = 256  # locations sampled per image for the InfoNCE
+    temperature: float = 0.1
+    max_shift: int = 8  # voxels: how far apart the two renderings of a pair are cropped
+    feature_size: int = 16  # decoder width at full resolution
 
 
 class SynthContrastiveModule(_DenseEngineModule):
     """Lightning module: batches of synthetic pairs (``image``, ``image2``, ``mask``, ``shift``) from the engine."""
 
-    needs_pairs = True
-
-    def __init__(self, encoder: nn.Module, feature_dim: int = 32, n_samples: int = 256, temperature: float = 0.1,
-                 max_shift: int = MAX_SHIFT, feature_size: int = 16, **optim):
+    def __init__(self, encoder: nn.Module, **kwargs):
+        c, optim = split_kwargs(SynthContrastiveConfig, kwargs)
         super().__init__(**optim)
-        self.model = dense_network(encoder, feature_dim, feature_size)
-        self.n_samples, self.temperature = n_samples, temperature
-        self.max_shift = max_shift  # read by the data source: the two renderings are cropped this far apart
+        self.model = dense_network(encoder, c.feature_dim, c.feature_size)
+        self.n_samples, self.temperature = c.n_samples, c.temperature
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         x = torch.cat([batch["image"], batch["image2"]])
@@ -106,6 +113,13 @@ class SynthContrastiveModule(_DenseEngineModule):
         loss = dense_contrastive_loss(f1, f2, batch["mask"], self.n_samples, self.temperature,
                                       shift=batch.get("shift"))
         return loss, {}
+
+
+@dataclass
+class SynthSegConfig:
+    """``synth_seg`` recipe section (the number of labels comes from ``data.synthetic.n_labels``)."""
+
+    feature_size: int = 16  # decoder width at full resolution
 
 
 class SynthSegModule(_DenseEngineModule):
@@ -116,16 +130,43 @@ class SynthSegModule(_DenseEngineModule):
     template``) and in nested-shape maps (label k is the k-th nested structure); in noise maps the
     objective reduces to grouping voxels of equal appearance statistics."""
 
-    needs_mask = True
-
-    def __init__(self, encoder: nn.Module, n_labels: int = 8, feature_size: int = 16, **optim):
-        from monai.losses import DiceCELoss
-
+    def __init__(self, encoder: nn.Module, n_labels: int, **kwargs):
+        c, optim = split_kwargs(SynthSegConfig, kwargs)
         super().__init__(**optim)
-        self.model = dense_network(encoder, n_labels, feature_size)
+        self.model = dense_network(encoder, n_labels, c.feature_size)
         self.criterion = DiceCELoss(to_onehot_y=True, softmax=True)
         self.n_labels = n_labels
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = self.model(batch["image"])
         return self.criterion(logits.float(), batch["mask"]), {}
+
+
+class _DenseMethod(PretrainMethod):
+    """The engine renders the inputs at the encoder's size: no views."""
+
+    def make_view(self, cfg: dict):
+        return None
+
+
+@register_method
+class SynthContrastive(_DenseMethod):
+    """``method: synth_contrastive``: synthetic pairs from the engine (``data.regime: synthetic``)."""
+
+    name = "synth_contrastive"
+    Config = SynthContrastiveConfig
+    module_class = SynthContrastiveModule
+    needs = "pairs"
+
+
+@register_method
+class SynthSeg(_DenseMethod):
+    """``method: synth_seg``: synthetic images with their label maps (``data.regime: synthetic``)."""
+
+    name = "synth_seg"
+    Config = SynthSegConfig
+    module_class = SynthSegModule
+    needs = "masks"
+
+    def module_args(self, cfg: dict) -> dict:
+        return {**super().module_args(cfg), "n_labels": synth_config(cfg).n_labels}

@@ -21,26 +21,31 @@ from __future__ import annotations
 
 import json
 import math
-import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+import torch.nn as nn
+import transformers
+from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
-from medfm.atomic import write_json
-from medfm.training import StepData, TrainingModule
+from medfm.atomic import atomic_folder, write_json
+from medfm.data import DataError, read_rows
+from medfm.data.reports import clean_text, read_iu_xray
+from medfm.encoders import TextEncoder, default_text_model_path
+from medfm.run import Built, KeyedDataset, RunFolder, StepData, TrainingModule
+
+from .method import PretrainMethod, optim_args
+from .registry import register_method
 
 
 def report_texts(path: str | None = None, text_key: str | None = None) -> list[str]:
     """The corpus: the IU X-ray reports (``path`` None or ``"iu_xray"``; findings + impression, cleaned),
     or the ``text_key`` column of a CSV/JSONL manifest (rows with empty text are skipped)."""
-    from medfm.data.reports import clean_text, read_iu_xray
-
     if path in (None, "iu_xray"):
         texts = [r.text() for r in read_iu_xray()]
     else:
-        from medfm.data import DataError, read_rows
-
         if not text_key:
             raise ValueError("text MLM on a manifest needs data.text (the column holding the text)")
         rows = read_rows(path)
@@ -66,20 +71,6 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[dict]:
     return [{k: enc[k][i] for k in enc} for i in range(len(texts))]
 
 
-class _Keyed(Dataset):
-    """``(index, position)`` -> tokenised text (the position travels along to seed the masking)."""
-
-    def __init__(self, encodings: list[dict]):
-        self.encodings = encodings
-
-    def __len__(self) -> int:
-        return len(self.encodings)
-
-    def __getitem__(self, key):
-        index, position = key
-        return {**self.encodings[index], "position": position}
-
-
 class SeededMasking:
     """transformers' MLM collator, its generator re-seeded from each batch's first position: a resumed run
     masks exactly what the uninterrupted one would have."""
@@ -93,29 +84,20 @@ class SeededMasking:
         return self.collator(items)
 
 
-class _TextTower:
-    """What the run exports as ``encoder/``: the encoder without the MLM head, with its tokenizer."""
+@dataclass
+class TextMLMConfig:
+    """``text_mlm`` recipe section."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-
-    def named_parameters(self):
-        return self.model.named_parameters()
-
-    def save_pretrained(self, folder) -> None:
-        self.model.save_pretrained(folder, safe_serialization=True)
-        self.tokenizer.save_pretrained(folder)
+    text_model: str | None = None  # Hugging Face id or folder (null: the packaged MiniLM)
+    max_length: int = 128  # tokens per text
+    mlm_probability: float = 0.15  # BERT's masking rate
+    holdout_every: int = 10  # every N-th text held out for the perplexity in metrics.json (0: none)
 
 
 class TextMLMModule(TrainingModule):
     """Masked-language-model training of a Hugging Face encoder (the packaged MiniLM by default)."""
 
     def __init__(self, text_model: str | None = None, **optim):
-        import transformers
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-        from medfm.encoders.text import default_text_model_path
-
         super().__init__(**optim)
         path = str(text_model or default_text_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -128,16 +110,14 @@ class TextMLMModule(TrainingModule):
         self.model.train()  # from_pretrained returns eval mode; BERT trains with dropout
 
     @property
-    def encoder(self) -> _TextTower:
-        return _TextTower(self.model.base_model, self.tokenizer)
+    def encoder(self) -> nn.Module:
+        return self.model.base_model
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         return self.model(**batch).loss, {}
 
 
 def make_collator(tokenizer, mlm_probability: float, seed: int):
-    from transformers import DataCollatorForLanguageModeling
-
     return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
 
 
@@ -167,40 +147,63 @@ def masked_perplexity(model, tokenizer, texts: list[str], max_length: int = 128,
     return math.exp(total / max(count, 1))
 
 
-def run_text_mlm(cfg: dict, out: str | os.PathLike, resume: bool = False, callbacks=()) -> Path:
-    """Continued MLM pretraining as the recipe says (``method: text_mlm``); returns the run folder."""
-    import lightning as L
-    import yaml
+@register_method
+class TextMLM(PretrainMethod):
+    """``method: text_mlm``: continued MLM on text (``data.path``: a manifest with ``data.text``, or null /
+    ``iu_xray`` for the IU X-ray reports). No image encoder, views or probe. Exports ``encoder/`` (the
+    adapted text tower: a :class:`medfm.encoders.TextEncoder` folder, also a Hugging Face folder; use it
+    as ``clip.text_model``), ``mlm/`` (encoder + MLM head, Hugging Face format) and ``metrics.json``
+    (held-out masked-token perplexity before and after)."""
 
-    from medfm.training import make_trainer, prepare_run_folder
+    name = "text_mlm"
+    Config = TextMLMConfig
+    module_class = TextMLMModule
 
-    from .callbacks import FinishRun, save_encoder_atomically
+    def build(self, cfg: dict, folder: RunFolder) -> Built:
+        t, d = self.config(cfg), cfg["data"]
+        self.cfg, self.t = cfg, t
+        self.train_texts, self.held = split_holdout(report_texts(d["path"], d["text"]), t.holdout_every)
+        module = TextMLMModule(t.text_model, **optim_args(cfg))
+        tok = module.tokenizer
+        keyed = KeyedDataset(tokenize(tok, self.train_texts, t.max_length), seed=cfg["seed"], position_key="position")
+        data = StepData(keyed, len(keyed), d["batch_size"], d["num_workers"], seed=cfg["seed"],
+                        collate_fn=SeededMasking(make_collator(tok, t.mlm_probability, cfg["seed"]), cfg["seed"]))
+        return Built(module, data)
 
-    out = Path(out)
-    ckpt = prepare_run_folder(out, resume)
-    L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    t, d = dict(cfg["text_mlm"]), cfg["data"]
-    max_length, p = t.get("max_length", 128), t.get("mlm_probability", 0.15)
-    train, held = split_holdout(report_texts(d["path"], d["text"]), t.get("holdout_every", 10))
-    optim = dict(cfg["optim"], max_steps=cfg["trainer"]["max_steps"])
-    module = TextMLMModule(t.get("text_model"), **optim)
-    tok = module.tokenizer
-    keyed = _Keyed(tokenize(tok, train, max_length))
-    data = StepData(keyed, len(keyed), d["batch_size"], d["num_workers"], seed=cfg["seed"],
-                    collate_fn=SeededMasking(make_collator(tok, p, cfg["seed"]), cfg["seed"]))
-    trainer = make_trainer(cfg["trainer"], out, [*callbacks, FinishRun(out, figure_samples=0)])
-    metrics_path = out / "metrics.json"
-    if trainer.is_global_zero:
-        with open(out / "recipe.yaml", "w") as f:
-            yaml.safe_dump(cfg, f, sort_keys=False)
-        if not ckpt:  # a fresh run measures the unadapted model (a resumed one keeps that number)
-            before = masked_perplexity(module.model, tok, held, max_length, p) if held else None
-            write_json(metrics_path, {"train_texts": len(train), "heldout_texts": len(held),
-                                      "heldout_perplexity_before": before})
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
-    if trainer.is_global_zero:
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-        metrics["heldout_perplexity_after"] = masked_perplexity(module.model, tok, held, max_length, p) if held else None
-        save_encoder_atomically(_TextTower(module.model, tok), out / "mlm")
-        write_json(metrics_path, metrics)
-    return out
+    def _perplexity(self, module) -> float | None:
+        if not self.held:
+            return None
+        return masked_perplexity(module.model, module.tokenizer, self.held, self.t.max_length, self.t.mlm_probability)
+
+    def before_fit(self, built: Built, folder: RunFolder, resumed: bool) -> None:
+        if not resumed:  # a fresh run measures the unadapted model (a resumed one keeps that number)
+            write_json(folder / "metrics.json", {"train_texts": len(self.train_texts), "heldout_texts": len(self.held),
+                                                 "heldout_perplexity_before": self._perplexity(built.module)})
+
+    def export(self, module, folder: RunFolder, trainer) -> None:
+        tower = TextEncoder.from_parts(module.model.base_model, module.tokenizer, max_length=self.t.max_length)
+        folder.save(tower, "encoder")
+
+    def after_fit(self, built: Built, trainer, folder: RunFolder) -> None:
+        path = folder / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+        metrics["heldout_perplexity_after"] = self._perplexity(built.module)
+        with atomic_folder(folder / "mlm") as tmp:
+            built.module.model.save_pretrained(tmp, safe_serialization=True)
+            built.module.tokenizer.save_pretrained(tmp)
+        write_json(path, metrics)
+
+    def evaluate(self, run: Path, data: str | None = None, text: str | None = None, out: str | None = None,
+                 **_: Any) -> dict:
+        """Masked-token perplexity of the adapted model (``RUN/mlm``) on ``data``'s texts (default: the
+        IU X-ray reports)."""
+        cfg = RunFolder(run).read_recipe()
+        t = TextMLMConfig(**cfg["text_mlm"])
+        model, tok = AutoModelForMaskedLM.from_pretrained(run / "mlm"), AutoTokenizer.from_pretrained(run / "mlm")
+        texts = report_texts(data, text)
+        metrics = {"run": str(run), "data": str(data or "iu_xray"), "texts": len(texts),
+                   "masked_perplexity": masked_perplexity(model, tok, texts, t.max_length, t.mlm_probability)}
+        dest = Path(out) if out else run / "eval"
+        dest.mkdir(parents=True, exist_ok=True)
+        write_json(dest / "metrics.json", metrics)
+        return metrics

@@ -12,12 +12,18 @@ tasks the decision threshold can be chosen on the validation split
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics.functional.classification as tmc
+from timm.optim import param_groups_weight_decay
 
-from medfm.training import TrainingModule
+from medfm.encoders import layer_decay_param_groups
+from medfm.evaluate.plots import confusion_png, roc_png
+from medfm.evaluate.probe import embed_dataset
+from medfm.run import TrainingModule
 
 
 class ClassificationModel(nn.Module):
@@ -163,11 +169,27 @@ def encoder_and_head_groups(module: TrainingModule, layer_decay: float | None) -
     weight-decay grouping of every trainable parameter."""
     if not layer_decay or layer_decay >= 1.0 or not hasattr(module.encoder, "group_matcher"):
         return TrainingModule.param_groups(module)
-    from timm.optim import param_groups_weight_decay
-
-    from medfm.encoders import layer_decay_param_groups
-
     groups = layer_decay_param_groups(module.encoder, module.lr, module.weight_decay, layer_decay)
     enc_ids = {id(p) for p in module.encoder.parameters()}
     rest = nn.ParameterList([p for p in module.parameters() if id(p) not in enc_ids and p.requires_grad])
     return groups + param_groups_weight_decay(rest, module.weight_decay)
+
+
+@torch.no_grad()
+def evaluate_classification(model: nn.Module, ds, out: Path, split: str, multi_label: bool = False,
+                            class_names: list[str] | None = None, thresholds: list[float] | None = None,
+                            batch_size: int = 64) -> tuple[dict, list[float] | None]:
+    """Scores of ``model`` on the labelled dataset ``ds``; metrics at ``thresholds`` (default 0.5 / argmax)
+    plus the Youden thresholds of this split; ``roc_<split>.png`` and ``confusion_<split>.png`` in ``out``."""
+    logits, target = embed_dataset(model, ds, batch_size)  # class logits instead of embeddings
+    scores = scores_from_logits(logits, multi_label)
+    names = class_names or [str(i) for i in range(scores.shape[1])]
+    res = classification_metrics(scores, target, multi_label, thresholds, names)
+    thr = select_thresholds(scores, target, multi_label)
+    roc_png(scores, target, names, out / f"roc_{split}.png", multi_label, title=f"{split}: AUROC {res['auroc']:.3f}")
+    if not multi_label:
+        k = scores.shape[1]
+        pred = (scores[:, 1] >= (thresholds or [0.5])[0]).long() if k == 2 else scores.argmax(1)
+        confusion_png(pred, target, names, out / f"confusion_{split}.png",
+                      title=f"{split}: accuracy {res['accuracy']:.3f}")
+    return res, thr

@@ -19,12 +19,19 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.networks.utils import one_hot
 
-from medfm.training import TrainingModule
+from medfm.data import DataError
+from medfm.evaluate.plots import overlay_png
+from medfm.run import TrainingModule
 
 from .classification import encoder_and_head_groups
 
@@ -108,8 +115,6 @@ def check_mask(mask: torch.Tensor, num_classes: int, where: str = "mask") -> Non
     """A clear error for a mask holding labels outside ``0 .. num_classes-1``."""
     bad = torch.unique(mask[(mask < 0) | (mask >= num_classes) | (mask != mask.round())])
     if len(bad):
-        from medfm.data import DataError
-
         raise DataError(f"{where}: label value(s) {bad[:5].tolist()} outside the recipe's classes "
                         f"0..{num_classes - 1} (set segmentation.num_classes, or check the mask file)")
 
@@ -120,8 +125,6 @@ class SegmentationTask(TrainingModule):
 
     def __init__(self, model: SegmentationModel, layer_decay: float | None = None, frozen_encoder: bool = False,
                  **optim):
-        from monai.losses import DiceCELoss
-
         super().__init__(**optim)
         self.model = model
         self.layer_decay, self.frozen_encoder = layer_decay, frozen_encoder
@@ -152,8 +155,6 @@ def predict(model: SegmentationModel, image: torch.Tensor, roi_size: Sequence[in
             sw_batch_size: int = 4) -> torch.Tensor:
     """Class probabilities (B, K, *spatial) for images of any size: MONAI sliding-window inference over
     ``roi_size`` windows (Gaussian-blended), padded where the image is smaller than a window."""
-    from monai.inferers import sliding_window_inference
-
     was = model.training
     model.eval()
     try:
@@ -171,9 +172,6 @@ def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: 
     ``pred``, ``target``: (B, 1, *spatial) label maps. A class absent from both gets no Dice (NaN, left out
     of the mean); HD95 is NaN where either side is empty.
     """
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric
-    from monai.networks.utils import one_hot
-
     names = list(class_names or [str(i) for i in range(num_classes)])
     p, t = one_hot(pred.long(), num_classes), one_hot(target.long(), num_classes)
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, t).nanmean(0)
@@ -192,9 +190,50 @@ def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: 
 
 def save_prediction_nifti(labels: torch.Tensor, affine, path: str | Path) -> Path:
     """A (1, *spatial) 3D label map as NIfTI (uint8) with the affine of the image it was predicted from."""
-    import nibabel as nib
-
     path = Path(path)
     arr = labels[0].cpu().numpy().astype(np.uint8)
     nib.save(nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64)), str(path))
     return path
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: SegmentationModel, ds, out: Path, split: str, roi_size: Sequence[int],
+                          class_names: Sequence[str] | None = None, overlap: float = 0.25, sw_batch_size: int = 4,
+                          hd95: bool = True) -> dict:
+    """Sliding-window prediction of every image/volume of ``ds``; Dice / HD95 per class (mean over cases);
+    ``overlay_<split>.png`` and, for volumes, ``predictions_<split>/caseNNNN.nii.gz`` (the affine of the
+    preprocessed input) in ``out``."""
+    k = model.num_classes
+    names = list(class_names or ["background"] + [f"class {i}" for i in range(1, k)])
+    device = next(model.parameters()).device
+    per_case, figs = [], ([], [], [])
+    pred_dir = out / f"predictions_{split}"
+    for i in range(len(ds)):
+        sample = ds[i]
+        image = torch.as_tensor(sample["image"])[None].to(device)
+        target = torch.as_tensor(sample["mask"])[None]
+        check_mask(target, k, f"{ds.describe(i)} (mask)" if hasattr(ds, "describe") else "mask")
+        pred = predict(model, image, roi_size, overlap, sw_batch_size).argmax(1, keepdim=True).cpu()
+        spacing = sample["meta"].get("spacing")
+        per_case.append(segmentation_metrics(pred, target, k, names, spacing=spacing, hd95=hd95))
+        if image.ndim == 5 and "affine" in sample["meta"]:
+            pred_dir.mkdir(exist_ok=True)
+            save_prediction_nifti(pred[0], sample["meta"]["affine"], pred_dir / f"case{i:04d}.nii.gz")
+        if i < 4:
+            for lst, x in zip(figs, (image[0].cpu(), pred[0], target[0])):
+                lst.append(x)
+    res = mean_case_metrics(per_case)
+    res["n"] = len(per_case)
+    overlay_png(*figs, out / f"overlay_{split}.png", k, title=f"{split}: mean Dice {res['mean_dice']:.3f}")
+    return res
+
+
+def mean_case_metrics(cases: list[dict]) -> dict:
+    """The mean over cases of every metric (NaNs left out), per class where the metric is per class."""
+    out: dict = {}
+    for key in cases[0]:
+        if isinstance(cases[0][key], dict):
+            out[key] = {c: float(np.nanmean([m[key][c] for m in cases])) for c in cases[0][key]}
+        else:
+            out[key] = float(np.nanmean([m[key] for m in cases]))
+    return out

@@ -1,0 +1,65 @@
+"""The CLIP model: an image (or volume) encoder and a text encoder projected into one embedding space.
+
+Training (losses, locking, the Lightning module) lives in :mod:`medfm.pretrain.clip`; this is the model
+that training produces and zero-shot evaluation consumes. Saved as one artifact folder
+(:mod:`medfm.artifacts`): ``config.json`` + ``model.safetensors`` (projections, temperature, bias) and
+the two towers in ``image_encoder/`` and ``text_encoder/``, each a folder that reloads alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medfm.artifacts import Artifact
+
+from .factory import from_pretrained
+from .text import TextEncoder
+
+LOSSES = ("clip", "siglip")
+
+
+class CLIP(nn.Module, Artifact):
+    """Image encoder + text encoder + linear projections + learnable logit scale (and bias for SigLIP)."""
+
+    components = ("image_encoder", "text_encoder")
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 256,
+                 init_temperature: float = 0.07, loss: str = "clip", init_bias: float = -10.0):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.image_proj = nn.Linear(image_encoder.embed_dim, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_encoder.embed_dim, embed_dim, bias=False)
+        # SigLIP's paper initialises t' = log 10 and b = -10; CLIP's 1/0.07
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if loss == "siglip" else 1 / init_temperature)))
+        self.logit_bias = nn.Parameter(torch.tensor(init_bias)) if loss == "siglip" else None
+        self.loss_name, self.embed_dim = loss, embed_dim
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image (or volume) embeddings (B, embed_dim)."""
+        return F.normalize(self.image_proj(self.image_encoder(images)), dim=-1)
+
+    def encode_text(self, texts=None, input_ids=None, attention_mask=None) -> torch.Tensor:
+        """L2-normalised text embeddings (B, embed_dim) of raw strings or token ids."""
+        pooled = self.text_encoder(texts, input_ids=input_ids, attention_mask=attention_mask)["pooled"]
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def forward(self, images: torch.Tensor, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images), self.encode_text(texts)
+
+    # ------------------------------------------------------------ artifact
+    def artifact_config(self) -> dict:
+        return {"embed_dim": self.embed_dim, "loss": self.loss_name}
+
+    @classmethod
+    def from_config(cls, config: dict, folder: Path | None = None) -> "CLIP":
+        if folder is None:
+            raise ValueError("a CLIP model is rebuilt from a saved folder (its towers live in sub-folders)")
+        return cls(from_pretrained(folder / "image_encoder"), TextEncoder.from_pretrained(folder / "text_encoder"),
+                   **config)

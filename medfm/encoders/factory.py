@@ -1,0 +1,74 @@
+"""Building encoders, after timm's ``_factory``: by registered name (random or pretrained weights), from a
+saved folder, or together with the preprocessing they were trained with (open_clip's
+``create_model_and_transforms``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch.nn as nn
+from monai.transforms import Compose
+
+from medfm.artifacts import CLASS_KEY, resolve_class
+from medfm.data.transforms import PRESETS
+
+from .hub import read_config
+from .registry import encoder_entrypoint
+from .weights import load_pretrained
+
+
+def create_encoder(
+    name: str,
+    spatial_dims: int = 2,
+    in_chans: int = 1,
+    img_size: int | Sequence[int] = 224,
+    pretrained: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered encoder for 2D (``spatial_dims=2``) or 3D inputs.
+
+    ``pretrained`` may be:
+      * ``None``: random initialisation;
+      * a folder written by ``save_pretrained`` (or a hub id holding one): loaded strictly;
+      * a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` state-dict file, e.g. a timm
+        checkpoint: adapted (2D->3D inflation, channel count, position-embedding grid)
+        with a warning that lists every adaptation, then loaded strictly;
+      * ``"timm:<model name>"``: timm's pretrained weights for that model (needs network).
+    A ``save_pretrained`` folder also brings its recorded preprocessing (``model.preprocess``).
+    """
+    builder = encoder_entrypoint(name)
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    model = builder(spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size, **kwargs)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def from_pretrained(model_id: str | os.PathLike, **hub_kwargs: Any) -> nn.Module:
+    """Rebuild any medfm encoder from a ``save_pretrained`` folder or hub id, whatever its class."""
+    config = read_config(model_id, **hub_kwargs)
+    name = config.get(CLASS_KEY)
+    if not name:
+        raise ValueError(f"{model_id}: config.json has no {CLASS_KEY!r} entry (not a medfm model)")
+    return resolve_class(name).from_pretrained(str(model_id), **hub_kwargs)
+
+
+def preprocess_transform(preprocess: dict | None, train: bool = False, size: Any = "default") -> Compose:
+    """The MONAI dict transform a ``preprocess`` record (``{"preset", "size", "args"}``) describes;
+    ``size`` overrides the recorded size (None: keep the input size)."""
+    if not preprocess:
+        raise ValueError("this encoder has no recorded preprocessing (saved before medfm recorded it, or "
+                         "never trained by a medfm run): pass a preset explicitly")
+    preset = preprocess["preset"]
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[preset](size=preprocess.get("size") if size == "default" else size, train=train,
+                           **preprocess.get("args", {}))
+
+
+def create_model_and_transforms(model_id: str | os.PathLike, **hub_kwargs: Any) -> tuple[nn.Module, Compose]:
+    """A saved encoder and the evaluation preprocessing it was trained with, together."""
+    model = from_pretrained(model_id, **hub_kwargs)
+    return model, preprocess_transform(getattr(model, "preprocess", None))

@@ -1,0 +1,128 @@
+"""The classification task plug-in: binary, multi-class and multi-label heads on the pooled embedding.
+
+Recipe section ``classification`` (:class:`ClassificationConfig`). The number of classes comes from the
+training labels when the recipe leaves it open; ``shots`` draws K labelled examples per class; a linear
+probe computes the frozen encoder's features once and trains the head on them. Evaluation chooses the
+decision thresholds on the validation split (Youden's J) and applies them to the test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from medfm.data import DataError
+from medfm.evaluate.probe import embed_dataset
+from medfm.run.recipe import merge
+from medfm.tasks.classification import ClassificationTask, class_weights, evaluate_classification
+
+from .fewshot import few_shot_indices
+from .model import FinetunedClassifier
+from .recipe import TASKS, FinetuneTask
+
+
+@dataclass
+class ClassificationConfig:
+    """``classification`` recipe section."""
+
+    label: str | list | None = None  # manifest label column(s) (npz: its labels)
+    classes: list | None = None  # class names in index order (default: the sorted values of the column)
+    multi_label: bool = False
+    num_classes: int | None = None  # null: from the training labels
+    class_weights: str | None = "auto"  # auto (inverse frequency) | none
+    dropout: float = 0.0
+    head_norm: bool = True  # standardise features (BatchNorm, no affine) before the linear head
+
+
+def dataset_labels(ds) -> np.ndarray:
+    """All labels of a labelled dataset without loading images: (N,) ints or (N, K) multi-hot."""
+    if getattr(ds, "labels", None) is not None:  # npz
+        return np.asarray(ds.targets)
+    if hasattr(ds, "records"):
+        missing = next((r for r in ds.records if r.label is None), None)
+        if missing is not None:
+            raise DataError(f"{ds.manifest} line {missing.line}: no label")
+        return np.stack([np.asarray(r.label) for r in ds.records])
+    raise DataError(f"{ds}: has no labels")
+
+
+class _Features(Dataset):
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"features": self.features[i], "label": self.labels[i]}
+
+
+@TASKS.register
+class Classification(FinetuneTask):
+    name = "classification"
+    Config = ClassificationConfig
+    model_class = FinetunedClassifier
+
+    def validate(self, cfg: dict) -> None:
+        if cfg["classification"]["class_weights"] not in ("auto", "none", None):
+            raise ValueError("classification.class_weights must be 'auto' or 'none'")
+
+    def split_args(self, cfg: dict, path: str) -> dict:
+        if path.lower().endswith(".npz"):
+            return {}
+        c = cfg["classification"]
+        if not c["label"]:
+            raise ValueError("classification on a manifest needs classification.label (the label column)")
+        return {"label": c["label"], "classes": c["classes"], "multi_label": c["multi_label"]}
+
+    def prepare(self, cfg: dict, train):
+        labels = dataset_labels(train)
+        c = cfg["classification"]
+        n = labels.shape[1] if labels.ndim == 2 else int(max(labels.max() + 1, len(getattr(train, "classes", []) or [])))
+        cfg = merge(cfg, {"classification": {"num_classes": c["num_classes"] or max(n, 2)}})
+        self.idx = None
+        if cfg["shots"]:
+            self.idx = few_shot_indices(labels, cfg["shots"], cfg["seed"])
+            train, labels = Subset(train, self.idx), labels[self.idx]
+        self.labels = labels
+        self.class_names = [str(x) for x in getattr(train if self.idx is None else train.dataset, "classes", None)
+                            or c["classes"] or range(cfg["classification"]["num_classes"])]
+        return cfg, train
+
+    def head(self, cfg: dict) -> dict:
+        c = cfg["classification"]
+        return {"num_classes": c["num_classes"], "dropout": c["dropout"], "head_norm": c["head_norm"],
+                "multi_label": c["multi_label"], "class_names": getattr(self, "class_names", None)}
+
+    def module(self, cfg: dict, model, train):
+        c = cfg["classification"]
+        weight = None
+        if c["class_weights"] == "auto":
+            weight = class_weights(torch.as_tensor(self.labels), c["num_classes"], c["multi_label"])
+        return ClassificationTask(model, multi_label=c["multi_label"], weight=weight, **self.optim(cfg))
+
+    def training_set(self, cfg: dict, model, train):
+        if cfg["method"] != "linear_probe":
+            return train
+        # frozen encoder: features computed once, the head trains on them
+        plain = self.open_split(cfg, cfg["data"]["train_split"], train=False)
+        if self.idx is not None:
+            plain = Subset(plain, self.idx)
+        return _Features(*embed_dataset(model.encoder, plain, progress="caching features"))
+
+    def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
+        names = getattr(ds, "classes", None) or model.spec["head"].get("class_names")
+        res, thr = evaluate_classification(model, ds, out, split, cfg["classification"]["multi_label"],
+                                           [str(n) for n in names] if names else None, state.get("thresholds"),
+                                           cfg["data"]["batch_size"])
+        if split == state["val_split"] and state.get("thresholds") is None:
+            state["thresholds"] = thr
+            res["selected_thresholds"] = thr
+        return res
+
+    def saved_state(self, val_metrics: dict) -> dict:
+        return {"thresholds": val_metrics.get("selected_thresholds")}

@@ -1,0 +1,179 @@
+"""Pretraining data: real scans, the randomized-synthesis engine, or a mix, as step-keyed random views.
+
+The recipe's ``data`` section (:class:`PretrainDataConfig`) picks the regime; the method says what it
+needs (``needs``: image views, synthetic pairs, synthetic images with label maps, or image-text pairs)
+and which view it draws (``make_view``). The online probe (``probe`` section) is built here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from medfm.data import DataError, open_dataset
+from medfm.data.transforms import PRESETS
+from medfm.evaluate.online_probe import OnlineProbe
+from medfm.run import KeyedDataset, StepData, section
+from medfm.synthetic import SynthConfig, synth_pair, synth_sample
+
+REGIMES = ("real", "synthetic", "mixed")
+
+
+@dataclass
+class PretrainDataConfig:
+    """``data`` of a pretraining recipe."""
+
+    regime: str = "real"  # real | synthetic (the randomized-synthesis engine) | mixed
+    mix: float = 0.5  # mixed: fraction of samples drawn from the engine
+    synthetic: dict = field(default_factory=dict)  # SynthConfig arguments (size defaults to encoder.img_size)
+    path: str | None = None  # npz, CSV/TSV/JSONL manifest or folder (or give --data)
+    split: str | None = "train"  # npz split / manifest split column value (null: every row)
+    text: str | None = None  # manifest column with each image's report/caption (CLIP, text MLM)
+    preset: str = "radiograph_2d"  # intensity/geometry preprocessing: radiograph_2d | ct_3d | mr_3d
+    preset_args: dict = field(default_factory=dict)  # e.g. {spacing: 2.0} for the 3D presets
+    batch_size: int = 64  # per device
+    num_workers: int = 2
+    cache: bool = True  # keep preprocessed samples in memory (views are drawn fresh every step)
+
+
+@dataclass
+class ProbeConfig:
+    """``probe``: the online linear probe on frozen features during pretraining."""
+
+    every_n_steps: int = 0  # 0: off
+    path: str | None = None  # labelled data (default: data.path)
+    label: str | list | None = None  # manifest label column (npz: its labels)
+    train_split: str = "train"
+    val_split: str = "val"
+    max_train: int = 1000
+    max_val: int = 500
+
+
+def validate_data(d: PretrainDataConfig) -> None:
+    if d.regime not in REGIMES:
+        raise ValueError(f"unknown data.regime {d.regime!r}: real, synthetic or mixed")
+    if d.preset not in PRESETS:
+        raise ValueError(f"unknown preset {d.preset!r}; available: {', '.join(PRESETS)}")
+
+
+def preprocess(cfg: dict, size=None):
+    """The recipe's deterministic preprocessing (``data.preset`` + ``preset_args``) at ``size``."""
+    d = cfg["data"]
+    return PRESETS[d["preset"]](size=size, **d["preset_args"])
+
+
+def preprocess_record(cfg: dict) -> dict:
+    """What an exported encoder records about its inputs (see :func:`medfm.encoders.preprocess_transform`)."""
+    d = cfg["data"]
+    return {"preset": d["preset"], "size": cfg["encoder"]["img_size"], "args": dict(d["preset_args"])}
+
+
+class SynthSource:
+    """Picklable ``position -> sample`` of the synthesis engine (seeded by the run's seed):
+    the image alone, or for pair methods ``image``, ``image2`` and ``mask``."""
+
+    def __init__(self, config: SynthConfig, seed: int, pairs: bool = False, masks: bool = False, max_shift: int = 0):
+        self.config, self.seed, self.pairs, self.masks, self.max_shift = config, seed, pairs, masks, max_shift
+
+    def __call__(self, position: int):
+        if self.pairs:
+            return self._pair(position)
+        s = synth_sample(self.config, self.seed, position)
+        return {"image": s["image"], "mask": s["mask"]} if self.masks else s["image"]
+
+    def _pair(self, position: int) -> dict:
+        """Two renderings of one map (made ``max_shift`` larger), cropped independently; ``shift`` maps
+        view-1 voxels to view-2 voxels (v -> v + shift)."""
+        m = self.max_shift
+        big = dataclasses.replace(self.config, size=tuple(s + m for s in self.config.shape))
+        s = synth_pair(big, self.seed, position)
+        rng = np.random.default_rng([self.seed, position, 3])
+        o1, o2 = rng.integers(0, m + 1, (2, len(self.config.shape)))
+
+        def crop(x, o):
+            return x[(slice(None),) + tuple(slice(int(a), int(a) + n) for a, n in zip(o, self.config.shape))]
+
+        return {"image": crop(s["image"], o1), "image2": crop(s["image2"], o2), "mask": crop(s["mask"], o1),
+                "shift": torch.as_tensor(o1 - o2)}
+
+
+def synth_config(cfg: dict) -> SynthConfig:
+    """The engine's configuration: ``data.synthetic`` at the encoder's size and dimension."""
+    enc = cfg["encoder"]
+    synth = dict(cfg["data"]["synthetic"])
+    synth.setdefault("size", enc["img_size"])
+    return SynthConfig(spatial_dims=enc["spatial_dims"], **synth)
+
+
+def build_data(cfg: dict, method) -> StepData:
+    """Real data (``data.path``), the synthesis engine, or a mix of both, as ``data.regime`` says, in the
+    form ``method.needs`` and with ``method.make_view``."""
+    d, enc = section(cfg, "data", PretrainDataConfig), cfg["encoder"]
+    validate_data(d)
+    needs, name = method.needs, method.name
+    if needs in ("pairs", "masks") and d.regime != "synthetic":
+        raise ValueError(f"method {name} trains on the engine's samples: set data.regime=synthetic")
+    if needs == "text" and (d.regime != "real" or not d.text):
+        raise ValueError(f"method {name} trains on image-text pairs: set data.regime=real and data.text "
+                         f"to the manifest column holding each image's report or caption (now regime={d.regime}, "
+                         f"text={d.text})")
+    dataset = synthetic = None
+    if d.regime in ("real", "mixed"):
+        if not d.path:
+            raise ValueError(f"data.regime={d.regime} needs data: give --data PATH (an npz, a manifest or a folder) "
+                             "or set data.path; or use data.regime=synthetic")
+        text = {"text_key": d.text} if d.text else {}
+        dataset = open_dataset(d.path, split=d.split, spatial_dims=enc["spatial_dims"], transform=preprocess(cfg),
+                               cache=d.cache, **text)
+    if d.regime in ("synthetic", "mixed"):
+        if enc.get("in_chans", 1) != 1:
+            raise ValueError("the synthesis engine makes one-channel images; set encoder.in_chans=1")
+        pairs = needs == "pairs"
+        synthetic = SynthSource(synth_config(cfg), cfg["seed"], pairs=pairs, masks=needs == "masks",
+                                max_shift=method.config(cfg).max_shift if pairs else 0)
+    mix = {"real": 0.0, "synthetic": 1.0, "mixed": d.mix}[d.regime]
+    keyed = KeyedDataset(dataset, method.make_view(cfg), seed=cfg["seed"], synthetic=synthetic, mix=mix)
+    return StepData(keyed, len(keyed) if dataset is not None else None, d.batch_size, d.num_workers, cfg["seed"])
+
+
+def _subset(ds, n: int, seed: int):
+    if len(ds) <= n:
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Subset(ds, idx.tolist())
+
+
+def build_probe(cfg: dict) -> OnlineProbe | None:
+    """The online probe, or None when it is off or the data has no labels / no validation split."""
+    p = section(cfg, "probe", ProbeConfig)
+    if not p.every_n_steps:
+        return None
+    if not (p.path or cfg["data"]["path"]):
+        warnings.warn("online probe off: no labelled data (set probe.path to a labelled npz or manifest)", stacklevel=2)
+        return None
+    path = str(p.path or cfg["data"]["path"])
+    is_npz = path.lower().endswith(".npz")
+    if os.path.isdir(path) or not (is_npz or p.label):
+        warnings.warn(f"online probe off: {path} has no labels (set probe.label to a manifest column, "
+                      "or probe.path to a labelled npz/manifest)", stacklevel=2)
+        return None
+    enc = cfg["encoder"]
+    kw = dict(spatial_dims=enc["spatial_dims"], label=p.label, transform=preprocess(cfg, size=enc["img_size"]),
+              cache=True)
+    try:
+        train = open_dataset(path, split=p.train_split, **kw)
+        val = open_dataset(path, split=p.val_split, **kw)
+    except DataError as e:
+        warnings.warn(f"online probe off: {e}", stacklevel=2)
+        return None
+    if is_npz and train.labels is None:
+        warnings.warn(f"online probe off: {path} has no labels", stacklevel=2)
+        return None
+    return OnlineProbe(_subset(train, p.max_train, cfg["seed"]), _subset(val, p.max_val, cfg["seed"]),
+                       p.every_n_steps)

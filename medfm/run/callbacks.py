@@ -1,0 +1,80 @@
+"""Callbacks every run has: RNG state in checkpoints, the finite-loss guard, the export at the end."""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class RngState(L.Callback):
+    """Saves the global torch / CUDA / numpy / python RNG states in every checkpoint and restores them on resume.
+
+    Lightning restores model, optimizer, scheduler and loop counters, not the
+    RNG streams; without them a resumed run draws different masks than an
+    uninterrupted one. States are stored as tensors and plain lists so the
+    checkpoint loads with ``torch.load(weights_only=True)``. They are applied
+    at ``on_train_start``, after everything that runs while restoring.
+    """
+
+    def __init__(self):
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        s, self._pending = self._pending, None
+        if s is None:
+            return
+        torch.set_rng_state(s["torch"])
+        kind, keys, pos, has_gauss, gauss = s["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+        if "cuda" in s and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class FiniteLossGuard(L.Callback):
+    """Stops the run (on every rank) before a NaN/inf loss can reach the weights or a checkpoint.
+
+    Checked before the backward pass, so neither the optimizer step nor the checkpoint of that step
+    happens; the last good checkpoint is kept.
+    """
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise FloatingPointError(
+                f"{type(pl_module).__name__}: loss is {loss.detach().float().cpu().tolist()} at step "
+                f"{trainer.global_step} (on at least one rank); stopped before the weights were updated. Lower "
+                "the learning rate, check the data for extreme values, or raise warmup_steps; the last good "
+                "checkpoint is kept."
+            )
+
+
+class Export(L.Callback):
+    """At the end of training, on rank 0: the plug-in's ``export`` hook writes what the run made
+    (encoder, model, figures) into the run folder."""
+
+    def __init__(self, plugin, folder):
+        self.plugin, self.folder = plugin, folder
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.plugin.export(pl_module, self.folder, trainer)

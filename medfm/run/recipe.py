@@ -1,0 +1,282 @@
+"""YAML recipes: declared sections with defaults and types, safe loading, strict merging, overrides.
+
+A recipe is a nested mapping merged onto the defaults of its *schema*: ``{section name: spec}`` where a
+spec is
+
+* a dataclass: a typed section; each field's default is the section's default, its annotation the
+  type a value must have; a field whose default is a dict is a free-form sub-section;
+* :class:`FreeForm`: a section whose keys go straight to a constructor (``encoder``, ``trainer``), with
+  defaults;
+* anything else: a top-level scalar and its default (``seed: 0``).
+
+Each plug-in declares its own section once (its ``Config`` dataclass); the run kinds assemble schemas
+from the common sections below and the registered plug-ins. A key that is not in the schema (outside
+free-form sections) is an error naming the key, the file and the nearest valid key; a value of the
+wrong type is an error naming the key and the type.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .trainer import TRAINER_DEFAULTS
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?\d+\.\d*$|^[-+]?\.\d+$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text safely (no Python objects), with ``1e-3`` read as a float."""
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclass(frozen=True)
+class FreeForm:
+    """A section whose keys are passed on as they are (to a constructor), with these defaults."""
+
+    defaults: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- common sections
+@dataclass
+class OptimConfig:
+    """``optim``: AdamW and the warm-up + cosine schedule (every run kind)."""
+
+    lr: float = 1.5e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 0
+
+
+ENCODER = FreeForm({"name": "vit_small", "spatial_dims": 2, "in_chans": 1, "img_size": 224, "pretrained": None})
+TRAINER = FreeForm(TRAINER_DEFAULTS)
+
+
+def section(cfg: dict, name: str, cls: type):
+    """The recipe section ``name`` as its dataclass (typed access for the plug-in that owns it)."""
+    return cls(**cfg[name])
+
+
+def with_defaults(cls: type, **defaults: Any) -> type:
+    """A subclass of the dataclass ``cls`` with other defaults (e.g. fine-tuning's larger learning rate)."""
+    new = [(k, typing.get_type_hints(cls)[k], field(default_factory=lambda v=v: copy.deepcopy(v)))
+           for k, v in defaults.items()]
+    return dataclasses.make_dataclass(cls.__name__, new, bases=(cls,))
+
+
+# ----------------------------------------------------------------- schema walk
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return copy.deepcopy(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    raise TypeError(f"recipe field {f.name} needs a default")
+
+
+def describe(schema: dict) -> tuple[dict, set[str], dict[str, Any]]:
+    """(defaults, free-form paths, ``{path: type}``) of a schema."""
+    defaults: dict = {}
+    free: set[str] = set()
+    hints: dict[str, Any] = {}
+    for name, spec in schema.items():
+        if dataclasses.is_dataclass(spec) and isinstance(spec, type):
+            types_ = typing.get_type_hints(spec)
+            sec = {}
+            for f in dataclasses.fields(spec):
+                sec[f.name] = _field_default(f)
+                hints[f"{name}.{f.name}"] = types_[f.name]
+                if isinstance(sec[f.name], dict):
+                    free.add(f"{name}.{f.name}")
+            defaults[name] = sec
+        elif isinstance(spec, FreeForm):
+            defaults[name] = copy.deepcopy(spec.defaults)
+            free.add(name)
+        else:
+            defaults[name] = copy.deepcopy(spec)
+    return defaults, free, hints
+
+
+def _unknown(source: str, name: str, key: str, known: Sequence[str]) -> KeyError:
+    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return KeyError(f"{source}: unknown recipe key {name!r}{hint} (valid keys here: {', '.join(sorted(known)) or 'none'})")
+
+
+def merge(base: dict, extra: dict, free_form: set[str] | Sequence[str] = (), source: str = "recipe",
+          prefix: str = "") -> dict:
+    """``extra`` merged into a copy of ``base``; unknown keys outside ``free_form`` sections raise KeyError."""
+    out = copy.deepcopy(base)
+    if not isinstance(extra, dict):
+        raise ValueError(f"{source}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {extra!r}")
+    for key, value in extra.items():
+        name = f"{prefix}{key}"
+        if key not in out and prefix.rstrip(".") not in free_form:
+            raise _unknown(source, name, str(key), list(out))
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and name not in free_form:
+            out[key] = merge(out[key], value, free_form, source, f"{name}.")
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------- types
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a field annotation (int for float is fine; bool is not an int)."""
+    if hint is Any or hint is object:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return not args or all(matches(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def check_types(cfg: dict, hints: dict[str, Any], source: str) -> None:
+    for path, hint in hints.items():
+        sec, key = path.split(".", 1)
+        value = cfg[sec][key]
+        if not matches(value, hint):
+            raise ValueError(f"{source}: recipe key {path!r} must be {_type_name(hint)}, got {value!r}")
+
+
+# ----------------------------------------------------------------- loading
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["trainer.max_steps=10", "mae.mask_ratio=0.6"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. trainer.max_steps=100)")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = read_yaml(raw)
+    return out
+
+
+def load_config(schema: dict, path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = ()) -> dict:
+    """The schema's defaults, then the YAML file at ``path``, then ``overrides`` (a dict or ``KEY=VALUE``
+    strings); unknown keys and wrong types raise errors that name the file (or "override")."""
+    cfg, free, hints = describe(schema)
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{path}: no such recipe")
+        raw = read_yaml(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+        source = str(path)
+        cfg = merge(cfg, raw, free, source)
+    if overrides:
+        source = "override" if path is None else f"{path} (with overrides)"
+        cfg = merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides), free, "override")
+    check_types(cfg, hints, source)
+    return cfg
+
+
+# ----------------------------------------------------------------- finding recipe files
+def recipe_roots() -> list[Path]:
+    """Where recipes are looked for: ``$MEDFM_RECIPES``, the current folder, the source checkout."""
+    roots = [Path(p) for p in os.environ.get("MEDFM_RECIPES", "").split(os.pathsep) if p]
+    roots += [Path.cwd(), Path(__file__).resolve().parents[2]]
+    seen, out = set(), []
+    for r in roots:
+        r = r.resolve()
+        if r not in seen:
+            seen.add(r)
+            out.append(r)
+    return out
+
+
+def list_recipes() -> dict[str, list[Path]]:
+    """``{"encoders": [...], "tasks": [...]}``: every ``*.yaml`` recipe found, first root wins per name."""
+    found: dict[str, dict[str, Path]] = {"encoders": {}, "tasks": {}}
+    for root in recipe_roots():
+        for kind in found:
+            for p in sorted((root / kind).glob("*.yaml")):
+                found[kind].setdefault(p.name, p)
+    return {kind: list(v.values()) for kind, v in found.items()}
+
+
+def find_recipe(name: str, kind: str = "encoders") -> Path:
+    """A recipe path, or a bare name (``mae_vit_2d``) looked up in the recipe folders."""
+    if Path(name).exists():
+        return Path(name)
+    stem = Path(name).name.removesuffix(".yaml")
+    found = list_recipes()[kind]
+    for p in found:
+        if p.stem == stem:
+            return p
+    known = ", ".join(p.stem for p in found) or "(none found)"
+    raise FileNotFoundError(f"{name}: no such recipe file or name; {kind} recipes: {known}")
+
+
+# ----------------------------------------------------------------- sections from code
+def config_from_signature(target: Any, name: str, exclude: Sequence[str] = ("self",)) -> type:
+    """A recipe-section dataclass whose fields are ``target``'s keyword arguments (defaults and type hints
+    from its signature), so a model's defaults are declared once, in the model."""
+    fn = target.__init__ if isinstance(target, type) else target
+    hints = typing.get_type_hints(fn)
+    fields_ = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in exclude or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(f"{name}: argument {p.name!r} of {target.__qualname__} has no default")
+        fields_.append((p.name, hints.get(p.name, Any), field(default_factory=lambda v=p.default: copy.deepcopy(v))))
+    cls = dataclasses.make_dataclass(name, fields_)
+    cls.__doc__ = f"Recipe section: the keyword arguments of {target.__module__}.{target.__qualname__}."
+    return cls
+
+
+def split_kwargs(cls: type, kwargs: dict) -> tuple[Any, dict]:
+    """``kwargs`` split into the dataclass ``cls`` (its fields) and the rest (e.g. optimizer arguments)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in kwargs.items() if k in names}), {k: v for k, v in kwargs.items() if k not in names}
