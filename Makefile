@@ -7,6 +7,7 @@ STAMP := $(VENV)/.medfm-installed
 .PHONY: demo test install clean
 
 $(STAMP): pyproject.toml
+	rm -f $(STAMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -19,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/medfm encode --encoder vit_small --size 96 --spacing 2.0
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

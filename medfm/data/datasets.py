@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Randomizable
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .errors import DataError
 from .io import load
@@ -56,8 +57,6 @@ def collate(batch: list[dict]) -> dict:
     Use it as ``DataLoader(..., collate_fn=collate)`` when manifest rows carry
     extra columns of mixed types; torch's default collation also works otherwise.
     """
-    from torch.utils.data import default_collate
-
     out = default_collate([{k: v for k, v in s.items() if k not in ("meta", "text")} for s in batch])
     if "text" in batch[0]:
         out["text"] = [s["text"] for s in batch]
@@ -233,8 +232,6 @@ class FolderDataset(SampleDataset):
 
     def __init__(self, root: str | os.PathLike, spatial_dims: int | None = None, transform=None,
                  cache: bool = False, on_error: str = "raise"):
-        from pathlib import Path
-
         super().__init__(transform=transform, cache=cache, on_error=on_error)
         self.root = Path(root)
         if not self.root.is_dir():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import DataError, MissingFileError
+from .samples import iu_xray_reports
 
 # label -> MeSH headings (the tag's first segment, lower case) that carry it
 IU_LABELS: dict[str, tuple[str, ...]] = {
@@ -120,8 +121,6 @@ def read_iu_xray(path: str | os.PathLike | None = None) -> list[Report]:
     """All reports of the IU X-ray archive (``None``: the copy inside torchxrayvision), ordered by study
     number. A damaged archive or XML file raises a :class:`DataError` naming it."""
     if path is None:
-        from .samples import iu_xray_reports
-
         path = iu_xray_reports()
     path = os.fspath(path)
     if not os.path.exists(path):

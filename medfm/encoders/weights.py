@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import timm
 import torch.nn as nn
 from safetensors.torch import load_file
 from timm.models import adapt_input_conv
@@ -40,8 +41,6 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     """
     source = str(source)
     if source.startswith("timm:"):
-        import timm
-
         return timm.create_model(source[5:], pretrained=True).state_dict(), None
     path = Path(source)
     if path.is_file():

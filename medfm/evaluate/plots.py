@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torchmetrics.functional.classification as tmc
 
 
 def _plt():
@@ -22,8 +23,6 @@ def _plt():
 def roc_png(scores: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], path: str | Path,
             multi_label: bool = False, title: str = "") -> Path:
     """ROC curve per class (binary: the positive class; otherwise one-vs-rest), AUROC in the legend."""
-    import torchmetrics.functional.classification as tmc
-
     plt = _plt()
     k = scores.shape[1]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
@@ -44,11 +43,9 @@ def roc_png(scores: torch.Tensor, target: torch.Tensor, class_names: Sequence[st
 def confusion_png(pred: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], path: str | Path,
                   title: str = "") -> Path:
     """Confusion matrix (rows: true class, columns: predicted), counts in the cells."""
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-
     plt = _plt()
     k = len(class_names)
-    cm = multiclass_confusion_matrix(pred.long(), target.long(), num_classes=k).numpy()
+    cm = tmc.multiclass_confusion_matrix(pred.long(), target.long(), num_classes=k).numpy()
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1.0 + 0.6 * k))
     ax.imshow(cm, cmap="Blues")
     for i in range(k):

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics.functional.classification as tmc
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from medfm.data.volume import plain_tensor
 
@@ -25,8 +26,6 @@ def embed_dataset(encoder: nn.Module, dataset: Dataset, batch_size: int = 64,
     """Pooled embeddings (N, D) and labels (N,) or (N, K) (None when the samples have none) of a dataset of
     sample dicts, encoder in eval mode; ``forward`` replaces ``encoder(x)`` (e.g. a CLIP model's
     ``encode_image``); ``progress`` names a progress bar (None: no bar)."""
-    from tqdm.auto import tqdm
-
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()

@@ -31,6 +31,7 @@ def _write_nifti(array: np.ndarray, path: Path) -> None:
 
 def contact_sheet(samples: list[dict], path: Path) -> Path:
     """PNG: one column per sample, image on top and its label map below (mid-slice for volumes)."""
+    # matplotlib is imported when a sheet is drawn: slow to import, and a notebook keeps its own backend
     import matplotlib
 
     matplotlib.use("Agg")
