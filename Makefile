@@ -7,7 +7,6 @@ STAMP := $(VENV)/.medfm-installed
 .PHONY: demo test install clean
 
 $(STAMP): pyproject.toml
-	rm -f $(STAMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

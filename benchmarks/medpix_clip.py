@@ -53,7 +53,7 @@ def main() -> None:
         "trainer": {"max_steps": args.steps, "checkpoint_every_n_steps": 100, "log_every_n_steps": 10},
     })
     t0 = time.perf_counter()
-    if not (out / "clip_heads.safetensors").exists():
+    if not (out / "model" / "config.json").exists():
         run_pretrain(cfg, out, data_path=args.data, resume=(out / "checkpoints" / "last.ckpt").exists())
     minutes = (time.perf_counter() - t0) / 60
     classes = list(PROMPTS)

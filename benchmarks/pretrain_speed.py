@@ -5,7 +5,7 @@ For each configuration, in the same process:
 * **plain**: a minimal PyTorch loop over the same model and loss (forward, backward,
   AdamW step, LR schedule step, DINO's teacher update; bf16 autocast on CUDA), run
   before and after medfm; the faster of the two is the reference;
-* **medfm**: the real recipe path: ``build_module`` + ``build_trainer`` (Lightning,
+* **medfm**: the real recipe path: the method plug-in's ``build_module`` + ``medfm.run.make_trainer`` (Lightning,
   logging, checkpoint callback, NaN guard, RNG state) on the same in-memory batch.
 
 Both see the same fixed batch, so the data pipeline is not timed (see
@@ -33,7 +33,8 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from medfm.pretrain.recipe import build_encoder, build_module, build_trainer, load_recipe
+from medfm.pretrain import METHODS, build_encoder, load_recipe
+from medfm.run import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -112,7 +113,7 @@ def step_loss(module, batch: dict) -> torch.Tensor:
 def plain_loop(cfg: dict, batch: dict, steps: int, warmup: int) -> tuple[list[float], float, int]:
     """The reference: forward, backward, optimizer + schedule step (+ EMA) in a bare loop."""
     L.seed_everything(0, verbose=False)
-    module = build_module(cfg, build_encoder(cfg)).to("cuda" if CUDA else "cpu")
+    module = METHODS.get_plugin(cfg["method"]).build_module(cfg, build_encoder(cfg)).to("cuda" if CUDA else "cpu")
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     times = []
@@ -172,11 +173,10 @@ def medfm_loop(cfg: dict, batch: dict, steps: int, warmup: int) -> tuple[list[fl
     L.seed_everything(0, verbose=False)
     cfg = dict(cfg, trainer=dict(cfg["trainer"], max_steps=warmup + steps, enable_progress_bar=False,
                                  checkpoint_every_n_steps=10**6))
-    module = build_module(cfg, build_encoder(cfg))
+    module = METHODS.get_plugin(cfg["method"]).build_module(cfg, build_encoder(cfg))
     timer = _StepTimer()
     with tempfile.TemporaryDirectory() as out:
-        trainer = build_trainer(cfg, Path(out), [timer])
-        trainer.callbacks = [c for c in trainer.callbacks if type(c).__name__ != "FinishRun"]
+        trainer = make_trainer(cfg["trainer"], Path(out), [timer])  # the run's Trainer, without the export
         with PeakMemory() as mem:
             trainer.fit(module, datamodule=_Fixed(batch))
     times = [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:])]

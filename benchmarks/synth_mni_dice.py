@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from medfm.data import load, samples
 from medfm.data.volume import plain_tensor
 from medfm.evaluate.probe import logistic_probe
-from medfm.pretrain.recipe import build_encoder, load_recipe, run_pretrain
+from medfm.pretrain import build_encoder, load_recipe, run_pretrain
 from medfm.pretrain.synth_contrastive import dense_network
 
 REPO = Path(__file__).resolve().parents[1]

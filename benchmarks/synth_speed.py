@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from medfm.pretrain.recipe import build_encoder, build_module, load_recipe
+from medfm.pretrain import METHODS, build_encoder, load_recipe
 from medfm.synthetic import SynthConfig, SyntheticDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def consumption_rate(dims: int, size: int, batch: int, steps: int) -> float:
     L.seed_everything(0, verbose=False)
     cfg = load_recipe(REPO / "encoders" / f"mae_vit_{dims}d.yaml", {"encoder": {"img_size": size}})
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    module = build_module(cfg, build_encoder(cfg)).to(dev)
+    module = METHODS.get_plugin(cfg["method"]).build_module(cfg, build_encoder(cfg)).to(dev)
     opt = module.configure_optimizers()["optimizer"]
     x = torch.rand(batch, 1, *([size] * dims), device=dev)
     times = []

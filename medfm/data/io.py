@@ -1,4 +1,4 @@
-"""``load(path)``: one file or one DICOM folder -> the sample dict of DESIGN.md."""
+"""``load(path)``: one file or one DICOM folder -> one sample dict (``image``, ``meta``; the keys every medfm dataset uses)."""
 
 from __future__ import annotations
 
