@@ -25,10 +25,7 @@ from medfm.pretrain import METHODS, load_recipe, run_pretrain
 from medfm.run import RunFolder, find_recipe, list_recipes
 from medfm.synthetic import SynthConfig, export_synthetic
 
-mni152 = samples.mni152
-
-PACKAGES = ("medfm", "torch", "torchvision", "timm", "monai", "open_clip_torch", "transformers", "diffusers",
-            "lightning", "torchmetrics", "peft", "nibabel", "pydicom", "safetensors", "huggingface_hub")
+PACKAGES = ("medfm", "torch", "torchvision", "timm", "monai", "open_clip_torch", "transformers", "lightning", "torchmetrics", "peft", "nibabel", "pydicom", "safetensors", "huggingface_hub")
 
 
 def _version(pkg: str) -> str:
@@ -64,7 +61,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    path = args.path or mni152("t1")
+    path = args.path or samples.mni152("t1")
     t0 = time.perf_counter()
     sample = load(path)
     dims = sample["meta"]["spatial_dims"]
@@ -88,7 +85,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         emb = model(x)
         t_enc = time.perf_counter() - t1
     n_params = sum(p.numel() for p in model.parameters())
-    name = args.pretrained if model is not None and args.pretrained else args.encoder
+    name = args.pretrained or args.encoder
     print(f"input      {path}")
     print(f"preset     {preprocess['preset']}: {tuple(x.shape)} (spacing {tuple(round(s, 2) for s in sample['meta']['spacing'])})")
     print(f"encoder    {name} {dims}D, {n_params / 1e6:.1f}M parameters, {device_description()}")
@@ -132,21 +129,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides)
     out = run_finetune(cfg, args.out, data_path=args.data, resume=args.resume)
     if _rank_zero():
-        _print_metrics(out / "metrics.json")
+        metrics = json.loads((out / "metrics.json").read_text())
+        print("\n".join(TASKS.get_plugin(cfg["task"]).summary(metrics)) + f"\nmetrics: {out / 'metrics.json'}")
     return 0
-
-
-def _print_metrics(path) -> None:
-    """The headline numbers of a metrics.json as a small table."""
-    m = json.loads(open(path).read())
-    rows = [(k, v) for k, v in m.items() if isinstance(v, dict) and ("auroc" in v or "mean_dice" in v)]
-    if "trainable_params" in m:
-        print(f"{m['method']}: {m['trainable_params']:,} trainable / {m['total_params']:,} parameters, "
-              f"{m['wall_time_s']} s")
-    for split, v in rows:
-        keys = ("auroc", "accuracy", "balanced_accuracy", "f1") if "auroc" in v else ("mean_dice", "mean_hd95")
-        print(f"  {split:<8} " + "  ".join(f"{k} {v[k]:.4f}" for k in keys if k in v) + f"  (n={v.get('n')})")
-    print(f"metrics: {path}")
 
 
 def run_plugin(run: Path):
@@ -175,31 +160,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     split = None if args.split in ("", "all") else args.split
     metrics = plugin.evaluate(run, data=args.data, split=split, out=args.out, classes=classes, text=args.text,
                               templates=args.prompt, label=args.label)
-    _print_evaluation(metrics, plugin, run, args)
+    print("\n".join(plugin.summary(metrics)))
     return 0
-
-
-def _print_evaluation(m: dict, plugin, run: Path, args: argparse.Namespace) -> None:
-    """The headline numbers of an evaluation, by kind."""
-    if plugin.kind == "finetune":
-        out = Path(args.out) if args.out else run / f"eval_{args.split}"
-        _print_metrics(out / "metrics.json")
-    elif "n" in m and ("retrieval" in m or any(isinstance(v, dict) and "majority_rate" in v for v in m.values())):
-        print(f"{m['n']} images of {args.data} (split {m['split']})")
-        for col, v in m.items():
-            if isinstance(v, dict) and "majority_rate" in v:
-                print(f"  {col:<20} zero-shot accuracy {v['accuracy']:.4f}  balanced {v['balanced_accuracy']:.4f}  "
-                      f"majority-class rate {v['majority_rate']:.4f}  ({len(v['classes'])} classes)")
-        if "retrieval" in m:
-            r = m["retrieval"]
-            for way in ("image_to_text", "text_to_image"):
-                print(f"  {way:<20} " + "  ".join(f"{k} {r[way][k]:.3f} (chance {r['chance'][k]:.3f})" for k in r["chance"]))
-    else:
-        for key, value in m.items():
-            if isinstance(value, dict):
-                print(f"  {key:<14} " + "  ".join(f"{k} {v:.4f}" for k, v in value.items() if isinstance(v, float)))
-            elif isinstance(value, float):
-                print(f"  {key:<14} {value:.4f}")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

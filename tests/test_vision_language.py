@@ -334,6 +334,14 @@ def test_mlm_resume_masks_and_ends_like_an_uninterrupted_run(tmp_path):
     assert len(losses(resumed)) == 3  # the resumed part's log (the first part's is kept as metrics-part*.csv)
     a, b = load_file(str(full / "mlm" / "model.safetensors")), load_file(str(resumed / "mlm" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the run's model is its text tower; `medfm evaluate RUN` measures masked-token perplexity on given text
+    import medfm
+    from medfm.cli import main
+
+    assert type(medfm.load(full)).__name__ == "TextEncoder"
+    assert main(["evaluate", str(full), "--data", str(manifest), "--text", "report"]) == 0
+    ppl = json.loads((full / "eval" / "metrics.json").read_text())
+    assert 190 <= ppl["texts"] <= 200 and 1.0 < ppl["masked_perplexity"] < float("inf")  # empty rows skipped
     with pytest.raises(DataError, match="no column 'notes'"):
         run_pretrain(_mlm_recipe(data={"path": str(manifest), "text": "notes"}), tmp_path / "bad")
 

@@ -22,12 +22,9 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from monai.utils import ensure_tuple_rep
 
 KEYS = ("image", "mask")
-
-
-def _size(size: int | Sequence[int], n: int) -> tuple[int, ...]:
-    return (size,) * n if isinstance(size, int) else tuple(size)
 
 
 def _crop(size: tuple[int, ...], train: bool) -> list:
@@ -46,7 +43,7 @@ def radiograph_2d(size: int | Sequence[int] | None = 224, train: bool = False, p
         ScaleIntensityRangePercentilesd("image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True),
     ]
     if size is not None:
-        size = _size(size, 2)
+        size = ensure_tuple_rep(size, 2)
         steps += [
             Resized("image", spatial_size=size, mode="area"),
             Resized("mask", spatial_size=size, mode="nearest", allow_missing_keys=True),
@@ -60,14 +57,14 @@ def radiograph_2d(size: int | Sequence[int] | None = 224, train: bool = False, p
 
 
 def _volume(size, spacing, intensity, train: bool) -> Compose:
-    spacing = _size(spacing, 3) if not isinstance(spacing, float) else (spacing,) * 3
+    spacing = ensure_tuple_rep(spacing, 3)
     steps = [
         Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
         Spacingd(KEYS, pixdim=spacing, mode=("bilinear", "nearest"), allow_missing_keys=True),
         intensity,
     ]
     # size=None: the whole resampled volume (pretraining views crop later)
-    return Compose(steps if size is None else steps + _crop(_size(size, 3), train))
+    return Compose(steps if size is None else steps + _crop(ensure_tuple_rep(size, 3), train))
 
 
 def ct_3d(

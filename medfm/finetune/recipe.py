@@ -224,6 +224,18 @@ class FinetuneTask(RunPlugin):
         write_json(dest / "metrics.json", metrics)
         return metrics
 
+    def summary(self, metrics: dict) -> list[str]:
+        """Parameters and wall time, then one line per evaluated split."""
+        lines = []
+        if "trainable_params" in metrics:
+            lines.append(f"{metrics['method']}: {metrics['trainable_params']:,} trainable / "
+                         f"{metrics['total_params']:,} parameters, {metrics['wall_time_s']} s")
+        for split, v in metrics.items():
+            if isinstance(v, dict) and ("auroc" in v or "mean_dice" in v):
+                keys = ("auroc", "accuracy", "balanced_accuracy", "f1") if "auroc" in v else ("mean_dice", "mean_hd95")
+                lines.append(f"  {split:<8} " + "  ".join(f"{k} {v[k]:.4f}" for k in keys if k in v) + f"  (n={v.get('n')})")
+        return lines
+
     def saved_state(self, val_metrics: dict) -> dict:
         """What ``evaluate_splits`` needs from the run's own validation metrics."""
         return {}

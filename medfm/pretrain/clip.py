@@ -163,3 +163,15 @@ class CLIPMethod(PretrainMethod):
                              "and/or --text COLUMN")
         return evaluate_zero_shot(run, data, classes, split=split, text_key=text, templates=templates or TEMPLATES,
                                   out=out)
+
+    def summary(self, m: dict) -> list[str]:
+        """Zero-shot accuracy per label column against the majority rate; retrieval recall against chance."""
+        lines = [f"{m['n']} images of {m['data']} (split {m['split']})"]
+        for col, v in m.items():
+            if isinstance(v, dict) and "majority_rate" in v:
+                lines.append(f"  {col:<20} zero-shot accuracy {v['accuracy']:.4f}  balanced {v['balanced_accuracy']:.4f}  "
+                             f"majority-class rate {v['majority_rate']:.4f}  ({len(v['classes'])} classes)")
+        r = m.get("retrieval")
+        for way in ("image_to_text", "text_to_image") if r else ():
+            lines.append(f"  {way:<20} " + "  ".join(f"{k} {r[way][k]:.3f} (chance {r['chance'][k]:.3f})" for k in r["chance"]))
+        return lines

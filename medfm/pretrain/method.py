@@ -16,18 +16,15 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
-from medfm.encoders import create_encoder
-from medfm.evaluate.probe import embed_dataset, logistic_probe
 from medfm.atomic import write_json
 from medfm.data import open_dataset
-from medfm.encoders import create_model_and_transforms
+from medfm.encoders import create_encoder, create_model_and_transforms
+from medfm.evaluate.probe import embed_dataset, logistic_probe
 from medfm.run import ENCODER, TRAINER, Built, FreeForm, OptimConfig, RunFolder, RunPlugin
 
 from .data import PretrainDataConfig, ProbeConfig, build_data, build_probe, preprocess_record
 from .registry import METHODS
 from .views import mae_view
-
-NEEDS = ("views", "pairs", "masks", "text")
 
 
 def pretrain_schema() -> dict:

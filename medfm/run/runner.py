@@ -10,7 +10,8 @@ and its needs through hooks:
 * ``export(module, folder, trainer)``: rank 0, at the end of training: what the run saves (artifact
   folders, figures); the main artifact's sub-folder is ``model_folder``;
 * ``after_fit(built, trainer, folder)``: rank 0, after training (evaluation, metrics.json);
-* ``evaluate(run, **options)``: ``medfm evaluate RUN`` for a run of this plug-in.
+* ``evaluate(run, **options)``: ``medfm evaluate RUN`` for a run of this plug-in (``summary``: its
+  headline numbers for the console).
 
 ``run(plugin, cfg, out)`` does what every run shares: the run folder (refuse to overwrite, resume from
 ``checkpoints/last.ckpt``), seeding, the Trainer (logs, checkpoints, RNG state, finite-loss guard),
@@ -71,6 +72,16 @@ class RunPlugin:
 
     def evaluate(self, run: Path, **options: Any) -> dict:
         raise NotImplementedError(f"{self.kind} plug-in {self.name!r} has no evaluation")
+
+    def summary(self, metrics: dict) -> list[str]:
+        """The headline numbers of ``evaluate``'s metrics, as lines for the console."""
+        lines = []
+        for key, value in metrics.items():
+            if isinstance(value, dict):
+                lines.append(f"  {key:<14} " + "  ".join(f"{k} {v:.4f}" for k, v in value.items() if isinstance(v, float)))
+            elif isinstance(value, float):
+                lines.append(f"  {key:<14} {value:.4f}")
+        return lines
 
 
 class Registry(dict):
