@@ -112,8 +112,8 @@ def synth_config(cfg: dict) -> SynthConfig:
 
 
 def build_data(cfg: dict, method) -> StepData:
-    """Real data (``data.path``), the synthesis engine, or a mix of both, as ``data.regime`` says, in the
-    form ``method.needs`` and with ``method.make_view``."""
+    """Real data (``data.path``), the synthesis engine (``method.synthetic_source``), or a mix of both, as
+    ``data.regime`` says, in the form ``method.needs`` and with ``method.make_view``."""
     d, enc = section(cfg, "data", PretrainDataConfig), cfg["encoder"]
     validate_data(d)
     needs, name = method.needs, method.name
@@ -134,9 +134,7 @@ def build_data(cfg: dict, method) -> StepData:
     if d.regime in ("synthetic", "mixed"):
         if enc.get("in_chans", 1) != 1:
             raise ValueError("the synthesis engine makes one-channel images; set encoder.in_chans=1")
-        pairs = needs == "pairs"
-        synthetic = SynthSource(synth_config(cfg), cfg["seed"], pairs=pairs, masks=needs == "masks",
-                                max_shift=method.config(cfg).max_shift if pairs else 0)
+        synthetic = method.synthetic_source(cfg)
     mix = {"real": 0.0, "synthetic": 1.0, "mixed": d.mix}[d.regime]
     keyed = KeyedDataset(dataset, method.make_view(cfg), seed=cfg["seed"], synthetic=synthetic, mix=mix)
     return StepData(keyed, len(keyed) if dataset is not None else None, d.batch_size, d.num_workers, cfg["seed"])

@@ -22,7 +22,15 @@ from medfm.encoders import create_encoder, create_model_and_transforms
 from medfm.evaluate.probe import embed_dataset, logistic_probe
 from medfm.run import ENCODER, TRAINER, Built, FreeForm, OptimConfig, RunFolder, RunPlugin
 
-from .data import PretrainDataConfig, ProbeConfig, build_data, build_probe, preprocess_record
+from .data import (
+    PretrainDataConfig,
+    ProbeConfig,
+    SynthSource,
+    build_data,
+    build_probe,
+    preprocess_record,
+    synth_config,
+)
 from .registry import METHODS
 from .views import mae_view
 
@@ -64,6 +72,11 @@ class PretrainMethod(RunPlugin):
         """The random view of one sample (default: MAE's random-resized crop; ``view`` section = its arguments)."""
         enc = cfg["encoder"]
         return mae_view(enc["spatial_dims"], enc["img_size"], **cfg["view"])
+
+    def synthetic_source(self, cfg: dict) -> SynthSource:
+        """``position -> sample`` of the synthesis engine for the synthetic and mixed regimes (images, or
+        images with their label maps when the method ``needs`` masks)."""
+        return SynthSource(synth_config(cfg), cfg["seed"], masks=self.needs == "masks")
 
     def module_args(self, cfg: dict) -> dict:
         """The module's method arguments: this method's recipe section."""

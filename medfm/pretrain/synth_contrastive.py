@@ -31,7 +31,7 @@ from medfm.run import TrainingModule
 from medfm.run.recipe import split_kwargs
 from medfm.tasks.segmentation import SegmentationModel
 
-from .data import synth_config
+from .data import SynthSource, synth_config
 from .method import PretrainMethod
 from .registry import register_method
 
@@ -157,6 +157,10 @@ class SynthContrastive(_DenseMethod):
     Config = SynthContrastiveConfig
     module_class = SynthContrastiveModule
     needs = "pairs"
+
+    def synthetic_source(self, cfg: dict) -> SynthSource:
+        """Pairs of renderings of one label map, cropped up to ``max_shift`` voxels apart."""
+        return SynthSource(synth_config(cfg), cfg["seed"], pairs=True, max_shift=self.config(cfg).max_shift)
 
 
 @register_method
