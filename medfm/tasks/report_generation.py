@@ -1,0 +1,261 @@
+"""Radiology report generation: encoder tokens -> projector -> transformer decoder with cross-attention.
+
+Any medfm encoder (2D image or 3D volume; several images per study) gives tokens: a ViT's
+``forward_features`` (class token + patch tokens), a CNN's last feature map flattened. A LayerNorm + linear
+projector maps them to the decoder's width, and the decoder attends to them through cross-attention while
+it writes the report left to right.
+
+The default decoder is transformers' ``BertLMHeadModel(is_decoder=True, add_cross_attention=True)``
+warm-started from the packaged all-MiniLM-L6-v2 body (its first ``num_layers`` blocks). MiniLM ships no
+language-model head and no cross-attention, so those weights start random: :func:`build_decoder` lists
+them in a warning. The 30k-token output layer dominates the CPU time of a small decoder, so the
+vocabulary can be restricted to the training reports' tokens (:class:`ReportVocab`: the ``max_size``
+most frequent, plus the special tokens), mapped back to the tokenizer's ids for decoding; the word
+embeddings of those tokens are kept. Decoding is ``generate()``: greedy, beam search, sampling,
+``no_repeat_ngram_size``, length limits (with transformers 5's encoder-decoder cache for this setup).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertLMHeadModel, DynamicCache, EncoderDecoderCache
+
+from medfm.encoders import default_text_model_path
+from medfm.run import TrainingModule
+
+
+# --------------------------------------------------------------------------- vocabulary
+class ReportVocab:
+    """A compact output vocabulary: ``ids[k]`` is the tokenizer id of compact token ``k``."""
+
+    def __init__(self, ids: Sequence[int], unk_id: int):
+        self.ids = [int(i) for i in ids]
+        if unk_id not in self.ids:
+            raise ValueError("the compact vocabulary must hold the tokenizer's unknown token")
+        self._to_compact: torch.Tensor | None = None
+        self.unk_id = unk_id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def build(cls, tokenizer, texts: Sequence[str], max_size: int = 4000) -> "ReportVocab":
+        """The ``max_size`` most frequent tokens of ``texts`` (ties by id) plus the special tokens."""
+        special = [i for i in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id,
+                               tokenizer.sep_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None]
+        counts = Counter(i for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"] for i in ids)
+        keep = [i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if i not in special]
+        return cls(list(dict.fromkeys(special)) + keep[: max(max_size - len(set(special)), 0)], tokenizer.unk_token_id)
+
+    def to_compact(self, full: torch.Tensor) -> torch.Tensor:
+        """Tokenizer ids -> compact ids (tokens outside the vocabulary become the unknown token)."""
+        if self._to_compact is None or self._to_compact.numel() <= int(full.max()):
+            size = max(max(self.ids), int(full.max())) + 1
+            table = torch.full((size,), self.ids.index(self.unk_id), dtype=torch.long)
+            table[torch.tensor(self.ids)] = torch.arange(len(self.ids))
+            self._to_compact = table
+        return self._to_compact.to(full.device)[full]
+
+    def to_full(self, compact: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.ids, device=compact.device)[compact]
+
+
+# --------------------------------------------------------------------------- decoder
+def decoder_config(text_model: str | None, num_layers: int, vocab_size: int | None) -> dict:
+    """The BERT decoder's config: the text model's, made a decoder with cross-attention, ``num_layers``
+    blocks and (when given) a compact vocabulary."""
+    base = transformers.AutoConfig.from_pretrained(str(text_model or default_text_model_path()))
+    if base.model_type != "bert":
+        raise ValueError(f"{text_model}: the report decoder warm-starts from a BERT-family model, got "
+                         f"{base.model_type!r}")
+    if not 1 <= num_layers <= base.num_hidden_layers:
+        raise ValueError(f"decoder_layers must be 1..{base.num_hidden_layers} for {text_model or 'MiniLM'}")
+    cfg = base.to_dict()
+    cfg.update(is_decoder=True, add_cross_attention=True, num_hidden_layers=num_layers,
+               vocab_size=vocab_size or base.vocab_size, tie_word_embeddings=True)
+    for key in ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def build_decoder(text_model: str | None = None, num_layers: int = 2, vocab: ReportVocab | None = None,
+                  warn: bool = True) -> tuple[BertLMHeadModel, list[str]]:
+    """A BERT decoder warm-started from ``text_model`` (default: the packaged MiniLM): embeddings (the
+    compact vocabulary's rows) and the first ``num_layers`` blocks are copied; cross-attention and the
+    LM head's transform are new (listed in the returned names and in a warning)."""
+    config = BertConfig.from_dict(decoder_config(text_model, num_layers, len(vocab) if vocab else None))
+    decoder = BertLMHeadModel(config)
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "weights not used" for the pooler and the dropped blocks: expected
+    try:
+        source = AutoModel.from_pretrained(str(text_model or default_text_model_path())).state_dict()
+    finally:
+        transformers.logging.set_verbosity(level)
+    own = decoder.state_dict()
+    state = {}
+    for key, value in source.items():
+        name = f"bert.{key}"
+        if name not in own:
+            continue  # the pooler, blocks beyond num_layers
+        if key == "embeddings.word_embeddings.weight" and vocab is not None:
+            value = value[torch.tensor(vocab.ids)]
+        state[name] = value
+    missing = decoder.load_state_dict(state, strict=False).missing_keys
+    # the output layer is tied to the (copied) word embeddings: not new
+    new = sorted(k for k in missing if k != "cls.predictions.decoder.weight")
+    if warn and new:
+        warnings.warn(f"report decoder from {text_model or 'all-MiniLM-L6-v2'}: {len(new)} weights start random "
+                      f"(the model ships no LM head and no cross-attention): {summarise(new)}", stacklevel=2)
+    return decoder, new
+
+
+def summarise(names: Sequence[str]) -> str:
+    """Weight names with block numbers folded: ``bert.encoder.layer.{0,1}.crossattention.self.query.weight``."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        parts = n.split(".")
+        idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        key = n if idx is None else ".".join(parts[:idx] + ["{}"] + parts[idx + 1:])
+        groups.setdefault(key, []).append(parts[idx] if idx is not None else "")
+    return ", ".join(k.replace("{}", "{" + ",".join(v) + "}") if "{}" in k else k for k, v in groups.items())
+
+
+# --------------------------------------------------------------------------- model
+def encoder_tokens(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) tokens of any medfm encoder: a ViT's tokens, a CNN's last feature map flattened."""
+    feats = encoder.forward_features(x)
+    return feats.flatten(2).transpose(1, 2) if feats.ndim > 3 else feats
+
+
+class ReportGenerator(nn.Module):
+    """``encoder`` -> projector -> ``decoder`` (a BERT LM head model with cross-attention) + its tokenizer.
+
+    ``images``: (B, C, *spatial), or (B, V, C, *spatial) for V images per study with ``image_mask``
+    (B, V) marking the real ones. Texts are written between the tokenizer's start (``[CLS]``) and end
+    (``[SEP]``) tokens, in compact ids when ``vocab`` is given.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: BertLMHeadModel, tokenizer, vocab: ReportVocab | None = None,
+                 max_length: int = 64, label_smoothing: float = 0.0):
+        super().__init__()
+        self.encoder, self.decoder, self.tokenizer, self.vocab = encoder, decoder, tokenizer, vocab
+        hidden = decoder.config.hidden_size
+        self.projector = nn.Sequential(nn.LayerNorm(encoder.embed_dim), nn.Linear(encoder.embed_dim, hidden))
+        self.max_length, self.label_smoothing = max_length, label_smoothing
+        self.bos_id = self._compact(tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id)
+        self.eos_id = self._compact(tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id)
+        self.pad_id = self._compact(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+    def _compact(self, full_id: int) -> int:
+        return int(self.vocab.to_compact(torch.tensor([full_id]))[0]) if self.vocab else int(full_id)
+
+    # ------------------------------------------------------------ encoder side
+    def encode(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected encoder tokens (B, T, H) and their attention mask (B, T)."""
+        study = images.ndim == self.encoder.spatial_dims + 3
+        b = images.shape[0]
+        x = images.flatten(0, 1) if study else images
+        tokens = encoder_tokens(self.encoder, x)
+        return self.project(tokens.reshape(b, -1, tokens.shape[-1]) if study else tokens,
+                            None if image_mask is None else image_mask.repeat_interleave(tokens.shape[1], dim=1))
+
+    def project(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder tokens (B, T, D) -> decoder memory (B, T, H) and its mask (cached tokens start here)."""
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        return self.projector(tokens.float()), mask.long()
+
+    # ------------------------------------------------------------ text side
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[CLS] text [SEP]`` ids (compact when a vocabulary is set) and attention mask, padded."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        ids = enc["input_ids"]
+        if self.vocab is not None:
+            ids = self.vocab.to_compact(ids)
+        device = next(self.parameters()).device
+        return ids.to(device), enc["attention_mask"].to(device)
+
+    def loss(self, memory: torch.Tensor, memory_mask: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Teacher-forced next-token cross-entropy (label smoothing as set) over the report tokens."""
+        ids, mask = self.tokenize(texts)
+        logits = self.decoder(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], encoder_hidden_states=memory,
+                              encoder_attention_mask=memory_mask, use_cache=False).logits
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
+                               label_smoothing=self.label_smoothing)
+
+    def forward(self, images: torch.Tensor, texts: Sequence[str], image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.loss(*self.encode(images, image_mask), texts)
+
+    @torch.no_grad()
+    def generate_from_memory(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_new_tokens: int = 60,
+                             num_beams: int = 1, num_return_sequences: int = 1, **kwargs) -> list[str]:
+        """Reports for decoder memory; ``kwargs`` go to ``generate()`` (``do_sample``, ``top_p``,
+        ``no_repeat_ngram_size``, ``length_penalty``, ...). ``num_return_sequences`` texts per input."""
+        start = torch.full((memory.shape[0], 1), self.bos_id, dtype=torch.long, device=memory.device)
+        out = self.decoder.generate(
+            input_ids=start, encoder_hidden_states=memory, encoder_attention_mask=memory_mask,
+            max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
+            bos_token_id=self.bos_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),  # transformers 5: this setup needs it
+            **kwargs)
+        if self.vocab is not None:
+            out = self.vocab.to_full(out)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, image_mask: torch.Tensor | None = None, **kwargs) -> list[str]:
+        """Reports for a batch of images (or studies); see :meth:`generate_from_memory`."""
+        was = self.training
+        self.eval()
+        try:
+            return self.generate_from_memory(*self.encode(images, image_mask), **kwargs)
+        finally:
+            self.train(was)
+
+
+# --------------------------------------------------------------------------- training
+class ReportTask(TrainingModule):
+    """Lightning module: teacher forcing on ``image`` (or cached ``tokens``) + ``text`` batches; the
+    encoder learns at ``encoder_lr_scale`` times the learning rate of the projector and decoder."""
+
+    def __init__(self, model: ReportGenerator, encoder_lr_scale: float = 0.1, frozen_encoder: bool = False, **optim):
+        super().__init__(**optim)
+        self.model, self.encoder_lr_scale, self.frozen_encoder = model, encoder_lr_scale, frozen_encoder
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_encoder:  # a frozen encoder keeps its normalisation statistics and no dropout
+            self.model.encoder.eval()
+        return self
+
+    def param_groups(self) -> list[dict]:
+        groups = super().param_groups()
+        enc = {id(p) for p in self.model.encoder.parameters()}
+        out = []
+        for g in groups:  # split each weight-decay group into encoder and decoder parts
+            for is_enc in (True, False):
+                params = [p for p in g["params"] if (id(p) in enc) == is_enc]
+                if params:
+                    scale = self.encoder_lr_scale if is_enc else 1.0
+                    out.append({**g, "params": params, "lr": self.lr * scale, "lr_scale": scale})
+        return out
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        if "tokens" in batch:
+            memory = self.model.project(batch["tokens"], batch.get("token_mask"))
+        else:
+            memory = self.model.encode(batch["image"], batch.get("image_mask"))
+        return self.model.loss(*memory, list(batch["text"])), {}
