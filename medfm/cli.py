@@ -1,6 +1,6 @@
 """``medfm`` command line: ``info``, ``encode``, ``pretrain`` (every registered method: MAE, DINO, CLIP,
 text MLM, dense synthetic), ``finetune`` (classification, segmentation), ``evaluate RUN`` (any run kind),
-``synth``."""
+``generate-report``, ``synth``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from medfm.artifacts import load as medfm_load
 from medfm.data import DataError, load, samples
 from medfm.data.datasets import finalise_sample
 from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
@@ -164,6 +165,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate_report(args: argparse.Namespace) -> int:
+    model = medfm_load(args.model)
+    if not hasattr(model, "generate_from_memory"):
+        raise ValueError(f"{args.model}: a {type(model).__name__}, not a report-generation model")
+    transform = preprocess_transform(model.spec["preprocess"])
+    generation = dict(model_generation(args.model), **({"num_beams": args.beams} if args.beams else {}))
+    for path in args.images:
+        sample = finalise_sample(transform(load(path)))
+        print(f"{path}: {model.generate(sample['image'][None], **generation)[0]}")
+    return 0
+
+
+def model_generation(run: str) -> dict:
+    """The generation settings of a report run's recipe (none for a bare model folder)."""
+    recipe = Path(run) / "recipe.yaml"
+    return RunFolder(run).read_recipe()["report_generation"]["generation"] if recipe.exists() else {}
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(spatial_dims=args.dims, size=args.size, n_labels=args.labels, kind=args.kind)
     manifest = export_synthetic(cfg, args.n, args.out, seed=args.seed)
@@ -230,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-shot prompt template with {} for the class name (repeatable: an ensemble)")
     p.add_argument("--out", default=None, help="folder for metrics.json and figures (default: RUN/eval_SPLIT)")
     p.set_defaults(fn=cmd_evaluate)
+    p = sub.add_parser("generate-report", help="write a report for each image or volume with a report-generation run")
+    p.add_argument("images", nargs="+", help="PNG/JPEG, NIfTI or DICOM files (preprocessed as the model was trained)")
+    p.add_argument("--model", required=True, help="a `medfm finetune tasks/report_2d.yaml` run (or its model/ folder)")
+    p.add_argument("--beams", type=int, default=None, help="beam width (default: the run's recipe)")
+    p.set_defaults(fn=cmd_generate_report)
     p = sub.add_parser("synth", help="write a synthetic set (random label maps + random appearance) as NIfTI")
     p.add_argument("--dims", type=int, choices=(2, 3), default=3)
     p.add_argument("--size", type=int, default=96, help="side length in voxels (default 96)")

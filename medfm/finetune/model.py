@@ -12,10 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch.nn as nn
+from transformers import AutoTokenizer, BertConfig, BertLMHeadModel
 
 from medfm.artifacts import Artifact
-from medfm.encoders import create_encoder
+from medfm.encoders import create_encoder, default_text_model_path
 from medfm.tasks.classification import ClassificationModel
+from medfm.tasks.report_generation import ReportGenerator, ReportVocab, build_decoder
 from medfm.tasks.segmentation import SegmentationModel
 
 from .methods import adapt_encoder
@@ -63,3 +65,30 @@ class FinetunedSegmenter(SegmentationModel, TaskArtifact):
         model = cls(build_encoder(spec, pretrained), h["num_classes"], h["feature_size"])
         model.spec = spec
         return model
+
+
+class FinetunedReporter(ReportGenerator, TaskArtifact):
+    """A :class:`ReportGenerator` that saves and reloads as an artifact: ``config.json`` (the spec, with
+    the decoder's BERT config and the compact vocabulary), ``model.safetensors`` (encoder, projector,
+    decoder) and ``tokenizer/``."""
+
+    components = ("tokenizer",)
+
+    @classmethod
+    def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "FinetunedReporter":
+        h = spec["head"]
+        vocab = ReportVocab(h["vocab"], h["unk_id"]) if h.get("vocab") else None
+        if pretrained:  # warm-started from the text model (new weights listed in a warning)
+            decoder, _ = build_decoder(h["text_model"], h["decoder_config"]["num_hidden_layers"], vocab)
+            tokenizer = AutoTokenizer.from_pretrained(str(h["text_model"] or default_text_model_path()))
+        else:  # rebuilt from the saved config; the weights come from model.safetensors
+            decoder = BertLMHeadModel(BertConfig.from_dict(h["decoder_config"]))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        model = cls(build_encoder(spec, pretrained), decoder, tokenizer, vocab, max_length=h["max_length"],
+                    label_smoothing=h["label_smoothing"])
+        model.spec = spec
+        return model
+
+    @classmethod
+    def from_config(cls, config: dict, folder: Path | None = None):
+        return cls.from_spec(config, pretrained=False, folder=folder)

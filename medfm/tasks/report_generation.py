@@ -19,15 +19,22 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertLMHeadModel, DynamicCache, EncoderDecoderCache
+from tqdm.auto import tqdm
+from transformers import AutoModel, BertConfig, BertLMHeadModel, DynamicCache, EncoderDecoderCache
 
 from medfm.encoders import default_text_model_path
+from medfm.evaluate.probe import embed_dataset
+from medfm.evaluate.report_baselines import most_common_report, nearest_neighbour_reports, random_reports
+from medfm.evaluate.report_labeler import clinical_agreement
+from medfm.evaluate.report_metrics import caption_metrics
+from medfm.evaluate.report_table import examples_html
 from medfm.run import TrainingModule
 
 
@@ -94,10 +101,12 @@ def build_decoder(text_model: str | None = None, num_layers: int = 2, vocab: Rep
     decoder = BertLMHeadModel(config)
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "weights not used" for the pooler and the dropped blocks: expected
+    transformers.logging.disable_progress_bar()  # a bar for loading 100 tensors from disk
     try:
         source = AutoModel.from_pretrained(str(text_model or default_text_model_path())).state_dict()
     finally:
         transformers.logging.set_verbosity(level)
+        transformers.logging.enable_progress_bar()
     own = decoder.state_dict()
     state = {}
     for key, value in source.items():
@@ -259,3 +268,42 @@ class ReportTask(TrainingModule):
         else:
             memory = self.model.encode(batch["image"], batch.get("image_mask"))
         return self.model.loss(*memory, list(batch["text"])), {}
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def generate_reports(model: ReportGenerator, ds, batch_size: int = 16, progress: str | None = None,
+                     **generation) -> tuple[list[str], list[str]]:
+    """(generated, reference) reports for every sample of ``ds`` (``image`` + ``text``)."""
+    device = next(model.parameters()).device
+    generated, references = [], []
+    for i in tqdm(range(0, len(ds), batch_size), desc=progress, leave=False, disable=progress is None):
+        items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
+        images = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)
+        generated += model.generate(images, **generation)
+        references += [s["text"] for s in items]
+    return generated, references
+
+
+def evaluate_reports(model: ReportGenerator, ds, out: Path, split: str, train_texts: Sequence[str],
+                     train_features: torch.Tensor | None = None, batch_size: int = 16, examples: int = 8,
+                     meteor: bool = True, seed: int = 0, **generation) -> dict:
+    """Captioning metrics and clinical label agreement of the model's reports on ``ds`` and of the three
+    baselines (most common / random / nearest-neighbour training report); ``examples_<split>.html``."""
+    generated, refs = generate_reports(model, ds, batch_size, progress=f"generating {split} reports", **generation)
+    candidates = {"model": generated,
+                  "most common report": most_common_report(train_texts, len(refs)),
+                  "random report": random_reports(train_texts, len(refs), seed)}
+    if train_features is not None:
+        query, _ = embed_dataset(model.encoder, ds, batch_size)
+        candidates["nearest-neighbour report"] = nearest_neighbour_reports(train_features, train_texts, query)
+    results = {}
+    for name, texts in candidates.items():
+        res = caption_metrics(refs, texts, meteor=meteor)
+        res["clinical"] = {k: v for k, v in clinical_agreement(refs, texts).items() if k != "per_label"}
+        results[name] = res
+    shown = list(range(min(examples, len(ds))))
+    examples_html([ds[i]["image"] for i in shown],
+                  {"reference": [refs[i] for i in shown], **{k: [v[i] for i in shown] for k, v in candidates.items()}},
+                  out / f"examples_{split}.html", title=f"{split}: generated reports and baselines")
+    return {"n": len(refs), **results}

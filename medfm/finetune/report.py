@@ -1,0 +1,140 @@
+"""The report-generation task plug-in: an encoder's tokens -> a BERT decoder writing the report.
+
+Recipe section ``report_generation`` (:class:`ReportConfig`); data: a manifest with an image column and a
+text column (``report_generation.text``). ``method`` picks how the encoder adapts (the fine-tuning
+methods: ``linear_probe`` = frozen, with its tokens computed once and cached; ``lora``; ``full``...); the
+decoder and projector always train, at ``optim.lr``, the encoder at ``encoder_lr_scale`` times it.
+Evaluation writes captioning metrics, clinical label agreement and the three baselines for every split,
+and ``examples_<split>.html``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from medfm.data import DataError
+from medfm.encoders import default_text_model_path
+from medfm.evaluate.probe import embed_dataset
+from medfm.tasks.report_generation import ReportTask, ReportVocab, decoder_config, encoder_tokens, evaluate_reports
+
+from .model import FinetunedReporter
+from .recipe import TASKS, FinetuneTask
+
+
+@dataclass
+class ReportConfig:
+    """``report_generation`` recipe section."""
+
+    text: str = "text"  # manifest column with each image's report
+    text_model: str | None = None  # BERT-family decoder initialisation (null: the packaged MiniLM)
+    decoder_layers: int = 2  # blocks of the text model kept in the decoder
+    vocab_size: int = 4000  # compact output vocabulary from the training reports (0: the whole tokenizer)
+    max_length: int = 64  # report tokens in training (references are scored whole)
+    label_smoothing: float = 0.1
+    encoder_lr_scale: float = 0.1  # encoder learning rate = optim.lr x this
+    generation: dict = field(default_factory=lambda: {"num_beams": 3, "max_new_tokens": 60,
+                                                      "no_repeat_ngram_size": 3})  # generate() arguments
+    eval_batch_size: int = 16
+    examples: int = 8  # rows of examples_<split>.html
+    meteor: bool = True  # METEOR where Java runs (skipped with a printed reason elsewhere)
+
+
+class _Tokens(Dataset):
+    """Cached encoder tokens and their reports (frozen encoder)."""
+
+    def __init__(self, tokens: torch.Tensor, texts: list[str]):
+        self.tokens, self.texts = tokens, texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"tokens": self.tokens[i], "text": self.texts[i]}
+
+
+def report_texts(ds) -> list[str]:
+    """The reports of a manifest dataset, without loading images; an empty one is an error naming its line."""
+    empty = next((r for r in ds.records if not r.text), None)
+    if empty is not None:
+        raise DataError(f"{ds.manifest} line {empty.line}: empty report text")
+    return [r.text for r in ds.records]
+
+
+@TASKS.register
+class ReportGeneration(FinetuneTask):
+    name = "report_generation"
+    Config = ReportConfig
+    model_class = FinetunedReporter
+    keys = ("image", "text", "tokens")
+
+    def validate(self, cfg: dict) -> None:
+        if cfg["shots"]:
+            raise ValueError("shots (few-shot sampling) applies to classification")
+
+    def split_args(self, cfg: dict, path: str) -> dict:
+        if path.lower().endswith(".npz"):
+            raise ValueError(f"{path}: report generation needs a manifest with a text column, not an npz")
+        return {"text_key": cfg["report_generation"]["text"]}
+
+    def prepare(self, cfg: dict, train):
+        c = self.config(cfg)
+        self.train_texts = report_texts(train)
+        tokenizer = AutoTokenizer.from_pretrained(str(c.text_model or default_text_model_path()))
+        self.vocab = ReportVocab.build(tokenizer, self.train_texts, c.vocab_size) if c.vocab_size else None
+        return cfg, train
+
+    def head(self, cfg: dict) -> dict:
+        c = self.config(cfg)
+        vocab = getattr(self, "vocab", None)
+        return {"text_model": c.text_model, "max_length": c.max_length, "label_smoothing": c.label_smoothing,
+                "decoder_config": decoder_config(c.text_model, c.decoder_layers, len(vocab) if vocab else None),
+                "vocab": vocab.ids if vocab else None, "unk_id": vocab.unk_id if vocab else None}
+
+    def optim(self, cfg: dict) -> dict:
+        return dict(cfg["optim"], max_steps=cfg["trainer"]["max_steps"])
+
+    def module(self, cfg: dict, model, train):
+        return ReportTask(model, self.config(cfg).encoder_lr_scale, frozen_encoder=cfg["method"] == "linear_probe",
+                          **self.optim(cfg))
+
+    def training_set(self, cfg: dict, model, train):
+        if cfg["method"] != "linear_probe":
+            return train
+        # frozen encoder: its tokens are computed once, the projector and decoder train on them
+        plain = self.open_split(cfg, cfg["data"]["train_split"], train=False)
+        bs, tokens = self.config(cfg).eval_batch_size, []
+        model.encoder.eval()
+        with torch.no_grad():
+            for i in tqdm(range(0, len(plain), bs), desc="caching encoder tokens", leave=False):
+                x = torch.stack([torch.as_tensor(plain[j]["image"]) for j in range(i, min(i + bs, len(plain)))])
+                tokens.append(encoder_tokens(model.encoder, x).float())
+        return _Tokens(torch.cat(tokens), self.train_texts)
+
+    def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
+        c = self.config(cfg)
+        if "train_texts" not in state:  # the baselines' pool: the training reports and their image features
+            train = self.open_split(cfg, cfg["data"]["train_split"], train=False)
+            state["train_texts"] = report_texts(train)
+            state["train_features"] = embed_dataset(model.encoder, train, c.eval_batch_size,
+                                                    progress="embedding training images")[0]
+        return evaluate_reports(model, ds, out, split, state["train_texts"], state["train_features"],
+                                batch_size=c.eval_batch_size, examples=c.examples, meteor=c.meteor, seed=cfg["seed"],
+                                **c.generation)
+
+    def summary(self, metrics: dict) -> list[str]:
+        lines = super().summary(metrics)
+        for split, v in metrics.items():
+            if isinstance(v, dict) and "model" in v:
+                lines.append(f"  {split} (n={v['n']}):")
+                for name, m in v.items():
+                    if isinstance(m, dict):
+                        scores = "  ".join(f"{k} {m[k]:.3f}" for k in ("bleu_1", "bleu_4", "rouge_l", "cider", "meteor")
+                                           if k in m)
+                        lines.append(f"    {name:<26} {scores}  clinical micro-F1 {m['clinical']['micro']['f1']:.3f}")
+        return lines
