@@ -170,17 +170,11 @@ def cmd_generate_report(args: argparse.Namespace) -> int:
     if not hasattr(model, "generate_from_memory"):
         raise ValueError(f"{args.model}: a {type(model).__name__}, not a report-generation model")
     transform = preprocess_transform(model.spec["preprocess"])
-    generation = dict(model_generation(args.model), **({"num_beams": args.beams} if args.beams else {}))
+    generation = dict(model.spec["head"].get("generation", {}), **({"num_beams": args.beams} if args.beams else {}))
     for path in args.images:
         sample = finalise_sample(transform(load(path)))
         print(f"{path}: {model.generate(sample['image'][None], **generation)[0]}")
     return 0
-
-
-def model_generation(run: str) -> dict:
-    """The generation settings of a report run's recipe (none for a bare model folder)."""
-    recipe = Path(run) / "recipe.yaml"
-    return RunFolder(run).read_recipe()["report_generation"]["generation"] if recipe.exists() else {}
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

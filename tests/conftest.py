@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from medfm.data import samples
+from medfm.data.reports import read_iu_xray
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -18,6 +19,12 @@ def shared_path(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"{p} is absent: ../shared/data is only beside the repository on the team's machines and in CI")
     return p
+
+
+@pytest.fixture(scope="session")
+def iu_reports():
+    """The 3,955 real IU X-ray reports that torchxrayvision ships."""
+    return read_iu_xray()
 
 
 @pytest.fixture(scope="session")

@@ -20,11 +20,6 @@ from .conftest import shared_path
 
 
 # --------------------------------------------------------------------------- reports
-@pytest.fixture(scope="module")
-def iu_reports():
-    return read_iu_xray()
-
-
 def test_iu_xray_reader_returns_every_report_with_sections_and_mesh_labels(iu_reports):
     assert len(iu_reports) == 3955  # the count the archive holds (3,955 studies)
     with_text = sum(bool(r.findings or r.impression) for r in iu_reports)

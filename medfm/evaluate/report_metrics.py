@@ -58,3 +58,25 @@ def caption_metrics(references: Sequence[str], hypotheses: Sequence[str], meteor
         out["meteor_skipped"] = why
     out["n"] = len(references)
     return out
+
+
+def mentioned_value(text: str, values: Sequence[str]) -> str | None:
+    """The value of ``values`` a text names first (whole words, case-insensitive), or None."""
+    hits = [(m.start(), v) for v in values for m in [re.search(rf"\b{re.escape(v.lower())}\b", (text or "").lower())] if m]
+    return min(hits)[1] if hits else None
+
+
+def mention_scores(texts: Sequence[str], truth: Sequence[str], values: Sequence[str]) -> dict:
+    """How well texts name an attribute (e.g. a structure's side, an image's modality): accuracy of the
+    first value named against the truth (naming none is wrong), and macro F1 over the values."""
+    pred = [mentioned_value(t, values) for t in texts]
+    acc = sum(p == y for p, y in zip(pred, truth)) / max(len(truth), 1)
+    f1s = []
+    for v in values:
+        tp = sum(p == v and y == v for p, y in zip(pred, truth))
+        fp = sum(p == v and y != v for p, y in zip(pred, truth))
+        fn = sum(p != v and y == v for p, y in zip(pred, truth))
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": acc, "f1_macro": sum(f1s) / len(f1s) if f1s else float("nan"),
+            "named": sum(p is not None for p in pred) / max(len(pred), 1)}

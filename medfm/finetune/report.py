@@ -43,6 +43,7 @@ class ReportConfig:
     eval_batch_size: int = 16
     examples: int = 8  # rows of examples_<split>.html
     meteor: bool = True  # METEOR where Java runs (skipped with a printed reason elsewhere)
+    attributes: dict = field(default_factory=dict)  # {manifest column: [values]}: is the true value named?
 
 
 class _Tokens(Dataset):
@@ -93,6 +94,7 @@ class ReportGeneration(FinetuneTask):
         c = self.config(cfg)
         vocab = getattr(self, "vocab", None)
         return {"text_model": c.text_model, "max_length": c.max_length, "label_smoothing": c.label_smoothing,
+                "generation": dict(c.generation),
                 "decoder_config": decoder_config(c.text_model, c.decoder_layers, len(vocab) if vocab else None),
                 "vocab": vocab.ids if vocab else None, "unk_id": vocab.unk_id if vocab else None}
 
@@ -123,9 +125,11 @@ class ReportGeneration(FinetuneTask):
             state["train_texts"] = report_texts(train)
             state["train_features"] = embed_dataset(model.encoder, train, c.eval_batch_size,
                                                     progress="embedding training images")[0]
+        attributes = {col: ([str(r.extra.get(col, "")).lower() for r in ds.records], [str(v).lower() for v in values])
+                      for col, values in c.attributes.items()}
         return evaluate_reports(model, ds, out, split, state["train_texts"], state["train_features"],
                                 batch_size=c.eval_batch_size, examples=c.examples, meteor=c.meteor, seed=cfg["seed"],
-                                **c.generation)
+                                attributes=attributes, **c.generation)
 
     def summary(self, metrics: dict) -> list[str]:
         lines = super().summary(metrics)
@@ -136,5 +140,6 @@ class ReportGeneration(FinetuneTask):
                     if isinstance(m, dict):
                         scores = "  ".join(f"{k} {m[k]:.3f}" for k in ("bleu_1", "bleu_4", "rouge_l", "cider", "meteor")
                                            if k in m)
-                        lines.append(f"    {name:<26} {scores}  clinical micro-F1 {m['clinical']['micro']['f1']:.3f}")
+                        named = "".join(f"  {a} {s['accuracy']:.3f}" for a, s in m.get("attributes", {}).items())
+                        lines.append(f"    {name:<26} {scores}  clinical micro-F1 {m['clinical']['micro']['f1']:.3f}{named}")
         return lines

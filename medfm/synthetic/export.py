@@ -10,6 +10,7 @@ import csv
 import gzip
 import os
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -55,8 +56,9 @@ def contact_sheet(samples: list[dict], path: Path) -> Path:
 
 
 def export_synthetic(config: SynthConfig, n: int, out: str | os.PathLike, seed: int = 0, sheet: int = 8,
-                     progress: bool = True) -> Path:
-    """Write ``n`` samples to ``out`` (images/, labels/, manifest.csv, contact_sheet.png); returns the manifest."""
+                     progress: bool = True, describe: Callable[[dict], dict] | None = None) -> Path:
+    """Write ``n`` samples to ``out`` (images/, labels/, manifest.csv, contact_sheet.png); returns the manifest.
+    ``describe(sample)`` adds manifest columns per sample (e.g. a templated report and its split)."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     out = Path(out)
@@ -69,7 +71,7 @@ def export_synthetic(config: SynthConfig, n: int, out: str | os.PathLike, seed: 
         _write_nifti(s["image"][0].numpy().astype(np.float32), out / "images" / name)
         _write_nifti(s["mask"][0].numpy().astype(np.uint8 if config.n_labels < 256 else np.int16), out / "labels" / name)
         rows.append({"image": f"images/{name}", "mask": f"labels/{name}", "split": "train", "seed": seed, "index": i,
-                     "label_kind": s["meta"]["label_kind"]})
+                     "label_kind": s["meta"]["label_kind"], **(describe(s) if describe else {})})
         if len(shown) < sheet:
             shown.append(s)
     manifest = out / "manifest.csv"

@@ -33,7 +33,7 @@ from medfm.encoders import default_text_model_path
 from medfm.evaluate.probe import embed_dataset
 from medfm.evaluate.report_baselines import most_common_report, nearest_neighbour_reports, random_reports
 from medfm.evaluate.report_labeler import clinical_agreement
-from medfm.evaluate.report_metrics import caption_metrics
+from medfm.evaluate.report_metrics import caption_metrics, mention_scores
 from medfm.evaluate.report_table import examples_html
 from medfm.run import TrainingModule
 
@@ -287,9 +287,10 @@ def generate_reports(model: ReportGenerator, ds, batch_size: int = 16, progress:
 
 def evaluate_reports(model: ReportGenerator, ds, out: Path, split: str, train_texts: Sequence[str],
                      train_features: torch.Tensor | None = None, batch_size: int = 16, examples: int = 8,
-                     meteor: bool = True, seed: int = 0, **generation) -> dict:
+                     meteor: bool = True, seed: int = 0, attributes: dict | None = None, **generation) -> dict:
     """Captioning metrics and clinical label agreement of the model's reports on ``ds`` and of the three
-    baselines (most common / random / nearest-neighbour training report); ``examples_<split>.html``."""
+    baselines (most common / random / nearest-neighbour training report); ``attributes`` (``{name: (true
+    values per sample, possible values)}``): whether each text names the true value; ``examples_<split>.html``."""
     generated, refs = generate_reports(model, ds, batch_size, progress=f"generating {split} reports", **generation)
     candidates = {"model": generated,
                   "most common report": most_common_report(train_texts, len(refs)),
@@ -301,6 +302,8 @@ def evaluate_reports(model: ReportGenerator, ds, out: Path, split: str, train_te
     for name, texts in candidates.items():
         res = caption_metrics(refs, texts, meteor=meteor)
         res["clinical"] = {k: v for k, v in clinical_agreement(refs, texts).items() if k != "per_label"}
+        if attributes:
+            res["attributes"] = {a: mention_scores(texts, truth, values) for a, (truth, values) in attributes.items()}
         results[name] = res
     shown = list(range(min(examples, len(ds))))
     examples_html([ds[i]["image"] for i in shown],
