@@ -129,7 +129,7 @@ def _tiny_report_recipe(name="report_2d", **over):
             "report_generation": {"decoder_layers": 1, "vocab_size": 800, "max_length": 32, "eval_batch_size": 8,
                                   "examples": 4, "meteor": False,
                                   "generation": {"num_beams": 2, "max_new_tokens": 20, "no_repeat_ngram_size": 3}},
-            "data": {"batch_size": 8, "num_workers": 0, "test_split": "none"},
+            "data": {"batch_size": 8, "num_workers": 0, "test_split": None},
             "optim": {"lr": 1e-3, "warmup_steps": 2},
             "trainer": {"max_steps": 30, "log_every_n_steps": 1, "enable_progress_bar": False,
                         "checkpoint_every_n_steps": 100}}

@@ -60,23 +60,37 @@ def caption_metrics(references: Sequence[str], hypotheses: Sequence[str], meteor
     return out
 
 
-def mentioned_value(text: str, values: Sequence[str]) -> str | None:
-    """The value of ``values`` a text names first (whole words, case-insensitive), or None."""
-    hits = [(m.start(), v) for v in values for m in [re.search(rf"\b{re.escape(v.lower())}\b", (text or "").lower())] if m]
+def _keywords(values: Sequence[str] | dict) -> dict[str, list[str]]:
+    """``["left", "right"]`` or ``{"mr": ["mr", "mri"], ...}`` -> value -> lower-case keywords."""
+    if isinstance(values, dict):
+        return {str(k).lower(): [str(w).lower() for w in (v if isinstance(v, (list, tuple)) else [v])]
+                for k, v in values.items()}
+    return {str(v).lower(): [str(v).lower()] for v in values}
+
+
+def mentioned_value(text: str, values: Sequence[str] | dict) -> str | None:
+    """The value a text names first (any of its keywords, whole words, case-insensitive), or None."""
+    text = (text or "").lower()
+    hits = [(m.start(), v) for v, words in _keywords(values).items() for w in words
+            for m in [re.search(rf"\b{re.escape(w)}\b", text)] if m]
     return min(hits)[1] if hits else None
 
 
-def mention_scores(texts: Sequence[str], truth: Sequence[str], values: Sequence[str]) -> dict:
-    """How well texts name an attribute (e.g. a structure's side, an image's modality): accuracy of the
-    first value named against the truth (naming none is wrong), and macro F1 over the values."""
-    pred = [mentioned_value(t, values) for t in texts]
-    acc = sum(p == y for p, y in zip(pred, truth)) / max(len(truth), 1)
+def mention_scores(texts: Sequence[str], truth: Sequence[str], values: Sequence[str] | dict) -> dict:
+    """How well texts name an attribute (a structure's side, an image's modality, ...): accuracy of the
+    first value named against the truth (naming none is wrong), macro F1 over the values, and the share
+    of texts naming any value. ``values``: the possible values, or ``{value: [keywords]}``; samples whose
+    true value is not among them are left out (``n`` counts the rest)."""
+    keys = _keywords(values)
+    pairs = [(mentioned_value(t, keys), str(y).lower()) for t, y in zip(texts, truth) if str(y).lower() in keys]
+    n = len(pairs)
+    acc = sum(p == y for p, y in pairs) / max(n, 1)
     f1s = []
-    for v in values:
-        tp = sum(p == v and y == v for p, y in zip(pred, truth))
-        fp = sum(p == v and y != v for p, y in zip(pred, truth))
-        fn = sum(p != v and y == v for p, y in zip(pred, truth))
+    for v in keys:
+        tp = sum(p == v and y == v for p, y in pairs)
+        fp = sum(p == v and y != v for p, y in pairs)
+        fn = sum(p != v and y == v for p, y in pairs)
         if tp + fp + fn:
             f1s.append(2 * tp / (2 * tp + fp + fn))
     return {"accuracy": acc, "f1_macro": sum(f1s) / len(f1s) if f1s else float("nan"),
-            "named": sum(p is not None for p in pred) / max(len(pred), 1)}
+            "named": sum(p is not None for p, _ in pairs) / max(n, 1), "n": n}

@@ -49,7 +49,7 @@ class FinetuneDataConfig:
     path: str | None = None  # npz or CSV/TSV/JSONL manifest (or give --data)
     train_split: str = "train"
     val_split: str = "val"
-    test_split: str = "test"  # evaluated at the end when the data has it
+    test_split: str | None = "test"  # evaluated at the end when the data has it (null: never)
     preset: str = "radiograph_2d"
     preset_args: dict = field(default_factory=dict)
     augment: bool = True  # the preset's training augmentation / random crops
@@ -197,7 +197,7 @@ class FinetuneTask(RunPlugin):
         d = cfg["data"]
         state = {"val_split": d["val_split"], **(state or {})}
         results: dict = {}
-        for split in splits or [d["val_split"], d["test_split"]]:
+        for split in splits or [s for s in (d["val_split"], d["test_split"]) if s]:
             try:
                 ds = self.open_split(cfg, split, path=data_path)
             except DataError as e:

@@ -43,7 +43,7 @@ class ReportConfig:
     eval_batch_size: int = 16
     examples: int = 8  # rows of examples_<split>.html
     meteor: bool = True  # METEOR where Java runs (skipped with a printed reason elsewhere)
-    attributes: dict = field(default_factory=dict)  # {manifest column: [values]}: is the true value named?
+    attributes: dict = field(default_factory=dict)  # {column: [values] or {value: [keywords]}}: true value named?
 
 
 class _Tokens(Dataset):
@@ -125,8 +125,7 @@ class ReportGeneration(FinetuneTask):
             state["train_texts"] = report_texts(train)
             state["train_features"] = embed_dataset(model.encoder, train, c.eval_batch_size,
                                                     progress="embedding training images")[0]
-        attributes = {col: ([str(r.extra.get(col, "")).lower() for r in ds.records], [str(v).lower() for v in values])
-                      for col, values in c.attributes.items()}
+        attributes = {col: ([str(r.extra.get(col, "")) for r in ds.records], values) for col, values in c.attributes.items()}
         return evaluate_reports(model, ds, out, split, state["train_texts"], state["train_features"],
                                 batch_size=c.eval_batch_size, examples=c.examples, meteor=c.meteor, seed=cfg["seed"],
                                 attributes=attributes, **c.generation)
