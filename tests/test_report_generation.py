@@ -63,6 +63,36 @@ def _tiny_model(vocab_texts=CAPTIONS) -> ReportGenerator:
                            ReportVocab.build(tok, vocab_texts, 200), label_smoothing=0.1)
 
 
+def test_any_causal_lm_folder_can_be_the_decoder_and_reloads(tmp_path):
+    """A GPT-2-style decoder (here a tiny random one saved locally: no hub here) instead of MiniLM: it gets new
+    cross-attention, trains and reloads from the model folder alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from medfm.finetune.model import FinetunedReporter
+    from medfm.tasks.report_generation import decoder_config
+
+    tok = AutoTokenizer.from_pretrained(default_text_model_path())
+    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+                    ).save_pretrained(tmp_path / "gpt")
+    tok.save_pretrained(tmp_path / "gpt")
+    with pytest.raises(ValueError, match="compact vocabulary needs a BERT-family decoder"):
+        decoder_config(str(tmp_path / "gpt"), 2, 100)
+    spec = {"task": "report_generation", "method": "full", "lora": {}, "vpt": {},
+            "encoder": {"name": "vit_micro", "spatial_dims": 2, "in_chans": 1, "img_size": 32, "patch_size": 8},
+            "head": {"text_model": str(tmp_path / "gpt"), "decoder_config": decoder_config(str(tmp_path / "gpt"), 2, None),
+                     "vocab": None, "unk_id": None, "max_length": 16, "label_smoothing": 0.0, "generation": {}},
+            "preprocess": {"preset": "radiograph_2d", "size": 32, "args": {}}}
+    with pytest.warns(UserWarning, match="crossattention"):
+        model = FinetunedReporter.from_spec(spec)
+    x = torch.rand(2, 1, 32, 32)
+    loss = model(x, CAPTIONS[:2])
+    loss.backward()
+    assert torch.isfinite(loss) and type(model.decoder).__name__ == "GPT2LMHeadModel"
+    model.save_pretrained(tmp_path / "model")
+    again = medfm.load(tmp_path / "model")
+    assert again.generate(x, max_new_tokens=5) == model.generate(x, max_new_tokens=5)
+
+
 def test_beam_search_returns_the_requested_beams_and_is_deterministic():
     torch.manual_seed(0)
     model = _tiny_model()

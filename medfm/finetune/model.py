@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch.nn as nn
-from transformers import AutoTokenizer, BertConfig, BertLMHeadModel
+from transformers import AutoTokenizer
 
 from medfm.artifacts import Artifact
 from medfm.encoders import create_encoder, default_text_model_path
 from medfm.tasks.classification import ClassificationModel
-from medfm.tasks.report_generation import ReportGenerator, ReportVocab, build_decoder
+from medfm.tasks.report_generation import ReportGenerator, ReportVocab, build_decoder, decoder_from_config
 from medfm.tasks.segmentation import SegmentationModel
 
 from .methods import adapt_encoder
@@ -79,10 +79,10 @@ class FinetunedReporter(ReportGenerator, TaskArtifact):
         h = spec["head"]
         vocab = ReportVocab(h["vocab"], h["unk_id"]) if h.get("vocab") else None
         if pretrained:  # warm-started from the text model (new weights listed in a warning)
-            decoder, _ = build_decoder(h["text_model"], h["decoder_config"]["num_hidden_layers"], vocab)
+            decoder, _ = build_decoder(h["text_model"], h["decoder_config"].get("num_hidden_layers", 0), vocab)
             tokenizer = AutoTokenizer.from_pretrained(str(h["text_model"] or default_text_model_path()))
         else:  # rebuilt from the saved config; the weights come from model.safetensors
-            decoder = BertLMHeadModel(BertConfig.from_dict(h["decoder_config"]))
+            decoder = decoder_from_config(h["decoder_config"])
             tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
         model = cls(build_encoder(spec, pretrained), decoder, tokenizer, vocab, max_length=h["max_length"],
                     label_smoothing=h["label_smoothing"])

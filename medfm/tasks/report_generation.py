@@ -76,12 +76,19 @@ class ReportVocab:
 
 # --------------------------------------------------------------------------- decoder
 def decoder_config(text_model: str | None, num_layers: int, vocab_size: int | None) -> dict:
-    """The BERT decoder's config: the text model's, made a decoder with cross-attention, ``num_layers``
-    blocks and (when given) a compact vocabulary."""
+    """The decoder's config: the text model's, made a decoder with cross-attention; for a BERT-family model
+    also cut to ``num_layers`` blocks and (when given) a compact vocabulary. Any other Hugging Face causal
+    LM (e.g. distilgpt2) keeps its own layers and vocabulary."""
     base = transformers.AutoConfig.from_pretrained(str(text_model or default_text_model_path()))
     if base.model_type != "bert":
-        raise ValueError(f"{text_model}: the report decoder warm-starts from a BERT-family model, got "
-                         f"{base.model_type!r}")
+        if vocab_size:
+            raise ValueError(f"{text_model}: a compact vocabulary needs a BERT-family decoder; set "
+                             "report_generation.vocab_size: 0 for a {base.model_type} decoder")
+        cfg = base.to_dict()
+        cfg.update(add_cross_attention=True)
+        for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+            cfg.pop(key, None)
+        return cfg
     if not 1 <= num_layers <= base.num_hidden_layers:
         raise ValueError(f"decoder_layers must be 1..{base.num_hidden_layers} for {text_model or 'MiniLM'}")
     cfg = base.to_dict()
@@ -92,18 +99,36 @@ def decoder_config(text_model: str | None, num_layers: int, vocab_size: int | No
     return cfg
 
 
+def decoder_from_config(config: dict) -> nn.Module:
+    """A decoder with fresh weights from the config :func:`decoder_config` made (for reloading)."""
+    cfg = transformers.AutoConfig.for_model(**config)
+    if cfg.model_type == "bert":
+        return BertLMHeadModel(cfg)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
 def build_decoder(text_model: str | None = None, num_layers: int = 2, vocab: ReportVocab | None = None,
-                  warn: bool = True) -> tuple[BertLMHeadModel, list[str]]:
-    """A BERT decoder warm-started from ``text_model`` (default: the packaged MiniLM): embeddings (the
-    compact vocabulary's rows) and the first ``num_layers`` blocks are copied; cross-attention and the
-    LM head's transform are new (listed in the returned names and in a warning)."""
+                  warn: bool = True) -> tuple[nn.Module, list[str]]:
+    """A decoder warm-started from ``text_model`` (default: the packaged MiniLM). BERT family: embeddings
+    (the compact vocabulary's rows) and the first ``num_layers`` blocks are copied; cross-attention and the
+    LM head's transform are new. Other causal LMs load whole, with new cross-attention. The new weights
+    are returned and listed in a warning."""
+    path = str(text_model or default_text_model_path())
+    if transformers.AutoConfig.from_pretrained(path).model_type != "bert":
+        decoder, info = transformers.AutoModelForCausalLM.from_pretrained(
+            path, add_cross_attention=True, output_loading_info=True)
+        new = sorted(info["missing_keys"])
+        if warn and new:
+            warnings.warn(f"report decoder from {path}: {len(new)} weights start random (cross-attention): "
+                          f"{summarise(new)}", stacklevel=2)
+        return decoder, new
     config = BertConfig.from_dict(decoder_config(text_model, num_layers, len(vocab) if vocab else None))
     decoder = BertLMHeadModel(config)
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "weights not used" for the pooler and the dropped blocks: expected
     transformers.logging.disable_progress_bar()  # a bar for loading 100 tensors from disk
     try:
-        source = AutoModel.from_pretrained(str(text_model or default_text_model_path())).state_dict()
+        source = AutoModel.from_pretrained(path).state_dict()
     finally:
         transformers.logging.set_verbosity(level)
         transformers.logging.enable_progress_bar()
@@ -184,7 +209,11 @@ class ReportGenerator(nn.Module):
     # ------------------------------------------------------------ text side
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``[CLS] text [SEP]`` ids (compact when a vocabulary is set) and attention mask, padded."""
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+        tok = self.tokenizer
+        if tok.cls_token_id is None:  # GPT-style tokenizers add no start and end tokens, and have no padding
+            texts = [f"{tok.bos_token}{t}{tok.eos_token}" for t in texts]
+            tok.pad_token = tok.pad_token or tok.eos_token
+        enc = tok(list(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         ids = enc["input_ids"]
         if self.vocab is not None:
