@@ -56,6 +56,23 @@ def test_the_minilm_decoder_lists_exactly_its_new_weights():
     assert torch.equal(vocab.to_full(vocab.to_compact(ids)), ids)  # every training token round-trips
 
 
+def test_a_decoder_from_an_mlm_trained_bert_keeps_its_lm_head(tmp_path):
+    """`medfm pretrain text_mlm` writes mlm/ (BERT + MLM head): only cross-attention is new then."""
+    from transformers import AutoModelForMaskedLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlm = AutoModelForMaskedLM.from_pretrained(default_text_model_path())
+    mlm.save_pretrained(tmp_path / "mlm")
+    AutoTokenizer.from_pretrained(default_text_model_path()).save_pretrained(tmp_path / "mlm")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "mlm")
+    vocab = ReportVocab.build(tok, CAPTIONS, max_size=50)
+    decoder, new = build_decoder(str(tmp_path / "mlm"), num_layers=2, vocab=vocab, warn=False)
+    assert new and all("crossattention" in k for k in new)
+    torch.testing.assert_close(decoder.cls.predictions.transform.dense.weight, mlm.cls.predictions.transform.dense.weight)
+    torch.testing.assert_close(decoder.cls.predictions.bias, mlm.cls.predictions.bias[torch.tensor(vocab.ids)])
+
+
 def _tiny_model(vocab_texts=CAPTIONS) -> ReportGenerator:
     tok = AutoTokenizer.from_pretrained(default_text_model_path())
     decoder, _ = build_decoder(None, 1, ReportVocab.build(tok, vocab_texts, 200), warn=False)

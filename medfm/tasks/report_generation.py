@@ -8,7 +8,8 @@ it writes the report left to right.
 The default decoder is transformers' ``BertLMHeadModel(is_decoder=True, add_cross_attention=True)``
 warm-started from the packaged all-MiniLM-L6-v2 body (its first ``num_layers`` blocks). MiniLM ships no
 language-model head and no cross-attention, so those weights start random: :func:`build_decoder` lists
-them in a warning. The 30k-token output layer dominates the CPU time of a small decoder, so the
+them in a warning. A BERT trained with an MLM head (``medfm pretrain encoders/text_mlm_reports.yaml``'s
+``mlm/`` folder: MiniLM adapted to report text) brings its head too: pass it as ``text_model``. The 30k-token output layer dominates the CPU time of a small decoder, so the
 vocabulary can be restricted to the training reports' tokens (:class:`ReportVocab`: the ``max_size``
 most frequent, plus the special tokens), mapped back to the tokenizer's ids for decoding; the word
 embeddings of those tokens are kept. Decoding is ``generate()``: greedy, beam search, sampling,
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 from tqdm.auto import tqdm
-from transformers import AutoModel, BertConfig, BertLMHeadModel, DynamicCache, EncoderDecoderCache
+from transformers import AutoModel, AutoModelForMaskedLM, BertConfig, BertLMHeadModel, DynamicCache, EncoderDecoderCache
 
 from medfm.encoders import default_text_model_path
 from medfm.evaluate.probe import embed_dataset
@@ -128,25 +129,29 @@ def build_decoder(text_model: str | None = None, num_layers: int = 2, vocab: Rep
     transformers.logging.set_verbosity_error()  # "weights not used" for the pooler and the dropped blocks: expected
     transformers.logging.disable_progress_bar()  # a bar for loading 100 tensors from disk
     try:
-        source = AutoModel.from_pretrained(path).state_dict()
+        # a model trained with an MLM head (e.g. `medfm pretrain text_mlm`'s mlm/ folder) brings that head too
+        has_head = any("MaskedLM" in a for a in (transformers.AutoConfig.from_pretrained(path).architectures or []))
+        source = (AutoModelForMaskedLM if has_head else AutoModel).from_pretrained(path).state_dict()
     finally:
         transformers.logging.set_verbosity(level)
         transformers.logging.enable_progress_bar()
     own = decoder.state_dict()
+    rows = torch.tensor(vocab.ids) if vocab is not None else None
     state = {}
     for key, value in source.items():
-        name = f"bert.{key}"
-        if name not in own:
-            continue  # the pooler, blocks beyond num_layers
-        if key == "embeddings.word_embeddings.weight" and vocab is not None:
-            value = value[torch.tensor(vocab.ids)]
+        name = key if key.startswith(("bert.", "cls.")) else f"bert.{key}"
+        if name not in own or name == "cls.predictions.decoder.weight":
+            continue  # the pooler, blocks beyond num_layers; the output layer is tied to the word embeddings
+        if rows is not None and name in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias",
+                                         "cls.predictions.decoder.bias"):
+            value = value[rows]
         state[name] = value
     missing = decoder.load_state_dict(state, strict=False).missing_keys
-    # the output layer is tied to the (copied) word embeddings: not new
-    new = sorted(k for k in missing if k != "cls.predictions.decoder.weight")
+    new = sorted(k for k in missing if k != "cls.predictions.decoder.weight")  # tied: not new
     if warn and new:
+        why = "no cross-attention" if has_head else "no LM head and no cross-attention"
         warnings.warn(f"report decoder from {text_model or 'all-MiniLM-L6-v2'}: {len(new)} weights start random "
-                      f"(the model ships no LM head and no cross-attention): {summarise(new)}", stacklevel=2)
+                      f"(the model ships {why}): {summarise(new)}", stacklevel=2)
     return decoder, new
 
 
