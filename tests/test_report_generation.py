@@ -219,3 +219,32 @@ def test_3d_reports_on_engine_volumes_with_known_attributes(tmp_path):
     m = json.loads((run / "metrics.json").read_text())["dev"]
     assert m["n"] == 6 and set(m["model"]["attributes"]) == set(ATTRIBUTES)
     assert all(0.0 <= m[k]["attributes"]["side"]["accuracy"] <= 1.0 for k in m if k != "n")
+
+
+def test_studies_of_several_images_train_cached_and_generate(tmp_path):
+    """Rows sharing a study column form one sample (several images, one report); a frozen encoder's tokens
+    are cached per study with the padding masked."""
+    from PIL import Image
+
+    from medfm.data import load, samples
+
+    vol = load(samples.mni152("t1"))["image"][0].numpy()
+    rows = []
+    for k in range(12):
+        plane, axis = (("sagittal", 0), ("axial", 2))[k % 2]
+        for j in range(1 + k % 3):  # 1 to 3 images per study
+            idx = int((0.35 + 0.1 * j) * vol.shape[axis])
+            sl = np.take(vol, idx, axis=axis)
+            name = f"s{k}_{j}.png"
+            Image.fromarray((255 * sl / sl.max()).astype(np.uint8)).save(tmp_path / name)
+            rows.append({"image": name, "study": f"s{k}", "report": f"{plane} slices of the brain.",
+                         "split": "dev" if k >= 9 else "train"})
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cfg = _tiny_report_recipe(report_generation={"text": "report", "study": "study", "max_images": 2},
+                              data={"val_split": "dev"}, trainer={"max_steps": 6})
+    run = run_finetune(cfg, tmp_path / "run", data_path=str(tmp_path / "m.csv"))  # linear_probe: cached tokens
+    m = json.loads((run / "metrics.json").read_text())["dev"]
+    assert m["n"] == 3 and len(losses(run)) == 6

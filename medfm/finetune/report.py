@@ -44,27 +44,70 @@ class ReportConfig:
     examples: int = 8  # rows of examples_<split>.html
     meteor: bool = True  # METEOR where Java runs (skipped with a printed reason elsewhere)
     attributes: dict = field(default_factory=dict)  # {column: [values] or {value: [keywords]}}: true value named?
+    study: str | None = None  # manifest column grouping rows into one study (several images, one report)
+    max_images: int = 4  # images per study (more are left out; fewer are padded and masked)
 
 
 class _Tokens(Dataset):
     """Cached encoder tokens and their reports (frozen encoder)."""
 
-    def __init__(self, tokens: torch.Tensor, texts: list[str]):
-        self.tokens, self.texts = tokens, texts
+    def __init__(self, tokens: torch.Tensor, texts: list[str], masks: torch.Tensor):
+        self.tokens, self.texts, self.masks = tokens, texts, masks
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def __getitem__(self, i: int) -> dict:
-        return {"tokens": self.tokens[i], "text": self.texts[i]}
+        return {"tokens": self.tokens[i], "token_mask": self.masks[i], "text": self.texts[i]}
+
+
+class StudyDataset(Dataset):
+    """Rows of a manifest dataset grouped by a study column: item ``i`` is one study, ``image`` (V, C,
+    *spatial) with its first ``max_images`` images (fewer are padded by repeating the first, so that
+    batches stack and a mean over V stays the mean of real images), ``image_mask`` (V,) marking the real
+    ones, and the study's ``text`` (its first row's: one report per study). ``records`` are the first row
+    of each study (for texts and attribute columns)."""
+
+    def __init__(self, dataset, column: str, max_images: int = 4):
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(dataset.records):
+            if column not in r.extra:
+                raise DataError(f"{dataset.manifest} line {r.line}: no study column {column!r}")
+            groups.setdefault(str(r.extra[column]), []).append(i)
+        self.dataset, self.max_images = dataset, max_images
+        self.studies = [idx[:max_images] for idx in groups.values()]
+        self.records = [dataset.records[idx[0]] for idx in self.studies]
+        self.manifest = dataset.manifest
+        self.post = getattr(dataset, "post", None)  # re-seeded per sample position by KeyedDataset
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, i: int) -> dict:
+        samples = [self.dataset[j] for j in self.studies[i]]
+        images = [torch.as_tensor(s["image"]) for s in samples]
+        n = len(images)
+        images += [images[0]] * (self.max_images - n)
+        mask = torch.zeros(self.max_images, dtype=torch.long)
+        mask[:n] = 1
+        return {"image": torch.stack(images), "image_mask": mask, "text": samples[0]["text"]}
 
 
 def report_texts(ds) -> list[str]:
-    """The reports of a manifest dataset, without loading images; an empty one is an error naming its line."""
+    """The reports of a manifest (or study) dataset, without loading images; an empty one is an error
+    naming its line."""
     empty = next((r for r in ds.records if not r.text), None)
     if empty is not None:
         raise DataError(f"{ds.manifest} line {empty.line}: empty report text")
     return [r.text for r in ds.records]
+
+
+def _study_embedding(encoder):
+    """``encoder`` on (B, V, C, ...) studies: the mean pooled embedding of their images."""
+    def forward(x):
+        return encoder(x.flatten(0, 1)).view(x.shape[0], x.shape[1], -1).mean(1) if x.ndim == encoder.spatial_dims + 3 \
+            else encoder(x)
+    return forward
 
 
 @TASKS.register
@@ -72,7 +115,7 @@ class ReportGeneration(FinetuneTask):
     name = "report_generation"
     Config = ReportConfig
     model_class = FinetunedReporter
-    keys = ("image", "text", "tokens")
+    keys = ("image", "image_mask", "text", "tokens", "token_mask")
 
     def validate(self, cfg: dict) -> None:
         if cfg["shots"]:
@@ -82,6 +125,12 @@ class ReportGeneration(FinetuneTask):
         if path.lower().endswith(".npz"):
             raise ValueError(f"{path}: report generation needs a manifest with a text column, not an npz")
         return {"text_key": cfg["report_generation"]["text"]}
+
+    def open_split(self, cfg: dict, split: str | None, train: bool = False, path: str | None = None):
+        """One split; with ``report_generation.study`` its rows grouped into studies."""
+        ds = super().open_split(cfg, split, train=train, path=path)
+        c = self.config(cfg)
+        return StudyDataset(ds, c.study, c.max_images) if c.study else ds
 
     def prepare(self, cfg: dict, train):
         c = self.config(cfg)
@@ -110,13 +159,19 @@ class ReportGeneration(FinetuneTask):
             return train
         # frozen encoder: its tokens are computed once, the projector and decoder train on them
         plain = self.open_split(cfg, cfg["data"]["train_split"], train=False)
-        bs, tokens = self.config(cfg).eval_batch_size, []
+        bs, tokens, masks = self.config(cfg).eval_batch_size, [], []
         model.encoder.eval()
         with torch.no_grad():
             for i in tqdm(range(0, len(plain), bs), desc="caching encoder tokens", leave=False):
-                x = torch.stack([torch.as_tensor(plain[j]["image"]) for j in range(i, min(i + bs, len(plain)))])
-                tokens.append(encoder_tokens(model.encoder, x).float())
-        return _Tokens(torch.cat(tokens), self.train_texts)
+                items = [plain[j] for j in range(i, min(i + bs, len(plain)))]
+                x = torch.stack([torch.as_tensor(s["image"]) for s in items])
+                mask = torch.stack([s["image_mask"] for s in items]) if "image_mask" in items[0] else None
+                t = encoder_tokens(model.encoder, x.flatten(0, 1) if mask is not None else x).float()
+                n = t.shape[1]  # tokens per image; a study's are concatenated, padded images masked out
+                tokens.append(t.reshape(len(items), -1, t.shape[-1]))
+                masks.append(mask.repeat_interleave(n, dim=1) if mask is not None
+                             else torch.ones(len(items), n, dtype=torch.long))
+        return _Tokens(torch.cat(tokens), self.train_texts, torch.cat(masks))
 
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
         c = self.config(cfg)
@@ -124,11 +179,12 @@ class ReportGeneration(FinetuneTask):
             train = self.open_split(cfg, cfg["data"]["train_split"], train=False)
             state["train_texts"] = report_texts(train)
             state["train_features"] = embed_dataset(model.encoder, train, c.eval_batch_size,
-                                                    progress="embedding training images")[0]
+                                                    progress="embedding training images",
+                                                    forward=_study_embedding(model.encoder))[0]
         attributes = {col: ([str(r.extra.get(col, "")) for r in ds.records], values) for col, values in c.attributes.items()}
         return evaluate_reports(model, ds, out, split, state["train_texts"], state["train_features"],
                                 batch_size=c.eval_batch_size, examples=c.examples, meteor=c.meteor, seed=cfg["seed"],
-                                attributes=attributes, **c.generation)
+                                attributes=attributes, embed=_study_embedding(model.encoder), **c.generation)
 
     def summary(self, metrics: dict) -> list[str]:
         lines = super().summary(metrics)

@@ -314,14 +314,16 @@ def generate_reports(model: ReportGenerator, ds, batch_size: int = 16, progress:
     for i in tqdm(range(0, len(ds), batch_size), desc=progress, leave=False, disable=progress is None):
         items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
         images = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)
-        generated += model.generate(images, **generation)
+        mask = torch.stack([s["image_mask"] for s in items]).to(device) if "image_mask" in items[0] else None
+        generated += model.generate(images, mask, **generation)
         references += [s["text"] for s in items]
     return generated, references
 
 
 def evaluate_reports(model: ReportGenerator, ds, out: Path, split: str, train_texts: Sequence[str],
                      train_features: torch.Tensor | None = None, batch_size: int = 16, examples: int = 8,
-                     meteor: bool = True, seed: int = 0, attributes: dict | None = None, **generation) -> dict:
+                     meteor: bool = True, seed: int = 0, attributes: dict | None = None, embed=None,
+                     **generation) -> dict:
     """Captioning metrics and clinical label agreement of the model's reports on ``ds`` and of the three
     baselines (most common / random / nearest-neighbour training report); ``attributes`` (``{name: (true
     values per sample, possible values)}``): whether each text names the true value; ``examples_<split>.html``."""
@@ -330,7 +332,7 @@ def evaluate_reports(model: ReportGenerator, ds, out: Path, split: str, train_te
                   "most common report": most_common_report(train_texts, len(refs)),
                   "random report": random_reports(train_texts, len(refs), seed)}
     if train_features is not None:
-        query, _ = embed_dataset(model.encoder, ds, batch_size)
+        query, _ = embed_dataset(model.encoder, ds, batch_size, forward=embed)
         candidates["nearest-neighbour report"] = nearest_neighbour_reports(train_features, train_texts, query)
     results = {}
     for name, texts in candidates.items():
@@ -340,7 +342,7 @@ def evaluate_reports(model: ReportGenerator, ds, out: Path, split: str, train_te
             res["attributes"] = {a: mention_scores(texts, truth, values) for a, (truth, values) in attributes.items()}
         results[name] = res
     shown = list(range(min(examples, len(ds))))
-    examples_html([ds[i]["image"] for i in shown],
+    examples_html([ds[i]["image"][0] if "image_mask" in ds[i] else ds[i]["image"] for i in shown],
                   {"reference": [refs[i] for i in shown], **{k: [v[i] for i in shown] for k, v in candidates.items()}},
                   out / f"examples_{split}.html", title=f"{split}: generated reports and baselines")
     return {"n": len(refs), **results}
