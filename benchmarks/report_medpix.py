@@ -8,11 +8,16 @@ caption names the image's modality, plane and body region (manifest columns ``ty
 training caption. Mean ± std over seeds; training time and generation speed on this machine.
 
     python benchmarks/report_medpix.py --data ../shared/data/medpix2/manifest.csv --steps 600 --seeds 0 1 2
+    python benchmarks/report_medpix.py --data ../shared/data/medpix2/manifest.csv --text findings   # case level
+
+``--text findings``: one study per MedPix case (its images, up to 4) with the case's Findings text from
+``cases_{train,dev}.jsonl`` as the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from pathlib import Path
@@ -42,12 +47,34 @@ ATTRIBUTES = {
 SCORES = ("bleu_1", "bleu_4", "rouge_l", "cider", "meteor")
 
 
+def case_manifest(data: Path, out: Path) -> Path:
+    """The image manifest with each case's Findings text (``findings``) beside every one of its images."""
+    findings = {}
+    for split in ("train", "dev"):
+        with open(data.parent / f"cases_{split}.jsonl") as f:
+            for line in f:
+                case = json.loads(line)
+                findings[case["U_id"]] = " ".join(((case.get("Case") or {}).get("Findings") or "").split())
+    with open(data) as f:
+        rows = list(csv.DictReader(f))
+    rows = [{**r, "image": str(data.parent / r["image"]), "findings": findings.get(r["case_id"], "")}
+            for r in rows if findings.get(r["case_id"])]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "cases_manifest.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def run_seed(args, seed: int) -> tuple[dict, float, float]:
     out = Path(args.out) / f"seed{seed}"
+    study = {"study": "case_id", "max_images": 4, "max_length": 128} if args.text == "findings" else {}
     cfg = load_task_recipe(REPO / "tasks" / "report_2d.yaml", {
         "method": args.method, "seed": seed,
         "encoder": {"name": args.encoder, "img_size": args.size, "patch_size": 8},
-        "report_generation": {"text": "caption", "attributes": ATTRIBUTES, "eval_batch_size": 32},
+        "report_generation": {"text": args.text, "attributes": ATTRIBUTES, "eval_batch_size": 32, **study},
         "data": {"val_split": "dev", "test_split": None, "batch_size": args.batch, "num_workers": 2},
         "optim": {"lr": args.lr, "warmup_steps": args.steps // 10},
         "trainer": {"max_steps": args.steps, "checkpoint_every_n_steps": 200, "log_every_n_steps": 10},
@@ -73,7 +100,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--method", default="full", help="linear_probe | lora | full ...")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--text", default="caption", choices=("caption", "findings"))
     args = ap.parse_args()
+    if args.text == "findings":
+        args.data = str(case_manifest(Path(args.data), Path(args.out)))
     results, train_s, gen = [], [], []
     for seed in args.seeds:
         m, t, g = run_seed(args, seed)
@@ -82,7 +112,7 @@ def main() -> None:
         gen.append(g)
     names = [k for k in results[0] if isinstance(results[0][k], dict)]
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"MedPix 2.0 dev (n={results[0]['n']}), {args.encoder}/8 {args.size}px, {args.method}, {args.steps} steps x "
+    print(f"MedPix 2.0 dev, {args.text} (n={results[0]['n']}), {args.encoder}/8 {args.size}px, {args.method}, {args.steps} steps x "
           f"{args.batch}, seeds {args.seeds}, {device}: training {np.mean(train_s):.0f} s per seed, generation "
           f"{np.mean(gen):.1f} reports/s (beam 3)\n")
     cols = [*SCORES, "clinical micro-F1", *(f"names {a}" for a in ATTRIBUTES)]

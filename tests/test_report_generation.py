@@ -21,7 +21,7 @@ import medfm
 from medfm.cli import main
 from medfm.encoders import create_encoder, default_text_model_path
 from medfm.evaluate.report_labeler import agreement, label_report, label_reports
-from medfm.evaluate.report_metrics import caption_metrics, mention_scores, tokenize_report
+from medfm.evaluate.report_metrics import caption_metrics, mention_scores, model_based_scores, tokenize_report
 from medfm.finetune import load_task_recipe, run_finetune
 from medfm.synthetic.reports import ATTRIBUTES, synthetic_report_set
 from medfm.tasks.report_generation import ReportGenerator, ReportVocab, build_decoder
@@ -133,6 +133,14 @@ def test_captioning_metrics_match_pycocoevalcap_on_known_strings():
     assert tokenize_report("The heart, lungs: CLEAR.") == "the heart lungs clear"
     same = caption_metrics(refs, refs, meteor=False)
     assert same["bleu_1"] == pytest.approx(1.0) and same["bleu_4"] == pytest.approx(1.0) and same["rouge_l"] == 1.0
+
+
+def test_model_based_scorers_are_hooks_that_say_why_they_did_not_run(capsys):
+    out = model_based_scores(["no effusion."], ["no effusion."])
+    assert set(out) == {"chexbert", "radgraph"}
+    for name, res in out.items():  # neither package (nor its weights) is installable offline here
+        assert "version" in res or res["skipped"].startswith(f"{name} skipped:")
+    assert "skipped" in capsys.readouterr().out or all("version" in r for r in out.values())
 
 
 def test_the_labeler_handles_negation_and_uncertainty_and_agrees_with_iu_mesh(iu_reports):

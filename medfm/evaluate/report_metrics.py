@@ -94,3 +94,37 @@ def mention_scores(texts: Sequence[str], truth: Sequence[str], values: Sequence[
             f1s.append(2 * tp / (2 * tp + fp + fn))
     return {"accuracy": acc, "f1_macro": sum(f1s) / len(f1s) if f1s else float("nan"),
             "named": sum(p is not None for p, _ in pairs) / max(n, 1), "n": n}
+
+
+# ----------------------------------------------------------------- model-based scorers (optional)
+def _chexbert_f1(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+    import f1chexbert  # optional: pip install f1chexbert (downloads CheXbert weights on first use)
+
+    _, _, report, report_5 = f1chexbert.F1CheXbert()(hyps=list(hypotheses), refs=list(references))
+    return {"micro_f1_14": report["micro avg"]["f1-score"], "micro_f1_5": report_5["micro avg"]["f1-score"],
+            "version": getattr(f1chexbert, "__version__", "unknown")}
+
+
+def _radgraph_f1(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+    import radgraph  # optional: pip install radgraph (downloads RadGraph weights on first use)
+
+    score = radgraph.F1RadGraph(reward_level="partial")(hyps=list(hypotheses), refs=list(references))[0]
+    return {"partial_f1": float(score), "version": getattr(radgraph, "__version__", "unknown")}
+
+
+MODEL_SCORERS = {"chexbert": _chexbert_f1, "radgraph": _radgraph_f1}
+
+
+def model_based_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+    """CheXbert F1 and RadGraph F1, each only where its package and weights load (they are downloaded on
+    first use; not possible on machines without a network): the scores with the package version, or the
+    reason it was skipped (also printed)."""
+    out = {}
+    for name, scorer in MODEL_SCORERS.items():
+        try:
+            out[name] = scorer(references, hypotheses)
+        except Exception as e:  # noqa: BLE001 - a missing package, missing weights or no network: say which
+            reason = f"{name} skipped: {type(e).__name__}: {e}"
+            print(reason)
+            out[name] = {"skipped": reason}
+    return out

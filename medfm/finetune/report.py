@@ -44,6 +44,7 @@ class ReportConfig:
     examples: int = 8  # rows of examples_<split>.html
     meteor: bool = True  # METEOR where Java runs (skipped with a printed reason elsewhere)
     attributes: dict = field(default_factory=dict)  # {column: [values] or {value: [keywords]}}: true value named?
+    model_scorers: bool = False  # CheXbert / RadGraph F1 where their packages and weights load (optional)
     study: str | None = None  # manifest column grouping rows into one study (several images, one report)
     max_images: int = 4  # images per study (more are left out; fewer are padded and masked)
 
@@ -184,7 +185,8 @@ class ReportGeneration(FinetuneTask):
         attributes = {col: ([str(r.extra.get(col, "")) for r in ds.records], values) for col, values in c.attributes.items()}
         return evaluate_reports(model, ds, out, split, state["train_texts"], state["train_features"],
                                 batch_size=c.eval_batch_size, examples=c.examples, meteor=c.meteor, seed=cfg["seed"],
-                                attributes=attributes, embed=_study_embedding(model.encoder), **c.generation)
+                                attributes=attributes, embed=_study_embedding(model.encoder),
+                                model_scorers=c.model_scorers, **c.generation)
 
     def summary(self, metrics: dict) -> list[str]:
         lines = super().summary(metrics)

@@ -34,7 +34,7 @@ from medfm.encoders import default_text_model_path
 from medfm.evaluate.probe import embed_dataset
 from medfm.evaluate.report_baselines import most_common_report, nearest_neighbour_reports, random_reports
 from medfm.evaluate.report_labeler import clinical_agreement
-from medfm.evaluate.report_metrics import caption_metrics, mention_scores
+from medfm.evaluate.report_metrics import caption_metrics, mention_scores, model_based_scores
 from medfm.evaluate.report_table import examples_html
 from medfm.run import TrainingModule
 
@@ -323,7 +323,7 @@ def generate_reports(model: ReportGenerator, ds, batch_size: int = 16, progress:
 def evaluate_reports(model: ReportGenerator, ds, out: Path, split: str, train_texts: Sequence[str],
                      train_features: torch.Tensor | None = None, batch_size: int = 16, examples: int = 8,
                      meteor: bool = True, seed: int = 0, attributes: dict | None = None, embed=None,
-                     **generation) -> dict:
+                     model_scorers: bool = False, **generation) -> dict:
     """Captioning metrics and clinical label agreement of the model's reports on ``ds`` and of the three
     baselines (most common / random / nearest-neighbour training report); ``attributes`` (``{name: (true
     values per sample, possible values)}``): whether each text names the true value; ``examples_<split>.html``."""
@@ -338,6 +338,8 @@ def evaluate_reports(model: ReportGenerator, ds, out: Path, split: str, train_te
     for name, texts in candidates.items():
         res = caption_metrics(refs, texts, meteor=meteor)
         res["clinical"] = {k: v for k, v in clinical_agreement(refs, texts).items() if k != "per_label"}
+        if model_scorers:  # CheXbert / RadGraph F1 where their packages and weights load
+            res["model_based"] = model_based_scores(refs, texts)
         if attributes:
             res["attributes"] = {a: mention_scores(texts, truth, values) for a, (truth, values) in attributes.items()}
         results[name] = res
