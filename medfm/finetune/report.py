@@ -106,8 +106,10 @@ def report_texts(ds) -> list[str]:
 def _study_embedding(encoder):
     """``encoder`` on (B, V, C, ...) studies: the mean pooled embedding of their images."""
     def forward(x):
-        return encoder(x.flatten(0, 1)).view(x.shape[0], x.shape[1], -1).mean(1) if x.ndim == encoder.spatial_dims + 3 \
-            else encoder(x)
+        if x.ndim == encoder.spatial_dims + 3:  # (B, V, C, *spatial)
+            return encoder(x.flatten(0, 1)).view(x.shape[0], x.shape[1], -1).mean(1)
+        return encoder(x)
+
     return forward
 
 
