@@ -20,6 +20,7 @@ from medfm.encoders import CLIP, TextEncoder, create_encoder, create_model_and_t
 from medfm.finetune.model import FinetunedClassifier, FinetunedSegmenter
 from medfm.pretrain import METHODS, PretrainMethod, load_recipe, register_method, run_pretrain
 from medfm.run import TrainingModule
+from medfm.run.sampling import resolve_workers, usable_cores
 
 from .conftest import REPO
 from .pretrain_helpers import data_2d, losses
@@ -69,10 +70,12 @@ TINY_SYNTH = ["encoder.name=vit_micro", "encoder.img_size=32", "encoder.patch_si
               "trainer.enable_progress_bar=false", "probe.every_n_steps=0"]
 
 
-def test_a_toy_method_registered_here_runs_through_the_runner_and_the_cli(toy, tmp_path, capsys):
+def test_a_toy_method_registered_here_runs_through_the_runner_and_the_cli(toy, tmp_path, capsys, caplog):
     cfg = load_recipe(REPO / "encoders" / "mae_vit_2d.yaml", ["method=toy", "toy.scale=2.0", *TINY_SYNTH])
     assert cfg["toy"] == {"scale": 2.0, "target_norm": 0.0}  # its section, with its declared defaults
-    run = run_pretrain(cfg, tmp_path / "runner")
+    with caplog.at_level("INFO"):
+        run = run_pretrain(cfg, tmp_path / "runner")
+    assert "max_steps=12" in caplog.text and "litlogger" not in caplog.text  # Lightning's advertisement filtered
     curve = losses(run)
     assert len(curve) == 12 and sum(curve[-3:]) < sum(curve[:3]), curve
     assert json.loads((run / "run.json").read_text()) == {"kind": "pretrain", "plugin": "toy", "model": "encoder"}
@@ -90,6 +93,14 @@ def test_a_toy_method_registered_here_runs_through_the_runner_and_the_cli(toy, t
     assert main(["evaluate", str(run), "--data", data, "--split", "val", *label]) == 0
     m = json.loads((run / "eval_val" / "metrics.json").read_text())
     assert 0.0 <= m["linear_probe"]["auroc"] <= 1.0
+
+
+def test_dataloader_workers_never_exceed_the_cores():
+    cores = usable_cores()
+    assert resolve_workers("auto") == min(max(cores - 1, 0), 8) and resolve_workers(64) == cores
+    assert resolve_workers(0) == 0
+    with pytest.raises(ValueError, match="data.num_workers must be 'auto' or a number"):
+        resolve_workers("many")
 
 
 def test_recipe_errors_name_the_key_the_file_and_the_nearest_key(tmp_path):

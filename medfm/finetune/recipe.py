@@ -54,7 +54,7 @@ class FinetuneDataConfig:
     preset_args: dict = field(default_factory=dict)
     augment: bool = True  # the preset's training augmentation / random crops
     batch_size: int = 32
-    num_workers: int = 2
+    num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
     cache: bool = True
 
 

@@ -38,7 +38,7 @@ class PretrainDataConfig:
     preset: str = "radiograph_2d"  # intensity/geometry preprocessing: radiograph_2d | ct_3d | mr_3d
     preset_args: dict = field(default_factory=dict)  # e.g. {spacing: 2.0} for the 3D presets
     batch_size: int = 64  # per device
-    num_workers: int = 2
+    num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
     cache: bool = True  # keep preprocessed samples in memory (views are drawn fresh every step)
 
 

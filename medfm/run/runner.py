@@ -29,7 +29,7 @@ import lightning as L
 
 from .callbacks import Export
 from .folder import RunFolder
-from .trainer import make_trainer
+from .trainer import make_trainer, quiet_known_noise
 
 
 @dataclass
@@ -115,6 +115,7 @@ def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = Fal
     """Train as ``cfg`` says with ``plugin``; returns the run folder. ``resume=True`` continues from
     ``out/checkpoints/last.ckpt`` (model, optimizer, scheduler, step, RNG): the resumed run ends with
     the weights an uninterrupted run would have."""
+    quiet_known_noise()
     folder = RunFolder(out)
     ckpt = folder.prepare(resume)
     L.seed_everything(cfg["seed"], workers=True, verbose=False)

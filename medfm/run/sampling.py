@@ -10,6 +10,7 @@ synthetic engine and text-masking collators all go through this one path.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterator, Sequence
 
 import lightning as L
@@ -136,16 +137,33 @@ class KeyedDataset(Dataset):
         return out
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    """DataLoader workers: ``"auto"`` = one per usable core but one (for the training loop), at most 8; a
+    number is capped at the usable cores (more only compete with the training process; torch warns)."""
+    cores = usable_cores()
+    if num_workers == "auto":
+        return min(max(cores - 1, 0), 8)
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"data.num_workers must be 'auto' or a number >= 0, got {num_workers!r}")
+    return min(num_workers, cores)
+
+
 class StepData(L.LightningDataModule):
     """Endless, step-addressed training batches of a :class:`KeyedDataset`: every rank sees different
     samples, and a resumed run continues exactly where the stopped one would have gone. ``n`` is the
-    number of indices (None: an endless source, index = position)."""
+    number of indices (None: an endless source, index = position). ``num_workers``: see
+    :func:`resolve_workers` (the sample order does not depend on it)."""
 
-    def __init__(self, keyed: Dataset, n: int | None, batch_size: int, num_workers: int = 0, seed: int = 0,
+    def __init__(self, keyed: Dataset, n: int | None, batch_size: int, num_workers: int | str = 0, seed: int = 0,
                  collate_fn=None):
         super().__init__()
         self.keyed, self.n = keyed, n
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.batch_size, self.num_workers, self.seed = batch_size, resolve_workers(num_workers), seed
         self.collate_fn = collate_fn
 
     def sampler(self, start_step: int = 0, rank: int = 0, world_size: int = 1, batch_size: int | None = None):

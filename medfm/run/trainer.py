@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import logging
+import warnings
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -24,6 +27,26 @@ TRAINER_DEFAULTS: dict = {
     "enable_progress_bar": True,
     # any other lightning.Trainer argument may be added
 }
+
+
+class _DropTip(logging.Filter):
+    """Drops Lightning's advertisement for its cloud logger ("💡 Tip: ... litlogger ...") from every run's console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_known_noise() -> None:
+    """Filters exactly the third-party console lines every run printed and nobody acts on (each named here):
+    Lightning's litlogger tip (an info log); Lightning's own use of torch's deprecated pytree ``LeafSpec``
+    (a FutureWarning raised inside lightning.pytorch.utilities._pytree); torch's "torch.meshgrid ... indexing
+    argument" UserWarning raised inside MONAI's ``build_sincos_position_embedding`` (sin-cos positions of
+    the ViT and the MAE decoder)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTip) for f in logger.filters):
+        logger.addFilter(_DropTip())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", module=r"torch\.functional")
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -50,6 +73,7 @@ def make_trainer(trainer_cfg: dict, out: Path, callbacks: Sequence[L.Callback] =
     """A Trainer from a recipe's ``trainer`` section (``precision: auto``, ``checkpoint_every_n_steps``, plus any
     ``lightning.Trainer`` argument): logs in ``out/logs``, resume checkpoints in ``out/checkpoints``, RNG state
     in every checkpoint, the finite-loss guard."""
+    quiet_known_noise()
     t = {**TRAINER_DEFAULTS, **trainer_cfg}
     accelerator = t.pop("accelerator")
     precision = resolve_precision(t.pop("precision"), accelerator)
