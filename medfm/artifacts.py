@@ -145,14 +145,13 @@ class Artifact:
         with atomic_folder(folder) as tmp:
             config = {CLASS_KEY: class_path(type(self)), **self.artifact_config()}
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-            state, seen = {}, {}
-            for k, v in self._own_state().items():  # safetensors refuses shared storage: store each tensor once
-                ptr = (v.data_ptr(), v.shape, v.dtype) if v.numel() else None
-                if ptr is not None and ptr in seen:
+            state, seen = {}, set()
+            for k, v in self._own_state().items():  # tied weights are stored once; from_pretrained re-ties them
+                key = (v.data_ptr(), tuple(v.shape), v.dtype)
+                if v.numel() and key in seen:
                     continue
-                if ptr is not None:
-                    seen[ptr] = k
-                state[k] = v.detach().cpu().contiguous()
+                seen.add(key)
+                state[k] = v.detach().cpu().clone().contiguous()  # own storage: safetensors refuses shared memory
             save_file(state, str(tmp / WEIGHTS_NAME))
             for name in self.components:
                 getattr(self, name).save_pretrained(tmp / name)
