@@ -111,9 +111,7 @@ def _rank_zero() -> bool:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "devices": "trainer.devices"})
     cfg = load_recipe(find_recipe(args.recipe), overrides)
-    out = run_pretrain(cfg, args.out, data_path=args.data, resume=args.resume)
-    if _rank_zero():
-        print(f"encoder saved to {out / 'encoder'}  (create_encoder(..., pretrained='{out / 'encoder'}'))")
+    run_pretrain(cfg, args.out, data_path=args.data, resume=args.resume)  # prints where everything is
     return 0
 
 

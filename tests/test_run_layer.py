@@ -82,8 +82,10 @@ def test_a_toy_method_registered_here_runs_through_the_runner_and_the_cli(toy, t
     encoder, transform = create_model_and_transforms(run / "encoder")  # exported with its preprocessing
     assert encoder.preprocess == {"preset": "radiograph_2d", "size": 32, "args": {}}
     # the same method from the command line, with a typo caught in its own section
+    capsys.readouterr()
     assert main(["pretrain", "mae_vit_2d", "--out", str(tmp_path / "cli"), "method=toy", "toy.target_norm=1.0",
                  *TINY_SYNTH]) == 0
+    assert f"run finished: {tmp_path / 'cli'} | model {tmp_path / 'cli' / 'encoder'} |" in capsys.readouterr().out
     assert (tmp_path / "cli" / "encoder" / "model.safetensors").exists()
     assert main(["pretrain", "mae_vit_2d", "--out", str(tmp_path / "typo"), "method=toy", "toy.scael=1"]) == 2
     assert "unknown recipe key 'toy.scael'; did you mean 'scale'?" in capsys.readouterr().err

@@ -67,6 +67,17 @@ class RunFolder:
     def info(self) -> dict:
         return read_run_info(self.path)
 
+    def summary_line(self, model: str) -> str:
+        """One line saying where a finished run's weights, metrics, figures and logs are."""
+        parts = [f"model {self.path / model}"]
+        if (self.path / "metrics.json").exists():
+            parts.append(f"metrics {self.path / 'metrics.json'}")
+        figures = sorted(p.name for p in self.path.glob("*") if p.suffix in (".png", ".html"))
+        if figures:
+            parts.append("figures " + ", ".join(figures))
+        parts.append(f"logs {self.path / 'logs' / 'metrics.csv'}")
+        return f"run finished: {self.path} | " + " | ".join(parts)
+
     def save(self, artifact, name: str) -> Path:
         """``artifact.save_pretrained`` into the sub-folder ``name``, swapped in atomically."""
         with atomic_folder(self.path / name) as tmp:

@@ -129,4 +129,5 @@ def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = Fal
     if trainer.is_global_zero:
         folder.write_info(model=plugin.model_folder)
         plugin.after_fit(built, trainer, folder)
+        print(folder.summary_line(plugin.model_folder))
     return folder.path
