@@ -72,9 +72,8 @@ def read_config(folder: str | os.PathLike) -> dict:
 def artifact_folder(path: str | os.PathLike) -> Path:
     """``path`` itself, or, for a run folder, the artifact its ``run.json`` names (``model``)."""
     path = Path(path)
-    info = path / RUN_INFO
-    if not (path / CONFIG_NAME).exists() and info.exists():
-        name = json.loads(info.read_text()).get("model")
+    if not (path / CONFIG_NAME).exists() and (path / RUN_INFO).exists():
+        name = read_run_info(path).get("model")
         if not name:
             raise FileNotFoundError(f"{path}: this run has not exported a model yet (no 'model' in {RUN_INFO})")
         return path / name
@@ -165,12 +164,10 @@ class Artifact:
         model = cls.from_config({k: v for k, v in config.items() if k != CLASS_KEY}, folder=folder)
         state = load_file(str(folder / WEIGHTS_NAME))
         own = model._own_state()
-        for k, v in own.items():  # tensors stored once (shared storage): fill the aliases
-            if k not in state:
-                for k2, v2 in own.items():
-                    if k2 in state and v2.data_ptr() == v.data_ptr() and v2.shape == v.shape:
-                        state[k] = state[k2]
-                        break
+        stored = {(v.data_ptr(), v.shape): k for k, v in own.items() if k in state}
+        for k, v in own.items():  # tied weights were stored once: fill their aliases
+            if k not in state and (v.data_ptr(), v.shape) in stored:
+                state[k] = state[stored[(v.data_ptr(), v.shape)]]
         check_state_dict(model, state, str(folder / WEIGHTS_NAME), own=own)
         model.load_state_dict(state, strict=False)  # components were loaded from their own folders
         return model.eval()

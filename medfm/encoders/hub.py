@@ -18,6 +18,7 @@ from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from safetensors.torch import load_file
 
 from medfm.artifacts import CLASS_KEY, CONFIG_NAME, WEIGHTS_NAME, class_path, load_state_dict_strict
+from medfm.atomic import atomic_folder
 
 
 def resolve_file(model_id: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
@@ -56,7 +57,8 @@ class HubMixin(PyTorchModelHubMixin, library_name="medfm", tags=["medfm", "medic
         config[CLASS_KEY] = class_path(type(self))
         if self.preprocess:
             config["preprocess"] = self.preprocess
-        return super().save_pretrained(save_directory, config=config, **kwargs)
+        with atomic_folder(save_directory) as tmp:  # a kill never leaves half a folder
+            return super().save_pretrained(tmp, config=config, **kwargs)
 
     @classmethod
     def _from_pretrained(

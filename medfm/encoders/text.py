@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoModel, AutoTokenizer
 
-from medfm.artifacts import CLASS_KEY, CONFIG_NAME, class_path
+from medfm.artifacts import CLASS_KEY, CONFIG_NAME, class_path, read_config
 from medfm.atomic import atomic_folder
 
 
@@ -106,7 +106,7 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **kwargs: Any) -> "TextEncoder":
         """The text encoder saved in ``folder`` with its recorded max length and pooling."""
-        config = json.loads((Path(folder) / CONFIG_NAME).read_text())
+        config = read_config(folder)
         return cls(folder, **{**config.get("medfm_text", {}), **kwargs}).eval()
 
 

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from medfm.data import DataError
 from medfm.encoders import default_text_model_path
 from medfm.evaluate.probe import embed_dataset
-from medfm.tasks.report_generation import ReportTask, ReportVocab, decoder_config, encoder_tokens, evaluate_reports
+from medfm.tasks.report_generation import ReportTask, ReportVocab, decoder_config, evaluate_reports
 
 from .model import FinetunedReporter
 from .recipe import TASKS, FinetuneTask
@@ -169,11 +169,9 @@ class ReportGeneration(FinetuneTask):
                 items = [plain[j] for j in range(i, min(i + bs, len(plain)))]
                 x = torch.stack([torch.as_tensor(s["image"]) for s in items])
                 mask = torch.stack([s["image_mask"] for s in items]) if "image_mask" in items[0] else None
-                t = encoder_tokens(model.encoder, x.flatten(0, 1) if mask is not None else x).float()
-                n = t.shape[1]  # tokens per image; a study's are concatenated, padded images masked out
-                tokens.append(t.reshape(len(items), -1, t.shape[-1]))
-                masks.append(mask.repeat_interleave(n, dim=1) if mask is not None
-                             else torch.ones(len(items), n, dtype=torch.long))
+                t, m = model.encode_tokens(x, mask)
+                tokens.append(t.float())
+                masks.append(m)
         return _Tokens(torch.cat(tokens), self.train_texts, torch.cat(masks))
 
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:

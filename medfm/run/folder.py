@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from medfm.artifacts import read_run_info, write_run_info
-from medfm.atomic import atomic_folder, write_text
+from medfm.atomic import write_text
 
 RECIPE_NAME = "recipe.yaml"
 
@@ -79,7 +79,7 @@ class RunFolder:
         return f"run finished: {self.path} | " + " | ".join(parts)
 
     def save(self, artifact, name: str) -> Path:
-        """``artifact.save_pretrained`` into the sub-folder ``name``, swapped in atomically."""
-        with atomic_folder(self.path / name) as tmp:
-            artifact.save_pretrained(tmp)
+        """``artifact.save_pretrained`` into the sub-folder ``name`` (every medfm ``save_pretrained`` swaps its
+        folder in atomically)."""
+        artifact.save_pretrained(self.path / name)
         return self.path / name

@@ -196,14 +196,22 @@ class ReportGenerator(nn.Module):
         return int(self.vocab.to_compact(torch.tensor([full_id]))[0]) if self.vocab else int(full_id)
 
     # ------------------------------------------------------------ encoder side
-    def encode(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected encoder tokens (B, T, H) and their attention mask (B, T)."""
+    def encode_tokens(self, images: torch.Tensor, image_mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder tokens (B, T, D) before the projector, and their mask (B, T): a study's images' tokens
+        concatenated, those of padding images masked out (what a frozen encoder's cache holds)."""
         study = images.ndim == self.encoder.spatial_dims + 3
         b = images.shape[0]
-        x = images.flatten(0, 1) if study else images
-        tokens = encoder_tokens(self.encoder, x)
-        return self.project(tokens.reshape(b, -1, tokens.shape[-1]) if study else tokens,
-                            None if image_mask is None else image_mask.repeat_interleave(tokens.shape[1], dim=1))
+        tokens = encoder_tokens(self.encoder, images.flatten(0, 1) if study else images)
+        n = tokens.shape[1]
+        tokens = tokens.reshape(b, -1, tokens.shape[-1])
+        if image_mask is None:
+            return tokens, torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        return tokens, image_mask.long().repeat_interleave(n, dim=1)
+
+    def encode(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected encoder tokens (B, T, H) and their attention mask (B, T)."""
+        return self.project(*self.encode_tokens(images, image_mask))
 
     def project(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder tokens (B, T, D) -> decoder memory (B, T, H) and its mask (cached tokens start here)."""
@@ -344,7 +352,8 @@ def evaluate_reports(model: ReportGenerator, ds, out: Path, split: str, train_te
             res["attributes"] = {a: mention_scores(texts, truth, values) for a, (truth, values) in attributes.items()}
         results[name] = res
     shown = list(range(min(examples, len(ds))))
-    examples_html([ds[i]["image"][0] if "image_mask" in ds[i] else ds[i]["image"] for i in shown],
+    images = [ds[i]["image"] for i in shown]  # a study shows its first image
+    examples_html([x[0] if x.ndim == model.encoder.spatial_dims + 2 else x for x in images],
                   {"reference": [refs[i] for i in shown], **{k: [v[i] for i in shown] for k, v in candidates.items()}},
                   out / f"examples_{split}.html", title=f"{split}: generated reports and baselines")
     return {"n": len(refs), **results}
