@@ -1,5 +1,6 @@
 """``medfm`` command line: ``info``, ``encode``, ``pretrain`` (every registered method: MAE, DINO, CLIP,
-text MLM, dense synthetic), ``finetune`` (classification, segmentation), ``evaluate RUN`` (any run kind),
+text MLM, dense synthetic; and diffusion generators), ``finetune`` (classification, segmentation, report
+generation), ``evaluate RUN`` (any run kind), ``generate`` (sample a generator into a data set),
 ``generate-report``, ``synth``."""
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 import torch
 
 from medfm.artifacts import load as medfm_load
-from medfm.data import DataError, load, samples
+from medfm.data import DataError, load, open_dataset, samples
 from medfm.data.datasets import finalise_sample
 from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
 from medfm.finetune import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune
 from medfm.finetune.recipe import run_recipe
+from medfm.generate import GENERATORS, export_generated, is_generator_recipe, load_generator_recipe, model_hash, run_generator
 from medfm.pretrain import METHODS, load_recipe, run_pretrain
 from medfm.run import RunFolder, find_recipe, list_recipes
 from medfm.synthetic import SynthConfig, export_synthetic
@@ -53,7 +55,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("\nencoders (create_encoder(name, spatial_dims=2|3)):")
     for name in list_encoders():
         print(f"  {name:<12} {describe_encoder(name)}")
-    print("\npretraining methods: " + ", ".join(METHODS))
+    print("\npretraining methods: " + ", ".join(METHODS) + "  (generators: " + ", ".join(GENERATORS) + ")")
     print("fine-tuning tasks:   " + ", ".join(TASKS) + "  (adaptation: " + ", ".join(ADAPTATIONS) + ")")
     print("\nrecipes:")
     for kind, paths in list_recipes().items():
@@ -110,7 +112,11 @@ def _rank_zero() -> bool:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "devices": "trainer.devices"})
-    cfg = load_recipe(find_recipe(args.recipe), overrides)
+    recipe = find_recipe(args.recipe)
+    if is_generator_recipe(recipe):  # encoders/diffusion_*.yaml: a generator is trained beside the encoders
+        run_generator(load_generator_recipe(recipe, overrides), args.out, data_path=args.data, resume=args.resume)
+        return 0
+    cfg = load_recipe(recipe, overrides)
     run_pretrain(cfg, args.out, data_path=args.data, resume=args.resume)  # prints where everything is
     return 0
 
@@ -139,7 +145,7 @@ def run_plugin(run: Path):
     if not (run / "run.json").exists():
         return TASKS.get_plugin(run_recipe(run)["task"])
     info = RunFolder(run).info()
-    registry = {"pretrain": METHODS, "finetune": TASKS}.get(info.get("kind"))
+    registry = {"pretrain": METHODS, "finetune": TASKS, "generate": GENERATORS}.get(info.get("kind"))
     if registry is None:
         raise ValueError(f"{run}: unknown run kind {info.get('kind')!r} in run.json")
     return registry.get_plugin(info["plugin"])
@@ -158,8 +164,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     classes = [c for c in (args.classes or "").split(",") if c]
     split = None if args.split in ("", "all") else args.split
     metrics = plugin.evaluate(run, data=args.data, split=split, out=args.out, classes=classes, text=args.text,
-                              templates=args.prompt, label=args.label)
+                              templates=args.prompt, label=args.label, n=args.n, features=args.features,
+                              classify=args.classify, overrides=list(args.overrides or []))
     print("\n".join(plugin.summary(metrics)))
+    return 0
+
+
+def _cycle(items: list, n: int | None) -> list:
+    """``items`` repeated in turn up to ``n`` (default: each once)."""
+    return [items[i % len(items)] for i in range(n or len(items))]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    generator = medfm_load(args.model)
+    if not hasattr(generator, "generate") or not hasattr(generator, "conditioning"):
+        raise ValueError(f"{args.model}: a {type(generator).__name__}, not a diffusion generator")
+    cond: dict = {}
+    if args.classes:
+        names = generator.spec.get("class_names") or []
+        classes = names if args.classes == "all" else [c.strip() for c in args.classes.split(",") if c.strip()]
+        generator.class_indices(classes)  # unknown names fail before anything is generated
+        cond["classes"] = _cycle(classes, args.n)
+    if args.prompt:
+        cond["prompts"] = _cycle(list(args.prompt), args.n)
+    if args.masks:
+        masks_ds = open_dataset(args.masks, spatial_dims=generator.spec["spatial_dims"])
+        paths = [masks_ds.describe(i) for i in range(len(masks_ds))]
+        order = _cycle(list(range(len(masks_ds))), args.n)
+        cond["masks"] = [masks_ds[i]["image"].round().long() for i in order]
+        cond["mask_sources"] = [paths[i] for i in order]
+    if not cond and generator.conditioning != "none":
+        raise ValueError(f"{args.model} is {generator.conditioning}-conditioned: give "
+                         + {"class": "--classes", "text": "--prompt", "mask": "--masks DIR"}[generator.conditioning])
+    manifest = export_generated(generator, args.out, **cond, n=args.n, seed=args.seed, steps=args.steps,
+                                sampler=args.sampler, guidance_scale=args.guidance, batch_size=args.batch_size,
+                                model=model_hash(args.model))
+    print(f"wrote {manifest} (grid: {manifest.parent / 'grid.png'}); use it as data: --data {manifest}")
     return 0
 
 
@@ -204,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=96, help="crop/resize size per side (default 96)")
     p.add_argument("--spacing", type=float, default=2.0, help="3D resampling in mm (default 2.0)")
     p.set_defaults(fn=cmd_encode)
-    p = sub.add_parser("pretrain", help="pretraining (MAE, DINO, CLIP, text MLM, dense synthetic) from a recipe "
+    p = sub.add_parser("pretrain", help="pretraining (MAE, DINO, CLIP, text MLM, dense synthetic) or a diffusion generator from a recipe "
                        "in encoders/",
                        epilog="Any recipe key can be overridden: KEY=VALUE, e.g. mae.mask_ratio=0.6 data.batch_size=32")
     p.add_argument("recipe", help="recipe file or name, e.g. encoders/mae_vit_2d.yaml or mae_vit_2d")
@@ -240,7 +280,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None, metavar="TEMPLATE",
                    help="zero-shot prompt template with {} for the class name (repeatable: an ensemble)")
     p.add_argument("--out", default=None, help="folder for metrics.json and figures (default: RUN/eval_SPLIT)")
-    p.set_defaults(fn=cmd_evaluate)
+    p.add_argument("--n", type=int, default=None, help="generators: samples to generate (default: min(train, 500))")
+    p.add_argument("--features", default=None, help="generators: the encoder (folder or run) whose feature space the "
+                   "Frechet distance and MMD use (default: the real-only classifier's encoder)")
+    p.add_argument("--classify", default=None, help="generators: the classification recipe of the utility test "
+                   "(default: tasks/classify_2d.yaml or _3d); trailing KEY=VALUE override it")
+    p.set_defaults(fn=cmd_evaluate, takes_overrides=True)
+    p = sub.add_parser("generate", help="sample a diffusion generator run into a data set (PNG / NIfTI + manifest)",
+                       epilog="examples: medfm generate --model runs/gen2d --classes all --n 500 --out gen | "
+                              "medfm generate --model runs/gen3d --masks synth/labels --out gen3d")
+    p.add_argument("--model", required=True, help="a generator run (medfm pretrain encoders/diffusion_*.yaml) or its model/")
+    p.add_argument("--classes", default=None, help="class names (or indices), comma-separated, or 'all'; used in turn")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT", help="a prompt (repeatable; used in turn)")
+    p.add_argument("--masks", default=None, help="a folder (or manifest) of label maps: one volume/image per map")
+    p.add_argument("--n", type=int, default=None, help="number of samples (default: one per mask / prompt / class)")
+    p.add_argument("--seed", type=int, default=0, help="sample i is seeded by seed + i")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
+    p.add_argument("--sampler", default=None, choices=("ddpm", "ddim", "dpm"), help="default: the recipe's")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="folder: images/, labels/ (masks), manifest.csv, grid.png")
+    p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("generate-report", help="write a report for each image or volume with a report-generation run")
     p.add_argument("images", nargs="+", help="PNG/JPEG, NIfTI or DICOM files (preprocessed as the model was trained)")
     p.add_argument("--model", required=True, help="a `medfm finetune tasks/report_2d.yaml` run (or its model/ folder)")

@@ -1,6 +1,6 @@
 """Data: readers (NIfTI, DICOM, PNG/JPEG, MedMNIST npz), manifests, transforms, datasets."""
 
-from .datasets import FolderDataset, ManifestDataset, NpzDataset, SampleDataset, collate, open_dataset
+from .datasets import FolderDataset, JoinedDataset, ManifestDataset, NpzDataset, SampleDataset, collate, open_dataset
 from .errors import DataError, MissingFileError
 from .io import load
 from .manifest import read_records, read_rows
@@ -14,6 +14,7 @@ __all__ = [
     "MissingFileError",
     "ManifestDataset",
     "FolderDataset",
+    "JoinedDataset",
     "open_dataset",
     "NpzDataset",
     "SampleDataset",

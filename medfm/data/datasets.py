@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Randomizable
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import ConcatDataset, Dataset, default_collate
 
 from .errors import DataError
 from .io import load
@@ -258,6 +258,21 @@ class FolderDataset(SampleDataset):
         sample = load(self.paths[i], spatial_dims=self.spatial_dims)
         sample["meta"]["row"] = i
         return sample
+
+
+class JoinedDataset(ConcatDataset):
+    """Several labelled sample datasets as one training set (a real split plus generated sets). Their class
+    names must agree; ``classes`` is theirs (None for npz parts, whose labels are indices)."""
+
+    def __init__(self, parts: Sequence[Dataset]):
+        super().__init__(list(parts))
+        named = [(getattr(p, "manifest", None) or getattr(p, "path", "?"), getattr(p, "classes", None)) for p in parts]
+        named = [(w, [str(c) for c in cs]) for w, cs in named if cs]
+        for where, classes in named[1:]:
+            if classes != named[0][1]:
+                raise DataError(f"{where}: classes {classes} differ from {named[0][0]}'s {named[0][1]}; "
+                                "joined training sets must name the same classes in the same order")
+        self.classes = named[0][1] if named else None
 
 
 def open_dataset(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from medfm.data import DataError
+from medfm.data import DataError, read_rows
 from medfm.evaluate.probe import embed_dataset
 from medfm.run.recipe import merge
 from medfm.tasks.classification import ClassificationTask, class_weights, evaluate_classification
@@ -40,6 +40,8 @@ class ClassificationConfig:
 
 def dataset_labels(ds) -> np.ndarray:
     """All labels of a labelled dataset without loading images: (N,) ints or (N, K) multi-hot."""
+    if hasattr(ds, "datasets"):  # joined training sets
+        return np.concatenate([dataset_labels(part) for part in ds.datasets])
     if getattr(ds, "labels", None) is not None:  # npz
         return np.asarray(ds.targets)
     if hasattr(ds, "records"):
@@ -79,6 +81,17 @@ class Classification(FinetuneTask):
             raise ValueError("classification on a manifest needs classification.label (the label column)")
         return {"label": c["label"], "classes": c["classes"], "multi_label": c["multi_label"]}
 
+    def extra_split_args(self, cfg: dict, path: str, real) -> dict:
+        """A ``train_from`` manifest: its ``label`` column (what `medfm generate` writes) or the recipe's,
+        read with the real split's class names (an npz's labels are indices: names "0", "1", ...)."""
+        c = cfg["classification"]
+        columns = read_rows(path)[0][1] if path.lower().endswith((".csv", ".tsv", ".jsonl")) else {}
+        label = "label" if "label" in columns or not c["label"] else c["label"]
+        classes = c["classes"] or getattr(real, "classes", None)
+        if classes is None and not c["multi_label"]:
+            classes = [str(i) for i in range(int(dataset_labels(real).max()) + 1)]
+        return {"label": label, "classes": classes, "multi_label": c["multi_label"]}
+
     def prepare(self, cfg: dict, train):
         labels = dataset_labels(train)
         c = cfg["classification"]
@@ -109,7 +122,7 @@ class Classification(FinetuneTask):
         if cfg["method"] != "linear_probe":
             return train
         # frozen encoder: features computed once, the head trains on them
-        plain = self.open_split(cfg, cfg["data"]["train_split"], train=False)
+        plain = self.training_split(cfg, train=False)
         if self.idx is not None:
             plain = Subset(plain, self.idx)
         return _Features(*embed_dataset(model.encoder, plain, progress="caching features"))

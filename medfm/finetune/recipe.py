@@ -30,7 +30,7 @@ import torch
 
 from medfm.artifacts import load
 from medfm.atomic import write_json
-from medfm.data import DataError, open_dataset
+from medfm.data import DataError, JoinedDataset, open_dataset
 from medfm.data.transforms import PRESETS
 from medfm.run import ENCODER, Built, FreeForm, KeyedDataset, OptimConfig, Registry, RunFolder, RunPlugin, StepData
 from medfm.run import load_config, run
@@ -50,6 +50,8 @@ class FinetuneDataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str | None = "test"  # evaluated at the end when the data has it (null: never)
+    train_from: list[str] = field(default_factory=list)  # more training sets (e.g. `medfm generate` manifests), all rows
+    train_real: bool = True  # false: train on train_from only (validation and test still come from path)
     preset: str = "radiograph_2d"
     preset_args: dict = field(default_factory=dict)
     augment: bool = True  # the preset's training augmentation / random crops
@@ -120,6 +122,24 @@ class FinetuneTask(RunPlugin):
         return open_dataset(path, split=split, spatial_dims=cfg["encoder"]["spatial_dims"],
                             transform=self.transform(cfg, train), cache=d["cache"], **self.split_args(cfg, path))
 
+    def extra_split_args(self, cfg: dict, path: str, real) -> dict:
+        """How to open a ``train_from`` set so that its labels agree with the real training split's."""
+        return self.split_args(cfg, path)
+
+    def training_split(self, cfg: dict, train: bool = True):
+        """The training set: the real training split, plus (or, with ``train_real: false``, only) every
+        ``train_from`` set, whole."""
+        d = cfg["data"]
+        real = self.open_split(cfg, d["train_split"], train=train)
+        if not d["train_from"]:
+            return real
+        parts = [real] if d["train_real"] else []
+        for p in d["train_from"]:
+            parts.append(open_dataset(p, split=None, spatial_dims=cfg["encoder"]["spatial_dims"],
+                                      transform=self.transform(cfg, train), cache=d["cache"],
+                                      **self.extra_split_args(cfg, p, real)))
+        return parts[0] if len(parts) == 1 else JoinedDataset(parts)
+
     def prepare(self, cfg: dict, train) -> tuple[dict, Any]:
         """The recipe completed from the training data, and the training set to use."""
         return cfg, train
@@ -151,7 +171,7 @@ class FinetuneTask(RunPlugin):
         if not d["path"]:
             raise ValueError("fine-tuning needs data: give --data PATH (an npz or a manifest) or set data.path")
         self.t0 = time.perf_counter()
-        cfg, train = self.prepare(cfg, self.open_split(cfg, d["train_split"], train=True))
+        cfg, train = self.prepare(cfg, self.training_split(cfg, train=True))
         self.cfg = cfg
         model = self.model_class.from_spec(self.spec(cfg))
         self.trainable, self.total = count_parameters(model)

@@ -102,9 +102,10 @@ class KeyedDataset(Dataset):
 
     def _real(self, index: int, seed: int) -> dict:
         base = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
-        post = getattr(base, "post", None)
-        if post is not None and hasattr(post, "set_random_state"):
-            post.set_random_state(seed=seed)
+        for part in getattr(base, "datasets", [base]):  # a joined set: every part's augmentation
+            post = getattr(part, "post", None)
+            if post is not None and hasattr(post, "set_random_state"):
+                post.set_random_state(seed=seed)
         sample = self.dataset[index]
         if self.synthetic is not None and self.mix > 0:
             sample = {"image": sample["image"]}

@@ -7,27 +7,16 @@ synthetic set is reproducible from its seed and can be checked by hash.
 from __future__ import annotations
 
 import csv
-import gzip
 import os
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from medfm.atomic import atomic_path
+from medfm.data.writers import write_nifti
 
 from .engine import SynthConfig, synth_sample
-
-
-def _write_nifti(array: np.ndarray, path: Path) -> None:
-    """gzip'd NIfTI-1 with a 1 mm identity affine, written to a temp file and renamed (atomic)."""
-    img = nib.Nifti1Image(array, np.eye(4))
-    img.header.set_xyzt_units("mm")
-    data = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def contact_sheet(samples: list[dict], path: Path) -> Path:
@@ -68,8 +57,8 @@ def export_synthetic(config: SynthConfig, n: int, out: str | os.PathLike, seed: 
     for i in tqdm(range(n), desc=f"synth {config.spatial_dims}D {config.shape}", disable=not progress):
         s = synth_sample(config, seed, i)
         name = f"synth_{i:05d}.nii.gz"
-        _write_nifti(s["image"][0].numpy().astype(np.float32), out / "images" / name)
-        _write_nifti(s["mask"][0].numpy().astype(np.uint8 if config.n_labels < 256 else np.int16), out / "labels" / name)
+        write_nifti(s["image"][0].numpy().astype(np.float32), out / "images" / name)
+        write_nifti(s["mask"][0].numpy().astype(np.uint8 if config.n_labels < 256 else np.int16), out / "labels" / name)
         rows.append({"image": f"images/{name}", "mask": f"labels/{name}", "split": "train", "seed": seed, "index": i,
                      "label_kind": s["meta"]["label_kind"], **(describe(s) if describe else {})})
         if len(shown) < sheet:

@@ -1,0 +1,195 @@
+"""Generator recipes (``encoders/diffusion_2d.yaml``, ``encoders/diffusion_3d.yaml``): schema, training, run.
+
+A generator is one more plug-in of the run layer (:class:`DiffusionPlugin`, kind ``generate``): its
+section ``diffusion`` (:class:`DiffusionConfig`: network, noise schedule, conditioning, classifier-free
+guidance, EMA, sampler; defaults declared once), its ``data`` (:class:`GeneratorDataConfig`: which
+column holds the class, prompt or label map), ``optim`` and ``trainer``. :func:`medfm.run.run` does the
+rest (run folder, seeding, resume with the EMA weights, recipe.yaml, run.json). RUN then holds
+
+* ``model/``: the generator (EMA weights) as an artifact folder: ``medfm.load(RUN)``;
+* ``samples.png``: a grid of samples from the exported weights, one per condition drawn from the
+  training data;
+* ``checkpoints/last.ckpt`` (with the EMA state), ``logs/``, ``recipe.yaml``, ``run.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+
+from medfm.data import DataError, open_dataset
+from medfm.data.transforms import PRESETS
+from medfm.run import TRAINER, OptimConfig
+from medfm.run import load_config, run
+from medfm.run.recipe import merge, read_yaml, with_defaults
+
+from .generator import CONDITIONING, SAMPLERS
+from .registry import GENERATORS
+
+
+
+@dataclass
+class DiffusionConfig:
+    """``diffusion``: the generator's network, noise schedule, conditioning and sampler."""
+
+    spatial_dims: int = 2
+    image_size: int = 32  # side of the generated image / volume (the preprocessing resizes or crops to it)
+    in_chans: int = 1  # grayscale stays one channel
+    conditioning: str = "class"  # none | class | text | mask
+    num_classes: int | None = None  # class: null = from the training labels
+    class_names: list | None = None  # class: names in index order (default: from the data)
+    mask_classes: int | None = None  # mask: label values incl. background (null: max in the training masks + 1)
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # UNet width per level
+    attention: list[bool] = field(default_factory=lambda: [False, True, True])  # self-/cross-attention per level
+    layers_per_block: int = 1
+    norm_groups: int = 8
+    head_channels: int = 16  # attention head width
+    backbone: str = "auto"  # auto (diffusers in 2D, MONAI in 3D) | diffusers | monai
+    text_model: str | None = None  # text: HF folder or id of the frozen text tower (null: packaged MiniLM)
+    text_max_length: int = 32  # text: prompt tokens (padded to this length)
+    train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # diffusers beta schedule: linear | scaled_linear | squaredcos_cap_v2
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    cond_dropout: float = 0.1  # classifier-free guidance: P(condition dropped) in training
+    snr_gamma: float | None = 5.0  # Min-SNR-gamma loss weighting (null: plain MSE)
+    ema_decay: float | None = 0.999  # EMA of the weights (diffusers' EMAModel, with warm-up); null: off
+    sampler: str = "ddim"  # ddpm | ddim | dpm (DPM-Solver++)
+    sample_steps: int = 50
+    guidance_scale: float = 2.0  # 1: no guidance
+    preview: int = 16  # samples in samples.png at the end of training
+
+
+@dataclass
+class GeneratorDataConfig:
+    """``data`` of a generator recipe."""
+
+    path: str | None = None  # npz, CSV/TSV/JSONL manifest or folder (or give --data)
+    split: str | None = "train"  # npz split / manifest split value (null: every row)
+    label: str | None = None  # class: manifest label column (an npz carries its labels)
+    text: str | None = None  # text: manifest column with the prompt (caption, report)
+    mask: str | None = None  # mask: manifest column with the label-map file
+    preset: str = "radiograph_2d"  # radiograph_2d | ct_3d | mr_3d (resized / cropped to diffusion.image_size)
+    preset_args: dict = field(default_factory=dict)  # e.g. {spacing: 2.0} for the 3D presets
+    augment: bool = False  # the preset's training augmentation / random crops (3D: random crops of larger volumes)
+    batch_size: int = 32
+    num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
+    cache: bool = True  # keep preprocessed samples in memory
+
+
+def generator_schema() -> dict:
+    """Sections of a generator recipe."""
+    return {
+        "method": "diffusion",
+        "seed": 0,
+        **GENERATORS.sections(),
+        "data": GeneratorDataConfig,
+        "optim": with_defaults(OptimConfig, lr=5e-4, weight_decay=0.0, betas=[0.9, 0.999], warmup_steps=100),
+        "trainer": TRAINER,
+    }
+
+
+def load_generator_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = ()) -> dict:
+    """The generator recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
+    cfg = load_config(generator_schema(), path, overrides)
+    GENERATORS.get_plugin(cfg["method"])
+    s = cfg["diffusion"]
+    for key, allowed in (("conditioning", CONDITIONING), ("sampler", tuple(SAMPLERS)),
+                         ("prediction_type", ("epsilon", "v_prediction"))):
+        if s[key] not in allowed:
+            raise ValueError(f"diffusion.{key} must be one of {', '.join(allowed)}, got {s[key]!r}")
+    if s["spatial_dims"] not in (2, 3):
+        raise ValueError(f"diffusion.spatial_dims must be 2 or 3, got {s['spatial_dims']}")
+    if cfg["data"]["preset"] not in PRESETS:
+        raise ValueError(f"unknown data.preset {cfg['data']['preset']!r}; available: {', '.join(PRESETS)}")
+    column = {"text": "text", "mask": "mask"}.get(s["conditioning"])
+    if column and not cfg["data"][column]:
+        raise ValueError(f"{s['conditioning']} conditioning needs data.{column}: the manifest column holding each "
+                         f"image's {'prompt' if column == 'text' else 'label-map file'}")
+    return cfg
+
+
+def is_generator_recipe(path: str | os.PathLike) -> bool:
+    """Whether a recipe file names a generator method (``method: diffusion``)."""
+    raw = read_yaml(Path(path).read_text()) or {}
+    return isinstance(raw, dict) and raw.get("method") in GENERATORS
+
+
+# ----------------------------------------------------------------- data
+def open_training_set(cfg: dict, path: str | None = None):
+    """The recipe's training images with what its conditioning needs (labels, prompts, label maps),
+    preprocessed to ``diffusion.image_size``."""
+    d, s = cfg["data"], cfg["diffusion"]
+    path = str(path or d["path"] or "")
+    if not path:
+        raise ValueError("a generator needs data: give --data PATH (an npz, a manifest or a folder) or set data.path")
+    transform = PRESETS[d["preset"]](size=s["image_size"], train=d["augment"], **d["preset_args"])
+    kwargs = {}
+    if path.lower().endswith((".csv", ".tsv", ".jsonl")):
+        kwargs = dict(label=d["label"] if s["conditioning"] == "class" else None,
+                      text_key=d["text"] if s["conditioning"] == "text" else None,
+                      mask_key=d["mask"] if s["conditioning"] == "mask" else None)
+        if s["conditioning"] == "class" and s["class_names"]:
+            kwargs["classes"] = s["class_names"]
+    elif s["conditioning"] in ("text", "mask"):
+        raise DataError(f"{path}: {s['conditioning']} conditioning reads a manifest (CSV/JSONL) with a "
+                        f"'{d[s['conditioning']]}' column")
+    return open_dataset(path, split=d["split"], spatial_dims=s["spatial_dims"], transform=transform,
+                        cache=d["cache"], **kwargs)
+
+
+def complete_spec(cfg: dict, train) -> dict:
+    """The ``diffusion`` section completed from the training data (classes, mask labels) and the
+    preprocessing, as the generator's spec."""
+    s, d = dict(cfg["diffusion"]), cfg["data"]
+    if len(train) == 0:
+        raise DataError(f"{d['path']}: the training split {d['split']!r} is empty")
+    if s["conditioning"] == "class":
+        names = getattr(train, "classes", None)
+        if names is None:  # an npz: integer labels
+            targets = getattr(train, "targets", None)
+            if targets is None or np.ndim(targets) != 1:
+                raise DataError(f"{d['path']}: class conditioning needs one integer label per image "
+                                "(set data.label to the manifest's label column)")
+            names = [str(i) for i in range(int(np.max(targets)) + 1)]
+        s["class_names"] = [str(c) for c in (s["class_names"] or names)]
+        s["num_classes"] = s["num_classes"] or len(s["class_names"])
+        if len(s["class_names"]) != s["num_classes"]:
+            raise ValueError(f"diffusion.class_names has {len(s['class_names'])} names for {s['num_classes']} classes")
+    if s["conditioning"] == "mask" and not s["mask_classes"]:
+        top = 0
+        for i in range(len(train)):
+            m = train[i]["mask"]
+            top = max(top, int(torch.as_tensor(m).max()))
+        s["mask_classes"] = top + 1
+    s["preprocess"] = {"preset": d["preset"], "size": s["image_size"], "args": dict(d["preset_args"])}
+    return s
+
+
+def batch_condition(batch: dict, conditioning: str, mask_classes: int | None = None) -> dict:
+    """The generator's condition for a training batch."""
+    if conditioning == "class":
+        return {"class_labels": torch.as_tensor(batch["label"]).long()}
+    if conditioning == "text":
+        return {"prompts": [str(t) for t in batch["text"]]}
+    if conditioning == "mask":
+        mask = batch["mask"].round().long()
+        if int(mask.min()) < 0 or int(mask.max()) >= mask_classes:
+            raise DataError(f"a training label map holds values {int(mask.min())}..{int(mask.max())}, outside "
+                            f"0..{mask_classes - 1} (diffusion.mask_classes)")
+        return {"mask": mask}
+    return {}
+
+
+def run_generator(cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
+                  callbacks: Sequence[L.Callback] = ()) -> Path:
+    """Train the recipe's generator; returns the run folder (``model/``, ``samples.png``)."""
+    if data_path:
+        cfg = merge(cfg, {"data": {"path": str(data_path)}})
+    return run(GENERATORS.get_plugin(cfg["method"]), cfg, out, resume=resume, callbacks=callbacks)
+

@@ -1,0 +1,5 @@
+"""The registry of generator plug-ins (``method:`` of a generator recipe)."""
+
+from medfm.run import Registry
+
+GENERATORS = Registry("generate")
