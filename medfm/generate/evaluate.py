@@ -88,6 +88,7 @@ def utility(cfg: dict, data: str, split: str, manifest: Path, out: Path, classif
 def conditioning_accuracy(classifier_run: Path, manifest: Path, split: str, class_names: list, out: Path) -> dict:
     """The real-only classifier (its validation threshold) on the generated set, labelled with the class
     each sample was generated for."""
+    out.mkdir(parents=True, exist_ok=True)
     model = load(classifier_run / "model")
     run_metrics = json.loads((classifier_run / "metrics.json").read_text())
     thresholds = run_metrics[split].get("selected_thresholds")

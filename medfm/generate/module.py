@@ -46,7 +46,10 @@ class DiffusionModule(TrainingModule):
                 self.ema.load_state_dict(self._ema_state)
                 self.ema.to(self.device)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # the EMA follows each optimizer step here, inside the training step: a checkpoint written at the
+        # end of the batch (ModelCheckpoint runs before the module's on_train_batch_end) then holds it
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.step(self.generator.network.parameters())
 

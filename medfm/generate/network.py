@@ -65,6 +65,7 @@ def _monai_unet(spec: dict, text_dim: int | None) -> nn.Module:
         attention_levels=tuple(spec["attention"]), norm_num_groups=spec["norm_groups"],
         num_head_channels=spec["head_channels"], with_conditioning=text, cross_attention_dim=text_dim if text else None,
         num_class_embeds=spec["num_classes"] + 1 if spec["conditioning"] == "class" else None,
+        use_flash_attention=True,  # torch's scaled_dot_product_attention instead of an explicit einsum + softmax
     )
 
 
