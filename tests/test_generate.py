@@ -122,6 +122,23 @@ def test_a_killed_run_resumes_to_the_same_weights_and_ema(data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_latent_diffusion_trains_the_autoencoder_then_denoises_its_latents(data, tmp_path):
+    cfg = tiny("diffusion_3d", TINY_3D, diffusion={"latent_diffusion": True, "autoencoder_channels": [8, 16],
+                                                   "latent_channels": 2, "autoencoder_steps": 8, "channels": [16, 16],
+                                                   "attention": [False, True]},
+               trainer={"max_steps": 14, "checkpoint_every_n_steps": 7})
+    run = run_generator(cfg, tmp_path / "latent", data_path=data[3])
+    g = load(run)
+    assert g.autoencoder is not None and g.net_spec["image_size"] == 16 and g.net_spec["in_chans"] == 2
+    assert float(g.latent_scale) != 1.0  # measured when the diffusion stage began, saved with the weights
+    logged = losses(run)
+    assert len(logged) == 14 and np.mean(logged[4:8]) < logged[0]  # the autoencoder's L1 + KL falls first
+    masks = torch.randint(0, 3, (1, 1, 32, 32, 32))
+    out = g.generate(masks=masks, seed=0, steps=2)
+    assert out.shape == (1, 1, 32, 32, 32)
+    torch.testing.assert_close(out, load(run).generate(masks=masks, seed=0, steps=2))
+
+
 # ----------------------------------------------------------------- guidance, reload, masks
 def test_guidance_scale_one_is_the_conditional_prediction():
     torch.manual_seed(0)

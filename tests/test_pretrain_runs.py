@@ -8,6 +8,7 @@ import torch
 
 from medfm.cli import main
 from medfm.encoders import create_encoder, from_pretrained
+from medfm.generate import is_generator_recipe, load_generator_recipe
 from medfm.pretrain import load_recipe, run_pretrain
 
 from .conftest import REPO
@@ -139,8 +140,12 @@ def test_every_recipe_in_encoders_loads():
     assert {"mae_vit_2d", "mae_vit_3d", "dino_vit_2d", "dino_vit_3d", "mae_vit_3d_synthetic",
             "synth_contrastive_3d", "clip_vit_2d", "clip_vit_3d", "text_mlm_reports"} <= set(names)
     for n in names:
+        if is_generator_recipe(REPO / "encoders" / f"{n}.yaml"):  # diffusion generators live beside the encoders
+            assert load_generator_recipe(REPO / "encoders" / f"{n}.yaml")["method"] == "diffusion"
+            continue
         cfg = load_recipe(REPO / "encoders" / f"{n}.yaml")
         assert cfg["method"] in ("mae", "dino", "synth_contrastive", "synth_seg", "clip", "text_mlm")
+    assert {"diffusion_2d", "diffusion_3d"} <= set(names)
 
 
 def test_synthetic_regime_needs_no_data_and_its_loss_falls(tmp_path):

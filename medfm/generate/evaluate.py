@@ -31,7 +31,7 @@ import torch
 
 from medfm.artifacts import load
 from medfm.atomic import write_json
-from medfm.data import open_dataset
+from medfm.data import DataError, open_dataset
 from medfm.encoders import create_encoder, preprocess_transform
 from medfm.evaluate.generative import EncoderFeatures, feature_distances, memorisation, memorisation_png, pairwise_ms_ssim
 from medfm.finetune import load_task_recipe, run_finetune
@@ -129,6 +129,8 @@ def evaluate_generator(run: str | Path, data: str | None = None, split: str | No
     dest.mkdir(parents=True, exist_ok=True)
     train = open_training_set(cfg, data)
     heldout = open_training_set(merge(cfg, {"data": {"split": split}}), data)
+    if len(heldout) == 0:
+        raise DataError(f"{data}: the held-out split {split!r} has no images (give --split NAME)")
     n = n or min(len(train), 500)
     rng = np.random.default_rng(0)
     draw = rng.choice(len(train), size=n, replace=n > len(train))

@@ -17,6 +17,12 @@ Classifier-free guidance (Ho & Salimans 2022): training drops the condition with
 ``cond_dropout`` (no class: index ``num_classes``; no text: the empty prompt; no mask: all-zero channels);
 sampling mixes ``eps_u + s * (eps_c - eps_u)``, and ``s = 1`` is the plain conditional prediction.
 
+Latent diffusion (Rombach et al. 2022; for 96^3 and above, meant for a GPU): with ``latent_diffusion``, a MONAI
+``AutoencoderKL`` (L1 reconstruction + a small KL term; no perceptual or adversarial loss, whose networks
+would have to be downloaded) is trained first, then frozen, and the UNet denoises its scaled latents
+(label maps are area-downsampled to the latent grid); sampling decodes at the end. The autoencoder is part
+of the artifact.
+
 Images live in [0, 1] outside (as the preprocessing presets give them) and in [-1, 1] inside. Every
 sample ``i`` of a call starts from noise seeded by ``seed + i``, so a file exported with its seed can be
 regenerated alone. Saved as an artifact (``config.json`` + ``model.safetensors``; the text tower in
@@ -26,7 +32,7 @@ regenerated alone. Saved as an artifact (``config.json`` + ``model.safetensors``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -42,6 +48,27 @@ from .network import Denoiser
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 CONDITIONING = ("none", "class", "text", "mask")
+
+
+def latent_autoencoder(spec: dict) -> nn.Module:
+    """MONAI's ``AutoencoderKL`` for latent diffusion (``autoencoder_channels`` per level, ``latent_channels``)."""
+    from monai.networks.nets import AutoencoderKL
+
+    levels = len(spec["autoencoder_channels"])
+    return AutoencoderKL(spatial_dims=spec["spatial_dims"], in_channels=spec["in_chans"], out_channels=spec["in_chans"],
+                         channels=tuple(spec["autoencoder_channels"]), latent_channels=spec["latent_channels"], num_res_blocks=1,
+                         attention_levels=(False,) * levels, norm_num_groups=spec["norm_groups"],
+                         with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
+
+
+def network_spec(spec: dict) -> dict:
+    """What the denoiser sees: the image itself, or (latent diffusion) the autoencoder's latent grid."""
+    if not spec.get("latent_diffusion"):
+        return spec
+    factor = 2 ** (len(spec["autoencoder_channels"]) - 1)
+    if spec["image_size"] % factor:
+        raise ValueError(f"diffusion.image_size {spec['image_size']} must be a multiple of {factor} for latent diffusion")
+    return {**spec, "in_chans": spec["latent_channels"], "image_size": spec["image_size"] // factor}
 
 
 def noise_schedule(spec: dict) -> DDPMScheduler:
@@ -70,8 +97,12 @@ class DiffusionGenerator(Artifact, nn.Module):
             self.text_encoder = text_encoder or create_text_encoder(spec.get("text_model"))
             self.text_encoder.requires_grad_(False).eval()
             self.components = ("text_encoder",)
-        self.network = Denoiser(spec, text_dim=self.text_encoder.embed_dim if self.conditioning == "text" else None)
+        self.net_spec = network_spec(spec)
+        self.network = Denoiser(self.net_spec, text_dim=self.text_encoder.embed_dim if self.conditioning == "text" else None)
         self.scheduler = DDPMScheduler.from_config(scheduler) if scheduler else noise_schedule(spec)
+        self.autoencoder = latent_autoencoder(spec) if spec.get("latent_diffusion") else None
+        # latent diffusion: 1 / std of the latents, set when the diffusion stage starts (Rombach et al.)
+        self.register_buffer("latent_scale", torch.ones(()))
 
     # ------------------------------------------------------------ artifact
     def artifact_config(self) -> dict:
@@ -97,6 +128,31 @@ class DiffusionGenerator(Artifact, nn.Module):
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return (self.spec["in_chans"],) + (self.spec["image_size"],) * self.spec["spatial_dims"]
+
+    # ------------------------------------------------------------ latent diffusion
+    def to_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> what the denoiser works on (themselves, or scaled autoencoder latents)."""
+        if self.autoencoder is None:
+            return x
+        with torch.no_grad():
+            return self.autoencoder.encode_stage_2_inputs(x) * self.latent_scale
+
+    def from_latent(self, z: torch.Tensor) -> torch.Tensor:
+        if self.autoencoder is None:
+            return z
+        return self.autoencoder.decode_stage_2_outputs(z / self.latent_scale)
+
+    def autoencoder_loss(self, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
+        """First stage of latent diffusion: L1 reconstruction + ``kl_weight`` x KL to N(0, 1)."""
+        recon, mu, sigma = self.autoencoder(images * 2 - 1)
+        kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2).clamp(min=1e-8)) - 1).flatten(1).sum(1).mean()
+        return F.l1_loss(recon.float(), (images * 2 - 1).float()) + kl_weight * kl
+
+    @torch.no_grad()
+    def set_latent_scale(self, images: torch.Tensor) -> None:
+        """Scale latents to unit variance (measured on one batch, once, when the diffusion stage starts)."""
+        z = self.autoencoder.encode_stage_2_inputs(images * 2 - 1)
+        self.latent_scale.fill_(1.0 / z.float().std().clamp(min=1e-6))
 
     # ------------------------------------------------------------ conditions
     def condition(self, classes: Sequence | torch.Tensor | None = None, prompts: Sequence[str] | None = None,
@@ -151,9 +207,11 @@ class DiffusionGenerator(Artifact, nn.Module):
                 raise ValueError(f"mask {i}: label values {lo}..{hi} outside 0..{self.spec['mask_classes'] - 1} "
                                  "(the label values this generator was trained on)")
         factor = 2 ** (len(self.spec["channels"]) - 1)
+        if self.autoencoder is not None:
+            factor *= 2 ** (len(self.spec["autoencoder_channels"]) - 1)
         if any(s % factor for s in items[0].shape[1:]):
             raise ValueError(f"mask shape {tuple(items[0].shape[1:])}: every side must be a multiple of {factor} "
-                             f"(the UNet halves the size {len(self.spec['channels']) - 1} times)")
+                             f"(the networks halve the size {factor.bit_length() - 1} times)")
         return torch.stack(items).long()
 
     def null(self, cond: dict, drop: torch.Tensor | None = None) -> dict:
@@ -177,6 +235,8 @@ class DiffusionGenerator(Artifact, nn.Module):
             m = cond["mask"].to(x.device)
             onehot = F.one_hot(m[:, 0].clamp(min=0), self.spec["mask_classes"]).movedim(-1, 1).to(x.dtype)
             onehot = onehot * (m >= 0).to(x.dtype)
+            if onehot.shape[2:] != x.shape[2:]:  # latent diffusion: label fractions on the latent grid
+                onehot = F.adaptive_avg_pool3d(onehot, x.shape[2:]) if x.ndim == 5 else F.adaptive_avg_pool2d(onehot, x.shape[2:])
             return torch.cat([x, onehot], 1), {}
         if "prompts" in cond:
             return x, {"context": self.encode_prompts(cond["prompts"]).to(x.dtype)}
@@ -216,7 +276,7 @@ class DiffusionGenerator(Artifact, nn.Module):
         velocity); the condition is dropped per sample with probability ``cond_dropout``; Min-SNR-gamma
         weighting when ``snr_gamma`` is set. Randomness comes from torch's global RNG (a run's RNG state
         is checkpointed)."""
-        x0 = images * 2 - 1
+        x0 = self.to_latent(images * 2 - 1)
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         xt = self.scheduler.add_noise(x0, noise, t)
@@ -253,6 +313,10 @@ class DiffusionGenerator(Artifact, nn.Module):
         if not total:
             raise ValueError("nothing to generate: give n (unconditional) or at least one condition")
         shape = tuple(cond["mask"].shape[2:]) if "mask" in cond else self.sample_shape[1:]
+        if self.autoencoder is not None:  # noise lives on the latent grid
+            factor = self.spec["image_size"] // self.net_spec["image_size"]
+            shape = tuple(s // factor for s in shape)
+        channels = self.net_spec["in_chans"]
         out = []
         bar = tqdm(total=total * steps, desc=f"sampling {total} ({sampler}, {steps} steps)", disable=not progress,
                    unit="step", unit_scale=1 / max(total, 1))
@@ -260,7 +324,7 @@ class DiffusionGenerator(Artifact, nn.Module):
             idx = range(start, min(start + batch_size, total))
             part = {k: v[idx.start:idx.stop] for k, v in cond.items()}
             gens = [torch.Generator().manual_seed(seed + i) for i in idx]
-            x = torch.stack([torch.randn((spec["in_chans"], *shape), generator=g) for g in gens]).to(self.device)
+            x = torch.stack([torch.randn((channels, *shape), generator=g) for g in gens]).to(self.device)
             out.append(self._denoise(x, part, sampler, steps, scale, gens, bar).cpu())
         bar.close()
         return torch.cat(out)
@@ -273,8 +337,4 @@ class DiffusionGenerator(Artifact, nn.Module):
             pred = self.predict(sch.scale_model_input(x, t), t, cond, scale)
             x = sch.step(pred, t, x, generator=gens).prev_sample
             bar.update(len(x))
-        return ((x.float() + 1) / 2).clamp(0, 1)
-
-    def describe(self) -> dict[str, Any]:
-        """What a generated file's manifest row records about the generator."""
-        return {"conditioning": self.conditioning, "spatial_dims": self.spec["spatial_dims"]}
+        return ((self.from_latent(x).float() + 1) / 2).clamp(0, 1)

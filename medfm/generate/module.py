@@ -1,5 +1,9 @@
 """The LightningModule that trains a diffusion generator: DDPM loss, and an EMA of the weights.
 
+With latent diffusion the first ``autoencoder_steps`` steps train the autoencoder alone; then it is frozen
+(its parameters get no gradients, so AdamW leaves them alone), the latent scale is measured on the first
+diffusion batch and the denoiser trains on its latents.
+
 The EMA (diffusers' ``EMAModel``, with warm-up) is stepped after every optimizer step, saved in every
 checkpoint and restored on resume, so a stopped and resumed run exports the average an uninterrupted
 run would have; :meth:`DiffusionModule.ema_weights` swaps it in for export and sampling.
@@ -35,6 +39,13 @@ class DiffusionModule(TrainingModule):
 
     def compute_loss(self, batch: dict):
         g = self.generator
+        if g.autoencoder is not None:  # latent diffusion: the autoencoder first, then (frozen) the denoiser
+            stage_one = self.global_step < g.spec["autoencoder_steps"]
+            g.autoencoder.requires_grad_(stage_one)
+            if stage_one:
+                return g.autoencoder_loss(batch["image"], g.spec["kl_weight"]), {"stage": 1.0}
+            if self.global_step == g.spec["autoencoder_steps"]:
+                g.set_latent_scale(batch["image"])
         cond = batch_condition(batch, g.conditioning, g.spec.get("mask_classes"))
         return g.loss(batch["image"], cond, self.cond_dropout, self.snr_gamma), {}
 
@@ -50,8 +61,9 @@ class DiffusionModule(TrainingModule):
         # the EMA follows each optimizer step here, inside the training step: a checkpoint written at the
         # end of the batch (ModelCheckpoint runs before the module's on_train_batch_end) then holds it
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            self.ema.step(self.generator.network.parameters())
+        g = self.generator
+        if self.ema is not None and (g.autoencoder is None or self.global_step >= g.spec["autoencoder_steps"]):
+            self.ema.step(g.network.parameters())  # (latent diffusion: from the denoiser's first step on)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:

@@ -63,6 +63,11 @@ class DiffusionConfig:
     sample_steps: int = 50
     guidance_scale: float = 2.0  # 1: no guidance
     preview: int = 16  # samples in samples.png at the end of training
+    latent_diffusion: bool = False  # denoise the latents of a MONAI AutoencoderKL (96^3 and above; meant for a GPU)
+    autoencoder_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # each level halves the size
+    latent_channels: int = 3
+    autoencoder_steps: int = 1000  # latent: the first steps train the autoencoder (L1 + KL), then it is frozen
+    kl_weight: float = 1e-6
 
 
 @dataclass
