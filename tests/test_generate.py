@@ -261,3 +261,21 @@ def test_cli_trains_generates_and_evaluates_a_generator(data, tmp_path, capsys):
     assert m["distance"]["generated_vs_real"]["frechet"] >= 0 and m["distance"]["real_vs_real"]["frechet"] >= 0
     assert 0 < m["diversity"]["generated"]["ms_ssim"] <= 1 and m["memorisation"]["generated_median"] > 0
     assert (run / "eval_val" / "memorisation.png").exists()
+
+
+def test_cli_generates_volumes_for_engine_label_maps(tmp_path, capsys):
+    torch.manual_seed(0)
+    g = DiffusionGenerator(spec_2d(spatial_dims=3, conditioning="mask", num_classes=None, class_names=None,
+                                   mask_classes=3, image_size=16, sample_steps=2)).eval()
+    g.save_pretrained(tmp_path / "gen3d")
+    assert main(["synth", "--dims", "3", "--size", "16", "--n", "2", "--labels", "3", "--out", str(tmp_path / "synth")]) == 0
+    assert main(["generate", "--model", str(tmp_path / "gen3d"), "--masks", str(tmp_path / "synth" / "labels"),
+                 "--out", str(tmp_path / "set")]) == 0
+    with open(tmp_path / "set" / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and rows[0]["mask_source"].endswith("synth_00000.nii.gz") and rows[1]["seed"] == "1"
+    ds = open_dataset(tmp_path / "set" / "manifest.csv", mask_key="mask", spatial_dims=3)
+    engine = open_dataset(tmp_path / "synth" / "manifest.csv", mask_key="mask", spatial_dims=3)
+    torch.testing.assert_close(ds[0]["mask"], engine[0]["mask"])  # each volume comes with its label map
+    assert main(["generate", "--model", str(tmp_path / "gen3d"), "--classes", "a", "--out", str(tmp_path / "x")]) == 2
+    assert "mask-conditioned; it takes no class" in capsys.readouterr().err

@@ -176,6 +176,8 @@ class DiffusionGenerator(Artifact, nn.Module):
 
     def class_indices(self, classes: Sequence | torch.Tensor) -> torch.Tensor:
         """Class names (as in ``class_names``) or indices -> an index tensor (unknown ones are errors)."""
+        if self.conditioning != "class":
+            raise ValueError(f"this generator is {self.conditioning}-conditioned; it takes no class condition")
         names = [str(c) for c in self.spec.get("class_names") or range(self.spec["num_classes"])]
         out = []
         for c in (classes.tolist() if torch.is_tensor(classes) else classes):
