@@ -38,13 +38,14 @@ def main() -> None:
     ap.add_argument("--run", default=str(REPO / "runs" / "gen_medpix_text"))
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sample-steps", type=int, default=30)
     ap.add_argument("--classify-steps", type=int, default=300)
     args = ap.parse_args()
     run = Path(args.run)
-    over = {"diffusion": {"conditioning": "text", "image_size": 64, "channels": [32, 64, 128],
-                          "attention": [False, True, True], "guidance_scale": 3.0, "sample_steps": args.sample_steps},
-            "data": {"text": "caption", "batch_size": 32}, "trainer": {"max_steps": args.steps}}
+    over = {"diffusion": {"conditioning": "text", "image_size": 64, "channels": [32, 64, 64],
+                          "attention": [False, False, True], "guidance_scale": 3.0, "sample_steps": args.sample_steps},
+            "data": {"text": "caption", "batch_size": args.batch}, "trainer": {"max_steps": args.steps}}
     cfg = load_generator_recipe(REPO / "encoders" / "diffusion_2d.yaml", over)
     t0 = time.perf_counter()
     if not (run / "model" / "config.json").exists():

@@ -20,8 +20,8 @@ from medfm.run import load_config
 
 CONFIGS = {
     "2D class 32px": dict(spatial_dims=2, image_size=32, conditioning="class", num_classes=2, class_names=["0", "1"]),
-    "2D text 64px": dict(spatial_dims=2, image_size=64, conditioning="text", channels=[32, 64, 128],
-                         attention=[False, True, True]),
+    "2D text 64px": dict(spatial_dims=2, image_size=64, conditioning="text", channels=[32, 64, 64],
+                         attention=[False, False, True]),
     "3D mask 32^3": dict(spatial_dims=3, image_size=32, conditioning="mask", mask_classes=3, channels=[16, 32, 64],
                          attention=[False, False, True]),
 }

@@ -320,8 +320,9 @@ class DiffusionGenerator(Artifact, nn.Module):
             shape = tuple(s // factor for s in shape)
         channels = self.net_spec["in_chans"]
         out = []
-        bar = tqdm(total=total * steps, desc=f"sampling {total} ({sampler}, {steps} steps)", disable=not progress,
-                   unit="step", unit_scale=1 / max(total, 1))
+        batches = -(-total // batch_size)
+        bar = tqdm(total=batches * steps, desc=f"sampling {total} in {batches} batch(es) ({sampler}, {steps} steps)",
+                   disable=not progress, unit="step")
         for start in range(0, total, batch_size):
             idx = range(start, min(start + batch_size, total))
             part = {k: v[idx.start:idx.stop] for k, v in cond.items()}
@@ -338,5 +339,5 @@ class DiffusionGenerator(Artifact, nn.Module):
         for t in sch.timesteps:
             pred = self.predict(sch.scale_model_input(x, t), t, cond, scale)
             x = sch.step(pred, t, x, generator=gens).prev_sample
-            bar.update(len(x))
+            bar.update(1)
         return ((self.from_latent(x).float() + 1) / 2).clamp(0, 1)
