@@ -101,8 +101,8 @@ class DiffusionGenerator(Artifact, nn.Module):
         self.network = Denoiser(self.net_spec, text_dim=self.text_encoder.embed_dim if self.conditioning == "text" else None)
         self.scheduler = DDPMScheduler.from_config(scheduler) if scheduler else noise_schedule(spec)
         self.autoencoder = latent_autoencoder(spec) if spec.get("latent_diffusion") else None
-        # latent diffusion: 1 / std of the latents, set when the diffusion stage starts (Rombach et al.)
-        self.register_buffer("latent_scale", torch.ones(()))
+        if self.autoencoder is not None:  # 1 / std of the latents, set when the diffusion stage starts (Rombach et al.)
+            self.register_buffer("latent_scale", torch.ones(()))
 
     # ------------------------------------------------------------ artifact
     def artifact_config(self) -> dict:
