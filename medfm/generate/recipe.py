@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from medfm.data import DataError, open_dataset
+from medfm.data import DataError, load, open_dataset
 from medfm.data.transforms import PRESETS
 from medfm.run import TRAINER, OptimConfig
 from medfm.run import load_config, run
@@ -167,10 +167,12 @@ def complete_spec(cfg: dict, train) -> dict:
         if len(s["class_names"]) != s["num_classes"]:
             raise ValueError(f"diffusion.class_names has {len(s['class_names'])} names for {s['num_classes']} classes")
     if s["conditioning"] == "mask" and not s["mask_classes"]:
+        # the largest label value in the label-map files themselves (a random crop could miss one)
         top = 0
-        for i in range(len(train)):
-            m = train[i]["mask"]
-            top = max(top, int(torch.as_tensor(m).max()))
+        for rec in getattr(train, "records", []):
+            if rec.mask is None:
+                raise DataError(f"{d['path']} line {rec.line}: no label map in column {d['mask']!r}")
+            top = max(top, int(torch.as_tensor(load(rec.mask, allow_constant=True)["image"]).max()))
         s["mask_classes"] = top + 1
     s["preprocess"] = {"preset": d["preset"], "size": s["image_size"], "args": dict(d["preset_args"])}
     return s
