@@ -15,9 +15,11 @@ from medfm.cli import main
 from medfm.data import open_dataset, samples
 from medfm.generate import DiffusionGenerator, export_generated, load_generator_recipe, run_generator
 from medfm.generate.recipe import open_training_set
+from medfm.pretrain import METHODS, run_pretrain
+from medfm.pretrain.data import build_data
 
 from .conftest import REPO
-from .pretrain_helpers import data_2d, losses
+from .pretrain_helpers import data_2d, losses, tiny_recipe
 
 TINY_2D = {
     "diffusion": {"image_size": 32, "channels": [16, 32], "attention": [False, True], "head_channels": 16,
@@ -279,3 +281,15 @@ def test_cli_generates_volumes_for_engine_label_maps(tmp_path, capsys):
     torch.testing.assert_close(ds[0]["mask"], engine[0]["mask"])  # each volume comes with its label map
     assert main(["generate", "--model", str(tmp_path / "gen3d"), "--classes", "a", "--out", str(tmp_path / "x")]) == 2
     assert "mask-conditioned; it takes no class" in capsys.readouterr().err
+
+
+def test_a_generated_set_feeds_pretraining_beside_real_data(data, tmp_path):
+    torch.manual_seed(0)
+    g = DiffusionGenerator(spec_2d(image_size=32)).eval()
+    manifest = export_generated(g, tmp_path / "set", classes=["a", "b"] * 4, progress=False)
+    cfg = tiny_recipe("mae_vit_2d", data={"train_from": [str(manifest)]}, trainer={"max_steps": 3})
+    run = run_pretrain(cfg, tmp_path / "mae", data_path=data[2])
+    built = build_data(cfg | {"data": {**cfg["data"], "path": data[2]}}, METHODS.get_plugin("mae"))
+    real = open_dataset(data[2], split="train")
+    assert len(built.keyed) == len(real) + 8  # the real split and every generated image
+    assert (run / "encoder" / "config.json").exists()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from medfm.data import DataError, open_dataset
+from medfm.data import DataError, JoinedDataset, open_dataset
 from medfm.data.transforms import PRESETS
 from medfm.evaluate.online_probe import OnlineProbe
 from medfm.run import KeyedDataset, StepData, section
@@ -34,6 +34,7 @@ class PretrainDataConfig:
     synthetic: dict = field(default_factory=dict)  # SynthConfig arguments (size defaults to encoder.img_size)
     path: str | None = None  # npz, CSV/TSV/JSONL manifest or folder (or give --data)
     split: str | None = "train"  # npz split / manifest split column value (null: every row)
+    train_from: list[str] = field(default_factory=list)  # more image sets, whole (e.g. `medfm generate` manifests)
     text: str | None = None  # manifest column with each image's report/caption (CLIP, text MLM)
     preset: str = "radiograph_2d"  # intensity/geometry preprocessing: radiograph_2d | ct_3d | mr_3d
     preset_args: dict = field(default_factory=dict)  # e.g. {spacing: 2.0} for the 3D presets
@@ -125,12 +126,14 @@ def build_data(cfg: dict, method) -> StepData:
                          f"text={d.text})")
     dataset = synthetic = None
     if d.regime in ("real", "mixed"):
-        if not d.path:
+        if not d.path and not d.train_from:
             raise ValueError(f"data.regime={d.regime} needs data: give --data PATH (an npz, a manifest or a folder) "
                              "or set data.path; or use data.regime=synthetic")
-        text = {"text_key": d.text} if d.text else {}
-        dataset = open_dataset(d.path, split=d.split, spatial_dims=enc["spatial_dims"], transform=preprocess(cfg),
-                               cache=d.cache, **text)
+        kw = dict(spatial_dims=enc["spatial_dims"], transform=preprocess(cfg), cache=d.cache,
+                  **({"text_key": d.text} if d.text else {}))
+        parts = [open_dataset(d.path, split=d.split, **kw)] if d.path else []
+        parts += [open_dataset(p, split=None, **kw) for p in d.train_from]  # generated sets: every row
+        dataset = parts[0] if len(parts) == 1 else JoinedDataset(parts)
     if d.regime in ("synthetic", "mixed"):
         if enc.get("in_chans", 1) != 1:
             raise ValueError("the synthesis engine makes one-channel images; set encoder.in_chans=1")
