@@ -4,7 +4,7 @@ MedPix 2.0 has ~1,650 training images of every body region, CT and MR, each with
 far too little for text-to-image generation, so this shows the machinery, not a useful generator.
 Trains ``encoders/diffusion_2d.yaml`` with ``conditioning: text`` (frozen MiniLM token states,
 cross-attention UNet) at 64 px on ``train`` (or takes ``--run``); generates one image per ``dev`` caption
-(``--n`` of them) and measures whether the caption's modality came through: a classifier trained on
+(``--n`` of them, drawn at random) and measures whether the caption's modality came through: a classifier trained on
 real ``train`` images (CT vs MR, ``tasks/classify_2d.yaml``, small ViT) labels the generated images, beside
 its accuracy on the real ``dev`` images of the same captions. Also ``medfm evaluate``'s distances,
 diversity and memorisation. Writes ``captions_real_vs_generated.png``.
@@ -15,10 +15,12 @@ diversity and memorisation. Writes ``captions_real_vs_generated.png``.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medfm.artifacts import load
@@ -54,7 +56,7 @@ def main() -> None:
     g = load(run)
     dev = open_dataset(args.manifest, split="dev", text_key="caption", label="type",
                        transform=preprocess_transform(g.spec["preprocess"]))
-    idx = list(range(min(args.n, len(dev))))
+    idx = sorted(np.random.default_rng(0).choice(len(dev), size=min(args.n, len(dev)), replace=False).tolist())  # CT and MR
     gen_dir = run / "dev_captions"
     if not (gen_dir / "manifest.csv").exists():
         export_generated(g, gen_dir, prompts=[dev[i]["text"] for i in idx], seed=0, model=model_hash(run))
@@ -72,7 +74,8 @@ def main() -> None:
     tf = preprocess_transform(model.spec["preprocess"])
     real_dev = torch.utils.data.Subset(open_dataset(args.manifest, split="dev", label="type", transform=tf), idx)
     # the generated images labelled with the modality of the caption they were generated from
-    gen_rows = [line.split(",")[0] for line in (gen_dir / "manifest.csv").read_text().splitlines()[1:]]
+    with open(gen_dir / "manifest.csv", newline="") as f:
+        gen_rows = [row["image"] for row in csv.DictReader(f)]
     gen_manifest = gen_dir / "with_type.csv"
     gen_manifest.write_text("image,type\n" + "".join(f"{r},{names[int(dev[i]['label'])]}\n" for r, i in zip(gen_rows, idx)))
     gen_ds = open_dataset(gen_manifest, label="type", classes=names, transform=tf)
@@ -85,7 +88,7 @@ def main() -> None:
     m = evaluate_generator(run, data=args.manifest, split="dev", n=args.n, steps=args.sample_steps)
     print(f"\ngenerator {run}: training {t_train:.0f} s this call")
     print("\n".join(summary_lines(m)))
-    print("\n| images of the first %d dev captions | CT-vs-MR classifier agrees with the caption's modality (accuracy) | AUROC |" % len(idx))
+    print("\n| images of %d random dev captions | CT-vs-MR classifier agrees with the caption's modality (accuracy) | AUROC |" % len(idx))
     print("|---|---|---|")
     print(f"| real | {real_res['accuracy']:.3f} | {real_res['auroc']:.3f} |")
     print(f"| generated from the caption | {gen_res['accuracy']:.3f} | {gen_res['auroc']:.3f} |")
