@@ -57,7 +57,7 @@ class DiffusionPlugin(RunPlugin):
         keys = {"class": ("image", "label"), "text": ("image", "text"), "mask": ("image", "mask")}.get(s["conditioning"], ("image",))
         keyed = KeyedDataset(train, seed=cfg["seed"], keys=keys)
         data = StepData(keyed, len(train), d["batch_size"], d["num_workers"], cfg["seed"])
-        return Built(module, data, cfg=cfg, state={"train": train})
+        return Built(module, data, cfg=cfg)
 
     def export(self, module: DiffusionModule, folder: RunFolder, trainer: L.Trainer) -> None:
         """``model/`` (EMA weights) and ``samples.png``."""

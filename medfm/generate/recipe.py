@@ -1,4 +1,4 @@
-"""Generator recipes (``encoders/diffusion_2d.yaml``, ``encoders/diffusion_3d.yaml``): schema, training, run.
+"""Generator recipes (``encoders/diffusion_2d.yaml``, ``encoders/diffusion_3d.yaml``): schema, data, run.
 
 A generator is one more plug-in of the run layer (:class:`DiffusionPlugin`, kind ``generate``): its
 section ``diffusion`` (:class:`DiffusionConfig`: network, noise schedule, conditioning, classifier-free
@@ -31,7 +31,6 @@ from medfm.run.recipe import merge, read_yaml, with_defaults
 
 from .generator import CONDITIONING, SAMPLERS
 from .registry import GENERATORS
-
 
 
 @dataclass
