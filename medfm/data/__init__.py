@@ -1,6 +1,6 @@
 """Data: readers (NIfTI, DICOM, PNG/JPEG, MedMNIST npz), manifests, transforms, datasets."""
 
-from .datasets import FolderDataset, JoinedDataset, ManifestDataset, NpzDataset, SampleDataset, collate, open_dataset
+from .datasets import FolderDataset, JoinedDataset, ManifestDataset, NpzDataset, SampleDataset, collate, open_dataset, split_names
 from .errors import DataError, MissingFileError
 from .io import load
 from .manifest import read_records, read_rows
@@ -16,6 +16,7 @@ __all__ = [
     "FolderDataset",
     "JoinedDataset",
     "open_dataset",
+    "split_names",
     "NpzDataset",
     "SampleDataset",
     "read_npz",

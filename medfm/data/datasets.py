@@ -22,8 +22,8 @@ from torch.utils.data import ConcatDataset, Dataset, default_collate
 
 from .errors import DataError
 from .io import load
-from .manifest import ManifestRecord, read_records
-from .npz import read_npz
+from .manifest import ManifestRecord, read_records, read_rows
+from .npz import npz_splits, read_npz
 from .volume import geometry_meta, make_sample
 
 
@@ -273,6 +273,17 @@ class JoinedDataset(ConcatDataset):
                 raise DataError(f"{where}: classes {classes} differ from {named[0][0]}'s {named[0][1]}; "
                                 "joined training sets must name the same classes in the same order")
         self.classes = named[0][1] if named else None
+
+
+def split_names(path: str | os.PathLike) -> list[str]:
+    """The split names a dataset holds: an npz's ``{split}_images`` arrays, a manifest's ``split`` values, a
+    folder's one ``train`` split (so a recipe can check its split names before training)."""
+    low = str(path).lower()
+    if low.endswith(".npz"):
+        return npz_splits(path)
+    if low.endswith((".csv", ".tsv", ".jsonl")):
+        return sorted({str(r["split"]) for _, r in read_rows(path) if r.get("split") not in (None, "")})
+    return ["train"]
 
 
 def open_dataset(

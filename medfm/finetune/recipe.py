@@ -30,7 +30,7 @@ import torch
 
 from medfm.artifacts import load
 from medfm.atomic import write_json
-from medfm.data import DataError, JoinedDataset, open_dataset
+from medfm.data import DataError, JoinedDataset, open_dataset, split_names
 from medfm.data.transforms import PRESETS
 from medfm.run import ENCODER, Built, FreeForm, KeyedDataset, OptimConfig, Registry, RunFolder, RunPlugin, StepData
 from medfm.run import load_config, run
@@ -266,7 +266,20 @@ def run_finetune(cfg: dict, out: str | os.PathLike, data_path: str | None = None
     """Fine-tune the recipe's encoder on its task; evaluate; export. Returns the run folder."""
     if data_path:
         cfg = merge(cfg, {"data": {"path": str(data_path)}})
+    check_splits(cfg)
     return run(TASKS.get_plugin(cfg["task"]), cfg, out, resume=resume, callbacks=callbacks)
+
+
+def check_splits(cfg: dict) -> None:
+    """The training and validation splits must exist in the data: a misspelled name is an error listing the
+    data's splits before anything trains (the test split is optional: evaluated when the data has it)."""
+    d = cfg["data"]
+    if not d["path"]:
+        return
+    present = split_names(d["path"])
+    for key in ("train_split", "val_split"):
+        if d[key] not in present:
+            raise DataError(f"{d['path']}: no split {d[key]!r} (data.{key}); its splits: {', '.join(present) or 'none'}")
 
 
 def open_split(cfg: dict, split: str | None, train: bool = False, path: str | None = None):

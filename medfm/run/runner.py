@@ -115,6 +115,9 @@ def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = Fal
     """Train as ``cfg`` says with ``plugin``; returns the run folder. ``resume=True`` continues from
     ``out/checkpoints/last.ckpt`` (model, optimizer, scheduler, step, RNG): the resumed run ends with
     the weights an uninterrupted run would have."""
+    steps = cfg["trainer"].get("max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:  # -1 would train forever, 0 not at all
+        raise ValueError(f"trainer.max_steps (--max-steps) must be a whole number >= 1, got {steps!r}")
     quiet_known_noise()
     folder = RunFolder(out)
     ckpt = folder.prepare(resume)
