@@ -27,6 +27,8 @@ from monai.metrics import MultiScaleSSIMMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from .plots import middle_slice, pyplot
+
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, five scales
 
 
@@ -129,15 +131,7 @@ def memorisation(generated: torch.Tensor, heldout: torch.Tensor, train: torch.Te
 def memorisation_png(result: dict, generated: torch.Tensor, train: torch.Tensor, path: str | Path, k: int = 8) -> Path:
     """Left: histograms of nearest-training-image distances (generated vs held-out real); right: the ``k``
     closest generated/training pairs (middle slices of volumes)."""
-    import matplotlib  # imported when a figure is drawn (slow import; notebooks keep their backend)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def view(x):
-        a = x[0].float().numpy()
-        return a[..., a.shape[-1] // 2] if a.ndim == 3 else a
-
+    plt = pyplot()
     d, nn_idx = result["distances"], result["nearest"]
     order = torch.argsort(d)[:k]
     fig = plt.figure(figsize=(3.2 + 1.3 * len(order), 3.2))
@@ -150,8 +144,8 @@ def memorisation_png(result: dict, generated: torch.Tensor, train: torch.Tensor,
     ax.legend(fontsize=7)
     for c, g in enumerate(order.tolist()):
         top, bottom = fig.add_subplot(grid[0, 2 + c]), fig.add_subplot(grid[1, 2 + c])
-        top.imshow(view(generated[g]), cmap="gray", vmin=0, vmax=1)
-        bottom.imshow(view(train[int(nn_idx[g])]), cmap="gray", vmin=0, vmax=1)
+        top.imshow(middle_slice(generated[g]), cmap="gray", vmin=0, vmax=1)
+        bottom.imshow(middle_slice(train[int(nn_idx[g])]), cmap="gray", vmin=0, vmax=1)
         top.set_title(f"d={float(d[g]):.3f}", fontsize=7)
         top.set_axis_off()
         bottom.set_axis_off()

@@ -10,8 +10,9 @@ import torch
 import torchmetrics.functional.classification as tmc
 
 
-def _plt():
-    # imported when a figure is drawn: matplotlib is slow to import, and a notebook keeps its own backend
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, imported when a figure is drawn: matplotlib is slow to import,
+    and a notebook keeps its own backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +24,7 @@ def _plt():
 def roc_png(scores: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], path: str | Path,
             multi_label: bool = False, title: str = "") -> Path:
     """ROC curve per class (binary: the positive class; otherwise one-vs-rest), AUROC in the legend."""
-    plt = _plt()
+    plt = pyplot()
     k = scores.shape[1]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     columns = [1] if (k == 2 and not multi_label) else range(k)
@@ -43,7 +44,7 @@ def roc_png(scores: torch.Tensor, target: torch.Tensor, class_names: Sequence[st
 def confusion_png(pred: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], path: str | Path,
                   title: str = "") -> Path:
     """Confusion matrix (rows: true class, columns: predicted), counts in the cells."""
-    plt = _plt()
+    plt = pyplot()
     k = len(class_names)
     cm = tmc.multiclass_confusion_matrix(pred.long(), target.long(), num_classes=k).numpy()
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1.0 + 0.6 * k))
@@ -58,19 +59,26 @@ def confusion_png(pred: torch.Tensor, target: torch.Tensor, class_names: Sequenc
     return _save(fig, path)
 
 
-def _mid(x: torch.Tensor) -> np.ndarray:
-    """(C, H, W) -> (H, W), first channel, as stored; (C, X, Y, Z) RAS volume -> the middle axial slice,
-    transposed so that it shows with ``origin='lower'`` (anterior up)."""
+def middle_slice(x: torch.Tensor) -> np.ndarray:
+    """(C, H, W) -> (H, W), first channel, as stored; (C, X, Y, Z) volume -> its middle slice along the last
+    axis, as stored."""
     x = torch.as_tensor(x)[0]
     if x.ndim == 3:
-        x = x[..., x.shape[-1] // 2].T
+        x = x[..., x.shape[-1] // 2]
     return x.float().cpu().numpy()
+
+
+def _mid(x: torch.Tensor) -> np.ndarray:
+    """:func:`middle_slice`, with a RAS volume's axial slice transposed so that it shows with
+    ``origin='lower'`` (anterior up)."""
+    a = middle_slice(x)
+    return a.T if torch.as_tensor(x).ndim == 4 else a
 
 
 def overlay_png(images: Sequence[torch.Tensor], preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] | None,
                 path: str | Path, num_classes: int, title: str = "") -> Path:
     """One row per sample: image, prediction overlay, ground-truth overlay (mid-slice for volumes)."""
-    plt = _plt()
+    plt = pyplot()
     n = len(images)
     cols = 3 if targets is not None else 2
     fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols, 2.4 * n), squeeze=False)
@@ -96,7 +104,7 @@ def overlay_png(images: Sequence[torch.Tensor], preds: Sequence[torch.Tensor], t
 
 def retrieval_png(metrics: dict, path: str | Path, title: str = "") -> Path:
     """Bars of recall@K, image->text and text->image, with the chance rate marked."""
-    plt = _plt()
+    plt = pyplot()
     ks = list(metrics["chance"])
     x = np.arange(len(ks))
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -123,7 +131,7 @@ def reconstruction_png(panels: dict[str, torch.Tensor], path: str | Path, title:
                        reference: str = "target") -> Path:
     """One row per sample, one column per entry of ``panels`` (e.g. MAE's masked input, reconstruction,
     target; (N, C, *spatial) each), every row on the grey scale of its ``reference`` image."""
-    plt = _plt()
+    plt = pyplot()
     n = len(panels[reference])
     fig, axes = plt.subplots(n, len(panels), figsize=(2 * len(panels), 2 * n), squeeze=False)
     for i in range(n):
@@ -141,7 +149,7 @@ def reconstruction_png(panels: dict[str, torch.Tensor], path: str | Path, title:
 
 
 def _save(fig, path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     path = Path(path)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

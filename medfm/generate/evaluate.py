@@ -66,8 +66,8 @@ def draw_conditions(generator, train, indices: Sequence[int]) -> dict:
 def utility(cfg: dict, data: str, split: str, manifest: Path, out: Path, classify: str | None,
             overrides: Sequence[str]) -> dict:
     """AUROC on the real ``split`` of the classification recipe trained on real, generated and both."""
-    dims = cfg["diffusion"]["spatial_dims"]
-    base = load_task_recipe(find_recipe(classify or f"classify_{dims}d", kind="tasks"), list(overrides))
+    recipe = find_recipe(classify or f"classify_{cfg['diffusion']['spatial_dims']}d", kind="tasks")
+    base = load_task_recipe(recipe, list(overrides))
     variants = {"real": {}, "generated": {"train_real": False, "train_from": [str(manifest)]},
                 "both": {"train_from": [str(manifest)]}}
     results = {}
@@ -80,7 +80,7 @@ def utility(cfg: dict, data: str, split: str, manifest: Path, out: Path, classif
         m = json.loads((folder / "metrics.json").read_text())
         results[name] = {k: m[split][k] for k in ("auroc", "accuracy", "balanced_accuracy") if k in m[split]}
         results[name]["steps"] = m["steps"]
-    results["recipe"] = str(find_recipe(classify or f"classify_{dims}d", kind="tasks"))
+    results["recipe"] = str(recipe)
     results["overrides"] = list(overrides)
     return results
 
@@ -149,14 +149,14 @@ def evaluate_generator(run: str | Path, data: str | None = None, split: str | No
         metrics["conditioning"] = conditioning_accuracy(classifier_run, manifest, split, generator.spec["class_names"],
                                                         dest / "conditioning")
     feats, feats_name = feature_encoder(features, classifier_run, generator.spec)
-    perm = rng.permutation(len(train))
+    train_all = stack_images(train, range(len(train)))  # loaded once: the real subsets and the memorisation check
+    perm = torch.as_tensor(rng.permutation(len(train)))
     m = min(n, len(train) // 2)
-    real_a, real_b = stack_images(train, perm[:m]), stack_images(train, perm[m:2 * m])
+    real_a, real_b = train_all[perm[:m]], train_all[perm[m:2 * m]]
     metrics["features"] = feats_name
     metrics["distance"] = {"generated_vs_real": feature_distances(feats, real_a, fake[:m] if len(fake) > m else fake),
                            "real_vs_real": feature_distances(feats, real_a, real_b)}
     metrics["diversity"] = {"generated": pairwise_ms_ssim(fake), "real": pairwise_ms_ssim(real_a)}
-    train_all = stack_images(train, range(len(train)))
     held = stack_images(heldout, range(min(len(heldout), 500)))
     mem = memorisation(fake, held, train_all)
     memorisation_png(mem, fake, train_all, dest / "memorisation.png")

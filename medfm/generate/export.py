@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from medfm.artifacts import WEIGHTS_NAME, artifact_folder
 from medfm.atomic import write_text
 from medfm.data.writers import write_nifti, write_png
+from medfm.evaluate.plots import middle_slice, pyplot
 
 from .generator import DiffusionGenerator
 
@@ -38,21 +39,11 @@ def model_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def _mid(x: torch.Tensor) -> np.ndarray:
-    """A 2D view of one image (C, *spatial): the image itself, or a volume's middle slice along the last axis."""
-    a = x[0].float().numpy()
-    return a[..., a.shape[-1] // 2] if a.ndim == 3 else a
-
-
 def sample_grid(images: torch.Tensor, path: str | os.PathLike, generator: DiffusionGenerator | None = None,
                 cond: dict | None = None, title: str = "", columns: int = 8) -> Path:
     """PNG grid of samples (middle slices of volumes), each titled with its class or prompt; for mask
     conditioning each sample has its label map drawn beneath it."""
-    import matplotlib  # imported when a figure is drawn: slow to import, and a notebook keeps its own backend
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cond = cond or {}
     names = (generator.spec.get("class_names") if generator is not None else None) or []
     n = len(images)
@@ -66,14 +57,14 @@ def sample_grid(images: torch.Tensor, path: str | os.PathLike, generator: Diffus
     for i in range(n):
         r, c = divmod(i, cols)
         ax = axes[r * rows_per, c]
-        ax.imshow(_mid(images[i]), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(middle_slice(images[i]), cmap="gray", vmin=0, vmax=1)
         if "classes" in cond:
             k = cond["classes"][i]
             ax.set_title(str(names[k] if isinstance(k, int) and k < len(names) else k), fontsize=7)
         elif "prompts" in cond:
             ax.set_title(str(cond["prompts"][i])[:28], fontsize=5)
         if masks is not None:
-            axes[r * rows_per + 1, c].imshow(_mid(torch.as_tensor(masks[i]).float().reshape(images[i].shape)),
+            axes[r * rows_per + 1, c].imshow(middle_slice(torch.as_tensor(masks[i]).float().reshape(images[i].shape)),
                                              cmap="tab10", interpolation="nearest")
     if title:
         fig.suptitle(title, fontsize=8)

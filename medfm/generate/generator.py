@@ -266,8 +266,8 @@ class DiffusionGenerator(Artifact, nn.Module):
         """Classifier-free guided prediction; scale 1 (or no conditioning) is the conditional prediction."""
         if guidance_scale == 1.0 or not cond:
             return self(x, t, cond)
-        both = {k: (torch.cat([v, self.null(cond)[k]]) if torch.is_tensor(v) else v + self.null(cond)[k])
-                for k, v in cond.items()}
+        null = self.null(cond)
+        both = {k: (torch.cat([v, null[k]]) if torch.is_tensor(v) else v + null[k]) for k, v in cond.items()}
         t = torch.as_tensor(t, device=x.device)
         t2 = t.expand(x.shape[0]).repeat(2) if t.ndim == 0 else t.repeat(2)
         c, u = self(torch.cat([x, x]), t2, both).chunk(2)

@@ -15,7 +15,7 @@ import lightning as L
 from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData
 from medfm.run.recipe import merge
 
-from .evaluate import evaluate_generator, summary_lines
+from .evaluate import draw_conditions, evaluate_generator, summary_lines
 from .export import sample_grid
 from .generator import DiffusionGenerator
 from .module import DiffusionModule
@@ -25,14 +25,9 @@ from .registry import GENERATORS
 
 def preview_conditions(generator: DiffusionGenerator, train, n: int) -> dict:
     """Conditions for ``n`` preview samples: classes in turn, or the first training prompts / label maps."""
-    c = generator.conditioning
-    if c == "class":
+    if generator.conditioning == "class":
         return {"classes": [i % generator.spec["num_classes"] for i in range(n)]}
-    if c == "text":
-        return {"prompts": [train[i % len(train)]["text"] for i in range(n)]}
-    if c == "mask":
-        return {"masks": [train[i % len(train)]["mask"].round().long() for i in range(n)]}
-    return {"n": n}
+    return draw_conditions(generator, train, [i % len(train) for i in range(n)])
 
 
 @GENERATORS.register
