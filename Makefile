@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the main job end to end on data that ships with the packages: ~6 min on a 2-core CPU (runs/quickstart/report.md)
 demo: $(STAMP)
-	$(BIN)/medfm info
-	$(BIN)/medfm encode --encoder vit_small --size 96 --spacing 2.0
+	$(BIN)/medfm quickstart --out runs/quickstart
 
 test: $(STAMP)
 	$(BIN)/lint-imports

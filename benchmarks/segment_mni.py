@@ -17,50 +17,18 @@ Prints a markdown table (Dice per tissue, mean HD95) and keeps finished runs in 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medfm.data import samples
 from medfm.finetune.recipe import load_task_recipe, run_finetune
 from medfm.pretrain import load_recipe, run_pretrain
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["background", "grey matter", "white matter", "CSF"]
+NAMES = list(samples.TISSUE_NAMES)
 ENCODER = {"name": "vit_micro", "img_size": 32, "patch_size": 4}
-
-
-def write_hemispheres(d: Path) -> Path:
-    """Left/right MNI152 T1 halves and tissue label maps (NIfTI, world affines kept) + a manifest."""
-    d.mkdir(parents=True, exist_ok=True)
-    t1 = nib.load(samples.mni152("t1"))
-    x = np.asarray(t1.dataobj, dtype=np.float32)
-    gm, wm = (np.asarray(nib.load(samples.mni152(k)).dataobj) for k in ("gm", "wm"))
-    lo, hi = np.percentile(x, [0.5, 99.5])
-    xn = np.clip((x - lo) / (hi - lo), 0, 1)
-    tissue = torch.from_numpy(((gm + wm) > 0.2).astype(np.float32))[None, None]
-    brain = F.max_pool3d(tissue, 9, stride=1, padding=4)[0, 0].numpy() > 0  # dilated by 4 mm
-    lab = np.zeros(x.shape, np.uint8)
-    lab[brain & (xn < 0.35)] = 3
-    lab[gm > 0.5] = 1
-    lab[wm > 0.5] = 2
-    mid = int(round(float(np.linalg.solve(t1.affine, [0.0, 0.0, 0.0, 1.0])[0])))
-    labimg = nib.Nifti1Image(lab, t1.affine)
-    rows = []
-    for side, sl, split in (("left", slice(0, mid), "train"), ("right", slice(mid, None), "val")):
-        nib.save(t1.slicer[sl], d / f"{side}_t1.nii.gz")
-        nib.save(labimg.slicer[sl], d / f"{side}_tissue.nii.gz")
-        rows.append({"image": f"{side}_t1.nii.gz", "mask": f"{side}_tissue.nii.gz", "split": split})
-    with open(d / "manifest.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return d / "manifest.csv"
 
 
 def pretrain_synthetic(out: Path, steps: int) -> Path:
@@ -82,7 +50,7 @@ def main() -> None:
     ap.add_argument("--spacing", type=float, default=3.0)
     args = ap.parse_args()
     out = Path(args.out)
-    manifest = write_hemispheres(out / "data")
+    manifest = samples.mni152_hemispheres(out / "data", csf=True)
     encoders = {"random": None, "synth_seg (engine only)": pretrain_synthetic(out / "synth_seg", args.pretrain_steps)}
     rows = []
     for init, weights in encoders.items():

@@ -26,6 +26,7 @@ from medfm.finetune.recipe import run_recipe
 from medfm.generate import GENERATORS, export_generated, is_generator_recipe, load_generator_recipe, model_hash, run_generator
 from medfm.pretrain import METHODS, load_recipe, run_pretrain
 from medfm.run import RunFolder, find_recipe, list_recipes
+from medfm.run.trainer import device_description
 from medfm.synthetic import SynthConfig, export_synthetic
 
 PACKAGES = ("medfm", "torch", "torchvision", "timm", "monai", "open_clip_torch", "transformers", "lightning", "torchmetrics", "peft", "nibabel", "pydicom", "safetensors", "huggingface_hub")
@@ -36,15 +37,6 @@ def _version(pkg: str) -> str:
         return version(pkg)
     except PackageNotFoundError:
         return "not installed"
-
-
-def device_description() -> str:
-    if torch.cuda.is_available():
-        names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
-        return f"cuda x{torch.cuda.device_count()} ({', '.join(sorted(names))})"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -222,6 +214,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from medfm.quickstart import quickstart
+
+    data = {}
+    for item in args.data or []:
+        key, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--data {item!r}: give STEP=PATH (e.g. --data segment_3d=volumes.csv)")
+        data[key] = path
+    steps = tuple(s for s in (args.steps or "").split(",") if s) or None
+    quickstart(args.out, fast=args.fast, data=data, label=args.label, **({"steps": steps} if steps else {}))
+    return 0
+
+
 def _run_options(p: argparse.ArgumentParser, fn) -> None:
     """What every recipe-driven training command takes besides its own flags: step budget, resume, and
     recipe overrides (``--set KEY=VALUE`` or bare ``KEY=VALUE``)."""
@@ -234,6 +240,18 @@ def _run_options(p: argparse.ArgumentParser, fn) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfm", description="Medical foundation models: encoders, pretraining, tasks.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("quickstart", help="the main job end to end at a small scale, no data or network needed "
+                       "(~8 min on a 2-core CPU; --fast: ~1 min)",
+                       epilog="steps: pretrain_3d (synthesis engine), segment_3d (MNI152 tissue vs random init), "
+                              "pretrain_2d (MAE), probe_2d (vs random init), report (report generation), diffusion")
+    p.add_argument("--out", default="runs/quickstart", help="folder: report.md, summary.png, one run folder per step "
+                   "(an earlier quickstart there is replaced)")
+    p.add_argument("--fast", action="store_true", help="a few steps each (~1 min): shows that everything runs")
+    p.add_argument("--data", action="append", metavar="STEP=PATH", help="your own data for a step: segment_3d=MANIFEST "
+                   "(image, mask, split), images_2d=NPZ|MANIFEST (with --label), report=MANIFEST (image, text, split)")
+    p.add_argument("--label", default="level", help="images_2d manifests: the label column (default: level)")
+    p.add_argument("--steps", default=None, help="comma-separated subset of the steps (the encoders they need run too)")
+    p.set_defaults(fn=cmd_quickstart)
     p = sub.add_parser("info", help="versions, device, registered encoders and recipes")
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("encode", help="embed one image or volume with an encoder (default: the MNI152 brain)")

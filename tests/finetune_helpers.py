@@ -37,36 +37,14 @@ def tiny_task(name: str, **sections) -> dict:
     return load_task_recipe(REPO / "tasks" / f"{name}.yaml", over)
 
 
-def tissue_labels() -> tuple[np.ndarray, np.ndarray]:
+def tissue_labels() -> tuple:
     """The MNI152 T1 brain and its tissue label map: 1 grey matter, 2 white matter (probability > 0.5)."""
-    t1 = nib.load(samples.mni152("t1"))
-    gm = np.asarray(nib.load(samples.mni152("gm")).dataobj) > 0.5
-    wm = np.asarray(nib.load(samples.mni152("wm")).dataobj) > 0.5
-    lab = np.zeros(t1.shape, np.uint8)
-    lab[gm] = 1
-    lab[wm] = 2
-    return t1, lab
+    return samples.mni152_tissue()
 
 
 def mni_hemispheres(tmp: Path) -> Path:
-    """A segmentation manifest: the left hemisphere (train) and the right one (val) of the MNI152 brain,
-    T1 image + tissue labels as NIfTI, each half keeping its world affine."""
-    t1, lab = tissue_labels()
-    mid = _midline(t1)
-    d = tmp / "mni_hemi"
-    d.mkdir(exist_ok=True)
-    labimg = nib.Nifti1Image(lab, t1.affine)
-    rows = []
-    for side, sl, split in (("left", slice(0, mid), "train"), ("right", slice(mid, None), "val")):
-        nib.save(t1.slicer[sl], d / f"{side}_t1.nii.gz")
-        nib.save(labimg.slicer[sl], d / f"{side}_tissue.nii.gz")
-        rows.append({"image": f"{side}_t1.nii.gz", "mask": f"{side}_tissue.nii.gz", "split": split, "side": side})
-    return _write(d / "manifest.csv", rows)
-
-
-def _midline(img) -> int:
-    """Voxel index along the first axis where the world x coordinate crosses 0 (the brain's midline)."""
-    return int(round(float(np.linalg.solve(img.affine, [0.0, 0.0, 0.0, 1.0])[0])))
+    """A segmentation manifest: the left hemisphere (train) and the right one (val) of the MNI152 brain."""
+    return samples.mni152_hemispheres(tmp / "mni_hemi")
 
 
 def mni_slices(tmp: Path, n: int = 12) -> Path:
@@ -102,7 +80,7 @@ def mni_map_classes(tmp: Path) -> Path:
     rows = []
     for kind in ("t1", "gm", "wm"):
         img = nib.load(samples.mni152(kind))
-        mid = _midline(img)
+        mid = samples.midline_index(img)
         for side, sl, split in (("left", slice(0, mid), "train"), ("right", slice(mid, None), "val")):
             nib.save(img.slicer[sl], d / f"{side}_{kind}.nii.gz")
             rows.append({"image": f"{side}_{kind}.nii.gz", "split": split, "map": kind})

@@ -35,23 +35,107 @@ def nibabel_file(name: str = "anatomical.nii") -> Path:
     return _package_dir("nibabel") / "tests" / "data" / name
 
 
-def mni152_tissue_manifest(out: str | Path) -> Path:
-    """The MNI152 T1 brain and its tissue label map (0 background, 1 grey matter, 2 white matter: the larger
-    of nilearn's GM / WM probabilities where it exceeds 0.5) written into ``out`` with a manifest
-    (``image``, ``mask``): real 3D data for mask-conditioned generation and segmentation demos."""
+TISSUE_NAMES = ("background", "grey matter", "white matter", "CSF")
+
+
+def mni152_tissue(csf: bool = False):
+    """The MNI152 T1 image (nibabel) and its tissue label map (uint8 array): 1 grey matter, 2 white matter
+    (nilearn's probability maps above 0.5) and, with ``csf``, 3 CSF = dark T1 (below 0.35 after 0.5-99.5
+    percentile scaling) inside the brain dilated by 4 mm that is neither."""
     import nibabel as nib
     import numpy as np
 
-    from .writers import write_nifti
+    t1 = nib.load(str(mni152("t1")))
+    gm, wm = (np.asarray(nib.load(str(mni152(k))).dataobj, dtype=np.float32) for k in ("gm", "wm"))
+    labels = np.zeros(t1.shape, np.uint8)
+    if csf:
+        from scipy.ndimage import maximum_filter
+
+        x = np.asarray(t1.dataobj, dtype=np.float32)
+        lo, hi = np.percentile(x, [0.5, 99.5])
+        brain = maximum_filter((gm + wm) > 0.2, size=9)
+        labels[brain & ((x - lo) / (hi - lo) < 0.35)] = 3
+    labels[gm > 0.5] = 1
+    labels[wm > 0.5] = 2
+    return t1, labels
+
+
+def midline_index(img) -> int:
+    """Voxel index along the first axis where the world x coordinate crosses 0 (the brain's midline)."""
+    import numpy as np
+
+    return int(round(float(np.linalg.solve(img.affine, [0.0, 0.0, 0.0, 1.0])[0])))
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> Path:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def mni152_tissue_manifest(out: str | Path) -> Path:
+    """The whole MNI152 T1 brain and its tissue label map (0 background, 1 grey matter, 2 white matter)
+    written into ``out`` with a manifest (``image``, ``mask``, ``split`` train): real 3D data for
+    mask-conditioned generation demos."""
+    import nibabel as nib
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t1 = nib.load(str(mni152("t1")))
-    gm = np.asarray(nib.load(str(mni152("gm"))).dataobj, dtype=np.float32)
-    wm = np.asarray(nib.load(str(mni152("wm"))).dataobj, dtype=np.float32)
-    labels = np.where(np.maximum(gm, wm) > 0.5, np.where(gm >= wm, 1, 2), 0).astype(np.uint8)
+    t1, labels = mni152_tissue()
     (out / "t1.nii.gz").write_bytes(mni152("t1").read_bytes())
-    write_nifti(labels, out / "tissue.nii.gz", t1.affine)
-    manifest = out / "manifest.csv"
-    manifest.write_text("image,mask,split\nt1.nii.gz,tissue.nii.gz,train\n")
-    return manifest
+    nib.save(nib.Nifti1Image(labels, t1.affine), out / "tissue.nii.gz")
+    return _write_manifest(out / "manifest.csv", [{"image": "t1.nii.gz", "mask": "tissue.nii.gz", "split": "train"}])
+
+
+def mni152_hemispheres(out: str | Path, csf: bool = False) -> Path:
+    """A 3D segmentation set from one real brain: the left hemisphere of the MNI152 T1 (world x < 0) is the
+    ``train`` volume, the right one the ``val`` volume, each with its tissue label map (:func:`mni152_tissue`)
+    and its world affine, as NIfTI + ``manifest.csv`` (``image``, ``mask``, ``split``, ``side``)."""
+    import nibabel as nib
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t1, labels = mni152_tissue(csf)
+    mid = midline_index(t1)
+    labimg = nib.Nifti1Image(labels, t1.affine)
+    rows = []
+    for side, sl, split in (("left", slice(0, mid), "train"), ("right", slice(mid, None), "val")):
+        nib.save(t1.slicer[sl], out / f"{side}_t1.nii.gz")
+        nib.save(labimg.slicer[sl], out / f"{side}_tissue.nii.gz")
+        rows.append({"image": f"{side}_t1.nii.gz", "mask": f"{side}_tissue.nii.gz", "split": split, "side": side})
+    return _write_manifest(out / "manifest.csv", rows)
+
+
+LEVELS = ("q1", "q2", "q3", "q4")  # mni152_slices: quarters of -30..60 mm above the AC-PC plane, q1 lowest
+
+
+def mni152_slices(out: str | Path, n: int = 48, size: int | None = None) -> Path:
+    """A 2D set from one real brain: ``n`` axial MNI152 T1 slices (PNG, 8-bit) between 30 mm below and 60 mm
+    above the AC-PC plane, each with its tissue label map (PNG) and a ``level`` label: which quarter of that
+    range the slice is in (``q1`` lowest .. ``q4`` highest); every 4th slice is ``val``, the rest
+    ``train``. ``size``: resize to
+    size x size (nearest neighbour for the labels)."""
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t1, labels = mni152_tissue()
+    vol = np.asarray(t1.dataobj, dtype=np.float32)
+    vol = np.clip(vol / np.percentile(vol, 99.5), 0, 1)
+    rows = []
+    for i, z_mm in enumerate(np.linspace(-30, 60, n)):
+        k = int(round(float(np.linalg.solve(t1.affine, [0.0, 0.0, z_mm, 1.0])[2])))
+        image = Image.fromarray((255 * np.rot90(vol[:, :, k])).astype(np.uint8))
+        mask = Image.fromarray(np.ascontiguousarray(np.rot90(labels[:, :, k])))
+        if size:
+            image, mask = image.resize((size, size), Image.BILINEAR), mask.resize((size, size), Image.NEAREST)
+        image.save(out / f"t1_z{k}.png")
+        mask.save(out / f"tissue_z{k}.png")
+        rows.append({"image": f"t1_z{k}.png", "mask": f"tissue_z{k}.png", "level": LEVELS[min(int((z_mm + 30) // 22.5), 3)],
+                     "split": "val" if i % 4 == 3 else "train"})
+    return _write_manifest(out / "manifest.csv", rows)

@@ -1,4 +1,5 @@
-"""Callbacks every run has: RNG state in checkpoints, the finite-loss guard, the export at the end."""
+"""Callbacks every run has: RNG state in checkpoints, the finite-loss guard, the export at the end, the step
+progress bar."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import random
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from tqdm.auto import tqdm
 
 
 class RngState(L.Callback):
@@ -78,3 +81,39 @@ class Export(L.Callback):
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
         self.plugin.export(pl_module, self.folder, trainer)
+
+
+class StepProgress(ProgressBar):
+    """The training progress bar of every run: optimizer steps out of ``trainer.max_steps`` (Lightning's own
+    bars count epochs, which a step-keyed run does not have: "Epoch 0/-2"), the device, and the logged loss.
+    A resumed run starts the bar at its checkpoint's step."""
+
+    def __init__(self, device: str = ""):
+        super().__init__()
+        self._enabled = True
+        self._bar = None
+        self.device = device
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._enabled and trainer.is_global_zero:
+            self._bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step", dynamic_ncols=True,
+                             desc=f"training on {self.device}" if self.device else "training", leave=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(trainer.global_step - self._bar.n)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:  # no per-step host sync
+            self._bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from .callbacks import FiniteLossGuard, RngState
+from .callbacks import FiniteLossGuard, RngState, StepProgress
 
 TRAINER_DEFAULTS: dict = {
     "max_steps": 1000,
@@ -29,24 +29,48 @@ TRAINER_DEFAULTS: dict = {
 }
 
 
-class _DropTip(logging.Filter):
-    """Drops Lightning's advertisement for its cloud logger ("💡 Tip: ... litlogger ...") from every run's console."""
+# Lightning info lines every run printed: the cloud-logger advertisement ("Tip: ... litlogger"), the
+# accelerator inventory ("GPU available: False, used: False", "TPU available ...", "HPU available ..."; the
+# progress bar names the device instead) and the normal end of a step-budgeted run ("`Trainer.fit` stopped:
+# `max_steps=N` reached.").
+_DROPPED_INFO = ("litlogger", "GPU available:", "TPU available:", "HPU available:", "`Trainer.fit` stopped: `max_steps=")
+
+
+class _DropKnownInfo(logging.Filter):
+    """Drops the Lightning info lines named in ``_DROPPED_INFO`` from every run's console."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        message = record.getMessage()
+        return not any(s in message for s in _DROPPED_INFO)
 
 
 def quiet_known_noise() -> None:
     """Filters exactly the third-party console lines every run printed and nobody acts on (each named here):
-    Lightning's litlogger tip (an info log); Lightning's own use of torch's deprecated pytree ``LeafSpec``
-    (a FutureWarning raised inside lightning.pytorch.utilities._pytree); torch's "torch.meshgrid ... indexing
+    the Lightning info lines of ``_DROPPED_INFO``; Lightning's own use of torch's deprecated pytree
+    ``LeafSpec`` (a FutureWarning raised inside lightning.pytorch.utilities._pytree); Lightning's "Found N
+    module(s) in eval mode at the start of training" (frozen encoders and text towers are in eval mode on
+    purpose: their dropout and norm statistics must not change); torch's "torch.meshgrid ... indexing
     argument" UserWarning raised inside MONAI's ``build_sincos_position_embedding`` (sin-cos positions of
     the ViT and the MAE decoder)."""
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropTip) for f in logger.filters):
-        logger.addFilter(_DropTip())
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownInfo) for f in logger.filters):
+            logger.addFilter(_DropKnownInfo())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", module=r"torch\.functional")
+
+
+def device_description(accelerator: str = "auto") -> str:
+    """The device a run uses, in words (CUDA GPUs by name, MPS, or the CPU and its threads)."""
+    if accelerator == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+        return f"cuda x{torch.cuda.device_count()} ({', '.join(sorted(names))})"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -78,6 +102,7 @@ def make_trainer(trainer_cfg: dict, out: Path, callbacks: Sequence[L.Callback] =
     accelerator = t.pop("accelerator")
     precision = resolve_precision(t.pop("precision"), accelerator)
     every = t.pop("checkpoint_every_n_steps")
+    progress = [StepProgress(f"{device_description(accelerator)}, {precision}")] if t["enable_progress_bar"] else []
     return L.Trainer(
         accelerator=accelerator,
         precision=precision,
@@ -87,6 +112,7 @@ def make_trainer(trainer_cfg: dict, out: Path, callbacks: Sequence[L.Callback] =
             ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=every, save_last=True, save_top_k=1),
             RngState(),
             FiniteLossGuard(),
+            *progress,
             *callbacks,
         ],
         use_distributed_sampler=False,
