@@ -26,6 +26,7 @@ from medfm.finetune.recipe import run_recipe
 from medfm.generate import GENERATORS, export_generated, is_generator_recipe, load_generator_recipe, model_hash, run_generator
 from medfm.pretrain import METHODS, load_recipe, run_pretrain
 from medfm.run import RunFolder, find_recipe, list_recipes
+from medfm.run.profiles import PROFILES
 from medfm.run.trainer import device_description
 from medfm.synthetic import SynthConfig, export_synthetic
 
@@ -106,9 +107,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "devices": "trainer.devices"})
     recipe = find_recipe(args.recipe)
     if is_generator_recipe(recipe):  # encoders/diffusion_*.yaml: a generator is trained beside the encoders
-        run_generator(load_generator_recipe(recipe, overrides), args.out, data_path=args.data, resume=args.resume)
+        run_generator(load_generator_recipe(recipe, overrides, args.profile), args.out, data_path=args.data,
+                      resume=args.resume)
         return 0
-    cfg = load_recipe(recipe, overrides)
+    cfg = load_recipe(recipe, overrides, args.profile)
     run_pretrain(cfg, args.out, data_path=args.data, resume=args.resume)  # prints where everything is
     return 0
 
@@ -123,7 +125,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "method": "method", "shots": "shots"})
     if args.encoder is not None:
         overrides.append(f"encoder.pretrained={_encoder_weights(args.encoder)}")
-    cfg = load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides)
+    cfg = load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides, args.profile)
     out = run_finetune(cfg, args.out, data_path=args.data, resume=args.resume)
     if _rank_zero():
         metrics = json.loads((out / "metrics.json").read_text())
@@ -233,6 +235,9 @@ def _run_options(p: argparse.ArgumentParser, fn) -> None:
     recipe overrides (``--set KEY=VALUE`` or bare ``KEY=VALUE``)."""
     p.add_argument("--max-steps", type=int, default=None, help="sets trainer.max_steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--profile", default=None, choices=tuple(PROFILES),
+                   help="shrink the recipe to a machine: cpu = ViT-Tiny/8, 64 px or 32^3 at 3 mm, 500 steps "
+                        "(recipes default to GPU scale; KEY=VALUE overrides still win)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable)")
     p.set_defaults(fn=fn, takes_overrides=True)
 

@@ -75,7 +75,8 @@ def test_a_toy_method_registered_here_runs_through_the_runner_and_the_cli(toy, t
     assert cfg["toy"] == {"scale": 2.0, "target_norm": 0.0}  # its section, with its declared defaults
     with caplog.at_level("INFO"):
         run = run_pretrain(cfg, tmp_path / "runner")
-    assert "max_steps=12" in caplog.text and "litlogger" not in caplog.text  # Lightning's advertisement filtered
+    for line in ("litlogger", "GPU available", "`Trainer.fit` stopped"):  # Lightning's known info lines filtered
+        assert line not in caplog.text
     curve = losses(run)
     assert len(curve) == 12 and sum(curve[-3:]) < sum(curve[:3]), curve
     assert json.loads((run / "run.json").read_text()) == {"kind": "pretrain", "plugin": "toy", "model": "encoder"}

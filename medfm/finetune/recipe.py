@@ -78,9 +78,10 @@ def finetune_schema() -> dict:
     }
 
 
-def load_task_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = ()) -> dict:
+def load_task_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = (),
+                     profile: str | None = None) -> dict:
     """The task recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
-    cfg = load_config(finetune_schema(), path, overrides)
+    cfg = load_config(finetune_schema(), path, overrides, profile)
     TASKS.get_plugin(cfg["task"]).validate(cfg)
     if cfg["method"] not in METHODS:
         raise ValueError(f"unknown method {cfg['method']!r}; available: {', '.join(METHODS)}")

@@ -98,9 +98,10 @@ def generator_schema() -> dict:
     }
 
 
-def load_generator_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = ()) -> dict:
+def load_generator_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = (),
+                          profile: str | None = None) -> dict:
     """The generator recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
-    cfg = load_config(generator_schema(), path, overrides)
+    cfg = load_config(generator_schema(), path, overrides, profile)
     GENERATORS.get_plugin(cfg["method"])
     s = cfg["diffusion"]
     for key, allowed in (("conditioning", CONDITIONING), ("sampler", tuple(SAMPLERS)),

@@ -25,9 +25,10 @@ from .method import pretrain_schema
 from .registry import METHODS
 
 
-def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = ()) -> dict:
+def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = (),
+                profile: str | None = None) -> dict:
     """The recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
-    cfg = load_config(pretrain_schema(), path, overrides)
+    cfg = load_config(pretrain_schema(), path, overrides, profile)
     METHODS.get_plugin(cfg["method"])  # an unknown method is an error naming the known ones
     validate_data(PretrainDataConfig(**cfg["data"]))
     return cfg

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from .profiles import profile_overrides
 from .trainer import TRAINER_DEFAULTS
 
 
@@ -200,9 +201,11 @@ def parse_overrides(items: Sequence[str]) -> dict:
     return out
 
 
-def load_config(schema: dict, path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = ()) -> dict:
-    """The schema's defaults, then the YAML file at ``path``, then ``overrides`` (a dict or ``KEY=VALUE``
-    strings); unknown keys and wrong types raise errors that name the file (or "override")."""
+def load_config(schema: dict, path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = (),
+                profile: str | None = None) -> dict:
+    """The schema's defaults, then the YAML file at ``path``, then a size ``profile`` (``cpu``;
+    :mod:`medfm.run.profiles`), then ``overrides`` (a dict or ``KEY=VALUE`` strings); unknown keys and wrong
+    types raise errors that name the file (or "override")."""
     cfg, free, hints = describe(schema)
     source = "defaults"
     if path is not None:
@@ -214,9 +217,15 @@ def load_config(schema: dict, path: str | os.PathLike | None = None, overrides: 
             raise ValueError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
         source = str(path)
         cfg = merge(cfg, raw, free, source)
+    if overrides and not isinstance(overrides, dict):
+        overrides = parse_overrides(overrides)
+    if profile:
+        # the profile sees the recipe as the overrides leave it (e.g. --encoder WEIGHTS keeps the architecture)
+        cfg = merge(cfg, profile_overrides(profile, merge(cfg, overrides or {}, free, "override")), free, f"profile {profile}")
+        source = f"{source} (profile {profile})"
     if overrides:
-        source = "override" if path is None else f"{path} (with overrides)"
-        cfg = merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides), free, "override")
+        source = "override" if path is None else f"{source} (with overrides)"
+        cfg = merge(cfg, overrides, free, "override")
     check_types(cfg, hints, source)
     return cfg
 

@@ -1,0 +1,70 @@
+"""Size profiles: one table of overrides that fits every recipe to a smaller machine (``--profile cpu``).
+
+The recipes in ``encoders/`` and ``tasks/`` keep their real-scale defaults (sized for a GPU). A profile
+changes only the keys a recipe has (a DINO recipe gets the ``dino`` line, a segmentation recipe the
+``segmentation`` line) and is applied after the recipe file and before the user's overrides, so any
+value can still be set by hand. A value given as ``{2: a, 3: b}`` depends on the recipe's spatial
+dimensions. When the recipe names pretrained encoder weights, the profile keeps the encoder's
+architecture (``name``, ``patch_size``): the weights decide it.
+
+``cpu``: a ViT-Tiny/8 on 64 px images or 32^3 volumes at 3 mm, 500 steps, small decoders and heads, the
+online probe on a few hundred images: a useful run in minutes on a laptop CPU (see docs/running.md for
+measured times).
+"""
+
+from __future__ import annotations
+
+import copy
+
+PROFILES: dict[str, dict] = {
+    "cpu": {
+        "encoder": {"name": "vit_tiny", "img_size": {2: 64, 3: 32}, "patch_size": 8},
+        "data": {"batch_size": {2: 32, 3: 2}, "preset_args": {3: {"spacing": 3.0}}},
+        "optim": {"warmup_steps": 25},
+        "trainer": {"max_steps": 500, "log_every_n_steps": 10, "checkpoint_every_n_steps": 100},
+        "probe": {"every_n_steps": 250, "max_train": 300, "max_val": 200},
+        "mae": {"decoder_dim": 96, "decoder_depth": 2, "decoder_heads": 4},
+        "dino": {"hidden_dim": 512, "bottleneck_dim": 128, "output_dim": 4096},
+        "synth_seg": {"feature_size": 8},
+        "synth_contrastive": {"feature_size": 8},
+        "segmentation": {"feature_size": 8, "sw_batch_size": 2},
+        "report_generation": {"decoder_layers": 1, "vocab_size": 2000, "eval_batch_size": 8},
+        "diffusion": {"channels": [16, 32, 64], "sample_steps": 25},
+    },
+}
+
+ARCHITECTURE = ("name", "patch_size")  # kept when the recipe loads pretrained weights
+
+
+def spatial_dims(cfg: dict) -> int:
+    """The recipe's spatial dimensions (its encoder's, or a generator's)."""
+    for section in ("encoder", "diffusion"):
+        if isinstance(cfg.get(section), dict) and "spatial_dims" in cfg[section]:
+            return int(cfg[section]["spatial_dims"])
+    return 2
+
+
+def _pick(value, dims: int):
+    """``{2: a, 3: b}`` -> the value for ``dims`` (None: leave the key alone); anything else as is."""
+    if isinstance(value, dict) and set(value) <= {2, 3}:
+        return value.get(dims)
+    return value
+
+
+def profile_overrides(profile: str, cfg: dict) -> dict:
+    """The overrides ``profile`` makes to the resolved recipe ``cfg`` (only keys ``cfg`` has)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
+    dims = spatial_dims(cfg)
+    out: dict = {}
+    for section, values in PROFILES[profile].items():
+        if not isinstance(cfg.get(section), dict):
+            continue
+        for key, value in values.items():
+            value = _pick(value, dims)
+            if value is None or key not in cfg[section]:
+                continue
+            if section == "encoder" and key in ARCHITECTURE and cfg["encoder"].get("pretrained"):
+                continue
+            out.setdefault(section, {})[key] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,36 @@
+"""Every notebook in notebooks/ runs top to bottom at its tiny scale (``MEDFM_NOTEBOOK_TINY=1``) and is stored
+without outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import REPO, SHARED
+
+nbformat = pytest.importorskip("nbformat", reason="nbformat is a dev dependency (pip install -e '.[dev]')")
+nbclient = pytest.importorskip("nbclient", reason="nbclient is a dev dependency (pip install -e '.[dev]')")
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+NEEDS_SHARED = {"05_segmentation.ipynb"}  # reads the real sets in ../shared/data
+
+
+def test_the_seven_notebooks_are_there_and_stored_without_outputs():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+    for path in NOTEBOOKS:
+        book = nbformat.read(path, as_version=4)
+        code = [c for c in book.cells if c.cell_type == "code"]
+        assert code and all(not c.outputs and c.execution_count is None for c in code), path.name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_at_tiny_scale(path, tmp_path, monkeypatch):
+    if path.name in NEEDS_SHARED and not SHARED.exists():
+        pytest.skip(f"{path.name} reads {SHARED}, which is only beside the repository on the team's machines and in CI")
+    monkeypatch.setenv("MEDFM_NOTEBOOK_TINY", "1")
+    monkeypatch.setenv("MEDFM_NOTEBOOK_OUT", str(tmp_path))
+    book = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any(o.output_type in ("display_data", "execute_result") for o in outputs), "the notebook shows nothing"

@@ -1,0 +1,48 @@
+"""`--profile cpu`: one table of overrides that every recipe accepts; recipe files keep GPU-scale defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from medfm.cli import main
+from medfm.finetune import load_task_recipe
+from medfm.generate import is_generator_recipe, load_generator_recipe
+from medfm.pretrain import load_recipe
+from medfm.run import list_recipes
+
+from .pretrain_helpers import data_2d, losses
+
+
+def _load(path, overrides=(), profile=None):
+    if path.parent.name == "tasks":
+        return load_task_recipe(path, overrides, profile)
+    return (load_generator_recipe if is_generator_recipe(path) else load_recipe)(path, overrides, profile)
+
+
+@pytest.mark.parametrize("path", [p for paths in list_recipes().values() for p in paths], ids=lambda p: p.name)
+def test_every_recipe_takes_the_cpu_profile(path):
+    full, small = _load(path), _load(path, profile="cpu")
+    assert small["trainer"]["max_steps"] == 500 <= full["trainer"]["max_steps"]
+    if "img_size" in full.get("encoder", {}) and not full["encoder"].get("pretrained"):
+        dims = full["encoder"]["spatial_dims"]
+        assert small["encoder"]["name"] == "vit_tiny" and small["encoder"]["img_size"] == {2: 64, 3: 32}[dims]
+        assert full["encoder"]["img_size"] > small["encoder"]["img_size"]
+
+
+def test_overrides_win_over_the_profile_and_weights_keep_their_architecture(tmp_path):
+    path = list_recipes()["tasks"][0].parent / "classify_2d.yaml"
+    cfg = load_task_recipe(path, ["trainer.max_steps=7", "encoder.pretrained=runs/x/encoder"], "cpu")
+    assert cfg["trainer"]["max_steps"] == 7
+    assert cfg["encoder"]["name"] == "vit_small" and cfg["encoder"]["patch_size"] == 16  # the weights decide
+    assert cfg["encoder"]["img_size"] == 64
+    with pytest.raises(ValueError, match="unknown profile 'gpu'; profiles: cpu"):
+        load_task_recipe(path, [], "gpu")
+
+
+def test_a_cpu_profile_pretraining_run_through_the_cli(tmp_path):
+    data = data_2d(tmp_path)
+    assert main(["pretrain", "mae_vit_2d", "--profile", "cpu", "--data", data, "--out", str(tmp_path / "run"),
+                 "--max-steps", "3", "data.num_workers=0", "probe.every_n_steps=0", "trainer.log_every_n_steps=1"]) == 0
+    recipe = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert "name: vit_tiny" in recipe and "img_size: 64" in recipe and "max_steps: 3" in recipe
+    assert len(losses(tmp_path / "run")) >= 1
