@@ -7,7 +7,7 @@
 from . import cnn, vit  # noqa: F401  (registers the encoders)
 from .clip import CLIP
 from .cnn import ResNetEncoder
-from .factory import create_encoder, create_model_and_transforms, from_pretrained, preprocess_transform
+from .factory import create_encoder, create_model_and_transforms, from_pretrained, preprocess_transform, saved_architecture
 from .params import layer_decay_param_groups
 from .registry import describe_encoder, list_encoders, register_encoder
 from .text import TextEncoder, create_text_encoder, default_text_model_path
@@ -15,6 +15,7 @@ from .vit import ViT
 from .weights import adapt_state_dict, load_pretrained
 
 __all__ = [
+    "saved_architecture",
     "ViT",
     "ResNetEncoder",
     "TextEncoder",

@@ -5,6 +5,7 @@ saved folder, or together with the preprocessing they were trained with (open_cl
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch.nn as nn
@@ -14,7 +15,8 @@ from medfm.artifacts import CLASS_KEY, resolve_class
 from medfm.data.transforms import PRESETS
 
 from .hub import read_config
-from .registry import encoder_entrypoint
+from .registry import encoder_entrypoint, list_encoders
+from .vit import vit_size_name
 from .weights import load_pretrained
 
 
@@ -44,6 +46,24 @@ def create_encoder(
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
+
+
+def saved_architecture(pretrained: str | os.PathLike) -> dict | None:
+    """``{name, spatial_dims, in_chans, patch_size}`` of a medfm ``save_pretrained`` folder (None for anything
+    else: a weight file, ``timm:<name>``, a folder without a medfm config), so a recipe that loads the folder
+    builds the architecture the weights were trained with."""
+    path = Path(str(pretrained))
+    if not (path / "config.json").is_file():
+        return None
+    config = read_config(path)
+    kind = str(config.get("medfm_class", "")).rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    if kind == "ViT" and vit_size_name(config):
+        arch = {"name": vit_size_name(config), "patch_size": config["patch_size"]}
+    elif kind == "ResNetEncoder" and f"resnet{config.get('depth')}" in list_encoders():
+        arch = {"name": f"resnet{config['depth']}"}
+    else:
+        return None
+    return {**arch, "spatial_dims": config["spatial_dims"], "in_chans": config["in_chans"]}
 
 
 def from_pretrained(model_id: str | os.PathLike, **hub_kwargs: Any) -> nn.Module:

@@ -306,6 +306,12 @@ _VIT_SIZES = {
 }
 
 
+def vit_size_name(config: dict) -> str | None:
+    """The registered name (``vit_tiny``, ...) of a saved ViT config, from its width, depth and heads."""
+    return next((f"vit_{size}" for size, args in _VIT_SIZES.items()
+                 if all(config.get(k) == v for k, v in args.items())), None)
+
+
 def _vit(size: str, spatial_dims: int, in_chans: int, img_size, **kwargs) -> ViT:
     args = dict(_VIT_SIZES[size], patch_size=16)
     args.update(kwargs)

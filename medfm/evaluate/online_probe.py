@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from .probe import embed_dataset, logistic_probe
 
@@ -14,7 +17,8 @@ class OnlineProbe(L.Callback):
     ``train`` and ``val`` are labelled sample datasets already resized to the
     encoder's input size. Logs ``probe/auroc``, ``probe/accuracy`` and
     ``probe/balanced_accuracy``; every rank computes it (same data, no
-    randomness), only rank 0 logs.
+    randomness), only rank 0 logs, and prints one line per probe (its AUROC, its sizes and how long it
+    took) so a pause in the training bar is explained.
     """
 
     def __init__(self, train: Dataset, val: Dataset, every_n_steps: int, batch_size: int = 64):
@@ -31,7 +35,13 @@ class OnlineProbe(L.Callback):
         return self.last
 
     def _log(self, trainer, pl_module) -> None:
+        t0 = time.perf_counter()
         metrics = self.run(pl_module)
+        if trainer.is_global_zero:
+            when = f"every {self.every_n_steps} steps" if self.every_n_steps else "at the end"
+            tqdm.write(f"online probe at step {trainer.global_step}: AUROC {metrics['auroc']:.3f} (logistic regression on "
+                       f"frozen features, {len(self.train)} train / {len(self.val)} val images, "
+                       f"{time.perf_counter() - t0:.1f} s; {when})")
         for logger in trainer.loggers:
             logger.log_metrics({f"probe/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
 

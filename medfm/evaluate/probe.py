@@ -32,7 +32,7 @@ def embed_dataset(encoder: nn.Module, dataset: Dataset, batch_size: int = 64,
     forward = forward or encoder
     feats, labels = [], []
     try:
-        for i in tqdm(range(0, len(dataset), batch_size), desc=progress, leave=False, disable=progress is None):
+        for i in tqdm(range(0, len(dataset), batch_size), desc=progress, unit="batch", disable=progress is None):
             items = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
             x = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)
             feats.append(forward(x).float().cpu())

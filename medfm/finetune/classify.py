@@ -125,7 +125,7 @@ class Classification(FinetuneTask):
         plain = self.training_split(cfg, train=False)
         if self.idx is not None:
             plain = Subset(plain, self.idx)
-        return _Features(*embed_dataset(model.encoder, plain, progress="caching features"))
+        return _Features(*embed_dataset(model.encoder, plain, progress=f"linear_probe: embedding the {len(plain)} training images once (frozen encoder)"))
 
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
         names = getattr(ds, "classes", None) or model.spec["head"].get("class_names")

@@ -32,6 +32,7 @@ from medfm.artifacts import load
 from medfm.atomic import write_json
 from medfm.data import DataError, JoinedDataset, open_dataset, split_names
 from medfm.data.transforms import PRESETS
+from medfm.encoders import saved_architecture
 from medfm.run import ENCODER, Built, FreeForm, KeyedDataset, OptimConfig, Registry, RunFolder, RunPlugin, StepData
 from medfm.run import load_config, run
 from medfm.run.recipe import merge, with_defaults
@@ -82,12 +83,26 @@ def load_task_recipe(path: str | os.PathLike | None = None, overrides: Sequence[
                      profile: str | None = None) -> dict:
     """The task recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
     cfg = load_config(finetune_schema(), path, overrides, profile)
+    adopt_saved_architecture(cfg)
     TASKS.get_plugin(cfg["task"]).validate(cfg)
     if cfg["method"] not in METHODS:
         raise ValueError(f"unknown method {cfg['method']!r}; available: {', '.join(METHODS)}")
     if cfg["data"]["preset"] not in PRESETS:
         raise ValueError(f"unknown preset {cfg['data']['preset']!r}; available: {', '.join(PRESETS)}")
     return cfg
+
+
+def adopt_saved_architecture(cfg: dict) -> None:
+    """When ``encoder.pretrained`` is a medfm encoder folder (a pretraining run's ``encoder/``), the encoder is
+    built as saved there (name, patch size, dimensions, channels): the recipe's defaults name a GPU-scale
+    ViT-S/16, the weights may be a ViT-Tiny/8 from a ``--profile cpu`` run. Says so when it changes a value."""
+    enc = cfg["encoder"]
+    arch = saved_architecture(enc["pretrained"]) if enc.get("pretrained") else None
+    changed = {k: v for k, v in (arch or {}).items() if enc.get(k) != v}
+    if changed:
+        print(f"encoder: {', '.join(f'{k} {enc.get(k)} -> {v}' for k, v in changed.items())} "
+              f"(as saved in {enc['pretrained']})")
+        enc.update(changed)
 
 
 class FinetuneTask(RunPlugin):

@@ -165,7 +165,8 @@ class ReportGeneration(FinetuneTask):
         bs, tokens, masks = self.config(cfg).eval_batch_size, [], []
         model.encoder.eval()
         with torch.no_grad():
-            for i in tqdm(range(0, len(plain), bs), desc="caching encoder tokens", leave=False):
+            for i in tqdm(range(0, len(plain), bs), unit="batch",
+                          desc=f"linear_probe: encoding the {len(plain)} training images once (frozen encoder)"):
                 items = [plain[j] for j in range(i, min(i + bs, len(plain)))]
                 x = torch.stack([torch.as_tensor(s["image"]) for s in items])
                 mask = torch.stack([s["image_mask"] for s in items]) if "image_mask" in items[0] else None
