@@ -20,8 +20,9 @@ def _load(path, overrides=(), profile=None):
 
 
 @pytest.mark.parametrize("path", [p for paths in list_recipes().values() for p in paths], ids=lambda p: p.name)
-def test_every_recipe_takes_the_cpu_profile(path):
+def test_every_recipe_takes_every_profile(path):
     full, small = _load(path), _load(path, profile="cpu")
+    assert _load(path, profile="tiny")["trainer"]["max_steps"] == 4
     assert small["trainer"]["max_steps"] == 500 <= full["trainer"]["max_steps"]
     if "img_size" in full.get("encoder", {}) and not full["encoder"].get("pretrained"):
         dims = full["encoder"]["spatial_dims"]
@@ -35,7 +36,7 @@ def test_overrides_win_over_the_profile_and_weights_keep_their_architecture(tmp_
     assert cfg["trainer"]["max_steps"] == 7
     assert cfg["encoder"]["name"] == "vit_small" and cfg["encoder"]["patch_size"] == 16  # the weights decide
     assert cfg["encoder"]["img_size"] == 64
-    with pytest.raises(ValueError, match="unknown profile 'gpu'; profiles: cpu"):
+    with pytest.raises(ValueError, match="unknown profile 'gpu'; profiles: cpu, tiny"):
         load_task_recipe(path, [], "gpu")
 
 

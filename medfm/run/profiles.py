@@ -9,7 +9,8 @@ architecture (``name``, ``patch_size``): the weights decide it.
 
 ``cpu``: a ViT-Tiny/8 on 64 px images or 32^3 volumes at 3 mm, 500 steps, small decoders and heads, the
 online probe on a few hundred images: a useful run in minutes on a laptop CPU (see docs/running.md for
-measured times).
+measured times). ``tiny``: ViT-Micro, 32 px / 32^3, 4 steps: checks in seconds that a recipe runs on your data
+(and how the README's commands are tested); its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +31,24 @@ PROFILES: dict[str, dict] = {
         "segmentation": {"feature_size": 8, "sw_batch_size": 2},
         "report_generation": {"decoder_layers": 1, "vocab_size": 2000, "eval_batch_size": 8},
         "diffusion": {"channels": [16, 32, 64], "sample_steps": 25},
+    },
+    # a smoke test of a recipe on your data in seconds (ViT-Micro, 32 px / 32^3, 4 steps): not for results
+    "tiny": {
+        "encoder": {"name": "vit_micro", "img_size": 32, "patch_size": {2: 8, 3: 8}},
+        "data": {"batch_size": {2: 8, 3: 2}, "num_workers": 0, "preset_args": {3: {"spacing": 4.0}}},
+        "optim": {"warmup_steps": 1},
+        "trainer": {"max_steps": 4, "log_every_n_steps": 1, "checkpoint_every_n_steps": 4},
+        "probe": {"every_n_steps": 0},
+        "mae": {"decoder_dim": 24, "decoder_depth": 1, "decoder_heads": 2},
+        "dino": {"hidden_dim": 64, "bottleneck_dim": 32, "output_dim": 128},
+        "clip": {"embed_dim": 32, "max_length": 32},
+        "text_mlm": {"max_length": 32},
+        "synth_seg": {"feature_size": 8},
+        "synth_contrastive": {"feature_size": 8},
+        "segmentation": {"feature_size": 8, "sw_batch_size": 2, "hd95": False},
+        "report_generation": {"decoder_layers": 1, "vocab_size": 400, "max_length": 32, "eval_batch_size": 8,
+                              "meteor": False, "generation": {"num_beams": 1, "max_new_tokens": 8}},
+        "diffusion": {"image_size": 32, "channels": [8, 16, 16], "head_channels": 8, "sample_steps": 2, "preview": 4},
     },
 }
 

@@ -51,7 +51,13 @@ def quiet_known_noise() -> None:
     module(s) in eval mode at the start of training" (frozen encoders and text towers are in eval mode on
     purpose: their dropout and norm statistics must not change); torch's "torch.meshgrid ... indexing
     argument" UserWarning raised inside MONAI's ``build_sincos_position_embedding`` (sin-cos positions of
-    the ViT and the MAE decoder)."""
+    the ViT and the MAE decoder); the "Loading weights" / "Writing model shards" progress bars transformers and
+    huggingface_hub draw for every small text tower they load or save (medfm's own bars say what runs)."""
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnownInfo) for f in logger.filters):

@@ -125,7 +125,7 @@ def build_decoder(text_model: str | None = None, num_layers: int = 2, vocab: Rep
         return decoder, new
     config = BertConfig.from_dict(decoder_config(text_model, num_layers, len(vocab) if vocab else None))
     decoder = BertLMHeadModel(config)
-    level = transformers.logging.get_verbosity()
+    level, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # "weights not used" for the pooler and the dropped blocks: expected
     transformers.logging.disable_progress_bar()  # a bar for loading 100 tensors from disk
     try:
@@ -134,7 +134,8 @@ def build_decoder(text_model: str | None = None, num_layers: int = 2, vocab: Rep
         source = (AutoModelForMaskedLM if has_head else AutoModel).from_pretrained(path).state_dict()
     finally:
         transformers.logging.set_verbosity(level)
-        transformers.logging.enable_progress_bar()
+        if bars:
+            transformers.logging.enable_progress_bar()
     own = decoder.state_dict()
     rows = torch.tensor(vocab.ids) if vocab is not None else None
     state = {}
