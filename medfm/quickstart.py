@@ -156,8 +156,7 @@ class Quickstart:
             key = "segment_3d" + ("" if weights else "_random")
             run = self.runs[key] = run_finetune(cfg, self.out / key, data_path=str(manifest))
             dice[init] = _metrics(run)["val"]
-        per_class = {k: v for k, v in dice["pretrained"]["dice"].items()}
-        detail = ", ".join(f"{k} {v:.2f}" for k, v in per_class.items())
+        detail = ", ".join(f"{k} {v:.2f}" for k, v in dice["pretrained"]["dice"].items())
         return {"result": f"mean Dice {dice['pretrained']['mean_dice']:.3f} ({detail})",
                 "baseline": f"mean Dice {dice['random init']['mean_dice']:.3f}",
                 "value": dice["pretrained"]["mean_dice"], "metric": "mean Dice", "baseline_value": dice["random init"]["mean_dice"],

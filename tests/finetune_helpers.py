@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from medfm.data import samples
+from medfm.data.writers import write_manifest
 from medfm.finetune.recipe import load_task_recipe
 
 from .conftest import REPO
@@ -61,15 +61,7 @@ def mni_slices(tmp: Path, n: int = 12) -> Path:
         Image.fromarray((255 * sl / sl.max()).astype(np.uint8)).save(d / f"t1_{z}.png")
         Image.fromarray(lab[:, :, z]).save(d / f"tissue_{z}.png")
         rows.append({"image": f"t1_{z}.png", "mask": f"tissue_{z}.png", "split": "val" if i % 4 == 3 else "train"})
-    return _write(d / "manifest.csv", rows)
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_manifest(d / "manifest.csv", rows)
 
 
 def mni_map_classes(tmp: Path) -> Path:
@@ -84,4 +76,4 @@ def mni_map_classes(tmp: Path) -> Path:
         for side, sl, split in (("left", slice(0, mid), "train"), ("right", slice(mid, None), "val")):
             nib.save(img.slicer[sl], d / f"{side}_{kind}.nii.gz")
             rows.append({"image": f"{side}_{kind}.nii.gz", "split": split, "map": kind})
-    return _write(d / "manifest.csv", rows)
+    return write_manifest(d / "manifest.csv", rows)

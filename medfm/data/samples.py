@@ -5,6 +5,8 @@ from __future__ import annotations
 from importlib.util import find_spec
 from pathlib import Path
 
+from .writers import write_manifest
+
 
 def _package_dir(package: str) -> Path:
     spec = find_spec(package)
@@ -67,16 +69,6 @@ def midline_index(img) -> int:
     return int(round(float(np.linalg.solve(img.affine, [0.0, 0.0, 0.0, 1.0])[0])))
 
 
-def _write_manifest(path: Path, rows: list[dict]) -> Path:
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
 def mni152_tissue_manifest(out: str | Path) -> Path:
     """The whole MNI152 T1 brain and its tissue label map (0 background, 1 grey matter, 2 white matter)
     written into ``out`` with a manifest (``image``, ``mask``, ``split`` train): real 3D data for
@@ -88,7 +80,7 @@ def mni152_tissue_manifest(out: str | Path) -> Path:
     t1, labels = mni152_tissue()
     (out / "t1.nii.gz").write_bytes(mni152("t1").read_bytes())
     nib.save(nib.Nifti1Image(labels, t1.affine), out / "tissue.nii.gz")
-    return _write_manifest(out / "manifest.csv", [{"image": "t1.nii.gz", "mask": "tissue.nii.gz", "split": "train"}])
+    return write_manifest(out / "manifest.csv", [{"image": "t1.nii.gz", "mask": "tissue.nii.gz", "split": "train"}])
 
 
 def mni152_hemispheres(out: str | Path, csf: bool = False) -> Path:
@@ -107,7 +99,7 @@ def mni152_hemispheres(out: str | Path, csf: bool = False) -> Path:
         nib.save(t1.slicer[sl], out / f"{side}_t1.nii.gz")
         nib.save(labimg.slicer[sl], out / f"{side}_tissue.nii.gz")
         rows.append({"image": f"{side}_t1.nii.gz", "mask": f"{side}_tissue.nii.gz", "split": split, "side": side})
-    return _write_manifest(out / "manifest.csv", rows)
+    return write_manifest(out / "manifest.csv", rows)
 
 
 LEVELS = ("q1", "q2", "q3", "q4")  # mni152_slices: quarters of -30..60 mm above the AC-PC plane, q1 lowest
@@ -138,4 +130,4 @@ def mni152_slices(out: str | Path, n: int = 48, size: int | None = None) -> Path
         mask.save(out / f"tissue_z{k}.png")
         rows.append({"image": f"t1_z{k}.png", "mask": f"tissue_z{k}.png", "level": LEVELS[min(int((z_mm + 30) // 22.5), 3)],
                      "split": "val" if i % 4 == 3 else "train"})
-    return _write_manifest(out / "manifest.csv", rows)
+    return write_manifest(out / "manifest.csv", rows)

@@ -39,3 +39,19 @@ def write_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
     return Path(path)
+
+
+def write_manifest(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """A CSV manifest (the columns of the first row) written atomically: a set's index file is complete or absent."""
+    import csv
+
+    from medfm.atomic import write_text
+
+    if not rows:
+        raise ValueError(f"{path}: a manifest needs at least one row")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+    return Path(path)

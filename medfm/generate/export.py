@@ -10,9 +10,7 @@ The manifest (``manifest.csv``) is an ordinary medfm manifest, so every recipe r
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import os
 from pathlib import Path
 from typing import Sequence
@@ -22,8 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medfm.artifacts import WEIGHTS_NAME, artifact_folder
-from medfm.atomic import write_text
-from medfm.data.writers import write_nifti, write_png
+from medfm.data.writers import write_manifest, write_nifti, write_png
 from medfm.evaluate.plots import middle_slice, pyplot
 
 from .generator import DiffusionGenerator
@@ -132,12 +129,7 @@ def export_generated(generator: DiffusionGenerator, out: str | os.PathLike, clas
                     shown_cond[k].append(part[k][j])
         bar.update(stop - start)
     bar.close()
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    manifest = out / "manifest.csv"
-    write_text(manifest, buf.getvalue())
+    manifest = write_manifest(out / "manifest.csv", rows)
     sample_grid(torch.stack(shown), out / "grid.png", generator, shown_cond,
                 title=f"{total} generated ({sampler}, {steps} steps, guidance {scale}); first {len(shown)}")
     return manifest

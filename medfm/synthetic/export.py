@@ -6,7 +6,6 @@ synthetic set is reproducible from its seed and can be checked by hash.
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Callable
@@ -14,7 +13,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from medfm.data.writers import write_nifti
+from medfm.data.writers import write_manifest, write_nifti
 
 from .engine import SynthConfig, synth_sample
 
@@ -63,11 +62,7 @@ def export_synthetic(config: SynthConfig, n: int, out: str | os.PathLike, seed: 
                      "label_kind": s["meta"]["label_kind"], **(describe(s) if describe else {})})
         if len(shown) < sheet:
             shown.append(s)
-    manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    manifest = write_manifest(out / "manifest.csv", rows)
     if shown:
         contact_sheet(shown, out / "contact_sheet.png")
     return manifest
