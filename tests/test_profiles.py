@@ -47,3 +47,8 @@ def test_a_cpu_profile_pretraining_run_through_the_cli(tmp_path):
     recipe = (tmp_path / "run" / "recipe.yaml").read_text()
     assert "name: vit_tiny" in recipe and "img_size: 64" in recipe and "max_steps: 3" in recipe
     assert len(losses(tmp_path / "run")) >= 1
+    # fine-tuning from that run builds the saved network (the recipe says ViT-S/16), in 2D or inflated to 3D
+    tasks = list_recipes()["tasks"][0].parent
+    for name, dims in (("classify_2d", 2), ("classify_3d", 3)):
+        cfg = load_task_recipe(tasks / f"{name}.yaml", [f"encoder.pretrained={tmp_path / 'run' / 'encoder'}"])
+        assert (cfg["encoder"]["name"], cfg["encoder"]["patch_size"], cfg["encoder"]["spatial_dims"]) == ("vit_tiny", 8, dims)

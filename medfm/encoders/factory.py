@@ -49,9 +49,10 @@ def create_encoder(
 
 
 def saved_architecture(pretrained: str | os.PathLike) -> dict | None:
-    """``{name, spatial_dims, in_chans, patch_size}`` of a medfm ``save_pretrained`` folder (None for anything
-    else: a weight file, ``timm:<name>``, a folder without a medfm config), so a recipe that loads the folder
-    builds the architecture the weights were trained with."""
+    """``{name, patch_size}`` of a medfm ``save_pretrained`` folder (None for anything else: a weight file,
+    ``timm:<name>``, a folder without a medfm config), so a recipe that loads the folder builds the network the
+    weights were trained with. Dimensions and channels are left to the recipe: a 2D encoder inflates into a 3D
+    task and input channels adapt (``load_pretrained``)."""
     path = Path(str(pretrained))
     if not (path / "config.json").is_file():
         return None
@@ -63,7 +64,7 @@ def saved_architecture(pretrained: str | os.PathLike) -> dict | None:
         arch = {"name": f"resnet{config['depth']}"}
     else:
         return None
-    return {**arch, "spatial_dims": config["spatial_dims"], "in_chans": config["in_chans"]}
+    return arch
 
 
 def from_pretrained(model_id: str | os.PathLike, **hub_kwargs: Any) -> nn.Module:

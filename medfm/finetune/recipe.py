@@ -94,7 +94,7 @@ def load_task_recipe(path: str | os.PathLike | None = None, overrides: Sequence[
 
 def adopt_saved_architecture(cfg: dict) -> None:
     """When ``encoder.pretrained`` is a medfm encoder folder (a pretraining run's ``encoder/``), the encoder is
-    built as saved there (name, patch size, dimensions, channels): the recipe's defaults name a GPU-scale
+    built as saved there (registered name, patch size): the recipe's defaults name a GPU-scale
     ViT-S/16, the weights may be a ViT-Tiny/8 from a ``--profile cpu`` run. Says so when it changes a value."""
     enc = cfg["encoder"]
     arch = saved_architecture(enc["pretrained"]) if enc.get("pretrained") else None
