@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -19,6 +20,7 @@ import torch
 from medfm.artifacts import load as medfm_load
 from medfm.data import DataError, load, open_dataset, samples
 from medfm.data.datasets import finalise_sample
+from medfm.data.transforms import PRESET_DIMS
 from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
 from medfm.finetune import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune
@@ -26,6 +28,8 @@ from medfm.finetune.recipe import run_recipe
 from medfm.generate import GENERATORS, export_generated, is_generator_recipe, load_generator_recipe, model_hash, run_generator
 from medfm.pretrain import METHODS, load_recipe, run_pretrain
 from medfm.run import RunFolder, find_recipe, list_recipes
+from medfm.run.recipe import resume_config
+from medfm.run.runner import Stopped
 from medfm.run.profiles import PROFILES
 from medfm.run.trainer import device_description
 from medfm.synthetic import SynthConfig, export_synthetic
@@ -69,6 +73,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if model is None or not preprocess:
         preset = args.preset or ("mr_3d" if dims == 3 else "radiograph_2d")
         preprocess = {"preset": preset, "size": args.size, "args": {"spacing": args.spacing} if dims == 3 else {}}
+    want = PRESET_DIMS.get(preprocess["preset"], dims)
+    if want != dims:
+        raise ValueError(f"{path} is {dims}D; preset {preprocess['preset']} is for {want}D inputs "
+                         f"(use {'radiograph_2d' if dims == 2 else 'ct_3d or mr_3d'})")
     sample = finalise_sample(preprocess_transform(preprocess)(sample))
     t_load = time.perf_counter() - t0
     x = sample["image"][None]
@@ -103,15 +111,27 @@ def _rank_zero() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
+def _recipe(loader, recipe: str | Path, args: argparse.Namespace, overrides: list[str]) -> tuple[dict, dict | None]:
+    """The recipe to run and, when resuming, what it changes: ``--resume`` continues with the run's own
+    recipe.yaml and the overrides given now (a changed value needs ``--allow-change KEY``); ``--profile``
+    shaped the recipe when the run started and is already in its recipe.yaml."""
+    if not args.resume:
+        return loader(recipe, overrides, args.profile), None
+    data = [f"data.path={args.data}"] if args.data else []
+    return resume_config(loader, args.out, [*overrides, *data], allow=args.allow_change or ())
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "devices": "trainer.devices"})
-    recipe = find_recipe(args.recipe)
+    saved = Path(args.out) / "recipe.yaml"
+    recipe = saved if args.resume and saved.exists() else find_recipe(args.recipe)
     if is_generator_recipe(recipe):  # encoders/diffusion_*.yaml: a generator is trained beside the encoders
-        run_generator(load_generator_recipe(recipe, overrides, args.profile), args.out, data_path=args.data,
-                      resume=args.resume)
+        cfg, changes = _recipe(load_generator_recipe, recipe, args, overrides)
+        run_generator(cfg, args.out, data_path=args.data, resume=args.resume, overwrite=args.overwrite, changes=changes)
         return 0
-    cfg = load_recipe(recipe, overrides, args.profile)
-    run_pretrain(cfg, args.out, data_path=args.data, resume=args.resume)  # prints where everything is
+    cfg, changes = _recipe(load_recipe, recipe, args, overrides)
+    run_pretrain(cfg, args.out, data_path=args.data, resume=args.resume, overwrite=args.overwrite,
+                 changes=changes)  # prints where everything is
     return 0
 
 
@@ -125,8 +145,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "method": "method", "shots": "shots"})
     if args.encoder is not None:
         overrides.append(f"encoder.pretrained={_encoder_weights(args.encoder)}")
-    cfg = load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides, args.profile)
-    out = run_finetune(cfg, args.out, data_path=args.data, resume=args.resume)
+    cfg, changes = _recipe(load_task_recipe, find_recipe(args.recipe, kind="tasks"), args, overrides)
+    out = run_finetune(cfg, args.out, data_path=args.data, resume=args.resume, overwrite=args.overwrite, changes=changes)
     if _rank_zero():
         metrics = json.loads((out / "metrics.json").read_text())
         print("\n".join(TASKS.get_plugin(cfg["task"]).summary(metrics)) + f"\nmetrics: {out / 'metrics.json'}")
@@ -234,7 +254,11 @@ def _run_options(p: argparse.ArgumentParser, fn) -> None:
     """What every recipe-driven training command takes besides its own flags: step budget, resume, and
     recipe overrides (``--set KEY=VALUE`` or bare ``KEY=VALUE``)."""
     p.add_argument("--max-steps", type=int, default=None, help="sets trainer.max_steps")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
+                   "the run's own recipe.yaml (overrides that change it need --allow-change)")
+    p.add_argument("--allow-change", action="append", metavar="KEY", help="with --resume: let an override change "
+                   "this saved recipe key (recorded in run.json; trainer.max_steps and the like are always allowed)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run outputs already in --out")
     p.add_argument("--profile", default=None, choices=tuple(PROFILES),
                    help="shrink the recipe to a machine: cpu = ViT-Tiny/8, 64 px or 32^3 at 3 mm, 500 steps "
                         "(recipes default to GPU scale; KEY=VALUE overrides still win)")
@@ -350,10 +374,23 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     try:
         return args.fn(args)
-    except (DataError, KeyError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"medfm {args.command}: error: {msg}", file=sys.stderr)
+    except Stopped as e:  # SIGTERM: the checkpoint is written; say so and exit 143 so job chains see it
+        print(f"medfm {args.command}: {e}", file=sys.stderr)
+        return e.code
+    except (DataError, KeyError, ValueError, OSError, FloatingPointError) as e:
+        print(f"medfm {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message as the user should read it: a KeyError's text without quotes, and an error raised in
+    a DataLoader worker ("Caught DataError in DataLoader worker process 0 ... Original Traceback ...") as
+    the original error's own last line."""
+    msg = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    if "in DataLoader worker process" in msg and "Original Traceback" in msg:
+        last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+        msg = last.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", last) else last
+    return msg
 
 
 if __name__ == "__main__":

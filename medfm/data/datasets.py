@@ -24,6 +24,7 @@ from .errors import DataError
 from .io import load
 from .manifest import ManifestRecord, read_records, read_rows
 from .npz import npz_splits, read_npz
+from .preflight import AUTO_LIMIT, header_problem
 from .volume import geometry_meta, make_sample
 
 
@@ -100,6 +101,13 @@ class SampleDataset(Dataset):
             return finalise_sample(sample)
         except DataError as e:
             raise DataError(f"{self.describe(i)}: {e}") from e
+        except RuntimeError as e:  # MONAI's Compose wraps a transform's DataError ("applying transform ...")
+            cause = e.__cause__
+            while cause is not None and not isinstance(cause, DataError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise DataError(f"{self.describe(i)}: {cause}") from e
 
     def __getitem__(self, i: int) -> dict:
         n = len(self)
@@ -144,6 +152,7 @@ class ManifestDataset(SampleDataset):
         transform=None,
         cache: bool = False,
         on_error: str = "raise",
+        preflight: bool | str = False,
     ):
         super().__init__(transform=transform, cache=cache, on_error=on_error)
         self.manifest = str(manifest)
@@ -161,9 +170,29 @@ class ManifestDataset(SampleDataset):
             on_error=on_error,
         )
         self.records: list[ManifestRecord] = records
+        if preflight is True or (preflight == "auto" and len(records) <= AUTO_LIMIT):
+            bad += self._preflight()
         self.skipped.extend(bad)
         if bad:
             warnings.warn(f"{self.manifest}: skipped {len(bad)} bad row(s), e.g. {bad[0][1]}", stacklevel=2)
+
+    def _preflight(self) -> list[tuple[str, str]]:
+        """Read the header of every image and mask file (``medfm.data.preflight``); a bad one is an error naming
+        its line (``on_error="raise"``) or its row is dropped (``"skip"``). Returns the dropped rows."""
+        bad, keep = [], []
+        for rec in self.records:
+            why = next((f"{f}: {w}" for f in (rec.image, rec.mask) if f and (w := header_problem(f))), None)
+            if why is None:
+                keep.append(rec)
+                continue
+            where = f"{self.manifest} line {rec.line}"
+            if self.on_error == "raise":
+                n = 1 + sum(1 for r in self.records[self.records.index(rec) + 1:]
+                            if any(f and header_problem(f) for f in (r.image, r.mask)))
+                raise DataError(f"{where}: {why}" + (f" ({n} bad rows in all; on_error: skip drops them)" if n > 1 else ""))
+            bad.append((where, why))
+        self.records = keep
+        return bad
 
     def __len__(self) -> int:
         return len(self.records)
@@ -176,6 +205,7 @@ class ManifestDataset(SampleDataset):
         sample = load(rec.image, spatial_dims=self.spatial_dims)
         if rec.mask is not None:
             sample["mask"] = load(rec.mask, spatial_dims=sample["meta"]["spatial_dims"], allow_constant=True)["image"]
+            sample["meta"]["mask_path"] = rec.mask
         if rec.label is not None:
             sample["label"] = rec.label
         if rec.text is not None:
@@ -294,11 +324,13 @@ def open_dataset(
     transform=None,
     cache: bool = False,
     on_error: str = "raise",
+    preflight: bool | str = False,
     **manifest_kwargs,
 ) -> SampleDataset:
     """One dataset from whatever ``path`` is: a MedMNIST ``.npz`` (``split`` names its split),
     a CSV/TSV/JSONL manifest (``split`` filters rows, ``label`` names the label column(s)),
-    or a folder of images/volumes (unlabelled; all of it is the ``train`` split)."""
+    or a folder of images/volumes (unlabelled; all of it is the ``train`` split). ``preflight`` (manifests:
+    True, False or "auto") reads every file's header first (:mod:`medfm.data.preflight`)."""
     p = str(path)
     low = p.lower()
     common = dict(spatial_dims=spatial_dims, transform=transform, cache=cache, on_error=on_error)
@@ -307,7 +339,7 @@ def open_dataset(
     if low.endswith(".npz"):
         return NpzDataset(p, split=split or "train", **common)
     if low.endswith((".csv", ".tsv", ".jsonl")):
-        return ManifestDataset(p, split=split, label_keys=label, **manifest_kwargs, **common)
+        return ManifestDataset(p, split=split, label_keys=label, preflight=preflight, **manifest_kwargs, **common)
     if os.path.isdir(p):
         if split not in (None, "train"):
             raise DataError(f"{p}: a folder has no splits: all of it is 'train' (asked for {split!r}); "

@@ -63,6 +63,9 @@ def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             for row in reader:
+                if None in row:  # csv puts cells beyond the header under the key None
+                    raise DataError(f"{path} line {reader.line_num}: {len(row[None])} more value(s) than the header's "
+                                    f"{len(reader.fieldnames or [])} columns (a comma inside an unquoted value?)")
                 rows.append((reader.line_num, row))
     else:
         raise DataError(f"{path}: unknown manifest type {path.suffix!r} (use .csv, .tsv or .jsonl)")

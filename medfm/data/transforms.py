@@ -93,3 +93,4 @@ def mr_3d(
 
 
 PRESETS = {"radiograph_2d": radiograph_2d, "ct_3d": ct_3d, "mr_3d": mr_3d}
+PRESET_DIMS = {"radiograph_2d": 2, "ct_3d": 3, "mr_3d": 3}  # the spatial dimensions each preset is for

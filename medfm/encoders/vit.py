@@ -128,6 +128,10 @@ class ViT(nn.Module, HubMixin):
         if bad:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+        if math.prod(self.grid_size) > MAX_TOKENS:  # attention memory grows with the square of the tokens
+            raise ValueError(f"img_size {self.img_size} with patch_size {self.patch_size} makes "
+                             f"{math.prod(self.grid_size):,} tokens per image (at most {MAX_TOKENS:,}): check "
+                             "encoder.img_size / encoder.patch_size")
         self.in_chans = in_chans
         self.embed_dim = self.num_features = embed_dim
         self.global_pool = global_pool
@@ -297,6 +301,8 @@ class ViT(nn.Module, HubMixin):
                 out.append(f.transpose(1, 2).reshape(f.shape[0], self.embed_dim, *grid))
         return out
 
+
+MAX_TOKENS = 32768  # patches per input: 512^2 at patch 4, 512^3 at 16; more is a typo, not a model
 
 _VIT_SIZES = {
     "micro": dict(embed_dim=48, depth=4, num_heads=3),

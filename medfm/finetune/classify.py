@@ -8,6 +8,8 @@ decision thresholds on the validation split (Youden's J) and applies them to the
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +106,31 @@ class Classification(FinetuneTask):
         self.labels = labels
         self.class_names = [str(x) for x in getattr(train if self.idx is None else train.dataset, "classes", None)
                             or c["classes"] or range(cfg["classification"]["num_classes"])]
+        if labels.ndim == 1:
+            self.check_label_coverage(cfg, labels)
         return cfg, train
+
+    def check_label_coverage(self, cfg: dict, train_labels: np.ndarray) -> None:
+        """Warn about classes the model cannot learn: a training set of one class, and classes that appear in
+        the validation or test split but never in training (named, with their rows)."""
+        d, names = cfg["data"], self.class_names
+        seen = set(np.unique(train_labels).tolist())
+        if len(seen) < 2:
+            warnings.warn(f"{d['path']}: the training split {d['train_split']!r} holds a single class "
+                          f"({names[int(next(iter(seen)))] if seen else 'none'}): the classifier cannot learn to tell classes apart",
+                          stacklevel=2)
+        for split in (d["val_split"], d["test_split"]):
+            try:
+                ds = self.open_split(cfg, split, train=False)
+            except (DataError, ValueError):
+                continue  # a split the data does not have: reported where it is evaluated
+            held = dataset_labels(ds)
+            for k in sorted(set(np.unique(held).tolist()) - seen):
+                rows = np.flatnonzero(held == k)
+                where = [ds.describe(int(i)) for i in rows[:3]] if hasattr(ds, "describe") else [f"item {i}" for i in rows[:3]]
+                warnings.warn(f"class {names[int(k)]!r} appears in split {split!r} ({len(rows)} row(s): {', '.join(where)}"
+                              f"{' ...' if len(rows) > 3 else ''}) but never in the training split {d['train_split']!r}: "
+                              "the model cannot learn it", stacklevel=2)
 
     def head(self, cfg: dict) -> dict:
         c = cfg["classification"]

@@ -33,7 +33,7 @@ from medfm.atomic import write_json
 from medfm.data import DataError, JoinedDataset, open_dataset, split_names
 from medfm.data.transforms import PRESETS
 from medfm.encoders import saved_architecture
-from medfm.run import ENCODER, Built, FreeForm, KeyedDataset, OptimConfig, Registry, RunFolder, RunPlugin, StepData
+from medfm.run import ENCODER, TRAINER, Built, FreeForm, KeyedDataset, OptimConfig, Registry, RunFolder, RunPlugin, StepData
 from medfm.run import load_config, run
 from medfm.run.recipe import merge, with_defaults
 from medfm.run.trainer import TRAINER_DEFAULTS
@@ -59,6 +59,8 @@ class FinetuneDataConfig:
     batch_size: int = 32
     num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
     cache: bool = True
+    on_error: str = "raise"  # raise: a bad file stops the run naming its row | skip: its row is dropped and counted
+    preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
 
 
 def finetune_schema() -> dict:
@@ -75,7 +77,7 @@ def finetune_schema() -> dict:
         **TASKS.sections(),
         "data": FinetuneDataConfig,
         "optim": with_defaults(OptimConfig, lr=1e-3, betas=[0.9, 0.999]),
-        "trainer": FreeForm({**TRAINER_DEFAULTS, "max_steps": 500, "checkpoint_every_n_steps": 200}),
+        "trainer": FreeForm({**TRAINER_DEFAULTS, "max_steps": 500, "checkpoint_every_n_steps": 200}, accepts=TRAINER.accepts),
     }
 
 
@@ -136,7 +138,8 @@ class FinetuneTask(RunPlugin):
         d = cfg["data"]
         path = str(path or d["path"])
         return open_dataset(path, split=split, spatial_dims=cfg["encoder"]["spatial_dims"],
-                            transform=self.transform(cfg, train), cache=d["cache"], **self.split_args(cfg, path))
+                            transform=self.transform(cfg, train), cache=d["cache"], on_error=d["on_error"],
+                            preflight=d["preflight"], **self.split_args(cfg, path))
 
     def extra_split_args(self, cfg: dict, path: str, real) -> dict:
         """How to open a ``train_from`` set so that its labels agree with the real training split's."""
@@ -152,8 +155,8 @@ class FinetuneTask(RunPlugin):
         parts = [real] if d["train_real"] else []
         for p in d["train_from"]:
             parts.append(open_dataset(p, split=None, spatial_dims=cfg["encoder"]["spatial_dims"],
-                                      transform=self.transform(cfg, train), cache=d["cache"],
-                                      **self.extra_split_args(cfg, p, real)))
+                                      transform=self.transform(cfg, train), cache=d["cache"], on_error=d["on_error"],
+                                      preflight=d["preflight"], **self.extra_split_args(cfg, p, real)))
         return parts[0] if len(parts) == 1 else JoinedDataset(parts)
 
     def prepare(self, cfg: dict, train) -> tuple[dict, Any]:
@@ -253,7 +256,9 @@ class FinetuneTask(RunPlugin):
         dest = Path(out) if out else run / f"eval_{split}"
         dest.mkdir(parents=True, exist_ok=True)
         val = {}
-        if (run / "metrics.json").exists():
+        if (run / "metrics.json").exists() and split != cfg["data"]["val_split"]:
+            # held-out splits use what the run chose on validation; the validation split itself is scored as
+            # the run scored it (so `evaluate --split val` reproduces the run's own metrics.json)
             val = json.loads((run / "metrics.json").read_text()).get(cfg["data"]["val_split"], {})
         res = self.evaluate_splits(model, cfg, dest, data_path=data, splits=[split], state=self.saved_state(val))
         metrics = {"run": str(run), "data": str(data or cfg["data"]["path"]), **res}
@@ -270,6 +275,10 @@ class FinetuneTask(RunPlugin):
             if isinstance(v, dict) and ("auroc" in v or "mean_dice" in v):
                 keys = ("auroc", "accuracy", "balanced_accuracy", "f1") if "auroc" in v else ("mean_dice", "mean_hd95")
                 lines.append(f"  {split:<8} " + "  ".join(f"{k} {v[k]:.4f}" for k in keys if k in v) + f"  (n={v.get('n')})")
+                if "auroc" in v:
+                    how = (f"thresholds chosen on validation {[round(t, 3) for t in v['thresholds']]}" if v.get("thresholds")
+                           else "threshold 0.5 / argmax")
+                    lines[-1] += f"  [{how}]"
         return lines
 
     def saved_state(self, val_metrics: dict) -> dict:
@@ -278,12 +287,12 @@ class FinetuneTask(RunPlugin):
 
 
 def run_finetune(cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
-                 callbacks: Sequence[L.Callback] = ()) -> Path:
+                 callbacks: Sequence[L.Callback] = (), **run_options: Any) -> Path:
     """Fine-tune the recipe's encoder on its task; evaluate; export. Returns the run folder."""
     if data_path:
         cfg = merge(cfg, {"data": {"path": str(data_path)}})
     check_splits(cfg)
-    return run(TASKS.get_plugin(cfg["task"]), cfg, out, resume=resume, callbacks=callbacks)
+    return run(TASKS.get_plugin(cfg["task"]), cfg, out, resume=resume, callbacks=callbacks, **run_options)
 
 
 def check_splits(cfg: dict) -> None:

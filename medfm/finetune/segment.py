@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from monai.transforms import Compose
 from monai.utils import ensure_tuple_rep
 
-from medfm.tasks.segmentation import SegmentationTask, evaluate_segmentation
+from medfm.tasks.segmentation import MaskLabels, SegmentationTask, evaluate_segmentation
 
 from .model import FinetunedSegmenter
 from .recipe import TASKS, FinetuneTask
@@ -39,6 +40,11 @@ class Segmentation(FinetuneTask):
     def eval_size(self, cfg: dict):
         """3D: the whole resampled volume (sliding window); 2D: the encoder's size."""
         return None if cfg["encoder"]["spatial_dims"] == 3 else cfg["encoder"]["img_size"]
+
+    def transform(self, cfg: dict, train: bool):
+        """The preset, after a check of every label map against the recipe's classes (names the file)."""
+        preset = super().transform(cfg, train)
+        return Compose([MaskLabels(cfg["segmentation"]["num_classes"]), *preset.transforms])
 
     def split_args(self, cfg: dict, path: str) -> dict:
         if path.lower().endswith(".npz"):

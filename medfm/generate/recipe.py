@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
@@ -84,6 +84,8 @@ class GeneratorDataConfig:
     batch_size: int = 32
     num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
     cache: bool = True  # keep preprocessed samples in memory
+    on_error: str = "raise"  # raise: a bad file stops the run naming its row | skip: its row is dropped and counted
+    preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
 
 
 def generator_schema() -> dict:
@@ -121,7 +123,7 @@ def load_generator_recipe(path: str | os.PathLike | None = None, overrides: Sequ
 
 def is_generator_recipe(path: str | os.PathLike) -> bool:
     """Whether a recipe file names a generator method (``method: diffusion``)."""
-    raw = read_yaml(Path(path).read_text()) or {}
+    raw = read_yaml(Path(path).read_text(), str(path)) or {}
     return isinstance(raw, dict) and raw.get("method") in GENERATORS
 
 
@@ -145,7 +147,7 @@ def open_training_set(cfg: dict, path: str | None = None):
         raise DataError(f"{path}: {s['conditioning']} conditioning reads a manifest (CSV/JSONL) with a "
                         f"'{d[s['conditioning']]}' column")
     return open_dataset(path, split=d["split"], spatial_dims=s["spatial_dims"], transform=transform,
-                        cache=d["cache"], **kwargs)
+                        cache=d["cache"], on_error=d["on_error"], preflight=d["preflight"], **kwargs)
 
 
 def complete_spec(cfg: dict, train) -> dict:
@@ -194,9 +196,9 @@ def batch_condition(batch: dict, conditioning: str, mask_classes: int | None = N
 
 
 def run_generator(cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
-                  callbacks: Sequence[L.Callback] = ()) -> Path:
+                  callbacks: Sequence[L.Callback] = (), **run_options: Any) -> Path:
     """Train the recipe's generator; returns the run folder (``model/``, ``samples.png``)."""
     if data_path:
         cfg = merge(cfg, {"data": {"path": str(data_path)}})
-    return run(GENERATORS.get_plugin(cfg["method"]), cfg, out, resume=resume, callbacks=callbacks)
+    return run(GENERATORS.get_plugin(cfg["method"]), cfg, out, resume=resume, callbacks=callbacks, **run_options)
 

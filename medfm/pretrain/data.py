@@ -41,6 +41,8 @@ class PretrainDataConfig:
     batch_size: int = 64  # per device
     num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
     cache: bool = True  # keep preprocessed samples in memory (views are drawn fresh every step)
+    on_error: str = "raise"  # raise: a bad file stops the run naming its row | skip: its row is dropped and counted
+    preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
 
 
 @dataclass
@@ -129,8 +131,8 @@ def build_data(cfg: dict, method) -> StepData:
         if not d.path and not d.train_from:
             raise ValueError(f"data.regime={d.regime} needs data: give --data PATH (an npz, a manifest or a folder) "
                              "or set data.path; or use data.regime=synthetic")
-        kw = dict(spatial_dims=enc["spatial_dims"], transform=preprocess(cfg), cache=d.cache,
-                  **({"text_key": d.text} if d.text else {}))
+        kw = dict(spatial_dims=enc["spatial_dims"], transform=preprocess(cfg), cache=d.cache, on_error=d.on_error,
+                  preflight=d.preflight, **({"text_key": d.text} if d.text else {}))
         parts = [open_dataset(d.path, split=d.split, **kw)] if d.path else []
         parts += [open_dataset(p, split=None, **kw) for p in d.train_from]  # generated sets: every row
         dataset = parts[0] if len(parts) == 1 else JoinedDataset(parts)

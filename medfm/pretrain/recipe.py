@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
 
@@ -35,9 +35,9 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 
 def run_pretrain(cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
-                 callbacks: Sequence[L.Callback] = ()) -> Path:
+                 callbacks: Sequence[L.Callback] = (), **run_options: Any) -> Path:
     """Pretrain as the recipe says; returns the run folder. ``resume=True`` continues from
     ``out/checkpoints/last.ckpt`` and ends with the weights an uninterrupted run would have."""
     if data_path:
         cfg = merge(cfg, {"data": {"path": str(data_path)}})
-    return run(METHODS.get_plugin(cfg["method"]), cfg, out, resume=resume, callbacks=callbacks)
+    return run(METHODS.get_plugin(cfg["method"]), cfg, out, resume=resume, callbacks=callbacks, **run_options)

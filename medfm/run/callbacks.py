@@ -1,14 +1,17 @@
 """Callbacks every run has: RNG state in checkpoints, the finite-loss guard, the export at the end, the step
-progress bar."""
+progress bar, the checkpoint on SIGTERM; and the atomic checkpoint writer."""
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
@@ -117,3 +120,36 @@ class StepProgress(ProgressBar):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class StopCheckpoint(L.Callback):
+    """On SIGTERM (Lightning raises ``SIGTERMException`` after the current step), writes the resume checkpoint
+    before the run ends, so a scheduler's stop loses nothing. Other exceptions write nothing: a NaN loss or a
+    bad file must not leave a checkpoint of a broken state."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic beside the target: ``last.ckpt.tmp`` in the run's own
+    ``checkpoints/`` is renamed over ``last.ckpt`` when complete (Lightning's default stages the whole file in
+    the system temp folder, where a kill leaves it behind, and the result keeps that temp file's owner-only
+    mode). A leftover ``.tmp`` is never read as a checkpoint and is removed when the folder is next used."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        from medfm.atomic import atomic_path
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())

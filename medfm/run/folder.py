@@ -8,7 +8,9 @@ plug-in exports: artifact folders (``config.json`` + ``model.safetensors``), ``m
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -17,6 +19,13 @@ from medfm.artifacts import read_run_info, write_run_info
 from medfm.atomic import write_text
 
 RECIPE_NAME = "recipe.yaml"
+# what a run leaves in its folder: a folder holding any of these is a run's, never overwritten silently
+OUTPUTS = (RECIPE_NAME, "run.json", "metrics.json", "checkpoints", "logs", "model", "encoder", "adapter")
+
+
+def launched_rank() -> bool:
+    """True in a process that a multi-process launcher (Lightning DDP, torchrun, SLURM) started as rank > 0."""
+    return any(os.environ.get(k, "0") not in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 class RunFolder:
@@ -32,17 +41,62 @@ class RunFolder:
     def checkpoint(self) -> Path:
         return self.path / "checkpoints" / "last.ckpt"
 
-    def prepare(self, resume: bool) -> Path | None:
-        """Check the folder against ``resume`` (never overwrite a run silently); the checkpoint to resume."""
+    def outputs(self) -> list[str]:
+        """The run outputs already in the folder (see ``OUTPUTS``)."""
+        return [name for name in OUTPUTS if (self.path / name).exists()]
+
+    def prepare(self, resume: bool, overwrite: bool = False) -> Path | None:
+        """Check the folder against ``resume`` / ``overwrite`` (never overwrite a run silently); the checkpoint
+        to resume. A folder holding any run output is refused unless resumed (it needs its checkpoint) or
+        ``overwrite`` (its run outputs are deleted first; other files are left)."""
         ckpt = self.checkpoint
+        if launched_rank():  # a DDP worker process: rank 0 checked and prepared the folder
+            return ckpt if resume else None
+        if resume and overwrite:
+            raise ValueError("--resume continues a run and --overwrite replaces it: give one of them")
         if resume and not ckpt.exists():
             raise FileNotFoundError(f"{ckpt}: nothing to resume (no checkpoint in the run folder)")
-        if not resume and ckpt.exists():
-            raise FileExistsError(f"{self.path} already holds a run; pass --resume to continue it, or choose another --out")
+        found = self.outputs()
+        if found and not resume and not overwrite:
+            raise FileExistsError(f"{self.path} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                                  "--overwrite to replace it, or choose another --out")
+        if overwrite:
+            for name in found:
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
+        for stale in (self.path / "checkpoints").glob("*.tmp"):  # a checkpoint write cut short by a kill
+            stale.unlink()
         if resume:
             self._keep_logs()
         return ckpt if resume else None
+
+    def lock(self) -> None:
+        """Hold the folder for this process (released when the process ends or ``unlock``): a second run on the
+        same folder is refused instead of both writing checkpoints and logs into it."""
+        if launched_rank():
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise FileExistsError(f"{self.path} is in use by {holder}; wait for it to finish or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        handle = getattr(self, "_lock", None)
+        if handle is not None:
+            handle.close()
+            (self.path / ".lock").unlink(missing_ok=True)
+            self._lock = None
 
     def _keep_logs(self) -> None:
         """Lightning's CSV logger deletes an existing metrics.csv; a resumed run keeps it as metrics-partN.csv."""

@@ -47,16 +47,47 @@ _Loader.add_implicit_resolver(
 )
 
 
-def read_yaml(text: str) -> Any:
-    """Parse YAML text safely (no Python objects), with ``1e-3`` read as a float."""
-    return yaml.load(text, Loader=_Loader)
+def read_yaml(text: str, source: str = "YAML") -> Any:
+    """Parse YAML text safely (no Python objects), with ``1e-3`` read as a float; a tag such as
+    ``!!python/object`` or a syntax error is a ValueError naming ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{source}{line}: not a plain YAML recipe: {why}") from None
 
 
 @dataclass(frozen=True)
 class FreeForm:
-    """A section whose keys are passed on as they are (to a constructor), with these defaults."""
+    """A section whose keys are passed on as they are (to a constructor), with these defaults. ``accepts``
+    (called lazily) lists the keys the constructor takes: any other key is an error naming the nearest one."""
 
     defaults: dict = field(default_factory=dict)
+    accepts: Any = None
+
+
+def _parameters(*targets: Any) -> set[str]:
+    """The keyword names of callables / classes (their ``__init__``)."""
+    names: set[str] = set()
+    for t in targets:
+        fn = t.__init__ if isinstance(t, type) else t
+        names |= {p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+    return names
+
+
+def _encoder_keys() -> set[str]:
+    from medfm.encoders import ResNetEncoder, ViT, create_encoder
+
+    return _parameters(create_encoder, ViT, ResNetEncoder)
+
+
+def _trainer_keys() -> set[str]:
+    import lightning as L
+
+    return set(TRAINER_DEFAULTS) | _parameters(L.Trainer)
 
 
 # ----------------------------------------------------------------- common sections
@@ -70,8 +101,9 @@ class OptimConfig:
     warmup_steps: int = 0
 
 
-ENCODER = FreeForm({"name": "vit_small", "spatial_dims": 2, "in_chans": 1, "img_size": 224, "pretrained": None})
-TRAINER = FreeForm(TRAINER_DEFAULTS)
+ENCODER = FreeForm({"name": "vit_small", "spatial_dims": 2, "in_chans": 1, "img_size": 224, "pretrained": None},
+                   accepts=_encoder_keys)
+TRAINER = FreeForm(TRAINER_DEFAULTS, accepts=_trainer_keys)
 
 
 def section(cfg: dict, name: str, cls: type):
@@ -197,7 +229,7 @@ def parse_overrides(items: Sequence[str]) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = read_yaml(raw)
+        node[parts[-1]] = read_yaml(raw, f"override {item!r}")
     return out
 
 
@@ -212,7 +244,7 @@ def load_config(schema: dict, path: str | os.PathLike | None = None, overrides: 
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"{path}: no such recipe")
-        raw = read_yaml(p.read_text()) or {}
+        raw = read_yaml(p.read_text(), str(path)) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
         source = str(path)
@@ -227,6 +259,12 @@ def load_config(schema: dict, path: str | os.PathLike | None = None, overrides: 
         source = "override" if path is None else f"{source} (with overrides)"
         cfg = merge(cfg, overrides, free, "override")
     check_types(cfg, hints, source)
+    for name, spec in schema.items():
+        if isinstance(spec, FreeForm) and spec.accepts is not None:
+            known = spec.accepts()
+            for key in cfg[name]:
+                if key not in known:
+                    raise _unknown(source, f"{name}.{key}", str(key), sorted(known))
     return cfg
 
 
@@ -289,3 +327,41 @@ def split_kwargs(cls: type, kwargs: dict) -> tuple[Any, dict]:
     """``kwargs`` split into the dataclass ``cls`` (its fields) and the rest (e.g. optimizer arguments)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in kwargs.items() if k in names}), {k: v for k, v in kwargs.items() if k not in names}
+
+
+# ----------------------------------------------------------------- resuming
+# keys a resumed run may change without --allow-change (how long and how it reports, not what it learns)
+FREE_ON_RESUME = ("trainer.max_steps", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps",
+                  "trainer.enable_progress_bar", "trainer.devices", "data.num_workers")
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_config(loader, run: str | os.PathLike, overrides: Sequence[str] = (), allow: Sequence[str] = ()
+                  ) -> tuple[dict, dict]:
+    """The recipe a resumed run continues with: the run's own ``recipe.yaml`` (what ran), then ``overrides``.
+    An override that changes a saved value is an error naming the key and both values, unless the key is in
+    ``FREE_ON_RESUME`` or ``allow`` (``--allow-change KEY``); returns the recipe and ``{key: {"from", "to"}}``
+    of what changed, for run.json. ``loader(path, overrides)`` reads a recipe of the run's kind."""
+    saved = Path(run) / "recipe.yaml"
+    if not saved.exists():
+        raise FileNotFoundError(f"{saved}: nothing to resume ({run} holds no recipe.yaml: not a run folder)")
+    cfg = loader(saved, list(overrides))
+    before, after = flatten(loader(saved)), flatten(cfg)
+    changes = {k: {"from": before.get(k), "to": v} for k, v in after.items() if before.get(k) != v}
+    refused = [k for k in changes if k not in FREE_ON_RESUME and k not in allow]
+    if refused:
+        k = refused[0]
+        raise ValueError(f"--resume continues {run} with its own recipe ({saved}); {k} would change from "
+                         f"{changes[k]['from']!r} to {changes[k]['to']!r}: drop that override, or pass --allow-change {k} "
+                         "to change it on purpose (recorded in run.json)")
+    return cfg, changes

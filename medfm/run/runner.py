@@ -21,13 +21,15 @@ and its needs through hooks:
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import Export
+from .callbacks import Export, StopCheckpoint
 from .folder import RunFolder
 from .trainer import make_trainer, quiet_known_noise
 
@@ -111,26 +113,83 @@ class Registry(dict):
 
 
 def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = False,
-        callbacks: Sequence[L.Callback] = ()) -> Path:
+        callbacks: Sequence[L.Callback] = (), overwrite: bool = False, changes: dict | None = None) -> Path:
     """Train as ``cfg`` says with ``plugin``; returns the run folder. ``resume=True`` continues from
     ``out/checkpoints/last.ckpt`` (model, optimizer, scheduler, step, RNG): the resumed run ends with
-    the weights an uninterrupted run would have."""
+    the weights an uninterrupted run would have. ``overwrite=True`` replaces the run outputs in ``out``.
+    ``changes`` (a resume's changed recipe keys) are recorded in run.json.
+
+    The folder is locked while the run lives; a folder this call created is removed again when the run
+    cannot start (a bad recipe value or data file), so an error never leaves a half-made run. SIGTERM (a
+    scheduler's stop) writes the checkpoint and ends with :class:`Stopped` (exit 143)."""
     steps = cfg["trainer"].get("max_steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:  # -1 would train forever, 0 not at all
         raise ValueError(f"trainer.max_steps (--max-steps) must be a whole number >= 1, got {steps!r}")
     quiet_known_noise()
     folder = RunFolder(out)
-    ckpt = folder.prepare(resume)
-    L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    built = plugin.build(cfg, folder)
-    trainer = make_trainer(cfg["trainer"], folder.path, [*built.callbacks, Export(plugin, folder), *callbacks])
-    if trainer.is_global_zero:
-        folder.write_recipe(built.cfg or cfg)
-        folder.write_info(kind=plugin.kind, plugin=plugin.name)
-        plugin.before_fit(built, folder, resumed=ckpt is not None)
-    trainer.fit(built.module, datamodule=built.data, ckpt_path=str(ckpt) if ckpt else None)
-    if trainer.is_global_zero:
-        folder.write_info(model=plugin.model_folder)
-        plugin.after_fit(built, trainer, folder)
-        print(folder.summary_line(plugin.model_folder))
+    created = not folder.path.exists()
+    try:
+        folder.lock()
+        ckpt = folder.prepare(resume, overwrite)
+        L.seed_everything(cfg["seed"], workers=True, verbose=False)
+        try:
+            built = plugin.build(cfg, folder)
+            trainer = make_trainer(cfg["trainer"], folder.path, [*built.callbacks, Export(plugin, folder),
+                                                                 StopCheckpoint(folder.checkpoint), *callbacks])
+        except TypeError as e:  # a free-form section's key that its constructor does not take (e.g. view.scael)
+            raise recipe_key_error(e, cfg) or e
+    except BaseException:
+        folder.unlock()
+        if created and folder.path.exists():
+            shutil.rmtree(folder.path, ignore_errors=True)
+        raise
+    try:
+        if trainer.is_global_zero:
+            folder.write_recipe(built.cfg or cfg)
+            folder.write_info(kind=plugin.kind, plugin=plugin.name)
+            if changes:
+                history = folder.info().get("resumed_with_changes", [])
+                folder.write_info(resumed_with_changes=[*history, changes])
+            plugin.before_fit(built, folder, resumed=ckpt is not None)
+        try:
+            trainer.fit(built.module, datamodule=built.data, ckpt_path=str(ckpt) if ckpt else None)
+        except SIGTERMException:
+            raise Stopped(f"stopped by SIGTERM at step {trainer.global_step}: checkpoint {folder.checkpoint} written; "
+                          "continue with the same command and --resume") from None
+        if trainer.is_global_zero:
+            folder.write_info(model=plugin.model_folder)
+            plugin.after_fit(built, trainer, folder)
+            print(folder.summary_line(plugin.model_folder))
+    finally:
+        folder.unlock()
     return folder.path
+
+
+def recipe_key_error(error: TypeError, cfg: dict) -> KeyError | None:
+    """A constructor's "unexpected keyword argument 'k'" turned into the recipe error: which section holds
+    ``k`` and the nearest key that section's other entries use (None when ``k`` is not from the recipe)."""
+    import difflib
+    import re
+
+    m = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    sections = [name for name, sec in cfg.items() if isinstance(sec, dict) and m and m.group(1) in sec]
+    if not sections:
+        return None
+    key, sec = m.group(1), sections[0]
+    near = difflib.get_close_matches(key, [k for k in cfg[sec] if k != key], n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return KeyError(f"unknown recipe key '{sec}.{key}'{hint} ({error})")
+
+
+class Stopped(SystemExit):
+    """A run stopped from outside (SIGTERM) after writing its checkpoint: exit status 143 (128 + SIGTERM), so
+    job chains and schedulers see that it did not finish; the message says how to continue."""
+
+    code = 143
+
+    def __init__(self, message: str):
+        super().__init__(143)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from .callbacks import FiniteLossGuard, RngState, StepProgress
+from .callbacks import AtomicCheckpointIO, FiniteLossGuard, RngState, StepProgress
 
 TRAINER_DEFAULTS: dict = {
     "max_steps": 1000,
@@ -49,7 +49,8 @@ def quiet_known_noise() -> None:
     the Lightning info lines of ``_DROPPED_INFO``; Lightning's own use of torch's deprecated pytree
     ``LeafSpec`` (a FutureWarning raised inside lightning.pytorch.utilities._pytree); Lightning's "Found N
     module(s) in eval mode at the start of training" (frozen encoders and text towers are in eval mode on
-    purpose: their dropout and norm statistics must not change); torch's "torch.meshgrid ... indexing
+    purpose: their dropout and norm statistics must not change); Lightning's "logs / checkpoint directory exists
+    and is not empty" on a resumed run (the folder is the run's own; RunFolder keeps its earlier log); torch's "torch.meshgrid ... indexing
     argument" UserWarning raised inside MONAI's ``build_sincos_position_embedding`` (sin-cos positions of
     the ViT and the MAE decoder); the "Loading weights" / "Writing model shards" progress bars transformers and
     huggingface_hub draw for every small text tower they load or save (medfm's own bars say what runs)."""
@@ -64,6 +65,9 @@ def quiet_known_noise() -> None:
             logger.addFilter(_DropKnownInfo())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # a resumed run's folder holds its logs and checkpoints on purpose (RunFolder keeps the earlier log)
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", module=r"torch\.functional")
 
 
@@ -114,6 +118,7 @@ def make_trainer(trainer_cfg: dict, out: Path, callbacks: Sequence[L.Callback] =
         precision=precision,
         default_root_dir=out,
         logger=_loggers(out),
+        plugins=[AtomicCheckpointIO()],
         callbacks=[
             ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=every, save_last=True, save_top_k=1),
             RngState(),

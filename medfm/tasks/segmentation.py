@@ -111,6 +111,20 @@ class SegmentationModel(nn.Module):
         return 2**self.levels
 
 
+class MaskLabels:
+    """A dictionary transform that checks a sample's label map against the recipe's classes as it is loaded,
+    naming the mask file (the dataset adds the manifest line): put first, before resampling."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def __call__(self, sample: dict) -> dict:
+        if "mask" in sample:
+            where = sample.get("meta", {}).get("mask_path", "mask")
+            check_mask(torch.as_tensor(sample["mask"]), self.num_classes, str(where))
+        return sample
+
+
 def check_mask(mask: torch.Tensor, num_classes: int, where: str = "mask") -> None:
     """A clear error for a mask holding labels outside ``0 .. num_classes-1``."""
     bad = torch.unique(mask[(mask < 0) | (mask >= num_classes) | (mask != mask.round())])
@@ -145,7 +159,7 @@ class SegmentationTask(TrainingModule):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         mask = batch["mask"]
-        check_mask(mask, self.model.num_classes, "training batch")
+        check_mask(mask, self.model.num_classes, "training batch")  # files are checked as they load (MaskLabels)
         logits = self.model(batch["image"])
         return self.criterion(logits.float(), mask), {}
 
