@@ -76,14 +76,20 @@ class FiniteLossGuard(L.Callback):
 
 class Export(L.Callback):
     """At the end of training, on rank 0: the plug-in's ``export`` hook writes what the run made
-    (encoder, model, figures) into the run folder."""
+    (encoder, model, figures) into the run folder. ``done`` says whether it ran: a run resumed from a
+    checkpoint at its last step (killed during the export) has no training to end, and the runner exports then."""
 
     def __init__(self, plugin, folder):
         self.plugin, self.folder = plugin, folder
+        self.done = False
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
+        self.export(trainer, pl_module)
+
+    def export(self, trainer, pl_module) -> None:
         self.plugin.export(pl_module, self.folder, trainer)
+        self.done = True
 
 
 class StepProgress(ProgressBar):

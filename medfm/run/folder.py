@@ -55,7 +55,8 @@ class RunFolder:
         if resume and overwrite:
             raise ValueError("--resume continues a run and --overwrite replaces it: give one of them")
         if resume and not ckpt.exists():
-            raise FileNotFoundError(f"{ckpt}: nothing to resume (no checkpoint in the run folder)")
+            raise FileNotFoundError(f"{ckpt}: nothing to resume (the run stopped before its first checkpoint); "
+                                    "start it again with --overwrite")
         found = self.outputs()
         if found and not resume and not overwrite:
             raise FileExistsError(f"{self.path} already holds a run ({', '.join(found)}); pass --resume to continue it, "

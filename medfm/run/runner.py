@@ -134,7 +134,8 @@ def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = Fal
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
         try:
             built = plugin.build(cfg, folder)
-            trainer = make_trainer(cfg["trainer"], folder.path, [*built.callbacks, Export(plugin, folder),
+            export = Export(plugin, folder)
+            trainer = make_trainer(cfg["trainer"], folder.path, [*built.callbacks, export,
                                                                  StopCheckpoint(folder.checkpoint), *callbacks])
         except TypeError as e:  # a free-form section's key that its constructor does not take (e.g. view.scael)
             raise recipe_key_error(e, cfg) or e
@@ -157,6 +158,8 @@ def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = Fal
             raise Stopped(f"stopped by SIGTERM at step {trainer.global_step}: checkpoint {folder.checkpoint} written; "
                           "continue with the same command and --resume") from None
         if trainer.is_global_zero:
+            if not export.done:  # resumed at the last step (a kill during the export): nothing trained, export now
+                export.export(trainer, built.module)
             folder.write_info(model=plugin.model_folder)
             plugin.after_fit(built, trainer, folder)
             print(folder.summary_line(plugin.model_folder))

@@ -1,0 +1,96 @@
+"""Kill a small medfm run at a chosen stage, in a subprocess: the harness of the fault tests and of
+benchmarks/reliability.py.
+
+Stages: ``step`` (after optimizer step K), ``checkpoint`` (halfway through the second write of last.ckpt),
+``evaluation`` (when the fine-tuned model is being evaluated), ``export`` (artifact files written, before
+the folder is swapped in). Signals: ``SIGKILL`` (kill -9: nothing runs) or ``SIGTERM`` (a scheduler's stop).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+SCRIPT = r'''
+import io, os, signal, sys
+from pathlib import Path
+stage, sig, at = sys.argv[1], getattr(signal, sys.argv[2]), int(sys.argv[3])
+argv = sys.argv[4:]
+def die():
+    os.kill(os.getpid(), sig)
+    import time; time.sleep(30)  # SIGTERM is handled at the next step boundary
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+import medfm.atomic, medfm.run.callbacks as cb
+if stage == "step":
+    orig = ModelCheckpoint.on_train_batch_end
+    def hook(self, trainer, *a, **k):
+        orig(self, trainer, *a, **k)
+        if trainer.global_step == at:
+            os.kill(os.getpid(), sig)  # SIGTERM: Lightning stops after this step
+            if sig == signal.SIGKILL:
+                import time; time.sleep(30)
+    ModelCheckpoint.on_train_batch_end = hook
+elif stage == "checkpoint":
+    orig = cb.AtomicCheckpointIO.save_checkpoint
+    calls = []
+    def save(self, checkpoint, path, storage_options=None):
+        calls.append(Path(path).name)
+        if calls.count("last.ckpt") == 2 and Path(path).name == "last.ckpt":  # one complete one exists; cut this one
+            buf = io.BytesIO(); torch.save(checkpoint, buf)
+            Path(str(path) + ".tmp").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+            die()
+        return orig(self, checkpoint, path, storage_options)
+    cb.AtomicCheckpointIO.save_checkpoint = save
+elif stage == "evaluation":
+    from medfm.finetune.recipe import FinetuneTask
+    def evaluate_splits(self, *a, **k):
+        die()
+    FinetuneTask.evaluate_splits = evaluate_splits
+elif stage == "export":
+    from contextlib import contextmanager
+    orig_folder = medfm.atomic.atomic_folder
+    @contextmanager
+    def folder(target):
+        with orig_folder(target) as tmp:
+            yield tmp
+            die()  # the artifact's files are written, the folder is not swapped in yet
+    import medfm.artifacts, medfm.encoders.hub
+    medfm.atomic.atomic_folder = medfm.artifacts.atomic_folder = medfm.encoders.hub.atomic_folder = folder
+from medfm.cli import main
+sys.exit(main(argv))
+'''
+
+
+def run_killed(stage: str, signal: str, argv: list[str], at: int = 3, cwd: str | Path | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``medfm ARGV`` in a subprocess that is killed with ``signal`` at ``stage``."""
+    return subprocess.run([sys.executable, "-c", SCRIPT, stage, signal, str(at), *argv], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout)
+
+
+def weights(run: Path) -> dict:
+    """The run's main artifact's tensors (``encoder/`` of a pretraining run, ``model/`` of a fine-tuning run)."""
+    info = json.loads((run / "run.json").read_text())
+    return load_file(str(run / info.get("model", "model") / "model.safetensors"))
+
+
+def same_result(a: Path, b: Path) -> tuple[bool, str]:
+    """Whether two finished runs hold bit-identical weights and the same metrics (timings aside)."""
+    wa, wb = weights(a), weights(b)
+    if wa.keys() != wb.keys() or not all(bool((wa[k] == wb[k]).all()) for k in wa):
+        return False, "weights differ"
+    ma, mb = (json.loads((r / "metrics.json").read_text()) if (r / "metrics.json").exists() else {} for r in (a, b))
+    for m in (ma, mb):
+        for key in ("wall_time_s", "train_time_s"):
+            m.pop(key, None)
+    return (ma == mb, "" if ma == mb else "metrics differ")
+
+
+def partial_files(run: Path) -> list[str]:
+    """Temporary files or folders left in the run folder (never read as complete ones)."""
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.name.endswith((".tmp", ".old")))
