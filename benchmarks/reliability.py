@@ -80,6 +80,18 @@ def bad_inputs(out: Path, data: str) -> None:
         code, line = quiet(["encode", str(path)])
         print(f"| {name} | `medfm encode FILE` | {code} | {line.replace(str(files) + '/', '')[:160]} |", flush=True)
     run = ["pretrain", "mae_vit_2d", "--profile", "tiny", "--data", data, "--out", str(out / "x")]
+    import os
+
+    import torch
+
+    from tests.test_faults import _Planted
+
+    planted = files / "planted.pth"
+    torch.save({"patch_embed.proj.weight": torch.zeros(1), "hook": _Planted(str(files / "pwned"))}, planted)
+    resumable = out / "whole_pretrain"
+    ckpt = torch.load(resumable / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"] = {"x": _Planted(str(files / "pwned"))}
+    torch.save(ckpt, resumable / "checkpoints" / "last.ckpt")
     evil = files / "evil.yaml"
     evil.write_text("method: mae\nseed: !!python/object/apply:os.system ['true']\n")
     for name, args in (("misspelled trainer key", [*run, "trainer.max_step=3"]),
@@ -89,8 +101,14 @@ def bad_inputs(out: Path, data: str) -> None:
                        ("misspelled split", [*run[:-2], "--out", str(out / "y"), "data.split=training"]),
                        ("YAML python tag", ["pretrain", str(evil), "--out", str(out / "z")]),
                        ("unwritable --out", [*run[:-2], "--out", "/proc/medfm"]),
-                       ("3D preset on a PNG", ["encode", str(next(Path(data).parent.glob("*.png"))), "--preset", "ct_3d"])):
+                       ("3D preset on a PNG", ["encode", str(next(Path(data).parent.glob("*.png"))), "--preset", "ct_3d"]),
+                       ("planted pickle as --encoder weights", ["finetune", "classify_2d", "--profile", "tiny",
+                                                                "--encoder", str(planted), "--data", data, "--out",
+                                                                str(out / "w"), "classification.label=level"]),
+                       ("planted pickle in the resume checkpoint", [*argv("pretrain", data, resumable), "--resume"])):
         code, line = quiet(args)
+        if os.path.exists(files / "pwned"):
+            line = "CODE RAN: " + line
         print(f"| {name} | `medfm {args[0]} ...` | {code} | {line.replace(str(out) + '/', '')[:160]} |", flush=True)
 
 

@@ -316,3 +316,28 @@ def test_a_run_killed_at_any_stage_resumes_to_the_uninterrupted_result(kind, sta
     ok, why = same_result(out, uninterrupted[kind])
     assert ok, why
     assert partial_files(out) == []
+
+
+class _Planted:
+    """Unpickling this runs code: it creates the file named in ``marker``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_in_a_resume_checkpoint_runs_nothing(slices, tmp_path, capsys):
+    """Planted pickles: `--resume` reads checkpoints/last.ckpt, a file anyone with access to the folder can replace."""
+    out = tmp_path / "run"
+    assert main([*PRETRAIN, "--data", slices, "--out", str(out)]) == 0
+    marker = tmp_path / "pwned"
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    state["hyper_parameters"] = {"x": _Planted(str(marker))}
+    torch.save(state, out / "checkpoints" / "last.ckpt")
+    capsys.readouterr()
+    assert main([*PRETRAIN, "--data", slices, "--out", str(out), "--resume", "--max-steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "last.ckpt: refused" in err and len(err.strip().splitlines()) == 1, err

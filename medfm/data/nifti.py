@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import nibabel as nib
 import numpy as np
 
 from .errors import DataError
+from .preflight import MAX_VOXELS
 
 
 def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -17,7 +19,12 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """
     try:
         img = nib.load(str(path))
+        if math.prod(img.shape) > MAX_VOXELS:  # checked before nibabel tries to allocate it
+            raise DataError(f"{path}: the NIfTI header claims a {img.shape} volume ({math.prod(img.shape):,} voxels): "
+                            "damaged header")
         data = np.asarray(img.dataobj, dtype=np.float32)
+    except DataError:
+        raise
     except Exception as e:  # nibabel raises many kinds on truncated/corrupt files
         raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
     if data.ndim == 4:

@@ -69,16 +69,37 @@ class RunFolder:
         for stale in (self.path / "checkpoints").glob("*.tmp"):  # a checkpoint write cut short by a kill
             stale.unlink()
         if resume:
+            self._check_checkpoint(ckpt)
             self._keep_logs()
         return ckpt if resume else None
+
+    @staticmethod
+    def _check_checkpoint(ckpt: Path) -> None:
+        """A resume checkpoint must hold tensors and plain data only (``weights_only``): the folder may have been
+        written by someone else, and unpickling anything more can run code. Read once here, before training."""
+        import pickle
+
+        import torch
+
+        try:
+            torch.load(ckpt, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"{ckpt}: refused: the checkpoint holds pickled Python objects besides tensors, which "
+                             "medfm never loads (they can run code); start the run again with --overwrite") from None
+        except (RuntimeError, EOFError, OSError) as e:
+            raise ValueError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                             "start the run again with --overwrite") from None
 
     def lock(self) -> None:
         """Hold the folder for this process (released when the process ends or ``unlock``): a second run on the
         same folder is refused instead of both writing checkpoints and logs into it."""
         if launched_rank():
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / ".lock", "a+")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / ".lock", "a+")
+        except OSError as e:
+            raise ValueError(f"--out {self.path}: cannot make or write the run folder here ({e.strerror or e})") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
