@@ -114,3 +114,14 @@ def test_recipe_overrides_fail_only_with_recipe_errors(items):
         assert str(e)
     else:
         assert isinstance(cfg["trainer"], dict)
+
+
+def test_duplicate_rows_are_warned_about_and_leakage_across_splits_is_named(tmp_path):
+    ct = samples.pydicom_file("CT_small.dcm")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,split\n{ct},train\n{ct},val\n")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) appear in more than one split.*line 2 \(train\), line 3 \(val\)"):
+        read_records(manifest, split="train")
+    manifest.write_text(f"image,split\n{ct},train\n{ct},train\n")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) are listed more than once"):
+        read_records(manifest)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -117,6 +118,7 @@ def read_records(
                 raw = [t.strip() for v in raw for t in v.split("|") if t.strip()]
             classes = _infer_classes([v for v in raw if v])
     classes = list(classes) if classes is not None else None
+    _warn_duplicates(path, rows, image_key, split_key)
 
     if split is not None:
         _column(path, rows, split_key)
@@ -136,6 +138,24 @@ def read_records(
     if not records:
         raise DataError(f"{path}: no usable rows ({len(bad)} bad; first: {bad[0][1] if bad else '-'})")
     return records, classes, bad
+
+
+def _warn_duplicates(path: Path, rows: list[tuple[int, dict]], image_key: str, split_key: str) -> None:
+    """Warn when one image is listed in several rows: across splits it leaks held-out data into training."""
+    seen: dict[str, list[tuple[int, str]]] = {}
+    for line, row in rows:
+        image = str(row.get(image_key) or "").strip()
+        if image:
+            seen.setdefault(image, []).append((line, str(row.get(split_key, "") or "")))
+    repeated = {k: v for k, v in seen.items() if len(v) > 1}
+    if not repeated:
+        return
+    leaking = {k: v for k, v in repeated.items() if len({s for _, s in v}) > 1}
+    image, where = next(iter((leaking or repeated).items()))
+    rows_text = ", ".join(f"line {n} ({s or 'no split'})" for n, s in where[:4])
+    what = (f"{len(leaking)} image(s) appear in more than one split, so held-out rows are also trained on"
+            if leaking else f"{len(repeated)} image(s) are listed more than once")
+    warnings.warn(f"{path}: {what}; e.g. {image}: {rows_text}", stacklevel=3)
 
 
 def _resolve(root: Path, value: Any, where: str, key: str) -> str:

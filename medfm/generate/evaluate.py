@@ -76,7 +76,7 @@ def utility(cfg: dict, data: str, split: str, manifest: Path, out: Path, classif
         if not (folder / "metrics.json").exists():
             c = merge(base, {"data": {"path": str(data), "val_split": split, "test_split": None, **variants[name]}})
             print(f"utility: training the classifier on {name} data")
-            run_finetune(c, folder)
+            run_finetune(c, folder, overwrite=folder.exists())  # an interrupted earlier attempt is redone
         m = json.loads((folder / "metrics.json").read_text())
         results[name] = {k: m[split][k] for k in ("auroc", "accuracy", "balanced_accuracy") if k in m[split]}
         results[name]["steps"] = m["steps"]
