@@ -22,19 +22,11 @@ sys.path.insert(0, str(REPO))
 
 from medfm.cli import main  # noqa: E402
 from medfm.data import samples  # noqa: E402
-from tests.fault_injection import partial_files, run_killed, same_result  # noqa: E402
+from tests.fault_injection import partial_files, run_killed, same_result, tiny_argv as argv  # noqa: E402
 
 STAGES = [("pretrain", "step", "SIGKILL"), ("pretrain", "step", "SIGTERM"), ("pretrain", "checkpoint", "SIGKILL"),
           ("pretrain", "export", "SIGKILL"), ("finetune", "step", "SIGKILL"), ("finetune", "step", "SIGTERM"),
           ("finetune", "checkpoint", "SIGKILL"), ("finetune", "evaluation", "SIGKILL"), ("finetune", "export", "SIGKILL")]
-
-
-def argv(kind: str, data: str, out: Path) -> list[str]:
-    common = ["--profile", "tiny", "--data", data, "--out", str(out), "--max-steps", "8",
-              "trainer.checkpoint_every_n_steps=2", "trainer.enable_progress_bar=false"]
-    if kind == "pretrain":
-        return ["pretrain", "mae_vit_2d", *common]
-    return ["finetune", "classify_2d", "--method", "lora", *common, "classification.label=level", "data.test_split=null"]
 
 
 def quiet(args: list[str]) -> tuple[int, str]:

@@ -66,6 +66,16 @@ sys.exit(main(argv))
 '''
 
 
+def tiny_argv(kind: str, data: str, out: Path) -> list[str]:
+    """The command of the fault matrix: an 8-step ``--profile tiny`` MAE pretraining or LoRA fine-tuning on ``data``
+    (a manifest with a ``level`` label, e.g. ``medfm.data.samples.mni152_slices``), checkpoints every 2 steps."""
+    common = ["--profile", "tiny", "--data", data, "--out", str(out), "--max-steps", "8",
+              "trainer.checkpoint_every_n_steps=2", "trainer.enable_progress_bar=false"]
+    if kind == "pretrain":
+        return ["pretrain", "mae_vit_2d", *common]
+    return ["finetune", "classify_2d", "--method", "lora", *common, "classification.label=level", "data.test_split=null"]
+
+
 def run_killed(stage: str, signal: str, argv: list[str], at: int = 3, cwd: str | Path | None = None,
                timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``medfm ARGV`` in a subprocess that is killed with ``signal`` at ``stage``."""

@@ -278,7 +278,7 @@ def test_evaluate_on_the_validation_split_reproduces_the_runs_own_numbers(slices
 
 
 # ------------------------------------------------------------------ kill -9 / SIGTERM at each stage
-from .fault_injection import partial_files, run_killed, same_result  # noqa: E402
+from .fault_injection import partial_files, run_killed, same_result, tiny_argv  # noqa: E402
 
 STAGES = [  # (kind, stage, signal)
     ("pretrain", "step", "SIGKILL"), ("pretrain", "checkpoint", "SIGKILL"), ("pretrain", "export", "SIGKILL"),
@@ -287,20 +287,12 @@ STAGES = [  # (kind, stage, signal)
 ]
 
 
-def _argv(kind: str, slices: str, out: Path) -> list[str]:
-    common = ["--profile", "tiny", "--data", slices, "--out", str(out), "--max-steps", "8",
-              "trainer.checkpoint_every_n_steps=2", "trainer.enable_progress_bar=false"]
-    if kind == "pretrain":
-        return ["pretrain", "mae_vit_2d", *common]
-    return ["finetune", "classify_2d", "--method", "lora", *common, "classification.label=level", "data.test_split=null"]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(slices, tmp_path_factory):
     root = tmp_path_factory.mktemp("whole")
     runs = {kind: root / kind for kind in ("pretrain", "finetune")}
     for kind, out in runs.items():
-        assert main(_argv(kind, slices, out)) == 0
+        assert main(tiny_argv(kind, slices, out)) == 0
     return runs
 
 
@@ -308,7 +300,7 @@ def uninterrupted(slices, tmp_path_factory):
 def test_a_run_killed_at_any_stage_resumes_to_the_uninterrupted_result(kind, stage, signal, slices, uninterrupted,
                                                                         tmp_path):
     out = tmp_path / "run"
-    argv = _argv(kind, slices, out)
+    argv = tiny_argv(kind, slices, out)
     killed = run_killed(stage, signal, argv, at=3, cwd=REPO)
     assert killed.returncode == (143 if signal == "SIGTERM" and stage == "step" else -9), killed.stderr[-1500:]
     assert not (out / "metrics.json").exists() or stage == "export"
