@@ -260,8 +260,8 @@ def _run_options(p: argparse.ArgumentParser, fn) -> None:
                    "this saved recipe key (recorded in run.json; trainer.max_steps and the like are always allowed)")
     p.add_argument("--overwrite", action="store_true", help="replace the run outputs already in --out")
     p.add_argument("--profile", default=None, choices=tuple(PROFILES),
-                   help="shrink the recipe to a machine: cpu = ViT-Tiny/8, 64 px or 32^3 at 3 mm, 500 steps "
-                        "(recipes default to GPU scale; KEY=VALUE overrides still win)")
+                   help="shrink the recipe to a machine: cpu = ViT-Tiny/8, 64 px or 32^3 at 3 mm, 500 steps; tiny = "
+                        "ViT-Micro, 4 steps, a smoke test (recipes default to GPU scale; KEY=VALUE overrides still win)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable)")
     p.set_defaults(fn=fn, takes_overrides=True)
 
@@ -270,12 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfm", description="Medical foundation models: encoders, pretraining, tasks.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("quickstart", help="the main job end to end at a small scale, no data or network needed "
-                       "(~8 min on a 2-core CPU; --fast: ~1 min)",
+                       "(~6 min on a 2-core CPU; --fast: ~15 s)",
                        epilog="steps: pretrain_3d (synthesis engine), segment_3d (MNI152 tissue vs random init), "
                               "pretrain_2d (MAE), probe_2d (vs random init), report (report generation), diffusion")
     p.add_argument("--out", default="runs/quickstart", help="folder: report.md, summary.png, one run folder per step "
                    "(an earlier quickstart there is replaced)")
-    p.add_argument("--fast", action="store_true", help="a few steps each (~1 min): shows that everything runs")
+    p.add_argument("--fast", action="store_true", help="a few steps each (~15 s): shows that everything runs")
     p.add_argument("--data", action="append", metavar="STEP=PATH", help="your own data for a step: segment_3d=MANIFEST "
                    "(image, mask, split), images_2d=NPZ|MANIFEST (with --label), report=MANIFEST (image, text, split)")
     p.add_argument("--label", default="level", help="images_2d manifests: the label column (default: level)")
