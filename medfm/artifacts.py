@@ -111,6 +111,19 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
         raise ValueError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
 
 
+def load_tensors(path: str | os.PathLike, remedy: str) -> Any:
+    """``torch.load`` of a file medfm did not necessarily write, tensors and plain data only
+    (``weights_only=True``): a file that also holds pickled Python objects (they can run code) is refused
+    with a ValueError naming it and ``remedy`` (torch's own message suggests ``weights_only=False``)."""
+    import pickle
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused: the file holds pickled Python objects besides tensors, which medfm "
+                         f"never loads (they can run code); {remedy}") from None
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names the source and every bad key."""
     check_state_dict(model, state_dict, source)

@@ -30,6 +30,7 @@ from medfm.pretrain import METHODS, load_recipe, run_pretrain
 from medfm.run import RunFolder, find_recipe, list_recipes
 from medfm.run.recipe import resume_config
 from medfm.run.runner import Stopped
+from medfm.run.folder import RECIPE_NAME
 from medfm.run.profiles import PROFILES
 from medfm.run.trainer import device_description
 from medfm.synthetic import SynthConfig, export_synthetic
@@ -123,7 +124,7 @@ def _recipe(loader, recipe: str | Path, args: argparse.Namespace, overrides: lis
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "devices": "trainer.devices"})
-    saved = Path(args.out) / "recipe.yaml"
+    saved = Path(args.out) / RECIPE_NAME
     recipe = saved if args.resume and saved.exists() else find_recipe(args.recipe)
     if is_generator_recipe(recipe):  # encoders/diffusion_*.yaml: a generator is trained beside the encoders
         cfg, changes = _recipe(load_generator_recipe, recipe, args, overrides)

@@ -22,6 +22,7 @@ test suite runs (numbers from it show that the job works, not how well).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shutil
@@ -95,22 +96,20 @@ def _num_labels(manifest: str | Path, column: str = "mask") -> int:
     """Label values in the masks of a manifest (max + 1), read once so a user's set needs no class count."""
     import numpy as np
 
-    from medfm.data import load
+    from medfm.data import load, read_records
 
-    manifest = Path(manifest)
-    with open(manifest) as f:
-        paths = [r[column] for r in csv.DictReader(f)]
-    if not paths:
-        raise ValueError(f"{manifest}: the manifest has no rows")
-    top = max(int(np.asarray(load(p if os.path.isabs(p) else manifest.parent / p)["image"]).max()) for p in paths)
-    return top + 1
+    records, _, _ = read_records(manifest, mask_key=column)  # paths resolved, bad rows named by their line
+    masks = [r.mask for r in records if r.mask]
+    if not masks:
+        raise ValueError(f"{manifest}: no row names a {column!r} file")
+    return 1 + max(int(np.asarray(load(m)["image"]).max()) for m in masks)
 
 
 class Quickstart:
     """The quickstart's steps; ``run()`` executes them in order and writes the report (see the module)."""
 
     def __init__(self, out: str | os.PathLike, fast: bool = False, data: dict[str, str] | None = None,
-                 label: str = "level", overwrite: bool = True):
+                 label: str = "level"):
         self.out = Path(out)
         self.scale = FAST if fast else FULL
         self.fast = fast
@@ -121,7 +120,7 @@ class Quickstart:
                              + "; ".join(f"{k} ({v})" for k, v in DATA_KEYS.items()))
         self.label = label
         if self.out.exists() and any(self.out.iterdir()):
-            if not overwrite or not (self.out / "results.json").exists() and not (self.out / "data").exists():
+            if not (self.out / "results.json").exists() and not (self.out / "data").exists():
                 raise FileExistsError(f"{self.out} exists and is not an earlier quickstart folder; give another --out")
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -145,25 +144,33 @@ class Quickstart:
                                                                                 csf=True)
         n = _num_labels(manifest)
         names = list(samples.TISSUE_NAMES[:n]) if "segment_3d" not in self.data else None
-        dice = {}
-        for init, weights in (("pretrained", self.runs["pretrain_3d"] / "encoder"), ("random init", None)):
-            cfg = load_task_recipe(find_recipe("segment_3d", kind="tasks"), {
-                "method": "full", "encoder": {**TINY_VIT_3D, "pretrained": str(weights) if weights else None},
+        dice = self._against_random_init("segment_3d", "pretrain_3d", manifest, lambda weights: load_task_recipe(
+            find_recipe("segment_3d", kind="tasks"), {
+                "method": "full", "encoder": {**TINY_VIT_3D, "pretrained": weights},
                 "segmentation": {"num_classes": n, "class_names": names, "feature_size": 8, "hd95": False},
                 "data": {"preset_args": {"spacing": s.spacing}, "batch_size": 2, "num_workers": 0, "test_split": None},
                 "optim": {"lr": 1e-3, "warmup_steps": min(10, s.segment_steps // 5)},
-                "trainer": _trainer(s.segment_steps)})
-            key = "segment_3d" + ("" if weights else "_random")
-            run = self.runs[key] = run_finetune(cfg, self.out / key, data_path=str(manifest))
-            dice[init] = _metrics(run)["val"]
+                "trainer": _trainer(s.segment_steps)}))
         detail = ", ".join(f"{k} {v:.2f}" for k, v in dice["pretrained"]["dice"].items())
         return {"result": f"mean Dice {dice['pretrained']['mean_dice']:.3f} ({detail})",
                 "baseline": f"mean Dice {dice['random init']['mean_dice']:.3f}",
                 "value": dice["pretrained"]["mean_dice"], "metric": "mean Dice", "baseline_value": dice["random init"]["mean_dice"],
                 "where": self.runs["segment_3d"] / "model"}
 
-    def _images_2d(self) -> tuple[str, str | None]:
-        """The 2D set and its label column (None for an npz, which carries its labels)."""
+    def _against_random_init(self, step: str, encoder_step: str, data, recipe) -> dict[str, dict]:
+        """The same fine-tuning (``recipe(weights)``) from ``encoder_step``'s encoder and from random init, in
+        the run folders ``step`` and ``step_random``: their validation metrics by init."""
+        val = {}
+        for init, weights in (("pretrained", str(self.runs[encoder_step] / "encoder")), ("random init", None)):
+            key = step + ("" if weights else "_random")
+            run = self.runs[key] = run_finetune(recipe(weights), self.out / key, data_path=str(data))
+            val[init] = _metrics(run)["val"]
+        return val
+
+    @functools.cached_property
+    def images_2d(self) -> tuple[str, str | None]:
+        """The 2D set (the MNI152 slices are written once, for the three steps that use them) and its label
+        column (None for an npz, which carries its labels)."""
         if "images_2d" in self.data:
             path = self.data["images_2d"]
             return path, None if str(path).endswith(".npz") else self.label
@@ -171,7 +178,7 @@ class Quickstart:
 
     def pretrain_2d(self) -> dict:
         s = self.scale
-        path, _ = self._images_2d()
+        path, _ = self.images_2d
         cfg = load_recipe(find_recipe("mae_vit_2d"), {
             "encoder": TINY_VIT_2D, "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
             "data": {"batch_size": 16, "num_workers": 0}, "probe": {"every_n_steps": 0},
@@ -182,16 +189,13 @@ class Quickstart:
 
     def probe_2d(self) -> dict:
         s = self.scale
-        path, label = self._images_2d()
-        auroc = {}
-        for init, weights in (("pretrained", self.runs["pretrain_2d"] / "encoder"), ("random init", None)):
-            cfg = load_task_recipe(find_recipe("classify_2d", kind="tasks"), {
-                "method": "linear_probe", "encoder": {**TINY_VIT_2D, "pretrained": str(weights) if weights else None},
+        path, label = self.images_2d
+        val = self._against_random_init("probe_2d", "pretrain_2d", path, lambda weights: load_task_recipe(
+            find_recipe("classify_2d", kind="tasks"), {
+                "method": "linear_probe", "encoder": {**TINY_VIT_2D, "pretrained": weights},
                 "classification": {"label": label}, "data": {"batch_size": 16, "num_workers": 0, "test_split": None},
-                "optim": {"lr": 1e-2, "warmup_steps": 0}, "trainer": _trainer(s.probe_steps)})
-            key = "probe_2d" + ("" if weights else "_random")
-            run = self.runs[key] = run_finetune(cfg, self.out / key, data_path=path)
-            auroc[init] = _metrics(run)["val"]["auroc"]
+                "optim": {"lr": 1e-2, "warmup_steps": 0}, "trainer": _trainer(s.probe_steps)}))
+        auroc = {init: m["auroc"] for init, m in val.items()}
         return {"result": f"val AUROC {auroc['pretrained']:.3f}", "baseline": f"val AUROC {auroc['random init']:.3f}",
                 "value": auroc["pretrained"], "metric": "val AUROC", "baseline_value": auroc["random init"], "where": self.runs["probe_2d"] / "model"}
 
@@ -225,7 +229,7 @@ class Quickstart:
         from medfm.artifacts import load as load_artifact
 
         s = self.scale
-        path, label = self._images_2d()
+        path, label = self.images_2d
         cfg = load_generator_recipe(find_recipe("diffusion_2d"), {
             "diffusion": {"image_size": s.size_2d, "channels": [16, 32], "attention": [False, True],
                           "head_channels": 16, "sample_steps": 10 if self.fast else 25, "preview": 8},
@@ -241,9 +245,6 @@ class Quickstart:
 
     # ------------------------------------------------------------- driver
     def run(self, steps: tuple[str, ...] = STEPS) -> list[dict]:
-        from medfm.run.trainer import quiet_known_noise
-
-        quiet_known_noise()
         unknown = set(steps) - set(STEPS)
         if unknown:
             raise ValueError(f"unknown quickstart step(s) {sorted(unknown)}; steps: {', '.join(STEPS)}")

@@ -180,15 +180,14 @@ class ManifestDataset(SampleDataset):
         """Read the header of every image and mask file (``medfm.data.preflight``); a bad one is an error naming
         its line (``on_error="raise"``) or its row is dropped (``"skip"``). Returns the dropped rows."""
         bad, keep = [], []
-        for rec in self.records:
+        for i, rec in enumerate(self.records):
             why = next((f"{f}: {w}" for f in (rec.image, rec.mask) if f and (w := header_problem(f))), None)
             if why is None:
                 keep.append(rec)
                 continue
             where = f"{self.manifest} line {rec.line}"
             if self.on_error == "raise":
-                n = 1 + sum(1 for r in self.records[self.records.index(rec) + 1:]
-                            if any(f and header_problem(f) for f in (r.image, r.mask)))
+                n = 1 + sum(1 for r in self.records[i + 1:] if any(f and header_problem(f) for f in (r.image, r.mask)))
                 raise DataError(f"{where}: {why}" + (f" ({n} bad rows in all; on_error: skip drops them)" if n > 1 else ""))
             bad.append((where, why))
         self.records = keep

@@ -9,7 +9,19 @@ import nibabel as nib
 import numpy as np
 
 from .errors import DataError
-from .preflight import MAX_VOXELS
+
+
+MAX_VOXELS = 2**31  # a header claiming more voxels than this is damaged, not a scan
+
+
+def open_nifti(path: str | os.PathLike):
+    """The nibabel image of ``path`` with its header read and its claimed size checked (no voxel data read):
+    a damaged header claiming an enormous volume is a DataError before anything tries to allocate it."""
+    img = nib.load(str(path))
+    if math.prod(img.shape) > MAX_VOXELS:
+        raise DataError(f"{path}: the NIfTI header claims a {img.shape} volume ({math.prod(img.shape):,} voxels): "
+                        "damaged header")
+    return img
 
 
 def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -18,10 +30,7 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     A 4D file's last axis becomes channels (e.g. MRI sequences or time points).
     """
     try:
-        img = nib.load(str(path))
-        if math.prod(img.shape) > MAX_VOXELS:  # checked before nibabel tries to allocate it
-            raise DataError(f"{path}: the NIfTI header claims a {img.shape} volume ({math.prod(img.shape):,} voxels): "
-                            "damaged header")
+        img = open_nifti(path)
         data = np.asarray(img.dataobj, dtype=np.float32)
     except DataError:
         raise

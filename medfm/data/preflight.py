@@ -8,31 +8,44 @@ default (``preflight: auto``); larger ones when asked (``preflight: true``).
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 from pathlib import Path
 
+from .errors import DataError
+from .nifti import open_nifti
+
 AUTO_LIMIT = 5000  # rows: above this, `auto` skips the scan (ask for it with preflight: true)
-MAX_VOXELS = 2**31  # a header claiming more voxels than this is damaged, not a scan
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def header_problem(path: str | os.PathLike) -> str | None:
-    """Why the file (or DICOM folder) at ``path`` cannot be read, from its header; None when it looks fine."""
+    """Why the file (or DICOM folder) at ``path`` cannot be read, from its header; None when it looks fine.
+    Answers are kept per (path, size, modification time): a run opens its splits several times (training,
+    label checks, evaluation) and each file's header is read once, unless the file changes."""
+    p = Path(path)
+    try:
+        stat = p.stat()
+    except OSError as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return _header_problem(str(p), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _header_problem(path: str, size: int, mtime_ns: int) -> str | None:
     p = Path(path)
     try:
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
             return "empty folder" if not files else header_problem(files[0])
-        if p.stat().st_size == 0:
+        if size == 0:
             return "empty file (0 bytes)"
         name = p.name.lower()
         if name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            shape = nib.load(str(p)).shape
-            if math.prod(shape) > MAX_VOXELS:
-                return f"the NIfTI header claims a {shape} volume ({math.prod(shape):,} voxels): damaged header"
+            try:
+                open_nifti(p)
+            except DataError as e:  # the damaged-size message names the file; here the row does
+                return str(e).removeprefix(f"{p}: ")
         elif name.endswith(IMAGE_SUFFIXES):
             from PIL import Image
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.util import find_spec
 from pathlib import Path
 
-from .writers import write_manifest
+from .writers import write_manifest, write_nifti
 
 
 def _package_dir(package: str) -> Path:
@@ -73,13 +73,11 @@ def mni152_tissue_manifest(out: str | Path) -> Path:
     """The whole MNI152 T1 brain and its tissue label map (0 background, 1 grey matter, 2 white matter)
     written into ``out`` with a manifest (``image``, ``mask``, ``split`` train): real 3D data for
     mask-conditioned generation demos."""
-    import nibabel as nib
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t1, labels = mni152_tissue()
     (out / "t1.nii.gz").write_bytes(mni152("t1").read_bytes())
-    nib.save(nib.Nifti1Image(labels, t1.affine), out / "tissue.nii.gz")
+    write_nifti(labels, out / "tissue.nii.gz", t1.affine)
     return write_manifest(out / "manifest.csv", [{"image": "t1.nii.gz", "mask": "tissue.nii.gz", "split": "train"}])
 
 
@@ -108,9 +106,8 @@ LEVELS = ("q1", "q2", "q3", "q4")  # mni152_slices: quarters of -30..60 mm above
 def mni152_slices(out: str | Path, n: int = 48, size: int | None = None) -> Path:
     """A 2D set from one real brain: ``n`` axial MNI152 T1 slices (PNG, 8-bit) between 30 mm below and 60 mm
     above the AC-PC plane, each with its tissue label map (PNG) and a ``level`` label: which quarter of that
-    range the slice is in (``q1`` lowest .. ``q4`` highest); every 4th slice is ``val``, the rest
-    ``train``. ``size``: resize to
-    size x size (nearest neighbour for the labels)."""
+    range the slice is in (``q1`` lowest .. ``q4`` highest); every 4th slice is ``val``, the rest ``train``.
+    ``size``: resize to size x size (nearest neighbour for the labels)."""
     import numpy as np
     from PIL import Image
 

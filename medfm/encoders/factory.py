@@ -59,12 +59,10 @@ def saved_architecture(pretrained: str | os.PathLike) -> dict | None:
     config = read_config(path)
     kind = str(config.get("medfm_class", "")).rsplit(":", 1)[-1].rsplit(".", 1)[-1]
     if kind == "ViT" and vit_size_name(config):
-        arch = {"name": vit_size_name(config), "patch_size": config["patch_size"]}
-    elif kind == "ResNetEncoder" and f"resnet{config.get('depth')}" in list_encoders():
-        arch = {"name": f"resnet{config['depth']}"}
-    else:
-        return None
-    return arch
+        return {"name": vit_size_name(config), "patch_size": config["patch_size"]}
+    if kind == "ResNetEncoder" and f"resnet{config.get('depth')}" in list_encoders():
+        return {"name": f"resnet{config['depth']}"}
+    return None
 
 
 def from_pretrained(model_id: str | os.PathLike, **hub_kwargs: Any) -> nn.Module:

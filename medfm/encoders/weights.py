@@ -16,7 +16,6 @@ strictly, and a mismatch raises an error naming the keys.
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from timm.models import adapt_input_conv
 
-from medfm.artifacts import WEIGHTS_NAME, load_state_dict_strict
+from medfm.artifacts import WEIGHTS_NAME, load_state_dict_strict, load_tensors
 
 from .hub import read_config, resolve_file
 
@@ -48,12 +47,7 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         if path.suffix == ".safetensors":
             sd = load_file(str(path))
         elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-            try:
-                sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:  # torch's message advises weights_only=False: never here
-                raise ValueError(f"{source}: refused: the file holds pickled Python objects besides tensors, which "
-                                 "medfm never loads (they can run code); save its state_dict's tensors as "
-                                 ".safetensors or with torch.save(model.state_dict())") from None
+            sd = load_tensors(path, "save its state_dict's tensors as .safetensors or with torch.save(model.state_dict())")
         else:
             raise ValueError(f"{source}: unknown weight file type {path.suffix!r} (use .safetensors, .pth, .pt, .bin)")
         for key in ("state_dict", "model"):  # Lightning checkpoints, MAE/DINO training checkpoints

@@ -13,7 +13,10 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm.auto import tqdm
+
+from medfm.atomic import atomic_path
 
 
 class RngState(L.Callback):
@@ -137,8 +140,6 @@ class StopCheckpoint(L.Callback):
         self.path = path
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.path)
 
@@ -150,8 +151,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     mode). A leftover ``.tmp`` is never read as a checkpoint and is removed when the folder is next used."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        from medfm.atomic import atomic_path
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:

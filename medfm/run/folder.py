@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from medfm.artifacts import read_run_info, write_run_info
+from medfm.artifacts import load_tensors, read_run_info, write_run_info
 from medfm.atomic import write_text
 
 RECIPE_NAME = "recipe.yaml"
@@ -77,15 +77,8 @@ class RunFolder:
     def _check_checkpoint(ckpt: Path) -> None:
         """A resume checkpoint must hold tensors and plain data only (``weights_only``): the folder may have been
         written by someone else, and unpickling anything more can run code. Read once here, before training."""
-        import pickle
-
-        import torch
-
         try:
-            torch.load(ckpt, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise ValueError(f"{ckpt}: refused: the checkpoint holds pickled Python objects besides tensors, which "
-                             "medfm never loads (they can run code); start the run again with --overwrite") from None
+            load_tensors(ckpt, "start the run again with --overwrite")
         except (RuntimeError, EOFError, OSError) as e:
             raise ValueError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
                              "start the run again with --overwrite") from None

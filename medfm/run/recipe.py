@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from .folder import RECIPE_NAME
 from .profiles import profile_overrides
 from .trainer import TRAINER_DEFAULTS
 
@@ -352,9 +353,9 @@ def resume_config(loader, run: str | os.PathLike, overrides: Sequence[str] = (),
     An override that changes a saved value is an error naming the key and both values, unless the key is in
     ``FREE_ON_RESUME`` or ``allow`` (``--allow-change KEY``); returns the recipe and ``{key: {"from", "to"}}``
     of what changed, for run.json. ``loader(path, overrides)`` reads a recipe of the run's kind."""
-    saved = Path(run) / "recipe.yaml"
+    saved = Path(run) / RECIPE_NAME
     if not saved.exists():
-        raise FileNotFoundError(f"{saved}: nothing to resume ({run} holds no recipe.yaml: not a run folder)")
+        raise FileNotFoundError(f"{saved}: nothing to resume ({run} holds no {RECIPE_NAME}: not a run folder)")
     cfg = loader(saved, list(overrides))
     before, after = flatten(loader(saved)), flatten(cfg)
     changes = {k: {"from": before.get(k), "to": v} for k, v in after.items() if before.get(k) != v}

@@ -188,8 +188,6 @@ class Stopped(SystemExit):
     """A run stopped from outside (SIGTERM) after writing its checkpoint: exit status 143 (128 + SIGTERM), so
     job chains and schedulers see that it did not finish; the message says how to continue."""
 
-    code = 143
-
     def __init__(self, message: str):
         super().__init__(143)
         self.message = message

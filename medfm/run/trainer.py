@@ -73,12 +73,10 @@ def quiet_known_noise() -> None:
 
 def device_description(accelerator: str = "auto") -> str:
     """The device a run uses, in words (CUDA GPUs by name, MPS, or the CPU and its threads)."""
-    if accelerator == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
-    if torch.cuda.is_available():
+    if accelerator != "cpu" and torch.cuda.is_available():
         names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
         return f"cuda x{torch.cuda.device_count()} ({', '.join(sorted(names))})"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if accelerator != "cpu" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return f"cpu ({torch.get_num_threads()} threads)"
 

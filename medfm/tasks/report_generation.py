@@ -159,20 +159,17 @@ def build_decoder(text_model: str | None = None, num_layers: int = 2, vocab: Rep
 def summarise(names: Sequence[str]) -> str:
     """Weight names folded to their modules, block numbers merged: ``bert.encoder.layer.{0,1}.crossattention.*,
     cls.predictions.*`` (one short line however many tensors a module has)."""
-    groups: dict[str, list[str]] = {}
-    modules = []
-    for n in names:  # the module a weight belongs to: up to its cross-attention / prediction head, else its parent
-        parts = n.split(".")
+    def module(name: str) -> str:  # up to its cross-attention / prediction head, else its parent module
+        parts = name.split(".")
         cut = next((i + 1 for i, p in enumerate(parts) if p in ("crossattention", "predictions")), len(parts) - 1)
-        module = ".".join(parts[:cut]) + ".*"
-        if module not in modules:
-            modules.append(module)
-    for n in modules:
+        return ".".join(parts[:cut]) + ".*"
+
+    groups: dict[str, list[str]] = {}
+    for n in dict.fromkeys(module(n) for n in names):  # each module once, in order
         parts = n.split(".")
         idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
         key = n if idx is None else ".".join(parts[:idx] + ["{}"] + parts[idx + 1:])
-        if idx is None or parts[idx] not in groups.setdefault(key, []):
-            groups.setdefault(key, []).append(parts[idx] if idx is not None else "")
+        groups.setdefault(key, []).append(parts[idx] if idx is not None else "")
     return ", ".join(k.replace("{}", "{" + ",".join(v) + "}") if "{}" in k else k for k, v in groups.items())
 
 
