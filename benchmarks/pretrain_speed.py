@@ -107,7 +107,7 @@ def make_batch(cfg: dict, batch: int, device: str) -> dict:
 def step_loss(module, batch: dict) -> torch.Tensor:
     if "image" in batch:
         return module.model(batch["image"])["loss"]
-    return module.model(batch["global"], batch["local"])
+    return module.model(batch["global"], batch["local"])[0]
 
 
 def plain_loop(cfg: dict, batch: dict, steps: int, warmup: int) -> tuple[list[float], float, int]:

@@ -1,7 +1,7 @@
 """``medfm`` command line: ``info``, ``encode``, ``pretrain`` (every registered method: MAE, DINO, CLIP,
 text MLM, dense synthetic; and diffusion generators), ``finetune`` (classification, segmentation, report
 generation), ``evaluate RUN`` (any run kind), ``generate`` (sample a generator into a data set),
-``generate-report``, ``synth``."""
+``generate-report``, ``synth``, ``quickstart``, ``benchmark`` (label efficiency)."""
 
 from __future__ import annotations
 
@@ -251,6 +251,35 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(items, flag: str, example: str) -> dict[str, str]:
+    """``NAME=VALUE`` command-line items as a dict (a clear error naming the flag otherwise)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"{flag} {item!r}: give NAME=VALUE (e.g. {flag} {example})")
+        out[key] = value
+    return out
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from medfm.benchmark import LabelEfficiency
+
+    budget: dict[str, int] = {}
+    for item in args.pretrain_budget.split(","):
+        key, sep, value = item.rpartition("=")
+        budget[key if sep else "default"] = int(value)
+    steps = {k: int(v) for k, v in _pairs(args.finetune_steps, "--finetune-steps", "lora=200").items()}
+    data = _pairs(args.data, "--data", "pneumonia=pneumoniamnist.npz")
+    tasks = args.tasks.split(",") if args.tasks else [t for t, d in (("pneumonia", "pneumonia"), ("medpix_region", "medpix"),
+                                                                   ("medpix_modality", "medpix")) if d in data] + ["mni_tissue"]
+    LabelEfficiency(args.out, data, tasks, args.inits.split(","), args.methods.split(","), args.shots.split(","),
+                    [int(s) for s in args.seeds.split(",")], budget, steps,
+                    None if args.profile == "none" else args.profile,
+                    _pairs(args.encoder, "--encoder", "mae=runs/gpu_mae"), args.pool).run()
+    return 0
+
+
 def _run_options(p: argparse.ArgumentParser, fn) -> None:
     """What every recipe-driven training command takes besides its own flags: step budget, resume, and
     recipe overrides (``--set KEY=VALUE`` or bare ``KEY=VALUE``)."""
@@ -282,6 +311,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="level", help="images_2d manifests: the label column (default: level)")
     p.add_argument("--steps", default=None, help="comma-separated subset of the steps (the encoders they need run too)")
     p.set_defaults(fn=cmd_quickstart)
+    p = sub.add_parser("benchmark", help="label efficiency: K labelled examples per class, every encoder init against "
+                       "random init, mean +- std over seeds (tables + one plot per task)",
+                       epilog="tasks: pneumonia (needs --data pneumonia=NPZ), medpix_region, medpix_modality (--data "
+                              "medpix=MANIFEST), mni_tissue (nilearn's MNI152, no data). Finished runs in --out are kept.")
+    p.add_argument("--data", action="append", metavar="NAME=PATH", help="pneumonia=pneumoniamnist.npz, "
+                   "medpix=medpix2/manifest.csv (repeatable)")
+    p.add_argument("--tasks", default=None, help="comma-separated (default: those whose data is given, and mni_tissue)")
+    p.add_argument("--inits", default="random,mae,dino,clip,synth", help="encoder inits (default: all); any name given "
+                   "with --encoder too")
+    p.add_argument("--encoder", action="append", metavar="INIT=PATH", help="use these weights for an init instead of "
+                   "pretraining here (a run or encoder folder, or a weight file such as a timm checkpoint; INIT@DOMAIN "
+                   "for one domain)")
+    p.add_argument("--methods", default="linear_probe,lora", help="adaptations (default: linear_probe,lora)")
+    p.add_argument("--shots", default="1,5,10,25,100,all", help="labelled examples per class (MNI: one slab vs all)")
+    p.add_argument("--seeds", default="0,1,2", help="few-shot draws / fine-tuning seeds (default: 0,1,2)")
+    p.add_argument("--pretrain-budget", default="500", help="pretraining steps of every encoders/ recipe, or per init: "
+                   "500,dino=150 (default 500)")
+    p.add_argument("--finetune-steps", action="append", metavar="METHOD=STEPS", help="fine-tuning steps per method "
+                   "(default: the profile's; e.g. lora=200)")
+    p.add_argument("--profile", default="cpu", choices=(*PROFILES, "none"), help="size profile of every recipe "
+                   "(default cpu: ViT-Tiny/8 at 64 px / 32^3; none: the recipes' GPU scale)")
+    p.add_argument("--pool", default="avg", choices=("avg", "token"), help="the frozen features every init is read out "
+                   "with (default avg: mean of the patch tokens)")
+    p.add_argument("--out", default="runs/label_efficiency", help="folder: results.csv, label_efficiency.md, <task>.png, "
+                   "pretrain/ and finetune/ run folders")
+    p.set_defaults(fn=cmd_benchmark)
     p = sub.add_parser("info", help="versions, device, registered encoders and recipes")
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("encode", help="embed one image or volume with an encoder (default: the MNI152 brain)")

@@ -1,4 +1,5 @@
-"""MAE and DINO: masking, loss on masked patches, missing-modality masking, EMA teacher, views."""
+"""MAE and DINO: masking, loss on masked patches, missing-modality masking, EMA teacher, collapse detection,
+views."""
 
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def test_dino_teacher_is_the_ema_of_the_student():
     batch = {k: [torch.stack([c[k][i] for c in crops]) for i in range(len(crops[0][k]))] for k in ("global", "local")}
     for m in (0.9, 0.99):
         before = [p.detach().clone() for p in model.teacher.parameters()]
-        loss = model(batch["global"], batch["local"])
+        loss, _ = model(batch["global"], batch["local"])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -119,6 +120,85 @@ def test_dino_teacher_is_the_ema_of_the_student():
         assert moved > 0
     # the teacher's centre is a running mean of its outputs
     assert model.criterion.center.abs().sum() > 0
+
+
+class _Constant(torch.nn.Module):
+    """An encoder whose output does not depend on its input: a collapsed network by construction."""
+
+    embed_dim = 48
+
+    def __init__(self):
+        super().__init__()
+        self.value = torch.nn.Parameter(torch.randn(self.embed_dim))
+
+    def forward(self, x):
+        return self.value.expand(x.shape[0], -1)
+
+
+def _dino_fit(encoder, steps: int, data) -> tuple:
+    """A DINO module trained ``steps`` steps on ``data`` (a list of multi-crop batches) with the collapse monitor."""
+    import lightning as L
+
+    from medfm.pretrain.collapse import CollapseMonitor
+
+    module = DINOModule(encoder, hidden_dim=64, bottleneck_dim=32, output_dim=256, lr=1e-3, max_steps=steps,
+                        warmup_steps=2)
+    monitor = CollapseMonitor(256, every_n_steps=2, grace_steps=6, patience=3)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[monitor], accelerator="cpu", log_every_n_steps=1)
+    trainer.fit(module, loader)
+    return module, monitor
+
+
+def _crops(n: int, images: torch.Tensor) -> list[dict]:
+    views = MultiCrop(2, 32, 16, n_local=2)
+    out = []
+    for step in range(n):
+        crops = [views(images[(step * 8 + i) % len(images)]) for i in range(8)]
+        out.append({k: [torch.stack([c[k][i] for c in crops]) for i in range(len(crops[0][k]))] for k in ("global", "local")})
+    return out
+
+
+def _real_images() -> torch.Tensor:
+    """Axial slices of the MNI152 brain (real anatomy, varied content), (N, 1, 40, 40)."""
+    from medfm.data import load, samples
+
+    vol = load(samples.mni152("t1"))["image"][0]
+    slices = vol[:, :, 40:160:4].permute(2, 0, 1)[:, None]
+    return F.interpolate(slices / slices.amax(), size=(40, 40), mode="bilinear")
+
+
+def test_dino_collapse_detector_fires_on_constant_output_and_not_on_a_healthy_run():
+    from medfm.pretrain.collapse import collapse_indicators, collapse_reason
+
+    torch.manual_seed(0)
+    data = _crops(16, _real_images())
+    with pytest.warns(UserWarning, match="DINO collapsed at step .*same output"):
+        module, monitor = _dino_fit(_Constant(), 16, data)
+    assert monitor.fired and float(module.indicators["output_std"]) < 1e-3
+    # a ViT read out by mean-pooled patch tokens on real slices: spread outputs, the student not yet equal to
+    # the teacher -> quiet
+    torch.manual_seed(0)
+    healthy = create_encoder("vit_micro", img_size=32, patch_size=8, global_pool="avg", fc_norm=False)
+    module, monitor = _dino_fit(healthy, 16, data)
+    assert monitor.fired is None, {k: float(v) for k, v in module.indicators.items()}
+    # the two kinds of collapse of the DINO paper (figure 7), from outputs built to show them
+    spread = [torch.randn(8, 256) * 3 for _ in range(2)]
+    ind = {k: float(v) for k, v in collapse_indicators(spread, [torch.randn(8, 256) for _ in range(4)],
+                                                        torch.zeros(1, 1, 256), 0.04, 0.1).items()}
+    assert collapse_reason(ind, 256) is None
+    # uniform: the teacher's output is its centre, the student's is flat too
+    centre = torch.randn(1, 1, 256)
+    uniform = {k: float(v) for k, v in collapse_indicators([centre[0].expand(8, 256)] * 2, [torch.zeros(8, 256)] * 4,
+                                                            centre, 0.04, 0.1).items()}
+    assert "uniform" in collapse_reason({**uniform, "output_std": 1.0}, 256), uniform
+    # one prototype for every image, the student agreeing
+    peaked = torch.zeros(8, 256)
+    peaked[:, 3] = 50.0
+    one = {k: float(v) for k, v in collapse_indicators([peaked] * 2, [peaked] * 4, torch.zeros(1, 1, 256), 0.04,
+                                                        0.04).items()}
+    assert "one prototype" in collapse_reason({**one, "output_std": 1.0}, 256), one
 
 
 def test_dino_schedules():

@@ -81,10 +81,14 @@ def mni152_tissue_manifest(out: str | Path) -> Path:
     return write_manifest(out / "manifest.csv", [{"image": "t1.nii.gz", "mask": "tissue.nii.gz", "split": "train"}])
 
 
-def mni152_hemispheres(out: str | Path, csf: bool = False) -> Path:
+def mni152_hemispheres(out: str | Path, csf: bool = False, slab_mm: float | None = None) -> Path:
     """A 3D segmentation set from one real brain: the left hemisphere of the MNI152 T1 (world x < 0) is the
     ``train`` volume, the right one the ``val`` volume, each with its tissue label map (:func:`mni152_tissue`)
-    and its world affine, as NIfTI + ``manifest.csv`` (``image``, ``mask``, ``split``, ``side``)."""
+    and its world affine, as NIfTI + ``manifest.csv`` (``image``, ``mask``, ``split``, ``side``).
+
+    ``slab_mm``: the training volume is only an axial slab this thick of the left hemisphere, centred 20 mm
+    above the AC-PC plane (through the ventricles and the basal ganglia): a few labelled slices, the
+    few-label case; validation is still the whole right hemisphere."""
     import nibabel as nib
 
     out = Path(out)
@@ -92,8 +96,15 @@ def mni152_hemispheres(out: str | Path, csf: bool = False) -> Path:
     t1, labels = mni152_tissue(csf)
     mid = midline_index(t1)
     labimg = nib.Nifti1Image(labels, t1.affine)
+    z = slice(None)
+    if slab_mm is not None:
+        import numpy as np
+
+        centre = int(round(float(np.linalg.solve(t1.affine, [0.0, 0.0, 20.0, 1.0])[2])))
+        half = max(1, int(round(slab_mm / 2 / abs(float(t1.affine[2, 2])))))
+        z = slice(centre - half, centre + half)
     rows = []
-    for side, sl, split in (("left", slice(0, mid), "train"), ("right", slice(mid, None), "val")):
+    for side, sl, split in (("left", (slice(0, mid), slice(None), z), "train"), ("right", slice(mid, None), "val")):
         nib.save(t1.slicer[sl], out / f"{side}_t1.nii.gz")
         nib.save(labimg.slicer[sl], out / f"{side}_tissue.nii.gz")
         rows.append({"image": f"{side}_t1.nii.gz", "mask": f"{side}_tissue.nii.gz", "split": split, "side": side})

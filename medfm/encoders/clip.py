@@ -36,6 +36,8 @@ class CLIP(nn.Module, Artifact):
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.image_proj = nn.Linear(image_encoder.embed_dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_encoder.embed_dim, embed_dim, bias=False)
+        for proj in (self.image_proj, self.text_proj):  # open_clip's projection init: N(0, width^-1/2)
+            nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
         # SigLIP's paper initialises t' = log 10 and b = -10; CLIP's 1/0.07
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if loss == "siglip" else 1 / init_temperature)))
         self.logit_bias = nn.Parameter(torch.tensor(init_bias)) if loss == "siglip" else None

@@ -48,10 +48,14 @@ def create_encoder(
     return model
 
 
+READOUT = ("global_pool", "fc_norm")  # how a ViT pools its tokens: a recipe may read a saved encoder another way
+
+
 def saved_architecture(pretrained: str | os.PathLike) -> dict | None:
-    """``{name, patch_size}`` of a medfm ``save_pretrained`` folder (None for anything else: a weight file,
-    ``timm:<name>``, a folder without a medfm config), so a recipe that loads the folder builds the network the
-    weights were trained with. Dimensions and channels are left to the recipe: a 2D encoder inflates into a 3D
+    """``{name, patch_size, global_pool, fc_norm}`` of a medfm ``save_pretrained`` folder (None for anything
+    else: a weight file, ``timm:<name>``, a folder without a medfm config), so a recipe that loads the folder
+    builds the network the weights were trained with and reads it out as it was trained to be read
+    (:data:`READOUT`). Dimensions and channels are left to the recipe: a 2D encoder inflates into a 3D
     task and input channels adapt (``load_pretrained``)."""
     path = Path(str(pretrained))
     if not (path / "config.json").is_file():
@@ -59,7 +63,8 @@ def saved_architecture(pretrained: str | os.PathLike) -> dict | None:
     config = read_config(path)
     kind = str(config.get("medfm_class", "")).rsplit(":", 1)[-1].rsplit(".", 1)[-1]
     if kind == "ViT" and vit_size_name(config):
-        return {"name": vit_size_name(config), "patch_size": config["patch_size"]}
+        readout = {k: config[k] for k in READOUT if k in config}
+        return {"name": vit_size_name(config), "patch_size": config["patch_size"], **readout}
     if kind == "ResNetEncoder" and f"resnet{config.get('depth')}" in list_encoders():
         return {"name": f"resnet{config['depth']}"}
     return None

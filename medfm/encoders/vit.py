@@ -91,8 +91,13 @@ class ViT(nn.Module, HubMixin):
         patch_size: an int, or one entry per spatial dim (e.g. ``(4, 16, 16)`` for thick-slice CT).
         pos_embed: ``"learned"`` (timm default, initialised at random) or ``"sincos"``
             (fixed, not trained, as in MAE).
-        global_pool: ``"token"`` (class token, then ``norm``) or ``"avg"`` (mean of patch
-            tokens, then ``fc_norm``), exactly as timm does.
+        global_pool: what ``forward`` returns: ``"token"`` (the class token) or ``"avg"`` (the mean of
+            the patch tokens: MAE's and data2vec's choice for frozen features, where a short
+            self-supervised run leaves the class token untrained).
+        fc_norm: timm's switch: ``True`` normalises after pooling (``fc_norm``), ``False`` before it
+            (``norm`` on every token); ``None`` is timm's default (``True`` for ``"avg"``). An encoder
+            trained with one pooling can be read out with the other when ``fc_norm=False``: the
+            parameters are the same.
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class ViT(nn.Module, HubMixin):
         pos_embed: str = "learned",
         class_token: bool = True,
         global_pool: str = "token",
+        fc_norm: bool | None = None,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
     ):
@@ -157,7 +163,7 @@ class ViT(nn.Module, HubMixin):
                 for i in range(depth)
             ]
         )
-        use_fc_norm = global_pool == "avg"
+        use_fc_norm = global_pool == "avg" if fc_norm is None else bool(fc_norm)
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
         self._init_weights(pos_embed)

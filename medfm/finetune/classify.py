@@ -132,6 +132,10 @@ class Classification(FinetuneTask):
                               f"{' ...' if len(rows) > 3 else ''}) but never in the training split {d['train_split']!r}: "
                               "the model cannot learn it", stacklevel=2)
 
+    def train_record(self) -> dict:
+        """The rows of a few-shot draw (indices into the training split), so draws can be compared across runs."""
+        return {"few_shot_rows": list(self.idx)} if self.idx is not None else {}
+
     def head(self, cfg: dict) -> dict:
         c = cfg["classification"]
         return {"num_classes": c["num_classes"], "dropout": c["dropout"], "head_norm": c["head_norm"],

@@ -32,10 +32,9 @@ from medfm.artifacts import load
 from medfm.atomic import write_json
 from medfm.data import DataError, JoinedDataset, open_dataset, split_names
 from medfm.data.transforms import PRESETS
-from medfm.encoders import saved_architecture
 from medfm.run import ENCODER, TRAINER, Built, FreeForm, KeyedDataset, OptimConfig, Registry, RunFolder, RunPlugin, StepData
 from medfm.run import load_config, run
-from medfm.run.recipe import merge, with_defaults
+from medfm.run.recipe import adopt_saved_architecture, merge, with_defaults
 from medfm.run.trainer import TRAINER_DEFAULTS
 
 from .methods import METHODS, FullConfig, LoRAConfig, VPTConfig, count_parameters, export_encoder, is_lora
@@ -92,19 +91,6 @@ def load_task_recipe(path: str | os.PathLike | None = None, overrides: Sequence[
     if cfg["data"]["preset"] not in PRESETS:
         raise ValueError(f"unknown preset {cfg['data']['preset']!r}; available: {', '.join(PRESETS)}")
     return cfg
-
-
-def adopt_saved_architecture(cfg: dict) -> None:
-    """When ``encoder.pretrained`` is a medfm encoder folder (a pretraining run's ``encoder/``), the encoder is
-    built as saved there (registered name, patch size): the recipe's defaults name a GPU-scale
-    ViT-S/16, the weights may be a ViT-Tiny/8 from a ``--profile cpu`` run. Says so when it changes a value."""
-    enc = cfg["encoder"]
-    arch = saved_architecture(enc["pretrained"]) if enc.get("pretrained") else None
-    changed = {k: v for k, v in (arch or {}).items() if enc.get(k) != v}
-    if changed:
-        print(f"encoder: {', '.join(f'{k} {enc.get(k)} -> {v}' for k, v in changed.items())} "
-              f"(as saved in {enc['pretrained']})")
-        enc.update(changed)
 
 
 class FinetuneTask(RunPlugin):
@@ -166,6 +152,10 @@ class FinetuneTask(RunPlugin):
     def training_set(self, cfg: dict, model, train):
         return train
 
+    def train_record(self) -> dict:
+        """What metrics.json records about the training set beyond its size (classification: the few-shot rows)."""
+        return {}
+
     # ------------------------------------------------------------ model
     def head(self, cfg: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -197,6 +187,7 @@ class FinetuneTask(RunPlugin):
         print(f"{cfg['task']} / {cfg['method']}: {self.trainable:,} trainable of {self.total:,} parameters "
               f"({100 * self.trainable / self.total:.2f} %), {len(train)} training samples")
         module = self.module(cfg, model, train)
+        self.n_train = len(train)
         train = self.training_set(cfg, model, train)
         keyed = KeyedDataset(train, seed=cfg["seed"], keys=self.keys)
         data = StepData(keyed, len(train), d["batch_size"], d["num_workers"], cfg["seed"])
@@ -218,8 +209,8 @@ class FinetuneTask(RunPlugin):
         train_time = time.perf_counter() - self.t0
         metrics = {"task": cfg["task"], "method": cfg["method"], "encoder": cfg["encoder"]["name"],
                    "pretrained": cfg["encoder"]["pretrained"], "shots": cfg["shots"], "steps": trainer.global_step,
-                   "trainable_params": self.trainable, "total_params": self.total,
-                   "train_time_s": round(train_time, 1)}
+                   "trainable_params": self.trainable, "total_params": self.total, "n_train": self.n_train,
+                   **self.train_record(), "train_time_s": round(train_time, 1)}
         metrics.update(self.evaluate_splits(model, cfg, folder.path))
         metrics["wall_time_s"] = round(time.perf_counter() - self.t0, 1)
         write_json(folder / "metrics.json", metrics)

@@ -87,7 +87,7 @@ class CLIPConfig:
     embed_dim: int = 256  # shared embedding width
     loss: str = "clip"  # clip | siglip
     init_temperature: float = 0.07
-    lock_image: bool = False  # LiT: freeze the image tower
+    lock_image: bool | str = "auto"  # LiT: freeze the image tower (auto: when encoder.pretrained names weights)
     lock_text: bool = False
     unlocked_layers: int = 0  # blocks left trainable at the end of a locked tower
 
@@ -101,11 +101,12 @@ class CLIPModule(TrainingModule):
         super().__init__(**optim)
         text = TextEncoder(c.text_model, max_length=c.max_length, pooling=c.pooling)
         self.model = CLIP(encoder, text, embed_dim=c.embed_dim, init_temperature=c.init_temperature, loss=c.loss)
-        if c.lock_image:
+        lock_image = c.lock_image is True  # "auto" is decided by the recipe (CLIPMethod.module_args)
+        if lock_image:
             lock_tower(encoder, c.unlocked_layers)
         if c.lock_text:
             lock_tower(text, c.unlocked_layers)
-        self.locked = {"image": c.lock_image, "text": c.lock_text}
+        self.locked = {"image": lock_image, "text": c.lock_text}
         self.train()  # from_pretrained leaves the text tower in eval mode; locked towers stay in eval
         self.criterion = make_loss(c.loss)
 
@@ -144,6 +145,17 @@ class CLIPMethod(PretrainMethod):
     module_class = CLIPModule
     needs = "text"
     model_folder = "model"
+
+    def module_args(self, cfg: dict) -> dict:
+        """``lock_image: auto`` is LiT when the image tower starts from pretrained weights (a self-supervised
+        encoder: a randomly initialised ViT tower trained from image-text pairs alone stays at the uniform
+        solution for a long time), and a trained tower from random init."""
+        args = super().module_args(cfg)
+        if args["lock_image"] == "auto":
+            args["lock_image"] = bool(cfg["encoder"].get("pretrained"))
+        elif not isinstance(args["lock_image"], bool):
+            raise ValueError(f"clip.lock_image must be true, false or auto, got {args['lock_image']!r}")
+        return args
 
     def make_view(self, cfg: dict):
         enc = cfg["encoder"]

@@ -29,6 +29,7 @@ from lightly.utils.scheduler import cosine_schedule
 from medfm.run import TrainingModule
 from medfm.run.recipe import split_kwargs
 
+from .collapse import CollapseMonitor, collapse_indicators
 from .method import PretrainMethod
 from .registry import register_method
 from .views import MultiCrop
@@ -65,12 +66,16 @@ class DINO(nn.Module):
         return list(out.chunk(len(views)))
 
     def forward(self, global_views: list[torch.Tensor], local_views: list[torch.Tensor],
-                teacher_temp: float | None = None) -> torch.Tensor:
+                teacher_temp: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and the collapse indicators of this step (:func:`~medfm.pretrain.collapse.collapse_indicators`)."""
         with torch.no_grad():
             self.teacher.eval()
             teacher_out = self._run(self.teacher, global_views)
         student_out = self._run(self.student, global_views) + self._run(self.student, local_views)
-        return self.criterion(teacher_out, student_out, teacher_temp=teacher_temp)
+        temp = self.criterion.teacher_temp if teacher_temp is None else teacher_temp
+        indicators = collapse_indicators(teacher_out, student_out, self.criterion.center, temp,
+                                         self.criterion.student_temp)  # before the loss moves the centre
+        return self.criterion(teacher_out, student_out, teacher_temp=teacher_temp), indicators
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -93,6 +98,10 @@ class DINOConfig:
     momentum: float = 0.996
     freeze_last_layer_steps: int = 0
     norm_last_layer: bool = True
+    collapse_check: str = "warn"  # warn | stop | off: CollapseMonitor on the logged collapse indicators
+
+
+COLLAPSE_CHECKS = ("warn", "stop", "off")
 
 
 class DINOModule(TrainingModule):
@@ -115,6 +124,7 @@ class DINOModule(TrainingModule):
         self.teacher_temp, self.warmup_teacher_temp = c.teacher_temp, c.warmup_teacher_temp
         self.warmup_teacher_temp_steps = c.warmup_teacher_temp_steps
         self.freeze_last_layer_steps = c.freeze_last_layer_steps
+        self.indicators: dict[str, torch.Tensor] | None = None
 
     @property
     def encoder(self) -> nn.Module:
@@ -131,8 +141,8 @@ class DINOModule(TrainingModule):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         temp = self.current_teacher_temp()
-        loss = self.model(batch["global"], batch.get("local", []), teacher_temp=temp)
-        return loss, {"teacher_temp": temp, "momentum": self.current_momentum()}
+        loss, self.indicators = self.model(batch["global"], batch.get("local", []), teacher_temp=temp)
+        return loss, {"teacher_temp": temp, "momentum": self.current_momentum(), **self.indicators}
 
     def on_after_backward(self) -> None:
         if self.global_step < self.freeze_last_layer_steps:
@@ -153,6 +163,24 @@ class DINOMethod(PretrainMethod):
     name = "dino"
     Config = DINOConfig
     module_class = DINOModule
+
+    def module_args(self, cfg: dict) -> dict:
+        args = super().module_args(cfg)
+        if args.pop("collapse_check") not in COLLAPSE_CHECKS:
+            raise ValueError(f"dino.collapse_check must be one of {', '.join(COLLAPSE_CHECKS)}, "
+                             f"got {cfg['dino']['collapse_check']!r}")
+        return args
+
+    def build(self, cfg: dict, folder):
+        """The run of the base class plus the :class:`~medfm.pretrain.collapse.CollapseMonitor` (checked at
+        the logging cadence, after the teacher-temperature warm-up or 10 % of the steps)."""
+        built = super().build(cfg, folder)
+        d, t = cfg["dino"], cfg["trainer"]
+        if d["collapse_check"] != "off":
+            grace = max(d["warmup_teacher_temp_steps"], t["max_steps"] // 10)
+            built.callbacks.append(CollapseMonitor(d["output_dim"], t["log_every_n_steps"], grace,
+                                                   stop=d["collapse_check"] == "stop"))
+        return built
 
     def make_view(self, cfg: dict) -> MultiCrop:
         """Multi-crop views; ``local_size`` defaults to 3/7 of ``size`` (DINO's 96 for 224), rounded to a

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import lightning as L
 
 from medfm.run import load_config, run
-from medfm.run.recipe import merge
+from medfm.run.recipe import adopt_saved_architecture, merge
 
 from .data import PretrainDataConfig, validate_data
 from .method import pretrain_schema
@@ -29,6 +29,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] 
                 profile: str | None = None) -> dict:
     """The recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
     cfg = load_config(pretrain_schema(), path, overrides, profile)
+    adopt_saved_architecture(cfg)
     METHODS.get_plugin(cfg["method"])  # an unknown method is an error naming the known ones
     validate_data(PretrainDataConfig(**cfg["data"]))
     return cfg

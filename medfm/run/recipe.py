@@ -107,6 +107,23 @@ ENCODER = FreeForm({"name": "vit_small", "spatial_dims": 2, "in_chans": 1, "img_
 TRAINER = FreeForm(TRAINER_DEFAULTS, accepts=_trainer_keys)
 
 
+def adopt_saved_architecture(cfg: dict) -> None:
+    """When ``encoder.pretrained`` is a medfm encoder folder (a pretraining run's ``encoder/``), the encoder is
+    built as saved there (registered name, patch size): the recipe's defaults name a GPU-scale ViT-S/16, the
+    weights may be a ViT-Tiny/8 from a ``--profile cpu`` run. Its readout (``global_pool``, ``fc_norm``: how
+    the method that trained it pools tokens) is taken too unless the recipe sets it. Says what it changes."""
+    from medfm.encoders import saved_architecture
+    from medfm.encoders.factory import READOUT
+
+    enc = cfg.get("encoder")
+    arch = saved_architecture(enc["pretrained"]) if isinstance(enc, dict) and enc.get("pretrained") else None
+    changed = {k: v for k, v in (arch or {}).items() if enc.get(k) != v and not (k in READOUT and k in enc)}
+    if changed:
+        print(f"encoder: {', '.join(f'{k} {enc.get(k)} -> {v}' for k, v in changed.items())} "
+              f"(as saved in {enc['pretrained']})")
+        enc.update(changed)
+
+
 def section(cfg: dict, name: str, cls: type):
     """The recipe section ``name`` as its dataclass (typed access for the plug-in that owns it)."""
     return cls(**cfg[name])

@@ -1,0 +1,304 @@
+"""``medfm benchmark``: label efficiency. Does a pretrained encoder need fewer labels than random init?
+
+For each task, each encoder init and each adaptation method, fine-tune with K labelled examples per class
+(K = 1, 5, 10, 25, 100, all) over several seeds (the few-shot draw differs per seed and is the same for
+every init), and report mean ± std on the task's held-in validation split:
+
+* ``pneumonia``: PneumoniaMNIST ``val`` (AUROC, balanced accuracy), data = the npz;
+* ``medpix_region`` / ``medpix_modality``: MedPix 2.0 ``dev`` body region (``location_category``, 5 classes)
+  and modality (``type``: CT or MR) (macro AUROC, balanced accuracy), data = its ``manifest.csv``;
+* ``mni_tissue``: MNI152 tissue segmentation (nilearn's template: grey / white matter, CSF), trained on one
+  labelled axial slab of the left hemisphere or on the whole hemisphere, Dice on the right one.
+
+Encoder inits: ``random``; ``mae`` and ``dino`` (self-supervised on the task's own training images, labels
+unused); ``clip`` (the image tower of image-caption pretraining on MedPix ``train``, started LiT-style from
+the MedPix MAE encoder when there is one); ``synth`` (the synthesis engine alone: 2D MAE on engine images,
+3D ``synth_seg`` for the MNI task); any other name given with ``--encoder NAME=PATH`` (a run folder, an
+``encoder/`` folder, a weight file such as a timm checkpoint). Every pretraining run is an ordinary run of
+a recipe in ``encoders/`` whose step count is the ``--pretrain-budget``; every fine-tuning run is one of
+``tasks/``. Finished runs are kept, so an interrupted benchmark continues where it stopped.
+
+Writes ``OUT/results.csv`` (one row per fine-tuning run), ``OUT/label_efficiency.md`` (the tables) and
+one ``OUT/<task>.png`` per task (metric against K, one line per init, error bars = std over seeds).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medfm.atomic import atomic_path, write_text
+from medfm.data import samples
+from medfm.evaluate.plots import pyplot
+from medfm.finetune import load_task_recipe, run_finetune
+from medfm.pretrain import load_recipe, run_pretrain
+from medfm.run import find_recipe
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark task: which data (``domain``), recipe, label column, split and metrics."""
+
+    name: str
+    domain: str  # pneumonia | medpix | mni: the data it reads and the pretraining runs it shares
+    recipe: str  # a recipe in tasks/
+    label: str | None  # manifest label column (None: the npz's labels)
+    val_split: str
+    metrics: tuple[str, str]  # (primary, secondary) keys of the run's metrics.json
+
+
+TASKS = {
+    "pneumonia": Task("pneumonia", "pneumonia", "classify_2d", None, "val", ("auroc", "balanced_accuracy")),
+    "medpix_region": Task("medpix_region", "medpix", "classify_2d", "location_category", "dev",
+                          ("auroc", "balanced_accuracy")),
+    "medpix_modality": Task("medpix_modality", "medpix", "classify_2d", "type", "dev", ("auroc", "balanced_accuracy")),
+    "mni_tissue": Task("mni_tissue", "mni", "segment_3d", None, "val", ("mean_dice", "mean_hd95")),
+}
+INITS = ("random", "mae", "dino", "clip", "synth")
+METHODS = ("linear_probe", "lora")
+SHOTS = ("1", "5", "10", "25", "100", "all")
+MNI_SHOTS = ("slab", "all")  # one labelled axial slab of the left hemisphere, or all of it
+SLAB_MM = 12.0  # thickness of the MNI "slab": a few labelled slices
+
+
+def pretraining(init: str, domain: str) -> tuple[str, dict] | None:
+    """The recipe and overrides that pretrain ``init`` for ``domain`` (None: not defined there)."""
+    if init == "synth":
+        if domain == "mni":
+            return "synth_seg_3d", {}
+        return "mae_vit_2d", {"data": {"regime": "synthetic", "path": None}}
+    if domain == "mni":
+        return None
+    if init in ("mae", "dino"):
+        return f"{init}_vit_2d", {}
+    if init == "clip":
+        return "clip_vit_2d", {}
+    return None
+
+
+class LabelEfficiency:
+    """The benchmark's state: where runs go, which data, budgets; ``run()`` does everything."""
+
+    def __init__(self, out: str | Path, data: dict[str, str], tasks: Sequence[str], inits: Sequence[str],
+                 methods: Sequence[str] = METHODS, shots: Sequence[str] = SHOTS, seeds: Sequence[int] = (0, 1, 2),
+                 pretrain_budget: dict[str, int] | int = 500, finetune_steps: dict[str, int] | None = None,
+                 profile: str | None = "cpu", encoders: dict[str, str] | None = None, pool: str = "avg",
+                 overrides: dict | None = None, progress: bool = True):
+        self.out = Path(out)
+        self.data = {k: str(v) for k, v in data.items()}
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)}")
+        for t in tasks:
+            if TASKS[t].domain != "mni" and TASKS[t].domain not in self.data:
+                raise ValueError(f"task {t} needs --data {TASKS[t].domain}=PATH")
+        self.tasks, self.inits, self.methods = list(tasks), list(inits), list(methods)
+        self.shots, self.seeds = [str(s) for s in shots], [int(s) for s in seeds]
+        budget = pretrain_budget if isinstance(pretrain_budget, dict) else {"default": int(pretrain_budget)}
+        self.budget = budget
+        self.finetune_steps = finetune_steps or {}
+        self.profile, self.pool, self.progress = profile, pool, progress
+        self.encoders = {k: str(v) for k, v in (encoders or {}).items()}
+        self.overrides = overrides or {}
+        self.rows: list[dict] = []
+
+    # ---------------------------------------------------------------- pretraining
+    def steps_for(self, init: str) -> int:
+        return int(self.budget.get(init, self.budget.get("default", 500)))
+
+    def encoder_for(self, init: str, domain: str) -> str | None:
+        """The encoder weights of ``init`` for ``domain``: given (``--encoder``), pretrained here (once), or
+        None for random init. Raises ValueError when ``init`` has no meaning for the domain."""
+        if init == "random":
+            return None
+        given = self.encoders.get(f"{init}@{domain}") or self.encoders.get(init)
+        if given:
+            path = Path(given)
+            return str(path / "encoder" if (path / "encoder" / "config.json").exists() else path)
+        spec = pretraining(init, domain)
+        if spec is None:
+            raise ValueError(f"init {init!r} is not defined for {domain} (give --encoder {init}@{domain}=PATH)")
+        recipe, extra = spec
+        if init == "clip":
+            if "medpix" not in self.data:
+                raise ValueError("the clip init pretrains on MedPix captions: give --data medpix=manifest.csv")
+            where = "medpix"
+            try:  # LiT: the image tower starts from the self-supervised MedPix encoder when there is one
+                extra = {"encoder": {"pretrained": self.encoder_for("mae", "medpix")}}
+            except ValueError:
+                extra = {}
+        else:
+            where = "engine" if init == "synth" else domain
+        run = self.out / "pretrain" / f"{init}_{where}" if init != "synth" else self.out / "pretrain" / f"synth_{'3d' if domain == 'mni' else '2d'}"
+        if not (run / "encoder" / "config.json").exists():
+            data = {} if init == "synth" else {"data": {"path": self.data[where]}}
+            cfg = load_recipe(find_recipe(recipe), _merge(data, extra, self.overrides.get("pretrain", {}), {
+                "trainer": {"max_steps": self.steps_for(init), "enable_progress_bar": self.progress}}),
+                profile=self.profile)
+            print(f"pretraining {init} for {domain}: {recipe} x {self.steps_for(init)} steps -> {run}", flush=True)
+            resume = (run / "checkpoints" / "last.ckpt").exists()
+            run_pretrain(cfg, run, resume=resume, **({} if resume else {"overwrite": run.exists()}))
+        return str(run / "encoder")
+
+    # ---------------------------------------------------------------- fine-tuning
+    def data_for(self, task: Task, shots: str) -> str:
+        if task.domain != "mni":
+            return self.data[task.domain]
+        folder = self.out / "data" / f"mni_{shots}"
+        if not (folder / "manifest.csv").exists():
+            samples.mni152_hemispheres(folder, csf=True, slab_mm=SLAB_MM if shots == "slab" else None)
+        return str(folder / "manifest.csv")
+
+    def finetune(self, task: Task, init: str, weights: str | None, method: str, shots: str, seed: int) -> dict:
+        run = self.out / "finetune" / task.name / init / method / f"k{shots}_s{seed}"
+        if not (run / "metrics.json").exists():
+            steps = self.finetune_steps.get(method)
+            ov = _merge({"method": method, "seed": seed, "encoder": {"pretrained": weights},
+                         "data": {"val_split": task.val_split, "test_split": None},
+                         "trainer": {"enable_progress_bar": False, **({"max_steps": steps} if steps else {})}},
+                        self.overrides.get("finetune", {}))
+            if task.domain != "mni":
+                ov = _merge(ov, {"shots": None if shots == "all" else int(shots),
+                                 "encoder": {"global_pool": self.pool, "fc_norm": False}})
+            if task.label:
+                ov = _merge(ov, {"classification": {"label": task.label}})
+            if task.domain == "mni":
+                ov = _merge(ov, {"segmentation": {"num_classes": len(samples.TISSUE_NAMES),
+                                                  "class_names": list(samples.TISSUE_NAMES)}})
+            cfg = load_task_recipe(find_recipe(task.recipe, "tasks"), ov, profile=self.profile)
+            if run.exists():  # an interrupted run: start it again
+                shutil.rmtree(run)
+            run_finetune(cfg, run, data_path=self.data_for(task, shots))
+        m = json.loads((run / "metrics.json").read_text())
+        v = m[task.val_split]
+        return {"task": task.name, "init": init, "method": method, "shots": shots, "seed": seed,
+                task.metrics[0]: v[task.metrics[0]], task.metrics[1]: v.get(task.metrics[1], float("nan")),
+                "n_train": m.get("n_train"), "wall_s": m["wall_time_s"], "run": str(run)}
+
+    def plan(self) -> list[tuple]:
+        """Every fine-tuning run, in order: (task, init, method, shots, seed)."""
+        jobs = []
+        for t in self.tasks:
+            task = TASKS[t]
+            shots = MNI_SHOTS if task.domain == "mni" else self.shots
+            inits = [i for i in self.inits if i == "random" or i in self.encoders or f"{i}@{task.domain}" in self.encoders
+                     or pretraining(i, task.domain) is not None]
+            for init in inits:
+                for method in self.methods:
+                    for k in shots:
+                        for seed in self.seeds:
+                            jobs.append((task, init, method, k, seed))
+        return jobs
+
+    def run(self) -> list[dict]:
+        jobs = self.plan()
+        weights: dict[tuple[str, str], str | None] = {}
+        t0 = time.perf_counter()
+        bar = tqdm(jobs, desc="label efficiency", unit="run", disable=not self.progress)
+        for task, init, method, k, seed in bar:
+            key = (init, task.domain)
+            if key not in weights:
+                weights[key] = self.encoder_for(init, task.domain)
+            bar.set_postfix_str(f"{task.name} {init} {method} K={k} seed {seed}")
+            self.rows.append(self.finetune(task, init, weights[key], method, k, seed))
+        self.write()
+        print(f"label efficiency: {len(jobs)} runs in {time.perf_counter() - t0:.0f} s -> {self.out}", flush=True)
+        return self.rows
+
+    # ---------------------------------------------------------------- results
+    def write(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        cols = ["task", "init", "method", "shots", "seed", "auroc", "balanced_accuracy", "mean_dice", "mean_hd95",
+                "n_train", "wall_s", "run"]
+        with atomic_path(self.out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(self.rows)
+        write_text(self.out / "label_efficiency.md", "\n".join(tables(self.rows)) + "\n")
+        for t in self.tasks:
+            plot_task(self.rows, TASKS[t], self.out / f"{t}.png")
+        print("\n".join(tables(self.rows)))
+
+
+def summarise(rows: list[dict], metric: str) -> dict[tuple, tuple[float, float, int]]:
+    """(task, method, init, shots) -> (mean, std over seeds, number of seeds) of ``metric``."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        v = r.get(metric)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            groups.setdefault((r["task"], r["method"], r["init"], r["shots"]), []).append(float(v))
+    return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in groups.items()}
+
+
+def _shot_order(s: str) -> float:
+    return math.inf if s == "all" else -1.0 if s == "slab" else float(s)
+
+
+def tables(rows: list[dict]) -> list[str]:
+    """One markdown table per task and metric: a row per (method, init), a column per K (mean ± std)."""
+    lines: list[str] = []
+    for name in dict.fromkeys(r["task"] for r in rows):
+        task = TASKS[name]
+        for metric in task.metrics:
+            stats = summarise([r for r in rows if r["task"] == name], metric)
+            if not stats:
+                continue
+            shots = sorted({k[3] for k in stats}, key=_shot_order)
+            lines += [f"### {name}: {metric} ({task.val_split}; mean ± std over seeds)", "",
+                      "| method | init | " + " | ".join(f"K={s}" for s in shots) + " |",
+                      "|---|---|" + "---|" * len(shots)]
+            for method in dict.fromkeys(k[1] for k in stats):
+                for init in dict.fromkeys(k[2] for k in stats if k[1] == method):
+                    cells = []
+                    for s in shots:
+                        m = stats.get((name, method, init, s))
+                        cells.append(f"{m[0]:.3f} ± {m[1]:.3f}" if m else "")
+                    lines.append(f"| {method} | {init} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
+def plot_task(rows: list[dict], task: Task, path: Path) -> Path | None:
+    """Primary metric against K (one panel per method, one line per init, error bars = std over seeds)."""
+    stats = summarise([r for r in rows if r["task"] == task.name], task.metrics[0])
+    if not stats:
+        return None
+    plt = pyplot()
+    methods = list(dict.fromkeys(k[1] for k in stats))
+    shots = sorted({k[3] for k in stats}, key=_shot_order)
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.8), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for init in dict.fromkeys(k[2] for k in stats if k[1] == method):
+            xs = [i for i, s in enumerate(shots) if (task.name, method, init, s) in stats]
+            ms = [stats[(task.name, method, init, shots[i])] for i in xs]
+            ax.errorbar(xs, [m[0] for m in ms], yerr=[m[1] for m in ms], marker="o", capsize=3, label=init)
+        ax.set_xticks(range(len(shots)), [s if s in ("all", "slab") else f"K={s}" for s in shots])
+        ax.set_xlabel("labelled examples per class" if task.domain != "mni" else "labelled training volume")
+        ax.set_ylabel(f"{task.metrics[0]} ({task.val_split})")
+        ax.set_title(f"{task.name}: {method}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def _merge(*parts: dict) -> dict:
+    """Nested dicts merged left to right."""
+    out: dict = {}
+    for p in parts:
+        for k, v in (p or {}).items():
+            out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
