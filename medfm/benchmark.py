@@ -64,6 +64,10 @@ TASKS = {
     "mni_tissue": Task("mni_tissue", "mni", "segment_3d", None, "val", ("mean_dice", "mean_hd95")),
 }
 INITS = ("random", "mae", "dino", "clip", "synth")
+# On a CPU (profiles cpu / tiny) CLIP trains what a CPU affords: the last two blocks of each tower (the image
+# tower starts from the MAE encoder, LiT-style), captions cut to 48 tokens (a full MiniLM backward pass costs
+# seconds a step here)
+SMALL_PROFILE_PRETRAIN = {"clip": {"clip": {"lock_text": True, "unlocked_layers": 2, "max_length": 48}}}
 METHODS = ("linear_probe", "lora")
 SHOTS = ("1", "5", "10", "25", "100", "all")
 MNI_SHOTS = ("slab", "all")  # one labelled axial slab of the left hemisphere, or all of it
@@ -141,7 +145,8 @@ class LabelEfficiency:
         run = self.out / "pretrain" / f"{init}_{where}" if init != "synth" else self.out / "pretrain" / f"synth_{'3d' if domain == 'mni' else '2d'}"
         if not (run / "encoder" / "config.json").exists():
             data = {} if init == "synth" else {"data": {"path": self.data[where]}}
-            cfg = load_recipe(find_recipe(recipe), _merge(data, extra, self.overrides.get("pretrain", {}), {
+            small = SMALL_PROFILE_PRETRAIN.get(init, {}) if self.profile in ("cpu", "tiny") else {}
+            cfg = load_recipe(find_recipe(recipe), _merge(data, extra, small, self.overrides.get("pretrain", {}), {
                 "trainer": {"max_steps": self.steps_for(init), "enable_progress_bar": self.progress}}),
                 profile=self.profile)
             print(f"pretraining {init} for {domain}: {recipe} x {self.steps_for(init)} steps -> {run}", flush=True)
@@ -210,12 +215,14 @@ class LabelEfficiency:
                 weights[key] = self.encoder_for(init, task.domain)
             bar.set_postfix_str(f"{task.name} {init} {method} K={k} seed {seed}")
             self.rows.append(self.finetune(task, init, weights[key], method, k, seed))
+            self.write_rows()
         self.write()
         print(f"label efficiency: {len(jobs)} runs in {time.perf_counter() - t0:.0f} s -> {self.out}", flush=True)
         return self.rows
 
     # ---------------------------------------------------------------- results
-    def write(self) -> None:
+    def write_rows(self) -> None:
+        """``results.csv`` as it stands (rewritten after every run, so a stopped benchmark keeps its rows)."""
         self.out.mkdir(parents=True, exist_ok=True)
         cols = ["task", "init", "method", "shots", "seed", "auroc", "balanced_accuracy", "mean_dice", "mean_hd95",
                 "n_train", "wall_s", "run"]
@@ -223,6 +230,10 @@ class LabelEfficiency:
             w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
             w.writerows(self.rows)
+
+    def write(self) -> None:
+        """``results.csv``, the tables (``label_efficiency.md``, also printed) and one plot per task."""
+        self.write_rows()
         write_text(self.out / "label_efficiency.md", "\n".join(tables(self.rows)) + "\n")
         for t in self.tasks:
             plot_task(self.rows, TASKS[t], self.out / f"{t}.png")

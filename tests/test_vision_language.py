@@ -203,6 +203,45 @@ def test_clip_loss_falls_over_30_steps_on_real_image_text_pairs(tmp_path):
     assert (tmp_path / "zs" / "confusion_plane.png").exists() and (tmp_path / "zs" / "retrieval.png").exists()
 
 
+def test_clip_vit_tower_learns_lit_style_from_a_self_supervised_encoder(tmp_path):
+    from safetensors.torch import load_file
+
+    from medfm.pretrain import load_recipe, run_pretrain
+
+    from .conftest import REPO
+    from .pretrain_helpers import losses, tiny_recipe
+
+    manifest = str(paired_manifest(tmp_path))
+    mae = run_pretrain(tiny_recipe("mae_vit_2d", trainer={"max_steps": 10}), tmp_path / "mae", data_path=manifest)
+    base = tiny_clip_recipe()
+    cfg = load_recipe(REPO / "encoders" / "clip_vit_2d.yaml", {**{k: base[k] for k in ("clip", "data", "optim", "trainer")},
+                      "encoder": {"img_size": 32, "pretrained": str(mae / "encoder")}})
+    assert cfg["encoder"]["name"] == "vit_micro" and cfg["encoder"]["global_pool"] == "avg"  # as the MAE saved it
+    assert cfg["clip"]["lock_image"] == "auto"
+    cfg["clip"]["lock_text"] = True
+    cfg["data"]["batch_size"] = 18
+    run = run_pretrain(cfg, tmp_path / "clip", data_path=manifest)
+    curve = losses(run)
+    # a random ViT tower sits at log B (the test above uses a CNN for that reason); from the MAE encoder, locked
+    # (LiT: auto with pretrained weights) and its features standardised (feature_norm: auto), the projections learn
+    assert sum(curve[-5:]) < 0.85 * sum(curve[:5]), curve
+    before, after = (load_file(str(p / "encoder" / "model.safetensors")) for p in (mae, run))
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []  # the image tower stayed frozen
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["image_norm"] is True and config["text_norm"] is True
+
+
+def test_clip_starts_from_open_clip_temperature_and_projection_init():
+    from medfm.encoders import CLIP, create_encoder
+    from medfm.encoders.text import TextEncoder
+
+    torch.manual_seed(0)
+    model = CLIP(create_encoder("vit_small", img_size=32, patch_size=8), TextEncoder(max_length=16), embed_dim=256)
+    assert float(model.logit_scale.exp()) == pytest.approx(1 / 0.07)
+    for proj, width in ((model.image_proj, 384), (model.text_proj, 384)):
+        assert float(proj.weight.std()) == pytest.approx(width ** -0.5, rel=0.05)  # open_clip: N(0, width^-1/2)
+
+
 def test_locked_towers_train_only_what_is_unlocked():
     from medfm.encoders import create_encoder
     from medfm.pretrain.clip import CLIPModule

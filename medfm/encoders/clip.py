@@ -24,12 +24,19 @@ LOSSES = ("clip", "siglip")
 
 
 class CLIP(nn.Module, Artifact):
-    """Image encoder + text encoder + linear projections + learnable logit scale (and bias for SigLIP)."""
+    """Image encoder + text encoder + linear projections + learnable logit scale (and bias for SigLIP).
+
+    ``image_norm`` / ``text_norm``: standardise that tower's pooled features per channel (BatchNorm without
+    affine parameters, as MAE's linear probe does) before its projection. Meant for a locked tower (LiT):
+    its frozen features share a large common component (pairwise cosine ~0.96 between images for a small
+    self-supervised ViT), so every projected embedding points the same way and the contrastive loss sits
+    at log B until the projection has learned to remove it."""
 
     components = ("image_encoder", "text_encoder")
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 256,
-                 init_temperature: float = 0.07, loss: str = "clip", init_bias: float = -10.0):
+                 init_temperature: float = 0.07, loss: str = "clip", init_bias: float = -10.0,
+                 image_norm: bool = False, text_norm: bool = False):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -38,6 +45,9 @@ class CLIP(nn.Module, Artifact):
         self.text_proj = nn.Linear(text_encoder.embed_dim, embed_dim, bias=False)
         for proj in (self.image_proj, self.text_proj):  # open_clip's projection init: N(0, width^-1/2)
             nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+        self.image_norm = nn.BatchNorm1d(image_encoder.embed_dim, affine=False) if image_norm else nn.Identity()
+        self.text_norm = nn.BatchNorm1d(text_encoder.embed_dim, affine=False) if text_norm else nn.Identity()
+        self.norms = {"image_norm": image_norm, "text_norm": text_norm}
         # SigLIP's paper initialises t' = log 10 and b = -10; CLIP's 1/0.07
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if loss == "siglip" else 1 / init_temperature)))
         self.logit_bias = nn.Parameter(torch.tensor(init_bias)) if loss == "siglip" else None
@@ -45,19 +55,19 @@ class CLIP(nn.Module, Artifact):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image (or volume) embeddings (B, embed_dim)."""
-        return F.normalize(self.image_proj(self.image_encoder(images)), dim=-1)
+        return F.normalize(self.image_proj(self.image_norm(self.image_encoder(images))), dim=-1)
 
     def encode_text(self, texts=None, input_ids=None, attention_mask=None) -> torch.Tensor:
         """L2-normalised text embeddings (B, embed_dim) of raw strings or token ids."""
         pooled = self.text_encoder(texts, input_ids=input_ids, attention_mask=attention_mask)["pooled"]
-        return F.normalize(self.text_proj(pooled), dim=-1)
+        return F.normalize(self.text_proj(self.text_norm(pooled)), dim=-1)
 
     def forward(self, images: torch.Tensor, texts) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(texts)
 
     # ------------------------------------------------------------ artifact
     def artifact_config(self) -> dict:
-        return {"embed_dim": self.embed_dim, "loss": self.loss_name}
+        return {"embed_dim": self.embed_dim, "loss": self.loss_name, **self.norms}
 
     @classmethod
     def from_config(cls, config: dict, folder: Path | None = None) -> "CLIP":

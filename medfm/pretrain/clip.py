@@ -90,6 +90,7 @@ class CLIPConfig:
     lock_image: bool | str = "auto"  # LiT: freeze the image tower (auto: when encoder.pretrained names weights)
     lock_text: bool = False
     unlocked_layers: int = 0  # blocks left trainable at the end of a locked tower
+    feature_norm: bool | str = "auto"  # standardise a tower's features before its projection (auto: locked towers)
 
 
 class CLIPModule(TrainingModule):
@@ -100,8 +101,10 @@ class CLIPModule(TrainingModule):
         c, optim = split_kwargs(CLIPConfig, kwargs)
         super().__init__(**optim)
         text = TextEncoder(c.text_model, max_length=c.max_length, pooling=c.pooling)
-        self.model = CLIP(encoder, text, embed_dim=c.embed_dim, init_temperature=c.init_temperature, loss=c.loss)
         lock_image = c.lock_image is True  # "auto" is decided by the recipe (CLIPMethod.module_args)
+        norm = {"image_norm": lock_image, "text_norm": c.lock_text} if c.feature_norm == "auto" else \
+            {"image_norm": bool(c.feature_norm), "text_norm": bool(c.feature_norm)}
+        self.model = CLIP(encoder, text, embed_dim=c.embed_dim, init_temperature=c.init_temperature, loss=c.loss, **norm)
         if lock_image:
             lock_tower(encoder, c.unlocked_layers)
         if c.lock_text:
