@@ -39,11 +39,12 @@ class DINO(nn.Module):
     """Student and EMA teacher (each encoder + DINO head) and the DINO loss."""
 
     def __init__(self, encoder: nn.Module, hidden_dim: int, bottleneck_dim: int, output_dim: int,
-                 student_temp: float, teacher_temp: float, center_momentum: float, norm_last_layer: bool):
+                 student_temp: float, teacher_temp: float, center_momentum: float, norm_last_layer: bool,
+                 batch_norm: bool = False):
         super().__init__()
         def head() -> nn.Module:
             return DINOProjectionHead(encoder.embed_dim, hidden_dim, bottleneck_dim, output_dim,
-                                      norm_last_layer=norm_last_layer)
+                                      batch_norm=batch_norm, norm_last_layer=norm_last_layer)
 
         self.student = nn.Sequential()
         self.student.add_module("backbone", encoder)
@@ -98,6 +99,7 @@ class DINOConfig:
     momentum: float = 0.996
     freeze_last_layer_steps: int = 0
     norm_last_layer: bool = True
+    batch_norm: bool = False  # BatchNorm in the projection head's MLP (DINO's ResNet setting)
     collapse_check: str = "warn"  # warn | stop | off: CollapseMonitor on the logged collapse indicators
 
 
@@ -119,7 +121,8 @@ class DINOModule(TrainingModule):
         super().__init__(**optim)
         self.model = DINO(encoder, hidden_dim=c.hidden_dim, bottleneck_dim=c.bottleneck_dim, output_dim=c.output_dim,
                           student_temp=c.student_temp, teacher_temp=c.teacher_temp,
-                          center_momentum=c.center_momentum, norm_last_layer=c.norm_last_layer)
+                          center_momentum=c.center_momentum, norm_last_layer=c.norm_last_layer,
+                          batch_norm=c.batch_norm)
         self.momentum = c.momentum
         self.teacher_temp, self.warmup_teacher_temp = c.teacher_temp, c.warmup_teacher_temp
         self.warmup_teacher_temp_steps = c.warmup_teacher_temp_steps
