@@ -25,7 +25,11 @@ PROFILES: dict[str, dict] = {
         "trainer": {"max_steps": 500, "log_every_n_steps": 10, "checkpoint_every_n_steps": 100},
         "probe": {"every_n_steps": 250, "max_train": 300, "max_val": 200},
         "mae": {"decoder_dim": 96, "decoder_depth": 2, "decoder_heads": 4},
-        "dino": {"hidden_dim": 512, "bottleneck_dim": 128, "output_dim": 4096, "freeze_last_layer_steps": 50},
+        # DINO at a CPU's batch and step budget collapses to the uniform solution with the paper's ViT head
+        # (measured: benchmarks/RESULTS.md, "Label efficiency"); a BatchNorm head, 1024 prototypes and a faster
+        # teacher keep the outputs apart
+        "dino": {"hidden_dim": 512, "bottleneck_dim": 128, "output_dim": 1024, "batch_norm": True, "momentum": 0.98,
+                 "freeze_last_layer_steps": 20},
         "view": {"local_size": {2: 24, 3: 16}},  # DINO's local crops: 3/7 of the global size, as at 224 px
         "synth_seg": {"feature_size": 8},
         "synth_contrastive": {"feature_size": 8},
