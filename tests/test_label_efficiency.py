@@ -101,6 +101,11 @@ def test_benchmark_refuses_what_it_cannot_run(tmp_path):
         LabelEfficiency(tmp_path, {}, ["medpix_region"], ["random"])
     bench = LabelEfficiency(tmp_path, {}, ["mni_tissue"], ["random", "dino"])
     assert {job[1] for job in bench.plan()} == {"random"}  # DINO has no 3D MNI pretraining here: not planned
+    # a checkpoint made elsewhere (a timm weight file, a GPU run) is one more init, used as given
+    given = LabelEfficiency(tmp_path, {"pneumonia": "x.npz"}, ["pneumonia"], ["random", "timm"],
+                            encoders={"timm": str(tmp_path / "vit.safetensors")})
+    assert {job[1] for job in given.plan()} == {"random", "timm"}
+    assert given.encoder_for("timm", "pneumonia") == str(tmp_path / "vit.safetensors")
     with pytest.raises(ValueError, match="clip init pretrains on MedPix captions"):
         LabelEfficiency(tmp_path, {"pneumonia": "x.npz"}, ["pneumonia"], ["clip"]).encoder_for("clip", "pneumonia")
 

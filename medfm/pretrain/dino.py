@@ -11,7 +11,9 @@ student only.
 The loss, the projection head, the EMA update and the cosine momentum schedule
 are lightly's (``DINOLoss``, ``DINOProjectionHead``, ``update_momentum``,
 ``cosine_schedule``); the crops are MONAI transforms (:class:`~medfm.pretrain.views.MultiCrop`),
-so 2D and 3D share every line here.
+so 2D and 3D share every line here. Every step logs the collapse indicators of the paper's section 5.3
+(:mod:`medfm.pretrain.collapse`), and :class:`~medfm.pretrain.collapse.CollapseMonitor` warns when a
+run has collapsed (``dino.collapse_check``).
 """
 
 from __future__ import annotations
