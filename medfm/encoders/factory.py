@@ -37,11 +37,15 @@ def create_encoder(
         checkpoint: adapted (2D->3D inflation, channel count, position-embedding grid)
         with a warning that lists every adaptation, then loaded strictly;
       * ``"timm:<model name>"``: timm's pretrained weights for that model (needs network).
-    A ``save_pretrained`` folder also brings its recorded preprocessing (``model.preprocess``).
+    A ``save_pretrained`` folder also brings its recorded preprocessing (``model.preprocess``) and its
+    readout (:data:`READOUT`: ``global_pool``, ``fc_norm``) unless ``kwargs`` set one.
     """
     builder = encoder_entrypoint(name)
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if pretrained is not None:
+        saved = saved_architecture(pretrained) or {}
+        kwargs = {**{k: saved[k] for k in READOUT if k in saved}, **kwargs}
     model = builder(spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size, **kwargs)
     if pretrained is not None:
         load_pretrained(model, pretrained)
