@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,15 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[dict]:
     return [{k: enc[k][i] for k in enc} for i in range(len(texts))]
 
 
+def seed_collator(collator, seed: int) -> None:
+    """Give the collator its own generator at ``seed``. transformers >= 5 replaces a generator it did not make
+    in this process (``_generator_pid``) with one from the collator's fixed seed, which would mask every
+    batch alike after a resume; marking it as this process's keeps ours."""
+    collator.generator = torch.Generator().manual_seed(seed)
+    if hasattr(collator, "_generator_pid"):
+        collator._generator_pid = os.getpid()
+
+
 class SeededMasking:
     """transformers' MLM collator, its generator re-seeded from each batch's first position: a resumed run
     masks exactly what the uninterrupted one would have."""
@@ -80,7 +90,7 @@ class SeededMasking:
 
     def __call__(self, items: list[dict]) -> dict:
         first = min(int(it.pop("position")) for it in items)
-        self.collator.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + first)
+        seed_collator(self.collator, self.seed * 1_000_003 + first)
         return self.collator(items)
 
 
@@ -127,7 +137,7 @@ def masked_perplexity(model, tokenizer, texts: list[str], max_length: int = 128,
     """exp(mean cross-entropy over masked tokens) on ``texts`` with a fixed masking (same ``seed`` -> the
     same masked positions and replacements for every model sharing the tokenizer)."""
     collator = make_collator(tokenizer, mlm_probability, seed)
-    collator.generator = torch.Generator().manual_seed(seed)
+    seed_collator(collator, seed)
     device = next(model.parameters()).device
     was = model.training
     model.eval()
