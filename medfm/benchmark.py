@@ -70,7 +70,9 @@ INITS = ("random", "mae", "dino", "clip", "synth")
 SMALL_PROFILE_PRETRAIN = {"clip": {"clip": {"lock_text": True, "unlocked_layers": 2, "max_length": 48}}}
 METHODS = ("linear_probe", "lora")
 SHOTS = ("1", "5", "10", "25", "100", "all")
-MNI_SHOTS = ("slab", "all")  # one labelled axial slab of the left hemisphere, or all of it
+MNI_SHOTS = ("slab", "all")
+RESULT_COLUMNS = ["task", "init", "method", "shots", "seed", "auroc", "balanced_accuracy", "mean_dice", "mean_hd95",
+                  "n_train", "wall_s", "run"]  # one labelled axial slab of the left hemisphere, or all of it
 SLAB_MM = 12.0  # thickness of the MNI "slab": a few labelled slices
 
 
@@ -222,22 +224,39 @@ class LabelEfficiency:
 
     # ---------------------------------------------------------------- results
     def write_rows(self) -> None:
-        """``results.csv`` as it stands (rewritten after every run, so a stopped benchmark keeps its rows)."""
+        """``results.csv`` as it stands (rewritten after every run, so a stopped benchmark keeps its rows). Rows
+        an earlier benchmark over the same folder wrote for other runs (other tasks, inits, K) are kept."""
         self.out.mkdir(parents=True, exist_ok=True)
-        cols = ["task", "init", "method", "shots", "seed", "auroc", "balanced_accuracy", "mean_dice", "mean_hd95",
-                "n_train", "wall_s", "run"]
-        with atomic_path(self.out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        path = self.out / "results.csv"
+        mine = {r["run"] for r in self.rows}
+        kept = []
+        if path.exists():
+            with open(path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r["run"] not in mine]
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
             w.writeheader()
-            w.writerows(self.rows)
+            w.writerows(kept + self.rows)
 
     def write(self) -> None:
-        """``results.csv``, the tables (``label_efficiency.md``, also printed) and one plot per task."""
+        """``results.csv``, the tables (``label_efficiency.md``, also printed) and one plot per task, over every
+        row of ``results.csv`` (this benchmark's and earlier ones' in the same folder)."""
         self.write_rows()
-        write_text(self.out / "label_efficiency.md", "\n".join(tables(self.rows)) + "\n")
-        for t in self.tasks:
-            plot_task(self.rows, TASKS[t], self.out / f"{t}.png")
-        print("\n".join(tables(self.rows)))
+        rows = read_results(self.out / "results.csv")
+        write_text(self.out / "label_efficiency.md", "\n".join(tables(rows)) + "\n")
+        for t in dict.fromkeys(r["task"] for r in rows):
+            plot_task(rows, TASKS[t], self.out / f"{t}.png")
+        print("\n".join(tables([r for r in rows if r["task"] in self.tasks])))
+
+
+def read_results(path: Path) -> list[dict]:
+    """The rows of a ``results.csv`` with their numbers as floats (None where a task has no such metric)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("auroc", "balanced_accuracy", "mean_dice", "mean_hd95"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+    return rows
 
 
 def summarise(rows: list[dict], metric: str) -> dict[tuple, tuple[float, float, int]]:

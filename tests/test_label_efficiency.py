@@ -110,6 +110,21 @@ def test_benchmark_refuses_what_it_cannot_run(tmp_path):
         LabelEfficiency(tmp_path, {"pneumonia": "x.npz"}, ["pneumonia"], ["clip"]).encoder_for("clip", "pneumonia")
 
 
+def test_results_of_earlier_benchmarks_in_the_folder_are_kept(tmp_path):
+    from medfm.benchmark import read_results
+
+    row = {"task": "pneumonia", "init": "random", "method": "linear_probe", "shots": "5", "seed": 0, "auroc": 0.7,
+           "balanced_accuracy": 0.6, "n_train": 10, "wall_s": 1.0}
+    first = LabelEfficiency(tmp_path, {}, ["mni_tissue"], ["random"])
+    first.rows = [{**row, "run": "a"}]
+    first.write_rows()
+    second = LabelEfficiency(tmp_path, {}, ["mni_tissue"], ["random"])
+    second.rows = [{**row, "task": "mni_tissue", "auroc": None, "mean_dice": 0.5, "run": "b"}, {**row, "auroc": 0.8, "run": "a"}]
+    second.write_rows()
+    rows = {r["run"]: r for r in read_results(tmp_path / "results.csv")}
+    assert set(rows) == {"a", "b"} and rows["a"]["auroc"] == 0.8 and rows["b"]["mean_dice"] == 0.5  # a run's row replaced
+
+
 def test_mean_pooled_readout_reads_the_same_weights_as_the_class_token():
     from medfm.encoders import create_encoder
 
