@@ -3,11 +3,13 @@ views."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from lightly.models.utils import update_momentum
 
 from medfm.encoders import create_encoder
 from medfm.pretrain import DINOModule, MaskedAutoencoder, patchify, unpatchify
@@ -112,10 +114,13 @@ def test_dino_teacher_is_the_ema_of_the_student():
         opt.zero_grad()
         loss.backward()
         opt.step()
+        reference = copy.deepcopy(model.teacher)
+        update_momentum(model.student, reference, m=m)  # lightly's EMA, the reference implementation
         model.update_teacher(m)
         moved = 0
-        for t0, t, s in zip(before, model.teacher.parameters(), model.student.parameters()):
+        for t0, t, s, r in zip(before, model.teacher.parameters(), model.student.parameters(), reference.parameters()):
             assert torch.allclose(t, m * t0 + (1 - m) * s, atol=1e-6)
+            torch.testing.assert_close(t, r, rtol=1e-6, atol=1e-7)
             moved += int(not torch.equal(t, t0))
         assert moved > 0
     # the teacher's centre is a running mean of its outputs

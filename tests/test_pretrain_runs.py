@@ -95,6 +95,85 @@ def test_nan_loss_stops_the_run_naming_the_step(data, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
+class _Snapshot(_Poison):
+    """Poisons the weights at step 2 (as _Poison) after keeping a copy of everything the step starts from."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            self.module = pl_module
+            self.before = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            self.optimizer = trainer.optimizers[0]
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+def test_nan_update_never_reaches_the_weights_between_host_checks(data, tmp_path):
+    """With the host check only every 100 steps and no checkpoint in between, the fused optimizer skips every
+    update from the first NaN loss on (on the device): the run still stops naming step 2, with the weights,
+    moments and step counts of step 2."""
+    snap = _Snapshot()
+    cfg = tiny_recipe("mae_vit_2d", trainer={"max_steps": 6, "checkpoint_every_n_steps": 100,
+                                             "finite_check_every_n_steps": 100})
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        run_pretrain(cfg, tmp_path / "run", data_path=data[2], callbacks=[snap])
+    after = snap.module.state_dict()
+    poisoned = "model.encoder.patch_embed.proj.weight"
+    assert torch.isnan(after[poisoned]).all()
+    for k, v in snap.before.items():
+        if k != poisoned:
+            assert torch.equal(v, after[k]), f"{k} changed after the NaN step"
+    opt = snap.optimizer.optimizer if hasattr(snap.optimizer, "optimizer") else snap.optimizer
+    assert all(g["fused"] for g in opt.param_groups)
+    assert {int(s["step"]) for s in opt.state.values()} == {2}
+    assert not (tmp_path / "run" / "encoder").exists()  # nothing exported from a broken run
+
+
+class _HostReads(L.Callback):
+    """Counts reads of tensor values back to the host (``item``, ``bool``, ``float``, ``int``, ``tolist``) from
+    the start to the end of each training step after the first ``skip``, by step (the data loader runs outside)."""
+
+    NAMES = ("item", "__bool__", "__float__", "__int__", "tolist")
+
+    def __init__(self, skip: int = 2):
+        self.skip, self.step, self.active, self.saved = skip, 0, False, {}
+        self.count: dict[int, int] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        for name in self.NAMES:
+            orig = self.saved[name] = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _orig=orig, **k):
+                if self.active:
+                    self.count[self.step] = self.count.get(self.step, 0) + 1
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, counted)
+
+    def on_train_batch_start(self, trainer, *args):
+        self.active = trainer.global_step >= self.skip
+        self.step = trainer.global_step + 1  # the step this batch makes
+
+    def on_train_batch_end(self, trainer, *args):
+        self.active = False
+
+    def on_train_end(self, trainer, pl_module):
+        for name, orig in self.saved.items():
+            setattr(torch.Tensor, name, orig)
+
+
+def test_a_training_step_reads_nothing_back_to_the_host(data, tmp_path):
+    """The recipe path (module, finite-loss guard, logging, progress bar) never waits for the device inside a
+    step: on a GPU each such read is a synchronisation that stops the host from queueing the next step. Only the
+    logging steps read (the progress bar's loss), and only at the logging cadence."""
+    reads = _HostReads()
+    cfg = tiny_recipe("mae_vit_2d", trainer={"max_steps": 12, "log_every_n_steps": 5, "checkpoint_every_n_steps": 100,
+                                             "enable_progress_bar": True})
+    try:
+        run_pretrain(cfg, tmp_path / "run", data_path=data[2], callbacks=[reads])
+    finally:
+        reads.on_train_end(None, None)
+    assert set(reads.count) <= {5, 10}, reads.count
+
+
 def test_online_probe_is_logged(data, tmp_path):
     cfg = tiny_recipe("mae_vit_2d", trainer={"max_steps": 6}, probe={"every_n_steps": 3, "max_train": 200,
                                                                      "max_val": 100, "label": "label"})

@@ -8,9 +8,9 @@ centred (a running mean, all-reduced across ranks) and sharpened (low
 temperature). Global crops go through both networks, local crops through the
 student only.
 
-The loss, the projection head, the EMA update and the cosine momentum schedule
-are lightly's (``DINOLoss``, ``DINOProjectionHead``, ``update_momentum``,
-``cosine_schedule``); the crops are MONAI transforms (:class:`~medfm.pretrain.views.MultiCrop`),
+The loss, the projection head and the cosine momentum schedule are lightly's (``DINOLoss``,
+``DINOProjectionHead``, ``cosine_schedule``; the EMA update is lightly's ``update_momentum`` done as one
+multi-tensor lerp, tested against it); the crops are MONAI transforms (:class:`~medfm.pretrain.views.MultiCrop`),
 so 2D and 3D share every line here. Every step logs the collapse indicators of the paper's section 5.3
 (:mod:`medfm.pretrain.collapse`), and :class:`~medfm.pretrain.collapse.CollapseMonitor` warns when a
 run has collapsed (``dino.collapse_check``).
@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
-from lightly.models.utils import update_momentum
 from lightly.utils.scheduler import cosine_schedule
 
 from medfm.run import TrainingModule
@@ -82,8 +81,11 @@ class DINO(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
-        update_momentum(self.student, self.teacher, m=momentum)
+        """teacher <- momentum * teacher + (1 - momentum) * student: lightly's ``update_momentum`` as one
+        multi-tensor lerp (one kernel launch for all parameters instead of two per parameter)."""
+        teacher = [p.data for p in self.teacher.parameters()]
+        student = [p.data for p in self.student.parameters()]
+        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
 
 
 @dataclass

@@ -59,22 +59,73 @@ class RngState(L.Callback):
 
 
 class FiniteLossGuard(L.Callback):
-    """Stops the run (on every rank) before a NaN/inf loss can reach the weights or a checkpoint.
+    """Stops the run (on every rank) before a NaN/inf loss can reach the weights or a checkpoint, without
+    reading the loss back to the host every step.
 
-    Checked before the backward pass, so neither the optimizer step nor the checkpoint of that step
-    happens; the last good checkpoint is kept.
-    """
+    Each step adds ``not isfinite(loss)`` to a flag kept on the device. An optimizer that can skip its own
+    update on a device flag (torch's fused AdamW/Adam/SGD: the ``found_inf`` input GradScaler uses) is handed
+    the flag before every step, so once a loss is non-finite no update lands, as if the step had not run
+    (weights, moments and step counts unchanged). The host reads the flag every ``every_n_steps`` steps, before
+    any checkpoint is written and at the end of training, and raises naming the first bad step; the last
+    good checkpoint is kept. Any other optimizer is checked on the host before every update, as before.
+    ``every_n_steps=1`` checks every step (one host read per step)."""
+
+    def __init__(self, every_n_steps: int = 50):
+        self.every = max(1, int(every_n_steps))
+        self._bad: torch.Tensor | None = None  # device flag: some loss since the last check was not finite
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last host check
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            raise FloatingPointError(
-                f"{type(pl_module).__name__}: loss is {loss.detach().float().cpu().tolist()} at step "
-                f"{trainer.global_step} (on at least one rank); stopped before the weights were updated. Lower "
-                "the learning rate, check the data for extreme values, or raise warmup_steps; the last good "
-                "checkpoint is kept."
-            )
+        loss = loss.detach()
+        bad = ~torch.isfinite(loss).all()
+        self._bad = bad if self._bad is None else self._bad | bad
+        self._pending.append((trainer.global_step, loss))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        opt = getattr(optimizer, "_optimizer", optimizer)  # Lightning's wrapper
+        if self._bad is None:
+            return
+        if self.every > 1 and getattr(opt, "_step_supports_amp_scaling", False) and _is_fused(opt):
+            opt.found_inf = self._bad.float()  # the update is skipped on the device while the flag is set
+        else:
+            self.check(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:
+            self.check(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.check(trainer, pl_module)  # never write a checkpoint after a non-finite step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.check(trainer, pl_module)  # before the export
+
+    def check(self, trainer, pl_module) -> None:
+        """The host read: raises FloatingPointError naming the first non-finite step since the last check."""
+        if self._bad is None:
+            return
+        bad = trainer.strategy.reduce_boolean_decision(bool(self._bad), all=False)
+        pending, self._pending = self._pending, []
+        self._bad = None
+        if not bad:
+            return
+        step, loss = next(((s, v) for s, v in pending if not bool(torch.isfinite(v).all())), pending[-1])
+        raise FloatingPointError(
+            f"{type(pl_module).__name__}: loss is {loss.float().cpu().tolist()} at step {step} (on at least one "
+            "rank); stopped before the weights were updated. Lower the learning rate, check the data for extreme "
+            "values, or raise warmup_steps; the last good checkpoint is kept."
+        )
+
+
+def _is_fused(optimizer) -> bool:
+    return all(g.get("fused") for g in optimizer.param_groups)
+
+
+def sharded_parameters(trainer) -> bool:
+    """Whether each rank holds only a shard of the weights (FSDP): rank 0 alone cannot export them then."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 class Export(L.Callback):
@@ -88,7 +139,8 @@ class Export(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
-        self.export(trainer, pl_module)
+        if not sharded_parameters(trainer):  # sharded: the run exports from the gathered checkpoint instead
+            self.export(trainer, pl_module)
 
     def export(self, trainer, pl_module) -> None:
         self.plugin.export(pl_module, self.folder, trainer)
@@ -121,8 +173,10 @@ class StepProgress(ProgressBar):
         if self._bar is None:
             return
         self._bar.update(trainer.global_step - self._bar.n)
+        if trainer.global_step % max(trainer.log_every_n_steps, 1):
+            return  # reading callback_metrics converts every logged tensor to a number: a host sync per step
         loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:  # no per-step host sync
+        if loss is not None:
             self._bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -15,7 +15,8 @@ and its needs through hooks:
 
 ``run(plugin, cfg, out)`` does what every run shares: the run folder (refuse to overwrite, resume from
 ``checkpoints/last.ckpt``), seeding, the Trainer (logs, checkpoints, RNG state, finite-loss guard),
-``recipe.yaml`` and ``run.json`` written atomically, fit, export.
+``recipe.yaml`` and ``run.json`` written atomically, the speed switches (``trainer.compile``,
+``channels_last``, ``activation_checkpointing``), fit, export.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from typing import Any, ClassVar, Sequence
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from . import callbacks as callbacks_mod
 from .callbacks import Export, StopCheckpoint
 from .folder import RunFolder
+from .module import apply_speed_switches
 from .trainer import make_trainer, quiet_known_noise
 
 
@@ -134,6 +137,7 @@ def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = Fal
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
         try:
             built = plugin.build(cfg, folder)
+            apply_speed_switches(built.module, cfg["trainer"])
             export = Export(plugin, folder)
             trainer = make_trainer(cfg["trainer"], folder.path, [*built.callbacks, export,
                                                                  StopCheckpoint(folder.checkpoint), *callbacks])
@@ -157,6 +161,8 @@ def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = Fal
         except SIGTERMException:
             raise Stopped(f"stopped by SIGTERM at step {trainer.global_step}: checkpoint {folder.checkpoint} written; "
                           "continue with the same command and --resume") from None
+        if callbacks_mod.sharded_parameters(trainer):
+            export_gathered(plugin, cfg, folder, trainer, export)
         if trainer.is_global_zero:
             if not export.done:  # resumed at the last step (a kill during the export): nothing trained, export now
                 export.export(trainer, built.module)
@@ -166,6 +172,20 @@ def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = Fal
     finally:
         folder.unlock()
     return folder.path
+
+
+def export_gathered(plugin: RunPlugin, cfg: dict, folder: RunFolder, trainer: L.Trainer, export: Export) -> None:
+    """The export of a run whose weights are sharded over the ranks (FSDP): every rank writes the final
+    checkpoint (Lightning gathers the full state dict into rank 0's file), then rank 0 builds the plug-in's
+    module afresh, loads those weights (``weights_only``) and exports them as any run does."""
+    import torch
+
+    trainer.save_checkpoint(folder.checkpoint)
+    if trainer.is_global_zero:
+        module = plugin.build(cfg, folder).module
+        state = torch.load(folder.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        export.export(trainer, module)
 
 
 def recipe_key_error(error: TypeError, cfg: dict) -> KeyError | None:

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from .callbacks import AtomicCheckpointIO, FiniteLossGuard, RngState, StepProgress
+from .module import SPEED_SWITCHES
 
 TRAINER_DEFAULTS: dict = {
     "max_steps": 1000,
@@ -24,6 +25,11 @@ TRAINER_DEFAULTS: dict = {
     "gradient_clip_val": None,
     "log_every_n_steps": 10,
     "checkpoint_every_n_steps": 500,
+    # the finite-loss guard reads its device flag every N steps (fused optimizers skip a bad update on the device)
+    "finite_check_every_n_steps": 50,
+    "compile": False,  # torch.compile the method's model: true, or torch.compile's arguments ({mode: ..., backend: ...})
+    "channels_last": False,  # convolution weights (and so activations) in channels-last layout
+    "activation_checkpointing": False,  # recompute the encoder blocks' activations in the backward pass
     "enable_progress_bar": True,
     # any other lightning.Trainer argument may be added
 }
@@ -101,6 +107,28 @@ def _loggers(out: Path) -> list:
     return loggers
 
 
+def fsdp_blocks() -> set[type]:
+    """The modules FSDP shards one by one (and recomputes, with activation checkpointing): timm's transformer
+    ``Block``, the unit of every medfm ViT (2D and 3D encoders, the MAE decoder)."""
+    from timm.models.vision_transformer import Block
+
+    return {Block}
+
+
+def make_strategy(strategy, activation_checkpointing: bool = False):
+    """``trainer.strategy``: ``fsdp`` is Lightning's FSDPStrategy with every transformer block its own shard unit
+    (:func:`fsdp_blocks`), full (rank-0) state-dict checkpoints that reload on any number of devices, and those
+    blocks' activations recomputed in the backward pass when ``activation_checkpointing`` is set (Lightning runs
+    FSDP on CUDA only); any other value goes to Lightning as it is (``auto``, ``ddp``, a Strategy object)."""
+    if strategy != "fsdp":
+        return strategy
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    blocks = fsdp_blocks()
+    return FSDPStrategy(auto_wrap_policy=blocks, activation_checkpointing_policy=blocks if activation_checkpointing else None,
+                        state_dict_type="full")
+
+
 def make_trainer(trainer_cfg: dict, out: Path, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     """A Trainer from a recipe's ``trainer`` section (``precision: auto``, ``checkpoint_every_n_steps``, plus any
     ``lightning.Trainer`` argument): logs in ``out/logs``, resume checkpoints in ``out/checkpoints``, RNG state
@@ -110,17 +138,23 @@ def make_trainer(trainer_cfg: dict, out: Path, callbacks: Sequence[L.Callback] =
     accelerator = t.pop("accelerator")
     precision = resolve_precision(t.pop("precision"), accelerator)
     every = t.pop("checkpoint_every_n_steps")
+    finite_every = t.pop("finite_check_every_n_steps")
+    checkpointing = t["activation_checkpointing"]
+    for key in SPEED_SWITCHES:  # applied to the module by the run (medfm.run.module.apply_speed_switches)
+        t.pop(key)
+    strategy = make_strategy(t.pop("strategy"), checkpointing)
     progress = [StepProgress(f"{device_description(accelerator)}, {precision}")] if t["enable_progress_bar"] else []
     return L.Trainer(
         accelerator=accelerator,
         precision=precision,
+        strategy=strategy,
         default_root_dir=out,
         logger=_loggers(out),
         plugins=[AtomicCheckpointIO()],
         callbacks=[
             ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=every, save_last=True, save_top_k=1),
             RngState(),
-            FiniteLossGuard(),
+            FiniteLossGuard(finite_every),
             *progress,
             *callbacks,
         ],
