@@ -237,6 +237,47 @@ def test_synthetic_regime_needs_no_data_and_its_loss_falls(tmp_path):
     assert (run / "encoder" / "model.safetensors").exists()
 
 
+def test_synthetic_regime_on_the_training_device_learns_and_resumes_exactly(tmp_path):
+    """``data.synth_device: device``: the loader carries positions only and the batched engine renders each batch
+    where the model trains (here the CPU device); the loss falls, and a run killed and resumed ends with the
+    weights of an uninterrupted one, as on the CPU engine."""
+    from medfm.pretrain import METHODS
+    from medfm.pretrain.data import DeviceSynthData, build_data
+
+    cfg = tiny_recipe("mae_vit_3d_synthetic", data={"synthetic": {"size": 32, "n_labels": 4}, "batch_size": 4,
+                                                   "synth_device": "device"}, optim={"lr": 3e-3})
+    assert isinstance(build_data(cfg, METHODS.get_plugin("mae")), DeviceSynthData)
+    run = run_pretrain(cfg, tmp_path / "run")
+    curve = losses(run)
+    assert sum(curve[-5:]) < 0.95 * sum(curve[:5]), curve
+    short = tiny_recipe("mae_vit_3d_synthetic", data={"synthetic": {"size": 32, "n_labels": 4}, "batch_size": 2,
+                                                     "synth_device": "device"},
+                        trainer={"max_steps": 6, "checkpoint_every_n_steps": 3})
+    whole = run_pretrain(short, tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_pretrain(short, tmp_path / "split", callbacks=[_Kill(3)])
+    split = run_pretrain(short, tmp_path / "split", resume=True)
+    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_device_engine_gives_synth_seg_its_label_maps_and_refuses_dino(tmp_path):
+    from medfm.pretrain import METHODS
+    from medfm.pretrain.data import build_data
+
+    cfg = tiny_recipe("synth_seg_3d", data={"synthetic": {"size": 32, "n_labels": 4}, "batch_size": 2,
+                                           "synth_device": "device"})
+    data = build_data(cfg, METHODS.get_plugin("synth_seg"))
+    batch = data.render([0, 1], "cpu")
+    assert batch["image"].shape == (2, 1, 32, 32, 32) and batch["mask"].shape == (2, 1, 32, 32, 32)
+    assert len(torch.unique(batch["mask"][0])) == 4
+    dino = tiny_recipe("dino_vit_3d", data={"regime": "synthetic", "synth_device": "device"})
+    with pytest.raises(ValueError, match="synth_device=cpu"):
+        build_data(dino, METHODS.get_plugin("dino"))
+
+
 def test_mixed_regime_runs_on_real_and_synthetic_samples(data, tmp_path):
     cfg = tiny_recipe("mae_vit_2d", data={"regime": "mixed", "mix": 0.5}, trainer={"max_steps": 4})
     run = run_pretrain(cfg, tmp_path / "run", data_path=data[2])

@@ -110,3 +110,53 @@ def test_medfm_synth_writes_reproducible_nifti_readable_through_the_manifest(dim
     assert s["meta"]["spatial_dims"] == dims
     assert torch.allclose(torch.as_tensor(s["image"]), ref["image"], atol=1e-6)
     assert torch.equal(torch.as_tensor(s["mask"]).long(), ref["mask"])
+
+
+# ------------------------------------------------------------------ the batched engine (training device)
+@pytest.mark.parametrize("dims,size", [(2, 32), (3, 24)])
+def test_device_engine_sample_depends_on_seed_and_index_only(dims, size):
+    """A sample of the batched engine is the same whichever batch renders it, and on every call."""
+    from medfm.synthetic.batched import synth_batch
+
+    c = SynthConfig(spatial_dims=dims, size=size)
+    batch = synth_batch(c, seed=3, indices=[5, 9, 2, 7])
+    again = synth_batch(c, seed=3, indices=[5, 9, 2, 7])
+    alone = synth_batch(c, seed=3, indices=[2])
+    assert torch.equal(batch["image"], again["image"]) and torch.equal(batch["mask"], again["mask"])
+    assert torch.equal(alone["mask"][0], batch["mask"][2])
+    torch.testing.assert_close(alone["image"][0], batch["image"][2], rtol=0, atol=1e-6)
+    assert not torch.equal(batch["image"][0], synth_batch(c, seed=4, indices=[5])["image"][0])
+    assert batch["image"].shape == (4, 1, *([size] * dims)) and batch["mask"].dtype == torch.int64
+
+
+def test_device_engine_draws_from_the_cpu_engines_distribution():
+    """The batched engine and the per-sample CPU engine make different samples of one distribution: every
+    parameter inside RANGES, every label present, the same share of noise and shape maps, and per-image
+    intensity statistics and label volumes that a two-sample Kolmogorov-Smirnov test cannot tell apart."""
+    from scipy.stats import ks_2samp
+
+    from medfm.synthetic.batched import synth_batch
+
+    n, c = 64, SynthConfig(spatial_dims=3, size=20, n_labels=6)
+    dev = synth_batch(c, seed=0, indices=range(n), meta=True)
+    cpu = [synth_sample(c, seed=0, index=i) for i in range(n)]
+    for m in dev["meta"]:
+        for key, value in m["appearance"].items():
+            if isinstance(RANGES.get(key), tuple) and not (key == "lowres_factor" and m["appearance"]["lowres_axis"] is None):
+                lo, hi = RANGES[key]
+                assert all(lo <= v <= hi for v in np.atleast_1d(value)), (key, value)
+    assert all(len(torch.unique(m)) == 6 for m in dev["mask"]) and all(len(torch.unique(s["mask"])) == 6 for s in cpu)
+    share = lambda kinds: sum(k == "noise" for k in kinds) / n  # noqa: E731
+    assert abs(share([m["label_kind"] for m in dev["meta"]]) - share([s["meta"]["label_kind"] for s in cpu])) < 0.25
+
+    def stats(images, masks):
+        img = images.reshape(len(images), -1)
+        background = (masks.reshape(len(masks), -1) == 0).float().mean(1)
+        return {"mean": img.mean(1), "std": img.std(1), "background share": background}
+
+    a = stats(dev["image"], dev["mask"])
+    b = stats(torch.stack([s["image"] for s in cpu]), torch.stack([s["mask"] for s in cpu]))
+    for key in a:
+        p = ks_2samp(a[key].numpy(), b[key].numpy()).pvalue
+        assert p > 0.01, f"{key}: KS p = {p:.4f} (device {a[key].mean():.3f} vs cpu {b[key].mean():.3f})"
+    assert float(dev["image"].min()) >= 0.0 and float(dev["image"].max()) <= 1.0

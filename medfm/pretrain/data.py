@@ -19,10 +19,14 @@ from torch.utils.data import Subset
 from medfm.data import DataError, JoinedDataset, open_dataset
 from medfm.data.transforms import PRESETS
 from medfm.evaluate.online_probe import OnlineProbe
-from medfm.run import KeyedDataset, StepData, section
+from medfm.run import KeyedDataset, StepData, position_seed, section
 from medfm.synthetic import SynthConfig, synth_pair, synth_sample
+from medfm.synthetic.batched import synth_batch
+
+from .views import batch_resized_crop
 
 REGIMES = ("real", "synthetic", "mixed")
+SYNTH_DEVICES = ("auto", "cpu", "device")
 
 
 @dataclass
@@ -32,6 +36,9 @@ class PretrainDataConfig:
     regime: str = "real"  # real | synthetic (the randomized-synthesis engine) | mixed
     mix: float = 0.5  # mixed: fraction of samples drawn from the engine
     synthetic: dict = field(default_factory=dict)  # SynthConfig arguments (size defaults to encoder.img_size)
+    # where the engine renders (synthetic regime): cpu (per sample, in the DataLoader workers) | device (whole
+    # batches on the training device, medfm.synthetic.batched) | auto (device when training on a GPU)
+    synth_device: str = "auto"
     path: str | None = None  # npz, CSV/TSV/JSONL manifest or folder (or give --data)
     split: str | None = "train"  # npz split / manifest split column value (null: every row)
     train_from: list[str] = field(default_factory=list)  # more image sets, whole (e.g. `medfm generate` manifests)
@@ -61,6 +68,8 @@ class ProbeConfig:
 def validate_data(d: PretrainDataConfig) -> None:
     if d.regime not in REGIMES:
         raise ValueError(f"unknown data.regime {d.regime!r}: real, synthetic or mixed")
+    if d.synth_device not in SYNTH_DEVICES:
+        raise ValueError(f"unknown data.synth_device {d.synth_device!r}: {', '.join(SYNTH_DEVICES)}")
     if d.preset not in PRESETS:
         raise ValueError(f"unknown preset {d.preset!r}; available: {', '.join(PRESETS)}")
 
@@ -139,10 +148,72 @@ def build_data(cfg: dict, method) -> StepData:
     if d.regime in ("synthetic", "mixed"):
         if enc.get("in_chans", 1) != 1:
             raise ValueError("the synthesis engine makes one-channel images; set encoder.in_chans=1")
+        if d.regime == "synthetic" and engine_on_device(cfg, d, method):
+            return DeviceSynthData(synth_config(cfg), cfg["seed"], d.batch_size, masks=needs == "masks",
+                                   view=None if needs == "masks" else dict(cfg["view"], size=enc["img_size"]))
         synthetic = method.synthetic_source(cfg)
     mix = {"real": 0.0, "synthetic": 1.0, "mixed": d.mix}[d.regime]
     keyed = KeyedDataset(dataset, method.make_view(cfg), seed=cfg["seed"], synthetic=synthetic, mix=mix)
     return StepData(keyed, len(keyed) if dataset is not None else None, d.batch_size, d.num_workers, cfg["seed"])
+
+
+def engine_on_device(cfg: dict, d: PretrainDataConfig, method) -> bool:
+    """Whether the synthetic regime renders on the training device (``data.synth_device``): ``device`` always,
+    ``auto`` when the run trains on a GPU; only for methods whose inputs the batched path makes (MAE-style
+    random-resized crops, or images with label maps). DINO's multi-crop and synthetic pairs stay on the CPU engine."""
+    from .method import PretrainMethod
+
+    supported = method.needs == "masks" or (method.needs == "views" and type(method).make_view is PretrainMethod.make_view)
+    if d.synth_device == "cpu":
+        return False
+    if d.synth_device == "device":
+        if not supported:
+            raise ValueError(f"data.synth_device=device: method {method.name} needs {method.needs} "
+                             f"({type(method.make_view(cfg)).__name__} views) that only the CPU engine makes; "
+                             "set data.synth_device=cpu")
+        return True
+    accelerator = cfg["trainer"].get("accelerator", "auto")
+    return supported and accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+class _Positions(torch.utils.data.Dataset):
+    """``(index, position) -> {"position": position}``: what the loader carries when the device renders."""
+
+    def __getitem__(self, key):
+        return {"position": key[1]}
+
+
+class DeviceSynthData(StepData):
+    """The synthetic regime with the engine on the training device (:mod:`medfm.synthetic.batched`): the
+    loader yields the step's sample positions only; once the batch is on the device its images (and label
+    maps, ``masks``) are rendered there, then cropped as the method's view says (``view``: the MAE view's
+    ``scale``/``flip`` and the output ``size``; None: the engine's size as it is). Positions are the
+    step-keyed ones every run uses, so resume and multi-rank runs draw as on the CPU engine."""
+
+    def __init__(self, config: SynthConfig, seed: int, batch_size: int, masks: bool = False, view: dict | None = None):
+        super().__init__(_Positions(), None, batch_size, 0, seed)
+        self.config, self.masks, self.view = config, masks, view
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        return {"positions": batch["position"].tolist()}  # still on the host: no device read
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return self.render(batch["positions"], self.trainer.strategy.root_device)
+
+    def render(self, positions: list[int], device) -> dict:
+        out = synth_batch(self.config, self.seed, positions, device)
+        if not self.masks:
+            out.pop("mask")
+        if self.view is not None:
+            rngs = [np.random.default_rng(position_seed(self.seed, p)) for p in positions]
+            v = self.view
+            out["image"] = batch_resized_crop(out["image"], rngs, v["size"], tuple(v.get("scale", (0.5, 1.0))),
+                                              v.get("flip", False))
+        return out
+
+    def fixed_samples(self, n: int, key: str = "image") -> torch.Tensor:
+        keys = iter(self.sampler(batch_size=n))
+        return self.render([next(keys)[1] for _ in range(n)], "cpu")[key]
 
 
 def _subset(ds, n: int, seed: int):

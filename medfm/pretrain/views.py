@@ -37,6 +37,29 @@ def resized_crop(spatial_dims: int, size: int | Sequence[int], scale: tuple[floa
     ]
 
 
+def batch_resized_crop(x: torch.Tensor, rngs: Sequence[np.random.Generator], size: int | Sequence[int],
+                       scale: tuple[float, float] = (0.5, 1.0), flip: bool = False) -> torch.Tensor:
+    """:func:`resized_crop` (+ the optional flip of :func:`mae_view`) for a whole batch (B, C, *S) on its own
+    device, one ``rng`` per sample drawing its box: each axis keeps a random ``scale`` fraction of the side at a
+    random offset, resampled (bi/trilinear) to ``size`` through one ``grid_sample``."""
+    lo, hi = scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {scale}")
+    dims = x.ndim - 2
+    size = ensure_tuple_rep(size, dims)
+    theta = np.zeros((len(rngs), dims, dims + 1))
+    for b, rng in enumerate(rngs):
+        side = rng.uniform(lo, hi, dims)
+        offset = rng.uniform(0, 1, dims) * (1 - side)
+        mirror = -1.0 if flip and rng.random() < 0.5 else 1.0
+        for row, axis in enumerate(reversed(range(dims))):  # affine_grid rows are (x, y[, z]): last axis first
+            theta[b, row, row] = side[axis] * (mirror if axis == dims - 1 else 1.0)
+            theta[b, row, dims] = 2 * offset[axis] - 1 + side[axis]
+    grid = torch.nn.functional.affine_grid(torch.tensor(theta, dtype=x.dtype, device=x.device),
+                                           [x.shape[0], x.shape[1], *size], align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def mae_view(spatial_dims: int, size: int | Sequence[int], scale: tuple[float, float] = (0.5, 1.0),
              flip: bool = False) -> Compose:
     """MAE's augmentation: a random-resized crop (no flips by default: anatomy is lateralised)."""
