@@ -1,12 +1,14 @@
 """Synthesis speed: is the randomized-synthesis engine ever the bottleneck of pretraining?
 
-For 2D 256^2 and 3D 64^3 / 96^3 / 128^3: samples/s of ``SyntheticDataset`` through
-a DataLoader with 1 and 2 workers, against the rate at which the 3D (or 2D) MAE
-recipe's training step consumes samples of that size on this machine (ViT-S,
-the recipe's model, batch ``--batch``). Ratio = engine / consumption; >= 1 means
-the engine keeps up (target: >= 1 with 2 workers for 64^3 on this CPU).
+For 2D 256^2 and 3D 64^3 / 96^3 / 128^3: samples/s of the per-sample CPU engine (``SyntheticDataset``
+through a DataLoader with 1 and 2 workers) and of the batched engine (:mod:`medfm.synthetic.batched`,
+``data.synth_device``) rendering ``--engine-batch`` samples at a time on the training device (the GPU when
+there is one, else this CPU, in-process), against the rate at which the MAE recipe's training step
+consumes samples of that size on that device (ViT-S, the recipe's model, batch ``--batch``). Ratio =
+engine / consumption; >= 1 means the engine keeps up. The two are timed separately, one after the other.
 
     python benchmarks/synth_speed.py
+    python benchmarks/synth_speed.py --batch 8 --engine-batch 8 --workers 1 2 8   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from medfm.pretrain import METHODS, build_encoder, load_recipe
 from medfm.synthetic import SynthConfig, SyntheticDataset
+from medfm.synthetic.batched import synth_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +39,21 @@ def engine_rate(dims: int, size: int, workers: int, n: int) -> float:
     for _ in itertools.islice(it, n):
         pass
     return n / (time.perf_counter() - t)
+
+
+def batched_rate(dims: int, size: int, batch: int, n: int, device: str) -> float:
+    """Samples/s of the batched engine on ``device``, ``batch`` samples per call (the first call not timed)."""
+    config = SynthConfig(spatial_dims=dims, size=size)
+    synth_batch(config, 0, range(batch), device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    calls = max(1, n // batch)
+    t = time.perf_counter()
+    for c in range(calls):
+        synth_batch(config, 0, range((c + 1) * batch, (c + 2) * batch), device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return calls * batch / (time.perf_counter() - t)
 
 
 def consumption_rate(dims: int, size: int, batch: int, steps: int) -> float:
@@ -66,18 +84,26 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--engine-batch", type=int, default=4, help="samples per call of the batched engine")
+    ap.add_argument("--sizes", nargs="+", default=["2:256", "3:64", "3:96", "3:128"], help="DIMS:SIZE")
     args = ap.parse_args()
-    print(f"torch threads {torch.get_num_threads()}; engine: default SynthConfig (8 labels, mixed maps)\n")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    where = torch.cuda.get_device_name() if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device: {where}; engine: default SynthConfig (8 labels, mixed maps); batched engine "
+          f"{args.engine_batch} samples per call on {dev}\n")
     print("| input | MAE step consumes (samples/s) | " + " | ".join(
-        f"engine {w} worker{'s' if w > 1 else ''} (samples/s) | ratio" for w in args.workers) + " |")
-    print("|---|---|" + "---|---|" * len(args.workers))
-    for dims, size in [(2, 256), (3, 64), (3, 96), (3, 128)]:
+        f"CPU engine {w} worker{'s' if w > 1 else ''} (samples/s) | ratio" for w in args.workers)
+        + f" | batched engine on {dev} (samples/s) | ratio |")
+    print("|---|---|" + "---|---|" * (len(args.workers) + 1))
+    for dims, size in (tuple(int(v) for v in s.split(":")) for s in args.sizes):
         # patch 16 needs sides divisible by 16: 256, 64, 96, 128 all are
         need = consumption_rate(dims, size, args.batch, args.steps)
         cells = []
         for w in args.workers:
             r = engine_rate(dims, size, w, args.samples)
             cells += [f"{r:.2f}", f"{r / need:.2f}"]
+        r = batched_rate(dims, size, args.engine_batch, args.samples, dev)
+        cells += [f"{r:.2f}", f"{r / need:.2f}"]
         print(f"| {size}^{dims} | {need:.2f} | " + " | ".join(cells) + " |", flush=True)
 
 

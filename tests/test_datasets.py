@@ -138,3 +138,45 @@ def test_train_crops_are_random_and_cache_keeps_the_deterministic_part(mni_t1, t
     assert a["image"].shape == b["image"].shape == (1, 24, 24, 24)
     assert not torch.equal(a["image"], b["image"])
     assert a["meta"]["spacing"] == pytest.approx((4.0, 4.0, 4.0)) and a["meta"]["orientation"] == "RAS"
+
+
+def test_disk_cache_persists_the_deterministic_part_across_datasets_and_notices_changed_files(mni_t1, tmp_path,
+                                                                                             monkeypatch):
+    """``data.cache: disk``: a second dataset (another worker, another run) reads the resampled volume back
+    instead of the NIfTI; the same sample as computed; a changed file or preset is a miss; a damaged cache
+    file is recomputed; nothing but tensors, numbers and strings is stored (weights_only load)."""
+    import os
+
+    import medfm.data.datasets as datasets
+    from medfm.data.cache import dataset_cache
+
+    shutil.copy(mni_t1, tmp_path / "t1.nii.gz")
+    (tmp_path / "m.csv").write_text("image\nt1.nii.gz\n")
+    calls = []
+    real_load = datasets.load
+    monkeypatch.setattr(datasets, "load", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+
+    def open_(preset_args: dict):
+        cache = dataset_cache("disk", tmp_path / "cache", {"preset": "mr_3d", **preset_args})
+        return ManifestDataset(tmp_path / "m.csv", transform=mr_3d(size=24, **preset_args), cache=cache)
+
+    fresh = ManifestDataset(tmp_path / "m.csv", transform=mr_3d(size=24, spacing=4.0))[0]
+    first = open_({"spacing": 4.0})
+    a = first[0]
+    assert len(calls) == 2 and first.disk.misses == 1
+    second = open_({"spacing": 4.0})
+    b = second[0]
+    assert len(calls) == 2 and second.disk.hits == 1  # read back, not re-read
+    for s in (a, b):
+        torch.testing.assert_close(s["image"], fresh["image"])
+        assert s["meta"]["spacing"] == pytest.approx((4.0, 4.0, 4.0)) and s["meta"]["orientation"] == "RAS"
+    assert open_({"spacing": 5.0})[0]["image"].shape == (1, 24, 24, 24) and len(calls) == 3  # another preset
+    st = os.stat(tmp_path / "t1.nii.gz")
+    os.utime(tmp_path / "t1.nii.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    open_({"spacing": 4.0})[0]
+    assert len(calls) == 4  # the file changed: computed again
+    for f in (tmp_path / "cache").rglob("*.pt"):
+        f.write_bytes(b"not a checkpoint")
+    torch.testing.assert_close(open_({"spacing": 4.0})[0]["image"], fresh["image"])
+    with pytest.raises(ValueError, match="data.cache"):
+        dataset_cache("yes")

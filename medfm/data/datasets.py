@@ -1,8 +1,8 @@
 """Datasets of sample dicts: from a CSV/JSONL manifest, or from a MedMNIST ``.npz``.
 
 Both share :class:`SampleDataset`: MONAI dict transforms applied to each
-sample, an optional in-memory cache of the deterministic part of the
-transforms (everything before the first random transform), and ``on_error``:
+sample, an optional cache of the deterministic part of the transforms (everything before the first random
+transform: in memory, or on disk across runs and workers with :class:`~medfm.data.cache.DiskCache`), and ``on_error``:
 ``"raise"`` stops at the first bad sample with a message naming the file and
 manifest row; ``"skip"`` drops it, counts it in ``skipped`` and warns.
 """
@@ -20,6 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Randomizable
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 
+from .cache import DiskCache
 from .errors import DataError
 from .io import load
 from .manifest import ManifestRecord, read_records, read_rows
@@ -65,14 +66,24 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
+def _files(path: str | os.PathLike) -> list[str]:
+    """A file, or the files of a DICOM series folder."""
+    p = Path(path)
+    return sorted(str(f) for f in p.iterdir() if f.is_file()) if p.is_dir() else [str(p)]
+
+
 class SampleDataset(Dataset):
     """Base: subclasses implement ``__len__``, ``load_sample(i)`` and ``describe(i)`` (for errors)."""
 
-    def __init__(self, transform=None, cache: bool = False, on_error: str = "raise"):
+    def __init__(self, transform=None, cache: bool | DiskCache = False, on_error: str = "raise"):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if not isinstance(cache, (bool, DiskCache)):
+            raise ValueError(f"cache must be True, False or a DiskCache (a recipe's data.cache: see "
+                             f"medfm.data.cache.dataset_cache), got {cache!r}")
         self.pre, self.post = _split_transform(transform)
-        self.cache = {} if cache else None
+        self.disk = cache if isinstance(cache, DiskCache) else None
+        self.cache = {} if cache is True else None
         self.on_error = on_error
         self.skipped: list[tuple[str, str]] = []  # (which sample, why)
 
@@ -82,12 +93,21 @@ class SampleDataset(Dataset):
     def describe(self, i: int) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def source_files(self, i: int) -> list[str]:  # pragma: no cover - abstract
+        """The files sample ``i`` is read from (their identity keys the disk cache)."""
+        raise NotImplementedError
+
     def _prepared(self, i: int) -> dict:
         if self.cache is not None and i in self.cache:
             return dict(self.cache[i])
-        sample = self.load_sample(i)
-        if self.pre is not None:
-            sample = self.pre(sample)
+        key = self.disk.key(self.describe(i), self.source_files(i)) if self.disk is not None else None
+        sample = self.disk.get(key) if key else None
+        if sample is None:
+            sample = self.load_sample(i)
+            if self.pre is not None:
+                sample = self.pre(sample)
+            if key:
+                self.disk.put(key, sample)
         if self.cache is not None:
             self.cache[i] = sample
             sample = dict(sample)
@@ -150,7 +170,7 @@ class ManifestDataset(SampleDataset):
         split_key: str = "split",
         spatial_dims: int | None = None,
         transform=None,
-        cache: bool = False,
+        cache: bool | DiskCache = False,
         on_error: str = "raise",
         preflight: bool | str = False,
     ):
@@ -199,6 +219,10 @@ class ManifestDataset(SampleDataset):
     def describe(self, i: int) -> str:
         return f"{self.manifest} line {self.records[i].line}"
 
+    def source_files(self, i: int) -> list[str]:
+        rec = self.records[i]
+        return [self.manifest, *_files(rec.image), *(_files(rec.mask) if rec.mask else [])]
+
     def load_sample(self, i: int) -> dict:
         rec = self.records[i]
         sample = load(rec.image, spatial_dims=self.spatial_dims)
@@ -221,7 +245,7 @@ class NpzDataset(SampleDataset):
     """
 
     def __init__(self, path: str | os.PathLike, split: str = "train", spatial_dims: int | None = None,
-                 transform=None, cache: bool = False, on_error: str = "raise"):
+                 transform=None, cache: bool | DiskCache = False, on_error: str = "raise"):
         super().__init__(transform=transform, cache=cache, on_error=on_error)
         self.path = str(path)
         self.split = split
@@ -232,6 +256,9 @@ class NpzDataset(SampleDataset):
 
     def describe(self, i: int) -> str:
         return f"{self.path} [{self.split}] sample {i}"
+
+    def source_files(self, i: int) -> list[str]:
+        return [self.path]
 
     def load_sample(self, i: int) -> dict:
         affine = np.eye(4)
@@ -260,7 +287,7 @@ class FolderDataset(SampleDataset):
     SUFFIXES = (".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
     def __init__(self, root: str | os.PathLike, spatial_dims: int | None = None, transform=None,
-                 cache: bool = False, on_error: str = "raise"):
+                 cache: bool | DiskCache = False, on_error: str = "raise"):
         super().__init__(transform=transform, cache=cache, on_error=on_error)
         self.root = Path(root)
         if not self.root.is_dir():
@@ -282,6 +309,9 @@ class FolderDataset(SampleDataset):
 
     def describe(self, i: int) -> str:
         return str(self.paths[i])
+
+    def source_files(self, i: int) -> list[str]:
+        return _files(self.paths[i])
 
     def load_sample(self, i: int) -> dict:
         sample = load(self.paths[i], spatial_dims=self.spatial_dims)
@@ -321,7 +351,7 @@ def open_dataset(
     spatial_dims: int | None = None,
     label: str | Sequence[str] | None = None,
     transform=None,
-    cache: bool = False,
+    cache: bool | DiskCache = False,
     on_error: str = "raise",
     preflight: bool | str = False,
     **manifest_kwargs,

@@ -31,6 +31,7 @@ import torch
 from medfm.artifacts import load
 from medfm.atomic import write_json
 from medfm.data import DataError, JoinedDataset, open_dataset, split_names
+from medfm.data.cache import dataset_cache
 from medfm.data.transforms import PRESETS
 from medfm.run import ENCODER, TRAINER, Built, FreeForm, KeyedDataset, OptimConfig, Registry, RunFolder, RunPlugin, StepData
 from medfm.run import load_config, run
@@ -57,7 +58,8 @@ class FinetuneDataConfig:
     augment: bool = True  # the preset's training augmentation / random crops
     batch_size: int = 32
     num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
-    cache: bool = True
+    cache: bool | str = True  # the preprocessed samples: true (in memory) | false | disk (persistent, data.cache_dir)
+    cache_dir: str | None = None  # disk cache folder (default $MEDFM_CACHE/preprocessed or ~/.cache/medfm/preprocessed)
     on_error: str = "raise"  # raise: a bad file stops the run naming its row | skip: its row is dropped and counted
     preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
 
@@ -119,12 +121,19 @@ class FinetuneTask(RunPlugin):
     def split_args(self, cfg: dict, path: str) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def split_cache(self, cfg: dict, train: bool):
+        """``data.cache`` for the sets this task opens (a disk cache keyed by the task, preset and size)."""
+        d = cfg["data"]
+        return dataset_cache(d["cache"], d["cache_dir"], {"task": cfg["task"], "preset": d["preset"], "train": train,
+                                                          "args": d["preset_args"], "size": self.eval_size(cfg),
+                                                          "dims": cfg["encoder"]["spatial_dims"]})
+
     def open_split(self, cfg: dict, split: str | None, train: bool = False, path: str | None = None):
         """One split of the recipe's data with what the task needs (labels, masks)."""
         d = cfg["data"]
         path = str(path or d["path"])
         return open_dataset(path, split=split, spatial_dims=cfg["encoder"]["spatial_dims"],
-                            transform=self.transform(cfg, train), cache=d["cache"], on_error=d["on_error"],
+                            transform=self.transform(cfg, train), cache=self.split_cache(cfg, train), on_error=d["on_error"],
                             preflight=d["preflight"], **self.split_args(cfg, path))
 
     def extra_split_args(self, cfg: dict, path: str, real) -> dict:
@@ -141,7 +150,7 @@ class FinetuneTask(RunPlugin):
         parts = [real] if d["train_real"] else []
         for p in d["train_from"]:
             parts.append(open_dataset(p, split=None, spatial_dims=cfg["encoder"]["spatial_dims"],
-                                      transform=self.transform(cfg, train), cache=d["cache"], on_error=d["on_error"],
+                                      transform=self.transform(cfg, train), cache=self.split_cache(cfg, train), on_error=d["on_error"],
                                       preflight=d["preflight"], **self.extra_split_args(cfg, p, real)))
         return parts[0] if len(parts) == 1 else JoinedDataset(parts)
 

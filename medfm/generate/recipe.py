@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from medfm.data import DataError, load, open_dataset
+from medfm.data.cache import dataset_cache
 from medfm.data.transforms import PRESETS
 from medfm.run import TRAINER, OptimConfig
 from medfm.run import load_config, run
@@ -83,7 +84,8 @@ class GeneratorDataConfig:
     augment: bool = False  # the preset's training augmentation / random crops (3D: random crops of larger volumes)
     batch_size: int = 32
     num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
-    cache: bool = True  # keep preprocessed samples in memory
+    cache: bool | str = True  # the preprocessed samples: true (in memory) | false | disk (persistent, data.cache_dir)
+    cache_dir: str | None = None  # disk cache folder (default $MEDFM_CACHE/preprocessed or ~/.cache/medfm/preprocessed)
     on_error: str = "raise"  # raise: a bad file stops the run naming its row | skip: its row is dropped and counted
     preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
 
@@ -147,7 +149,10 @@ def open_training_set(cfg: dict, path: str | None = None):
         raise DataError(f"{path}: {s['conditioning']} conditioning reads a manifest (CSV/JSONL) with a "
                         f"'{d[s['conditioning']]}' column")
     return open_dataset(path, split=d["split"], spatial_dims=s["spatial_dims"], transform=transform,
-                        cache=d["cache"], on_error=d["on_error"], preflight=d["preflight"], **kwargs)
+                        cache=dataset_cache(d["cache"], d["cache_dir"], {"preset": d["preset"], "args": d["preset_args"],
+                                                          "size": s["image_size"], "augment": d["augment"],
+                                                          "dims": s["spatial_dims"]}),
+                        on_error=d["on_error"], preflight=d["preflight"], **kwargs)
 
 
 def complete_spec(cfg: dict, train) -> dict:

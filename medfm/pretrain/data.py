@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Subset
 
 from medfm.data import DataError, JoinedDataset, open_dataset
+from medfm.data.cache import dataset_cache
 from medfm.data.transforms import PRESETS
 from medfm.evaluate.online_probe import OnlineProbe
 from medfm.run import KeyedDataset, StepData, position_seed, section
@@ -47,7 +48,8 @@ class PretrainDataConfig:
     preset_args: dict = field(default_factory=dict)  # e.g. {spacing: 2.0} for the 3D presets
     batch_size: int = 64  # per device
     num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
-    cache: bool = True  # keep preprocessed samples in memory (views are drawn fresh every step)
+    cache: bool | str = True  # the preprocessed samples: true (in memory) | false | disk (persistent, data.cache_dir)
+    cache_dir: str | None = None  # disk cache folder (default $MEDFM_CACHE/preprocessed or ~/.cache/medfm/preprocessed)
     on_error: str = "raise"  # raise: a bad file stops the run naming its row | skip: its row is dropped and counted
     preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
 
@@ -140,7 +142,8 @@ def build_data(cfg: dict, method) -> StepData:
         if not d.path and not d.train_from:
             raise ValueError(f"data.regime={d.regime} needs data: give --data PATH (an npz, a manifest or a folder) "
                              "or set data.path; or use data.regime=synthetic")
-        kw = dict(spatial_dims=enc["spatial_dims"], transform=preprocess(cfg), cache=d.cache, on_error=d.on_error,
+        cache = dataset_cache(d.cache, d.cache_dir, {"preset": d.preset, "args": d.preset_args, "dims": enc["spatial_dims"]})
+        kw = dict(spatial_dims=enc["spatial_dims"], transform=preprocess(cfg), cache=cache, on_error=d.on_error,
                   preflight=d.preflight, **({"text_key": d.text} if d.text else {}))
         parts = [open_dataset(d.path, split=d.split, **kw)] if d.path else []
         parts += [open_dataset(p, split=None, **kw) for p in d.train_from]  # generated sets: every row
