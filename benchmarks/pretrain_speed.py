@@ -1,4 +1,4 @@
-"""Pretraining speed: MAE and DINO on ViT-S, 2D (224^2) and 3D (96^3), at a few batch sizes.
+"""Pretraining speed: MAE and DINO on ViT-S and ViT-B, 2D (224^2) and 3D (96^3), at a few batch sizes.
 
 For each configuration, in the same process:
 
@@ -9,14 +9,16 @@ For each configuration, in the same process:
   logging, checkpoint callback, NaN guard, RNG state) on the same in-memory batch.
 
 Both see the same fixed batch, so the data pipeline is not timed (see
-``synth``/data benchmarks for that). Reported: training images/s, the step-time
-ratio medfm/plain (target <= 1.05), peak memory (CUDA: max allocated; CPU: peak
+``synth``/data benchmarks for that). Each configuration is measured ``--repeats`` times (plain, medfm,
+plain again each time); reported: training images/s (medians), the step-time ratio medfm/plain (mean and
+spread over the repeats; target <= 1.03), with ``--compile`` the same for both paths under
+``torch.compile`` (``trainer.compile: true``) and the compiled/uncompiled speed-up, peak memory (CUDA: max allocated; CPU: peak
 RSS growth sampled during the run), FLOPs per step (torch's FlopCounterMode on
 the plain step) and model FLOP utilisation against the matmul peak measured in
 this run (fp32 on CPU, bf16 on CUDA).
 
-    python benchmarks/pretrain_speed.py            # CPU: small batches, few steps
-    python benchmarks/pretrain_speed.py --steps 20 # more steps, on a GPU
+    python benchmarks/pretrain_speed.py                       # CPU: small batches, few steps
+    python benchmarks/pretrain_speed.py --compile --repeats 3 # on a GPU: 20 steps, compiled columns
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medfm.pretrain import METHODS, build_encoder, load_recipe
 from medfm.run import make_trainer
+from medfm.run.module import apply_speed_switches
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -110,10 +113,13 @@ def step_loss(module, batch: dict) -> torch.Tensor:
     return module.model(batch["global"], batch["local"])[0]
 
 
-def plain_loop(cfg: dict, batch: dict, steps: int, warmup: int) -> tuple[list[float], float, int]:
-    """The reference: forward, backward, optimizer + schedule step (+ EMA) in a bare loop."""
+def plain_loop(cfg: dict, batch: dict, steps: int, warmup: int, flops: bool = True) -> tuple[list[float], float, int]:
+    """The reference: forward, backward, optimizer + schedule step (+ EMA) in a bare loop (compiled as the
+    recipe's ``trainer.compile`` says)."""
     L.seed_everything(0, verbose=False)
     module = METHODS.get_plugin(cfg["method"]).build_module(cfg, build_encoder(cfg)).to("cuda" if CUDA else "cpu")
+    if cfg["trainer"].get("compile"):
+        module.compile_model(cfg["trainer"]["compile"])
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     times = []
@@ -130,6 +136,8 @@ def plain_loop(cfg: dict, batch: dict, steps: int, warmup: int) -> tuple[list[fl
                 module.model.update_teacher(module.current_momentum())
             sync()
             times.append(time.perf_counter() - t)
+    if not flops:
+        return times[warmup:], 0.0, mem.bytes
     # FLOPs of one training step (forward + backward) of the same model
     with FlopCounterMode(display=False) as fc:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA):
@@ -174,6 +182,7 @@ def medfm_loop(cfg: dict, batch: dict, steps: int, warmup: int) -> tuple[list[fl
     cfg = dict(cfg, trainer=dict(cfg["trainer"], max_steps=warmup + steps, enable_progress_bar=False,
                                  checkpoint_every_n_steps=10**6))
     module = METHODS.get_plugin(cfg["method"]).build_module(cfg, build_encoder(cfg))
+    apply_speed_switches(module, cfg["trainer"])  # what medfm.run.run does (trainer.compile)
     timer = _StepTimer()
     with tempfile.TemporaryDirectory() as out:
         trainer = make_trainer(cfg["trainer"], Path(out), [timer])  # the run's Trainer, without the export
@@ -181,6 +190,25 @@ def medfm_loop(cfg: dict, batch: dict, steps: int, warmup: int) -> tuple[list[fl
             trainer.fit(module, datamodule=_Fixed(batch))
     times = [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:])]
     return times[warmup:], mem.bytes
+
+
+def measure(cfg: dict, batch: dict, steps: int, warmup: int, repeats: int, flops: bool) -> dict:
+    """``repeats`` x (plain, medfm, plain again): median step times and the per-repeat ratios medfm/plain."""
+    ours_all, plain_all, ratios, mems, total_flops = [], [], [], [], 0.0
+    for r in range(repeats):
+        # the reference is the faster of its two runs, so warm-up and allocator effects of running first
+        # cannot flatter medfm
+        plain, f, _ = plain_loop(cfg, batch, steps, warmup, flops=flops and r == 0)
+        ours, mem = medfm_loop(cfg, batch, steps, warmup)
+        plain2, _, _ = plain_loop(cfg, batch, steps, warmup, flops=False)
+        total_flops = total_flops or f
+        t_plain = min(statistics.median(plain), statistics.median(plain2))
+        ours_all += ours
+        plain_all.append(t_plain)
+        ratios.append(statistics.median(ours) / t_plain)
+        mems.append(mem)
+    return {"ours": statistics.median(ours_all), "plain": min(plain_all), "ratio": statistics.mean(ratios),
+            "spread": statistics.pstdev(ratios) if len(ratios) > 1 else 0.0, "mem": max(mems), "flops": total_flops}
 
 
 def main() -> None:
@@ -191,34 +219,45 @@ def main() -> None:
     ap.add_argument("--batch-3d", type=int, nargs="+", default=[1, 2] if not CUDA else [4, 8])
     ap.add_argument("--methods", nargs="+", default=["mae", "dino"])
     ap.add_argument("--dims", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--models", nargs="+", default=["vit_small", "vit_base"])
+    ap.add_argument("--repeats", type=int, default=1, help="plain/medfm/plain measurements per configuration")
+    ap.add_argument("--compile", action="store_true", help="also measure both paths under torch.compile")
     args = ap.parse_args()
 
     peak = matmul_peak()
     device = "cuda" if CUDA else "cpu"
     name = torch.cuda.get_device_name() if CUDA else f"CPU, {torch.get_num_threads()} threads, fp32"
     print(f"device: {name}; matmul peak measured here: {peak / 1e12:.3f} TFLOP/s "
-          f"({'bf16' if CUDA else 'fp32'}); {args.steps} timed steps after {args.warmup} warm-up\n")
-    header = ("| method | input | batch | medfm img/s | plain img/s | medfm/plain step time | peak mem (MiB) "
-              "| GFLOP/step | TFLOP/s | MFU |")
+          f"({'bf16' if CUDA else 'fp32'}); {args.steps} timed steps after {args.warmup} warm-up; "
+          f"{args.repeats} repeat(s)\n")
+    header = ("| method | model | input | batch | medfm img/s | plain img/s | medfm/plain step time (mean +- sd) "
+              "| peak mem (MiB) | GFLOP/step | TFLOP/s | MFU |")
+    if args.compile:
+        header += " compiled medfm img/s | compiled medfm/plain | compiled MFU | compile speed-up |"
     print(header)
-    print("|---" * 10 + "|")
+    print("|---" * (header.count("|") - 1) + "|")
+    ratios = []
     for method in args.methods:
-        for dims in args.dims:
-            cfg = load_recipe(REPO / "encoders" / f"{method}_vit_{dims}d.yaml", {"trainer": {"log_every_n_steps": 10}})
-            for bs in args.batch_2d if dims == 2 else args.batch_3d:
-                batch = make_batch(cfg, bs, device)
-                # plain, medfm, plain again: the reference is the faster of its two runs, so
-                # warm-up and allocator effects of running first cannot flatter medfm
-                plain, flops, _ = plain_loop(cfg, batch, args.steps, args.warmup)
-                ours, mem = medfm_loop(cfg, batch, args.steps, args.warmup)
-                plain2, _, _ = plain_loop(cfg, batch, args.steps, args.warmup)
-                t_plain = min(statistics.median(plain), statistics.median(plain2))
-                t_ours = statistics.median(ours)
-                size = cfg["encoder"]["img_size"]
-                shape = f"{size}^{dims}"
-                print(f"| {method} | {shape} | {bs} | {bs / t_ours:.2f} | {bs / t_plain:.2f} | {t_ours / t_plain:.3f} "
-                      f"| {mem / 2**20:.0f} | {flops / 1e9:.1f} | {flops / t_ours / 1e12:.3f} "
-                      f"| {flops / t_ours / peak:.1%} |", flush=True)
+        for model in args.models:
+            for dims in args.dims:
+                cfg = load_recipe(REPO / "encoders" / f"{method}_vit_{dims}d.yaml",
+                                  {"encoder": {"name": model}, "trainer": {"log_every_n_steps": 10}})
+                for bs in args.batch_2d if dims == 2 else args.batch_3d:
+                    batch = make_batch(cfg, bs, device)
+                    m = measure(cfg, batch, args.steps, args.warmup, args.repeats, flops=True)
+                    ratios.append(m["ratio"])
+                    size = cfg["encoder"]["img_size"]
+                    row = (f"| {method} | {model} | {size}^{dims} | {bs} | {bs / m['ours']:.2f} | {bs / m['plain']:.2f} "
+                           f"| {m['ratio']:.3f} +- {m['spread']:.3f} | {m['mem'] / 2**20:.0f} | {m['flops'] / 1e9:.1f} "
+                           f"| {m['flops'] / m['ours'] / 1e12:.3f} | {m['flops'] / m['ours'] / peak:.1%} |")
+                    if args.compile:
+                        ccfg = dict(cfg, trainer=dict(cfg["trainer"], compile=True))
+                        c = measure(ccfg, batch, args.steps, max(args.warmup, 2), args.repeats, flops=False)
+                        row += (f" {bs / c['ours']:.2f} | {c['ratio']:.3f} +- {c['spread']:.3f} "
+                                f"| {m['flops'] / c['ours'] / peak:.1%} | {m['ours'] / c['ours']:.2f}x |")
+                    print(row, flush=True)
+    print(f"\nmedfm/plain step-time ratio over the {len(ratios)} uncompiled rows: mean {statistics.mean(ratios):.3f}, "
+          f"range {min(ratios):.3f}-{max(ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -143,3 +143,15 @@ def test_a_sharded_run_exports_from_its_gathered_checkpoint(data, tmp_path, monk
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_vit_large_has_timms_layout():
+    """ViT-L/16, the encoder FSDP is for, built on the meta device (no memory): timm's parameter names and count."""
+    import timm
+
+    with torch.device("meta"):
+        ours = create_encoder("vit_large", img_size=224)
+        ref = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, in_chans=1)
+    a = {k: v.shape for k, v in ours.state_dict().items()}
+    b = {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: a[k] for k in b if k in a} == b and sum(v.numel() for v in ours.parameters()) > 3e8

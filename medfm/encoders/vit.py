@@ -148,7 +148,7 @@ class ViT(nn.Module, HubMixin):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         n_pos = math.prod(self.grid_size) + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim), requires_grad=pos_embed == "learned")
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # torch.linspace, on any device
         self.blocks = nn.Sequential(
             *[
                 Block(
@@ -315,6 +315,7 @@ _VIT_SIZES = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
 
 
@@ -352,3 +353,10 @@ def vit_small(spatial_dims: int = 2, in_chans: int = 1, img_size=224, **kwargs) 
 def vit_base(spatial_dims: int = 2, in_chans: int = 1, img_size=224, **kwargs) -> ViT:
     """ViT-B/16 (width 768, 12 blocks, 12 heads), timm ``vit_base_patch16_224`` layout."""
     return _vit("base", spatial_dims, in_chans, img_size, **kwargs)
+
+
+@register_encoder
+def vit_large(spatial_dims: int = 2, in_chans: int = 1, img_size=224, **kwargs) -> ViT:
+    """ViT-L/16 (width 1024, 24 blocks, 16 heads), timm ``vit_large_patch16_224`` layout: ~300M parameters,
+    trained with ``trainer.strategy: fsdp`` and ``trainer.activation_checkpointing`` (docs/running.md)."""
+    return _vit("large", spatial_dims, in_chans, img_size, **kwargs)
