@@ -137,14 +137,11 @@ class LabelEfficiency:
         if init == "clip":
             if "medpix" not in self.data:
                 raise ValueError("the clip init pretrains on MedPix captions: give --data medpix=manifest.csv")
-            where = "medpix"
-            try:  # LiT: the image tower starts from the self-supervised MedPix encoder when there is one
-                extra = {"encoder": {"pretrained": self.encoder_for("mae", "medpix")}}
-            except ValueError:
-                extra = {}
-        else:
-            where = "engine" if init == "synth" else domain
-        run = self.out / "pretrain" / f"{init}_{where}" if init != "synth" else self.out / "pretrain" / f"synth_{'3d' if domain == 'mni' else '2d'}"
+            # LiT: the image tower starts from the self-supervised MedPix encoder
+            extra = {"encoder": {"pretrained": self.encoder_for("mae", "medpix")}}
+        # the data it pretrains on (the engine's runs are named by dimension), which names its run folder
+        where = {"clip": "medpix", "synth": "3d" if domain == "mni" else "2d"}.get(init, domain)
+        run = self.out / "pretrain" / f"{init}_{where}"
         if not (run / "encoder" / "config.json").exists():
             data = {} if init == "synth" else {"data": {"path": self.data[where]}}
             small = SMALL_PROFILE_PRETRAIN.get(init, {}) if self.profile in ("cpu", "tiny") else {}

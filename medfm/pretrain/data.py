@@ -164,15 +164,13 @@ def engine_on_device(cfg: dict, d: PretrainDataConfig, method) -> bool:
     """Whether the synthetic regime renders on the training device (``data.synth_device``): ``device`` always,
     ``auto`` when the run trains on a GPU; only for methods whose inputs the batched path makes (MAE-style
     random-resized crops, or images with label maps). DINO's multi-crop and synthetic pairs stay on the CPU engine."""
-    from .method import PretrainMethod
-
-    supported = method.needs == "masks" or (method.needs == "views" and type(method).make_view is PretrainMethod.make_view)
+    supported = method.needs in ("views", "masks") and method.device_synthesis
     if d.synth_device == "cpu":
         return False
     if d.synth_device == "device":
         if not supported:
-            raise ValueError(f"data.synth_device=device: method {method.name} needs {method.needs} "
-                             f"({type(method.make_view(cfg)).__name__} views) that only the CPU engine makes; "
+            raise ValueError(f"data.synth_device=device: method {method.name}'s synthetic inputs ({method.needs}, "
+                             f"{type(method.make_view(cfg)).__name__} views) are made by the CPU engine only; "
                              "set data.synth_device=cpu")
         return True
     accelerator = cfg["trainer"].get("accelerator", "auto")

@@ -167,6 +167,8 @@ class DINOModule(TrainingModule):
 class DINOMethod(PretrainMethod):
     """``method: dino``: multi-crop views (``view`` section: :meth:`make_view`'s arguments)."""
 
+    device_synthesis = False  # multi-crop views: the CPU engine
+
     name = "dino"
     Config = DINOConfig
     module_class = DINOModule

@@ -66,6 +66,9 @@ class PretrainMethod(RunPlugin):
 
     module_class: ClassVar[type]  # the LightningModule: module_class(encoder, **section, **optim)
     needs: ClassVar[str] = "views"
+    # whether the batched engine can make this method's synthetic inputs on the training device
+    # (data.synth_device): MAE's random-resized crop (the default view, ``view`` section) or label maps
+    device_synthesis: ClassVar[bool] = True
     model_folder = "encoder"
 
     def make_view(self, cfg: dict):

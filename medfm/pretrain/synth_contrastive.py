@@ -157,6 +157,7 @@ class SynthContrastive(_DenseMethod):
     Config = SynthContrastiveConfig
     module_class = SynthContrastiveModule
     needs = "pairs"
+    device_synthesis = False  # two renderings of a larger map, cropped apart: the CPU engine
 
     def synthetic_source(self, cfg: dict) -> SynthSource:
         """Pairs of renderings of one label map, cropped up to ``max_shift`` voxels apart."""

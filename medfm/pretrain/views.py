@@ -25,6 +25,8 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple_rep
 
+from medfm.synthetic.batched import to_device
+
 
 def resized_crop(spatial_dims: int, size: int | Sequence[int], scale: tuple[float, float]) -> list:
     """Crop a random box whose side is ``scale[0]``..``scale[1]`` of the input's side (per axis), resize to ``size``."""
@@ -55,7 +57,7 @@ def batch_resized_crop(x: torch.Tensor, rngs: Sequence[np.random.Generator], siz
         for row, axis in enumerate(reversed(range(dims))):  # affine_grid rows are (x, y[, z]): last axis first
             theta[b, row, row] = side[axis] * (mirror if axis == dims - 1 else 1.0)
             theta[b, row, dims] = 2 * offset[axis] - 1 + side[axis]
-    grid = torch.nn.functional.affine_grid(torch.tensor(theta, dtype=x.dtype, device=x.device),
+    grid = torch.nn.functional.affine_grid(to_device(theta, x.device, x.dtype),
                                            [x.shape[0], x.shape[1], *size], align_corners=False)
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

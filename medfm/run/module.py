@@ -115,10 +115,21 @@ class TrainingModule(L.LightningModule):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def logs_this_step(self) -> bool:
+        """Whether this step's values reach the loggers (every ``trainer.log_every_n_steps`` steps, Lightning's
+        cadence). Each ``self.log`` costs Lightning ~0.7 ms even on steps it does not write (measured: 2.2 ms of
+        a 7.5 ms tiny MAE step for three values), so the values are only handed over on the steps that write."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        every = trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logs = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        for k, v in logs.items():
-            self.log(f"train/{k}", v)
+        if self.logs_this_step():
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+            for k, v in logs.items():
+                self.log(f"train/{k}", v)
         return loss

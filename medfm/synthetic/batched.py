@@ -40,6 +40,15 @@ def _device_generator(seed: int, index: int, device: torch.device, stream: int =
     return torch.Generator(device=device).manual_seed(s & (2**63 - 1))
 
 
+def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host-drawn numbers as a tensor on ``device``: through pinned memory without blocking on a GPU, so
+    rendering never waits for the training kernels already queued (a pageable copy would)."""
+    t = torch.as_tensor(np.asarray(values), dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _mode(dims: int) -> str:
     return "bilinear" if dims == 2 else "trilinear"
 
@@ -67,7 +76,7 @@ def gaussian_smooth(x: torch.Tensor, sigma: Sequence[float], truncated: float = 
     for j, (s, rad) in enumerate(zip(sigma, radii)):
         w = np.exp(-0.5 * (offsets / max(s, 1e-3)) ** 2) * (np.abs(offsets) <= rad)
         taps[j] = w / w.sum()
-    w = torch.tensor(taps, dtype=x.dtype, device=x.device)
+    w = to_device(taps, x.device, x.dtype)
     dims = x.ndim - 2
     view = (-1,) + (1,) * (dims + 1)
     for axis in range(2, x.ndim):
@@ -110,7 +119,7 @@ def _shape_labels(rngs: list[np.random.Generator], shape, n_labels, device) -> t
     """Nested random ellipsoids (largest first) and the odd tube, as the CPU engine's ``shape_labels``;
     the per-sample parameters are drawn on the host, the masks for the whole batch at once."""
     dims, b = len(shape), len(rngs)
-    size = torch.tensor(shape, dtype=torch.float32, device=device)
+    size = to_device(shape, device, torch.float32)
     grid = _grid(shape, device)[None]  # (1, dims, *S)
     label = torch.zeros((b, *shape), dtype=torch.long, device=device)
     sp = (1,) * dims
@@ -128,14 +137,14 @@ def _shape_labels(rngs: list[np.random.Generator], shape, n_labels, device) -> t
             else:
                 centre.append(rng.uniform(0.3, 0.7, dims)), radii.append(rng.uniform(0.5, 1.0, dims))
                 direction.append(np.zeros(dims)), thick.append(0.0)
-        c = torch.tensor(np.array(centre), dtype=torch.float32, device=device) * size  # (B, dims)
+        c = to_device(centre, device, torch.float32) * size  # (B, dims)
         rel = grid - c.view(b, dims, *sp)
-        r = torch.tensor(np.array(radii), dtype=torch.float32, device=device) * frac * size
+        r = to_device(radii, device, torch.float32) * frac * size
         ellipsoid = ((rel / r.view(b, dims, *sp)) ** 2).sum(1) <= 1
-        d = torch.tensor(np.array(direction), dtype=torch.float32, device=device).view(b, dims, *sp)
+        d = to_device(direction, device, torch.float32).view(b, dims, *sp)
         dist2 = (rel**2).sum(1) - (rel * d).sum(1) ** 2
-        th = torch.tensor(thick, dtype=torch.float32, device=device).view(b, *sp) * min(shape)
-        is_tube = torch.tensor(tube, device=device).view(b, *sp)
+        th = to_device(thick, device, torch.float32).view(b, *sp) * min(shape)
+        is_tube = to_device(tube, device).view(b, *sp)
         mask = torch.where(is_tube, dist2 <= th**2, ellipsoid)
         label = torch.where(mask, torch.full_like(label, k), label)
     return label
@@ -159,8 +168,8 @@ def _ensure_all_labels(label: torch.Tensor, n_labels: int, rngs: list[np.random.
     dims = len(shape)
     present = F.one_hot(label.reshape(b, -1), n_labels).amax(1).bool()  # (B, K)
     radius = max(1.0, min(shape) / 10)
-    centres = torch.tensor(np.array([[[rng.uniform(radius, s - radius) for s in shape] for _ in range(n_labels)]
-                                     for rng in rngs]), dtype=torch.float32, device=label.device)  # (B, K, dims)
+    centres = to_device([[[rng.uniform(radius, s - radius) for s in shape] for _ in range(n_labels)] for rng in rngs],
+                        label.device, torch.float32)  # (B, K, dims)
     grid = _grid(shape, label.device)[None]
     sp = (1,) * dims
     for k in range(n_labels):
@@ -206,7 +215,7 @@ def label_maps(config: SynthConfig, seed: int, indices: Sequence[int], device: t
                     t = F.interpolate(t[None, None].float(), size=tuple(shape), mode="nearest")[0, 0].long()
                 maps.append(torch.searchsorted(torch.unique(t), t) % k)
             part = torch.stack(maps)
-        label[sel] = part
+        label[to_device(sel, device)] = part
     label = _ensure_all_labels(label, k, rngs)
     if config.deform > 0:
         label = _elastic(label, gens, config.deform)
@@ -233,15 +242,17 @@ def render_batch(label: torch.Tensor, n_labels: int, params: list[dict], gens: l
     """(B, 1, *S) images in [0, 1] for (B, *S) label maps and each sample's drawn ``params``."""
     b, shape = label.shape[0], tuple(label.shape[1:])
     dims, dev = len(shape), label.device
-    col = lambda key: torch.tensor([p[key] for p in params], dtype=torch.float32, device=dev)  # noqa: E731
+    col = lambda key: to_device([p[key] for p in params], dev, torch.float32)  # noqa: E731
     sp = (1,) * dims
-    weights = F.one_hot(label, n_labels).movedim(-1, 1).float()  # (B, K, *S)
-    weights = gaussian_smooth(weights, [p["partial_volume_sigma"] for p in params])
-    means = torch.tensor([p["mean"] for p in params], dtype=torch.float32, device=dev).view(b, n_labels, *sp)
-    stds = torch.tensor([p["std"] for p in params], dtype=torch.float32, device=dev).view(b, n_labels, *sp)
+    # partial volume: the CPU engine blurs the K one-hot channels and weights them by each label's mean and std;
+    # blurring is linear, so that equals blurring the two maps mean[label] and std[label] (2 channels, not K)
+    means = to_device([p["mean"] for p in params], dev, torch.float32)  # (B, K)
+    stds = to_device([p["std"] for p in params], dev, torch.float32)
+    flat = label.reshape(b, -1)
+    maps = torch.stack([means.gather(1, flat), stds.gather(1, flat)], 1).view(b, 2, *shape)
+    maps = gaussian_smooth(maps, [p["partial_volume_sigma"] for p in params])
     texture = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
-    image = (weights * means).sum(1) + (weights * stds).sum(1) * texture  # (B, *S)
-    del weights
+    image = maps[:, 0] + maps[:, 1] * texture  # (B, *S)
     bias = _upsampled_noise(gens, 1, shape, min(shape) / 3, dev)[:, 0]
     image = _normalise(image * torch.exp(col("bias").view(b, *sp) * bias))[:, None]
     # gamma as MONAI's AdjustContrast: ((x - min) / range) ** gamma * range + min
@@ -258,10 +269,10 @@ def render_batch(label: torch.Tensor, n_labels: int, params: list[dict], gens: l
     std = col("noise_std").view(b, 1, *sp)
     n1 = torch.stack([torch.randn((1, *shape), generator=g, device=dev) for g in gens]) * std
     n2 = torch.stack([torch.randn((1, *shape), generator=g, device=dev) for g in gens]) * std
-    rician = torch.tensor([p["noise"] == "rician" for p in params], device=dev).view(b, 1, *sp)
+    rician = to_device([p["noise"] == "rician" for p in params], dev).view(b, 1, *sp)
     image = torch.where(rician, ((image + n1) ** 2 + n2**2).sqrt(), image + n1)
     image = _normalise(image)
-    inverted = torch.tensor([p["inverted"] for p in params], device=dev).view(b, 1, *sp)
+    inverted = to_device([p["inverted"] for p in params], dev).view(b, 1, *sp)
     return torch.where(inverted, 1.0 - image, image)
 
 
