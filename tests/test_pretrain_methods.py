@@ -318,3 +318,26 @@ def test_dense_network_gives_full_resolution_features_for_vits_and_resnets():
             assert net(torch.rand(2, 1, *([32] * dims))).shape == (2, 8) + (32,) * dims
     with pytest.raises(ValueError, match="power-of-two"):
         dense_network(create_encoder("vit_micro", spatial_dims=3, img_size=24, patch_size=(8, 8, 4)), 8)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_batch_resized_crop_is_the_mae_crop_for_a_whole_batch(dims):
+    """The device view of the synthetic regime: each sample a box of ``scale`` of each side at a random offset,
+    resampled to ``size`` (a ramp along the last axis stays a unit-step ramp inside the input's range);
+    scale 1 at the input size is the identity; ``flip`` mirrors the last axis for about half the samples."""
+    import numpy as np
+
+    from medfm.pretrain.views import batch_resized_crop
+
+    n = 32
+    ramp = torch.arange(n, dtype=torch.float32).expand(*([n] * dims)).clone()
+    x = ramp[None, None].repeat(8, 1, *([1] * dims))
+    rngs = lambda: [np.random.default_rng(i) for i in range(8)]  # noqa: E731
+    torch.testing.assert_close(batch_resized_crop(x, rngs(), n, scale=(1.0, 1.0)), x)
+    out = batch_resized_crop(x, rngs(), 16, scale=(0.5, 0.5))
+    assert out.shape == (8, 1, *([16] * dims))
+    steps = out.diff(dim=-1)
+    torch.testing.assert_close(steps, torch.ones_like(steps), rtol=0, atol=1e-4)
+    assert out.min() >= 0 and out.max() <= n - 1
+    flipped = batch_resized_crop(x, rngs(), 16, scale=(0.5, 0.5), flip=True).diff(dim=-1).flatten(1).mean(1)
+    assert 0 < int((flipped < 0).sum()) < 8 and torch.allclose(flipped.abs(), torch.ones(8), atol=1e-4)
