@@ -70,9 +70,9 @@ INITS = ("random", "mae", "dino", "clip", "synth")
 SMALL_PROFILE_PRETRAIN = {"clip": {"clip": {"lock_text": True, "unlocked_layers": 2, "max_length": 48}}}
 METHODS = ("linear_probe", "lora")
 SHOTS = ("1", "5", "10", "25", "100", "all")
-MNI_SHOTS = ("slab", "all")
+MNI_SHOTS = ("slab", "all")  # one labelled axial slab of the left hemisphere, or all of it
 RESULT_COLUMNS = ["task", "init", "method", "shots", "seed", "auroc", "balanced_accuracy", "mean_dice", "mean_hd95",
-                  "n_train", "wall_s", "run"]  # one labelled axial slab of the left hemisphere, or all of it
+                  "n_train", "wall_s", "run"]
 SLAB_MM = 12.0  # thickness of the MNI "slab": a few labelled slices
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .appearance import RANGES
 from .engine import SynthConfig
+from .labels import _grid, _mode
 
 _DEVICE_STREAM = 7  # seed-sequence stream of the device fields (the CPU engine uses 0-2)
 _PARAM_STREAM = 8  # seed-sequence stream of the host-drawn parameters
@@ -47,10 +48,6 @@ def to_device(values, device: torch.device, dtype: torch.dtype | None = None) ->
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-def _mode(dims: int) -> str:
-    return "bilinear" if dims == 2 else "trilinear"
 
 
 def _upsampled_noise(gens: list[torch.Generator], channels: int, shape: Sequence[int], scale: float,
@@ -104,12 +101,6 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ label maps
-def _grid(shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Voxel coordinates (dims, *shape)."""
-    return torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32, device=device) for s in shape],
-                                      indexing="ij"))
-
-
 def _noise_labels(gens, shape, n_labels, device) -> torch.Tensor:
     fields = _upsampled_noise(gens, n_labels, shape, min(shape) / 6, device)
     return fields.argmax(1)
@@ -166,7 +157,8 @@ def _ensure_all_labels(label: torch.Tensor, n_labels: int, rngs: list[np.random.
     """Plant a small ball of every label a map lacks (its centre drawn per sample and label on the host)."""
     b, shape = label.shape[0], tuple(label.shape[1:])
     dims = len(shape)
-    present = F.one_hot(label.reshape(b, -1), n_labels).amax(1).bool()  # (B, K)
+    present = torch.zeros((b, n_labels), dtype=torch.bool, device=label.device)  # (B, K), no (B, N, K) one-hot
+    present.scatter_(1, label.reshape(b, -1), True)
     radius = max(1.0, min(shape) / 10)
     centres = to_device([[[rng.uniform(radius, s - radius) for s in shape] for _ in range(n_labels)] for rng in rngs],
                         label.device, torch.float32)  # (B, K, dims)

@@ -32,9 +32,10 @@ def smooth_fields(shape: Sequence[int], n: int, scale: float, rng: np.random.Gen
     return F.interpolate(z, size=tuple(shape), mode=_mode(len(shape)), align_corners=True)[0]
 
 
-def _grid(shape: Sequence[int]) -> torch.Tensor:
+def _grid(shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """Voxel coordinates (dims, *shape), float."""
-    return torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+    return torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32, device=device) for s in shape],
+                                      indexing="ij"))
 
 
 def _ensure_all_labels(label: torch.Tensor, n_labels: int, rng: np.random.Generator) -> torch.Tensor:
