@@ -42,6 +42,8 @@ from medfm.evaluate.plots import pyplot
 from medfm.finetune import load_task_recipe, run_finetune
 from medfm.pretrain import load_recipe, run_pretrain
 from medfm.run import find_recipe
+from medfm.run.folder import RECIPE_NAME
+from medfm.run.recipe import flatten, read_yaml
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ class LabelEfficiency:
         self.profile, self.pool, self.progress = profile, pool, progress
         self.encoders = {k: str(v) for k, v in (encoders or {}).items()}
         self.overrides = overrides or {}
+        stray = sorted(set(self.overrides) - {"pretrain", "finetune"})
+        if stray:
+            raise ValueError(f"benchmark overrides go to 'pretrain.' or 'finetune.' recipes, got {', '.join(stray)} "
+                             "(e.g. finetune.optim.lr=1e-2)")
         self.rows: list[dict] = []
 
     # ---------------------------------------------------------------- pretraining
@@ -151,7 +157,21 @@ class LabelEfficiency:
             print(f"pretraining {init} for {domain}: {recipe} x {self.steps_for(init)} steps -> {run}", flush=True)
             resume = (run / "checkpoints" / "last.ckpt").exists()
             run_pretrain(cfg, run, resume=resume, **({} if resume else {"overwrite": run.exists()}))
+        else:
+            self.check_kept(run, "pretrain")
         return str(run / "encoder")
+
+    def check_kept(self, run: Path, kind: str) -> None:
+        """A finished run is reused only if its recipe has this benchmark's ``--set`` overrides: a kept run
+        trained otherwise would mix two settings in one table without a word."""
+        wanted = flatten(self.overrides.get(kind, {}))
+        if not wanted:
+            return
+        have = flatten(read_yaml((run / RECIPE_NAME).read_text(), str(run / RECIPE_NAME)))
+        differ = [f"{k}={have.get(k)!r} (asked {v!r})" for k, v in wanted.items() if have.get(k) != v]
+        if differ:
+            raise ValueError(f"{run} is a finished run trained with {', '.join(differ)}: give another --out for these "
+                             "overrides, or remove the run to retrain it")
 
     # ---------------------------------------------------------------- fine-tuning
     def data_for(self, task: Task, shots: str) -> str:
@@ -182,6 +202,8 @@ class LabelEfficiency:
             if run.exists():  # an interrupted run: start it again
                 shutil.rmtree(run)
             run_finetune(cfg, run, data_path=self.data_for(task, shots))
+        else:
+            self.check_kept(run, "finetune")
         m = json.loads((run / "metrics.json").read_text())
         v = m[task.val_split]
         return {"task": task.name, "init": init, "method": method, "shots": shots, "seed": seed,

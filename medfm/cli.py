@@ -28,7 +28,7 @@ from medfm.finetune.recipe import run_recipe
 from medfm.generate import GENERATORS, export_generated, is_generator_recipe, load_generator_recipe, model_hash, run_generator
 from medfm.pretrain import METHODS, load_recipe, run_pretrain
 from medfm.run import RunFolder, find_recipe, list_recipes
-from medfm.run.recipe import resume_config
+from medfm.run.recipe import parse_overrides, resume_config
 from medfm.run.runner import Stopped
 from medfm.run.folder import RECIPE_NAME
 from medfm.run.profiles import PROFILES
@@ -276,7 +276,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     LabelEfficiency(args.out, data, tasks, args.inits.split(","), args.methods.split(","), args.shots.split(","),
                     [int(s) for s in args.seeds.split(",")], budget, steps,
                     None if args.profile == "none" else args.profile,
-                    _pairs(args.encoder, "--encoder", "mae=runs/gpu_mae"), args.pool).run()
+                    _pairs(args.encoder, "--encoder", "mae=runs/gpu_mae"), args.pool,
+                    overrides=parse_overrides(args.set or [])).run()
     return 0
 
 
@@ -334,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default cpu: ViT-Tiny/8 at 64 px / 32^3; none: the recipes' GPU scale)")
     p.add_argument("--pool", default="avg", choices=("avg", "token"), help="the frozen features every init is read out "
                    "with (default avg: mean of the patch tokens)")
+    p.add_argument("--set", action="append", metavar="pretrain.KEY=VALUE", help="override in every pretraining "
+                   "(pretrain.KEY=VALUE) or fine-tuning (finetune.KEY=VALUE) recipe, e.g. finetune.optim.lr=1e-2; "
+                   "repeatable. A finished run in --out trained otherwise is an error: give a new --out")
     p.add_argument("--out", default="runs/label_efficiency", help="folder: results.csv, label_efficiency.md, <task>.png, "
                    "pretrain/ and finetune/ run folders")
     p.set_defaults(fn=cmd_benchmark)

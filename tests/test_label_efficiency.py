@@ -151,3 +151,23 @@ def test_a_saved_readout_is_adopted_unless_the_recipe_sets_one(tmp_path, capsys)
     cfg = load_task_recipe(REPO / "tasks" / "classify_2d.yaml", {"encoder": {"pretrained": str(tmp_path / "enc"),
                                                                              "global_pool": "token"}})
     assert cfg["encoder"]["global_pool"] == "token"
+
+
+def test_benchmark_overrides_reach_every_run_and_a_kept_run_trained_otherwise_is_refused(tmp_path, capsys):
+    from medfm.cli import main
+
+    npz = shared_path("pneumoniamnist", "pneumoniamnist_trainval.npz")
+    out = tmp_path / "le"
+    args = ["benchmark", "--data", f"pneumonia={npz}", "--tasks", "pneumonia", "--inits", "random", "--methods",
+            "linear_probe", "--shots", "1", "--seeds", "0", "--profile", "tiny", "--out", str(out)]
+    assert main(args + ["--set", "finetune.optim.lr=2e-2", "--set", "finetune.trainer.max_steps=2"]) == 0
+    run = out / "finetune" / "pneumonia" / "random" / "linear_probe" / "k1_s0"
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert recipe["optim"]["lr"] == 0.02 and json.loads((run / "metrics.json").read_text())["steps"] == 2
+    assert main(args + ["--set", "finetune.optim.lr=2e-2", "--set", "finetune.trainer.max_steps=2"]) == 0  # same: kept
+    capsys.readouterr()
+    assert main(args + ["--set", "finetune.optim.lr=5e-2"]) == 2  # the kept run was trained at 2e-2: not mixed in
+    err = capsys.readouterr().err
+    assert "k1_s0 is a finished run trained with optim.lr=0.02 (asked 0.05)" in err and "another --out" in err
+    assert main(args + ["--set", "optim.lr=5e-2"]) == 2
+    assert "'pretrain.' or 'finetune.'" in capsys.readouterr().err
