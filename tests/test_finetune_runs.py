@@ -137,6 +137,18 @@ def test_every_recipe_in_tasks_loads():
         load_task_recipe(REPO / "tasks" / "classify_2d.yaml", ["lora.rank=4"])
 
 
+def test_lr_auto_is_the_tasks_lr_for_the_method_and_is_recorded_as_a_number():
+    recipe = REPO / "tasks" / "classify_2d.yaml"
+    # the head alone on cached features (a convex problem) takes a larger LR than an adapted encoder
+    assert load_task_recipe(recipe, ["method=linear_probe"])["optim"]["lr"] == 1e-2
+    assert load_task_recipe(recipe, ["method=lora"])["optim"]["lr"] == 1e-3
+    assert load_task_recipe(recipe, ["method=linear_probe", "optim.lr=3e-3"])["optim"]["lr"] == 3e-3  # a number wins
+    assert load_task_recipe(REPO / "tasks" / "segment_3d.yaml", ["method=linear_probe"])["optim"]["lr"] == 3e-4
+    assert load_task_recipe(None, ["task=segmentation", "method=linear_probe"])["optim"]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="optim.lr must be a number or 'auto', got 'fast'"):
+        load_task_recipe(recipe, ["optim.lr=fast"])
+
+
 def test_evaluate_run_needs_a_finished_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing recipe.yaml"):
         evaluate_run(tmp_path)

@@ -224,7 +224,12 @@ def test_every_recipe_in_encoders_loads():
             continue
         cfg = load_recipe(REPO / "encoders" / f"{n}.yaml")
         assert cfg["method"] in ("mae", "dino", "synth_contrastive", "synth_seg", "clip", "text_mlm")
+        if cfg["method"] != "text_mlm":  # what the exported encoder records as its preprocessing fits its inputs
+            want = "radiograph_2d" if cfg["encoder"]["spatial_dims"] == 2 else ("ct_3d", "mr_3d")
+            assert cfg["data"]["preset"] in want, n
     assert {"diffusion_2d", "diffusion_3d"} <= set(names)
+    with pytest.raises(ValueError, match="data.preset radiograph_2d is for 2D inputs but the encoder is 3D"):
+        load_recipe(REPO / "encoders" / "mae_vit_3d.yaml", ["data.preset=radiograph_2d"])
 
 
 def test_synthetic_regime_needs_no_data_and_its_loss_falls(tmp_path):

@@ -35,7 +35,7 @@ from medfm.data.cache import dataset_cache
 from medfm.data.transforms import PRESETS
 from medfm.run import ENCODER, TRAINER, Built, FreeForm, KeyedDataset, OptimConfig, Registry, RunFolder, RunPlugin, StepData
 from medfm.run import load_config, run
-from medfm.run.recipe import adopt_saved_architecture, merge, with_defaults
+from medfm.run.recipe import adopt_saved_architecture, merge
 from medfm.run.trainer import TRAINER_DEFAULTS
 
 from .methods import METHODS, FullConfig, LoRAConfig, VPTConfig, count_parameters, export_encoder, is_lora
@@ -64,6 +64,15 @@ class FinetuneDataConfig:
     preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
 
 
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """``optim`` of a task recipe. ``lr: auto`` is the task's LR for the method (:meth:`FinetuneTask.default_lr`),
+    resolved when the recipe loads, so ``recipe.yaml`` records the number."""
+
+    lr: float | str = "auto"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
 def finetune_schema() -> dict:
     """Sections of a task recipe: the common ones, the adaptation methods' and every registered task's."""
     return {
@@ -77,7 +86,7 @@ def finetune_schema() -> dict:
         "vpt": VPTConfig,
         **TASKS.sections(),
         "data": FinetuneDataConfig,
-        "optim": with_defaults(OptimConfig, lr=1e-3, betas=[0.9, 0.999]),
+        "optim": FinetuneOptimConfig,
         "trainer": FreeForm({**TRAINER_DEFAULTS, "max_steps": 500, "checkpoint_every_n_steps": 200}, accepts=TRAINER.accepts),
     }
 
@@ -87,9 +96,14 @@ def load_task_recipe(path: str | os.PathLike | None = None, overrides: Sequence[
     """The task recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
     cfg = load_config(finetune_schema(), path, overrides, profile)
     adopt_saved_architecture(cfg)
-    TASKS.get_plugin(cfg["task"]).validate(cfg)
+    plugin = TASKS.get_plugin(cfg["task"])
+    plugin.validate(cfg)
     if cfg["method"] not in METHODS:
         raise ValueError(f"unknown method {cfg['method']!r}; available: {', '.join(METHODS)}")
+    if isinstance(cfg["optim"]["lr"], str):
+        if cfg["optim"]["lr"] != "auto":
+            raise ValueError(f"optim.lr must be a number or 'auto', got {cfg['optim']['lr']!r}")
+        cfg["optim"]["lr"] = plugin.default_lr(cfg)
     if cfg["data"]["preset"] not in PRESETS:
         raise ValueError(f"unknown preset {cfg['data']['preset']!r}; available: {', '.join(PRESETS)}")
     return cfg
@@ -106,6 +120,10 @@ class FinetuneTask(RunPlugin):
 
     def validate(self, cfg: dict) -> None:
         pass
+
+    def default_lr(self, cfg: dict) -> float:
+        """``optim.lr: auto``: the LR of the trained part (head, adapter, decoder) for ``cfg['method']``."""
+        return 1e-3
 
     # ------------------------------------------------------------ data
     def transform(self, cfg: dict, train: bool):
