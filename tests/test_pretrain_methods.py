@@ -204,6 +204,14 @@ def test_dino_collapse_detector_fires_on_constant_output_and_not_on_a_healthy_ru
     one = {k: float(v) for k, v in collapse_indicators([peaked] * 2, [peaked] * 4, torch.zeros(1, 1, 256), 0.04,
                                                         0.04).items()}
     assert "one prototype" in collapse_reason({**one, "output_std": 1.0}, 256), one
+    # measured on PneumoniaMNIST (benchmarks/RESULTS.md): a 32 px DINO run at lr 5e-4, 1024 prototypes, drifting
+    # to uniform with its KL just above the 1e-3 floor (steps 139-179) -> uniform collapse at every check;
+    # a healthy run of the same head (teacher entropy 6.5-6.9, KL 0.07-0.4) -> quiet
+    for entropy, kl, std in [(6.918, 0.014, 0.182), (6.921, 0.009, 0.186), (6.922, 0.011, 0.095), (6.926, 0.006, 0.091)]:
+        reason = collapse_reason({"teacher_entropy": entropy, "kl_teacher_student": kl, "output_std": std}, 1024)
+        assert reason and reason.startswith("uniform"), (entropy, kl)
+    for entropy, kl, std in [(6.52, 0.263, 0.111), (6.9, 0.07, 0.3), (6.665, 0.225, 0.098)]:
+        assert collapse_reason({"teacher_entropy": entropy, "kl_teacher_student": kl, "output_std": std}, 1024) is None
 
 
 def test_dino_schedules():
