@@ -41,9 +41,8 @@ from medfm.data import samples
 from medfm.evaluate.plots import pyplot
 from medfm.finetune import load_task_recipe, run_finetune
 from medfm.pretrain import load_recipe, run_pretrain
-from medfm.run import find_recipe
-from medfm.run.folder import RECIPE_NAME
-from medfm.run.recipe import flatten, read_yaml
+from medfm.run import RunFolder, find_recipe
+from medfm.run.recipe import flatten
 
 
 @dataclass(frozen=True)
@@ -167,7 +166,7 @@ class LabelEfficiency:
         wanted = flatten(self.overrides.get(kind, {}))
         if not wanted:
             return
-        have = flatten(read_yaml((run / RECIPE_NAME).read_text(), str(run / RECIPE_NAME)))
+        have = flatten(RunFolder(run).read_recipe())
         differ = [f"{k}={have.get(k)!r} (asked {v!r})" for k, v in wanted.items() if have.get(k) != v]
         if differ:
             raise ValueError(f"{run} is a finished run trained with {', '.join(differ)}: give another --out for these "
