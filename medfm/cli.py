@@ -20,7 +20,7 @@ import torch
 from medfm.artifacts import load as medfm_load
 from medfm.data import DataError, load, open_dataset, samples
 from medfm.data.datasets import finalise_sample
-from medfm.data.transforms import PRESET_DIMS
+from medfm.data.transforms import preset_mismatch
 from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
 from medfm.finetune import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune
@@ -74,10 +74,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if model is None or not preprocess:
         preset = args.preset or ("mr_3d" if dims == 3 else "radiograph_2d")
         preprocess = {"preset": preset, "size": args.size, "args": {"spacing": args.spacing} if dims == 3 else {}}
-    want = PRESET_DIMS.get(preprocess["preset"], dims)
-    if want != dims:
-        raise ValueError(f"{path} is {dims}D; preset {preprocess['preset']} is for {want}D inputs "
-                         f"(use {'radiograph_2d' if dims == 2 else 'ct_3d or mr_3d'})")
+    mismatch = preset_mismatch(preprocess["preset"], dims)
+    if mismatch:
+        raise ValueError(f"{path} is {dims}D; {mismatch}")
     sample = finalise_sample(preprocess_transform(preprocess)(sample))
     t_load = time.perf_counter() - t0
     x = sample["image"][None]

@@ -228,7 +228,7 @@ def test_every_recipe_in_encoders_loads():
             want = "radiograph_2d" if cfg["encoder"]["spatial_dims"] == 2 else ("ct_3d", "mr_3d")
             assert cfg["data"]["preset"] in want, n
     assert {"diffusion_2d", "diffusion_3d"} <= set(names)
-    with pytest.raises(ValueError, match="data.preset radiograph_2d is for 2D inputs but the encoder is 3D"):
+    with pytest.raises(ValueError, match=r"the encoder is 3D but data.preset radiograph_2d is for 2D inputs \(use ct_3d or mr_3d\)"):
         load_recipe(REPO / "encoders" / "mae_vit_3d.yaml", ["data.preset=radiograph_2d"])
 
 

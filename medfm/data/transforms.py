@@ -94,3 +94,12 @@ def mr_3d(
 
 PRESETS = {"radiograph_2d": radiograph_2d, "ct_3d": ct_3d, "mr_3d": mr_3d}
 PRESET_DIMS = {"radiograph_2d": 2, "ct_3d": 3, "mr_3d": 3}  # the spatial dimensions each preset is for
+
+
+def preset_mismatch(preset: str, dims: int) -> str | None:
+    """None when ``preset`` is for ``dims``-D inputs (or is not one of :data:`PRESETS`); otherwise what to say:
+    ``"preset ct_3d is for 3D inputs (use radiograph_2d)"``."""
+    want = PRESET_DIMS.get(preset, dims)
+    if want == dims:
+        return None
+    return f"preset {preset} is for {want}D inputs (use {'radiograph_2d' if dims == 2 else 'ct_3d or mr_3d'})"

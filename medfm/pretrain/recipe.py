@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import lightning as L
 
-from medfm.data.transforms import PRESET_DIMS
+from medfm.data.transforms import preset_mismatch
 from medfm.run import load_config, run
 from medfm.run.recipe import adopt_saved_architecture, merge
 
@@ -33,10 +33,10 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     adopt_saved_architecture(cfg)
     METHODS.get_plugin(cfg["method"])  # an unknown method is an error naming the known ones
     validate_data(PretrainDataConfig(**cfg["data"]))
-    preset, dims = cfg["data"]["preset"], cfg["encoder"]["spatial_dims"]
-    if PRESET_DIMS.get(preset, dims) != dims:  # the exported encoder records it as its preprocessing
-        raise ValueError(f"data.preset {preset} is for {PRESET_DIMS[preset]}D inputs but the encoder is {dims}D: set "
-                         f"data.preset={'radiograph_2d' if dims == 2 else 'ct_3d or mr_3d'}")
+    dims = cfg["encoder"]["spatial_dims"]
+    mismatch = preset_mismatch(cfg["data"]["preset"], dims)  # the exported encoder records it as its preprocessing
+    if mismatch:
+        raise ValueError(f"the encoder is {dims}D but data.{mismatch}")
     return cfg
 
 
