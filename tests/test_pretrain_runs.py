@@ -225,7 +225,7 @@ def test_every_recipe_in_encoders_loads():
         cfg = load_recipe(REPO / "encoders" / f"{n}.yaml")
         assert cfg["method"] in ("mae", "dino", "synth_contrastive", "synth_seg", "clip", "text_mlm")
         if cfg["method"] != "text_mlm":  # what the exported encoder records as its preprocessing fits its inputs
-            want = "radiograph_2d" if cfg["encoder"]["spatial_dims"] == 2 else ("ct_3d", "mr_3d")
+            want = ("radiograph_2d",) if cfg["encoder"]["spatial_dims"] == 2 else ("ct_3d", "mr_3d")
             assert cfg["data"]["preset"] in want, n
     assert {"diffusion_2d", "diffusion_3d"} <= set(names)
     with pytest.raises(ValueError, match=r"the encoder is 3D but data.preset radiograph_2d is for 2D inputs \(use ct_3d or mr_3d\)"):
