@@ -25,8 +25,10 @@ from lightly.utils.debug import std_of_l2_normalized
 
 @torch.no_grad()
 def collapse_indicators(teacher_out: list[torch.Tensor], student_out: list[torch.Tensor], center: torch.Tensor,
-                        teacher_temp: float, student_temp: float) -> dict[str, torch.Tensor]:
-    """The DINO paper's indicators for one step, as the loss sees it (centre before its update):
+                        teacher_temp: float, student_temp: float,
+                        teacher_probs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The DINO paper's indicators for one step, as the loss sees it (centre before its update; with
+    ``teacher_probs``, the targets the loss used instead, e.g. Sinkhorn-Knopp's):
 
     * ``teacher_entropy``: mean entropy of the centred, sharpened teacher distribution (nats; log K = uniform);
     * ``kl_teacher_student``: mean KL(teacher || student) over the global views (same view for both);
@@ -36,8 +38,12 @@ def collapse_indicators(teacher_out: list[torch.Tensor], student_out: list[torch
     """
     t = torch.stack(teacher_out).float()
     s = torch.stack(student_out[: len(teacher_out)]).float()
-    p_t = F.softmax((t - center) / teacher_temp, dim=-1)
-    log_t = F.log_softmax((t - center) / teacher_temp, dim=-1)
+    if teacher_probs is None:
+        p_t = F.softmax((t - center) / teacher_temp, dim=-1)
+        log_t = F.log_softmax((t - center) / teacher_temp, dim=-1)
+    else:
+        p_t = teacher_probs.float()
+        log_t = p_t.clamp_min(1e-30).log()
     log_s = F.log_softmax(s / student_temp, dim=-1)
     dim = t.shape[-1]
     return {

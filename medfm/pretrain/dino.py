@@ -8,6 +8,12 @@ centred (a running mean, all-reduced across ranks) and sharpened (low
 temperature). Global crops go through both networks, local crops through the
 student only.
 
+The teacher is centred as in the paper (``centering: mean``, a running mean) or, as in DINOv2 (Oquab et al.
+2023, https://arxiv.org/abs/2304.07193), by Sinkhorn-Knopp (``centering: sinkhorn``, lightly's SwAV
+``sinkhorn`` on the batch of teacher outputs): every prototype gets an equal share of each batch, so neither
+kind of collapse can form and the loss falls from the first steps at a small batch and step budget where the
+running mean keeps the teacher near uniform (benchmarks/RESULTS.md, "Label efficiency").
+
 The loss, the projection head and the cosine momentum schedule are lightly's (``DINOLoss``,
 ``DINOProjectionHead``, ``cosine_schedule``; the EMA update is lightly's ``update_momentum`` done as one
 multi-tensor lerp, tested against it); the crops are MONAI transforms (:class:`~medfm.pretrain.views.MultiCrop`),
@@ -22,8 +28,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from lightly.loss import DINOLoss
+from lightly.loss.swav_loss import sinkhorn
 from lightly.models.modules import DINOProjectionHead
 from lightly.utils.scheduler import cosine_schedule
 
@@ -36,13 +45,31 @@ from .registry import register_method
 from .views import MultiCrop
 
 
+CENTERINGS = ("mean", "sinkhorn")
+
+
+def cross_view_cross_entropy(teacher_probs: torch.Tensor, student_out: list[torch.Tensor],
+                             student_temp: float) -> torch.Tensor:
+    """DINO's loss for given teacher targets ``(n_teacher_views, B, K)``: the mean cross-entropy between each
+    teacher view's targets and the student's tempered softmax on every *other* view (lightly's ``DINOLoss``
+    with the teacher's softmax replaced by the targets; tested equal to it)."""
+    log_s = F.log_softmax(torch.stack(student_out) / student_temp, dim=-1)
+    pairs = -torch.einsum("tbk,sbk->ts", teacher_probs, log_s)
+    pairs.fill_diagonal_(0)
+    n_terms = pairs.numel() - pairs.diagonal().numel()
+    return pairs.sum() / (n_terms * teacher_probs.shape[1])
+
+
 class DINO(nn.Module):
     """Student and EMA teacher (each encoder + DINO head) and the DINO loss."""
 
     def __init__(self, encoder: nn.Module, hidden_dim: int, bottleneck_dim: int, output_dim: int,
                  student_temp: float, teacher_temp: float, center_momentum: float, norm_last_layer: bool,
-                 batch_norm: bool = False):
+                 batch_norm: bool = False, centering: str = "sinkhorn", sinkhorn_iterations: int = 3):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"dino.centering must be one of {', '.join(CENTERINGS)}, got {centering!r}")
+        self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         def head() -> nn.Module:
             return DINOProjectionHead(encoder.embed_dim, hidden_dim, bottleneck_dim, output_dim,
                                       batch_norm=batch_norm, norm_last_layer=norm_last_layer)
@@ -75,9 +102,26 @@ class DINO(nn.Module):
             teacher_out = self._run(self.teacher, global_views)
         student_out = self._run(self.student, global_views) + self._run(self.student, local_views)
         temp = self.criterion.teacher_temp if teacher_temp is None else teacher_temp
+        if self.centering == "sinkhorn":
+            targets = self.sinkhorn_targets(teacher_out, temp)
+            loss = cross_view_cross_entropy(targets, student_out, self.criterion.student_temp)
+            indicators = collapse_indicators(teacher_out, student_out, self.criterion.center, temp,
+                                             self.criterion.student_temp, teacher_probs=targets)
+            return loss, indicators
         indicators = collapse_indicators(teacher_out, student_out, self.criterion.center, temp,
                                          self.criterion.student_temp)  # before the loss moves the centre
         return self.criterion(teacher_out, student_out, teacher_temp=teacher_temp), indicators
+
+    @torch.no_grad()
+    def sinkhorn_targets(self, teacher_out: list[torch.Tensor], temp: float) -> torch.Tensor:
+        """DINOv2's teacher targets: Sinkhorn-Knopp over all global views of the batch (gathered across
+        ranks), so each prototype receives 1/K of the batch; ``(n_views, B, K)``."""
+        t = torch.cat(teacher_out).float()
+        top = t.max()  # exp(t / temp) overflows beyond ~88 temp; one shift for all ranks cancels out
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        q = sinkhorn(t - top, iterations=self.sinkhorn_iterations, epsilon=temp, gather_distributed=True)
+        return q.view(len(teacher_out), -1, q.shape[-1])
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -104,6 +148,8 @@ class DINOConfig:
     freeze_last_layer_steps: int = 0
     norm_last_layer: bool = True
     batch_norm: bool = False  # BatchNorm in the projection head's MLP (DINO's ResNet setting)
+    centering: str = "sinkhorn"  # sinkhorn (DINOv2's Sinkhorn-Knopp teacher) | mean (DINO's running centre)
+    sinkhorn_iterations: int = 3
     collapse_check: str = "warn"  # warn | stop | off: CollapseMonitor on the logged collapse indicators
 
 
@@ -126,7 +172,8 @@ class DINOModule(TrainingModule):
         self.model = DINO(encoder, hidden_dim=c.hidden_dim, bottleneck_dim=c.bottleneck_dim, output_dim=c.output_dim,
                           student_temp=c.student_temp, teacher_temp=c.teacher_temp,
                           center_momentum=c.center_momentum, norm_last_layer=c.norm_last_layer,
-                          batch_norm=c.batch_norm)
+                          batch_norm=c.batch_norm, centering=c.centering,
+                          sinkhorn_iterations=c.sinkhorn_iterations)
         self.momentum = c.momentum
         self.teacher_temp, self.warmup_teacher_temp = c.teacher_temp, c.warmup_teacher_temp
         self.warmup_teacher_temp_steps = c.warmup_teacher_temp_steps
