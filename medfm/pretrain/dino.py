@@ -10,9 +10,10 @@ student only.
 
 The teacher is centred as in the paper (``centering: mean``, a running mean) or, as in DINOv2 (Oquab et al.
 2023, https://arxiv.org/abs/2304.07193), by Sinkhorn-Knopp (``centering: sinkhorn``, lightly's SwAV
-``sinkhorn`` on the batch of teacher outputs): every prototype gets an equal share of each batch, so neither
-kind of collapse can form and the loss falls from the first steps at a small batch and step budget where the
-running mean keeps the teacher near uniform (benchmarks/RESULTS.md, "Label efficiency").
+``sinkhorn`` on the batch of teacher outputs): every prototype gets an equal share of each batch, so one
+prototype cannot take over, and the targets are uniform only when the teacher's outputs do not differ between
+images (the ``output_std`` indicator). At a small batch and step budget its loss falls from the first steps
+where the running mean's does not (benchmarks/RESULTS.md, "Label efficiency").
 
 The loss, the projection head and the cosine momentum schedule are lightly's (``DINOLoss``,
 ``DINOProjectionHead``, ``cosine_schedule``; the EMA update is lightly's ``update_momentum`` done as one
