@@ -397,3 +397,21 @@ def test_batch_resized_crop_is_the_mae_crop_for_a_whole_batch(dims):
     assert out.min() >= 0 and out.max() <= n - 1
     flipped = batch_resized_crop(x, rngs(), 16, scale=(0.5, 0.5), flip=True).diff(dim=-1).flatten(1).mean(1)
     assert 0 < int((flipped < 0).sum()) < 8 and torch.allclose(flipped.abs(), torch.ones(8), atol=1e-4)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_multicrop_without_intensity_jitter_keeps_grey_levels(dims):
+    """``view.intensity_jitter: false``: no intensity scale / shift / gamma, so a radiograph's brightness (an
+    opacity) survives into every crop; with the default the crops' levels move."""
+    flat = torch.full((1, *([40] * dims)), 0.5)
+    means = {}
+    for jitter in (True, False):
+        view = MultiCrop(dims, 32, 16, n_local=2, intensity_jitter=jitter)
+        view.set_random_state(0)
+        # the centre of each crop (the blur's zero padding darkens a flat image's border whatever the levels)
+        means[jitter] = [float(c[(slice(None),) + tuple(slice(s // 4, s - s // 4) for s in c.shape[1:])].mean())
+                         for _ in range(6) for crops in view(flat).values() for c in crops]
+        names = {type(t).__name__ for t in view.globals[0].transforms}
+        assert ("RandScaleIntensity" in names) == jitter and ("RandAdjustContrast" in names) == jitter
+    assert max(abs(m - 0.5) for m in means[False]) < 0.01
+    assert max(abs(m - 0.5) for m in means[True]) > 0.05

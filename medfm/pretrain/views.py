@@ -71,12 +71,17 @@ def mae_view(spatial_dims: int, size: int | Sequence[int], scale: tuple[float, f
     return Compose(steps)
 
 
-def _jitter(spatial_dims: int, blur_prob: float, noise_prob: float) -> list:
-    return [
-        RandFlip(prob=0.5, spatial_axis=spatial_dims - 1),
+def _jitter(spatial_dims: int, blur_prob: float, noise_prob: float, intensity: bool = True) -> list:
+    """DINO's photometric augmentation for grey-level scans: flip, intensity scale / shift / gamma (only with
+    ``intensity``), blur, noise."""
+    levels = [
         RandScaleIntensity(factors=0.3, prob=0.8),
         RandShiftIntensity(offsets=0.1, prob=0.8),
         RandAdjustContrast(gamma=(0.7, 1.5), prob=0.5),
+    ] if intensity else []
+    return [
+        RandFlip(prob=0.5, spatial_axis=spatial_dims - 1),
+        *levels,
         RandGaussianSmooth(sigma_x=(0.1, 1.5), sigma_y=(0.1, 1.5), sigma_z=(0.1, 1.5), prob=blur_prob),
         RandGaussianNoise(std=0.05, prob=noise_prob),
     ]
@@ -87,7 +92,9 @@ class MultiCrop:
 
     Scales are fractions of the input side per axis (DINO's area fractions
     0.4-1 / 0.05-0.4 in 2D correspond to sides of about 0.6-1 / 0.2-0.6).
-    Returns ``{"global": [views], "local": [views]}``.
+    ``intensity_jitter: false`` leaves grey levels as they are (no intensity scale, shift or gamma), for
+    tasks where brightness itself carries the finding (opacities on a radiograph): the student would
+    otherwise learn to ignore it. Returns ``{"global": [views], "local": [views]}``.
     """
 
     def __init__(
@@ -99,6 +106,7 @@ class MultiCrop:
         n_local: int = 6,
         global_scale: tuple[float, float] = (0.6, 1.0),
         local_scale: tuple[float, float] = (0.25, 0.6),
+        intensity_jitter: bool = True,
     ):
         if n_global < 1:
             raise ValueError(f"DINO needs at least one global crop, got n_global={n_global}")
@@ -107,8 +115,9 @@ class MultiCrop:
         g = resized_crop(spatial_dims, global_size, global_scale)
         loc = resized_crop(spatial_dims, local_size, local_scale)
         # as in DINO, the first global crop is always blurred and the second rarely
-        self.globals = [Compose(g + _jitter(spatial_dims, 1.0 if i == 0 else 0.1, 0.2)) for i in range(n_global)]
-        self.locals = [Compose(loc + _jitter(spatial_dims, 0.5, 0.2)) for _ in range(n_local)]
+        self.globals = [Compose(g + _jitter(spatial_dims, 1.0 if i == 0 else 0.1, 0.2, intensity_jitter))
+                        for i in range(n_global)]
+        self.locals = [Compose(loc + _jitter(spatial_dims, 0.5, 0.2, intensity_jitter)) for _ in range(n_local)]
 
     def set_random_state(self, seed: int) -> None:
         rs = np.random.RandomState(seed)
