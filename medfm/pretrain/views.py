@@ -93,8 +93,8 @@ class MultiCrop:
     Scales are fractions of the input side per axis (DINO's area fractions
     0.4-1 / 0.05-0.4 in 2D correspond to sides of about 0.6-1 / 0.2-0.6).
     ``intensity_jitter: false`` leaves grey levels as they are (no intensity scale, shift or gamma), for
-    tasks where brightness itself carries the finding (opacities on a radiograph): the student would
-    otherwise learn to ignore it. Returns ``{"global": [views], "local": [views]}``.
+    tasks where brightness itself may carry the finding (opacities on a radiograph); on PneumoniaMNIST it made
+    the features worse, not better (benchmarks/RESULTS.md). Returns ``{"global": [views], "local": [views]}``.
     """
 
     def __init__(
