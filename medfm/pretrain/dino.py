@@ -103,15 +103,13 @@ class DINO(nn.Module):
             teacher_out = self._run(self.teacher, global_views)
         student_out = self._run(self.student, global_views) + self._run(self.student, local_views)
         temp = self.criterion.teacher_temp if teacher_temp is None else teacher_temp
-        if self.centering == "sinkhorn":
-            targets = self.sinkhorn_targets(teacher_out, temp)
-            loss = cross_view_cross_entropy(targets, student_out, self.criterion.student_temp)
-            indicators = collapse_indicators(teacher_out, student_out, self.criterion.center, temp,
-                                             self.criterion.student_temp, teacher_probs=targets)
-            return loss, indicators
+        targets = self.sinkhorn_targets(teacher_out, temp) if self.centering == "sinkhorn" else None
+        # before the loss moves the centre; on the Sinkhorn targets when those are what the loss uses
         indicators = collapse_indicators(teacher_out, student_out, self.criterion.center, temp,
-                                         self.criterion.student_temp)  # before the loss moves the centre
-        return self.criterion(teacher_out, student_out, teacher_temp=teacher_temp), indicators
+                                         self.criterion.student_temp, teacher_probs=targets)
+        if targets is None:
+            return self.criterion(teacher_out, student_out, teacher_temp=teacher_temp), indicators
+        return cross_view_cross_entropy(targets, student_out, self.criterion.student_temp), indicators
 
     @torch.no_grad()
     def sinkhorn_targets(self, teacher_out: list[torch.Tensor], temp: float) -> torch.Tensor:
