@@ -23,8 +23,7 @@ from medfm.data.datasets import finalise_sample
 from medfm.data.transforms import preset_mismatch
 from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
 from medfm.finetune import METHODS as ADAPTATIONS
-from medfm.finetune import TASKS, load_task_recipe, run_finetune
-from medfm.finetune.recipe import run_recipe
+from medfm.tasks import TASKS, load_task_recipe, run_finetune, run_recipe
 from medfm.generate import GENERATORS, export_generated, is_generator_recipe, load_generator_recipe, model_hash, run_generator
 from medfm.pretrain import METHODS, load_recipe, run_pretrain
 from medfm.run import RunFolder, find_recipe, list_recipes

@@ -47,7 +47,7 @@ elif stage == "checkpoint":
         return orig(self, checkpoint, path, storage_options)
     cb.AtomicCheckpointIO.save_checkpoint = save
 elif stage == "evaluation":
-    from medfm.finetune.recipe import FinetuneTask
+    from medfm.tasks.base import FinetuneTask
     def evaluate_splits(self, *a, **k):
         die()
     FinetuneTask.evaluate_splits = evaluate_splits
@@ -59,8 +59,7 @@ elif stage == "export":
         with orig_folder(target) as tmp:
             yield tmp
             die()  # the artifact's files are written, the folder is not swapped in yet
-    import medfm.artifacts, medfm.encoders.hub
-    medfm.atomic.atomic_folder = medfm.artifacts.atomic_folder = medfm.encoders.hub.atomic_folder = folder
+    medfm.atomic.atomic_folder = folder  # every artifact (medfm.artifacts.Artifact) saves through this one function
 from medfm.cli import main
 sys.exit(main(argv))
 '''

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from medfm.encoders import ViT, create_encoder, from_pretrained, layer_decay_param_groups, list_encoders
+from medfm.encoders import (Encoder, ViT, create_encoder, encoder_arguments, encoder_family, from_pretrained,
+                            layer_decay_param_groups, list_encoders, saved_architecture)
 
 SIZE = 32
 # every encoder but ViT-L (300M parameters: its layout is checked on the meta device in test_speed_paths.py)
@@ -56,6 +57,32 @@ def test_encoder_api(name, dims, tmp_path):
         loaded.eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in list_encoders() if n != "vit_large"])
+def test_every_encoder_follows_the_declared_interface(name, tmp_path):
+    """The Encoder protocol, for every registered name: members, token grid, blocks, LoRA targets that name
+    real layers, the registered name saved as `architecture` and adopted from the folder, recipe keys from
+    the family's own signature."""
+    import re
+
+    model = create_encoder(name, spatial_dims=2, img_size=SIZE).eval()
+    assert isinstance(model, Encoder) and isinstance(model, encoder_family(name))
+    assert model.architecture == name and model.feature_maps in ("tokens", "pyramid")
+    x = _input(2, batch=1)
+    last = model.forward_intermediates(x, indices=1)[0]
+    assert tuple(last.shape[2:]) == model.token_grid(x.shape[2:])
+    blocks = model.encoder_blocks()
+    assert blocks and all(isinstance(b, torch.nn.Module) for b in blocks)
+    targets = model.lora_targets
+    if isinstance(targets, str):
+        assert any(re.fullmatch(targets, n) for n, _ in model.named_modules())
+    assert targets is None or isinstance(targets, (str, list))
+    model.save_pretrained(tmp_path)
+    assert from_pretrained(tmp_path).architecture == name and saved_architecture(tmp_path)["name"] == name
+    keys = encoder_arguments(name)
+    assert {"spatial_dims", "in_chans", "img_size"} <= keys
+    assert ("patch_size" in keys) == (encoder_family(name) is ViT)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -127,7 +154,7 @@ def test_strict_loading_names_bad_keys(tmp_path):
 
 def test_hub_id_goes_through_the_hub_client(tmp_path, monkeypatch):
     """A hub id is fetched with huggingface_hub (stood in for here by a local folder: no network in CI)."""
-    import medfm.encoders.hub as hub
+    import huggingface_hub
 
     model = create_encoder("vit_micro", spatial_dims=3, img_size=SIZE).eval()
     model.save_pretrained(tmp_path / "repo")
@@ -137,10 +164,7 @@ def test_hub_id_goes_through_the_hub_client(tmp_path, monkeypatch):
         asked.append((repo_id, filename))
         return str(tmp_path / "repo" / filename)
 
-    import huggingface_hub.hub_mixin
-
-    monkeypatch.setattr(hub, "hf_hub_download", fake_download)  # our weight/config fetch
-    monkeypatch.setattr(huggingface_hub.hub_mixin, "hf_hub_download", fake_download)  # the mixin's config fetch
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)  # medfm.artifacts.resolve_file's fetch
     loaded = from_pretrained("medfm-team/vit-micro-3d")
     assert ("medfm-team/vit-micro-3d", "config.json") in asked and ("medfm-team/vit-micro-3d", "model.safetensors") in asked
     x = _input(3, batch=1)

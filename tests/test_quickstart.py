@@ -67,7 +67,7 @@ def test_the_quickstart_models_reload_alone(quick):
     seg = medfm.load(out / "segment_3d")
     with torch.no_grad():
         assert seg(torch.rand(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)  # background, GM, WM, CSF
-    assert type(medfm.load(out / "report")).__name__ == "FinetunedReporter"
+    assert type(medfm.load(out / "report")).__name__ == "ReportGenerator"
     assert type(medfm.load(out / "diffusion")).__name__ == "DiffusionGenerator"
     assert (out / "pretrain_3d" / "encoder" / "model.safetensors").exists()
 

@@ -22,7 +22,7 @@ from medfm.cli import main
 from medfm.encoders import create_encoder, default_text_model_path
 from medfm.evaluate.report_labeler import agreement, label_report, label_reports
 from medfm.evaluate.report_metrics import caption_metrics, mention_scores, model_based_scores, tokenize_report
-from medfm.finetune import load_task_recipe, run_finetune
+from medfm.tasks import load_task_recipe, run_finetune
 from medfm.synthetic.reports import ATTRIBUTES, synthetic_report_set
 from medfm.tasks.report_generation import ReportGenerator, ReportVocab, build_decoder
 
@@ -85,7 +85,6 @@ def test_any_causal_lm_folder_can_be_the_decoder_and_reloads(tmp_path):
     cross-attention, trains and reloads from the model folder alone."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from medfm.finetune.model import FinetunedReporter
     from medfm.tasks.report_generation import decoder_config
 
     tok = AutoTokenizer.from_pretrained(default_text_model_path())
@@ -100,7 +99,7 @@ def test_any_causal_lm_folder_can_be_the_decoder_and_reloads(tmp_path):
                      "vocab": None, "unk_id": None, "max_length": 16, "label_smoothing": 0.0, "generation": {}},
             "preprocess": {"preset": "radiograph_2d", "size": 32, "args": {}}}
     with pytest.warns(UserWarning, match="crossattention"):
-        model = FinetunedReporter.from_spec(spec)
+        model = ReportGenerator.from_spec(spec)
     x = torch.rand(2, 1, 32, 32)
     loss = model(x, CAPTIONS[:2])
     loss.backward()
@@ -213,7 +212,7 @@ def test_teacher_forced_loss_falls_on_medpix_captions_and_the_run_reloads(tmp_pa
             f"{str(run / 'model')!r}, {first!r}, '--beams', '2']))")
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert there.stdout.strip().splitlines()[-1] == here.splitlines()[-1]
-    assert type(medfm.load(run)).__name__ == "FinetunedReporter" and image
+    assert type(medfm.load(run)).__name__ == "ReportGenerator" and image
 
 
 def test_3d_reports_on_engine_volumes_with_known_attributes(tmp_path):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import medfm
 from medfm.cli import main
 from medfm.encoders import CLIP, TextEncoder, create_encoder, create_model_and_transforms
-from medfm.finetune.model import FinetunedClassifier, FinetunedSegmenter
+from medfm.tasks import ClassificationModel, SegmentationModel
 from medfm.pretrain import METHODS, PretrainMethod, load_recipe, register_method, run_pretrain
 from medfm.run import TrainingModule
 from medfm.run.sampling import resolve_workers, usable_cores
@@ -157,9 +157,9 @@ def test_every_artifact_kind_reloads_from_its_folder_alone_in_a_fresh_process(tm
     head = {"num_classes": 3, "dropout": 0.0, "head_norm": True}
     models = {
         "encoder": create_encoder("vit_micro", img_size=32, patch_size=8),
-        "classifier": FinetunedClassifier.from_spec(_spec("vpt", head)),
-        "lora_classifier": FinetunedClassifier.from_spec(_spec("lora", head)),
-        "segmenter": FinetunedSegmenter.from_spec({**_spec("full", {}), "task": "segmentation",
+        "classifier": ClassificationModel.from_spec(_spec("vpt", head)),
+        "lora_classifier": ClassificationModel.from_spec(_spec("lora", head)),
+        "segmenter": SegmentationModel.from_spec({**_spec("full", {}), "task": "segmentation",
                                                    "head": {"num_classes": 3, "feature_size": 8}}),
     }
     for m in models.values():  # trained-looking weights, not the initial ones

@@ -1,20 +1,28 @@
 """Encoders: one ViT for 2D and 3D, ResNets, a text encoder, the CLIP model that joins them.
 
-``registry`` (names -> builders), ``factory`` (build, load, model + transforms) and ``weights``
-(checkpoint reading and adaptation) are apart, as in timm.
+``interface`` (what every encoder offers: :class:`Encoder`, :class:`EncoderBase`), ``registry`` (names ->
+builders), ``factory`` (build, load, model + transforms) and ``weights`` (checkpoint reading and
+adaptation) are apart, as in timm. A new family is one file with its class and its registered builders,
+imported here.
 """
 
 from . import cnn, vit  # noqa: F401  (registers the encoders)
 from .clip import CLIP
 from .cnn import ResNetEncoder
 from .factory import create_encoder, create_model_and_transforms, from_pretrained, preprocess_transform, saved_architecture
+from .interface import Encoder, EncoderBase
 from .params import layer_decay_param_groups
-from .registry import describe_encoder, list_encoders, register_encoder
+from .registry import describe_encoder, encoder_arguments, encoder_family, list_encoders, register_encoder, unregister_encoder
 from .text import TextEncoder, create_text_encoder, default_text_model_path
 from .vit import ViT
 from .weights import adapt_state_dict, load_pretrained
 
 __all__ = [
+    "Encoder",
+    "EncoderBase",
+    "encoder_arguments",
+    "encoder_family",
+    "unregister_encoder",
     "saved_architecture",
     "ViT",
     "ResNetEncoder",

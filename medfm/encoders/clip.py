@@ -9,16 +9,11 @@ the two towers in ``image_encoder/`` and ``text_encoder/``, each a folder that r
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from medfm.artifacts import Artifact
-
-from .factory import from_pretrained
-from .text import TextEncoder
 
 LOSSES = ("clip", "siglip")
 
@@ -64,14 +59,3 @@ class CLIP(nn.Module, Artifact):
 
     def forward(self, images: torch.Tensor, texts) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(texts)
-
-    # ------------------------------------------------------------ artifact
-    def artifact_config(self) -> dict:
-        return {"embed_dim": self.embed_dim, "loss": self.loss_name, **self.norms}
-
-    @classmethod
-    def from_config(cls, config: dict, folder: Path | None = None) -> "CLIP":
-        if folder is None:
-            raise ValueError("a CLIP model is rebuilt from a saved folder (its towers live in sub-folders)")
-        return cls(from_pretrained(folder / "image_encoder"), TextEncoder.from_pretrained(folder / "text_encoder"),
-                   **config)

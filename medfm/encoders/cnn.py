@@ -15,16 +15,22 @@ from monai.networks import nets as monai_nets
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from .hub import HubMixin
+from .interface import EncoderBase
 from .registry import register_encoder
 
+HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")  # classifier heads a source may carry
 
-class ResNetEncoder(nn.Module, HubMixin):
+
+class ResNetEncoder(EncoderBase):
     """ResNet-{18,34,50} for 2D (timm) or 3D (MONAI), with pooled, map and multi-scale outputs.
 
     ``patch_size`` is the total stride (32), so feature maps are ``input / 32``;
     ``embed_dim`` is the channel count of the last stage.
     """
+
+    feature_maps = "pyramid"
+    lora_targets = None  # no default: a recipe names the convolutions (lora.target_modules: [conv1, conv2])
+    input_conv = "net.conv1.weight"
 
     def __init__(self, spatial_dims: int = 2, depth: int = 18, in_chans: int = 1, img_size: int | Sequence[int] = 224):
         super().__init__()
@@ -49,17 +55,22 @@ class ResNetEncoder(nn.Module, HubMixin):
         self.grad_checkpointing = False
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise LR decay: stem, then one group per block of each stage."""
         return dict(stem=r"^net\.conv1|^net\.bn1", blocks=r"^net\.layer(\d+)" if coarse else r"^net\.layer(\d+)\.(\d+)")
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+    def encoder_blocks(self) -> list[nn.Module]:
+        """The four stages."""
+        return list(self.stages)
+
+    def checkpoint_filter_fn(self, state_dict: dict[str, torch.Tensor], config: dict | None = None,
+                             source_dims: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """A timm (2D) or MONAI/MedicalNet (3D) state dict of the bare network: keys get the ``net.`` prefix."""
+        own = self.state_dict()
+        if set(state_dict) & set(own) or not any(f"net.{k}" in own for k in state_dict):
+            return state_dict, []
+        return {(f"net.{k}" if f"net.{k}" in own or k.startswith(HEAD_PREFIXES) else k): v
+                for k, v in state_dict.items()}, ["prefixed keys with 'net.'"]
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_chans:
@@ -76,7 +87,8 @@ class ResNetEncoder(nn.Module, HubMixin):
             return checkpoint_seq(stage, x)
         return stage(x)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None) -> list[torch.Tensor]:
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False) -> list[torch.Tensor]:
         """Feature maps (B, C, *spatial) at strides 2, 4, 8, 16, 32 (stem, then the four stages).
 
         ``indices`` selects among those five, as in :meth:`ViT.forward_intermediates`.
@@ -95,12 +107,6 @@ class ResNetEncoder(nn.Module, HubMixin):
         """Last-stage feature map (B, embed_dim, *input/32)."""
         return self.forward_intermediates(x, indices=[-1])[0]
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
-        return x.flatten(2).mean(dim=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled embedding (B, embed_dim): global average of the last feature map."""
-        return self.forward_head(self.forward_features(x))
 
 
 def _resnet(depth: int, spatial_dims: int, in_chans: int, img_size) -> ResNetEncoder:

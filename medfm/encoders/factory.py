@@ -11,11 +11,10 @@ from typing import Any, Sequence
 import torch.nn as nn
 from monai.transforms import Compose
 
-from medfm.artifacts import CLASS_KEY, resolve_class
+from medfm.artifacts import load, read_config
 from medfm.data.transforms import PRESETS
 
-from .hub import read_config
-from .registry import encoder_entrypoint, list_encoders
+from .registry import encoder_entrypoint, encoder_family, list_encoders
 from .vit import vit_size_name
 from .weights import load_pretrained
 
@@ -56,31 +55,35 @@ READOUT = ("global_pool", "fc_norm")  # how a ViT pools its tokens: a recipe may
 
 
 def saved_architecture(pretrained: str | os.PathLike) -> dict | None:
-    """``{name, patch_size, global_pool, fc_norm}`` of a medfm ``save_pretrained`` folder (None for anything
-    else: a weight file, ``timm:<name>``, a folder without a medfm config), so a recipe that loads the folder
-    builds the network the weights were trained with and reads it out as it was trained to be read
-    (:data:`READOUT`). Dimensions and channels are left to the recipe: a 2D encoder inflates into a 3D
-    task and input channels adapt (``load_pretrained``)."""
+    """``{name, *family.adopt_keys}`` of a medfm ``save_pretrained`` folder (None for anything else: a weight
+    file, ``timm:<name>``, a folder without a medfm config), so a recipe that loads the folder builds the
+    network the weights were trained with and reads it out as it was trained to be read (:data:`READOUT`).
+    The name is the saved ``architecture`` (folders written before it was saved: inferred from the class and
+    its widths). Dimensions and channels are left to the recipe: a 2D encoder inflates into a 3D task and
+    input channels adapt (``load_pretrained``)."""
     path = Path(str(pretrained))
     if not (path / "config.json").is_file():
         return None
     config = read_config(path)
+    name = config.get("architecture") or _legacy_architecture(config)
+    if name not in list_encoders():
+        return None
+    return {"name": name, **{k: config[k] for k in encoder_family(name).adopt_keys if k in config}}
+
+
+def _legacy_architecture(config: dict) -> str | None:
+    """The registered name of an encoder folder saved without ``architecture``."""
     kind = str(config.get("medfm_class", "")).rsplit(":", 1)[-1].rsplit(".", 1)[-1]
-    if kind == "ViT" and vit_size_name(config):
-        readout = {k: config[k] for k in READOUT if k in config}
-        return {"name": vit_size_name(config), "patch_size": config["patch_size"], **readout}
-    if kind == "ResNetEncoder" and f"resnet{config.get('depth')}" in list_encoders():
-        return {"name": f"resnet{config['depth']}"}
+    if kind == "ViT":
+        return vit_size_name(config)
+    if kind == "ResNetEncoder":
+        return f"resnet{config.get('depth')}"
     return None
 
 
 def from_pretrained(model_id: str | os.PathLike, **hub_kwargs: Any) -> nn.Module:
     """Rebuild any medfm encoder from a ``save_pretrained`` folder or hub id, whatever its class."""
-    config = read_config(model_id, **hub_kwargs)
-    name = config.get(CLASS_KEY)
-    if not name:
-        raise ValueError(f"{model_id}: config.json has no {CLASS_KEY!r} entry (not a medfm model)")
-    return resolve_class(name).from_pretrained(str(model_id), **hub_kwargs)
+    return load(model_id, **hub_kwargs)
 
 
 def preprocess_transform(preprocess: dict | None, train: bool = False, size: Any = "default") -> Compose:

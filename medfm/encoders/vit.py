@@ -23,7 +23,7 @@ from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
-from .hub import HubMixin
+from .interface import EncoderBase
 from .registry import register_encoder
 
 
@@ -81,7 +81,7 @@ def _source_prefix(n: int, src_dims: int, config: dict | None) -> int:
     raise ValueError(f"cannot split a position embedding of length {n} into prefix tokens and a {src_dims}D grid")
 
 
-class ViT(nn.Module, HubMixin):
+class ViT(EncoderBase):
     """Vision Transformer over 2D (C, H, W) or 3D (C, D, H, W) inputs.
 
     Args:
@@ -99,6 +99,11 @@ class ViT(nn.Module, HubMixin):
             trained with one pooling can be read out with the other when ``fc_norm=False``: the
             parameters are the same.
     """
+
+    feature_maps = "tokens"
+    lora_targets = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # attention and MLP projections
+    input_conv = "patch_embed.proj.weight"
+    adopt_keys = ("patch_size", "global_pool", "fc_norm")
 
     def __init__(
         self,
@@ -227,9 +232,8 @@ class ViT(nn.Module, HubMixin):
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm|^fc_norm", (99999,))],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+    def encoder_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
 
     # --------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> None:

@@ -1,14 +1,16 @@
 """Load pretrained weights into a medfm encoder, adapting them where the shapes say how.
 
 Adaptations, each reported in one warning that lists the keys it touched:
+  * first, what the encoder family converts itself (its ``checkpoint_filter_fn``, timm's idea): the ViT
+    resamples its position embeddings to its token grid (a 2D grid in-plane, then repeated along depth),
+    the ResNet prefixes a bare network's keys with ``net.``;
   * classifier heads of the source (timm ``head.*``, ``fc.*``) are dropped: medfm
     encoders end at the pooled embedding;
   * 2D -> 3D: a convolution kernel with one dimension fewer than the model's is
     inflated along depth and divided by the depth (I3D inflation), so a constant
     volume gives the same response as the 2D image did;
-  * input channels (e.g. RGB -> 1): timm's ``adapt_input_conv`` (sum, or repeat and rescale);
-  * whatever the model class adapts itself (its ``checkpoint_filter_fn``, timm's idea): the ViT
-    resamples its position embeddings to its token grid (a 2D grid in-plane, then repeated along depth).
+  * input channels (e.g. RGB -> 1) of the family's ``input_conv``: timm's ``adapt_input_conv`` (sum, or
+    repeat and rescale).
 Everything else must match exactly: after adaptation the state dict is loaded
 strictly, and a mismatch raises an error naming the keys.
 """
@@ -25,12 +27,9 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from timm.models import adapt_input_conv
 
-from medfm.artifacts import WEIGHTS_NAME, load_state_dict_strict, load_tensors
+from medfm.artifacts import WEIGHTS_NAME, load_state_dict_strict, load_tensors, read_config, resolve_file
 
-from .hub import read_config, resolve_file
-
-HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")
-INPUT_CONV_KEYS = ("patch_embed.proj.weight", "net.conv1.weight")
+from .cnn import HEAD_PREFIXES
 
 
 def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -65,13 +64,10 @@ def adapt_state_dict(
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Adapt ``state_dict`` to ``model`` (see the module docstring); return it and what was done."""
     own = model.state_dict()
-    sd_in = state_dict
-    sd = dict(state_dict)
-    notes: list[str] = []
-    # a library network wrapped as `net` (ResNetEncoder): add the prefix
-    if not (set(sd) & set(own)) and any(f"net.{k}" in own for k in sd):
-        sd = {(f"net.{k}" if f"net.{k}" in own or k.startswith(HEAD_PREFIXES) else k): v for k, v in sd.items()}
-        notes.append("prefixed keys with 'net.'")
+    conv = getattr(model, "input_conv", None)
+    patch_w = state_dict.get(conv) if conv else None
+    sd, notes = model.checkpoint_filter_fn(dict(state_dict), config, patch_w.ndim - 2 if patch_w is not None else None)
+    notes = list(notes)
     dropped = sorted(k for k in sd if k not in own and k.removeprefix("net.").startswith(HEAD_PREFIXES))
     if dropped:
         notes.append(f"dropped classifier head {dropped}")
@@ -82,7 +78,7 @@ def adapt_state_dict(
         if k not in own:
             continue
         target = own[k]
-        if k in INPUT_CONV_KEYS and v.shape[1] != target.shape[1]:
+        if k == conv and v.shape[1] != target.shape[1]:
             flat = v.reshape(v.shape[0], v.shape[1], -1, v.shape[-1])
             v = adapt_input_conv(target.shape[1], flat, base_chans=v.shape[1]).reshape(
                 v.shape[0], target.shape[1], *v.shape[2:]
@@ -93,10 +89,6 @@ def adapt_state_dict(
             v = v.unsqueeze(2).repeat_interleave(depth, dim=2) / depth
             inflated.append(k)
         sd[k] = v
-    if hasattr(model, "checkpoint_filter_fn"):  # the model class adapts what only it knows how to
-        patch_w = sd_in.get("patch_embed.proj.weight")
-        sd, own_notes = model.checkpoint_filter_fn(sd, config, patch_w.ndim - 2 if patch_w is not None else None)
-        notes += own_notes
     if inflated:
         notes.append(f"inflated {len(inflated)} 2D kernel(s) to 3D along depth: {inflated[:5]}{' ...' if len(inflated) > 5 else ''}")
     return sd, notes

@@ -1,10 +1,10 @@
-"""Fine-tuning: adaptation methods (linear probe, full, LoRA, VPT, SSF, BitFit), few-shot sampling, and the
-task plug-ins (classification, segmentation, report generation) run from the recipes in ``tasks/``."""
+"""Fine-tuning adaptation methods: which encoder parameters train and how the result folds back into a plain
+encoder (linear probe, full, LoRA, VPT, SSF, BitFit), and few-shot sampling. The tasks they serve
+(classification, segmentation, report generation) and the fine-tuning recipe runner are in
+:mod:`medfm.tasks`."""
 
-from . import classify, report, segment  # noqa: F401  (registers the tasks)
 from .fewshot import few_shot_indices
-from .methods import METHODS, adapt_encoder, count_parameters, export_encoder
-from .recipe import TASKS, FinetuneTask, evaluate_run, load_run, load_task_recipe, run_finetune
+from .methods import METHOD_SECTIONS, METHODS, adapt_encoder, count_parameters, export_encoder, is_lora
 
-__all__ = ["METHODS", "TASKS", "FinetuneTask", "adapt_encoder", "count_parameters", "export_encoder",
-           "few_shot_indices", "evaluate_run", "load_run", "load_task_recipe", "run_finetune"]
+__all__ = ["METHODS", "METHOD_SECTIONS", "adapt_encoder", "count_parameters", "export_encoder", "few_shot_indices",
+           "is_lora"]

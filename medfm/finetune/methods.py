@@ -4,7 +4,8 @@ One switch (``method`` in a task recipe):
 
 * ``linear_probe``: encoder frozen; only the head trains (classification caches the features once);
 * ``full``: everything trains, with layer-wise learning-rate decay (``full.layer_decay``);
-* ``lora``: peft's LoRA on the attention (``qkv``, ``proj``) and MLP (``fc1``, ``fc2``) projections;
+* ``lora``: peft's LoRA on the layers the encoder declares (``lora_targets``; a ViT's attention ``qkv``, ``proj``
+  and MLP ``fc1``, ``fc2`` projections), or on ``lora.target_modules``;
 * ``vpt``: learnable prompt tokens, shallow or deep (:mod:`.vpt`);
 * ``ssf``: per-channel scale and shift after every layer (:mod:`.ssf`);
 * ``bitfit``: biases only (Ben Zaken et al., 2022).
@@ -29,7 +30,6 @@ from .ssf import add_ssf, merge_ssf
 from .vpt import PromptedViT
 
 METHODS = ("linear_probe", "full", "lora", "vpt", "ssf", "bitfit")
-LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # the ViT's attention and MLP projections
 
 
 @dataclass
@@ -46,7 +46,7 @@ class LoRAConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: str | list | None = None  # regex or layer names (null: the ViT's qkv/proj/fc1/fc2)
+    target_modules: str | list | None = None  # regex or layer names (null: the encoder's lora_targets; ViT: qkv/proj/fc1/fc2)
 
 
 VPTConfig = config_from_signature(PromptedViT, "VPTConfig", exclude=("self", "vit"))  # ``vpt`` recipe section
@@ -57,9 +57,14 @@ def _freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def adapt_encoder(encoder: nn.Module, method: str, lora: dict | None = None, vpt: dict | None = None) -> nn.Module:
+METHOD_SECTIONS = {"full": FullConfig, "lora": LoRAConfig, "vpt": VPTConfig}  # methods with a recipe section
+
+
+def adapt_encoder(encoder: nn.Module, method: str, **sections: dict | None) -> nn.Module:
     """The encoder prepared for ``method``: its trainable parameters set, adapter modules added
-    (``lora`` / ``vpt``: those sections' keys, defaults from :class:`LoRAConfig` / :class:`VPTConfig`)."""
+    (``lora={...}`` / ``vpt={...}``: that method's section, defaults from :class:`LoRAConfig` /
+    :class:`VPTConfig`; sections of other methods are ignored)."""
+    lora, vpt = sections.get("lora"), sections.get("vpt")
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; available: {', '.join(METHODS)}")
     if method == "full":
@@ -77,8 +82,8 @@ def adapt_encoder(encoder: nn.Module, method: str, lora: dict | None = None, vpt
     if method == "vpt":
         return PromptedViT(encoder, **asdict(VPTConfig(**(vpt or {}))))
     args = asdict(LoRAConfig(**(lora or {})))
-    targets = args["target_modules"] or LORA_TARGETS
-    if isinstance(targets, str) and not any(True for n, _ in encoder.named_modules() if _full_match(targets, n)):
+    targets = args["target_modules"] or getattr(encoder, "lora_targets", None)
+    if targets is None or isinstance(targets, str) and not any(_full_match(targets, n) for n, _ in encoder.named_modules()):
         raise ValueError(f"LoRA: no layer of {type(encoder).__name__} matches target_modules {targets!r} "
                          "(set lora.target_modules to layer names, e.g. for a CNN ['conv1', 'conv2'])")
     config = LoraConfig(r=args["r"], lora_alpha=args["alpha"], lora_dropout=args["dropout"], target_modules=targets)

@@ -82,6 +82,8 @@ class DiffusionGenerator(Artifact, nn.Module):
     ``diffusion`` section completed from the data (``num_classes``, ``class_names``, ``mask_classes``,
     ``image_size``, ``preprocess``)."""
 
+    components = ("text_encoder",)
+
     def __init__(self, spec: dict, text_encoder: TextEncoder | None = None, scheduler: dict | None = None):
         super().__init__()
         if spec["conditioning"] not in CONDITIONING:
@@ -92,11 +94,10 @@ class DiffusionGenerator(Artifact, nn.Module):
             raise ValueError("mask conditioning needs mask_classes (label values incl. background)")
         self.spec = dict(spec)
         self.conditioning = spec["conditioning"]
-        self.components: tuple[str, ...] = ()
+        self.text_encoder = None
         if self.conditioning == "text":
             self.text_encoder = text_encoder or create_text_encoder(spec.get("text_model"))
             self.text_encoder.requires_grad_(False).eval()
-            self.components = ("text_encoder",)
         self.net_spec = network_spec(spec)
         self.network = Denoiser(self.net_spec, text_dim=self.text_encoder.embed_dim if self.conditioning == "text" else None)
         self.scheduler = DDPMScheduler.from_config(scheduler) if scheduler else noise_schedule(spec)
@@ -106,14 +107,8 @@ class DiffusionGenerator(Artifact, nn.Module):
 
     # ------------------------------------------------------------ artifact
     def artifact_config(self) -> dict:
+        """The spec and the noise schedule as built (the constructor's ``scheduler`` is None for a new one)."""
         return {"spec": self.spec, "scheduler": {k: v for k, v in self.scheduler.config.items()}}
-
-    @classmethod
-    def from_config(cls, config: dict, folder: Path | None = None) -> "DiffusionGenerator":
-        text = None
-        if config["spec"]["conditioning"] == "text" and folder is not None:
-            text = TextEncoder.from_pretrained(Path(folder) / "text_encoder")
-        return cls(config["spec"], text_encoder=text, scheduler=config.get("scheduler"))
 
     def train(self, mode: bool = True):
         super().train(mode)

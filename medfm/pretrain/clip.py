@@ -37,18 +37,12 @@ from .views import mae_view
 
 
 def _blocks(tower: nn.Module) -> list[nn.Module]:
-    """The sequential blocks of an encoder, for partial unlocking: ViT ``blocks``, BERT ``encoder.layer``,
-    ResNet stages."""
-    for path in ("blocks", "model.encoder.layer", "encoder.layer", "stages"):
-        obj = tower
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        return list(obj)
-    raise ValueError(f"{type(tower).__name__}: cannot find its blocks to unlock the last ones "
-                     "(set unlocked_layers: 0 to lock the whole tower)")
+    """The sequential blocks of a tower (the encoder interface's ``encoder_blocks``), for partial unlocking."""
+    try:
+        return tower.encoder_blocks()
+    except (AttributeError, NotImplementedError):
+        raise ValueError(f"{type(tower).__name__}: cannot find its blocks to unlock the last ones "
+                         "(set unlocked_layers: 0 to lock the whole tower)") from None
 
 
 def lock_tower(tower: nn.Module, unlocked_layers: int = 0) -> None:

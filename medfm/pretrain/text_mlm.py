@@ -31,7 +31,8 @@ import torch.nn as nn
 import transformers
 from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
-from medfm.atomic import atomic_folder, write_json
+from medfm import atomic
+from medfm.atomic import write_json
 from medfm.data import DataError, read_rows
 from medfm.data.reports import clean_text, read_iu_xray
 from medfm.encoders import TextEncoder, default_text_model_path
@@ -198,7 +199,7 @@ class TextMLM(PretrainMethod):
         path = folder / "metrics.json"
         metrics = json.loads(path.read_text()) if path.exists() else {}
         metrics["heldout_perplexity_after"] = self._perplexity(built.module)
-        with atomic_folder(folder / "mlm") as tmp:
+        with atomic.atomic_folder(folder / "mlm") as tmp:
             built.module.model.save_pretrained(tmp, safe_serialization=True)
             built.module.tokenizer.save_pretrained(tmp)
         write_json(path, metrics)

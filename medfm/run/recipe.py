@@ -63,10 +63,13 @@ def read_yaml(text: str, source: str = "YAML") -> Any:
 @dataclass(frozen=True)
 class FreeForm:
     """A section whose keys are passed on as they are (to a constructor), with these defaults. ``accepts``
-    (called lazily) lists the keys the constructor takes: any other key is an error naming the nearest one."""
+    (called lazily with the section) lists the keys the constructor takes: any other key is an error naming
+    the nearest one, except those ``other`` lists (keys of a sibling constructor, e.g. a ViT's
+    ``patch_size`` in a recipe switched to a ResNet), which are dropped with a note."""
 
     defaults: dict = field(default_factory=dict)
     accepts: Any = None
+    other: Any = None
 
 
 def _parameters(*targets: Any) -> set[str]:
@@ -79,13 +82,25 @@ def _parameters(*targets: Any) -> set[str]:
     return names
 
 
-def _encoder_keys() -> set[str]:
-    from medfm.encoders import ResNetEncoder, ViT, create_encoder
+def _encoder_keys(section: dict) -> set[str]:
+    """What the chosen encoder takes: ``create_encoder``'s arguments and the family's own (its builder's,
+    and its class's when the builder passes keywords on); every family's when the name is unknown (the
+    build then names the registered ones)."""
+    from medfm.encoders import create_encoder, encoder_arguments, list_encoders
 
-    return _parameters(create_encoder, ViT, ResNetEncoder)
+    name = section.get("name")
+    if name not in list_encoders():
+        return _all_encoder_keys(section)
+    return _parameters(create_encoder) | encoder_arguments(name)
 
 
-def _trainer_keys() -> set[str]:
+def _all_encoder_keys(section: dict) -> set[str]:
+    from medfm.encoders import create_encoder, encoder_arguments, list_encoders
+
+    return _parameters(create_encoder).union(*(encoder_arguments(n) for n in list_encoders()))
+
+
+def _trainer_keys(section: dict) -> set[str]:
     import lightning as L
 
     return set(TRAINER_DEFAULTS) | _parameters(L.Trainer)
@@ -103,7 +118,7 @@ class OptimConfig:
 
 
 ENCODER = FreeForm({"name": "vit_small", "spatial_dims": 2, "in_chans": 1, "img_size": 224, "pretrained": None},
-                   accepts=_encoder_keys)
+                   accepts=_encoder_keys, other=_all_encoder_keys)
 TRAINER = FreeForm(TRAINER_DEFAULTS, accepts=_trainer_keys)
 
 
@@ -279,10 +294,16 @@ def load_config(schema: dict, path: str | os.PathLike | None = None, overrides: 
     check_types(cfg, hints, source)
     for name, spec in schema.items():
         if isinstance(spec, FreeForm) and spec.accepts is not None:
-            known = spec.accepts()
-            for key in cfg[name]:
-                if key not in known:
+            known = spec.accepts(cfg[name])
+            other = spec.other(cfg[name]) if spec.other is not None else set()
+            for key in list(cfg[name]):
+                if key in known:
+                    continue
+                if key not in other:
                     raise _unknown(source, f"{name}.{key}", str(key), sorted(known))
+                value = cfg[name].pop(key)
+                if value is not None:
+                    print(f"{name}.{key}: {value!r} dropped ({name} {cfg[name].get('name')!r} does not take it)")
     return cfg
 
 

@@ -1,4 +1,6 @@
-"""Segmentation: a UNETR-style decoder for ViTs, a U-Net-style decoder for CNNs, 2D and 3D from one code path.
+"""The segmentation task: a UNETR-style decoder for token encoders (ViTs), a U-Net-style decoder for pyramid
+encoders (CNNs), 2D and 3D from one code path, in one module: recipe section, model, training module,
+metrics and evaluation, plug-in.
 
 The encoder's ``forward_intermediates`` gives feature maps; each becomes the
 skip connection of one decoder level (stride 1 from the image itself, then
@@ -10,12 +12,16 @@ have them and are only projected. Decoding is MONAI's ``UnetrUpBlock``
 1x1 convolution to class logits. Training uses MONAI's Dice + cross-entropy;
 volumes larger than the training patch are predicted with MONAI's sliding-window
 inference; Dice and HD95 come from MONAI's metrics.
+
+Recipe section ``segmentation`` (:class:`SegmentationConfig`). Training draws random patches of the
+encoder's input size; evaluation predicts whole images and volumes with a sliding window.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,23 +34,29 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from monai.networks.utils import one_hot
+from monai.transforms import Compose
+from monai.utils import ensure_tuple_rep
 
 from medfm.data import DataError
 from medfm.evaluate.plots import overlay_png
 from medfm.run import TrainingModule
 
+from .base import FinetuneTask, TaskModel, build_encoder
 from .classification import encoder_and_head_groups
+from .recipe import TASKS
 
 
 def _is_vit(encoder: nn.Module) -> bool:
-    return hasattr(encoder, "patchify_embed")
+    """Token maps from every block at one stride (UNETR decoder), or a pyramid of strides (U-Net decoder)."""
+    return encoder.feature_maps == "tokens"
 
 
-class SegmentationModel(nn.Module):
+class SegmentationModel(TaskModel, nn.Module):
     """``encoder`` + decoder: (B, C, *spatial) -> (B, num_classes, *spatial) logits.
 
     Inputs must be divisible by the encoder's total stride (the ViT patch size, which
-    must be an isotropic power of two; 32 for ResNets).
+    must be an isotropic power of two; 32 for ResNets). Built by a run from its spec
+    (:meth:`from_spec`), it saves and reloads as an artifact (:class:`medfm.tasks.base.TaskModel`).
     """
 
     def __init__(self, encoder: nn.Module, num_classes: int, feature_size: int = 16, norm: str = "instance"):
@@ -58,7 +70,7 @@ class SegmentationModel(nn.Module):
             if len(patch) != 1 or p < 2 or p & (p - 1):
                 raise ValueError(f"the UNETR decoder needs an isotropic power-of-two patch size, got {encoder.patch_size}")
             k = int(math.log2(p))
-            depth = len(encoder.blocks)
+            depth = len(encoder.encoder_blocks())
             # one block per level, evenly spaced, the last block at the bottom (UNETR: 3, 6, 9, 12 of 12)
             self.indices = [max(0, round(depth * j / k) - 1) for j in range(1, k + 1)]
             if len(set(self.indices)) < k:
@@ -109,6 +121,13 @@ class SegmentationModel(nn.Module):
     @property
     def stride(self) -> int:
         return 2**self.levels
+
+    @classmethod
+    def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "SegmentationModel":
+        h = spec["head"]
+        model = cls(build_encoder(spec, pretrained), h["num_classes"], h["feature_size"])
+        model.spec = spec
+        return model
 
 
 class MaskLabels:
@@ -251,3 +270,56 @@ def mean_case_metrics(cases: list[dict]) -> dict:
         else:
             out[key] = float(np.nanmean([m[key] for m in cases]))
     return out
+
+
+# ----------------------------------------------------------------- the plug-in
+@dataclass
+class SegmentationConfig:
+    """``segmentation`` recipe section."""
+
+    num_classes: int = 2  # including background (label 0)
+    class_names: list | None = None
+    mask: str = "mask"  # manifest column of the label maps
+    feature_size: int = 16  # decoder width at full resolution (doubles per level)
+    overlap: float = 0.25  # sliding-window overlap at evaluation
+    sw_batch_size: int = 4
+    hd95: bool = True
+
+
+@TASKS.register
+class Segmentation(FinetuneTask):
+    name = "segmentation"
+    Config = SegmentationConfig
+    model_class = SegmentationModel
+    headline = ("mean_dice", "mean_hd95")
+
+    def eval_size(self, cfg: dict):
+        """3D: the whole resampled volume (sliding window); 2D: the encoder's size."""
+        return None if cfg["encoder"]["spatial_dims"] == 3 else cfg["encoder"]["img_size"]
+
+    def transform(self, cfg: dict, train: bool):
+        """The preset, after a check of every label map against the recipe's classes (names the file)."""
+        preset = super().transform(cfg, train)
+        return Compose([MaskLabels(cfg["segmentation"]["num_classes"]), *preset.transforms])
+
+    def split_args(self, cfg: dict, path: str) -> dict:
+        if path.lower().endswith(".npz"):
+            raise ValueError(f"{path}: segmentation needs a manifest with a mask column, not an npz")
+        return {"mask_key": cfg["segmentation"]["mask"]}
+
+    def validate(self, cfg: dict) -> None:
+        if cfg["shots"]:
+            raise ValueError("shots (few-shot sampling) applies to classification")
+
+    def head(self, cfg: dict, state: dict) -> dict:
+        s = cfg["segmentation"]
+        return {"num_classes": s["num_classes"], "feature_size": s["feature_size"], "class_names": s["class_names"]}
+
+    def module(self, cfg: dict, model, train, state: dict):
+        return SegmentationTask(model, frozen_encoder=cfg["method"] == "linear_probe", **self.optim(cfg))
+
+    def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
+        s, enc = cfg["segmentation"], cfg["encoder"]
+        roi = ensure_tuple_rep(enc["img_size"], enc["spatial_dims"])
+        return evaluate_segmentation(model, ds, out, split, roi, s["class_names"], s["overlap"], s["sw_batch_size"],
+                                     s["hd95"])

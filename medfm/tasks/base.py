@@ -1,0 +1,262 @@
+"""What every fine-tuning task shares: the plug-in base (:class:`FinetuneTask`) and :class:`TaskModel`, the
+artifact a task model is (the registry ``TASKS`` and the recipe runner are in :mod:`medfm.tasks.recipe`).
+
+A task is one module of this package holding its recipe section, its model, its training module, its
+metrics and evaluation, and its plug-in, registered with ``@TASKS.register``; this base knows none of
+them. A task supplies its section (``Config``), its model class (``model_class``, a :class:`TaskModel`),
+what its manifests must hold (``split_args``), the head's arguments (``head``), the LightningModule
+(``module``), its evaluation (``evaluate_split``) and its headline metrics (``headline``); it may reshape
+the training set first (``prepare``: labels, few-shot subsets) and replace it (``training_set``: cached
+features). What one hook computes for the next lives in the run's ``state`` dict (``Built.state``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import lightning as L
+import torch.nn as nn
+
+from medfm.artifacts import Artifact
+from medfm.atomic import write_json
+from medfm.data import DataError, JoinedDataset, open_dataset
+from medfm.data.cache import dataset_cache
+from medfm.data.transforms import PRESETS
+from medfm.encoders import create_encoder
+from medfm.finetune import METHOD_SECTIONS, adapt_encoder, count_parameters, export_encoder, is_lora
+from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData
+
+from .recipe import load_run
+
+# ----------------------------------------------------------------- the task model artifact
+def build_encoder(spec: dict, pretrained: bool = True) -> nn.Module:
+    """The spec's encoder (random, or its ``pretrained`` weights when asked), adapted by its method with that
+    method's section of the spec."""
+    kw = {k: v for k, v in spec["encoder"].items() if v is not None}
+    if not pretrained:
+        kw.pop("pretrained", None)
+    encoder = create_encoder(kw.pop("name"), **kw)
+    method = spec["method"]
+    return adapt_encoder(encoder, method, **{method: spec.get(method)})
+
+
+class TaskModel(Artifact):
+    """A fine-tuned task model (adapted encoder + head) as an artifact that rebuilds itself with no recipe.
+
+    Its ``config.json`` is its *spec*: the encoder's recipe section, the adaptation method and its section
+    (the LoRA / VPT layers must exist before the weights load), the head's arguments (``head``), the class
+    names and the preprocessing the model expects. A task model class implements ``from_spec(spec,
+    pretrained, folder)``: the model, with the encoder's pretrained weights when ``pretrained`` (a new run)
+    and fresh ones otherwise (a reload: the weights come from ``model.safetensors``)."""
+
+    spec: dict
+
+    def artifact_config(self) -> dict:
+        return self.spec
+
+    @classmethod
+    def from_config(cls, config: dict, folder: Path | None = None):
+        return cls.from_spec(config, pretrained=False, folder=folder)
+
+    @classmethod
+    def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None):  # pragma: no cover
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------- the plug-in base
+class FinetuneTask(RunPlugin):
+    """Base plug-in of a fine-tuning task (see the module docstring). ``evaluate`` and ``summary`` serve
+    ``medfm evaluate RUN``; ``optim.lr: auto`` asks ``default_lr``."""
+
+    model_class: ClassVar[type[TaskModel]]
+    keys: ClassVar[tuple[str, ...]] = ("image", "label", "mask", "features")
+    headline: ClassVar[tuple[str, ...]] = ()  # the metrics ``summary`` prints per split, the first one required
+
+    def validate(self, cfg: dict) -> None:
+        pass
+
+    def default_lr(self, cfg: dict) -> float:
+        """``optim.lr: auto``: the LR of the trained part (head, adapter, decoder) for ``cfg['method']``."""
+        return 1e-3
+
+    # ------------------------------------------------------------ data
+    def transform(self, cfg: dict, train: bool):
+        """Training: the preset at the encoder's size with its augmentation/random crop; evaluation: the
+        same size without augmentation."""
+        d = cfg["data"]
+        return PRESETS[d["preset"]](size=self.eval_size(cfg) if not train else cfg["encoder"]["img_size"],
+                                    train=train and d["augment"], **d["preset_args"])
+
+    def eval_size(self, cfg: dict):
+        return cfg["encoder"]["img_size"]
+
+    def split_args(self, cfg: dict, path: str) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def split_cache(self, cfg: dict, train: bool):
+        """``data.cache`` for the sets this task opens (a disk cache keyed by the task, preset and size)."""
+        d = cfg["data"]
+        return dataset_cache(d["cache"], d["cache_dir"], {"task": cfg["task"], "preset": d["preset"], "train": train,
+                                                          "args": d["preset_args"], "size": self.eval_size(cfg),
+                                                          "dims": cfg["encoder"]["spatial_dims"]})
+
+    def open_split(self, cfg: dict, split: str | None, train: bool = False, path: str | None = None):
+        """One split of the recipe's data with what the task needs (labels, masks)."""
+        d = cfg["data"]
+        path = str(path or d["path"])
+        return open_dataset(path, split=split, spatial_dims=cfg["encoder"]["spatial_dims"],
+                            transform=self.transform(cfg, train), cache=self.split_cache(cfg, train), on_error=d["on_error"],
+                            preflight=d["preflight"], **self.split_args(cfg, path))
+
+    def extra_split_args(self, cfg: dict, path: str, real) -> dict:
+        """How to open a ``train_from`` set so that its labels agree with the real training split's."""
+        return self.split_args(cfg, path)
+
+    def training_split(self, cfg: dict, train: bool = True):
+        """The training set: the real training split, plus (or, with ``train_real: false``, only) every
+        ``train_from`` set, whole."""
+        d = cfg["data"]
+        real = self.open_split(cfg, d["train_split"], train=train)
+        if not d["train_from"]:
+            return real
+        parts = [real] if d["train_real"] else []
+        for p in d["train_from"]:
+            parts.append(open_dataset(p, split=None, spatial_dims=cfg["encoder"]["spatial_dims"],
+                                      transform=self.transform(cfg, train), cache=self.split_cache(cfg, train), on_error=d["on_error"],
+                                      preflight=d["preflight"], **self.extra_split_args(cfg, p, real)))
+        return parts[0] if len(parts) == 1 else JoinedDataset(parts)
+
+    def prepare(self, cfg: dict, train, state: dict) -> tuple[dict, Any]:
+        """The recipe completed from the training data, and the training set to use; what later hooks need
+        goes into ``state``."""
+        return cfg, train
+
+    def training_set(self, cfg: dict, model, train, state: dict):
+        return train
+
+    def train_record(self, state: dict) -> dict:
+        """What metrics.json records about the training set beyond its size (classification: the few-shot rows)."""
+        return {}
+
+    # ------------------------------------------------------------ model
+    def head(self, cfg: dict, state: dict) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def spec(self, cfg: dict, state: dict) -> dict:
+        """What the task model's ``config.json`` holds (:class:`TaskModel`)."""
+        method = cfg["method"]
+        return {"task": self.name, "encoder": dict(cfg["encoder"]), "method": method,
+                **({method: dict(cfg[method])} if method in METHOD_SECTIONS else {}), "head": self.head(cfg, state),
+                "preprocess": {"preset": cfg["data"]["preset"], "size": self.eval_size(cfg),
+                               "args": dict(cfg["data"]["preset_args"])}}
+
+    def module(self, cfg: dict, model, train, state: dict) -> L.LightningModule:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def optim(self, cfg: dict) -> dict:
+        return dict(cfg["optim"], max_steps=cfg["trainer"]["max_steps"],
+                    layer_decay=cfg["full"]["layer_decay"] if cfg["method"] == "full" else None)
+
+    # ------------------------------------------------------------ run hooks
+    def build(self, cfg: dict, folder: RunFolder) -> Built:
+        d = cfg["data"]
+        if not d["path"]:
+            raise ValueError("fine-tuning needs data: give --data PATH (an npz or a manifest) or set data.path")
+        state: dict = {"t0": time.perf_counter()}
+        cfg, train = self.prepare(cfg, self.training_split(cfg, train=True), state)
+        model = self.model_class.from_spec(self.spec(cfg, state))
+        trainable, total = count_parameters(model)
+        print(f"{cfg['task']} / {cfg['method']}: {trainable:,} trainable of {total:,} parameters "
+              f"({100 * trainable / total:.2f} %), {len(train)} training samples")
+        module = self.module(cfg, model, train, state)
+        state.update(trainable=trainable, total=total, n_train=len(train), model=model)
+        train = self.training_set(cfg, model, train, state)
+        keyed = KeyedDataset(train, seed=cfg["seed"], keys=self.keys)
+        data = StepData(keyed, len(train), d["batch_size"], d["num_workers"], cfg["seed"])
+        return Built(module, data, cfg=cfg, state=state)
+
+    def export(self, module, folder: RunFolder, trainer) -> None:
+        """``model/`` (the whole task model), ``encoder/`` (plain, merged, with its preprocessing) and, for
+        LoRA, ``adapter/`` (peft's adapter folder)."""
+        model = module.model
+        folder.save(model, "model")
+        encoder = export_encoder(model.encoder)
+        encoder.preprocess = model.spec["preprocess"]
+        folder.save(encoder, "encoder")
+        if is_lora(model.encoder):
+            model.encoder.save_pretrained(str(folder / "adapter"))
+
+    def after_fit(self, built: Built, trainer, folder: RunFolder) -> None:
+        cfg, state = built.cfg, built.state
+        train_time = time.perf_counter() - state["t0"]
+        metrics = {"task": cfg["task"], "method": cfg["method"], "encoder": cfg["encoder"]["name"],
+                   "pretrained": cfg["encoder"]["pretrained"], "shots": cfg["shots"], "steps": trainer.global_step,
+                   "trainable_params": state["trainable"], "total_params": state["total"], "n_train": state["n_train"],
+                   **self.train_record(state), "train_time_s": round(train_time, 1)}
+        metrics.update(self.evaluate_splits(state["model"], cfg, folder.path))
+        metrics["wall_time_s"] = round(time.perf_counter() - state["t0"], 1)
+        write_json(folder / "metrics.json", metrics)
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    def evaluate_splits(self, model, cfg: dict, out: Path, data_path: str | None = None,
+                        splits: Sequence[str] | None = None, state: dict | None = None) -> dict:
+        """Metrics and figures for the validation split and the test split where they exist (``splits``:
+        only these, and a missing one is an error). ``state`` carries what one split passes to the next
+        (classification: thresholds chosen on validation)."""
+        d = cfg["data"]
+        state = {"val_split": d["val_split"], **(state or {})}
+        results: dict = {}
+        for split in splits or [s for s in (d["val_split"], d["test_split"]) if s]:
+            try:
+                ds = self.open_split(cfg, split, path=data_path)
+            except DataError as e:
+                if splits:  # asked for explicitly
+                    raise
+                print(f"split {split!r} not evaluated: {e}")
+                continue
+            if len(ds):
+                results[split] = self.evaluate_split(model, ds, cfg, out, split, state)
+        return results
+
+    def evaluate(self, run: Path, data: str | None = None, split: str = "test", out: str | None = None,
+                 **_: Any) -> dict:
+        """Evaluate a finished run on ``split`` of ``data`` (default: the run's data) with what it chose on
+        validation; writes ``metrics.json`` and figures into ``out`` (default RUN/eval_<split>)."""
+        model, cfg = load_run(run)
+        dest = Path(out) if out else run / f"eval_{split}"
+        dest.mkdir(parents=True, exist_ok=True)
+        val = {}
+        if (run / "metrics.json").exists() and split != cfg["data"]["val_split"]:
+            # held-out splits use what the run chose on validation; the validation split itself is scored as
+            # the run scored it (so `evaluate --split val` reproduces the run's own metrics.json)
+            val = json.loads((run / "metrics.json").read_text()).get(cfg["data"]["val_split"], {})
+        res = self.evaluate_splits(model, cfg, dest, data_path=data, splits=[split], state=self.saved_state(val))
+        metrics = {"run": str(run), "data": str(data or cfg["data"]["path"]), **res}
+        write_json(dest / "metrics.json", metrics)
+        return metrics
+
+    def summary(self, metrics: dict) -> list[str]:
+        """Parameters and wall time, then one line per evaluated split with the task's ``headline`` metrics."""
+        lines = []
+        if "trainable_params" in metrics:
+            lines.append(f"{metrics['method']}: {metrics['trainable_params']:,} trainable / "
+                         f"{metrics['total_params']:,} parameters, {metrics['wall_time_s']} s")
+        for split, v in metrics.items():
+            if isinstance(v, dict) and self.headline and self.headline[0] in v:
+                lines.append(f"  {split:<8} " + "  ".join(f"{k} {v[k]:.4f}" for k in self.headline if k in v)
+                             + f"  (n={v.get('n')})" + self.summary_note(v))
+        return lines
+
+    def summary_note(self, split_metrics: dict) -> str:
+        """What follows a split's headline numbers (classification: how the decision thresholds were set)."""
+        return ""
+
+    def saved_state(self, val_metrics: dict) -> dict:
+        """What ``evaluate_splits`` needs from the run's own validation metrics."""
+        return {}

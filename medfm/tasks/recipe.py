@@ -1,0 +1,152 @@
+"""Fine-tuning recipes (top-level ``tasks/``): the registry of tasks, the schema, and load, run, reload, evaluate.
+
+A task recipe names the ``task`` (a registered plug-in: classification | segmentation | report_generation
+| any task module registered with ``@TASKS.register``), the ``encoder`` (random init, or
+``encoder.pretrained``: a ``save_pretrained`` folder, a pretraining run, a weight file or ``timm:<name>``),
+the adaptation ``method`` (:mod:`medfm.finetune.methods`) and its section, the task's own section, the
+data and its splits, the optimizer and the trainer. ``run_finetune`` hands it to the task's plug-in and
+:func:`medfm.run.run`; RUN then holds:
+
+* ``recipe.yaml`` (resolved), ``run.json``, ``checkpoints/last.ckpt`` (full resume state), ``logs/``;
+* ``model/``: the whole task model (adapted encoder + head/decoder) as an artifact folder
+  (``config.json`` + ``model.safetensors``) that rebuilds itself: ``medfm.load(RUN)``;
+* ``encoder/``: the encoder alone, adaptation merged (LoRA, SSF), with its preprocessing; for LoRA also
+  ``adapter/`` (peft's adapter folder alone);
+* ``metrics.json``: trainable / total parameters, wall time, and metrics on the validation split and, when
+  the data has one, the test split (decision thresholds chosen on validation);
+* the task's figures (ROC / confusion matrices, segmentation overlays and NIfTI predictions).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+
+from medfm.artifacts import load
+from medfm.data import DataError, split_names
+from medfm.data.transforms import PRESETS
+from medfm.finetune import METHOD_SECTIONS, METHODS
+from medfm.run import ENCODER, TRAINER, FreeForm, OptimConfig, Registry, RunFolder, load_config, run
+from medfm.run.recipe import adopt_saved_architecture, merge
+from medfm.run.trainer import TRAINER_DEFAULTS
+
+TASKS = Registry("finetune")
+
+
+@dataclass
+class FinetuneDataConfig:
+    """``data`` of a task recipe."""
+
+    path: str | None = None  # npz or CSV/TSV/JSONL manifest (or give --data)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str | None = "test"  # evaluated at the end when the data has it (null: never)
+    train_from: list[str] = field(default_factory=list)  # more training sets (e.g. `medfm generate` manifests), all rows
+    train_real: bool = True  # false: train on train_from only (validation and test still come from path)
+    preset: str = "radiograph_2d"
+    preset_args: dict = field(default_factory=dict)
+    augment: bool = True  # the preset's training augmentation / random crops
+    batch_size: int = 32
+    num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
+    cache: bool | str = True  # the preprocessed samples: true (in memory) | false | disk (persistent, data.cache_dir)
+    cache_dir: str | None = None  # disk cache folder (default $MEDFM_CACHE/preprocessed or ~/.cache/medfm/preprocessed)
+    on_error: str = "raise"  # raise: a bad file stops the run naming its row | skip: its row is dropped and counted
+    preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """``optim`` of a task recipe. ``lr: auto`` is the task's LR for the method (``FinetuneTask.default_lr``),
+    resolved when the recipe loads, so ``recipe.yaml`` records the number."""
+
+    lr: float | str = "auto"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+def finetune_schema() -> dict:
+    """Sections of a task recipe: the common ones, the adaptation methods' and every registered task's."""
+    return {
+        "task": "classification",
+        "method": "linear_probe",  # linear_probe | full | lora | vpt | ssf | bitfit
+        "seed": 0,
+        "shots": None,  # few-shot: K labelled training examples per class (null: all)
+        "encoder": ENCODER,
+        **METHOD_SECTIONS,
+        **TASKS.sections(),
+        "data": FinetuneDataConfig,
+        "optim": FinetuneOptimConfig,
+        "trainer": FreeForm({**TRAINER_DEFAULTS, "max_steps": 500, "checkpoint_every_n_steps": 200}, accepts=TRAINER.accepts),
+    }
+
+
+def load_task_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = (),
+                     profile: str | None = None) -> dict:
+    """The task recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
+    cfg = load_config(finetune_schema(), path, overrides, profile)
+    adopt_saved_architecture(cfg)
+    plugin = TASKS.get_plugin(cfg["task"])
+    plugin.validate(cfg)
+    if cfg["method"] not in METHODS:
+        raise ValueError(f"unknown method {cfg['method']!r}; available: {', '.join(METHODS)}")
+    if isinstance(cfg["optim"]["lr"], str):
+        if cfg["optim"]["lr"] != "auto":
+            raise ValueError(f"optim.lr must be a number or 'auto', got {cfg['optim']['lr']!r}")
+        cfg["optim"]["lr"] = plugin.default_lr(cfg)
+    if cfg["data"]["preset"] not in PRESETS:
+        raise ValueError(f"unknown preset {cfg['data']['preset']!r}; available: {', '.join(PRESETS)}")
+    return cfg
+
+
+def run_finetune(cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
+                 callbacks: Sequence[L.Callback] = (), **run_options: Any) -> Path:
+    """Fine-tune the recipe's encoder on its task; evaluate; export. Returns the run folder."""
+    if data_path:
+        cfg = merge(cfg, {"data": {"path": str(data_path)}})
+    check_splits(cfg)
+    return run(TASKS.get_plugin(cfg["task"]), cfg, out, resume=resume, callbacks=callbacks, **run_options)
+
+
+def check_splits(cfg: dict) -> None:
+    """The training and validation splits must exist in the data: a misspelled name is an error listing the
+    data's splits before anything trains (the test split is optional: evaluated when the data has it)."""
+    d = cfg["data"]
+    if not d["path"]:
+        return
+    present = split_names(d["path"])
+    for key in ("train_split", "val_split"):
+        if d[key] not in present:
+            raise DataError(f"{d['path']}: no split {d[key]!r} (data.{key}); its splits: {', '.join(present) or 'none'}")
+
+
+def open_split(cfg: dict, split: str | None, train: bool = False, path: str | None = None):
+    """One split of a task recipe's data, as its task opens it."""
+    return TASKS.get_plugin(cfg["task"]).open_split(cfg, split, train=train, path=path)
+
+
+def run_recipe(run: str | os.PathLike) -> dict:
+    """The resolved recipe of a finished fine-tuning run (a clear error when it is not one)."""
+    run = Path(run)
+    for f in ("recipe.yaml", "model/config.json", "model/model.safetensors"):
+        if not (run / f).exists():
+            raise FileNotFoundError(f"{run / f}: not a finished fine-tuning run (missing {f})")
+    return load_task_recipe(overrides=RunFolder(run).read_recipe())
+
+
+def load_run(run: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
+    """The fine-tuned task model of a run folder (``RUN/model``, rebuilt by itself; nothing is unpickled)
+    and the run's recipe."""
+    cfg = run_recipe(run)
+    return load(Path(run) / "model"), cfg
+
+
+def evaluate_run(run: str | os.PathLike, data_path: str | None = None, split: str = "test",
+                 out: str | os.PathLike | None = None) -> dict:
+    """``FinetuneTask.evaluate`` for the run's task."""
+    run = Path(run)
+    cfg = run_recipe(run)
+    return TASKS.get_plugin(cfg["task"]).evaluate(run, data=data_path, split=split, out=out)
