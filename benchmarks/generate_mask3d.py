@@ -1,7 +1,7 @@
 """Mask-conditioned 3D diffusion on the MNI152 brain: do generated volumes match the label maps they were
 generated for, including label maps from the synthesis engine?
 
-Trains ``encoders/diffusion_3d.yaml`` on random 32^3 crops of the MNI152 T1 at 2 mm with its tissue label
+Trains ``generators/diffusion_3d.yaml`` on random 32^3 crops of the MNI152 T1 at 2 mm with its tissue label
 map (0 background, 1 grey matter, 2 white matter; ``medfm.data.samples.mni152_tissue_manifest``), or takes
 ``--run``. Then generates volumes for (a) ``--n`` MNI label-map crops and (b) ``--n`` label maps of the
 randomized-synthesis engine (3 labels, relabelled by size so that the largest is "background"). A
@@ -66,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     run = Path(args.run)
     manifest = samples.mni152_tissue_manifest(run.parent / "mni_tissue")
-    cfg = load_generator_recipe(REPO / "encoders" / "diffusion_3d.yaml", {"trainer": {"max_steps": args.steps}})
+    cfg = load_generator_recipe(REPO / "generators" / "diffusion_3d.yaml", {"trainer": {"max_steps": args.steps}})
     t0 = time.perf_counter()
     if not (run / "model" / "config.json").exists():
         run_generator(cfg, run, data_path=str(manifest), resume=(run / "checkpoints" / "last.ckpt").exists())

@@ -2,7 +2,7 @@
 
 MedPix 2.0 has ~1,650 training images of every body region, CT and MR, each with a free-text caption:
 far too little for text-to-image generation, so this shows the machinery, not a useful generator.
-Trains ``encoders/diffusion_2d.yaml`` with ``conditioning: text`` (frozen MiniLM token states,
+Trains ``generators/diffusion_2d.yaml`` with ``conditioning: text`` (frozen MiniLM token states,
 cross-attention UNet) at 64 px on ``train`` (or takes ``--run``); generates one image per ``dev`` caption
 (``--n`` of them, drawn at random) and measures whether the caption's modality came through: a classifier trained on
 real ``train`` images (CT vs MR, ``tasks/classify_2d.yaml``, small ViT) labels the generated images, beside
@@ -48,7 +48,7 @@ def main() -> None:
     over = {"diffusion": {"conditioning": "text", "image_size": 64, "channels": [32, 64, 64],
                           "attention": [False, False, True], "guidance_scale": 3.0, "sample_steps": args.sample_steps},
             "data": {"text": "caption", "batch_size": args.batch}, "trainer": {"max_steps": args.steps}}
-    cfg = load_generator_recipe(REPO / "encoders" / "diffusion_2d.yaml", over)
+    cfg = load_generator_recipe(REPO / "generators" / "diffusion_2d.yaml", over)
     t0 = time.perf_counter()
     if not (run / "model" / "config.json").exists():
         run_generator(cfg, run, data_path=args.manifest, resume=(run / "checkpoints" / "last.ckpt").exists())

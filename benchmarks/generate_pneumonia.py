@@ -1,6 +1,6 @@
 """Class-conditioned diffusion on PneumoniaMNIST (32 px): is the generated data any use?
 
-Trains ``encoders/diffusion_2d.yaml`` on the real ``train`` split (or takes ``--run``), then ``medfm evaluate``
+Trains ``generators/diffusion_2d.yaml`` on the real ``train`` split (or takes ``--run``), then ``medfm evaluate``
 for generators: ``--n`` samples drawn with the training class frequencies; utility = the classification
 recipe (``tasks/classify_2d.yaml``, a small ViT fully fine-tuned at 32 px, same budget) trained on real /
 generated / both and tested on the real ``val`` split (AUROC); conditioning accuracy; Fréchet distance and
@@ -37,7 +37,7 @@ def main() -> None:
     run = Path(args.run)
     t0 = time.perf_counter()
     if not (run / "model" / "config.json").exists():
-        cfg = load_generator_recipe(REPO / "encoders" / "diffusion_2d.yaml", {"trainer": {"max_steps": args.steps}})
+        cfg = load_generator_recipe(REPO / "generators" / "diffusion_2d.yaml", {"trainer": {"max_steps": args.steps}})
         run_generator(cfg, run, data_path=args.data, resume=(run / "checkpoints" / "last.ckpt").exists())
     t_train = time.perf_counter() - t0
     classify = ["encoder.name=vit_tiny", "encoder.img_size=32", "encoder.patch_size=4", "method=full",

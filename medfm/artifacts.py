@@ -10,8 +10,8 @@ the sub-folder of its name (diffusers' pipeline layout), so each part also reloa
 Encoders of every family, Hugging Face text towers, CLIP models, task models and generators all derive
 from :class:`Artifact`; none writes its own save or load. :func:`load` rebuilds any of them without
 knowing the class beforehand, from a folder or (flat artifacts such as encoders) a hub id. Only classes
-inside the ``medfm`` package are ever imported from a ``medfm_class`` entry: a folder cannot make medfm
-run foreign code.
+inside the ``medfm`` package are ever imported from a ``medfm_class`` entry (besides the artifact classes the
+running program already defined: a plug-in's model): a folder cannot make medfm import foreign code.
 """
 
 from __future__ import annotations
@@ -48,9 +48,15 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+_LOADED: dict[str, type] = {}  # every Artifact subclass defined in this process, by class path
+
+
 def resolve_class(name: str) -> type:
-    """The class a ``medfm_class`` entry names; only classes inside the medfm package are imported."""
+    """The class a ``medfm_class`` entry names: one already defined in this process (medfm's own, or a plug-in
+    a user's code registered), or one inside the medfm package, imported; nothing else is ever imported."""
     name = MOVED.get(name, name)
+    if name in _LOADED:
+        return _LOADED[name]
     if ":" not in name:  # older folders name the class alone; encoders register theirs by name
         for pkg in LEGACY_PACKAGES:
             cls = getattr(importlib.import_module(pkg), name, None)
@@ -223,6 +229,7 @@ class Artifact:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _LOADED[class_path(cls)] = cls
         if "__init__" in cls.__dict__:
             cls.__init__ = _recording(cls.__init__)  # type: ignore[method-assign]
 

@@ -24,9 +24,9 @@ from medfm.data.transforms import preset_mismatch
 from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
 from medfm.finetune import METHODS as ADAPTATIONS
 from medfm.tasks import TASKS, load_task_recipe, run_finetune, run_recipe
-from medfm.generate import GENERATORS, export_generated, is_generator_recipe, load_generator_recipe, model_hash, run_generator
-from medfm.pretrain import METHODS, load_recipe, run_pretrain
-from medfm.run import RunFolder, find_recipe, list_recipes
+from medfm.generate import GENERATORS, export_generated, model_hash
+from medfm.pretrain import METHODS
+from medfm.run import RunFolder, find_recipe, list_recipes, recipe_kind
 from medfm.run.recipe import parse_overrides, resume_config
 from medfm.run.runner import Stopped
 from medfm.run.folder import RECIPE_NAME
@@ -123,14 +123,11 @@ def _recipe(loader, recipe: str | Path, args: argparse.Namespace, overrides: lis
 def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "devices": "trainer.devices"})
     saved = Path(args.out) / RECIPE_NAME
-    recipe = saved if args.resume and saved.exists() else find_recipe(args.recipe)
-    if is_generator_recipe(recipe):  # encoders/diffusion_*.yaml: a generator is trained beside the encoders
-        cfg, changes = _recipe(load_generator_recipe, recipe, args, overrides)
-        run_generator(cfg, args.out, data_path=args.data, resume=args.resume, overwrite=args.overwrite, changes=changes)
-        return 0
-    cfg, changes = _recipe(load_recipe, recipe, args, overrides)
-    run_pretrain(cfg, args.out, data_path=args.data, resume=args.resume, overwrite=args.overwrite,
-                 changes=changes)  # prints where everything is
+    recipe = saved if args.resume and saved.exists() else find_recipe(args.recipe, kind=("encoders", "generators"))
+    kind = recipe_kind(recipe, among=("pretrain", "generate"))  # read from the recipe: method: mae | diffusion | ...
+    cfg, changes = _recipe(kind.load, recipe, args, overrides)
+    kind.run(cfg, args.out, data_path=args.data, resume=args.resume, overwrite=args.overwrite,
+             changes=changes)  # prints where everything is
     return 0
 
 
@@ -295,9 +292,8 @@ def _run_options(p: argparse.ArgumentParser, fn) -> None:
     p.set_defaults(fn=fn, takes_overrides=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medfm", description="Medical foundation models: encoders, pretraining, tasks.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _quickstart_parser(sub) -> None:
+    """``medfm quickstart``."""
     p = sub.add_parser("quickstart", help="the main job end to end at a small scale, no data or network needed "
                        "(~6 min on a 2-core CPU; --fast: ~15 s)",
                        epilog="steps: pretrain_3d (synthesis engine), segment_3d (MNI152 tissue vs random init), "
@@ -310,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="level", help="images_2d manifests: the label column (default: level)")
     p.add_argument("--steps", default=None, help="comma-separated subset of the steps (the encoders they need run too)")
     p.set_defaults(fn=cmd_quickstart)
+
+
+def _benchmark_parser(sub) -> None:
+    """``medfm benchmark``."""
     p = sub.add_parser("benchmark", help="label efficiency: K labelled examples per class, every encoder init against "
                        "random init, mean +- std over seeds (tables + one plot per task)",
                        epilog="tasks: pneumonia (needs --data pneumonia=NPZ), medpix_region, medpix_modality (--data "
@@ -339,8 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/label_efficiency", help="folder: results.csv, label_efficiency.md, <task>.png, "
                    "pretrain/ and finetune/ run folders")
     p.set_defaults(fn=cmd_benchmark)
+
+
+def _info_parser(sub) -> None:
+    """``medfm info``."""
     p = sub.add_parser("info", help="versions, device, registered encoders and recipes")
     p.set_defaults(fn=cmd_info)
+
+
+def _encode_parser(sub) -> None:
+    """``medfm encode``."""
     p = sub.add_parser("encode", help="embed one image or volume with an encoder (default: the MNI152 brain)")
     p.add_argument("path", nargs="?", help="NIfTI, DICOM file/folder, PNG/JPEG (default: nilearn's MNI152 T1)")
     p.add_argument("--encoder", default="vit_small", help="registered encoder name (see `medfm info`)")
@@ -349,15 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=96, help="crop/resize size per side (default 96)")
     p.add_argument("--spacing", type=float, default=2.0, help="3D resampling in mm (default 2.0)")
     p.set_defaults(fn=cmd_encode)
-    p = sub.add_parser("pretrain", help="pretraining (MAE, DINO, CLIP, text MLM, dense synthetic) or a diffusion generator from a recipe "
-                       "in encoders/",
+
+
+def _pretrain_parser(sub) -> None:
+    """``medfm pretrain``."""
+    p = sub.add_parser("pretrain", help=f"pretraining ({', '.join(METHODS)}) from a recipe in encoders/, or a diffusion "
+                       "generator from a recipe in generators/",
                        epilog="Any recipe key can be overridden: KEY=VALUE, e.g. mae.mask_ratio=0.6 data.batch_size=32")
-    p.add_argument("recipe", help="recipe file or name, e.g. encoders/mae_vit_2d.yaml or mae_vit_2d")
+    p.add_argument("recipe", help="recipe file or name, e.g. encoders/mae_vit_2d.yaml, mae_vit_2d or diffusion_2d")
     p.add_argument("--data", default=None, help="npz, CSV/JSONL manifest or folder (sets data.path)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, logs, encoder/")
     p.add_argument("--devices", type=int, default=None, help="sets trainer.devices (>1: DDP)")
     _run_options(p, cmd_pretrain)
-    p = sub.add_parser("finetune", help="fine-tune an encoder on a task (classification, segmentation) from tasks/",
+
+
+def _finetune_parser(sub) -> None:
+    """``medfm finetune``."""
+    p = sub.add_parser("finetune", help=f"fine-tune an encoder on a task ({', '.join(TASKS)}) from a recipe in tasks/",
                        epilog="Any recipe key can be overridden: KEY=VALUE, e.g. optim.lr=3e-4 lora.r=4")
     p.add_argument("recipe", help="recipe file or name, e.g. tasks/classify_2d.yaml or classify_2d")
     p.add_argument("--encoder", default=None,
@@ -368,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="linear_probe | full | lora | vpt | ssf | bitfit (sets method)")
     p.add_argument("--shots", type=int, default=None, help="few-shot: K training examples per class")
     _run_options(p, cmd_finetune)
+
+
+def _evaluate_parser(sub) -> None:
+    """``medfm evaluate``."""
     p = sub.add_parser("evaluate", help="evaluate any run: a fine-tuned task on a held-out split, a CLIP run "
                        "zero-shot, a pretrained encoder by a linear probe, a text MLM run by perplexity",
                        epilog="examples: medfm evaluate RUN --split test | medfm evaluate CLIP_RUN --data "
@@ -391,10 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classify", default=None, help="generators: the classification recipe of the utility test "
                    "(default: tasks/classify_2d.yaml or _3d); trailing KEY=VALUE override it")
     p.set_defaults(fn=cmd_evaluate, takes_overrides=True)
+
+
+def _generate_parser(sub) -> None:
+    """``medfm generate``."""
     p = sub.add_parser("generate", help="sample a diffusion generator run into a data set (PNG / NIfTI + manifest)",
                        epilog="examples: medfm generate --model runs/gen2d --classes all --n 500 --out gen | "
                               "medfm generate --model runs/gen3d --masks synth/labels --out gen3d")
-    p.add_argument("--model", required=True, help="a generator run (medfm pretrain encoders/diffusion_*.yaml) or its model/")
+    p.add_argument("--model", required=True, help="a generator run (medfm pretrain generators/diffusion_*.yaml) or its model/")
     p.add_argument("--classes", default=None, help="class names (or indices), comma-separated, or 'all'; used in turn")
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT", help="a prompt (repeatable; used in turn)")
     p.add_argument("--masks", default=None, help="a folder (or manifest) of label maps: one volume/image per map")
@@ -406,11 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", required=True, help="folder: images/, labels/ (masks), manifest.csv, grid.png")
     p.set_defaults(fn=cmd_generate)
+
+
+def _generate_report_parser(sub) -> None:
+    """``medfm generate-report``."""
     p = sub.add_parser("generate-report", help="write a report for each image or volume with a report-generation run")
     p.add_argument("images", nargs="+", help="PNG/JPEG, NIfTI or DICOM files (preprocessed as the model was trained)")
     p.add_argument("--model", required=True, help="a `medfm finetune tasks/report_2d.yaml` run (or its model/ folder)")
     p.add_argument("--beams", type=int, default=None, help="beam width (default: the run's recipe)")
     p.set_defaults(fn=cmd_generate_report)
+
+
+def _synth_parser(sub) -> None:
+    """``medfm synth``."""
     p = sub.add_parser("synth", help="write a synthetic set (random label maps + random appearance) as NIfTI")
     p.add_argument("--dims", type=int, choices=(2, 3), default=3)
     p.add_argument("--size", type=int, default=96, help="side length in voxels (default 96)")
@@ -420,6 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder: images/, labels/, manifest.csv, contact_sheet.png")
     p.set_defaults(fn=cmd_synth)
+
+
+# one function per command, in `medfm --help` order
+PARSERS = (_quickstart_parser, _benchmark_parser, _info_parser, _encode_parser, _pretrain_parser, _finetune_parser,
+           _evaluate_parser, _generate_parser, _generate_report_parser, _synth_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medfm", description="Medical foundation models: encoders, pretraining, tasks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in PARSERS:
+        add(sub)
     return parser
 
 

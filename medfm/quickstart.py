@@ -230,7 +230,7 @@ class Quickstart:
 
         s = self.scale
         path, label = self.images_2d
-        cfg = load_generator_recipe(find_recipe("diffusion_2d"), {
+        cfg = load_generator_recipe(find_recipe("diffusion_2d", kind="generators"), {
             "diffusion": {"image_size": s.size_2d, "channels": [16, 32], "attention": [False, True],
                           "head_channels": 16, "sample_steps": 10 if self.fast else 25, "preview": 8},
             "data": {"batch_size": 16, "num_workers": 0, **({"label": label} if label else {})},

@@ -41,7 +41,7 @@ def tiny(name: str, base: dict, **sections) -> dict:
     over = {k: dict(v) for k, v in base.items()}
     for k, v in sections.items():
         over.setdefault(k, {}).update(v)
-    return load_generator_recipe(REPO / "encoders" / f"{name}.yaml", over)
+    return load_generator_recipe(REPO / "generators" / f"{name}.yaml", over)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def test_cli_trains_generates_and_evaluates_a_generator(data, tmp_path, capsys):
                  "diffusion.preview=2", "data.batch_size=16", "data.num_workers=0", "trainer.enable_progress_bar=false"]
     if not data[2].endswith(".npz"):
         overrides.append("data.label=label")
-    assert main(["pretrain", "encoders/diffusion_2d.yaml", "--data", data[2], "--out", str(run), "--max-steps", "20",
+    assert main(["pretrain", "generators/diffusion_2d.yaml", "--data", data[2], "--out", str(run), "--max-steps", "20",
                  *overrides]) == 0
     assert main(["generate", "--model", str(run), "--classes", "all", "--n", "6", "--out", str(tmp_path / "set")]) == 0
     assert "manifest.csv" in capsys.readouterr().out

@@ -219,15 +219,17 @@ def test_every_recipe_in_encoders_loads():
     assert {"mae_vit_2d", "mae_vit_3d", "dino_vit_2d", "dino_vit_3d", "mae_vit_3d_synthetic",
             "synth_contrastive_3d", "clip_vit_2d", "clip_vit_3d", "text_mlm_reports"} <= set(names)
     for n in names:
-        if is_generator_recipe(REPO / "encoders" / f"{n}.yaml"):  # diffusion generators live beside the encoders
-            assert load_generator_recipe(REPO / "encoders" / f"{n}.yaml")["method"] == "diffusion"
-            continue
+        assert not is_generator_recipe(REPO / "encoders" / f"{n}.yaml")  # generators have their own folder
         cfg = load_recipe(REPO / "encoders" / f"{n}.yaml")
         assert cfg["method"] in ("mae", "dino", "synth_contrastive", "synth_seg", "clip", "text_mlm")
         if cfg["method"] != "text_mlm":  # what the exported encoder records as its preprocessing fits its inputs
             want = ("radiograph_2d",) if cfg["encoder"]["spatial_dims"] == 2 else ("ct_3d", "mr_3d")
             assert cfg["data"]["preset"] in want, n
-    assert {"diffusion_2d", "diffusion_3d"} <= set(names)
+    generators = sorted(p.stem for p in (REPO / "generators").glob("*.yaml"))
+    assert {"diffusion_2d", "diffusion_3d"} <= set(generators)
+    for n in generators:
+        assert is_generator_recipe(REPO / "generators" / f"{n}.yaml")
+        assert load_generator_recipe(REPO / "generators" / f"{n}.yaml")["method"] == "diffusion"
     with pytest.raises(ValueError, match=r"the encoder is 3D but data.preset radiograph_2d is for 2D inputs \(use ct_3d or mr_3d\)"):
         load_recipe(REPO / "encoders" / "mae_vit_3d.yaml", ["data.preset=radiograph_2d"])
 

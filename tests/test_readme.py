@@ -61,7 +61,7 @@ def test_every_readme_command_parses(command):
     args, extra = build_parser().parse_known_args(_argv(command))
     assert all("=" in e and not e.startswith("-") for e in extra), extra
     if getattr(args, "recipe", None):
-        assert find_recipe(args.recipe, kind="tasks" if args.command == "finetune" else "encoders").exists()
+        assert find_recipe(args.recipe, kind="tasks" if args.command == "finetune" else ("encoders", "generators")).exists()
 
 
 def _runnable(argv: list[str]) -> list[str] | None:
@@ -118,3 +118,18 @@ def test_the_readme_commands_run_at_tiny_scale(tmp_path, monkeypatch, capsys):
     assert {"info", "encode", "synth", "pretrain"} <= set(ran)
     if SHARED.exists():  # the pneumonia and MedPix chains: pretrain -> finetune -> evaluate, generator -> generate
         assert {"finetune", "evaluate", "generate"} <= set(ran) and len(ran) >= 15, ran
+
+
+def test_the_architecture_example_of_a_new_encoder_family_runs_as_written():
+    """The README's "Adding an encoder family" example, executed as it stands; the family it registers is removed."""
+    from medfm.encoders import Encoder, unregister_encoder
+
+    text = (REPO / "README.md").read_text().split("## Architecture", 1)[1]
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "register_encoder" in b)
+    scope: dict = {}
+    try:
+        exec(compile(block, "README.md (Adding an encoder family)", "exec"), scope)
+        assert isinstance(scope["enc"], Encoder) and scope["enc"].architecture == "two_conv"
+        assert scope["enc"](scope["torch"].rand(2, 1, 32, 32, 32)).shape == (2, 32)
+    finally:
+        unregister_encoder("two_conv")

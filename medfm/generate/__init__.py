@@ -1,16 +1,17 @@
 """Diffusion generators for 2D images and 3D volumes: class-, text- or mask-conditioned, trained on the run
-layer (``medfm pretrain encoders/diffusion_2d.yaml``), sampled by seed (``medfm generate``), exported as
+layer (``medfm pretrain generators/diffusion_2d.yaml``), sampled by seed (``medfm generate``), exported as
 sets every recipe reads, and evaluated by what they are for (``medfm evaluate RUN``)."""
 
 from .export import export_generated, model_hash, sample_grid
-from .generator import SAMPLERS, DiffusionGenerator
+from .generator import DiffusionGenerator
+from .pipeline import SAMPLERS, DiffusionPipeline
 from .module import DiffusionModule
 from .plugin import DiffusionPlugin
 from .recipe import DiffusionConfig, GeneratorDataConfig, generator_schema, is_generator_recipe, load_generator_recipe, run_generator
 from .registry import GENERATORS
 
 __all__ = [
-    "GENERATORS", "SAMPLERS", "DiffusionConfig", "DiffusionGenerator", "DiffusionModule", "DiffusionPlugin",
+    "GENERATORS", "SAMPLERS", "DiffusionConfig", "DiffusionGenerator", "DiffusionModule", "DiffusionPipeline", "DiffusionPlugin",
     "GeneratorDataConfig", "export_generated", "generator_schema", "is_generator_recipe", "load_generator_recipe",
     "model_hash", "run_generator", "sample_grid",
 ]

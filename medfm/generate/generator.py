@@ -1,4 +1,5 @@
-"""A diffusion generator: the denoising network, its noise schedule, its conditioning, and sampling.
+"""A diffusion generator: the denoising network, its noise schedule, its conditioning and its training loss;
+sampling is :class:`medfm.generate.pipeline.DiffusionPipeline` (``generate`` runs it).
 
 :class:`DiffusionGenerator` is one object for 2D images and 3D volumes (the math is the same; only the
 network differs, :mod:`medfm.generate.network`). It is trained with DDPM's objective (noise or velocity
@@ -31,22 +32,20 @@ regenerated alone. Saved as an artifact (``config.json`` + ``model.safetensors``
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
-from tqdm.auto import tqdm
 
 from medfm.artifacts import Artifact
 from medfm.encoders.text import TextEncoder, create_text_encoder
 
 from .network import Denoiser
+from .pipeline import DiffusionPipeline
 
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 CONDITIONING = ("none", "class", "text", "mask")
 
 
@@ -290,49 +289,11 @@ class DiffusionGenerator(Artifact, nn.Module):
         return mse.mean()
 
     # ------------------------------------------------------------ sampling
-    @torch.no_grad()
     def generate(self, classes: Sequence | torch.Tensor | None = None, prompts: Sequence[str] | None = None,
                  masks: Sequence[torch.Tensor] | torch.Tensor | None = None, n: int | None = None, seed: int = 0,
                  steps: int | None = None, sampler: str | None = None, guidance_scale: float | None = None,
                  batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        """Samples in [0, 1], one per class / prompt / mask (or ``n`` for an unconditional generator):
-        (B, C, *spatial), spatial = the masks' shape for mask conditioning. Sample ``i`` starts from noise
-        seeded by ``seed + i``: the same call gives the same tensors. Defaults: the recipe's sampler, steps
-        and guidance scale."""
-        spec = self.spec
-        steps = steps or spec["sample_steps"]
-        sampler = sampler or spec["sampler"]
-        scale = spec["guidance_scale"] if guidance_scale is None else guidance_scale
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
-        cond = self.condition(classes, prompts, masks)
-        total = len(next(iter(cond.values()))) if cond else n
-        if not total:
-            raise ValueError("nothing to generate: give n (unconditional) or at least one condition")
-        shape = tuple(cond["mask"].shape[2:]) if "mask" in cond else self.sample_shape[1:]
-        if self.autoencoder is not None:  # noise lives on the latent grid
-            factor = self.spec["image_size"] // self.net_spec["image_size"]
-            shape = tuple(s // factor for s in shape)
-        channels = self.net_spec["in_chans"]
-        out = []
-        batches = -(-total // batch_size)
-        bar = tqdm(total=batches * steps, desc=f"sampling {total} in {batches} batch(es) ({sampler}, {steps} steps)",
-                   disable=not progress, unit="step")
-        for start in range(0, total, batch_size):
-            idx = range(start, min(start + batch_size, total))
-            part = {k: v[idx.start:idx.stop] for k, v in cond.items()}
-            gens = [torch.Generator().manual_seed(seed + i) for i in idx]
-            x = torch.stack([torch.randn((channels, *shape), generator=g) for g in gens]).to(self.device)
-            out.append(self._denoise(x, part, sampler, steps, scale, gens, bar).cpu())
-        bar.close()
-        return torch.cat(out)
-
-    def _denoise(self, x: torch.Tensor, cond: dict, sampler: str, steps: int, scale: float, gens: list, bar) -> torch.Tensor:
-        sch = SAMPLERS[sampler].from_config(self.scheduler.config)
-        sch.set_timesteps(steps, device=x.device)
-        x = x * sch.init_noise_sigma
-        for t in sch.timesteps:
-            pred = self.predict(sch.scale_model_input(x, t), t, cond, scale)
-            x = sch.step(pred, t, x, generator=gens).prev_sample
-            bar.update(1)
-        return ((self.from_latent(x).float() + 1) / 2).clamp(0, 1)
+        """Samples in [0, 1]: :class:`medfm.generate.pipeline.DiffusionPipeline` over this generator (the
+        sampling loop lives there, apart from the model, as in diffusers)."""
+        pipeline = DiffusionPipeline(self, sampler=sampler, steps=steps, guidance_scale=guidance_scale)
+        return pipeline(classes, prompts, masks, n=n, seed=seed, batch_size=batch_size, progress=progress)

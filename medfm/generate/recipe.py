@@ -1,4 +1,4 @@
-"""Generator recipes (``encoders/diffusion_2d.yaml``, ``encoders/diffusion_3d.yaml``): schema, data, run.
+"""Generator recipes (``generators/diffusion_2d.yaml``, ``generators/diffusion_3d.yaml``): schema, data, run.
 
 A generator is one more plug-in of the run layer (:class:`DiffusionPlugin`, kind ``generate``): its
 section ``diffusion`` (:class:`DiffusionConfig`: network, noise schedule, conditioning, classifier-free
@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
-
-import lightning as L
 import numpy as np
 import torch
 
 from medfm.data import DataError, load, open_dataset
 from medfm.data.cache import dataset_cache
 from medfm.data.transforms import PRESETS
-from medfm.run import TRAINER, OptimConfig
-from medfm.run import load_config, run
-from medfm.run.recipe import merge, read_yaml, with_defaults
+from medfm.run import TRAINER, DataConfig, OptimConfig, RecipeKind, recipe_kind
+from medfm.run.recipe import with_defaults
 
-from .generator import CONDITIONING, SAMPLERS
+from .generator import CONDITIONING
+from .pipeline import SAMPLERS
 from .registry import GENERATORS
 
 
@@ -71,23 +67,15 @@ class DiffusionConfig:
 
 
 @dataclass
-class GeneratorDataConfig:
-    """``data`` of a generator recipe."""
+class GeneratorDataConfig(DataConfig):
+    """``data`` of a generator recipe: the shared keys (:class:`medfm.run.DataConfig`; the preset's output is
+    resized / cropped to ``diffusion.image_size``) and these."""
 
-    path: str | None = None  # npz, CSV/TSV/JSONL manifest or folder (or give --data)
     split: str | None = "train"  # npz split / manifest split value (null: every row)
     label: str | None = None  # class: manifest label column (an npz carries its labels)
     text: str | None = None  # text: manifest column with the prompt (caption, report)
     mask: str | None = None  # mask: manifest column with the label-map file
-    preset: str = "radiograph_2d"  # radiograph_2d | ct_3d | mr_3d (resized / cropped to diffusion.image_size)
-    preset_args: dict = field(default_factory=dict)  # e.g. {spacing: 2.0} for the 3D presets
     augment: bool = False  # the preset's training augmentation / random crops (3D: random crops of larger volumes)
-    batch_size: int = 32
-    num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
-    cache: bool | str = True  # the preprocessed samples: true (in memory) | false | disk (persistent, data.cache_dir)
-    cache_dir: str | None = None  # disk cache folder (default $MEDFM_CACHE/preprocessed or ~/.cache/medfm/preprocessed)
-    on_error: str = "raise"  # raise: a bad file stops the run naming its row | skip: its row is dropped and counted
-    preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
 
 
 def generator_schema() -> dict:
@@ -102,11 +90,8 @@ def generator_schema() -> dict:
     }
 
 
-def load_generator_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = (),
-                          profile: str | None = None) -> dict:
-    """The generator recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
-    cfg = load_config(generator_schema(), path, overrides, profile)
-    GENERATORS.get_plugin(cfg["method"])
+def check_generator_recipe(cfg: dict) -> None:
+    """The diffusion section's choices, the preset, and the data column the conditioning reads."""
     s = cfg["diffusion"]
     for key, allowed in (("conditioning", CONDITIONING), ("sampler", tuple(SAMPLERS)),
                          ("prediction_type", ("epsilon", "v_prediction"))):
@@ -120,13 +105,16 @@ def load_generator_recipe(path: str | os.PathLike | None = None, overrides: Sequ
     if column and not cfg["data"][column]:
         raise ValueError(f"{s['conditioning']} conditioning needs data.{column}: the manifest column holding each "
                          f"image's {'prompt' if column == 'text' else 'label-map file'}")
-    return cfg
+
+
+GENERATE = RecipeKind(GENERATORS, "method", generator_schema, check_generator_recipe, folder="generators")
+load_generator_recipe = GENERATE.load  # the recipe at a path (or the defaults), profile and overrides applied, checked
+run_generator = GENERATE.run  # train the recipe's generator; returns the run folder (model/, samples.png)
 
 
 def is_generator_recipe(path: str | os.PathLike) -> bool:
-    """Whether a recipe file names a generator method (``method: diffusion``)."""
-    raw = read_yaml(Path(path).read_text(), str(path)) or {}
-    return isinstance(raw, dict) and raw.get("method") in GENERATORS
+    """Whether a recipe file names a generator method (``method: diffusion``), read from the recipe itself."""
+    return recipe_kind(path, among=("generate", "pretrain")) is GENERATE
 
 
 # ----------------------------------------------------------------- data
@@ -198,12 +186,3 @@ def batch_condition(batch: dict, conditioning: str, mask_classes: int | None = N
                             f"0..{mask_classes - 1} (diffusion.mask_classes)")
         return {"mask": mask}
     return {}
-
-
-def run_generator(cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
-                  callbacks: Sequence[L.Callback] = (), **run_options: Any) -> Path:
-    """Train the recipe's generator; returns the run folder (``model/``, ``samples.png``)."""
-    if data_path:
-        cfg = merge(cfg, {"data": {"path": str(data_path)}})
-    return run(GENERATORS.get_plugin(cfg["method"]), cfg, out, resume=resume, callbacks=callbacks, **run_options)
-

@@ -20,7 +20,7 @@ from medfm.data import DataError, JoinedDataset, open_dataset
 from medfm.data.cache import dataset_cache
 from medfm.data.transforms import PRESETS
 from medfm.evaluate.online_probe import OnlineProbe
-from medfm.run import KeyedDataset, StepData, position_seed, section
+from medfm.run import DataConfig, KeyedDataset, StepData, position_seed, section
 from medfm.synthetic import SynthConfig, synth_pair, synth_sample
 from medfm.synthetic.batched import synth_batch
 
@@ -31,8 +31,8 @@ SYNTH_DEVICES = ("auto", "cpu", "device")
 
 
 @dataclass
-class PretrainDataConfig:
-    """``data`` of a pretraining recipe."""
+class PretrainDataConfig(DataConfig):
+    """``data`` of a pretraining recipe: the shared keys (:class:`medfm.run.DataConfig`) and these."""
 
     regime: str = "real"  # real | synthetic (the randomized-synthesis engine) | mixed
     mix: float = 0.5  # mixed: fraction of samples drawn from the engine
@@ -40,18 +40,10 @@ class PretrainDataConfig:
     # where the engine renders (synthetic regime): cpu (per sample, in the DataLoader workers) | device (whole
     # batches on the training device, medfm.synthetic.batched) | auto (device when training on a GPU)
     synth_device: str = "auto"
-    path: str | None = None  # npz, CSV/TSV/JSONL manifest or folder (or give --data)
     split: str | None = "train"  # npz split / manifest split column value (null: every row)
     train_from: list[str] = field(default_factory=list)  # more image sets, whole (e.g. `medfm generate` manifests)
     text: str | None = None  # manifest column with each image's report/caption (CLIP, text MLM)
-    preset: str = "radiograph_2d"  # intensity/geometry preprocessing: radiograph_2d | ct_3d | mr_3d
-    preset_args: dict = field(default_factory=dict)  # e.g. {spacing: 2.0} for the 3D presets
     batch_size: int = 64  # per device
-    num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
-    cache: bool | str = True  # the preprocessed samples: true (in memory) | false | disk (persistent, data.cache_dir)
-    cache_dir: str | None = None  # disk cache folder (default $MEDFM_CACHE/preprocessed or ~/.cache/medfm/preprocessed)
-    on_error: str = "raise"  # raise: a bad file stops the run naming its row | skip: its row is dropped and counted
-    preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
 
 
 @dataclass

@@ -5,13 +5,13 @@ pretraining methods and fine-tuning tasks plug into."""
 from .callbacks import Export, FiniteLossGuard, RngState
 from .folder import RunFolder
 from .module import TrainingModule
-from .recipe import ENCODER, TRAINER, FreeForm, OptimConfig, find_recipe, list_recipes, load_config, section
-from .runner import Built, Registry, RunPlugin, run
+from .recipe import ENCODER, TRAINER, DataConfig, FreeForm, OptimConfig, find_recipe, list_recipes, load_config, section
+from .runner import KINDS, Built, RecipeKind, Registry, RunPlugin, recipe_kind, run
 from .sampling import KeyedDataset, StepData, StepSampler, position_seed
 from .trainer import make_trainer
 
 __all__ = [
-    "Built", "ENCODER", "Export", "FiniteLossGuard", "FreeForm", "KeyedDataset", "OptimConfig", "Registry",
+    "Built", "DataConfig", "ENCODER", "KINDS", "RecipeKind", "recipe_kind", "Export", "FiniteLossGuard", "FreeForm", "KeyedDataset", "OptimConfig", "Registry",
     "RngState", "RunFolder", "RunPlugin", "StepData", "StepSampler", "TRAINER", "TrainingModule", "find_recipe",
     "list_recipes", "load_config", "make_trainer", "position_seed", "run", "section",
 ]

@@ -117,6 +117,22 @@ class OptimConfig:
     warmup_steps: int = 0
 
 
+@dataclass
+class DataConfig:
+    """The part of ``data`` every run kind shares (each kind's section derives from it and adds its own keys):
+    where the data is, how it is preprocessed, loaded and checked."""
+
+    path: str | None = None  # npz, CSV/TSV/JSONL manifest or folder (or give --data)
+    preset: str = "radiograph_2d"  # intensity/geometry preprocessing: radiograph_2d | ct_3d | mr_3d
+    preset_args: dict = field(default_factory=dict)  # e.g. {spacing: 2.0} for the 3D presets
+    batch_size: int = 32  # per device
+    num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
+    cache: bool | str = True  # the preprocessed samples: true (in memory) | false | disk (persistent, data.cache_dir)
+    cache_dir: str | None = None  # disk cache folder (default $MEDFM_CACHE/preprocessed or ~/.cache/medfm/preprocessed)
+    on_error: str = "raise"  # raise: a bad file stops the run naming its row | skip: its row is dropped and counted
+    preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
+
+
 ENCODER = FreeForm({"name": "vit_small", "spatial_dims": 2, "in_chans": 1, "img_size": 224, "pretrained": None},
                    accepts=_encoder_keys, other=_all_encoder_keys)
 TRAINER = FreeForm(TRAINER_DEFAULTS, accepts=_trainer_keys)
@@ -137,6 +153,11 @@ def adopt_saved_architecture(cfg: dict) -> None:
         print(f"encoder: {', '.join(f'{k} {enc.get(k)} -> {v}' for k, v in changed.items())} "
               f"(as saved in {enc['pretrained']})")
         enc.update(changed)
+        known = _encoder_keys(enc)
+        for key in [k for k in enc if k not in known]:  # e.g. a ViT's patch_size, the weights being a CNN's
+            value = enc.pop(key)
+            if value is not None:
+                print(f"encoder.{key}: {value!r} dropped (encoder {enc['name']!r} does not take it)")
 
 
 def section(cfg: dict, name: str, cls: type):
@@ -321,9 +342,13 @@ def recipe_roots() -> list[Path]:
     return out
 
 
+RECIPE_FOLDERS = ("encoders", "generators", "tasks")  # pretraining, generator and fine-tuning recipes
+
+
 def list_recipes() -> dict[str, list[Path]]:
-    """``{"encoders": [...], "tasks": [...]}``: every ``*.yaml`` recipe found, first root wins per name."""
-    found: dict[str, dict[str, Path]] = {"encoders": {}, "tasks": {}}
+    """``{"encoders": [...], "generators": [...], "tasks": [...]}``: every ``*.yaml`` recipe found, first root
+    wins per name."""
+    found: dict[str, dict[str, Path]] = {kind: {} for kind in RECIPE_FOLDERS}
     for root in recipe_roots():
         for kind in found:
             for p in sorted((root / kind).glob("*.yaml")):
@@ -331,12 +356,15 @@ def list_recipes() -> dict[str, list[Path]]:
     return {kind: list(v.values()) for kind, v in found.items()}
 
 
-def find_recipe(name: str, kind: str = "encoders") -> Path:
-    """A recipe path, or a bare name (``mae_vit_2d``) looked up in the recipe folders."""
+def find_recipe(name: str, kind: str | Sequence[str] = "encoders") -> Path:
+    """A recipe path, or a bare name (``mae_vit_2d``) looked up in the recipe folder(s) ``kind`` (a path that
+    does not exist is looked up by its name too: ``generators/diffusion_2d.yaml`` finds ``generators/``'s)."""
     if Path(name).exists():
         return Path(name)
     stem = Path(name).name.removesuffix(".yaml")
-    found = list_recipes()[kind]
+    kinds = [kind] if isinstance(kind, str) else list(kind)
+    kind = " / ".join(kinds)
+    found = [p for k in kinds for p in list_recipes()[k]]
     for p in found:
         if p.stem == stem:
             return p

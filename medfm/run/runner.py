@@ -13,6 +13,9 @@ and its needs through hooks:
 * ``evaluate(run, **options)``: ``medfm evaluate RUN`` for a run of this plug-in (``summary``: its
   headline numbers for the console).
 
+A :class:`RecipeKind` (pretraining, fine-tuning, generator) is the one path from a recipe file to a run:
+``load`` (schema, profile, overrides, checks) and ``run``.
+
 ``run(plugin, cfg, out)`` does what every run shares: the run folder (refuse to overwrite, resume from
 ``checkpoints/last.ckpt``), seeding, the Trainer (logs, checkpoints, RNG state, finite-loss guard),
 ``recipe.yaml`` and ``run.json`` written atomically, the speed switches (``trainer.compile``,
@@ -25,7 +28,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -34,6 +37,7 @@ from . import callbacks as callbacks_mod
 from .callbacks import Export, StopCheckpoint
 from .folder import RunFolder
 from .module import apply_speed_switches
+from .recipe import adopt_saved_architecture, load_config, merge, read_yaml
 from .trainer import make_trainer, quiet_known_noise
 
 
@@ -113,6 +117,59 @@ class Registry(dict):
     def sections(self) -> dict[str, type]:
         """Every registered plug-in's recipe section, by name."""
         return {name: cls.Config for name, cls in self.items() if cls.Config is not None}
+
+
+@dataclass
+class RecipeKind:
+    """One kind of recipe (pretraining, fine-tuning, generator): its plug-in ``registry``, the top-level key that
+    picks the plug-in (``selector``: ``method`` | ``task``), its ``schema`` (common sections + every
+    registered plug-in's own), the kind's checks of a loaded recipe (``check``) and the folder its recipes
+    live in. ``load`` and ``run`` are the one recipe path every kind goes through."""
+
+    registry: Registry
+    selector: str
+    schema: Callable[[], dict]
+    check: Callable[[dict], None] | None = None
+    folder: str = "encoders"
+
+    def __post_init__(self) -> None:
+        KINDS[self.registry.kind] = self
+
+    def plugin(self, cfg: dict) -> RunPlugin:
+        return self.registry.get_plugin(cfg[self.selector])
+
+    def load(self, path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = (),
+             profile: str | None = None) -> dict:
+        """The recipe at ``path`` (or the defaults) with the ``profile`` and ``overrides`` applied, the encoder
+        built as a pretrained folder saved it, checked (an unknown plug-in names the known ones)."""
+        cfg = load_config(self.schema(), path, overrides, profile)
+        if isinstance(cfg.get("encoder"), dict):
+            adopt_saved_architecture(cfg)
+        self.plugin(cfg)
+        if self.check is not None:
+            self.check(cfg)
+        return cfg
+
+    def run(self, cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
+            callbacks: Sequence[L.Callback] = (), **run_options: Any) -> Path:
+        """Train as the recipe says (``data_path`` sets ``data.path``); returns the run folder."""
+        if data_path:
+            cfg = merge(cfg, {"data": {"path": str(data_path)}})
+        return run(self.plugin(cfg), cfg, out, resume=resume, callbacks=callbacks, **run_options)
+
+
+KINDS: dict[str, RecipeKind] = {}  # by the registry's kind: pretrain | finetune | generate
+
+
+def recipe_kind(path: str | os.PathLike, among: Sequence[str] | None = None) -> RecipeKind:
+    """The kind of the recipe file at ``path``, read from the recipe itself: the kind whose registry holds the
+    plug-in its selector key names (``method: diffusion`` is a generator, ``method: mae`` pretraining)."""
+    raw = read_yaml(Path(path).read_text(), str(path)) or {}
+    kinds = [KINDS[k] for k in (among or KINDS) if k in KINDS]
+    for kind in kinds:
+        if isinstance(raw, dict) and raw.get(kind.selector) in kind.registry:
+            return kind
+    return kinds[0]  # no or an unknown plug-in name: the first kind's loader says what is wrong
 
 
 def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = False,

@@ -29,7 +29,7 @@ from medfm.encoders import create_encoder
 from medfm.finetune import METHOD_SECTIONS, adapt_encoder, count_parameters, export_encoder, is_lora
 from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData
 
-from .recipe import load_run
+from .recipe import check_splits, load_run
 
 # ----------------------------------------------------------------- the task model artifact
 def build_encoder(spec: dict, pretrained: bool = True) -> nn.Module:
@@ -165,6 +165,7 @@ class FinetuneTask(RunPlugin):
         d = cfg["data"]
         if not d["path"]:
             raise ValueError("fine-tuning needs data: give --data PATH (an npz or a manifest) or set data.path")
+        check_splits(cfg)
         state: dict = {"t0": time.perf_counter()}
         cfg, train = self.prepare(cfg, self.training_split(cfg, train=True), state)
         model = self.model_class.from_spec(self.spec(cfg, state))

@@ -4,7 +4,8 @@ A task recipe names the ``task`` (a registered plug-in: classification | segment
 | any task module registered with ``@TASKS.register``), the ``encoder`` (random init, or
 ``encoder.pretrained``: a ``save_pretrained`` folder, a pretraining run, a weight file or ``timm:<name>``),
 the adaptation ``method`` (:mod:`medfm.finetune.methods`) and its section, the task's own section, the
-data and its splits, the optimizer and the trainer. ``run_finetune`` hands it to the task's plug-in and
+data and its splits, the optimizer and the trainer. ``load_task_recipe`` and ``run_finetune`` are the run
+layer's one recipe path (:class:`medfm.run.RecipeKind`), which hands it to the task's plug-in and
 :func:`medfm.run.run`; RUN then holds:
 
 * ``recipe.yaml`` (resolved), ``run.json``, ``checkpoints/last.ckpt`` (full resume state), ``logs/``;
@@ -22,41 +23,29 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
 
-import lightning as L
 import torch
 
 from medfm.artifacts import load
 from medfm.data import DataError, split_names
 from medfm.data.transforms import PRESETS
 from medfm.finetune import METHOD_SECTIONS, METHODS
-from medfm.run import ENCODER, TRAINER, FreeForm, OptimConfig, Registry, RunFolder, load_config, run
-from medfm.run.recipe import adopt_saved_architecture, merge
+from medfm.run import ENCODER, TRAINER, DataConfig, FreeForm, OptimConfig, RecipeKind, Registry, RunFolder
 from medfm.run.trainer import TRAINER_DEFAULTS
 
 TASKS = Registry("finetune")
 
 
 @dataclass
-class FinetuneDataConfig:
-    """``data`` of a task recipe."""
+class FinetuneDataConfig(DataConfig):
+    """``data`` of a task recipe: the shared keys (:class:`medfm.run.DataConfig`) and these."""
 
-    path: str | None = None  # npz or CSV/TSV/JSONL manifest (or give --data)
     train_split: str = "train"
     val_split: str = "val"
     test_split: str | None = "test"  # evaluated at the end when the data has it (null: never)
     train_from: list[str] = field(default_factory=list)  # more training sets (e.g. `medfm generate` manifests), all rows
     train_real: bool = True  # false: train on train_from only (validation and test still come from path)
-    preset: str = "radiograph_2d"
-    preset_args: dict = field(default_factory=dict)
     augment: bool = True  # the preset's training augmentation / random crops
-    batch_size: int = 32
-    num_workers: int | str = "auto"  # DataLoader workers: auto = usable cores - 1 (at most 8); capped at the cores
-    cache: bool | str = True  # the preprocessed samples: true (in memory) | false | disk (persistent, data.cache_dir)
-    cache_dir: str | None = None  # disk cache folder (default $MEDFM_CACHE/preprocessed or ~/.cache/medfm/preprocessed)
-    on_error: str = "raise"  # raise: a bad file stops the run naming its row | skip: its row is dropped and counted
-    preflight: bool | str = "auto"  # read every file's header before training (auto: manifests up to 5000 rows)
 
 
 @dataclass
@@ -84,11 +73,8 @@ def finetune_schema() -> dict:
     }
 
 
-def load_task_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = (),
-                     profile: str | None = None) -> dict:
-    """The task recipe at ``path`` (or the defaults) with ``overrides`` applied, validated."""
-    cfg = load_config(finetune_schema(), path, overrides, profile)
-    adopt_saved_architecture(cfg)
+def check_task_recipe(cfg: dict) -> None:
+    """The task's own checks, the adaptation method, ``optim.lr: auto`` resolved to the task's LR, the preset."""
     plugin = TASKS.get_plugin(cfg["task"])
     plugin.validate(cfg)
     if cfg["method"] not in METHODS:
@@ -99,21 +85,17 @@ def load_task_recipe(path: str | os.PathLike | None = None, overrides: Sequence[
         cfg["optim"]["lr"] = plugin.default_lr(cfg)
     if cfg["data"]["preset"] not in PRESETS:
         raise ValueError(f"unknown preset {cfg['data']['preset']!r}; available: {', '.join(PRESETS)}")
-    return cfg
 
 
-def run_finetune(cfg: dict, out: str | os.PathLike, data_path: str | None = None, resume: bool = False,
-                 callbacks: Sequence[L.Callback] = (), **run_options: Any) -> Path:
-    """Fine-tune the recipe's encoder on its task; evaluate; export. Returns the run folder."""
-    if data_path:
-        cfg = merge(cfg, {"data": {"path": str(data_path)}})
-    check_splits(cfg)
-    return run(TASKS.get_plugin(cfg["task"]), cfg, out, resume=resume, callbacks=callbacks, **run_options)
+FINETUNE = RecipeKind(TASKS, "task", finetune_schema, check_task_recipe, folder="tasks")
+load_task_recipe = FINETUNE.load  # the recipe at a path (or the defaults), profile and overrides applied, checked
+run_finetune = FINETUNE.run  # fine-tune the recipe's encoder on its task; evaluate; export
 
 
 def check_splits(cfg: dict) -> None:
     """The training and validation splits must exist in the data: a misspelled name is an error listing the
-    data's splits before anything trains (the test split is optional: evaluated when the data has it)."""
+    data's splits before anything trains (the test split is optional: evaluated when the data has it).
+    Called by the task plug-in's ``build``."""
     d = cfg["data"]
     if not d["path"]:
         return
