@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from medfm.data import samples
@@ -11,6 +12,18 @@ from medfm.data.reports import read_iu_xray
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+
+
+class KillAt(L.Callback):
+    """Dies at the start of step ``step`` (after the checkpoints before it), as a killed job would: the one
+    simulated kill of the in-process resume tests (the subprocess kills are in ``fault_injection.py``)."""
+
+    def __init__(self, step: int = 4):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated kill")
 
 
 def shared_path(*parts: str) -> Path:

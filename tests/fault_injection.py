@@ -67,9 +67,13 @@ sys.exit(main(argv))
 
 def tiny_argv(kind: str, data: str, out: Path) -> list[str]:
     """The command of the fault matrix: an 8-step ``--profile tiny`` MAE pretraining or LoRA fine-tuning on ``data``
-    (a manifest with a ``level`` label, e.g. ``medfm.data.samples.mni152_slices``), checkpoints every 2 steps."""
-    common = ["--profile", "tiny", "--data", data, "--out", str(out), "--max-steps", "8",
+    (a manifest with a ``level`` label, e.g. ``medfm.data.samples.mni152_slices``), or text MLM on the IU X-ray
+    reports (whose export is a text tower: a Hugging Face folder), checkpoints every 2 steps."""
+    common = ["--profile", "tiny", "--out", str(out), "--max-steps", "8",
               "trainer.checkpoint_every_n_steps=2", "trainer.enable_progress_bar=false"]
+    if kind == "text_mlm":
+        return ["pretrain", "text_mlm_reports", *common, "text_mlm.holdout_every=50", "data.batch_size=4"]
+    common = ["--data", data, *common]
     if kind == "pretrain":
         return ["pretrain", "mae_vit_2d", *common]
     return ["finetune", "classify_2d", "--method", "lora", *common, "classification.label=level", "data.test_split=null"]

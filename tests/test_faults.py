@@ -283,14 +283,14 @@ from .fault_injection import partial_files, run_killed, same_result, tiny_argv  
 STAGES = [  # (kind, stage, signal)
     ("pretrain", "step", "SIGKILL"), ("pretrain", "checkpoint", "SIGKILL"), ("pretrain", "export", "SIGKILL"),
     ("finetune", "step", "SIGTERM"), ("finetune", "checkpoint", "SIGKILL"), ("finetune", "evaluation", "SIGKILL"),
-    ("finetune", "export", "SIGKILL"),
+    ("finetune", "export", "SIGKILL"), ("text_mlm", "export", "SIGKILL"),
 ]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(slices, tmp_path_factory):
     root = tmp_path_factory.mktemp("whole")
-    runs = {kind: root / kind for kind in ("pretrain", "finetune")}
+    runs = {kind: root / kind for kind in ("pretrain", "finetune", "text_mlm")}
     for kind, out in runs.items():
         assert main(tiny_argv(kind, slices, out)) == 0
     return runs
@@ -308,6 +308,11 @@ def test_a_run_killed_at_any_stage_resumes_to_the_uninterrupted_result(kind, sta
     ok, why = same_result(out, uninterrupted[kind])
     assert ok, why
     assert partial_files(out) == []
+    if kind == "text_mlm":  # the text tower a kill interrupted mid-save reloads alone, in a fresh process
+        reload = subprocess.run([sys.executable, "-c", "import sys, medfm; t = medfm.load(sys.argv[1]); "
+                                 "print(type(t).__name__, t(['no acute findings.'])['pooled'].shape[-1])", str(out)],
+                                capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert reload.stdout.split() == ["TextEncoder", "384"], reload.stderr[-1500:]
 
 
 class _Planted:

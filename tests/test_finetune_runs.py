@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from medfm.cli import main
 from medfm.finetune import METHODS
 from medfm.tasks.recipe import evaluate_run, load_run, load_task_recipe, open_split, run_finetune
 
-from .conftest import REPO
+from .conftest import KillAt, REPO
 from .finetune_helpers import mni_hemispheres, mni_map_classes, mni_slices, tiny_task
 from .pretrain_helpers import data_2d, losses
 
@@ -76,18 +75,12 @@ def test_a_run_reloads_and_evaluates_to_the_same_numbers(cls_data, tmp_path, cap
     assert "not a finished fine-tuning run" in capsys.readouterr().err
 
 
-class _Kill(L.Callback):
-    def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == 4:
-            raise RuntimeError("simulated kill")
-
-
 def test_a_killed_run_resumes_to_the_same_weights(cls_data, tmp_path):
     cfg = tiny_task("classify_2d", method="lora", shots=16, **_label_section(cls_data),
                     trainer={"max_steps": 8, "checkpoint_every_n_steps": 4})
     whole = run_finetune(cfg, tmp_path / "whole", data_path=cls_data)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        run_finetune(cfg, tmp_path / "split", data_path=cls_data, callbacks=[_Kill()])
+        run_finetune(cfg, tmp_path / "split", data_path=cls_data, callbacks=[KillAt(4)])
     with pytest.raises(FileExistsError):
         run_finetune(cfg, tmp_path / "split", data_path=cls_data)
     split = run_finetune(cfg, tmp_path / "split", data_path=cls_data, resume=True)

@@ -18,7 +18,7 @@ from medfm.generate.recipe import open_training_set
 from medfm.pretrain import METHODS, run_pretrain
 from medfm.pretrain.data import build_data
 
-from .conftest import REPO
+from .conftest import KillAt, REPO
 from .pretrain_helpers import data_2d, losses, tiny_recipe
 
 TINY_2D = {
@@ -107,16 +107,11 @@ def test_3d_mask_conditioned_loss_falls_on_mni152_crops(data, tmp_path):
 
 
 def test_a_killed_run_resumes_to_the_same_weights_and_ema(data, tmp_path):
-    class Kill(L.Callback):
-        def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == 6:
-                raise RuntimeError("simulated kill")
-
     cfg = tiny("diffusion_2d", TINY_2D, trainer={"max_steps": 12, "checkpoint_every_n_steps": 6},
                diffusion={"preview": 0}, **_label_key(data[2]))
     whole = run_generator(cfg, tmp_path / "whole", data_path=data[2])
     with pytest.raises(RuntimeError, match="simulated kill"):
-        run_generator(cfg, tmp_path / "split", data_path=data[2], callbacks=[Kill()])
+        run_generator(cfg, tmp_path / "split", data_path=data[2], callbacks=[KillAt(6)])
     assert "ema" in torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)
     split = run_generator(cfg, tmp_path / "split", data_path=data[2], resume=True)
     a, b = load(whole).state_dict(), load(split).state_dict()  # the exported (EMA) weights

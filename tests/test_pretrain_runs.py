@@ -11,7 +11,7 @@ from medfm.encoders import create_encoder, from_pretrained
 from medfm.generate import is_generator_recipe, load_generator_recipe
 from medfm.pretrain import load_recipe, run_pretrain
 
-from .conftest import REPO
+from .conftest import KillAt, REPO
 from .pretrain_helpers import data_2d, losses, mni_folder, tiny_recipe
 
 
@@ -49,22 +49,13 @@ def test_loss_falls_over_30_steps_on_real_data(recipe, data, tmp_path):
         assert png.exists() and png.stat().st_size > 5000
 
 
-class _Kill(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated kill")
-
-
 @pytest.mark.parametrize("recipe", ["mae_vit_2d", "dino_vit_2d"])
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(recipe, data, tmp_path):
     n = 4
     cfg = tiny_recipe(recipe, trainer={"max_steps": 2 * n, "checkpoint_every_n_steps": n})
     whole = run_pretrain(cfg, tmp_path / "whole", data_path=data[2])
     with pytest.raises(RuntimeError, match="simulated kill"):
-        run_pretrain(cfg, tmp_path / "split", data_path=data[2], callbacks=[_Kill(n)])
+        run_pretrain(cfg, tmp_path / "split", data_path=data[2], callbacks=[KillAt(n)])
     ckpt = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == n and "RngState" in ckpt["callbacks"]
     with pytest.raises(FileExistsError):
@@ -262,7 +253,7 @@ def test_synthetic_regime_on_the_training_device_learns_and_resumes_exactly(tmp_
                         trainer={"max_steps": 6, "checkpoint_every_n_steps": 3})
     whole = run_pretrain(short, tmp_path / "whole")
     with pytest.raises(RuntimeError, match="simulated kill"):
-        run_pretrain(short, tmp_path / "split", callbacks=[_Kill(3)])
+        run_pretrain(short, tmp_path / "split", callbacks=[KillAt(3)])
     split = run_pretrain(short, tmp_path / "split", resume=True)
     a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

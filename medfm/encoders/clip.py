@@ -9,6 +9,7 @@ the two towers in ``image_encoder/`` and ``text_encoder/``, each a folder that r
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
