@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 import medfm
 from medfm.cli import main
-from medfm.encoders import CLIP, TextEncoder, create_encoder, create_model_and_transforms
-from medfm.tasks import ClassificationModel, SegmentationModel
+from medfm.encoders import CLIP, TextEncoder, create_encoder, create_model_and_transforms, saved_architecture
 from medfm.pretrain import METHODS, PretrainMethod, load_recipe, register_method, run_pretrain
+from medfm.tasks import ClassificationModel, SegmentationModel
 from medfm.run import TrainingModule
 from medfm.run.sampling import resolve_workers, usable_cores
 
@@ -187,6 +187,36 @@ def test_every_artifact_kind_reloads_from_its_folder_alone_in_a_fresh_process(tm
     got = load_file(str(tmp_path / "outputs.safetensors"))
     for name, want in expected.items():
         torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_folders_in_the_layout_before_one_artifact_base_still_reload(tmp_path):
+    """Folders written before the one artifact base (checked against real ones from commit 620ad64: same
+    outputs): task models named ``medfm.finetune.model.Finetuned*`` with ``lora`` and ``vpt`` sections in their
+    spec, encoders without ``architecture``, text towers holding BERT's unused pooler."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 32)
+    head = {"num_classes": 3, "dropout": 0.0, "head_norm": True}
+    cls = ClassificationModel.from_spec(_spec("lora", head)).eval()
+    enc = create_encoder("vit_micro", img_size=32, patch_size=8).eval()
+    text = TextEncoder(max_length=16).eval()
+    for name, m in (("cls", cls), ("enc", enc), ("text", text)):
+        m.save_pretrained(tmp_path / name)
+    config = json.loads((tmp_path / "cls" / "config.json").read_text())
+    config["medfm_class"] = "medfm.finetune.model:FinetunedClassifier"  # the shadow class of the old layout
+    (tmp_path / "cls" / "config.json").write_text(json.dumps(config))
+    config = json.loads((tmp_path / "enc" / "config.json").read_text())
+    del config["architecture"]  # inferred from the widths, as before
+    (tmp_path / "enc" / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(tmp_path / "text" / "model.safetensors"))
+    weights.update({"pooler.dense.weight": torch.zeros(384, 384), "pooler.dense.bias": torch.zeros(384)})
+    save_file(weights, str(tmp_path / "text" / "model.safetensors"), metadata={"format": "pt"})
+    with torch.no_grad():
+        torch.testing.assert_close(medfm.load(tmp_path / "cls")(x), cls(x))
+        assert type(medfm.load(tmp_path / "cls")) is ClassificationModel
+        torch.testing.assert_close(medfm.load(tmp_path / "enc")(x), enc(x))
+        torch.testing.assert_close(medfm.load(tmp_path / "text")(["no acute findings."])["pooled"],
+                                   text(["no acute findings."])["pooled"])
+    assert saved_architecture(tmp_path / "enc")["name"] == "vit_micro"
 
 
 def test_a_folder_naming_a_class_outside_medfm_is_refused(tmp_path):

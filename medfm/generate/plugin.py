@@ -54,7 +54,7 @@ class DiffusionPlugin(RunPlugin):
         data = StepData(keyed, len(train), d["batch_size"], d["num_workers"], cfg["seed"])
         return Built(module, data, cfg=cfg)
 
-    def export(self, module: DiffusionModule, folder: RunFolder, trainer: L.Trainer) -> None:
+    def export(self, module: DiffusionModule, folder: RunFolder, trainer: L.Trainer, built: Built) -> None:
         """``model/`` (EMA weights) and ``samples.png``."""
         with module.ema_weights():
             g = module.generator.eval()

@@ -159,8 +159,8 @@ class CLIPMethod(PretrainMethod):
         kw = {"scale": (0.8, 1.0), **cfg["view"]}
         return mae_view(enc["spatial_dims"], enc["img_size"], scale=tuple(kw.pop("scale")), **kw)
 
-    def export(self, module, folder, trainer) -> None:
-        super().export(module, folder, trainer)
+    def export(self, module, folder, trainer, built) -> None:
+        super().export(module, folder, trainer, built)
         folder.save(module.model.text_encoder, "text")
         folder.save(module.model, "model")
 

@@ -247,8 +247,8 @@ class MAE(PretrainMethod):
     module_class = MAEModule
     figure_samples = 4
 
-    def export(self, module, folder, trainer) -> None:
-        super().export(module, folder, trainer)
+    def export(self, module, folder, trainer, built) -> None:
+        super().export(module, folder, trainer, built)
         views = trainer.datamodule.fixed_samples(self.figure_samples)
         device = next(module.parameters()).device
         save_mae_figure(module.model, views.to(device), folder / "mae_reconstruction.png")

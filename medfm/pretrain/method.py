@@ -89,16 +89,15 @@ class PretrainMethod(RunPlugin):
         return self.module_class(encoder, **self.module_args(cfg), **optim_args(cfg))
 
     def build(self, cfg: dict, folder: RunFolder) -> Built:
-        self.cfg = cfg
         data = build_data(cfg, self)
         probe = build_probe(cfg)
         module = self.build_module(cfg, build_encoder(cfg))
-        return Built(module, data, [probe] if probe else [])
+        return Built(module, data, [probe] if probe else [], cfg=cfg)
 
-    def export(self, module, folder: RunFolder, trainer) -> None:
+    def export(self, module, folder: RunFolder, trainer, built: Built) -> None:
         """The encoder alone (``save_pretrained``, with its preprocessing) into ``RUN/encoder``."""
         encoder = module.encoder
-        encoder.preprocess = preprocess_record(self.cfg)
+        encoder.preprocess = preprocess_record(built.cfg)
         folder.save(encoder, "encoder")
 
     def evaluate(self, run: Path, data: str | None = None, split: str = "val", label: str | None = None,

@@ -172,33 +172,35 @@ class TextMLM(PretrainMethod):
 
     def build(self, cfg: dict, folder: RunFolder) -> Built:
         t, d = self.config(cfg), cfg["data"]
-        self.cfg, self.t = cfg, t
-        self.train_texts, self.held = split_holdout(report_texts(d["path"], d["text"]), t.holdout_every)
+        train_texts, held = split_holdout(report_texts(d["path"], d["text"]), t.holdout_every)
         module = TextMLMModule(t.text_model, **optim_args(cfg))
         tok = module.tokenizer
-        keyed = KeyedDataset(tokenize(tok, self.train_texts, t.max_length), seed=cfg["seed"], position_key="position")
+        keyed = KeyedDataset(tokenize(tok, train_texts, t.max_length), seed=cfg["seed"], position_key="position")
         data = StepData(keyed, len(keyed), d["batch_size"], d["num_workers"], seed=cfg["seed"],
                         collate_fn=SeededMasking(make_collator(tok, t.mlm_probability, cfg["seed"]), cfg["seed"]))
-        return Built(module, data)
+        return Built(module, data, cfg=cfg, state={"t": t, "train_texts": train_texts, "held": held})
 
-    def _perplexity(self, module) -> float | None:
-        if not self.held:
+    @staticmethod
+    def _perplexity(module, state: dict) -> float | None:
+        t = state["t"]
+        if not state["held"]:
             return None
-        return masked_perplexity(module.model, module.tokenizer, self.held, self.t.max_length, self.t.mlm_probability)
+        return masked_perplexity(module.model, module.tokenizer, state["held"], t.max_length, t.mlm_probability)
 
     def before_fit(self, built: Built, folder: RunFolder, resumed: bool) -> None:
         if not resumed:  # a fresh run measures the unadapted model (a resumed one keeps that number)
-            write_json(folder / "metrics.json", {"train_texts": len(self.train_texts), "heldout_texts": len(self.held),
-                                                 "heldout_perplexity_before": self._perplexity(built.module)})
+            s = built.state
+            write_json(folder / "metrics.json", {"train_texts": len(s["train_texts"]), "heldout_texts": len(s["held"]),
+                                                 "heldout_perplexity_before": self._perplexity(built.module, s)})
 
-    def export(self, module, folder: RunFolder, trainer) -> None:
-        tower = TextEncoder.from_parts(module.model.base_model, module.tokenizer, max_length=self.t.max_length)
+    def export(self, module, folder: RunFolder, trainer, built: Built) -> None:
+        tower = TextEncoder.from_parts(module.model.base_model, module.tokenizer, max_length=built.state["t"].max_length)
         folder.save(tower, "encoder")
 
     def after_fit(self, built: Built, trainer, folder: RunFolder) -> None:
         path = folder / "metrics.json"
         metrics = json.loads(path.read_text()) if path.exists() else {}
-        metrics["heldout_perplexity_after"] = self._perplexity(built.module)
+        metrics["heldout_perplexity_after"] = self._perplexity(built.module, built.state)
         with atomic.atomic_folder(folder / "mlm") as tmp:
             built.module.model.save_pretrained(tmp, safe_serialization=True)
             built.module.tokenizer.save_pretrained(tmp)

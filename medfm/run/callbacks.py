@@ -133,8 +133,8 @@ class Export(L.Callback):
     (encoder, model, figures) into the run folder. ``done`` says whether it ran: a run resumed from a
     checkpoint at its last step (killed during the export) has no training to end, and the runner exports then."""
 
-    def __init__(self, plugin, folder):
-        self.plugin, self.folder = plugin, folder
+    def __init__(self, plugin, folder, built):
+        self.plugin, self.folder, self.built = plugin, folder, built
         self.done = False
 
     @rank_zero_only
@@ -143,7 +143,7 @@ class Export(L.Callback):
             self.export(trainer, pl_module)
 
     def export(self, trainer, pl_module) -> None:
-        self.plugin.export(pl_module, self.folder, trainer)
+        self.plugin.export(pl_module, self.folder, trainer, self.built)
         self.done = True
 
 

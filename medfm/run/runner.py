@@ -7,7 +7,7 @@ and its needs through hooks:
 * ``build(cfg, folder) -> Built``: the LightningModule, the step-keyed data and extra callbacks
   (what data or views it wants is decided here);
 * ``before_fit(built, folder, resumed)``: rank 0, before training (e.g. a baseline measurement);
-* ``export(module, folder, trainer)``: rank 0, at the end of training: what the run saves (artifact
+* ``export(module, folder, trainer, built)``: rank 0, at the end of training: what the run saves (artifact
   folders, figures); the main artifact's sub-folder is ``model_folder``;
 * ``after_fit(built, trainer, folder)``: rank 0, after training (evaluation, metrics.json);
 * ``evaluate(run, **options)``: ``medfm evaluate RUN`` for a run of this plug-in (``summary``: its
@@ -73,7 +73,7 @@ class RunPlugin:
     def before_fit(self, built: Built, folder: RunFolder, resumed: bool) -> None:
         pass
 
-    def export(self, module: L.LightningModule, folder: RunFolder, trainer: L.Trainer) -> None:
+    def export(self, module: L.LightningModule, folder: RunFolder, trainer: L.Trainer, built: Built) -> None:
         pass
 
     def after_fit(self, built: Built, trainer: L.Trainer, folder: RunFolder) -> None:
@@ -195,7 +195,7 @@ def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = Fal
         try:
             built = plugin.build(cfg, folder)
             apply_speed_switches(built.module, cfg["trainer"])
-            export = Export(plugin, folder)
+            export = Export(plugin, folder, built)
             trainer = make_trainer(cfg["trainer"], folder.path, [*built.callbacks, export,
                                                                  StopCheckpoint(folder.checkpoint), *callbacks])
         except TypeError as e:  # a free-form section's key that its constructor does not take (e.g. view.scael)

@@ -179,7 +179,7 @@ class FinetuneTask(RunPlugin):
         data = StepData(keyed, len(train), d["batch_size"], d["num_workers"], cfg["seed"])
         return Built(module, data, cfg=cfg, state=state)
 
-    def export(self, module, folder: RunFolder, trainer) -> None:
+    def export(self, module, folder: RunFolder, trainer, built: Built) -> None:
         """``model/`` (the whole task model), ``encoder/`` (plain, merged, with its preprocessing) and, for
         LoRA, ``adapter/`` (peft's adapter folder)."""
         model = module.model
