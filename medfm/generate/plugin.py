@@ -39,19 +39,19 @@ class DiffusionPlugin(RunPlugin):
     model_folder = "model"
 
     def build(self, cfg: dict, folder: RunFolder) -> Built:
-        d, s = cfg["data"], cfg["diffusion"]
+        d, s = self.section(cfg, "data"), self.config(cfg)
         train = open_training_set(cfg)
         spec = complete_spec(cfg, train)
         cfg = merge(cfg, {"diffusion": {k: spec[k] for k in ("num_classes", "class_names", "mask_classes")}})
         generator = DiffusionGenerator(spec)
         n_params = sum(p.numel() for p in generator.network.parameters())
-        print(f"diffusion {s['spatial_dims']}D, {s['conditioning']}-conditioned: {n_params:,} network parameters "
+        print(f"diffusion {s.spatial_dims}D, {s.conditioning}-conditioned: {n_params:,} network parameters "
               f"({generator.network.kind}), {len(train)} training images of {tuple(generator.sample_shape)}")
-        module = DiffusionModule(generator, cond_dropout=s["cond_dropout"], snr_gamma=s["snr_gamma"],
-                                 ema_decay=s["ema_decay"], **cfg["optim"], max_steps=cfg["trainer"]["max_steps"])
-        keys = {"class": ("image", "label"), "text": ("image", "text"), "mask": ("image", "mask")}.get(s["conditioning"], ("image",))
+        module = DiffusionModule(generator, cond_dropout=s.cond_dropout, snr_gamma=s.snr_gamma,
+                                 ema_decay=s.ema_decay, **cfg["optim"], max_steps=cfg["trainer"]["max_steps"])
+        keys = {"class": ("image", "label"), "text": ("image", "text"), "mask": ("image", "mask")}.get(s.conditioning, ("image",))
         keyed = KeyedDataset(train, seed=cfg["seed"], keys=keys)
-        data = StepData(keyed, len(train), d["batch_size"], d["num_workers"], cfg["seed"])
+        data = StepData(keyed, len(train), d.batch_size, d.num_workers, cfg["seed"])
         return Built(module, data, cfg=cfg)
 
     def export(self, module: DiffusionModule, folder: RunFolder, trainer: L.Trainer, built: Built) -> None:

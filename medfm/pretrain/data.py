@@ -70,14 +70,14 @@ def validate_data(d: PretrainDataConfig) -> None:
 
 def preprocess(cfg: dict, size=None):
     """The recipe's deterministic preprocessing (``data.preset`` + ``preset_args``) at ``size``."""
-    d = cfg["data"]
-    return PRESETS[d["preset"]](size=size, **d["preset_args"])
+    d = section(cfg, "data", PretrainDataConfig)
+    return PRESETS[d.preset](size=size, **d.preset_args)
 
 
 def preprocess_record(cfg: dict) -> dict:
     """What an exported encoder records about its inputs (see :func:`medfm.encoders.preprocess_transform`)."""
-    d = cfg["data"]
-    return {"preset": d["preset"], "size": cfg["encoder"]["img_size"], "args": dict(d["preset_args"])}
+    d = section(cfg, "data", PretrainDataConfig)
+    return {"preset": d.preset, "size": cfg["encoder"]["img_size"], "args": dict(d.preset_args)}
 
 
 class SynthSource:
@@ -112,7 +112,7 @@ class SynthSource:
 def synth_config(cfg: dict) -> SynthConfig:
     """The engine's configuration: ``data.synthetic`` at the encoder's size and dimension."""
     enc = cfg["encoder"]
-    synth = dict(cfg["data"]["synthetic"])
+    synth = dict(section(cfg, "data", PretrainDataConfig).synthetic)
     synth.setdefault("size", enc["img_size"])
     return SynthConfig(spatial_dims=enc["spatial_dims"], **synth)
 
@@ -221,10 +221,11 @@ def build_probe(cfg: dict) -> OnlineProbe | None:
     p = section(cfg, "probe", ProbeConfig)
     if not p.every_n_steps:
         return None
-    if not (p.path or cfg["data"]["path"]):
+    path = p.path or section(cfg, "data", PretrainDataConfig).path
+    if not path:
         warnings.warn("online probe off: no labelled data (set probe.path to a labelled npz or manifest)", stacklevel=2)
         return None
-    path = str(p.path or cfg["data"]["path"])
+    path = str(path)
     is_npz = path.lower().endswith(".npz")
     if os.path.isdir(path) or not (is_npz or p.label):
         warnings.warn(f"online probe off: {path} has no labels (set probe.label to a manifest column, "

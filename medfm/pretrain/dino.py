@@ -230,11 +230,11 @@ class DINOMethod(PretrainMethod):
         """The run of the base class plus the :class:`~medfm.pretrain.collapse.CollapseMonitor` (checked at
         the logging cadence, after the teacher-temperature warm-up or 10 % of the steps)."""
         built = super().build(cfg, folder)
-        d, t = cfg["dino"], cfg["trainer"]
-        if d["collapse_check"] != "off":
-            grace = max(d["warmup_teacher_temp_steps"], t["max_steps"] // 10)
-            built.callbacks.append(CollapseMonitor(d["output_dim"], t["log_every_n_steps"], grace,
-                                                   stop=d["collapse_check"] == "stop"))
+        d, t = self.config(cfg), cfg["trainer"]
+        if d.collapse_check != "off":
+            grace = max(d.warmup_teacher_temp_steps, t["max_steps"] // 10)
+            built.callbacks.append(CollapseMonitor(d.output_dim, t["log_every_n_steps"], grace,
+                                                   stop=d.collapse_check == "stop"))
         return built
 
     def make_view(self, cfg: dict) -> MultiCrop:

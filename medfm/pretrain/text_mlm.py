@@ -171,12 +171,12 @@ class TextMLM(PretrainMethod):
     module_class = TextMLMModule
 
     def build(self, cfg: dict, folder: RunFolder) -> Built:
-        t, d = self.config(cfg), cfg["data"]
-        train_texts, held = split_holdout(report_texts(d["path"], d["text"]), t.holdout_every)
+        t, d = self.config(cfg), self.section(cfg, "data")
+        train_texts, held = split_holdout(report_texts(d.path, d.text), t.holdout_every)
         module = TextMLMModule(t.text_model, **optim_args(cfg))
         tok = module.tokenizer
         keyed = KeyedDataset(tokenize(tok, train_texts, t.max_length), seed=cfg["seed"], position_key="position")
-        data = StepData(keyed, len(keyed), d["batch_size"], d["num_workers"], seed=cfg["seed"],
+        data = StepData(keyed, len(keyed), d.batch_size, d.num_workers, seed=cfg["seed"],
                         collate_fn=SeededMasking(make_collator(tok, t.mlm_probability, cfg["seed"]), cfg["seed"]))
         return Built(module, data, cfg=cfg, state={"t": t, "train_texts": train_texts, "held": held})
 

@@ -67,6 +67,11 @@ class RunPlugin:
         """This plug-in's own recipe section, typed."""
         return self.Config(**cfg[self.name]) if self.Config is not None else None
 
+    def section(self, cfg: dict, name: str):
+        """The recipe section ``name`` as the dataclass its kind's schema declares (``data``, ``optim``, an
+        adaptation method's, ...), so hooks read typed fields instead of nested dict keys."""
+        return KINDS[self.kind].schema()[name](**cfg[name])
+
     def build(self, cfg: dict, folder: RunFolder) -> Built:  # pragma: no cover - abstract
         raise NotImplementedError
 

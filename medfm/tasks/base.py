@@ -86,9 +86,9 @@ class FinetuneTask(RunPlugin):
     def transform(self, cfg: dict, train: bool):
         """Training: the preset at the encoder's size with its augmentation/random crop; evaluation: the
         same size without augmentation."""
-        d = cfg["data"]
-        return PRESETS[d["preset"]](size=self.eval_size(cfg) if not train else cfg["encoder"]["img_size"],
-                                    train=train and d["augment"], **d["preset_args"])
+        d = self.section(cfg, "data")
+        return PRESETS[d.preset](size=self.eval_size(cfg) if not train else cfg["encoder"]["img_size"],
+                                    train=train and d.augment, **d.preset_args)
 
     def eval_size(self, cfg: dict):
         return cfg["encoder"]["img_size"]
@@ -98,18 +98,18 @@ class FinetuneTask(RunPlugin):
 
     def split_cache(self, cfg: dict, train: bool):
         """``data.cache`` for the sets this task opens (a disk cache keyed by the task, preset and size)."""
-        d = cfg["data"]
-        return dataset_cache(d["cache"], d["cache_dir"], {"task": cfg["task"], "preset": d["preset"], "train": train,
-                                                          "args": d["preset_args"], "size": self.eval_size(cfg),
+        d = self.section(cfg, "data")
+        return dataset_cache(d.cache, d.cache_dir, {"task": cfg["task"], "preset": d.preset, "train": train,
+                                                          "args": d.preset_args, "size": self.eval_size(cfg),
                                                           "dims": cfg["encoder"]["spatial_dims"]})
 
     def open_split(self, cfg: dict, split: str | None, train: bool = False, path: str | None = None):
         """One split of the recipe's data with what the task needs (labels, masks)."""
-        d = cfg["data"]
-        path = str(path or d["path"])
+        d = self.section(cfg, "data")
+        path = str(path or d.path)
         return open_dataset(path, split=split, spatial_dims=cfg["encoder"]["spatial_dims"],
-                            transform=self.transform(cfg, train), cache=self.split_cache(cfg, train), on_error=d["on_error"],
-                            preflight=d["preflight"], **self.split_args(cfg, path))
+                            transform=self.transform(cfg, train), cache=self.split_cache(cfg, train), on_error=d.on_error,
+                            preflight=d.preflight, **self.split_args(cfg, path))
 
     def extra_split_args(self, cfg: dict, path: str, real) -> dict:
         """How to open a ``train_from`` set so that its labels agree with the real training split's."""
@@ -118,15 +118,15 @@ class FinetuneTask(RunPlugin):
     def training_split(self, cfg: dict, train: bool = True):
         """The training set: the real training split, plus (or, with ``train_real: false``, only) every
         ``train_from`` set, whole."""
-        d = cfg["data"]
-        real = self.open_split(cfg, d["train_split"], train=train)
-        if not d["train_from"]:
+        d = self.section(cfg, "data")
+        real = self.open_split(cfg, d.train_split, train=train)
+        if not d.train_from:
             return real
-        parts = [real] if d["train_real"] else []
-        for p in d["train_from"]:
+        parts = [real] if d.train_real else []
+        for p in d.train_from:
             parts.append(open_dataset(p, split=None, spatial_dims=cfg["encoder"]["spatial_dims"],
-                                      transform=self.transform(cfg, train), cache=self.split_cache(cfg, train), on_error=d["on_error"],
-                                      preflight=d["preflight"], **self.extra_split_args(cfg, p, real)))
+                                      transform=self.transform(cfg, train), cache=self.split_cache(cfg, train), on_error=d.on_error,
+                                      preflight=d.preflight, **self.extra_split_args(cfg, p, real)))
         return parts[0] if len(parts) == 1 else JoinedDataset(parts)
 
     def prepare(self, cfg: dict, train, state: dict) -> tuple[dict, Any]:
@@ -147,23 +147,22 @@ class FinetuneTask(RunPlugin):
 
     def spec(self, cfg: dict, state: dict) -> dict:
         """What the task model's ``config.json`` holds (:class:`TaskModel`)."""
-        method = cfg["method"]
+        method, d = cfg["method"], self.section(cfg, "data")
         return {"task": self.name, "encoder": dict(cfg["encoder"]), "method": method,
                 **({method: dict(cfg[method])} if method in METHOD_SECTIONS else {}), "head": self.head(cfg, state),
-                "preprocess": {"preset": cfg["data"]["preset"], "size": self.eval_size(cfg),
-                               "args": dict(cfg["data"]["preset_args"])}}
+                "preprocess": {"preset": d.preset, "size": self.eval_size(cfg), "args": dict(d.preset_args)}}
 
     def module(self, cfg: dict, model, train, state: dict) -> L.LightningModule:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def optim(self, cfg: dict) -> dict:
         return dict(cfg["optim"], max_steps=cfg["trainer"]["max_steps"],
-                    layer_decay=cfg["full"]["layer_decay"] if cfg["method"] == "full" else None)
+                    layer_decay=self.section(cfg, "full").layer_decay if cfg["method"] == "full" else None)
 
     # ------------------------------------------------------------ run hooks
     def build(self, cfg: dict, folder: RunFolder) -> Built:
-        d = cfg["data"]
-        if not d["path"]:
+        d = self.section(cfg, "data")
+        if not d.path:
             raise ValueError("fine-tuning needs data: give --data PATH (an npz or a manifest) or set data.path")
         check_splits(cfg)
         state: dict = {"t0": time.perf_counter()}
@@ -176,7 +175,7 @@ class FinetuneTask(RunPlugin):
         state.update(trainable=trainable, total=total, n_train=len(train), model=model)
         train = self.training_set(cfg, model, train, state)
         keyed = KeyedDataset(train, seed=cfg["seed"], keys=self.keys)
-        data = StepData(keyed, len(train), d["batch_size"], d["num_workers"], cfg["seed"])
+        data = StepData(keyed, len(train), d.batch_size, d.num_workers, cfg["seed"])
         return Built(module, data, cfg=cfg, state=state)
 
     def export(self, module, folder: RunFolder, trainer, built: Built) -> None:
@@ -210,10 +209,10 @@ class FinetuneTask(RunPlugin):
         """Metrics and figures for the validation split and the test split where they exist (``splits``:
         only these, and a missing one is an error). ``state`` carries what one split passes to the next
         (classification: thresholds chosen on validation)."""
-        d = cfg["data"]
-        state = {"val_split": d["val_split"], **(state or {})}
+        d = self.section(cfg, "data")
+        state = {"val_split": d.val_split, **(state or {})}
         results: dict = {}
-        for split in splits or [s for s in (d["val_split"], d["test_split"]) if s]:
+        for split in splits or [s for s in (d.val_split, d.test_split) if s]:
             try:
                 ds = self.open_split(cfg, split, path=data_path)
             except DataError as e:
@@ -230,15 +229,16 @@ class FinetuneTask(RunPlugin):
         """Evaluate a finished run on ``split`` of ``data`` (default: the run's data) with what it chose on
         validation; writes ``metrics.json`` and figures into ``out`` (default RUN/eval_<split>)."""
         model, cfg = load_run(run)
+        d = self.section(cfg, "data")
         dest = Path(out) if out else run / f"eval_{split}"
         dest.mkdir(parents=True, exist_ok=True)
         val = {}
-        if (run / "metrics.json").exists() and split != cfg["data"]["val_split"]:
+        if (run / "metrics.json").exists() and split != d.val_split:
             # held-out splits use what the run chose on validation; the validation split itself is scored as
             # the run scored it (so `evaluate --split val` reproduces the run's own metrics.json)
-            val = json.loads((run / "metrics.json").read_text()).get(cfg["data"]["val_split"], {})
+            val = json.loads((run / "metrics.json").read_text()).get(d.val_split, {})
         res = self.evaluate_splits(model, cfg, dest, data_path=data, splits=[split], state=self.saved_state(val))
-        metrics = {"run": str(run), "data": str(data or cfg["data"]["path"]), **res}
+        metrics = {"run": str(run), "data": str(data or d.path), **res}
         write_json(dest / "metrics.json", metrics)
         return metrics
 

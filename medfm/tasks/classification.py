@@ -271,41 +271,41 @@ class Classification(FinetuneTask):
     headline = ("auroc", "accuracy", "balanced_accuracy", "f1")
 
     def validate(self, cfg: dict) -> None:
-        if cfg["classification"]["class_weights"] not in ("auto", "none", None):
+        if self.config(cfg).class_weights not in ("auto", "none", None):
             raise ValueError("classification.class_weights must be 'auto' or 'none'")
 
     def split_args(self, cfg: dict, path: str) -> dict:
         if path.lower().endswith(".npz"):
             return {}
-        c = cfg["classification"]
-        if not c["label"]:
+        c = self.config(cfg)
+        if not c.label:
             raise ValueError("classification on a manifest needs classification.label (the label column)")
-        return {"label": c["label"], "classes": c["classes"], "multi_label": c["multi_label"]}
+        return {"label": c.label, "classes": c.classes, "multi_label": c.multi_label}
 
     def extra_split_args(self, cfg: dict, path: str, real) -> dict:
         """A ``train_from`` manifest: its ``label`` column (what `medfm generate` writes) or the recipe's,
         read with the real split's class names (an npz's labels are indices: names "0", "1", ...)."""
-        c = cfg["classification"]
+        c = self.config(cfg)
         columns = read_rows(path)[0][1] if path.lower().endswith((".csv", ".tsv", ".jsonl")) else {}
-        label = "label" if "label" in columns or not c["label"] else c["label"]
-        classes = c["classes"] or getattr(real, "classes", None)
-        if classes is None and not c["multi_label"]:
+        label = "label" if "label" in columns or not c.label else c.label
+        classes = c.classes or getattr(real, "classes", None)
+        if classes is None and not c.multi_label:
             classes = [str(i) for i in range(int(dataset_labels(real).max()) + 1)]
-        return {"label": label, "classes": classes, "multi_label": c["multi_label"]}
+        return {"label": label, "classes": classes, "multi_label": c.multi_label}
 
     def prepare(self, cfg: dict, train, state: dict):
         """The number of classes from the labels, the few-shot draw (``state["idx"]``), the training labels and
         class names."""
         labels = dataset_labels(train)
-        c = cfg["classification"]
+        c = self.config(cfg)
         n = labels.shape[1] if labels.ndim == 2 else int(max(labels.max() + 1, len(getattr(train, "classes", []) or [])))
-        cfg = merge(cfg, {"classification": {"num_classes": c["num_classes"] or max(n, 2)}})
+        cfg = merge(cfg, {"classification": {"num_classes": c.num_classes or max(n, 2)}})
         idx = None
         if cfg["shots"]:
             idx = few_shot_indices(labels, cfg["shots"], cfg["seed"])
             train, labels = Subset(train, idx), labels[idx]
         names = [str(x) for x in getattr(train if idx is None else train.dataset, "classes", None)
-                 or c["classes"] or range(cfg["classification"]["num_classes"])]
+                 or c.classes or range(self.config(cfg).num_classes)]
         state.update(idx=idx, labels=labels, class_names=names)
         if labels.ndim == 1:
             self.check_label_coverage(cfg, labels, names)
@@ -314,13 +314,13 @@ class Classification(FinetuneTask):
     def check_label_coverage(self, cfg: dict, train_labels: np.ndarray, names: list[str]) -> None:
         """Warn about classes the model cannot learn: a training set of one class, and classes that appear in
         the validation or test split but never in training (named, with their rows)."""
-        d = cfg["data"]
+        d = self.section(cfg, "data")
         seen = set(np.unique(train_labels).tolist())
         if len(seen) < 2:
             warnings.warn(f"{d['path']}: the training split {d['train_split']!r} holds a single class "
                           f"({names[int(next(iter(seen)))] if seen else 'none'}): the classifier cannot learn to tell classes apart",
                           stacklevel=2)
-        for split in (d["val_split"], d["test_split"]):
+        for split in (d.val_split, d.test_split):
             try:
                 ds = self.open_split(cfg, split, train=False)
             except (DataError, ValueError):
@@ -338,16 +338,16 @@ class Classification(FinetuneTask):
         return {"few_shot_rows": list(state["idx"])} if state.get("idx") is not None else {}
 
     def head(self, cfg: dict, state: dict) -> dict:
-        c = cfg["classification"]
-        return {"num_classes": c["num_classes"], "dropout": c["dropout"], "head_norm": c["head_norm"],
-                "multi_label": c["multi_label"], "class_names": state.get("class_names")}
+        c = self.config(cfg)
+        return {"num_classes": c.num_classes, "dropout": c.dropout, "head_norm": c.head_norm,
+                "multi_label": c.multi_label, "class_names": state.get("class_names")}
 
     def module(self, cfg: dict, model, train, state: dict):
-        c = cfg["classification"]
+        c = self.config(cfg)
         weight = None
-        if c["class_weights"] == "auto":
-            weight = class_weights(torch.as_tensor(state["labels"]), c["num_classes"], c["multi_label"])
-        return ClassificationTask(model, multi_label=c["multi_label"], weight=weight, **self.optim(cfg))
+        if c.class_weights == "auto":
+            weight = class_weights(torch.as_tensor(state["labels"]), c.num_classes, c.multi_label)
+        return ClassificationTask(model, multi_label=c.multi_label, weight=weight, **self.optim(cfg))
 
     def default_lr(self, cfg: dict) -> float:
         """A linear probe trains the head alone on cached features, a convex problem that takes a larger LR: at
@@ -366,9 +366,9 @@ class Classification(FinetuneTask):
 
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
         names = getattr(ds, "classes", None) or model.spec["head"].get("class_names")
-        res, thr = evaluate_classification(model, ds, out, split, cfg["classification"]["multi_label"],
+        res, thr = evaluate_classification(model, ds, out, split, self.config(cfg).multi_label,
                                            [str(n) for n in names] if names else None, state.get("thresholds"),
-                                           cfg["data"]["batch_size"])
+                                           self.section(cfg, "data").batch_size)
         if split == state["val_split"] and state.get("thresholds") is None:
             state["thresholds"] = thr
             res["selected_thresholds"] = thr

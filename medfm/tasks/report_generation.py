@@ -502,7 +502,7 @@ class ReportGeneration(FinetuneTask):
     def split_args(self, cfg: dict, path: str) -> dict:
         if path.lower().endswith(".npz"):
             raise ValueError(f"{path}: report generation needs a manifest with a text column, not an npz")
-        return {"text_key": cfg["report_generation"]["text"]}
+        return {"text_key": self.config(cfg).text}
 
     def open_split(self, cfg: dict, split: str | None, train: bool = False, path: str | None = None):
         """One split; with ``report_generation.study`` its rows grouped into studies."""
@@ -537,7 +537,7 @@ class ReportGeneration(FinetuneTask):
         if cfg["method"] != "linear_probe":
             return train
         # frozen encoder: its tokens are computed once, the projector and decoder train on them
-        plain = self.open_split(cfg, cfg["data"]["train_split"], train=False)
+        plain = self.open_split(cfg, self.section(cfg, "data").train_split, train=False)
         bs, tokens, masks = self.config(cfg).eval_batch_size, [], []
         model.encoder.eval()
         with torch.no_grad():
@@ -554,7 +554,7 @@ class ReportGeneration(FinetuneTask):
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
         c = self.config(cfg)
         if "train_texts" not in state:  # the baselines' pool: the training reports and their image features
-            train = self.open_split(cfg, cfg["data"]["train_split"], train=False)
+            train = self.open_split(cfg, self.section(cfg, "data").train_split, train=False)
             state["train_texts"] = report_texts(train)
             state["train_features"] = embed_dataset(model.encoder, train, c.eval_batch_size,
                                                     progress="embedding training images",

@@ -300,26 +300,25 @@ class Segmentation(FinetuneTask):
     def transform(self, cfg: dict, train: bool):
         """The preset, after a check of every label map against the recipe's classes (names the file)."""
         preset = super().transform(cfg, train)
-        return Compose([MaskLabels(cfg["segmentation"]["num_classes"]), *preset.transforms])
+        return Compose([MaskLabels(self.config(cfg).num_classes), *preset.transforms])
 
     def split_args(self, cfg: dict, path: str) -> dict:
         if path.lower().endswith(".npz"):
             raise ValueError(f"{path}: segmentation needs a manifest with a mask column, not an npz")
-        return {"mask_key": cfg["segmentation"]["mask"]}
+        return {"mask_key": self.config(cfg).mask}
 
     def validate(self, cfg: dict) -> None:
         if cfg["shots"]:
             raise ValueError("shots (few-shot sampling) applies to classification")
 
     def head(self, cfg: dict, state: dict) -> dict:
-        s = cfg["segmentation"]
-        return {"num_classes": s["num_classes"], "feature_size": s["feature_size"], "class_names": s["class_names"]}
+        s = self.config(cfg)
+        return {"num_classes": s.num_classes, "feature_size": s.feature_size, "class_names": s.class_names}
 
     def module(self, cfg: dict, model, train, state: dict):
         return SegmentationTask(model, frozen_encoder=cfg["method"] == "linear_probe", **self.optim(cfg))
 
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
-        s, enc = cfg["segmentation"], cfg["encoder"]
+        s, enc = self.config(cfg), cfg["encoder"]
         roi = ensure_tuple_rep(enc["img_size"], enc["spatial_dims"])
-        return evaluate_segmentation(model, ds, out, split, roi, s["class_names"], s["overlap"], s["sw_batch_size"],
-                                     s["hd95"])
+        return evaluate_segmentation(model, ds, out, split, roi, s.class_names, s.overlap, s.sw_batch_size, s.hd95)
