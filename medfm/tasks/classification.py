@@ -317,7 +317,7 @@ class Classification(FinetuneTask):
         d = self.section(cfg, "data")
         seen = set(np.unique(train_labels).tolist())
         if len(seen) < 2:
-            warnings.warn(f"{d['path']}: the training split {d['train_split']!r} holds a single class "
+            warnings.warn(f"{d.path}: the training split {d.train_split!r} holds a single class "
                           f"({names[int(next(iter(seen)))] if seen else 'none'}): the classifier cannot learn to tell classes apart",
                           stacklevel=2)
         for split in (d.val_split, d.test_split):
@@ -330,7 +330,7 @@ class Classification(FinetuneTask):
                 rows = np.flatnonzero(held == k)
                 where = [ds.describe(int(i)) for i in rows[:3]] if hasattr(ds, "describe") else [f"item {i}" for i in rows[:3]]
                 warnings.warn(f"class {names[int(k)]!r} appears in split {split!r} ({len(rows)} row(s): {', '.join(where)}"
-                              f"{' ...' if len(rows) > 3 else ''}) but never in the training split {d['train_split']!r}: "
+                              f"{' ...' if len(rows) > 3 else ''}) but never in the training split {d.train_split!r}: "
                               "the model cannot learn it", stacklevel=2)
 
     def train_record(self, state: dict) -> dict:
