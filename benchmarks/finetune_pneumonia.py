@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from medfm.tasks.recipe import load_task_recipe, run_finetune
+from medfm.finetune.recipe import load_task_recipe, run_finetune
 
 REPO = Path(__file__).resolve().parents[1]
 LR = {"linear_probe": 3e-3, "full": 3e-4, "lora": 1e-3, "vpt": 3e-3, "ssf": 1e-3, "bitfit": 1e-3}

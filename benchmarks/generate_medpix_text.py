@@ -26,10 +26,10 @@ import torch
 from medfm.artifacts import load
 from medfm.data import open_dataset
 from medfm.encoders import preprocess_transform
-from medfm.tasks import load_task_recipe, run_finetune
+from medfm.finetune import load_task_recipe, run_finetune
 from medfm.generate import export_generated, load_generator_recipe, model_hash, run_generator, sample_grid
 from medfm.generate.evaluate import evaluate_generator, summary_lines
-from medfm.tasks.classification import evaluate_classification
+from medfm.finetune.classification import evaluate_classification
 
 REPO = Path(__file__).resolve().parents[1]
 

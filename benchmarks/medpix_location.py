@@ -16,7 +16,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from medfm.tasks.recipe import load_task_recipe, run_finetune
+from medfm.finetune.recipe import load_task_recipe, run_finetune
 
 REPO = Path(__file__).resolve().parents[1]
 LR = {"linear_probe": 3e-3, "full": 3e-4}

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 import medfm
-from medfm.tasks import load_task_recipe, run_finetune
-from medfm.tasks.recipe import open_split
-from medfm.tasks.report_generation import generate_reports
+from medfm.finetune import load_task_recipe, run_finetune
+from medfm.finetune.recipe import open_split
+from medfm.finetune.report_generation import generate_reports
 
 REPO = Path(__file__).resolve().parents[1]
 ATTRIBUTES = {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medfm.tasks import load_task_recipe, run_finetune
+from medfm.finetune import load_task_recipe, run_finetune
 from medfm.synthetic.reports import ATTRIBUTES, synthetic_report_set
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from medfm.data import samples
-from medfm.tasks.recipe import load_task_recipe, run_finetune
+from medfm.finetune.recipe import load_task_recipe, run_finetune
 from medfm.pretrain import load_recipe, run_pretrain
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 As in diffusers' ``ConfigMixin`` / ``register_to_config``: a class that derives from :class:`Artifact` has
 its constructor arguments recorded when it is built, and ``config.json`` holds them (JSON only) with
-``medfm_class``, the class that reads it (``"medfm.tasks.classification:ClassificationModel"``);
+``medfm_class``, the class that reads it (``"medfm.finetune.classification:ClassificationModel"``);
 ``model.safetensors`` holds the weights, loaded strictly (every key must match, nothing is unpickled).
 A constructor argument that is an artifact of its own (a CLIP model's towers) is a *component*: saved in
 the sub-folder of its name (diffusers' pipeline layout), so each part also reloads alone.
@@ -37,9 +37,9 @@ RUN_INFO = "run.json"
 LEGACY_PACKAGES = ("medfm.encoders",)  # where a bare class name (older encoder folders) is looked up
 # classes that moved since a folder was written: its medfm_class -> where the class lives now
 MOVED = {
-    "medfm.finetune.model:FinetunedClassifier": "medfm.tasks.classification:ClassificationModel",
-    "medfm.finetune.model:FinetunedSegmenter": "medfm.tasks.segmentation:SegmentationModel",
-    "medfm.finetune.model:FinetunedReporter": "medfm.tasks.report_generation:ReportGenerator",
+    "medfm.finetune.model:FinetunedClassifier": "medfm.finetune.classification:ClassificationModel",
+    "medfm.finetune.model:FinetunedSegmenter": "medfm.finetune.segmentation:SegmentationModel",
+    "medfm.finetune.model:FinetunedReporter": "medfm.finetune.report_generation:ReportGenerator",
 }
 
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from medfm.atomic import atomic_path, write_text
 from medfm.data import samples
 from medfm.evaluate.plots import pyplot
-from medfm.tasks import load_task_recipe, run_finetune
+from medfm.finetune import load_task_recipe, run_finetune
 from medfm.pretrain import load_recipe, run_pretrain
 from medfm.run import RunFolder, find_recipe
 from medfm.run.recipe import flatten

@@ -22,8 +22,8 @@ from medfm.data import DataError, load, open_dataset, samples
 from medfm.data.datasets import finalise_sample
 from medfm.data.transforms import preset_mismatch
 from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
-from medfm.finetune import METHODS as ADAPTATIONS
-from medfm.tasks import TASKS, load_task_recipe, run_finetune, run_recipe
+from medfm.adapt import METHODS as ADAPTATIONS
+from medfm.finetune import TASKS, load_task_recipe, run_finetune, run_recipe
 from medfm.generate import GENERATORS, export_generated, model_hash
 from medfm.pretrain import METHODS
 from medfm.run import RunFolder, find_recipe, list_recipes, recipe_kind

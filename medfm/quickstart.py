@@ -32,7 +32,7 @@ from pathlib import Path
 
 from medfm.atomic import write_json, write_text
 from medfm.data import samples
-from medfm.tasks import load_task_recipe, run_finetune
+from medfm.finetune import load_task_recipe, run_finetune
 from medfm.generate import export_generated, load_generator_recipe, run_generator
 from medfm.pretrain import load_recipe, run_pretrain
 from medfm.run import find_recipe

@@ -47,7 +47,7 @@ elif stage == "checkpoint":
         return orig(self, checkpoint, path, storage_options)
     cb.AtomicCheckpointIO.save_checkpoint = save
 elif stage == "evaluation":
-    from medfm.tasks.base import FinetuneTask
+    from medfm.finetune.base import FinetuneTask
     def evaluate_splits(self, *a, **k):
         die()
     FinetuneTask.evaluate_splits = evaluate_splits

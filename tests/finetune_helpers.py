@@ -9,7 +9,7 @@ import numpy as np
 
 from medfm.data import samples
 from medfm.data.writers import write_manifest
-from medfm.tasks.recipe import load_task_recipe
+from medfm.finetune.recipe import load_task_recipe
 
 from .conftest import REPO
 

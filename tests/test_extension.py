@@ -23,7 +23,7 @@ from medfm.cli import main
 from medfm.data import samples
 from medfm.encoders import Encoder, EncoderBase, create_encoder, register_encoder, unregister_encoder
 from medfm.run import TrainingModule
-from medfm.tasks import TASKS, FinetuneTask, TaskModel, build_encoder
+from medfm.finetune import TASKS, FinetuneTask, TaskModel, build_encoder
 
 QUIET = ["trainer.enable_progress_bar=false"]
 

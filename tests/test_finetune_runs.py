@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from medfm.cli import main
-from medfm.finetune import METHODS
-from medfm.tasks.recipe import evaluate_run, load_run, load_task_recipe, open_split, run_finetune
+from medfm.adapt import METHODS
+from medfm.finetune.recipe import evaluate_run, load_run, load_task_recipe, open_split, run_finetune
 
 from .conftest import KillAt, REPO
 from .finetune_helpers import mni_hemispheres, mni_map_classes, mni_slices, tiny_task

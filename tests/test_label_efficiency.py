@@ -14,7 +14,7 @@ import yaml
 
 from medfm.benchmark import LabelEfficiency, tables
 from medfm.data import samples
-from medfm.finetune import few_shot_indices
+from medfm.adapt import few_shot_indices
 
 from .conftest import SHARED, shared_path
 
@@ -140,7 +140,7 @@ def test_mean_pooled_readout_reads_the_same_weights_as_the_class_token():
 
 def test_a_saved_readout_is_adopted_unless_the_recipe_sets_one(tmp_path, capsys):
     from medfm.encoders import create_encoder
-    from medfm.tasks import load_task_recipe
+    from medfm.finetune import load_task_recipe
 
     from .conftest import REPO
 

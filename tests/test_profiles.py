@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from medfm.cli import main
-from medfm.tasks import load_task_recipe
+from medfm.finetune import load_task_recipe
 from medfm.generate import is_generator_recipe, load_generator_recipe
 from medfm.pretrain import load_recipe
 from medfm.run import list_recipes

@@ -18,7 +18,7 @@ import medfm
 from medfm.cli import main
 from medfm.encoders import CLIP, TextEncoder, create_encoder, create_model_and_transforms, saved_architecture
 from medfm.pretrain import METHODS, PretrainMethod, load_recipe, register_method, run_pretrain
-from medfm.tasks import ClassificationModel, SegmentationModel
+from medfm.finetune import ClassificationModel, SegmentationModel
 from medfm.run import TrainingModule
 from medfm.run.sampling import resolve_workers, usable_cores
 

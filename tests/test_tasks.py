@@ -7,9 +7,9 @@ import torch
 
 from medfm.data import DataError
 from medfm.encoders import create_encoder
-from medfm.finetune import adapt_encoder
-from medfm.tasks.classification import class_weights, classification_metrics, select_thresholds
-from medfm.tasks.segmentation import SegmentationModel, check_mask, predict, segmentation_metrics
+from medfm.adapt import adapt_encoder
+from medfm.finetune.classification import class_weights, classification_metrics, select_thresholds
+from medfm.finetune.segmentation import SegmentationModel, check_mask, predict, segmentation_metrics
 
 
 def test_metrics_on_constructed_cases():

@@ -1,10 +1,20 @@
-"""Fine-tuning adaptation methods: which encoder parameters train and how the result folds back into a plain
-encoder (linear probe, full, LoRA, VPT, SSF, BitFit), and few-shot sampling. The tasks they serve
-(classification, segmentation, report generation) and the fine-tuning recipe runner are in
-:mod:`medfm.tasks`."""
+"""Fine-tuning: the tasks, one module each (recipe section, model, training module, metrics and evaluation,
+plug-in): classification, segmentation, report generation; their shared base (:mod:`.base`) and the
+fine-tuning recipe runner (:mod:`.recipe`) behind ``medfm finetune`` and the recipes in the top-level
+``tasks/`` folder. A new task is one module with a ``@TASKS.register`` plug-in, imported here (or by the code
+that uses it). The adaptation methods (LoRA, VPT, ...) are :mod:`medfm.adapt`, re-exported here."""
 
-from .fewshot import few_shot_indices
-from .methods import METHOD_SECTIONS, METHODS, adapt_encoder, count_parameters, export_encoder, is_lora
+from medfm.adapt import METHODS, adapt_encoder, count_parameters, export_encoder, few_shot_indices
 
-__all__ = ["METHODS", "METHOD_SECTIONS", "adapt_encoder", "count_parameters", "export_encoder", "few_shot_indices",
-           "is_lora"]
+from . import classification, report_generation, segmentation  # noqa: F401  (registers the tasks)
+from .base import FinetuneTask, TaskModel, build_encoder
+from .classification import ClassificationModel, ClassificationTask, evaluate_classification
+from .recipe import TASKS, evaluate_run, load_run, load_task_recipe, open_split, run_finetune, run_recipe
+from .report_generation import ReportGenerator, ReportTask, ReportVocab, build_decoder, evaluate_reports
+from .segmentation import SegmentationModel, SegmentationTask, evaluate_segmentation
+
+__all__ = ["TASKS", "FinetuneTask", "TaskModel", "build_encoder", "load_task_recipe", "run_finetune", "load_run",
+           "evaluate_run", "open_split", "run_recipe", "ClassificationModel", "ClassificationTask",
+           "evaluate_classification", "SegmentationModel", "SegmentationTask", "evaluate_segmentation",
+           "ReportGenerator", "ReportTask", "ReportVocab", "build_decoder", "evaluate_reports",
+           "METHODS", "adapt_encoder", "count_parameters", "export_encoder", "few_shot_indices"]

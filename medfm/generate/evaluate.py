@@ -34,10 +34,10 @@ from medfm.atomic import write_json
 from medfm.data import DataError, open_dataset
 from medfm.encoders import create_encoder, preprocess_transform
 from medfm.evaluate.generative import EncoderFeatures, feature_distances, memorisation, memorisation_png, pairwise_ms_ssim
-from medfm.tasks import load_task_recipe, run_finetune
+from medfm.finetune import load_task_recipe, run_finetune
 from medfm.run import RunFolder, find_recipe
 from medfm.run.recipe import merge
-from medfm.tasks.classification import evaluate_classification
+from medfm.finetune.classification import evaluate_classification
 
 from .export import export_generated, model_hash
 from .recipe import load_generator_recipe, open_training_set

@@ -56,7 +56,7 @@ class SegmentationModel(TaskModel, nn.Module):
 
     Inputs must be divisible by the encoder's total stride (the ViT patch size, which
     must be an isotropic power of two; 32 for ResNets). Built by a run from its spec
-    (:meth:`from_spec`), it saves and reloads as an artifact (:class:`medfm.tasks.base.TaskModel`).
+    (:meth:`from_spec`), it saves and reloads as an artifact (:class:`medfm.finetune.base.TaskModel`).
     """
 
     def __init__(self, encoder: nn.Module, num_classes: int, feature_size: int = 16, norm: str = "instance"):

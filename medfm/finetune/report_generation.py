@@ -202,7 +202,7 @@ class ReportGenerator(TaskModel, nn.Module):
     (``[SEP]``) tokens, in compact ids when ``vocab`` is given.
 
     Built by a run from its spec (:meth:`from_spec`), it saves and reloads as an artifact
-    (:class:`medfm.tasks.base.TaskModel`): ``config.json`` (the spec, with the decoder's BERT config and the
+    (:class:`medfm.finetune.base.TaskModel`): ``config.json`` (the spec, with the decoder's BERT config and the
     compact vocabulary), ``model.safetensors`` (encoder, projector, decoder) and ``tokenizer/``.
     """
 

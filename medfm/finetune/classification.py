@@ -33,7 +33,7 @@ from medfm.data import DataError, read_rows
 from medfm.encoders import layer_decay_param_groups
 from medfm.evaluate.plots import confusion_png, roc_png
 from medfm.evaluate.probe import embed_dataset
-from medfm.finetune import few_shot_indices
+from medfm.adapt import few_shot_indices
 from medfm.run import TrainingModule
 from medfm.run.recipe import merge
 
@@ -46,7 +46,7 @@ class ClassificationModel(TaskModel, nn.Module):
 
     ``standardize`` puts a BatchNorm without affine parameters before the linear layer,
     as MAE's linear probe does: frozen features have arbitrary scales per channel. Built by a run from its
-    spec (:meth:`from_spec`), it saves and reloads as an artifact (:class:`medfm.tasks.base.TaskModel`).
+    spec (:meth:`from_spec`), it saves and reloads as an artifact (:class:`medfm.finetune.base.TaskModel`).
     """
 
     def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.0, standardize: bool = False):

@@ -1,5 +1,5 @@
 """What every fine-tuning task shares: the plug-in base (:class:`FinetuneTask`) and :class:`TaskModel`, the
-artifact a task model is (the registry ``TASKS`` and the recipe runner are in :mod:`medfm.tasks.recipe`).
+artifact a task model is (the registry ``TASKS`` and the recipe runner are in :mod:`medfm.finetune.recipe`).
 
 A task is one module of this package holding its recipe section, its model, its training module, its
 metrics and evaluation, and its plug-in, registered with ``@TASKS.register``; this base knows none of
@@ -26,7 +26,7 @@ from medfm.data import DataError, JoinedDataset, open_dataset
 from medfm.data.cache import dataset_cache
 from medfm.data.transforms import PRESETS
 from medfm.encoders import create_encoder
-from medfm.finetune import METHOD_SECTIONS, adapt_encoder, count_parameters, export_encoder, is_lora
+from medfm.adapt import METHOD_SECTIONS, adapt_encoder, count_parameters, export_encoder, is_lora
 from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData
 
 from .recipe import check_splits, load_run
