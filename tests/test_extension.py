@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 import medfm
 from medfm.cli import main
 from medfm.data import samples
-from medfm.encoders import Encoder, EncoderBase, create_encoder, register_encoder, unregister_encoder
+from medfm.encoders import (Encoder, EncoderBase, create_encoder, layer_decay_param_groups, register_encoder,
+                            unregister_encoder)
 from medfm.run import TrainingModule
 from medfm.finetune import TASKS, FinetuneTask, TaskModel, build_encoder
 
@@ -84,6 +85,10 @@ def test_a_new_encoder_family_pretrains_finetunes_with_lora_segments_and_reloads
                                                                                  capsys):
     enc = create_encoder("tiny_conv", spatial_dims=3, img_size=32)
     assert isinstance(enc, Encoder) and enc(torch.rand(2, 1, 32, 32, 32)).shape == (2, 32)
+    # layer-wise LR decay from the family's encoder_blocks alone (EncoderBase's default group_matcher)
+    groups = layer_decay_param_groups(enc, lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    assert sorted({g["lr"] for g in groups}) == pytest.approx([5e-4, 1e-3])
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in enc.parameters())
 
     # pretraining (DINO: any encoder with a pooled embedding); the tiny profile's ViT patch_size is dropped
     pre = tmp_path / "dino"

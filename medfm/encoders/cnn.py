@@ -17,8 +17,7 @@ from timm.models._features import feature_take_indices
 
 from .interface import EncoderBase
 from .registry import register_encoder
-
-HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")  # classifier heads a source may carry
+from .weights import HEAD_PREFIXES
 
 
 class ResNetEncoder(EncoderBase):

@@ -112,7 +112,7 @@ class EncoderBase(nn.Module, Artifact):
         """One group per block (by the blocks' parameter names); everything else in the stem."""
         names = {id(m): n for n, m in self.named_modules()}
         blocks = [re.escape(names[id(b)]) for b in self.encoder_blocks()]
-        return dict(stem=r"^(?!" + "|".join(blocks) + r")", blocks=[(rf"^{b}\.", (i,)) for i, b in enumerate(blocks)])
+        return dict(stem=r"^(?!(?:" + "|".join(blocks) + r")\.)", blocks=[(rf"^{b}\.", (i,)) for i, b in enumerate(blocks)])
 
     def checkpoint_filter_fn(self, state_dict: dict[str, torch.Tensor], config: dict | None = None,
                              source_dims: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:

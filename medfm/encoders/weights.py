@@ -29,7 +29,7 @@ from timm.models import adapt_input_conv
 
 from medfm.artifacts import WEIGHTS_NAME, load_state_dict_strict, load_tensors, read_config, resolve_file
 
-from .cnn import HEAD_PREFIXES
+HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")  # classifier heads a source may carry
 
 
 def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -155,9 +155,14 @@ def adopt_saved_architecture(cfg: dict) -> None:
         enc.update(changed)
         known = _encoder_keys(enc)
         for key in [k for k in enc if k not in known]:  # e.g. a ViT's patch_size, the weights being a CNN's
-            value = enc.pop(key)
-            if value is not None:
-                print(f"encoder.{key}: {value!r} dropped (encoder {enc['name']!r} does not take it)")
+            _drop_key(enc, "encoder", key)
+
+
+def _drop_key(sec: dict, name: str, key: str) -> None:
+    """Remove a key of a free-form section that the section's constructor does not take, saying so."""
+    value = sec.pop(key)
+    if value is not None:
+        print(f"{name}.{key}: {value!r} dropped ({name} {sec.get('name')!r} does not take it)")
 
 
 def section(cfg: dict, name: str, cls: type):
@@ -322,9 +327,7 @@ def load_config(schema: dict, path: str | os.PathLike | None = None, overrides: 
                     continue
                 if key not in other:
                     raise _unknown(source, f"{name}.{key}", str(key), sorted(known))
-                value = cfg[name].pop(key)
-                if value is not None:
-                    print(f"{name}.{key}: {value!r} dropped ({name} {cfg[name].get('name')!r} does not take it)")
+                _drop_key(cfg[name], name, key)
     return cfg
 
 

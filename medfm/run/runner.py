@@ -37,7 +37,7 @@ from . import callbacks as callbacks_mod
 from .callbacks import Export, StopCheckpoint
 from .folder import RunFolder
 from .module import apply_speed_switches
-from .recipe import adopt_saved_architecture, load_config, merge, read_yaml
+from .recipe import adopt_saved_architecture, load_config, merge, read_yaml, section
 from .trainer import make_trainer, quiet_known_noise
 
 
@@ -70,7 +70,7 @@ class RunPlugin:
     def section(self, cfg: dict, name: str):
         """The recipe section ``name`` as the dataclass its kind's schema declares (``data``, ``optim``, an
         adaptation method's, ...), so hooks read typed fields instead of nested dict keys."""
-        return KINDS[self.kind].schema()[name](**cfg[name])
+        return section(cfg, name, KINDS[self.kind].schema()[name])
 
     def build(self, cfg: dict, folder: RunFolder) -> Built:  # pragma: no cover - abstract
         raise NotImplementedError
