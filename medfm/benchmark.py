@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from medfm.progress import progress_bar
 
 from medfm.atomic import atomic_path, write_text
 from medfm.data import samples
@@ -228,7 +228,7 @@ class LabelEfficiency:
         jobs = self.plan()
         weights: dict[tuple[str, str], str | None] = {}
         t0 = time.perf_counter()
-        bar = tqdm(jobs, desc="label efficiency", unit="run", disable=not self.progress)
+        bar = progress_bar(jobs, desc="label efficiency", unit="run", disable=not self.progress)
         for task, init, method, k, seed in bar:
             key = (init, task.domain)
             if key not in weights:

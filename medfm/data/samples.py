@@ -118,7 +118,10 @@ def mni152_slices(out: str | Path, n: int = 48, size: int | None = None) -> Path
     """A 2D set from one real brain: ``n`` axial MNI152 T1 slices (PNG, 8-bit) between 30 mm below and 60 mm
     above the AC-PC plane, each with its tissue label map (PNG) and a ``level`` label: which quarter of that
     range the slice is in (``q1`` lowest .. ``q4`` highest); every 4th slice is ``val``, the rest ``train``.
-    ``size``: resize to size x size (nearest neighbour for the labels)."""
+    ``size``: resize to size x size (nearest neighbour for the labels).
+
+    Each voxel plane is used once: the range holds 91 planes at 1 mm, so ``n`` above that gives 91 slices
+    (two rows of one plane would put the same image in two splits)."""
     import numpy as np
     from PIL import Image
 
@@ -128,8 +131,10 @@ def mni152_slices(out: str | Path, n: int = 48, size: int | None = None) -> Path
     vol = np.asarray(t1.dataobj, dtype=np.float32)
     vol = np.clip(vol / np.percentile(vol, 99.5), 0, 1)
     rows = []
-    for i, z_mm in enumerate(np.linspace(-30, 60, n)):
-        k = int(round(float(np.linalg.solve(t1.affine, [0.0, 0.0, z_mm, 1.0])[2])))
+    planes = sorted({int(round(float(np.linalg.solve(t1.affine, [0.0, 0.0, z_mm, 1.0])[2])))
+                     for z_mm in np.linspace(-30, 60, n)})
+    for i, k in enumerate(planes):
+        z_mm = float((t1.affine @ [0.0, 0.0, k, 1.0])[2])
         image = Image.fromarray((255 * np.rot90(vol[:, :, k])).astype(np.uint8))
         mask = Image.fromarray(np.ascontiguousarray(np.rot90(labels[:, :, k])))
         if size:

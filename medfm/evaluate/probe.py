@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics.functional.classification as tmc
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from medfm.progress import progress_bar
 
 from medfm.data.volume import plain_tensor
 
@@ -32,7 +32,7 @@ def embed_dataset(encoder: nn.Module, dataset: Dataset, batch_size: int = 64,
     forward = forward or encoder
     feats, labels = [], []
     try:
-        for i in tqdm(range(0, len(dataset), batch_size), desc=progress, unit="batch", disable=progress is None):
+        for i in progress_bar(range(0, len(dataset), batch_size), desc=progress, unit="batch", disable=progress is None):
             items = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
             x = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)
             feats.append(forward(x).float().cpu())

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from medfm.progress import progress_bar
 from transformers import AutoModel, AutoTokenizer, AutoModelForMaskedLM, BertConfig, BertLMHeadModel, DynamicCache, EncoderDecoderCache
 
 from medfm.data import DataError
@@ -52,6 +52,8 @@ from medfm.run import TrainingModule
 from .base import FinetuneTask, TaskModel, build_encoder
 from .recipe import TASKS
 
+# transformers 5.x renamed generate()'s `past_key_values` to `cache` (the old name warns and goes in 6.0)
+CACHE_ARGUMENT = "cache" if "cache" in getattr(transformers.generation.utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 # --------------------------------------------------------------------------- vocabulary
 class ReportVocab:
@@ -223,8 +225,12 @@ class ReportGenerator(TaskModel, nn.Module):
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "ReportGenerator":
         h = spec["head"]
         vocab = ReportVocab(h["vocab"], h["unk_id"]) if h.get("vocab") else None
-        if pretrained:  # warm-started from the text model (new weights listed in a warning)
-            decoder, _ = build_decoder(h["text_model"], h["decoder_config"].get("num_hidden_layers", 0), vocab)
+        if pretrained:  # warm-started from the text model; its new weights are stated once, as a line of the run
+            decoder, new = build_decoder(h["text_model"], h["decoder_config"].get("num_hidden_layers", 0), vocab,
+                                         warn=False)
+            if new:
+                print(f"report decoder: warm-started from {h['text_model'] or 'all-MiniLM-L6-v2'}; {len(new)} new "
+                      f"weights start random, as expected: {summarise(new)}")
             tokenizer = AutoTokenizer.from_pretrained(str(h["text_model"] or default_text_model_path()))
         else:  # rebuilt from the saved config; the weights come from model.safetensors
             decoder = decoder_from_config(h["decoder_config"])
@@ -298,7 +304,7 @@ class ReportGenerator(TaskModel, nn.Module):
             input_ids=start, encoder_hidden_states=memory, encoder_attention_mask=memory_mask,
             max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
             bos_token_id=self.bos_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-            past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),  # transformers 5: this setup needs it
+            **{CACHE_ARGUMENT: EncoderDecoderCache(DynamicCache(), DynamicCache())},  # transformers 5 needs it here
             **kwargs)
         if self.vocab is not None:
             out = self.vocab.to_full(out)
@@ -361,7 +367,7 @@ def generate_reports(model: ReportGenerator, ds, batch_size: int = 16, progress:
     """(generated, reference) reports for every sample of ``ds`` (``image`` + ``text``)."""
     device = next(model.parameters()).device
     generated, references = [], []
-    for i in tqdm(range(0, len(ds), batch_size), desc=progress, leave=False, disable=progress is None):
+    for i in progress_bar(range(0, len(ds), batch_size), desc=progress, leave=False, disable=progress is None):
         items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
         images = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)
         mask = torch.stack([s["image_mask"] for s in items]).to(device) if "image_mask" in items[0] else None
@@ -541,7 +547,7 @@ class ReportGeneration(FinetuneTask):
         bs, tokens, masks = self.config(cfg).eval_batch_size, [], []
         model.encoder.eval()
         with torch.no_grad():
-            for i in tqdm(range(0, len(plain), bs), unit="batch",
+            for i in progress_bar(range(0, len(plain), bs), unit="batch",
                           desc=f"linear_probe: encoding the {len(plain)} training images once (frozen encoder)"):
                 items = [plain[j] for j in range(i, min(i + bs, len(plain)))]
                 x = torch.stack([torch.as_tensor(s["image"]) for s in items])

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from medfm.progress import progress_bar
 
 from medfm.artifacts import WEIGHTS_NAME, artifact_folder
 from medfm.data.writers import write_manifest, write_nifti, write_png
@@ -94,7 +94,7 @@ def export_generated(generator: DiffusionGenerator, out: str | os.PathLike, clas
     affine = np.diag([*np.broadcast_to(np.asarray(spacing, dtype=float), (3,)), 1.0])
     names = spec.get("class_names") or []
     rows, shown, shown_cond = [], [], {k: [] for k in given}
-    bar = tqdm(total=total, desc=f"generating {total} ({sampler}, {steps} steps)", unit="img", disable=not progress)
+    bar = progress_bar(total=total, desc=f"generating {total} ({sampler}, {steps} steps)", unit="img", disable=not progress)
     for start in range(0, total, batch_size):
         stop = min(start + batch_size, total)
         part = {k: v[start:stop] for k, v in given.items()}

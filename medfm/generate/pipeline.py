@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from tqdm.auto import tqdm
+from medfm.progress import progress_bar
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
@@ -50,7 +50,7 @@ class DiffusionPipeline:
         channels = g.net_spec["in_chans"]
         out = []
         batches = -(-total // batch_size)
-        bar = tqdm(total=batches * self.steps, unit="step", disable=not progress,
+        bar = progress_bar(total=batches * self.steps, unit="step", disable=not progress,
                    desc=f"sampling {total} in {batches} batch(es) ({self.sampler}, {self.steps} steps)")
         for start in range(0, total, batch_size):
             idx = range(start, min(start + batch_size, total))

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from tqdm.auto import tqdm
+from medfm.progress import progress_bar
 
 from medfm.atomic import atomic_path
 
@@ -166,7 +166,7 @@ class StepProgress(ProgressBar):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self._enabled and trainer.is_global_zero:
-            self._bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step", dynamic_ncols=True,
+            self._bar = progress_bar(total=trainer.max_steps, initial=trainer.global_step, unit="step", dynamic_ncols=True,
                              desc=f"training on {self.device}" if self.device else "training", leave=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

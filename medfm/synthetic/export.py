@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
+from medfm.progress import progress_bar
 
 from medfm.data.writers import write_manifest, write_nifti
 
@@ -53,7 +53,7 @@ def export_synthetic(config: SynthConfig, n: int, out: str | os.PathLike, seed: 
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     rows, shown = [], []
-    for i in tqdm(range(n), desc=f"synth {config.spatial_dims}D {config.shape}", disable=not progress):
+    for i in progress_bar(range(n), desc=f"synth {config.spatial_dims}D {config.shape}", disable=not progress):
         s = synth_sample(config, seed, i)
         name = f"synth_{i:05d}.nii.gz"
         write_nifti(s["image"][0].numpy().astype(np.float32), out / "images" / name)
