@@ -8,13 +8,13 @@ STAMP := $(VENV)/.medfm-installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# the main job end to end on data that ships with the packages: ~6 min on a 2-core CPU (runs/quickstart/report.md)
+# the main job end to end on data that ships with the packages: ~9 min on a 2-core CPU (runs/quickstart/report.md)
 demo: $(STAMP)
 	$(BIN)/medfm quickstart --out runs/quickstart
 

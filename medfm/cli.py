@@ -1,7 +1,7 @@
 """``medfm`` command line: ``info``, ``encode``, ``pretrain`` (every registered method: MAE, DINO, CLIP,
 text MLM, dense synthetic; and diffusion generators), ``finetune`` (classification, segmentation, report
 generation), ``evaluate RUN`` (any run kind), ``generate`` (sample a generator into a data set),
-``generate-report``, ``synth``, ``quickstart``, ``benchmark`` (label efficiency)."""
+``generate-report``, ``synth``, ``quickstart``, ``benchmark`` (label efficiency), ``data`` (public data sets)."""
 
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ def _run_options(p: argparse.ArgumentParser, fn) -> None:
 def _quickstart_parser(sub) -> None:
     """``medfm quickstart``."""
     p = sub.add_parser("quickstart", help="the main job end to end at a small scale, no data or network needed "
-                       "(~6 min on a 2-core CPU; --fast: ~15 s)",
+                       "(~9 min on a 2-core CPU; --fast: ~1 min)",
                        epilog="steps: pretrain_3d (synthesis engine), segment_3d (MNI152 tissue vs random init), "
                               "pretrain_2d (MAE), probe_2d (vs random init), report (report generation), diffusion")
     p.add_argument("--out", default="runs/quickstart", help="folder: report.md, summary.png, one run folder per step "
@@ -454,8 +454,53 @@ def _synth_parser(sub) -> None:
     p.set_defaults(fn=cmd_synth)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from medfm.data import catalogue
+
+    if args.action == "list":
+        rows = catalogue.list_sources(args.name or "")
+        if not rows:
+            raise KeyError(f"no data set name contains {args.name!r} (`medfm data list` shows them all)")
+        width = max(len(s.name) for s in rows)
+        print(f"{'name':<{width}}  {'size':<14} {'licence':<28} what")
+        for s in rows:
+            print(f"{s.name:<{width}}  {s.size:<14} {s.licence:<28} {s.title}")
+        print(f"\n{len(rows)} data sets; files go to {catalogue.data_root()} ($MEDFM_DATA). "
+              "`medfm data info NAME` for source, checksum and citation.")
+        return 0
+    if not args.name:
+        raise ValueError(f"medfm data {args.action} needs a NAME (`medfm data list` shows them)")
+    source = catalogue.get_source(args.name)
+    if args.action == "info":
+        print(catalogue.describe(source))
+        return 0
+    kwargs = {"dest": args.dest, "file": args.file, "mirror": args.mirror, "progress": not args.quiet}
+    if args.action == "fetch":
+        where = catalogue.fetch(args.name, **kwargs)
+        print(f"{args.name}: fetched and verified in {where}" + (" (bundled: nothing to download)" if source.bundled else "")
+              + f"; next: medfm data prepare {args.name}" + (f" --dest {args.dest}" if args.dest else ""))
+        return 0
+    path = catalogue.prepare(args.name, **kwargs)
+    print(f"{args.name}: ready at {path}" + (f"\n  e.g. {source.example}" if source.example else ""))
+    return 0
+
+
+def _data_parser(sub) -> None:
+    """``medfm data``."""
+    p = sub.add_parser("data", help="the public data sets: list, info (source, licence, citation), fetch "
+                       "(resumable, verified), prepare (into a medfm manifest)")
+    p.add_argument("action", choices=("list", "info", "fetch", "prepare"))
+    p.add_argument("name", nargs="?", default=None, help="a data set (list: a filter on the names)")
+    p.add_argument("--dest", default=None, help="folder for this data set (default: $MEDFM_DATA/NAME, "
+                   "$MEDFM_DATA defaulting to ~/.cache/medfm/data)")
+    p.add_argument("--file", default=None, help="a copy of the source file downloaded by hand (verified, then used)")
+    p.add_argument("--mirror", default=None, help="a base URL that serves the same file names (a local mirror)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_data)
+
+
 # one function per command, in `medfm --help` order
-PARSERS = (_quickstart_parser, _benchmark_parser, _info_parser, _encode_parser, _pretrain_parser, _finetune_parser,
+PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _encode_parser, _pretrain_parser, _finetune_parser,
            _evaluate_parser, _generate_parser, _generate_report_parser, _synth_parser)
 
 
