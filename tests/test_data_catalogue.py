@@ -290,6 +290,10 @@ def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path):
     download(remote.url, tmp_path / "big.bin", md5=remote.md5, progress=False)
     assert server.requests[-1] == ("big.bin", "bytes=100000-")  # asked only for the rest
     assert (tmp_path / "big.bin").read_bytes() == data and not part.exists()
+    # a .part that is already whole (stopped before its rename): the server answers 416, the file is kept
+    (tmp_path / "big.bin").rename(part)
+    download(remote.url, tmp_path / "big.bin", md5=remote.md5, progress=False)
+    assert server.requests[-1] == ("big.bin", "bytes=300000-") and (tmp_path / "big.bin").read_bytes() == data
 
 
 def test_a_corrupted_file_is_caught_by_its_checksum(server, data_root, capsys):

@@ -62,6 +62,7 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, sha256: 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
+    total = size
     request = urllib.request.Request(url, headers={"User-Agent": "medfm", **({"Range": f"bytes={have}-"} if have else {})})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
