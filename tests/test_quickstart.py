@@ -50,9 +50,11 @@ def test_every_step_runs_and_the_report_holds_the_measured_numbers(quick):
 
 def test_the_console_shows_step_totals_and_no_third_party_noise(quick):
     _, console = quick
-    assert re.search(r"training on cpu \(\d+ threads\), 32-true: 100%.*\| 4/4 ", console)
-    foreign = [line for line in console.splitlines() if "Warning" in line and "/medfm/" not in line]
-    assert not foreign and "site-packages" not in console, foreign  # medfm's own warnings may say what they do
+    assert re.search(r"training on cpu \(\d+ threads\), 32-true: 100% 4/4 ", console)
+    assert "\r" not in console  # not a terminal: progress comes as whole lines, no carriage-return redraws
+    warned = [line for line in console.splitlines() if "Warning" in line]
+    assert not warned and "site-packages" not in console, warned  # nothing a demo user need not act on
+    assert "report decoder: warm-started from all-MiniLM-L6-v2; 16 new weights start random" in console
     for noise in ("GPU available", "TPU available", "Epoch 0/", "LeafSpec", "litlogger", "eval mode",
                   "worker processes", "Trainer.fit"):
         assert noise not in console, noise
@@ -85,3 +87,21 @@ def test_quickstart_refuses_unknown_steps_and_foreign_folders(tmp_path, capsys):
 def test_make_demo_runs_the_quickstart():
     demo = (REPO / "Makefile").read_text().split("\ndemo:")[1].split("\n\n")[0]
     assert "medfm quickstart" in demo
+
+
+def test_progress_in_a_log_is_a_line_every_ten_percent():
+    import io
+
+    from medfm.progress import LineProgress, progress_bar
+
+    log = io.StringIO()
+    bar = progress_bar(total=200, desc="training", unit="step", file=log, mininterval=0)
+    assert isinstance(bar, LineProgress)
+    for i in range(200):
+        bar.update(1)
+        bar.set_postfix_str(f"loss {i}", refresh=False)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and 10 <= len(lines) <= 12, lines
+    assert lines[0].startswith("training:   0% 0/200") and lines[-1].startswith("training: 100% 200/200")
+    assert "loss 199" in lines[-1]
