@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from medfm.atomic import atomic_path
+
 from . import prepare as layouts
 from .download import FetchError, download, verify
 
@@ -134,9 +136,8 @@ def _adopt(file: Path, target: Path, remote: Remote) -> None:
     verify(file, md5=remote.md5, sha256=remote.sha256, size=remote.size)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists() or target.stat().st_size != file.stat().st_size:
-        partial = target.with_name(target.name + ".part")
-        shutil.copyfile(file, partial)
-        os.replace(partial, target)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(file, tmp)
 
 
 def _unpack(archive: Path, raw: Path) -> None:

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from medfm.atomic import write_text
 from medfm.progress import progress_bar
 
 from .errors import DataError
@@ -42,8 +43,8 @@ def verify(path: str | os.PathLike, md5: str | None = None, sha256: str | None =
     path = Path(path)
     if size is not None and path.stat().st_size != size:
         raise FetchError(f"{path}: {path.stat().st_size:,} bytes, expected {size:,}")
-    if md5 and file_hash(path, "md5") != md5.lower():
-        raise FetchError(f"{path}: MD5 {file_hash(path, 'md5')} does not match the published {md5}")
+    if md5 and (found := file_hash(path, "md5")) != md5.lower():
+        raise FetchError(f"{path}: MD5 {found} does not match the published {md5}")
     found = file_hash(path)
     if sha256 and found != sha256.lower():
         raise FetchError(f"{path}: SHA-256 {found} does not match the expected {sha256}")
@@ -119,4 +120,4 @@ def _check(path: Path, md5, sha256, size, recorded: Path, name: Path | None = No
     except FetchError as e:
         raise FetchError(f"{name}: corrupt or not the published file: {str(e).split(': ', 1)[1]}") from None
     if not recorded.exists():
-        recorded.write_text(f"{found}  {name.name}\n")
+        write_text(recorded, f"{found}  {name.name}\n")

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import re
+import shutil
 from collections import defaultdict
 from pathlib import Path
+
+from medfm.atomic import atomic_path
 
 from .errors import DataError
 from .writers import write_manifest
@@ -64,9 +68,6 @@ def _binary_mask(src: Path, folder: Path) -> tuple[str, bool]:
 def medmnist(filename: str, folder: Path, raw: Path) -> Path:
     """A MedMNIST npz is already a medfm data path: checked to open with its splits, and linked as
     ``folder/NAME.npz`` (a hard link where the file system allows, else a copy)."""
-    import os
-    import shutil
-
     from .npz import npz_splits
 
     source = folder / "downloads" / filename
@@ -78,7 +79,8 @@ def medmnist(filename: str, folder: Path, raw: Path) -> Path:
         try:
             os.link(source, path)
         except OSError:
-            shutil.copyfile(source, path)
+            with atomic_path(path) as tmp:
+                shutil.copyfile(source, tmp)
     return path
 
 
@@ -120,8 +122,9 @@ def iu_xray(folder: Path, raw: Path) -> Path:
     reports = read_iu_xray(folder / "downloads" / "NLMCXR_reports.tgz")
     images = {p.stem: p for p in _find(raw, "*.png", "the Open-i PNG images")}
     split = _three_way([r.uid for r in reports])
-    rows = [{"image": _rel(images[i], folder), "text": r.text(), "study": r.uid, "split": split[r.uid]}
-            for r in reports if r.text() for i in r.image_ids if i in images]
+    texts = {r.uid: r.text() for r in reports}
+    rows = [{"image": _rel(images[i], folder), "text": texts[r.uid], "study": r.uid, "split": split[r.uid]}
+            for r in reports if texts[r.uid] for i in r.image_ids if i in images]
     if not rows:
         raise DataError(f"{raw}: no report names an image of the archive (ids like {reports[0].image_ids[:1]})")
     return write_manifest(folder / "manifest.csv", rows)
@@ -174,7 +177,8 @@ def bus_bra(folder: Path, raw: Path) -> Path:
     """``bus_data.csv`` + ``5-fold-cv.csv``: folds 1-3 train, 4 val, 5 test (the published partition); the
     0/255 lesion masks written as 0/1 label maps."""
     data_csv = _find(raw, "bus_data.csv", "the BUS-BRA table")[0]
-    folds = {r["ID"]: r["kFold"] for r in csv.DictReader(open(_find(raw, "5-fold-cv.csv", "the BUS-BRA folds")[0]))}
+    with open(_find(raw, "5-fold-cv.csv", "the BUS-BRA folds")[0]) as f:
+        folds = {r["ID"]: r["kFold"] for r in csv.DictReader(f)}
     images = {p.stem: p for p in _find(raw, "bus_*.png", "the BUS-BRA images")}
     masks = {p.stem.replace("mask_", "bus_"): p for p in raw.rglob("mask_*.png")}
     rows = []
