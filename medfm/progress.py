@@ -19,17 +19,28 @@ from tqdm.std import tqdm as std_tqdm
 EVERY = 10  # percent between two lines when the output is not a terminal
 
 
-def is_terminal(stream=None) -> bool:
-    """Whether ``stream`` (default stderr, where bars go) is an interactive terminal. ``MEDFM_PROGRESS=lines``
-    or ``=bar`` forces one or the other (for notebooks that capture output, or CI logs that want bars)."""
+def wants_bar(stream=None) -> bool:
+    """Whether progress on ``stream`` (default stderr, where bars go) should redraw as a bar: an interactive
+    terminal, or a Jupyter kernel (tqdm's widget). ``MEDFM_PROGRESS=lines`` or ``=bar`` forces one or the
+    other (for a notebook whose output is logged, or a CI log that wants bars)."""
     forced = os.environ.get("MEDFM_PROGRESS", "").lower()
     if forced in ("lines", "bar"):
         return forced == "bar"
+    if _in_jupyter_kernel():
+        return True
     stream = sys.stderr if stream is None else stream
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+def _in_jupyter_kernel() -> bool:
+    """Running inside a Jupyter kernel, tested as tqdm.autonotebook does (IPython's shell configured by an
+    IPKernelApp): ``ipykernel`` merely imported, as nbclient does in the test process, is not a notebook."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 class LineProgress(std_tqdm):
@@ -80,12 +91,7 @@ def _total(args: tuple, kwargs: dict):
 
 
 def progress_bar(*args, **kwargs):
-    """``tqdm(*args, **kwargs)`` on a terminal (or in a notebook), :class:`LineProgress` otherwise."""
-    stream = kwargs.get("file")
-    if kwargs.get("disable") or is_terminal(stream) or _in_notebook():
+    """``tqdm(*args, **kwargs)`` on a terminal or in a notebook, :class:`LineProgress` otherwise."""
+    if kwargs.get("disable") or wants_bar(kwargs.get("file")):
         return tqdm(*args, **kwargs)
     return LineProgress(*args, **kwargs)
-
-
-def _in_notebook() -> bool:
-    return "ipykernel" in sys.modules and os.environ.get("MEDFM_PROGRESS", "").lower() != "lines"
