@@ -13,6 +13,9 @@ from medfm.encoders import (Encoder, ViT, create_encoder, encoder_arguments, enc
 SIZE = 32
 # every encoder but ViT-L (300M parameters: its layout is checked on the meta device in test_speed_paths.py)
 CASES = [(name, dims) for name in list_encoders() if name != "vit_large" for dims in (2, 3)]
+# public families default to their published sizes (a DINOv2 ViT-B/14): built tiny here, parity-tested at full
+# layout in tests/test_public_*.py
+TINY = {"dinov2": dict(embed_dim=48, depth=4, num_heads=2, patch_size=8)}
 
 
 def _input(dims: int, batch: int = 2, chans: int = 1) -> torch.Tensor:
@@ -23,7 +26,7 @@ def _input(dims: int, batch: int = 2, chans: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("name,dims", CASES)
 def test_encoder_api(name, dims, tmp_path):
     torch.manual_seed(0)
-    model = create_encoder(name, spatial_dims=dims, img_size=SIZE)
+    model = create_encoder(name, spatial_dims=dims, img_size=SIZE, **TINY.get(name, {}))
     assert model.spatial_dims == dims and len(model.patch_size) == dims
     x = _input(dims)
 
@@ -53,7 +56,7 @@ def test_encoder_api(name, dims, tmp_path):
     files = set(os.listdir(tmp_path))
     assert {"model.safetensors", "config.json"} <= files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
     for loaded in (from_pretrained(tmp_path), type(model).from_pretrained(tmp_path),
-                   create_encoder(name, spatial_dims=dims, img_size=SIZE, pretrained=tmp_path)):
+                   create_encoder(name, spatial_dims=dims, img_size=SIZE, pretrained=tmp_path, **TINY.get(name, {}))):
         loaded.eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
@@ -66,7 +69,7 @@ def test_every_encoder_follows_the_declared_interface(name, tmp_path):
     the family's own signature."""
     import re
 
-    model = create_encoder(name, spatial_dims=2, img_size=SIZE).eval()
+    model = create_encoder(name, spatial_dims=2, img_size=SIZE, **TINY.get(name, {})).eval()
     assert isinstance(model, Encoder) and isinstance(model, encoder_family(name))
     assert model.architecture == name and model.feature_maps in ("tokens", "pyramid")
     x = _input(2, batch=1)

@@ -6,10 +6,12 @@ adaptation) are apart, as in timm. A new family is one file with its class and i
 imported here.
 """
 
-from . import cnn, vit  # noqa: F401  (registers the encoders)
+from . import cnn, dinov2, vit  # noqa: F401  (registers the encoders and their formats)
 from .clip import CLIP
 from .cnn import ResNetEncoder
 from .factory import create_encoder, create_model_and_transforms, from_pretrained, preprocess_transform, saved_architecture
+from .formats import list_formats
+from .input_norm import InputNorm
 from .interface import Encoder, EncoderBase
 from .params import layer_decay_param_groups
 from .registry import describe_encoder, encoder_arguments, encoder_family, list_encoders, register_encoder, unregister_encoder
@@ -25,6 +27,8 @@ __all__ = [
     "unregister_encoder",
     "saved_architecture",
     "ViT",
+    "InputNorm",
+    "list_formats",
     "ResNetEncoder",
     "TextEncoder",
     "CLIP",

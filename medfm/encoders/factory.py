@@ -14,6 +14,7 @@ from monai.transforms import Compose
 from medfm.artifacts import load, read_config
 from medfm.data.transforms import PRESETS
 
+from .formats import convert, is_public
 from .registry import encoder_entrypoint, encoder_family, list_encoders
 from .vit import vit_size_name
 from .weights import load_pretrained
@@ -35,7 +36,10 @@ def create_encoder(
       * a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` state-dict file, e.g. a timm
         checkpoint: adapted (2D->3D inflation, channel count, position-embedding grid)
         with a warning that lists every adaptation, then loaded strictly;
-      * ``"timm:<model name>"``: timm's pretrained weights for that model (needs network).
+      * ``"timm:<model name>"``: timm's pretrained weights for that model (needs network);
+      * a public model of a format ``medfm models`` lists (a Hugging Face / open_clip folder, an original
+        checkpoint, ``hf:ORG/NAME``): converted, built with its own architecture (``name`` must be its
+        family's) and its recorded preprocessing.
     A ``save_pretrained`` folder also brings its recorded preprocessing (``model.preprocess``) and its
     readout (:data:`READOUT`: ``global_pool``, ``fc_norm``) unless ``kwargs`` set one.
     """
@@ -44,7 +48,13 @@ def create_encoder(
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if pretrained is not None:
         saved = saved_architecture(pretrained) or {}
-        kwargs = {**{k: saved[k] for k in READOUT if k in saved}, **kwargs}
+        if saved and is_public(pretrained):  # a converted public model: its whole architecture
+            if saved["name"] != name:
+                raise ValueError(f"{pretrained}: a {saved['name']} checkpoint; build it as {saved['name']!r}, "
+                                 f"not {name!r} (a recipe's encoder.pretrained does so by itself)")
+            kwargs = {**{k: v for k, v in saved.items() if k != "name"}, **kwargs}
+        else:
+            kwargs = {**{k: saved[k] for k in READOUT if k in saved}, **kwargs}
     model = builder(spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size, **kwargs)
     if pretrained is not None:
         load_pretrained(model, pretrained)
@@ -55,6 +65,15 @@ READOUT = ("global_pool", "fc_norm")  # how a ViT pools its tokens: a recipe may
 
 
 def saved_architecture(pretrained: str | os.PathLike) -> dict | None:
+    """See :func:`_medfm_architecture`; for a public model of a known format, its family and every
+    constructor argument that rebuilds the upstream network."""
+    if is_public(pretrained):
+        converted = convert(pretrained)
+        return None if converted is None else {"name": converted.architecture, **converted.args}
+    return _medfm_architecture(pretrained)
+
+
+def _medfm_architecture(pretrained: str | os.PathLike) -> dict | None:
     """``{name, *family.adopt_keys}`` of a medfm ``save_pretrained`` folder (None for anything else: a weight
     file, ``timm:<name>``, a folder without a medfm config), so a recipe that loads the folder builds the
     network the weights were trained with and reads it out as it was trained to be read (:data:`READOUT`).
@@ -99,7 +118,17 @@ def preprocess_transform(preprocess: dict | None, train: bool = False, size: Any
                            **preprocess.get("args", {}))
 
 
-def create_model_and_transforms(model_id: str | os.PathLike, **hub_kwargs: Any) -> tuple[nn.Module, Compose]:
-    """A saved encoder and the evaluation preprocessing it was trained with, together."""
+def create_model_and_transforms(model_id: str | os.PathLike, spatial_dims: int = 2, in_chans: int = 1,
+                                **hub_kwargs: Any) -> tuple[nn.Module, Compose]:
+    """A saved encoder and the evaluation preprocessing it was trained with, together; for a public model
+    (``medfm models``), the converted encoder at the input size its authors used, and their preprocessing
+    (the intensity scaling in the transform, their normalisation inside the encoder: ``InputNorm``)."""
+    if is_public(model_id):
+        converted = convert(model_id)
+        if converted is not None:
+            size = (converted.preprocess or {}).get("size", 224)
+            model = create_encoder(converted.architecture, spatial_dims=spatial_dims, in_chans=in_chans,
+                                   img_size=size, pretrained=model_id)
+            return model, preprocess_transform(model.preprocess)
     model = from_pretrained(model_id, **hub_kwargs)
     return model, preprocess_transform(getattr(model, "preprocess", None))

@@ -21,8 +21,10 @@ from timm.layers import trunc_normal_
 from monai.utils import ensure_tuple_rep
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
+from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import Block
 
+from .input_norm import InputNorm
 from .interface import EncoderBase
 from .registry import register_encoder
 
@@ -42,17 +44,19 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), grid
 
 
-def resample_grid_embed(pos: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> torch.Tensor:
+def resample_grid_embed(pos: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int],
+                        antialias: bool = False) -> torch.Tensor:
     """Resample grid position embeddings (1, N, D) from ``old_grid`` to ``new_grid`` (same number of dims).
 
-    Bicubic in 2D (timm's choice), trilinear in 3D.
+    Bicubic in 2D (timm's choice; ``antialias`` as DINOv2 with registers does), trilinear in 3D.
     """
     if tuple(old_grid) == tuple(new_grid):
         return pos
     d = pos.shape[-1]
     grid = pos.reshape(1, *old_grid, d).movedim(-1, 1).float()
     mode = "bicubic" if len(old_grid) == 2 else "trilinear"
-    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False,
+                         antialias=antialias and len(old_grid) == 2)
     return grid.movedim(1, -1).reshape(1, -1, d).to(pos.dtype)
 
 
@@ -72,9 +76,11 @@ def _source_grid(n: int, src_dims: int, config: dict | None) -> tuple[int, ...]:
 
 
 def _source_prefix(n: int, src_dims: int, config: dict | None) -> int:
-    """Number of prefix (class-token) slots in a source position embedding of length ``n``."""
+    """Number of prefix (class- and register-token) slots in a source position embedding of length ``n``."""
     if config is not None:
-        return 1 if config.get("class_token", True) else 0
+        if config.get("no_embed_class", False):
+            return 0
+        return (1 if config.get("class_token", True) else 0) + int(config.get("reg_tokens", 0))
     for prefix in (1, 0):  # timm ViTs keep a class-token slot first
         if round((n - prefix) ** (1.0 / src_dims)) ** src_dims == n - prefix:
             return prefix
@@ -98,6 +104,19 @@ class ViT(EncoderBase):
             (``norm`` on every token); ``None`` is timm's default (``True`` for ``"avg"``). An encoder
             trained with one pooling can be read out with the other when ``fc_norm=False``: the
             parameters are the same.
+        init_values: LayerScale (``ls1`` / ``ls2``, CaiT / DINOv2), None for none.
+        reg_tokens: register tokens after the class token (Darcet et al., "Vision Transformers Need
+            Registers"; DINOv2-reg), timm's ``reg_token``.
+        no_embed_class: timm's switch: the position embedding covers the patch tokens only (the class and
+            register tokens carry none), as timm stores DINOv2 with registers.
+        norm_eps: LayerNorm epsilon (1e-6 in timm and DINOv2; 1e-5 in torch's default, open_clip).
+        mlp: ``"gelu"`` (timm's ``Mlp``) or ``"swiglu"`` (timm's ``SwiGLUPacked``: ``fc1`` holds the gate
+            and value halves; DINOv2-g, UNI2, Virchow2). The hidden width is ``int(embed_dim * mlp_ratio)``,
+            both halves together for SwiGLU.
+        input_norm: a fixed input mapping in front of the patch embedding (:class:`InputNorm`:
+            ``{"channels", "mean", "std"}``): a public model's normalisation and channel count, so it reads
+            the [0, 1] grey images every medfm preset produces exactly as it read its own inputs.
+        pos_antialias: resample the 2D position grid with an antialiased bicubic (DINOv2 with registers).
     """
 
     feature_maps = "tokens"
@@ -122,6 +141,12 @@ class ViT(EncoderBase):
         fc_norm: bool | None = None,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        norm_eps: float = 1e-6,
+        mlp: str = "gelu",
+        input_norm: dict | None = None,
+        pos_antialias: bool = False,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -132,6 +157,8 @@ class ViT(EncoderBase):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
+        if mlp not in MLP_LAYERS:
+            raise ValueError(f"mlp must be one of {sorted(MLP_LAYERS)}, got {mlp!r}")
         self.spatial_dims = spatial_dims
         self.img_size = ensure_tuple_rep(img_size, spatial_dims)
         self.patch_size = ensure_tuple_rep(patch_size, spatial_dims)
@@ -146,12 +173,17 @@ class ViT(EncoderBase):
         self.in_chans = in_chans
         self.embed_dim = self.num_features = embed_dim
         self.global_pool = global_pool
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.num_pos_prefix = 0 if no_embed_class else self.num_prefix_tokens  # prefix slots in pos_embed
+        self.pos_antialias = pos_antialias
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(spatial_dims, self.patch_size, in_chans, embed_dim)
+        self.input_norm = InputNorm(in_chans, **input_norm) if input_norm else nn.Identity()
+        conv_chans = input_norm["channels"] if input_norm else in_chans
+        self.patch_embed = PatchEmbed(spatial_dims, self.patch_size, conv_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        n_pos = math.prod(self.grid_size) + self.num_prefix_tokens
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        n_pos = math.prod(self.grid_size) + self.num_pos_prefix
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim), requires_grad=pos_embed == "learned")
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # torch.linspace, on any device
         self.blocks = nn.Sequential(
@@ -163,14 +195,15 @@ class ViT(EncoderBase):
                     qkv_bias=qkv_bias,
                     init_values=init_values,
                     drop_path=dpr[i],
-                    norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                    norm_layer=partial(nn.LayerNorm, eps=norm_eps),
+                    **MLP_LAYERS[mlp],
                 )
                 for i in range(depth)
             ]
         )
         use_fc_norm = global_pool == "avg" if fc_norm is None else bool(fc_norm)
-        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self._init_weights(pos_embed)
 
     # ----------------------------------------------------------------- init
@@ -178,11 +211,13 @@ class ViT(EncoderBase):
         if pos_embed == "sincos":
             grid = build_sincos_position_embedding(list(self.grid_size), self.embed_dim, self.spatial_dims)
             with torch.no_grad():
-                self.pos_embed[:, self.num_prefix_tokens :].copy_(grid.data)
+                self.pos_embed[:, self.num_pos_prefix :].copy_(grid.data)
         else:
             trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
@@ -210,25 +245,27 @@ class ViT(EncoderBase):
         prefix, grid_pos = pos[:, :src_prefix], pos[:, src_prefix:]
         src_grid = _source_grid(grid_pos.shape[1], src_dims, config)
         if src_dims == 2 and self.spatial_dims == 3:
-            plane = resample_grid_embed(grid_pos, src_grid, self.grid_size[1:]).reshape(1, 1, *self.grid_size[1:], -1)
+            plane = resample_grid_embed(grid_pos, src_grid, self.grid_size[1:], self.pos_antialias)
+            plane = plane.reshape(1, 1, *self.grid_size[1:], -1)
             grid_pos = plane.expand(1, self.grid_size[0], *self.grid_size[1:], plane.shape[-1])
             grid_pos = grid_pos.reshape(1, math.prod(self.grid_size), -1)
         else:
-            grid_pos = resample_grid_embed(grid_pos, src_grid, self.grid_size)
-        if self.num_prefix_tokens and not src_prefix:
-            prefix = torch.zeros(1, self.num_prefix_tokens, pos.shape[-1], dtype=pos.dtype)
-        return torch.cat([prefix[:, : self.num_prefix_tokens], grid_pos], dim=1)
+            grid_pos = resample_grid_embed(grid_pos, src_grid, self.grid_size, self.pos_antialias)
+        if prefix.shape[1] < self.num_pos_prefix:  # slots the source did not have start at zero
+            pad = torch.zeros(1, self.num_pos_prefix - prefix.shape[1], pos.shape[-1], dtype=pos.dtype)
+            prefix = torch.cat([prefix, pad], dim=1)
+        return torch.cat([prefix[:, : self.num_pos_prefix], grid_pos], dim=1)
 
     # ----------------------------------------------------------- timm-style API
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "reg_token"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise LR decay: stem, one group per block, final norms."""
         return dict(
-            stem=r"^cls_token|^pos_embed|^patch_embed",
+            stem=r"^cls_token|^reg_token|^pos_embed|^patch_embed|^input_norm",
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm|^fc_norm", (99999,))],
         )
 
@@ -251,7 +288,7 @@ class ViT(EncoderBase):
 
     def grid_pos_embed(self, grid: Sequence[int]) -> torch.Tensor:
         """Position embeddings of the patch tokens for a token grid, resampled if it differs from the built one."""
-        return resample_grid_embed(self.pos_embed[:, self.num_prefix_tokens :], self.grid_size, grid)
+        return resample_grid_embed(self.pos_embed[:, self.num_pos_prefix :], self.grid_size, grid, self.pos_antialias)
 
     def patchify_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Patch tokens with their position embedding added, no prefix token: (B, N, D), grid.
@@ -259,15 +296,19 @@ class ViT(EncoderBase):
         Pretraining methods that drop tokens (MAE) start here.
         """
         self._check_input(x)
-        tokens, grid = self.patch_embed(x)
+        tokens, grid = self.patch_embed(self.input_norm(x))
         return tokens + self.grid_pos_embed(grid), grid
 
     def add_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Prepend the class token (with its position embedding) if the model has one."""
-        if self.cls_token is None:
+        """Prepend the class token and the register tokens (with their position embeddings unless
+        ``no_embed_class``), as timm orders them: class, registers, patches."""
+        prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
+        if not prefix:
             return tokens
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        return torch.cat([cls, tokens], dim=1)
+        prefix = torch.cat(prefix, dim=1)
+        if self.num_pos_prefix:
+            prefix = prefix + self.pos_embed[:, : self.num_pos_prefix]
+        return torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -311,6 +352,8 @@ class ViT(EncoderBase):
                 out.append(f.transpose(1, 2).reshape(f.shape[0], self.embed_dim, *grid))
         return out
 
+
+MLP_LAYERS = {"gelu": {}, "swiglu": {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}}  # ViT(mlp=...)
 
 MAX_TOKENS = 32768  # patches per input: 512^2 at patch 4, 512^3 at 16; more is a typo, not a model
 

@@ -27,32 +27,32 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from timm.models import adapt_input_conv
 
-from medfm.artifacts import WEIGHTS_NAME, load_state_dict_strict, load_tensors, read_config, resolve_file
+from medfm.artifacts import WEIGHTS_NAME, load_state_dict_strict, read_config, resolve_file
+
+from .formats import convert_checkpoint, identify, is_public, nearest_format, open_checkpoint
 
 HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")  # classifier heads a source may carry
 
 
 def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Read weights from a save_pretrained folder / hub id, a state-dict file, or ``timm:<name>``.
+    """Read weights from a save_pretrained folder / hub id, a state-dict file, ``timm:<name>``, or a public
+    model of a format in :mod:`medfm.encoders.formats` (converted to medfm's keys).
 
-    Returns the state dict and the medfm config when the source has one. Pickled
-    files are read with ``torch.load(weights_only=True)``: tensors only, no code.
+    Returns the state dict and a config: a medfm folder's own, or for a public model how its network was
+    built (token grid, preprocessing), None for a bare file. Pickled files are read with
+    ``torch.load(weights_only=True)``: tensors only, no code.
     """
     source = str(source)
     if source.startswith("timm:"):
         return timm.create_model(source[5:], pretrained=True).state_dict(), None
+    if is_public(source):
+        ckpt = open_checkpoint(source)
+        converted = convert_checkpoint(ckpt)
+        if converted is None:  # a timm / medfm-layout state dict: adapted and loaded as it is
+            return ckpt.state_dict, None
+        return converted.state_dict, {**converted.source, "preprocess": converted.preprocess,
+                                      "format": identify(ckpt).name}
     path = Path(source)
-    if path.is_file():
-        if path.suffix == ".safetensors":
-            sd = load_file(str(path))
-        elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-            sd = load_tensors(path, "save its state_dict's tensors as .safetensors or with torch.save(model.state_dict())")
-        else:
-            raise ValueError(f"{source}: unknown weight file type {path.suffix!r} (use .safetensors, .pth, .pt, .bin)")
-        for key in ("state_dict", "model"):  # Lightning checkpoints, MAE/DINO training checkpoints
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-        return sd, None
     if path.exists() and not path.is_dir():
         raise ValueError(f"{source}: neither a weight file nor a save_pretrained folder")
     config = read_config(source)  # a save_pretrained folder, or a hub id (downloaded)
@@ -98,7 +98,12 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike) -> nn.Module:
     """Read weights from ``source``, adapt them to ``model``, load strictly, warn about every adaptation."""
     state_dict, config = read_state_dict(source)
     sd, notes = adapt_state_dict(model, state_dict, config)
-    load_state_dict_strict(model, sd, source=str(source))
+    try:
+        load_state_dict_strict(model, sd, source=str(source))
+    except ValueError as e:
+        if config is not None or not is_public(source):
+            raise
+        raise ValueError(f"{e}; {nearest_format(open_checkpoint(source))}") from None
     if config and config.get("preprocess"):  # a medfm folder records how its inputs were prepared
         model.preprocess = config["preprocess"]
     if notes:
