@@ -341,6 +341,40 @@ def _benchmark_parser(sub) -> None:
     p.set_defaults(fn=cmd_benchmark)
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from medfm.encoders.formats import convert_checkpoint, identify, list_formats, nearest_format, open_checkpoint
+
+    if args.path is None:
+        print("public models medfm reads (encoder.pretrained= / --encoder FILE|FOLDER|hf:ORG/NAME):\n")
+        for f in list_formats():
+            print(f"{f.name}  -> encoder {f.architecture!r}\n  source      {f.source}\n  preprocess  {f.preprocess}"
+                  f"\n  license     {f.license}\n  example     {f.example}\n")
+        print("also: timm state dicts of medfm's ViT / ResNet sizes, and every medfm encoder or run folder "
+              "(docs/checkpoints.md)")
+        return 0
+    ckpt = open_checkpoint(args.path)
+    fmt = identify(ckpt)
+    if fmt is None:
+        raise ValueError(f"{args.path}: no public format fits; {nearest_format(ckpt)}")
+    converted = convert_checkpoint(ckpt)
+    n = sum(v.numel() for v in converted.state_dict.values())
+    print(f"{args.path}: {fmt.name} ({fmt.source})")
+    print(f"encoder     {converted.architecture}({', '.join(f'{k}={v!r}' for k, v in converted.args.items())})")
+    print(f"parameters  {n / 1e6:.2f}M")
+    print(f"preprocess  {converted.preprocess}")
+    print(f"license     {fmt.license}")
+    return 0
+
+
+def _models_parser(sub) -> None:
+    """``medfm models``."""
+    p = sub.add_parser("models", help="public foundation models medfm reads (DINOv2, RAD-DINO, ...), or which one "
+                       "a checkpoint is")
+    p.add_argument("path", nargs="?", default=None, help="a weight file, a folder or hf:ORG/NAME: name its format, "
+                   "the encoder it becomes and its preprocessing")
+    p.set_defaults(fn=cmd_models)
+
+
 def _info_parser(sub) -> None:
     """``medfm info``."""
     p = sub.add_parser("info", help="versions, device, registered encoders and recipes")
@@ -500,7 +534,7 @@ def _data_parser(sub) -> None:
 
 
 # one function per command, in `medfm --help` order
-PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _encode_parser, _pretrain_parser, _finetune_parser,
+PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
            _evaluate_parser, _generate_parser, _generate_report_parser, _synth_parser)
 
 

@@ -48,3 +48,11 @@ def mni_t1() -> Path:
 @pytest.fixture(scope="session")
 def ct_small() -> Path:
     return samples.pydicom_file("CT_small.dcm")
+
+
+@pytest.fixture(scope="session")
+def slices(tmp_path_factory) -> str:
+    """Real MNI152 axial slices with tissue label maps and a ``level`` class, 32 px (a manifest path)."""
+    from medfm.data import samples
+
+    return str(samples.mni152_slices(tmp_path_factory.mktemp("slices"), n=24, size=32))

@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 from medfm.encoders import create_encoder, create_model_and_transforms, saved_architecture
 from medfm.encoders.formats import identify, open_checkpoint
 
+from .public_helpers import finetune_lora_cli
+
 RAD_DINO_NORM = {"image_mean": [0.5307, 0.5307, 0.5307], "image_std": [0.2583, 0.2583, 0.2583]}
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -135,3 +137,12 @@ def test_dinov2_inflates_to_3d(tmp_path):
     g = torch.rand(1, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(vol(g[:, :, None].expand(-1, -1, 14, -1, -1).contiguous()), flat(g), rtol=1e-4, atol=1e-4)
+
+
+def test_dinov2_lora_finetunes_from_the_cli_and_reloads(tmp_path, slices, capsys):
+    _, folder = _hf_folder(tmp_path, registers=True, swiglu=True)
+    metrics = finetune_lora_cli(folder, slices, tmp_path / "lora")
+    out = capsys.readouterr().out
+    assert "-> dinov2" in out and "img_size 32 -> 28" in out, out
+    assert metrics["encoder"] == "dinov2" and 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert 0.0 <= metrics["val"]["auroc"] <= 1.0

@@ -15,6 +15,7 @@ from monai.networks import nets as monai_nets
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
+from .input_norm import InputNorm
 from .interface import EncoderBase
 from .registry import register_encoder
 from .weights import HEAD_PREFIXES
@@ -31,19 +32,22 @@ class ResNetEncoder(EncoderBase):
     lora_targets = None  # no default: a recipe names the convolutions (lora.target_modules: [conv1, conv2])
     input_conv = "net.conv1.weight"
 
-    def __init__(self, spatial_dims: int = 2, depth: int = 18, in_chans: int = 1, img_size: int | Sequence[int] = 224):
+    def __init__(self, spatial_dims: int = 2, depth: int = 18, in_chans: int = 1, img_size: int | Sequence[int] = 224,
+                 input_norm: dict | None = None):
         super().__init__()
         if depth not in (18, 34, 50):
             raise ValueError(f"ResNet depth must be 18, 34 or 50, got {depth}")
         self.spatial_dims = spatial_dims
         self.in_chans = in_chans
         self.img_size = img_size
+        self.input_norm = InputNorm(in_chans, **input_norm) if input_norm else nn.Identity()  # a public model's
+        net_chans = input_norm["channels"] if input_norm else in_chans                         # normalisation
         if spatial_dims == 2:
-            self.net = timm.create_model(f"resnet{depth}", num_classes=0, global_pool="", in_chans=in_chans)
+            self.net = timm.create_model(f"resnet{depth}", num_classes=0, global_pool="", in_chans=net_chans)
             self._act_name = "act1"
         elif spatial_dims == 3:
             self.net = getattr(monai_nets, f"resnet{depth}")(
-                spatial_dims=3, n_input_channels=in_chans, feed_forward=False, conv1_t_stride=2, shortcut_type="B", bias_downsample=False
+                spatial_dims=3, n_input_channels=net_chans, feed_forward=False, conv1_t_stride=2, shortcut_type="B", bias_downsample=False
             )
             self._act_name = "act"
         else:
@@ -94,7 +98,7 @@ class ResNetEncoder(EncoderBase):
         """
         self._check_input(x)
         take, last = feature_take_indices(5, indices)
-        x = self._stem(x)
+        x = self._stem(self.input_norm(x))
         maps = [x]
         x = self.net.maxpool(x)
         for stage in self.stages[:last]:
@@ -108,23 +112,24 @@ class ResNetEncoder(EncoderBase):
 
 
 
-def _resnet(depth: int, spatial_dims: int, in_chans: int, img_size) -> ResNetEncoder:
-    return ResNetEncoder(spatial_dims=spatial_dims, depth=depth, in_chans=in_chans, img_size=img_size)
+def _resnet(depth: int, spatial_dims: int, in_chans: int, img_size, input_norm: dict | None) -> ResNetEncoder:
+    return ResNetEncoder(spatial_dims=spatial_dims, depth=depth, in_chans=in_chans, img_size=img_size,
+                         input_norm=input_norm)
 
 
 @register_encoder
-def resnet18(spatial_dims: int = 2, in_chans: int = 1, img_size=224) -> ResNetEncoder:
+def resnet18(spatial_dims: int = 2, in_chans: int = 1, img_size=224, input_norm: dict | None = None) -> ResNetEncoder:
     """ResNet-18: timm ``resnet18`` in 2D, MONAI ``resnet18`` (MedicalNet layout) in 3D."""
-    return _resnet(18, spatial_dims, in_chans, img_size)
+    return _resnet(18, spatial_dims, in_chans, img_size, input_norm)
 
 
 @register_encoder
-def resnet34(spatial_dims: int = 2, in_chans: int = 1, img_size=224) -> ResNetEncoder:
+def resnet34(spatial_dims: int = 2, in_chans: int = 1, img_size=224, input_norm: dict | None = None) -> ResNetEncoder:
     """ResNet-34: timm ``resnet34`` in 2D, MONAI ``resnet34`` in 3D."""
-    return _resnet(34, spatial_dims, in_chans, img_size)
+    return _resnet(34, spatial_dims, in_chans, img_size, input_norm)
 
 
 @register_encoder
-def resnet50(spatial_dims: int = 2, in_chans: int = 1, img_size=224) -> ResNetEncoder:
-    """ResNet-50: timm ``resnet50`` in 2D, MONAI ``resnet50`` in 3D."""
-    return _resnet(50, spatial_dims, in_chans, img_size)
+def resnet50(spatial_dims: int = 2, in_chans: int = 1, img_size=224, input_norm: dict | None = None) -> ResNetEncoder:
+    """ResNet-50: timm ``resnet50`` in 2D, MONAI ``resnet50`` in 3D (torchxrayvision's ResNet-50 converts here)."""
+    return _resnet(50, spatial_dims, in_chans, img_size, input_norm)

@@ -153,9 +153,23 @@ def adopt_saved_architecture(cfg: dict) -> None:
         print(f"encoder: {', '.join(f'{k} {enc.get(k)} -> {v}' for k, v in changed.items())} "
               f"(as saved in {enc['pretrained']})")
         enc.update(changed)
+        _fit_img_size(enc)
         known = _encoder_keys(enc)
         for key in [k for k in enc if k not in known]:  # e.g. a ViT's patch_size, the weights being a CNN's
             _drop_key(enc, "encoder", key)
+
+
+def _fit_img_size(enc: dict) -> None:
+    """A public model's patch (DINOv2's 14) may not divide the recipe's size (a profile's 32 or 64 px): the size
+    becomes the nearest multiple of the patch, said in one line."""
+    patch, size = enc.get("patch_size"), enc.get("img_size")
+    if not isinstance(patch, int) or patch < 2 or size is None:
+        return
+    sizes = [size] if isinstance(size, int) else list(size)
+    fitted = [max(patch, round(s / patch) * patch) for s in sizes]
+    if fitted != sizes:
+        enc["img_size"] = fitted[0] if isinstance(size, int) else fitted
+        print(f"encoder: img_size {size} -> {enc['img_size']} (a multiple of the patch size {patch})")
 
 
 def _drop_key(sec: dict, name: str, key: str) -> None:
