@@ -12,10 +12,12 @@ from medfm.encoders import (Encoder, ViT, create_encoder, encoder_arguments, enc
 
 SIZE = 32
 # every encoder but ViT-L (300M parameters: its layout is checked on the meta device in test_speed_paths.py)
-CASES = [(name, dims) for name in list_encoders() if name != "vit_large" for dims in (2, 3)]
+CASES = [(name, dims) for name in list_encoders() if name != "vit_large" for dims in encoder_family(name).dims]
 # public families default to their published sizes (a DINOv2 ViT-B/14): built tiny here, parity-tested at full
 # layout in tests/test_public_*.py
-TINY = {"dinov2": dict(embed_dim=48, depth=4, num_heads=2, patch_size=8)}
+TINY = {"dinov2": dict(embed_dim=48, depth=4, num_heads=2, patch_size=8),
+        "sam_vit": dict(embed_dim=32, depth=4, num_heads=2, window_size=2, global_attn_indexes=[3], neck_chans=16,
+                        sam_img_size=64)}
 
 
 def _input(dims: int, batch: int = 2, chans: int = 1) -> torch.Tensor:
@@ -85,7 +87,7 @@ def test_every_encoder_follows_the_declared_interface(name, tmp_path):
     assert from_pretrained(tmp_path).architecture == name and saved_architecture(tmp_path)["name"] == name
     keys = encoder_arguments(name)
     assert {"spatial_dims", "in_chans", "img_size"} <= keys
-    assert ("patch_size" in keys) == (encoder_family(name) is ViT)
+    assert ("patch_size" in keys) == (encoder_family(name).feature_maps == "tokens")  # token grids have a patch
 
 
 @pytest.mark.parametrize("dims", [2, 3])

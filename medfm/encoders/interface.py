@@ -79,6 +79,7 @@ class EncoderBase(nn.Module, Artifact):
     architecture: str | None = None
     preprocess: dict | None = None
     feature_maps: ClassVar[str] = "pyramid"
+    dims: ClassVar[tuple[int, ...]] = (2, 3)  # the spatial dims the family builds (SAM's encoder: 2D only)
     lora_targets: ClassVar[str | list[str] | None] = None  # None: the recipe must name them
     input_conv: ClassVar[str | None] = None  # the state-dict key of the first convolution (channels adapt)
     adopt_keys: ClassVar[tuple[str, ...]] = ()  # saved arguments a recipe adopts with the architecture
