@@ -17,7 +17,7 @@ QUIET = ["trainer.enable_progress_bar=false", "data.test_split=null"]
 def finetune_lora_cli(encoder: Path | str, slices: str, out: Path, *extra: str, recipe: str = "classify_2d") -> dict:
     """``medfm finetune RECIPE --profile tiny --encoder ENCODER --method lora``: trains, evaluates, reloads."""
     label = ["classification.label=level"] if recipe.startswith("classify") else ["segmentation.num_classes=3"]
-    method = ["--method", "lora"] if recipe.startswith("classify") else []
+    method = ["--method", "lora"]
     assert main(["finetune", recipe, "--profile", "tiny", "--encoder", str(encoder), *method, "--data", slices,
                  "--out", str(out), *label, *QUIET, *extra]) == 0
     metrics = json.loads((out / "metrics.json").read_text())

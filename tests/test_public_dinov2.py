@@ -14,7 +14,9 @@ from safetensors.torch import save_file
 from medfm.encoders import create_encoder, create_model_and_transforms, saved_architecture
 from medfm.encoders.formats import identify, open_checkpoint
 
-from .public_helpers import finetune_lora_cli
+from medfm.cli import main
+
+from .public_helpers import QUIET, finetune_lora_cli
 
 RAD_DINO_NORM = {"image_mean": [0.5307, 0.5307, 0.5307], "image_std": [0.2583, 0.2583, 0.2583]}
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -26,11 +28,11 @@ def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x.expand(-1, 3, -1, -1) - m) / s
 
 
-def _hf_folder(tmp_path, registers: bool, swiglu: bool):
+def _hf_folder(tmp_path, registers: bool, swiglu: bool, layers: int = 2):
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     torch.manual_seed(0)
-    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+    kw = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, image_size=28, patch_size=14,
               use_swiglu_ffn=swiglu, layerscale_value=0.5)
     if registers:
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **kw))
@@ -39,7 +41,7 @@ def _hf_folder(tmp_path, registers: bool, swiglu: bool):
     with torch.no_grad():  # random, not zero, tokens so a misplaced one shows
         for p in model.embeddings.parameters():
             p.normal_()
-    folder = tmp_path / f"hf_dinov2_{registers}_{swiglu}"
+    folder = tmp_path / f"hf_dinov2_{registers}_{swiglu}_{layers}"
     model.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({**RAD_DINO_NORM, "crop_size": {"height": 28, "width": 28}}))
     return model.eval(), folder
@@ -146,3 +148,16 @@ def test_dinov2_lora_finetunes_from_the_cli_and_reloads(tmp_path, slices, capsys
     assert "-> dinov2" in out and "img_size 32 -> 28" in out, out
     assert metrics["encoder"] == "dinov2" and 0 < metrics["trainable_params"] < metrics["total_params"]
     assert 0.0 <= metrics["val"]["auroc"] <= 1.0
+
+
+def test_dinov2_patch14_segments_2d_and_inflates_into_a_3d_task(tmp_path, slices):
+    """Patch 14 in the UNETR decoder (decoded at stride 16, resampled to the input), and the 2D model in 3D."""
+    from .finetune_helpers import mni_map_classes
+
+    _, folder = _hf_folder(tmp_path, registers=True, swiglu=False, layers=4)
+    metrics = finetune_lora_cli(folder, slices, tmp_path / "seg", recipe="segment_2d")
+    assert metrics["encoder"] == "dinov2" and 0.0 <= metrics["val"]["mean_dice"] <= 1.0
+    run = tmp_path / "cls3d"
+    assert main(["finetune", "classify_3d", "--profile", "tiny", "--encoder", str(folder), "--method", "lora",
+                 "--data", str(mni_map_classes(tmp_path)), "--out", str(run), "classification.label=map", *QUIET]) == 0
+    assert json.loads((run / "metrics.json").read_text())["encoder"] == "dinov2"

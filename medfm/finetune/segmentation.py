@@ -29,6 +29,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
@@ -54,8 +55,7 @@ def _is_vit(encoder: nn.Module) -> bool:
 class SegmentationModel(TaskModel, nn.Module):
     """``encoder`` + decoder: (B, C, *spatial) -> (B, num_classes, *spatial) logits.
 
-    Inputs must be divisible by the encoder's total stride (the ViT patch size, which
-    must be an isotropic power of two; 32 for ResNets). Built by a run from its spec
+    Inputs must be divisible by the encoder's total stride (the ViT patch size, isotropic; 32 for ResNets). Built by a run from its spec
     (:meth:`from_spec`), it saves and reloads as an artifact (:class:`medfm.finetune.base.TaskModel`).
     """
 
@@ -67,9 +67,9 @@ class SegmentationModel(TaskModel, nn.Module):
         if _is_vit(encoder):
             patch = set(encoder.patch_size)
             p = next(iter(patch))
-            if len(patch) != 1 or p < 2 or p & (p - 1):
-                raise ValueError(f"the UNETR decoder needs an isotropic power-of-two patch size, got {encoder.patch_size}")
-            k = int(math.log2(p))
+            if len(patch) != 1 or p < 2:
+                raise ValueError(f"the UNETR decoder needs an isotropic patch size, got {encoder.patch_size}")
+            k = math.ceil(math.log2(p))  # DINOv2's 14: four levels, decoded at stride 16 (see forward)
             depth = len(encoder.encoder_blocks())
             # one block per level, evenly spaced, the last block at the bottom (UNETR: 3, 6, 9, 12 of 12)
             self.indices = [max(0, round(depth * j / k) - 1) for j in range(1, k + 1)]
@@ -111,16 +111,20 @@ class SegmentationModel(TaskModel, nn.Module):
         return self.encoder.forward_intermediates(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the input's size. Decoding doubles the encoder's grid ``levels`` times; a patch that is not
+        a power of two (DINOv2's 14) gives a grid x 16 that is not the input size, so the stem reads the image
+        resampled to it and the logits are resampled back (bilinear / trilinear)."""
         feats = self.encode(x)
-        skips = [self.stem(x)] + [blk(f) for blk, f in zip(self.skips, feats[:-1])]
+        size = tuple(x.shape[2:])
+        decoded = tuple(g * 2**self.levels for g in feats[-1].shape[2:])
+        mode = "bilinear" if len(size) == 2 else "trilinear"
+        image = x if decoded == size else F.interpolate(x, size=decoded, mode=mode, align_corners=False)
+        skips = [self.stem(image)] + [blk(f) for blk, f in zip(self.skips, feats[:-1])]
         h = feats[-1]
         for up, skip in zip(self.ups, reversed(skips)):
             h = up(h, skip)
-        return self.out(h)
-
-    @property
-    def stride(self) -> int:
-        return 2**self.levels
+        logits = self.out(h)
+        return logits if decoded == size else F.interpolate(logits, size=size, mode=mode, align_corners=False)
 
     @classmethod
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "SegmentationModel":
