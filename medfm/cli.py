@@ -344,7 +344,8 @@ def _benchmark_parser(sub) -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     from medfm.encoders.formats import convert_checkpoint, identify, list_formats, nearest_format, open_checkpoint
 
-    if args.path is None:
+    words = list(args.words)
+    if not words:
         print("public models medfm reads (encoder.pretrained= / --encoder FILE|FOLDER|hf:ORG/NAME):\n")
         for f in list_formats():
             print(f"{f.name}  -> encoder {f.architecture!r}\n  source      {f.source}\n  preprocess  {f.preprocess}"
@@ -352,13 +353,19 @@ def cmd_models(args: argparse.Namespace) -> int:
         print("also: timm state dicts of medfm's ViT / ResNet sizes, and every medfm encoder or run folder "
               "(docs/checkpoints.md)")
         return 0
-    ckpt = open_checkpoint(args.path)
+    if words[0] == "convert":
+        if len(words) != 2 or not args.out:
+            raise SystemExit("medfm models convert: give one checkpoint and --out FOLDER")
+        return _convert_model(words[1], Path(args.out))
+    if len(words) != 1:
+        raise SystemExit("medfm models: give one checkpoint (or: medfm models convert CHECKPOINT --out FOLDER)")
+    ckpt = open_checkpoint(words[0])
     fmt = identify(ckpt)
     if fmt is None:
-        raise ValueError(f"{args.path}: no public format fits; {nearest_format(ckpt)}")
+        raise ValueError(f"{words[0]}: no public format fits; {nearest_format(ckpt)}")
     converted = convert_checkpoint(ckpt)
     n = sum(v.numel() for v in converted.state_dict.values())
-    print(f"{args.path}: {fmt.name} ({fmt.source})")
+    print(f"{words[0]}: {fmt.name} ({fmt.source})")
     print(f"encoder     {converted.architecture}({', '.join(f'{k}={v!r}' for k, v in converted.args.items())})")
     print(f"parameters  {n / 1e6:.2f}M")
     print(f"preprocess  {converted.preprocess}")
@@ -366,12 +373,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_model(source: str, out: Path) -> int:
+    """A public model written as medfm folders: an open_clip model as a CLIP run folder (``model/``, ``encoder/``,
+    ``text/``, ``run.json``: ``medfm evaluate`` zero-shots it, ``--encoder`` fine-tunes its image tower); any
+    other format as an encoder folder (``encoder/``)."""
+    from medfm.encoders.formats import convert, open_checkpoint
+    from medfm.encoders.openclip import clip_from_open_clip
+    from medfm.run.folder import RunFolder
+
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty (choose a new --out)")
+    folder = RunFolder(out)
+    if "open_clip_config.json" in open_checkpoint(source).configs:
+        clip = clip_from_open_clip(source)
+        for name, artifact in (("model", clip), ("encoder", clip.image_encoder), ("text", clip.text_encoder)):
+            folder.save(artifact, name)
+        folder.write_info(kind="pretrain", plugin="clip", model="model", converted_from=str(source))
+    else:
+        converted = convert(source)
+        if converted is None:
+            raise ValueError(f"{source}: not a public format medfm converts (see `medfm models`)")
+        size = (converted.preprocess or {}).get("size", 224)
+        dims = converted.source.get("spatial_dims", 2)
+        encoder = create_encoder(converted.architecture, spatial_dims=dims, img_size=size, pretrained=source)
+        folder.save(encoder, "encoder")
+        folder.write_info(kind="pretrain", plugin="converted", model="encoder", converted_from=str(source))
+    print(f"converted {source} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
 def _models_parser(sub) -> None:
     """``medfm models``."""
-    p = sub.add_parser("models", help="public foundation models medfm reads (DINOv2, RAD-DINO, ...), or which one "
-                       "a checkpoint is")
-    p.add_argument("path", nargs="?", default=None, help="a weight file, a folder or hf:ORG/NAME: name its format, "
-                   "the encoder it becomes and its preprocessing")
+    p = sub.add_parser("models", help="public foundation models medfm reads (DINOv2, RAD-DINO, BiomedCLIP, SAM, "
+                       "SwinUNETR-SSL, CT-FM, torchxrayvision), which one a checkpoint is, or convert one")
+    p.add_argument("words", nargs="*", metavar="CHECKPOINT | convert CHECKPOINT",
+                   help="a weight file, a folder or hf:ORG/NAME: its format, the encoder it becomes and its "
+                        "preprocessing; `convert CHECKPOINT --out FOLDER` writes it as medfm folders")
+    p.add_argument("--out", default=None, help="convert: the folder to write")
     p.set_defaults(fn=cmd_models)
 
 

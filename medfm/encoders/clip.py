@@ -26,21 +26,26 @@ class CLIP(nn.Module, Artifact):
     affine parameters, as MAE's linear probe does) before its projection. Meant for a locked tower (LiT):
     its frozen features share a large common component (pairwise cosine ~0.96 between images for a small
     self-supervised ViT), so every projected embedding points the same way and the contrastive loss sits
-    at log B until the projection has learned to remove it."""
+    at log B until the projection has learned to remove it. ``text_proj_hidden``: an MLP text projection of
+    that width instead of a linear one (open_clip's ``hf_proj_type: mlp``, BiomedCLIP's)."""
 
     components = ("image_encoder", "text_encoder")
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 256,
                  init_temperature: float = 0.07, loss: str = "clip", init_bias: float = -10.0,
-                 image_norm: bool = False, text_norm: bool = False):
+                 image_norm: bool = False, text_norm: bool = False, text_proj_hidden: int | None = None):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.image_proj = nn.Linear(image_encoder.embed_dim, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_encoder.embed_dim, embed_dim, bias=False)
-        for proj in (self.image_proj, self.text_proj):  # open_clip's projection init: N(0, width^-1/2)
-            nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+        if text_proj_hidden:  # open_clip's hf_proj_type "mlp" (BiomedCLIP): Linear, GELU, Linear, no biases
+            self.text_proj = nn.Sequential(nn.Linear(text_encoder.embed_dim, text_proj_hidden, bias=False), nn.GELU(),
+                                           nn.Linear(text_proj_hidden, embed_dim, bias=False))
+        else:
+            self.text_proj = nn.Linear(text_encoder.embed_dim, embed_dim, bias=False)
+        for proj in (self.image_proj, *[m for m in self.text_proj.modules() if isinstance(m, nn.Linear)]):
+            nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)  # open_clip's projection init: N(0, width^-1/2)
         self.image_norm = nn.BatchNorm1d(image_encoder.embed_dim, affine=False) if image_norm else nn.Identity()
         self.text_norm = nn.BatchNorm1d(text_encoder.embed_dim, affine=False) if text_norm else nn.Identity()
         self.norms = {"image_norm": image_norm, "text_norm": text_norm}

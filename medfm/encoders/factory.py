@@ -14,8 +14,8 @@ from monai.transforms import Compose
 from medfm.artifacts import load, read_config
 from medfm.data.transforms import PRESETS
 
-from .formats import convert, is_public
-from .registry import encoder_entrypoint, encoder_family, list_encoders
+from .formats import convert, is_public, list_formats
+from .registry import encoder_arguments, encoder_entrypoint, encoder_family, list_encoders
 from .vit import vit_size_name
 from .weights import load_pretrained
 
@@ -79,7 +79,8 @@ def _medfm_architecture(pretrained: str | os.PathLike) -> dict | None:
     network the weights were trained with and reads it out as it was trained to be read (:data:`READOUT`).
     The name is the saved ``architecture`` (folders written before it was saved: inferred from the class and
     its widths). Dimensions and channels are left to the recipe: a 2D encoder inflates into a 3D task and
-    input channels adapt (``load_pretrained``)."""
+    input channels adapt (``load_pretrained``). A family that public models convert into (``dinov2``,
+    ``clip_vit``, ...: sizes are arguments, not names) gives every saved constructor argument."""
     path = Path(str(pretrained))
     if not (path / "config.json").is_file():
         return None
@@ -87,7 +88,13 @@ def _medfm_architecture(pretrained: str | os.PathLike) -> dict | None:
     name = config.get("architecture") or _legacy_architecture(config)
     if name not in list_encoders():
         return None
-    return {"name": name, **{k: config[k] for k in encoder_family(name).adopt_keys if k in config}}
+    keys = encoder_family(name).adopt_keys
+    if name in {f.architecture for f in list_formats()}:
+        keys = tuple(k for k in encoder_arguments(name) if k not in RECIPE_OWNED)
+    return {"name": name, **{k: config[k] for k in keys if k in config}}
+
+
+RECIPE_OWNED = ("spatial_dims", "in_chans", "img_size", "drop_path_rate")  # the task decides these, not the weights
 
 
 def _legacy_architecture(config: dict) -> str | None:

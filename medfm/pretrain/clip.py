@@ -27,7 +27,7 @@ import torch.nn as nn
 from open_clip.loss import ClipLoss, SigLipLoss
 
 from medfm.encoders import CLIP, TextEncoder
-from medfm.evaluate.zeroshot import TEMPLATES, evaluate_zero_shot
+from medfm.evaluate.zeroshot import TEMPLATES, evaluate_zero_shot, load_clip_run
 from medfm.run import TrainingModule
 from medfm.run.recipe import split_kwargs
 
@@ -75,6 +75,9 @@ def clip_loss(model: CLIP, image_features: torch.Tensor, text_features: torch.Te
 class CLIPConfig:
     """``clip`` recipe section."""
 
+    init: str | None = None  # a CLIP run or converted folder (`medfm models convert` BiomedCLIP): start from its
+    # text tower, projections and temperature (text_model, pooling, embed_dim, loss come from it); the image
+    # tower is the recipe's encoder (encoder.pretrained=FOLDER/encoder for its image tower)
     text_model: str | None = None  # Hugging Face id or folder (null: the packaged MiniLM)
     max_length: int = 128  # text tokens
     pooling: str = "mean"  # mean | cls
@@ -94,18 +97,24 @@ class CLIPModule(TrainingModule):
     def __init__(self, encoder: nn.Module, **kwargs):
         c, optim = split_kwargs(CLIPConfig, kwargs)
         super().__init__(**optim)
-        text = TextEncoder(c.text_model, max_length=c.max_length, pooling=c.pooling)
         lock_image = c.lock_image is True  # "auto" is decided by the recipe (CLIPMethod.module_args)
-        norm = {"image_norm": lock_image, "text_norm": c.lock_text} if c.feature_norm == "auto" else \
-            {"image_norm": bool(c.feature_norm), "text_norm": bool(c.feature_norm)}
-        self.model = CLIP(encoder, text, embed_dim=c.embed_dim, init_temperature=c.init_temperature, loss=c.loss, **norm)
+        if c.init:
+            self.model = load_clip_run(c.init)
+            self.model.image_encoder = encoder
+            text = self.model.text_encoder
+        else:
+            text = TextEncoder(c.text_model, max_length=c.max_length, pooling=c.pooling)
+            norm = {"image_norm": lock_image, "text_norm": c.lock_text} if c.feature_norm == "auto" else \
+                {"image_norm": bool(c.feature_norm), "text_norm": bool(c.feature_norm)}
+            self.model = CLIP(encoder, text, embed_dim=c.embed_dim, init_temperature=c.init_temperature, loss=c.loss,
+                              **norm)
         if lock_image:
             lock_tower(encoder, c.unlocked_layers)
         if c.lock_text:
             lock_tower(text, c.unlocked_layers)
         self.locked = {"image": lock_image, "text": c.lock_text}
         self.train()  # from_pretrained leaves the text tower in eval mode; locked towers stay in eval
-        self.criterion = make_loss(c.loss)
+        self.criterion = make_loss(self.model.loss_name)
 
     @property
     def encoder(self) -> nn.Module:

@@ -150,8 +150,11 @@ def adopt_saved_architecture(cfg: dict) -> None:
     arch = saved_architecture(enc["pretrained"]) if isinstance(enc, dict) and enc.get("pretrained") else None
     changed = {k: v for k, v in (arch or {}).items() if enc.get(k) != v and not (k in READOUT and k in enc)}
     if changed:
-        print(f"encoder: {', '.join(f'{k} {enc.get(k)} -> {v}' for k, v in changed.items())} "
-              f"(as saved in {enc['pretrained']})")
+        said = lambda k: k in enc or k in READOUT or k == "patch_size"  # noqa: E731  keys a recipe speaks of
+        shown = [f"{k} {enc.get(k)} -> {v}" for k, v in changed.items() if said(k)]
+        rest = [k for k in changed if not said(k)]  # a public family's sizes, which the recipe never names
+        more = f"; {', '.join(rest)} as saved" if rest else ""
+        print(f"encoder: {', '.join(shown) or 'architecture'}{more} (from {enc['pretrained']})")
         enc.update(changed)
         _fit_img_size(enc)
         known = _encoder_keys(enc)
