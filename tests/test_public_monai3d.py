@@ -100,3 +100,36 @@ def test_3d_foundation_encoders_train_from_the_cli(tmp_path):
                  "--out", str(run), "segmentation.num_classes=3", "--method", "lora", *QUIET]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["encoder"] == "swin_vit" and 0 < metrics["trainable_params"] < metrics["total_params"]
+
+
+def test_monai_vit_m3d_layout_parity(tmp_path):
+    """M3D-CLIP's vision encoder: a MONAI ViT with perceptron patches (no class token) and one with a class token."""
+    from monai.networks.nets import ViT
+
+    for classification in (False, True):
+        torch.manual_seed(0)
+        ref = ViT(in_channels=1, img_size=(8, 32, 32), patch_size=(4, 16, 16), hidden_size=32, mlp_dim=64, num_layers=2,
+                  num_heads=2, proj_type="perceptron", classification=classification, num_classes=3).eval()
+        folder = tmp_path / f"m3d_{classification}"
+        folder.mkdir()
+        save_file({f"vision_encoder.{k}": v for k, v in ref.state_dict().items()}, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({"img_size": [8, 32, 32], "patch_size": [4, 16, 16], "num_heads": 2}))
+        assert identify(open_checkpoint(folder)).name == "monai-vit"
+        ours = create_encoder("monai_vit", spatial_dims=3, img_size=(8, 32, 32), pretrained=folder).eval()
+        x = torch.rand(2, 1, 8, 32, 32)
+        with torch.no_grad():
+            h = ref.patch_embedding(x)
+            if classification:
+                h = torch.cat([ref.cls_token.expand(2, -1, -1), h], 1)
+            for blk in ref.blocks:
+                h = blk(h)
+            tokens = ref.norm(h)
+            torch.testing.assert_close(ours.forward_features(x), tokens, rtol=1e-5, atol=1e-5)
+            if not classification:
+                torch.testing.assert_close(ours.forward_features(x), ref(x)[0], rtol=1e-5, atol=1e-5)
+    run = tmp_path / "m3d_lora"
+    from .finetune_helpers import mni_map_classes
+
+    assert main(["finetune", "classify_3d", "--profile", "tiny", "--encoder", str(folder), "--method", "lora",
+                 "--data", str(mni_map_classes(tmp_path)), "--out", str(run), "classification.label=map", *QUIET]) == 0
+    assert json.loads((run / "metrics.json").read_text())["encoder"] == "monai_vit"

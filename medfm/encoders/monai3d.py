@@ -10,10 +10,13 @@ SegResEncoder. Both are pyramids of feature maps, the form medfm's U-Net decoder
 * **CT-FM** (Pai et al. 2025; ``project-lighter/ct_fm_feature_extractor``: a MONAI ``SegResEncoder`` saved as
   safetensors with a config): maps at strides 2..16 (the stride-1 map of the first level is left to the
   decoder's own stem). CT inputs: HU [-1024, 2048] -> [0, 1], as its model card states.
+* **MONAI ViT** (M3D-CLIP's vision encoder, and any MONAI ``ViT``): converted into medfm's own ViT (a
+  perceptron patch embedding is a convolution), so LoRA, VPT and the UNETR decoder apply unchanged.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
 
@@ -23,9 +26,10 @@ from monai.networks.nets.segresnet_ds import SegResEncoder
 from monai.networks.nets.swin_unetr import SwinTransformer
 from timm.models._features import feature_take_indices
 
-from .formats import Checkpoint, Converted, Format, register_format, rename, strip_prefix
+from .formats import Checkpoint, Converted, Format, count_blocks, register_format, rename, strip_prefix
 from .interface import EncoderBase
 from .registry import register_encoder
+from .vit import ViT
 
 
 class _Pyramid(EncoderBase):
@@ -166,4 +170,65 @@ register_format(Format(
     example="medfm finetune tasks/classify_3d.yaml --encoder hf:project-lighter/ct_fm_feature_extractor --data ...",
     keys=(r"(^|\.)conv_init\.weight$", r"(^|\.)layers\.0\.blocks\.0\.conv1\.weight$"),
     convert=from_ct_fm,
+))
+
+
+# ------------------------------------------------------------------------------ MONAI ViT (M3D-CLIP's vision)
+M3D_GRID = {"img_size": [32, 256, 256], "patch_size": [4, 16, 16]}  # M3D-CLIP's vision encoder
+
+
+@register_encoder
+def monai_vit(spatial_dims: int = 3, in_chans: int = 1, img_size=(32, 256, 256), **kwargs) -> ViT:
+    """MONAI ``ViT`` weights (M3D-CLIP's vision encoder: perceptron patches, no class position) in medfm's ViT."""
+    args = dict(patch_size=(4, 16, 16), embed_dim=768, depth=12, num_heads=12, qkv_bias=False, norm_eps=1e-5,
+                no_embed_class=True)
+    args.update(kwargs)
+    return ViT(spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size, **args)
+
+
+def from_monai_vit(ckpt: Checkpoint) -> Converted:
+    """MONAI ``ViT`` keys -> medfm's: a perceptron patch embedding (``Rearrange`` + ``Linear`` over
+    ``(p1 p2 p3 c)``) becomes the equivalent convolution; ``out_proj`` / ``linear1`` / ``linear2`` are timm's
+    ``proj`` / ``fc1`` / ``fc2``; the class token, when there is one, carries no position (``no_embed_class``)."""
+    sd = strip_prefix(ckpt.state_dict, "module.", "vision_encoder.", "encoder.")
+    sd = {k: v for k, v in sd.items() if not k.startswith(("classification_head.",)) and "norm_cross_attn" not in k}
+    cfg = {**M3D_GRID, **{k: ckpt.config[k] for k in ("img_size", "patch_size") if k in ckpt.config}}
+    pos = sd.pop("patch_embedding.position_embeddings")
+    dim, n = pos.shape[-1], pos.shape[1]
+    if "patch_embedding.patch_embeddings.1.weight" in sd:  # perceptron
+        w = sd.pop("patch_embedding.patch_embeddings.1.weight")
+        patch = list(cfg["patch_size"])
+        chans = w.shape[1] // math.prod(patch)
+        sd["patch_embed.proj.weight"] = w.reshape(dim, *patch, chans).movedim(-1, 1).contiguous()
+        sd["patch_embed.proj.bias"] = sd.pop("patch_embedding.patch_embeddings.1.bias")
+    else:  # convolution
+        sd["patch_embed.proj.weight"] = sd.pop("patch_embedding.patch_embeddings.weight")
+        sd["patch_embed.proj.bias"] = sd.pop("patch_embedding.patch_embeddings.bias")
+        patch = list(sd["patch_embed.proj.weight"].shape[2:])
+    grid = [s // p for s, p in zip(cfg["img_size"], patch)]
+    if math.prod(grid) != n:  # no config: an isotropic grid
+        side = round(n ** (1 / len(patch)))
+        grid, cfg["img_size"] = [side] * len(patch), [side * p for p in patch]
+    sd["pos_embed"] = pos
+    sd = rename(sd, [(r"\.attn\.out_proj\.", ".attn.proj."), (r"\.mlp\.linear(\d)\.", r".mlp.fc\1.")])
+    cls = "cls_token" in sd
+    heads = ckpt.config.get("num_heads", max(1, dim // 64))
+    args = dict(embed_dim=dim, depth=count_blocks(sd), num_heads=heads, patch_size=patch, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+                mlp_ratio=(sd["blocks.0.mlp.fc1.weight"].shape[0] + 0.5) / dim, class_token=cls,
+                global_pool="token" if cls else "avg", fc_norm=False)
+    dims = len(patch)
+    preprocess = {"preset": "ct_3d", "size": cfg["img_size"], "args": {"spacing": 1.5}} if dims == 3 else \
+        {"preset": "radiograph_2d", "size": cfg["img_size"], "args": {}}
+    return Converted("monai_vit", args, sd, preprocess,
+                     {"img_size": cfg["img_size"], "patch_size": patch, "spatial_dims": dims, "no_embed_class": True})
+
+
+register_format(Format(
+    name="monai-vit", architecture="monai_vit",
+    source="MONAI ViT state dict (M3D-CLIP's vision_encoder.*: perceptron or conv patch embedding)",
+    preprocess="CT min-max to [0, 1] (M3D); 32 x 256 x 256 with 4 x 16 x 16 patches unless its config.json says",
+    license="M3D: Apache-2.0",
+    example="medfm finetune tasks/classify_3d.yaml --encoder m3d_clip_vision.safetensors --method lora --data ...",
+    keys=(r"(^|\.)patch_embedding\.position_embeddings$", r"(^|\.)blocks\.0\.attn\.out_proj\.weight$"),
+    convert=from_monai_vit,
 ))
