@@ -68,7 +68,7 @@ register_format(Format(
     preprocess="RGB, preprocess_cfg mean/std (inside the encoder), image_size px (224)",
     license="BiomedCLIP: MIT",
     example="medfm models convert hf:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 --out biomedclip; "
-            "medfm evaluate biomedclip --data data/medpix2/manifest.csv --classes modality",
+            "medfm evaluate biomedclip --data data/medpix2/manifest.csv --classes type --split dev",
     keys=(r"^visual\.trunk\.patch_embed\.proj\.weight$", r"^visual\.trunk\.cls_token$"),
     convert=from_open_clip_image,
     accepts=lambda ckpt: "open_clip_config.json" in ckpt.configs,
