@@ -372,7 +372,7 @@ def test_dense_network_gives_full_resolution_features_for_vits_and_resnets():
         for enc in (_encoder(dims), create_encoder("resnet18", spatial_dims=dims, img_size=32)):
             net = dense_network(enc, 8, feature_size=8)
             assert net(torch.rand(2, 1, *([32] * dims))).shape == (2, 8) + (32,) * dims
-    with pytest.raises(ValueError, match="power-of-two"):
+    with pytest.raises(ValueError, match="isotropic patch size"):
         dense_network(create_encoder("vit_micro", spatial_dims=3, img_size=24, patch_size=(8, 8, 4)), 8)
 
 

@@ -85,13 +85,14 @@ def test_ct_fm_segres_encoder_parity(tmp_path):
 
 
 def test_3d_foundation_encoders_train_from_the_cli(tmp_path):
-    """CT-FM segments MNI152 tissue; the SwinUNETR-SSL encoder is LoRA-tuned on the same task."""
+    """CT-FM and the SwinUNETR-SSL encoder, each LoRA-tuned to segment MNI152 tissue (3D)."""
     manifest = str(mni_hemispheres(tmp_path))
     _, folder = _ct_fm_folder(tmp_path)
     run = tmp_path / "ctfm"
     assert main(["finetune", "segment_3d", "--profile", "tiny", "--encoder", str(folder), "--data", manifest,
-                 "--out", str(run), "segmentation.num_classes=3", *QUIET]) == 0
-    assert json.loads((run / "metrics.json").read_text())["encoder"] == "segres_encoder"
+                 "--out", str(run), "segmentation.num_classes=3", "--method", "lora", *QUIET]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["encoder"] == "segres_encoder" and 0 < metrics["trainable_params"] < metrics["total_params"]
     torch.manual_seed(0)
     path = tmp_path / "model_swinvit.pt"
     torch.save({"state_dict": _ssl_layout(SwinUNETR(in_channels=1, out_channels=2, **SWIN).swinViT)}, path)

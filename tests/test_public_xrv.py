@@ -1,7 +1,9 @@
 """torchxrayvision DenseNet-121 and ResNet-50 from exported state dicts: parity with the upstream models
-(random weights), 3D inflation, the pickled release format refused, LoRA-free full fine-tuning from the CLI."""
+(random weights), 3D inflation, the pickled release format refused, LoRA fine-tuning from the CLI."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -80,10 +82,12 @@ def test_the_pickled_release_file_is_refused_with_how_to_export(tmp_path, capsys
 
 def test_xrv_densenet_finetunes_from_the_cli_and_reloads(xrv_densenet, slices, tmp_path):
     _, path = xrv_densenet
-    run = tmp_path / "full"
-    assert main(["finetune", "classify_2d", "--profile", "tiny", "--encoder", str(path), "--method", "full",
+    run = tmp_path / "lora"
+    assert main(["finetune", "classify_2d", "--profile", "tiny", "--encoder", str(path), "--method", "lora",
                  "--data", slices, "--out", str(run), "classification.label=level", *QUIET]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["encoder"] == "densenet121" and 0 < metrics["trainable_params"] < metrics["total_params"]
     model = medfm.load(run)
-    assert type(model.encoder).__name__ == "DenseNetEncoder"
+    assert type(model.encoder.base_model.model).__name__ == "DenseNetEncoder"
     with torch.no_grad():
         assert torch.isfinite(model.eval()(torch.rand(2, 1, 32, 32))).all()

@@ -55,7 +55,7 @@ def test_segmentation_model_gives_full_resolution_logits(name, dims, kw):
 def test_unetr_takes_evenly_spaced_blocks_like_unetr():
     enc = create_encoder("vit_tiny", spatial_dims=3, img_size=32, patch_size=16)
     assert SegmentationModel(enc, 2).indices == [2, 5, 8, 11]  # UNETR's hidden states 3, 6, 9, 12
-    with pytest.raises(ValueError, match="isotropic power-of-two"):
+    with pytest.raises(ValueError, match="isotropic patch size"):
         SegmentationModel(create_encoder("vit_micro", spatial_dims=3, img_size=32, patch_size=[4, 8, 8]), 2)
 
 

@@ -15,7 +15,7 @@ from monai.networks import nets as monai_nets
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from .input_norm import InputNorm
+from .input_norm import input_layer
 from .interface import EncoderBase
 from .registry import register_encoder
 from .weights import HEAD_PREFIXES
@@ -40,8 +40,7 @@ class ResNetEncoder(EncoderBase):
         self.spatial_dims = spatial_dims
         self.in_chans = in_chans
         self.img_size = img_size
-        self.input_norm = InputNorm(in_chans, **input_norm) if input_norm else nn.Identity()  # a public model's
-        net_chans = input_norm["channels"] if input_norm else in_chans                         # normalisation
+        self.input_norm, net_chans = input_layer(in_chans, input_norm)  # a public model's normalisation
         if spatial_dims == 2:
             self.net = timm.create_model(f"resnet{depth}", num_classes=0, global_pool="", in_chans=net_chans)
             self._act_name = "act1"

@@ -39,3 +39,11 @@ class InputNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, mean={self.mean.tolist()}, std={self.std.tolist()}"
+
+
+def input_layer(in_chans: int, input_norm: dict | None) -> tuple[nn.Module, int]:
+    """An encoder's first layer and the channel count after it: an :class:`InputNorm` for a public model's
+    ``input_norm`` record, the identity (and ``in_chans``) otherwise."""
+    if not input_norm:
+        return nn.Identity(), in_chans
+    return InputNorm(in_chans, **input_norm), input_norm["channels"]

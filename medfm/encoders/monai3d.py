@@ -93,7 +93,7 @@ def swin_vit(spatial_dims: int = 3, in_chans: int = 1, img_size=96, **kwargs) ->
 class SegResEncoderFamily(_Pyramid):
     """MONAI's ``SegResEncoder`` (SegResNet's encoder; CT-FM), 2D or 3D."""
 
-    lora_targets = None  # convolutions: a recipe names them
+    lora_targets = r".*blocks\.\d+\.conv[12]"  # peft's convolution LoRA on every residual block
     input_conv = "net.conv_init.weight"
 
     def __init__(self, spatial_dims: int = 3, in_chans: int = 1, img_size: int | Sequence[int] = 96,

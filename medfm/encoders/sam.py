@@ -25,7 +25,7 @@ from timm.models.vision_transformer_sam import checkpoint_filter_fn as timm_sam_
 
 from .dinov2 import IMAGENET
 from .formats import Checkpoint, Converted, Format, count_blocks, register_format
-from .input_norm import InputNorm
+from .input_norm import input_layer
 from .interface import EncoderBase
 from .registry import register_encoder
 
@@ -46,11 +46,11 @@ class SAMEncoder(EncoderBase):
         if spatial_dims != 2:
             raise ValueError("SAM's image encoder is 2D (windowed attention over an image grid): spatial_dims=2")
         self.spatial_dims, self.in_chans, self.img_size = 2, in_chans, img_size
-        self.input_norm = InputNorm(in_chans, **input_norm) if input_norm else nn.Identity()
+        self.input_norm, net_chans = input_layer(in_chans, input_norm)
         self.net = timm.create_model(
             "samvit_base_patch16", img_size=sam_img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, window_size=window_size, global_attn_indexes=list(global_attn_indexes),
-            neck_chans=neck_chans, in_chans=input_norm["channels"] if input_norm else in_chans, num_classes=0,
+            neck_chans=neck_chans, in_chans=net_chans, num_classes=0,
             norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.embed_dim = self.num_features = neck_chans
         self.patch_size = (patch_size, patch_size)

@@ -24,7 +24,7 @@ from timm.models._features import feature_take_indices
 from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import Block
 
-from .input_norm import InputNorm
+from .input_norm import input_layer
 from .interface import EncoderBase
 from .registry import register_encoder
 
@@ -178,8 +178,7 @@ class ViT(EncoderBase):
         self.pos_antialias = pos_antialias
         self.grad_checkpointing = False
 
-        self.input_norm = InputNorm(in_chans, **input_norm) if input_norm else nn.Identity()
-        conv_chans = input_norm["channels"] if input_norm else in_chans
+        self.input_norm, conv_chans = input_layer(in_chans, input_norm)
         self.patch_embed = PatchEmbed(spatial_dims, self.patch_size, conv_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None

@@ -27,7 +27,7 @@ from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
 from .formats import Checkpoint, Converted, Format, register_format, rename, strip_prefix
-from .input_norm import InputNorm
+from .input_norm import input_layer
 from .interface import EncoderBase
 from .registry import register_encoder
 
@@ -39,7 +39,7 @@ class DenseNetEncoder(EncoderBase):
     """DenseNet-121 features (MONAI's, 2D or 3D) with maps at strides 2 (stem), 4, 8, 16, 32 (dense blocks)."""
 
     feature_maps = "pyramid"
-    lora_targets = None  # a recipe names the convolutions (lora.target_modules: [conv1, conv2])
+    lora_targets = r".*denselayer\d+\.layers\.conv[12]"  # peft's convolution LoRA on every dense layer
     input_conv = "net.features.conv0.weight"
 
     def __init__(self, spatial_dims: int = 2, in_chans: int = 1, img_size: int | Sequence[int] = 224,
@@ -48,9 +48,8 @@ class DenseNetEncoder(EncoderBase):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.spatial_dims, self.in_chans, self.img_size = spatial_dims, in_chans, img_size
-        self.input_norm = InputNorm(in_chans, **input_norm) if input_norm else nn.Identity()
-        self.net = DenseNet121(spatial_dims=spatial_dims, in_channels=input_norm["channels"] if input_norm else in_chans,
-                               out_channels=1)
+        self.input_norm, net_chans = input_layer(in_chans, input_norm)
+        self.net = DenseNet121(spatial_dims=spatial_dims, in_channels=net_chans, out_channels=1)
         del self.net.class_layers  # the encoder ends at the pooled map
         f = self.net.features
         self.stages = [f.denseblock1, nn.Sequential(f.transition1, f.denseblock2),

@@ -126,6 +126,11 @@ class SegmentationModel(TaskModel, nn.Module):
         logits = self.out(h)
         return logits if decoded == size else F.interpolate(logits, size=size, mode=mode, align_corners=False)
 
+    @property
+    def stride(self) -> int:
+        """What inputs must be divisible by: the ViT's patch, or the pyramid's total stride."""
+        return self.encoder.patch_size[0] if _is_vit(self.encoder) else 2**self.levels
+
     @classmethod
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "SegmentationModel":
         h = spec["head"]
