@@ -161,3 +161,30 @@ def test_dinov2_patch14_segments_2d_and_inflates_into_a_3d_task(tmp_path, slices
     assert main(["finetune", "classify_3d", "--profile", "tiny", "--encoder", str(folder), "--method", "lora",
                  "--data", str(mni_map_classes(tmp_path)), "--out", str(run), "classification.label=map", *QUIET]) == 0
     assert json.loads((run / "metrics.json").read_text())["encoder"] == "dinov2"
+
+
+def test_transformers_4_key_names_convert_the_same(tmp_path):
+    """Hub folders saved before transformers 5 (RAD-DINO's) name the attention `attention.attention.query` /
+    `attention.output.dense` and the SwiGLU `mlp.weights_in` (gate and value packed) / `weights_out`."""
+    import re
+
+    ref, folder = _hf_folder(tmp_path, registers=True, swiglu=True)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(folder / "model.safetensors"))
+    old = {}
+    for k, v in sd.items():
+        k2 = re.sub(r"attention\.([qkv])_proj", lambda m: "attention.attention." + {"q": "query", "k": "key", "v": "value"}[m.group(1)], k)
+        k2 = k2.replace("attention.o_proj", "attention.output.dense").replace("mlp.down_proj", "mlp.weights_out")
+        if "mlp.up_proj" in k2:
+            continue
+        if "mlp.gate_proj" in k2:
+            v, k2 = torch.cat([v, sd[k.replace("gate_proj", "up_proj")]]), k2.replace("mlp.gate_proj", "mlp.weights_in")
+        old[k2] = v
+    assert any("attention.attention.query" in k for k in old) and any("weights_in" in k for k in old)
+    save_file(old, folder / "model.safetensors")
+    ours = create_encoder("dinov2", img_size=28, pretrained=folder).eval()
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        out = ref(pixel_values=_normalise(x, RAD_DINO_NORM["image_mean"], RAD_DINO_NORM["image_std"]))
+        torch.testing.assert_close(ours.forward_features(x), out.last_hidden_state, **TOL)
