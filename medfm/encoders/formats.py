@@ -75,7 +75,12 @@ class Format:
         return [p for p in self.keys if not any(re.search(p, k) for k in keys)]
 
     def matches(self, ckpt: Checkpoint) -> bool:
-        return not self.missing(list(ckpt.state_dict)) and self.accepts(ckpt)
+        if self.missing(list(ckpt.state_dict)):
+            return False
+        try:
+            return bool(self.accepts(ckpt))
+        except (KeyError, IndexError, AttributeError, TypeError):  # a config or tensor not as this format has it
+            return False
 
 
 _FORMATS: dict[str, Format] = {}

@@ -110,8 +110,9 @@ def from_xrv_resnet(ckpt: Checkpoint) -> Converted:
                      {"spatial_dims": 2})
 
 
-def _one_channel(key: str) -> callable:
-    return lambda ckpt: strip_prefix(ckpt.state_dict, "module.", "model.")[key].shape[1] == 1
+def _one_channel(key: str):
+    """A format check: the first convolution (``key``, under any prefix) takes one channel, as in torchxrayvision."""
+    return lambda ckpt: any(k.endswith(key) and v.ndim == 4 and v.shape[1] == 1 for k, v in ckpt.state_dict.items())
 
 
 register_format(Format(
