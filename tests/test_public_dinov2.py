@@ -188,3 +188,17 @@ def test_transformers_4_key_names_convert_the_same(tmp_path):
     with torch.no_grad():
         out = ref(pixel_values=_normalise(x, RAD_DINO_NORM["image_mean"], RAD_DINO_NORM["image_std"]))
         torch.testing.assert_close(ours.forward_features(x), out.last_hidden_state, **TOL)
+
+
+def test_mae_pretraining_continues_from_rad_dino_layout(tmp_path, slices):
+    """Pretraining continuation: MAE on real MNI152 slices from an HF DINOv2-with-registers folder; the encoder it
+    saves is a dinov2 with its registers and InputNorm, and reloads alone."""
+    import medfm
+
+    _, folder = _hf_folder(tmp_path, registers=True, swiglu=True)
+    run = tmp_path / "mae"
+    assert main(["pretrain", "mae_vit_2d", "--profile", "tiny", f"encoder.pretrained={folder}", "--data", slices,
+                 "--out", str(run), "trainer.enable_progress_bar=false"]) == 0
+    enc = medfm.load(run / "encoder")
+    assert enc.architecture == "dinov2" and enc.reg_token.shape == (1, 4, 32) and enc.input_norm.channels == 3
+    assert torch.isfinite(enc(torch.rand(1, 1, 28, 28))).all()
