@@ -12,7 +12,7 @@ from monai.networks.nets.segresnet_ds import SegResEncoder
 from safetensors.torch import save_file
 
 from medfm.cli import main
-from medfm.encoders import create_encoder, saved_architecture
+from medfm.encoders import create_encoder, create_model_and_transforms, saved_architecture
 from medfm.encoders.formats import identify, open_checkpoint
 
 from .finetune_helpers import mni_hemispheres
@@ -76,6 +76,8 @@ def test_ct_fm_segres_encoder_parity(tmp_path):
     assert identify(open_checkpoint(folder)).name == "ct-fm"
     ours = create_encoder("segres_encoder", spatial_dims=3, img_size=32, pretrained=folder).eval()
     assert ours.preprocess["args"]["window"] == [-1024, 2048]
+    model, transform = create_model_and_transforms(folder)  # 3D, with CT-FM's HU window as its transform
+    assert model.spatial_dims == 3 and transform.transforms[2].scaler.a_min == -1024
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         expected = ref(x)[1:]

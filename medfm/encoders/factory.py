@@ -125,7 +125,7 @@ def preprocess_transform(preprocess: dict | None, train: bool = False, size: Any
                            **preprocess.get("args", {}))
 
 
-def create_model_and_transforms(model_id: str | os.PathLike, spatial_dims: int = 2, in_chans: int = 1,
+def create_model_and_transforms(model_id: str | os.PathLike, spatial_dims: int | None = None, in_chans: int = 1,
                                 **hub_kwargs: Any) -> tuple[nn.Module, Compose]:
     """A saved encoder and the evaluation preprocessing it was trained with, together; for a public model
     (``medfm models``), the converted encoder at the input size its authors used, and their preprocessing
@@ -134,8 +134,9 @@ def create_model_and_transforms(model_id: str | os.PathLike, spatial_dims: int =
         converted = convert(model_id)
         if converted is not None:
             size = (converted.preprocess or {}).get("size", 224)
-            model = create_encoder(converted.architecture, spatial_dims=spatial_dims, in_chans=in_chans,
-                                   img_size=size, pretrained=model_id)
+            dims = spatial_dims or converted.source.get("spatial_dims", 2)  # the model's own, unless inflated
+            model = create_encoder(converted.architecture, spatial_dims=dims, in_chans=in_chans, img_size=size,
+                                   pretrained=model_id)
             return model, preprocess_transform(model.preprocess)
     model = from_pretrained(model_id, **hub_kwargs)
     return model, preprocess_transform(getattr(model, "preprocess", None))
