@@ -10,7 +10,8 @@ The network is built at the checkpoint's native size (``sam_img_size``, 1024 px:
 tables are sized for it) and runs at any input divisible by 16: timm resamples the absolute position grid
 and interpolates the relative tables, as SAM's own code does for other sizes. SAM normalises 0..255 RGB by
 ImageNet statistics; that is the encoder's :class:`InputNorm`. MedSAM expects CT windowed first (abdomen
-W400 / L40 in its examples), which a ``ct`` preset does before the [0, 1] scaling.
+W400 / L40 in its examples): medfm's 2D preset scales by percentiles, so window CT slices when exporting them
+(HU -160..240 to 0..255) before training on them.
 """
 
 from __future__ import annotations
