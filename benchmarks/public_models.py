@@ -3,7 +3,7 @@
 For every family `medfm models` lists, the upstream model is built with random weights from its own package
 (transformers, timm, segment-anything, open_clip, MONAI, torchvision / torchxrayvision) at its published size,
 saved in the upstream layout, then converted by medfm in a fresh process (``create_encoder(...,
-pretrained=FILE)``, or ``clip_from_open_clip`` for BiomedCLIP): wall time of the conversion and load, the
+pretrained=FILE)`` through ``create_model_and_transforms``, or ``clip_from_open_clip`` for BiomedCLIP): wall time of the conversion and load, the
 process's peak resident memory above its state after imports, and the parameter counts of the upstream model
 and of the medfm encoder (equal, less the heads medfm drops). Nothing is downloaded: weights are random.
 
@@ -138,7 +138,6 @@ def _rss_mb() -> float:
 def convert(name: str, path: str) -> dict:
     """Convert and load in this (fresh) process: seconds, peak MB above the post-import state, parameters."""
     import medfm.encoders as enc
-    from medfm.encoders.formats import convert as convert_source
     from medfm.encoders.openclip import clip_from_open_clip
 
     base = _rss_mb()
@@ -147,11 +146,8 @@ def convert(name: str, path: str) -> dict:
         model = clip_from_open_clip(path)
         arch = "clip (clip_vit + BERT)"
     else:
-        converted = convert_source(path)
-        arch = converted.architecture
-        size = converted.preprocess["size"]
-        dims = converted.source.get("spatial_dims", 2)
-        model = enc.create_encoder(arch, spatial_dims=dims, img_size=size, pretrained=path)
+        model = enc.create_model_and_transforms(path)[0]  # read, recognise, convert once, build, load strictly
+        arch = model.architecture
     seconds = time.perf_counter() - t
     return {"seconds": seconds, "peak_mb": _rss_mb() - base, "medfm_params": _count(model), "architecture": arch}
 

@@ -377,14 +377,17 @@ def _convert_model(source: str, out: Path) -> int:
     """A public model written as medfm folders: an open_clip model as a CLIP run folder (``model/``, ``encoder/``,
     ``text/``, ``run.json``: ``medfm evaluate`` zero-shots it, ``--encoder`` fine-tunes its image tower); any
     other format as an encoder folder (``encoder/``)."""
-    from medfm.encoders.formats import convert, open_checkpoint
+    from medfm.encoders.factory import from_converted
+    from medfm.encoders.formats import convert, is_public, resolve_source
     from medfm.encoders.openclip import clip_from_open_clip
     from medfm.run.folder import RunFolder
 
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty (choose a new --out)")
+    if not is_public(source):
+        raise ValueError(f"{source}: no such checkpoint, or already a medfm folder")
     folder = RunFolder(out)
-    if "open_clip_config.json" in open_checkpoint(source).configs:
+    if (resolve_source(source) / "open_clip_config.json").is_file():
         clip = clip_from_open_clip(source)
         for name, artifact in (("model", clip), ("encoder", clip.image_encoder), ("text", clip.text_encoder)):
             folder.save(artifact, name)
@@ -393,10 +396,7 @@ def _convert_model(source: str, out: Path) -> int:
         converted = convert(source)
         if converted is None:
             raise ValueError(f"{source}: not a public format medfm converts (see `medfm models`)")
-        size = (converted.preprocess or {}).get("size", 224)
-        dims = converted.source.get("spatial_dims", 2)
-        encoder = create_encoder(converted.architecture, spatial_dims=dims, img_size=size, pretrained=source)
-        folder.save(encoder, "encoder")
+        folder.save(from_converted(converted, source), "encoder")
         folder.write_info(kind="pretrain", plugin="converted", model="encoder", converted_from=str(source))
     print(f"converted {source} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0

@@ -14,7 +14,7 @@ from monai.transforms import Compose
 from medfm.artifacts import load, read_config
 from medfm.data.transforms import PRESETS
 
-from .formats import convert, is_public, list_formats
+from .formats import Converted, convert, is_public, list_formats
 from .registry import encoder_arguments, encoder_entrypoint, encoder_family, list_encoders
 from .vit import vit_size_name
 from .weights import load_pretrained
@@ -46,18 +46,18 @@ def create_encoder(
     builder = encoder_entrypoint(name)
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    if pretrained is not None:
-        saved = saved_architecture(pretrained) or {}
-        if saved and is_public(pretrained):  # a converted public model: its whole architecture
-            if saved["name"] != name:
-                raise ValueError(f"{pretrained}: a {saved['name']} checkpoint; build it as {saved['name']!r}, "
-                                 f"not {name!r} (a recipe's encoder.pretrained does so by itself)")
-            kwargs = {**{k: v for k, v in saved.items() if k != "name"}, **kwargs}
-        else:
-            kwargs = {**{k: saved[k] for k in READOUT if k in saved}, **kwargs}
+    converted = convert(pretrained) if pretrained is not None and is_public(pretrained) else None
+    if converted is not None:  # a public model: its whole architecture, converted once for building and loading
+        if converted.architecture != name:
+            raise ValueError(f"{pretrained}: a {converted.architecture} checkpoint; build it as "
+                             f"{converted.architecture!r}, not {name!r} (a recipe's encoder.pretrained does so by itself)")
+        kwargs = {**converted.args, **kwargs}
+    elif pretrained is not None:
+        saved = _medfm_architecture(pretrained) or {}
+        kwargs = {**{k: saved[k] for k in READOUT if k in saved}, **kwargs}
     model = builder(spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size, **kwargs)
     if pretrained is not None:
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, converted)
     return model
 
 
@@ -125,6 +125,17 @@ def preprocess_transform(preprocess: dict | None, train: bool = False, size: Any
                            **preprocess.get("args", {}))
 
 
+def from_converted(converted: Converted, source: str | os.PathLike, spatial_dims: int | None = None,
+                   in_chans: int = 1) -> nn.Module:
+    """The encoder of a public model already converted from ``source``, at the input size its authors used and
+    its own spatial dims (``spatial_dims`` inflates a 2D one), with its weights and preprocessing."""
+    size = (converted.preprocess or {}).get("size", 224)
+    dims = spatial_dims or converted.source.get("spatial_dims", 2)
+    model = encoder_entrypoint(converted.architecture)(spatial_dims=dims, in_chans=in_chans, img_size=size,
+                                                       **converted.args)
+    return load_pretrained(model, source, converted)
+
+
 def create_model_and_transforms(model_id: str | os.PathLike, spatial_dims: int | None = None, in_chans: int = 1,
                                 **hub_kwargs: Any) -> tuple[nn.Module, Compose]:
     """A saved encoder and the evaluation preprocessing it was trained with, together; for a public model
@@ -133,10 +144,7 @@ def create_model_and_transforms(model_id: str | os.PathLike, spatial_dims: int |
     if is_public(model_id):
         converted = convert(model_id)
         if converted is not None:
-            size = (converted.preprocess or {}).get("size", 224)
-            dims = spatial_dims or converted.source.get("spatial_dims", 2)  # the model's own, unless inflated
-            model = create_encoder(converted.architecture, spatial_dims=dims, in_chans=in_chans, img_size=size,
-                                   pretrained=model_id)
+            model = from_converted(converted, model_id, spatial_dims, in_chans)
             return model, preprocess_transform(model.preprocess)
     model = from_pretrained(model_id, **hub_kwargs)
     return model, preprocess_transform(getattr(model, "preprocess", None))

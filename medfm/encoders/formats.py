@@ -52,6 +52,11 @@ class Converted:
     state_dict: dict[str, torch.Tensor]
     preprocess: dict | None = None
     source: dict = field(default_factory=dict)  # how the source was built (img_size, patch_size, ...): resampling
+    format: str = ""  # the Format that converted it (set by convert_checkpoint)
+
+    def config(self) -> dict:
+        """What weight loading needs besides the tensors: the source grid (resampling) and the preprocessing."""
+        return {**self.source, "preprocess": self.preprocess, "format": self.format}
 
 
 @dataclass(frozen=True)
@@ -198,10 +203,12 @@ def convert_checkpoint(ckpt: Checkpoint) -> Converted | None:
     if fmt is None:
         return None
     try:
-        return fmt.convert(ckpt)
+        converted = fmt.convert(ckpt)
     except (KeyError, ValueError, IndexError) as e:
         raise ValueError(f"{ckpt.path}: looks like {fmt.name} ({fmt.source}) but does not convert: "
                          f"{type(e).__name__} {e}") from None
+    converted.format = fmt.name
+    return converted
 
 
 def convert(source: str | os.PathLike) -> Converted | None:

@@ -29,7 +29,7 @@ from timm.models import adapt_input_conv
 
 from medfm.artifacts import WEIGHTS_NAME, load_state_dict_strict, read_config, resolve_file
 
-from .formats import convert_checkpoint, identify, is_public, nearest_format, open_checkpoint
+from .formats import Converted, convert_checkpoint, is_public, nearest_format, open_checkpoint
 
 HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")  # classifier heads a source may carry
 
@@ -50,8 +50,7 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         converted = convert_checkpoint(ckpt)
         if converted is None:  # a timm / medfm-layout state dict: adapted and loaded as it is
             return ckpt.state_dict, None
-        return converted.state_dict, {**converted.source, "preprocess": converted.preprocess,
-                                      "format": identify(ckpt).name}
+        return converted.state_dict, converted.config()
     path = Path(source)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{source}: neither a weight file nor a save_pretrained folder")
@@ -94,9 +93,10 @@ def adapt_state_dict(
     return sd, notes
 
 
-def load_pretrained(model: nn.Module, source: str | os.PathLike) -> nn.Module:
-    """Read weights from ``source``, adapt them to ``model``, load strictly, warn about every adaptation."""
-    state_dict, config = read_state_dict(source)
+def load_pretrained(model: nn.Module, source: str | os.PathLike, converted: Converted | None = None) -> nn.Module:
+    """Read weights from ``source``, adapt them to ``model``, load strictly, warn about every adaptation.
+    ``converted``: ``source`` already converted (a public model), so it is not read and converted again."""
+    state_dict, config = (converted.state_dict, converted.config()) if converted else read_state_dict(source)
     sd, notes = adapt_state_dict(model, state_dict, config)
     try:
         load_state_dict_strict(model, sd, source=str(source))
