@@ -23,7 +23,7 @@ import torch
 
 from .formats import Checkpoint, Converted, Format, count_blocks, register_format, rename, strip_prefix
 from .registry import register_encoder
-from .vit import ViT
+from .vit import ViT, mlp_args
 
 IMAGENET = {"channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 HEAD_DIM = 64  # every published DINOv2 size (S 6, B 12, L 16, g 24 heads): the heads are not in the weights
@@ -35,13 +35,6 @@ def dinov2(spatial_dims: int = 2, in_chans: int = 1, img_size=518, **kwargs) -> 
     args = dict(patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5, input_norm=IMAGENET)
     args.update(kwargs)
     return ViT(spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size, **args)
-
-
-def _mlp_args(sd: dict[str, torch.Tensor], dim: int) -> dict:
-    """``mlp`` and ``mlp_ratio`` from the first block's weights (``fc1`` holds both SwiGLU halves)."""
-    hidden, inner = sd["blocks.0.mlp.fc1.weight"].shape[0], sd["blocks.0.mlp.fc2.weight"].shape[1]
-    swiglu = hidden == 2 * inner
-    return {"mlp": "swiglu" if swiglu else "gelu", "mlp_ratio": (hidden + 0.5) / dim}  # int() gives `hidden` back
 
 
 def _finish(sd: dict[str, torch.Tensor], args: dict, image_size: int | None, norm: dict,
@@ -61,7 +54,7 @@ def _finish(sd: dict[str, torch.Tensor], args: dict, image_size: int | None, nor
         image_size = side * patch
     args.update(patch_size=patch, init_values=1e-5 if "blocks.0.ls1.gamma" in sd else None,
                 input_norm={**norm, "channels": sd["patch_embed.proj.weight"].shape[1]},
-                **_mlp_args(sd, sd["cls_token"].shape[-1]))
+                **mlp_args(sd))
     source = {"img_size": image_size, "patch_size": patch, "spatial_dims": 2, **{k: args[k] for k in ("reg_tokens", "no_embed_class") if k in args}}
     preprocess = {"preset": "radiograph_2d", "size": size or 224, "args": {}}
     return Converted("dinov2", args, sd, preprocess, source)

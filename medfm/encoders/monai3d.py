@@ -29,7 +29,7 @@ from timm.models._features import feature_take_indices
 from .formats import Checkpoint, Converted, Format, count_blocks, register_format, rename, strip_prefix
 from .interface import EncoderBase
 from .registry import register_encoder
-from .vit import ViT
+from .vit import ViT, mlp_args
 
 
 class _Pyramid(EncoderBase):
@@ -214,7 +214,7 @@ def from_monai_vit(ckpt: Checkpoint) -> Converted:
     cls = "cls_token" in sd
     heads = ckpt.config.get("num_heads", max(1, dim // 64))
     args = dict(embed_dim=dim, depth=count_blocks(sd), num_heads=heads, patch_size=patch, qkv_bias="blocks.0.attn.qkv.bias" in sd,
-                mlp_ratio=(sd["blocks.0.mlp.fc1.weight"].shape[0] + 0.5) / dim, class_token=cls,
+                **mlp_args(sd), class_token=cls,
                 global_pool="token" if cls else "avg", fc_norm=False)
     dims = len(patch)
     preprocess = {"preset": "ct_3d", "size": cfg["img_size"], "args": {"spacing": 1.5}} if dims == 3 else \

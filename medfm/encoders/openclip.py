@@ -25,7 +25,7 @@ import torch
 from .clip import CLIP
 from .formats import Checkpoint, Converted, Format, count_blocks, open_checkpoint, register_format
 from .registry import encoder_entrypoint, register_encoder
-from .vit import ViT
+from .vit import ViT, mlp_args
 
 OPENAI_NORM = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
 POOLING = {"cls_last_hidden_state_pooler": "cls", "cls_pooler": None, "mean_pooler": "mean"}
@@ -57,7 +57,7 @@ def from_open_clip_image(ckpt: Checkpoint) -> Converted:
     size = vision.get("image_size", 224)
     norm = {"channels": proj.shape[1], "mean": pre.get("mean", OPENAI_NORM["mean"]), "std": pre.get("std", OPENAI_NORM["std"])}
     args = dict(embed_dim=dim, depth=count_blocks(sd), num_heads=max(1, dim // 64), patch_size=proj.shape[-1],
-                mlp_ratio=(sd["blocks.0.mlp.fc1.weight"].shape[0] + 0.5) / dim, input_norm=norm)
+                **mlp_args(sd), input_norm=norm)
     return Converted("clip_vit", args, sd, {"preset": "radiograph_2d", "size": size, "args": {}},
                      {"img_size": size, "patch_size": proj.shape[-1], "spatial_dims": 2})
 

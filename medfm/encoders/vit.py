@@ -354,6 +354,14 @@ class ViT(EncoderBase):
 
 MLP_LAYERS = {"gelu": {}, "swiglu": {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}}  # ViT(mlp=...)
 
+
+def mlp_args(state_dict: dict[str, torch.Tensor]) -> dict:
+    """``mlp`` and ``mlp_ratio`` of a ViT from its first block's weights in medfm's keys (``fc1`` holds both
+    SwiGLU halves): what converters of other ViT layouts pass to :class:`ViT`."""
+    hidden, inner = state_dict["blocks.0.mlp.fc1.weight"].shape[0], state_dict["blocks.0.mlp.fc2.weight"].shape[1]
+    dim = state_dict["blocks.0.mlp.fc1.weight"].shape[1]
+    return {"mlp": "swiglu" if hidden == 2 * inner else "gelu", "mlp_ratio": (hidden + 0.5) / dim}  # int() gives `hidden`
+
 MAX_TOKENS = 32768  # patches per input: 512^2 at patch 4, 512^3 at 16; more is a typo, not a model
 
 _VIT_SIZES = {
