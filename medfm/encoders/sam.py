@@ -99,14 +99,16 @@ def from_sam(ckpt: Checkpoint) -> Converted:
     sd = timm_sam_filter({k: v for k, v in sd.items() if k.startswith("image_encoder.")} or sd, None)
     dim = sd["patch_embed.proj.weight"].shape[0]
     depth = count_blocks(sd)
-    rel = [i for i in range(depth) if f"blocks.{i}.attn.rel_pos_h" in sd]
-    heads = dim // sd[f"blocks.{rel[0]}.attn.rel_pos_h"].shape[1] if rel else _SAM_HEADS.get(dim, max(1, dim // 64))
+    # relative-position table lengths: 2 * grid - 1 in the global blocks, 2 * window - 1 in the windowed ones
+    rows = {i: sd[f"blocks.{i}.attn.rel_pos_h"] for i in range(depth) if f"blocks.{i}.attn.rel_pos_h" in sd}
+    first = next(iter(rows.values()), None)
+    heads = dim // first.shape[1] if first is not None else _SAM_HEADS.get(dim, max(1, dim // 64))
     grid = sd["pos_embed"].shape[1]
-    windowed = [sd[f"blocks.{i}.attn.rel_pos_h"].shape[0] for i in rel if sd[f"blocks.{i}.attn.rel_pos_h"].shape[0] != 2 * grid - 1]
+    windowed = [t.shape[0] for t in rows.values() if t.shape[0] != 2 * grid - 1]
     patch = sd["patch_embed.proj.weight"].shape[-1]
     args = dict(embed_dim=dim, depth=depth, num_heads=heads, neck_chans=sd["neck.0.weight"].shape[0],
                 window_size=(windowed[0] + 1) // 2 if windowed else 14, sam_img_size=grid * patch, patch_size=patch,
-                global_attn_indexes=[i for i in rel if sd[f"blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * grid - 1],
+                global_attn_indexes=[i for i, t in rows.items() if t.shape[0] == 2 * grid - 1],
                 input_norm={**IMAGENET, "channels": sd["patch_embed.proj.weight"].shape[1]})
     sd = {f"net.{k}": v for k, v in sd.items()}
     return Converted("sam_vit", args, sd, {"preset": "radiograph_2d", "size": 1024, "args": {}}, {"spatial_dims": 2})
