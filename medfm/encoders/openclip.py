@@ -23,8 +23,9 @@ import os
 import torch
 
 from .clip import CLIP
+from .factory import from_converted
 from .formats import Checkpoint, Converted, Format, count_blocks, open_checkpoint, register_format
-from .registry import encoder_entrypoint, register_encoder
+from .registry import register_encoder
 from .vit import ViT, mlp_args
 
 OPENAI_NORM = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
@@ -112,10 +113,7 @@ def clip_from_open_clip(source: str | os.PathLike) -> CLIP:
         raise ValueError(f"{source}: no open_clip_config.json (not an open_clip hub folder)")
     model_cfg, _ = _model_cfg(ckpt)
     image = from_open_clip_image(ckpt)
-    encoder = encoder_entrypoint(image.architecture)(spatial_dims=2, in_chans=1, img_size=image.source["img_size"],
-                                                     **image.args)
-    encoder.load_state_dict(image.state_dict, strict=True)
-    encoder.preprocess = image.preprocess
+    encoder = from_converted(image, source)  # the image tower, as `--encoder FOLDER` builds it
     sd = ckpt.state_dict
     text = _text_tower(model_cfg.get("text_cfg", {}), sd)
     mlp = "text.proj.0.weight" in sd
