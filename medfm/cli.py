@@ -1,7 +1,7 @@
 """``medfm`` command line: ``info``, ``encode``, ``pretrain`` (every registered method: MAE, DINO, CLIP,
 text MLM, dense synthetic; and diffusion generators), ``finetune`` (classification, segmentation, report
-generation), ``evaluate RUN`` (any run kind), ``generate`` (sample a generator into a data set),
-``generate-report``, ``synth``, ``quickstart``, ``benchmark`` (label efficiency), ``data`` (public data sets)."""
+generation, visual question answering), ``evaluate RUN`` (any run kind), ``generate`` (sample a generator into a data set),
+``generate-report``, ``answer`` (visual question answering), ``synth``, ``quickstart``, ``benchmark`` (label efficiency), ``data`` (public data sets)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from medfm.artifacts import load as medfm_load
 from medfm.data import DataError, load, open_dataset, samples
 from medfm.data.datasets import finalise_sample
-from medfm.data.transforms import preset_mismatch
+from medfm.data.transforms import preset_mismatch, with_channels
 from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
 from medfm.adapt import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune, run_recipe
@@ -222,6 +222,27 @@ def cmd_generate_report(args: argparse.Namespace) -> int:
     for path in args.images:
         sample = finalise_sample(transform(load(path)))
         print(f"{path}: {model.generate(sample['image'][None], **generation)[0]}")
+    return 0
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    """``medfm answer --model RUN IMAGE "QUESTION"``: the classifier's answer and its probability, and the
+    decoder's open-ended answer where the model has one."""
+    if not args.question.strip():
+        raise ValueError("the question is empty: give it as the second argument, e.g. \"Is there a pneumothorax?\"")
+    model = medfm_load(args.model)
+    if not hasattr(model, "generate_answers"):
+        raise ValueError(f"{args.model}: a {type(model).__name__}, not a visual question answering model "
+                         "(medfm finetune tasks/vqa_2d.yaml)")
+    transform = with_channels(preprocess_transform(model.spec["preprocess"]), model.spec["encoder"]["in_chans"])
+    sample = load(args.image, spatial_dims=model.spec["encoder"]["spatial_dims"])
+    for step in transform:
+        sample = step(sample)
+    image = finalise_sample(sample)["image"][None]
+    answer, score = model.answer(image, [args.question])
+    print(f"answer: {answer[0]}  (score {score[0]:.3f})")
+    if model.decoder is not None:
+        print(f"open-ended: {model.generate_answers(image, [args.question], **model.spec['head'].get('generation', {}))[0]}")
     return 0
 
 
@@ -513,6 +534,16 @@ def _generate_report_parser(sub) -> None:
     p.set_defaults(fn=cmd_generate_report)
 
 
+def _answer_parser(sub) -> None:
+    """``medfm answer``."""
+    p = sub.add_parser("answer", help="answer a question about an image or volume with a VQA run",
+                       epilog='example: medfm answer --model runs/vqa image.png "Is there a pneumothorax?"')
+    p.add_argument("image", help="PNG/JPEG, NIfTI or DICOM file (preprocessed as the model was trained)")
+    p.add_argument("question", help="the question, in quotes")
+    p.add_argument("--model", required=True, help="a `medfm finetune tasks/vqa_2d.yaml` run (or its model/ folder)")
+    p.set_defaults(fn=cmd_answer)
+
+
 def _synth_parser(sub) -> None:
     """``medfm synth``."""
     p = sub.add_parser("synth", help="write a synthetic set (random label maps + random appearance) as NIfTI")
@@ -573,7 +604,7 @@ def _data_parser(sub) -> None:
 
 # one function per command, in `medfm --help` order
 PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
-           _evaluate_parser, _generate_parser, _generate_report_parser, _synth_parser)
+           _evaluate_parser, _generate_parser, _generate_report_parser, _answer_parser, _synth_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -173,6 +173,7 @@ class ManifestDataset(SampleDataset):
         cache: bool | DiskCache = False,
         on_error: str = "raise",
         preflight: bool | str = False,
+        images_repeat: bool = False,
     ):
         super().__init__(transform=transform, cache=cache, on_error=on_error)
         self.manifest = str(manifest)
@@ -188,6 +189,7 @@ class ManifestDataset(SampleDataset):
             text_key=text_key,
             split_key=split_key,
             on_error=on_error,
+            images_repeat=images_repeat,
         )
         self.records: list[ManifestRecord] = records
         if preflight is True or (preflight == "auto" and len(records) <= AUTO_LIMIT):

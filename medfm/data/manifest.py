@@ -100,8 +100,11 @@ def read_records(
     text_key: str | None = None,
     split_key: str = "split",
     on_error: str = "raise",
+    images_repeat: bool = False,
 ) -> tuple[list[ManifestRecord], list[str] | None, list[tuple[str, str]]]:
-    """Parse and check a manifest; return (records, classes, bad rows skipped as (where, why))."""
+    """Parse and check a manifest; return (records, classes, bad rows skipped as (where, why)).
+    ``images_repeat``: rows are meant to share images within a split (several questions on one image), so
+    only an image in several splits is warned about."""
     path = Path(manifest)
     rows = read_rows(path)
     root = path.parent
@@ -118,7 +121,7 @@ def read_records(
                 raw = [t.strip() for v in raw for t in v.split("|") if t.strip()]
             classes = _infer_classes([v for v in raw if v])
     classes = list(classes) if classes is not None else None
-    _warn_duplicates(path, rows, image_key, split_key)
+    _warn_duplicates(path, rows, image_key, split_key, images_repeat)
 
     if split is not None:
         _column(path, rows, split_key)
@@ -140,8 +143,10 @@ def read_records(
     return records, classes, bad
 
 
-def _warn_duplicates(path: Path, rows: list[tuple[int, dict]], image_key: str, split_key: str) -> None:
-    """Warn when one image is listed in several rows: across splits it leaks held-out data into training."""
+def _warn_duplicates(path: Path, rows: list[tuple[int, dict]], image_key: str, split_key: str,
+                     images_repeat: bool = False) -> None:
+    """Warn when one image is listed in several rows (unless ``images_repeat``): across splits it leaks
+    held-out data into training."""
     seen: dict[str, list[tuple[int, str]]] = {}
     for line, row in rows:
         image = str(row.get(image_key) or "").strip()
@@ -151,6 +156,8 @@ def _warn_duplicates(path: Path, rows: list[tuple[int, dict]], image_key: str, s
     if not repeated:
         return
     leaking = {k: v for k, v in repeated.items() if len({s for _, s in v}) > 1}
+    if images_repeat and not leaking:
+        return
     image, where = next(iter((leaking or repeated).items()))
     rows_text = ", ".join(f"line {n} ({s or 'no split'})" for n, s in where[:4])
     what = (f"{len(leaking)} image(s) appear in more than one split, so held-out rows are also trained on"

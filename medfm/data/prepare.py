@@ -41,6 +41,29 @@ def _carve(keys, fraction: float, seed: int = 0) -> set:
     return set(random.Random(seed).sample(keys, n))
 
 
+def carve_split(manifest: str | os.PathLike, out: str | os.PathLike, by: str = "image", fraction: float = 0.1,
+                source: str = "train", to: str = "val", seed: int = 0) -> Path:
+    """A copy of ``manifest`` at ``out`` with a seeded ``fraction`` of the distinct ``by`` values of split
+    ``source`` moved to split ``to`` (VQA-RAD: validation carved from train by image, so that no image is in
+    both). Relative image paths are rewritten against ``out``'s folder; the other columns are kept."""
+    src, dest = Path(manifest), Path(out)
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise DataError(f"{src}: an empty manifest")
+    if by not in rows[0] or "split" not in rows[0]:
+        raise DataError(f"{src}: no {by!r} or 'split' column to carve a {to!r} split by")
+    moved = _carve([r[by] for r in rows if r["split"] == source], fraction, seed)
+    for r in rows:
+        if r["split"] == source and r[by] in moved:
+            r["split"] = to
+        for key in ("image", "mask"):
+            if r.get(key) and not os.path.isabs(r[key]):
+                r[key] = os.path.relpath(os.path.abspath(src.parent / r[key]), os.path.abspath(dest.parent))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return write_manifest(dest, rows)
+
+
 def _three_way(keys, seed: int = 0) -> dict:
     """train / val / test 80/10/10 over distinct keys (a patient, a study)."""
     keys = sorted(set(keys))

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+import torch
+
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
@@ -90,6 +93,34 @@ def mr_3d(
         "image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True, channel_wise=True
     )
     return _volume(size, spacing, intensity, train)
+
+
+class MatchChannels:
+    """Deterministic first step: an image's channels made ``channels`` (what the encoder takes): colour -> the
+    mean of its channels for a 1-channel encoder, grey repeated for a 3-channel one. Sets that mix greyscale
+    and colour files (VQA-RAD: 10 of 315 images carry colour annotations) then batch together."""
+
+    def __init__(self, channels: int):
+        self.channels = int(channels)
+
+    def __call__(self, sample: dict) -> dict:
+        x, c = sample["image"], sample["image"].shape[0]
+        if c == self.channels:
+            return sample
+        lib = np if isinstance(x, np.ndarray) else torch
+        keep = {"keepdims": True} if lib is np else {"keepdim": True}
+        if self.channels == 1:
+            x = x.mean(0, **keep)
+        elif c == 1:
+            x = lib.concatenate([x] * self.channels, 0) if lib is np else torch.cat([x] * self.channels, 0)
+        else:
+            raise ValueError(f"an image with {c} channels cannot be made {self.channels} channels")
+        return {**sample, "image": x}
+
+
+def with_channels(transform: Compose, channels: int) -> list:
+    """A preset's steps preceded by :class:`MatchChannels` (a list: the dataset splits it as a Compose)."""
+    return [MatchChannels(channels), *transform.transforms]
 
 
 PRESETS = {"radiograph_2d": radiograph_2d, "ct_3d": ct_3d, "mr_3d": mr_3d}

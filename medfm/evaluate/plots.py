@@ -1,4 +1,5 @@
-"""Result figures as PNG: ROC curves, confusion matrices, segmentation overlays (mid-slice for volumes)."""
+"""Result figures as PNG: ROC curves, confusion matrices, segmentation overlays (mid-slice for volumes), grouped
+bars (a model beside its baselines)."""
 
 from __future__ import annotations
 
@@ -115,6 +116,28 @@ def retrieval_png(metrics: dict, path: str | Path, title: str = "") -> Path:
     ax.set_ylim(0, 1)
     ax.set_ylabel("recall")
     ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def grouped_bars_png(values: dict[str, dict[str, float]], path: str | Path, title: str = "", ylabel: str = "") -> Path:
+    """Horizontal bars: one group per row of ``values`` (e.g. the model and each baseline), one bar per
+    score inside it (e.g. closed and open accuracy), values written at the bar ends."""
+    plt = pyplot()
+    rows = list(values)
+    keys = list(dict.fromkeys(k for v in values.values() for k in v))
+    height = 0.8 / max(len(keys), 1)
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows) * max(len(keys), 1) ** 0.5))
+    y = np.arange(len(rows))
+    for j, key in enumerate(keys):
+        v = [values[r].get(key, np.nan) for r in rows]
+        bars = ax.barh(y + (j - (len(keys) - 1) / 2) * height, v, height, label=key)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    ax.set_yticks(y, rows, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel(ylabel)
+    ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 

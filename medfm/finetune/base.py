@@ -24,7 +24,7 @@ from medfm.artifacts import Artifact
 from medfm.atomic import write_json
 from medfm.data import DataError, JoinedDataset, open_dataset
 from medfm.data.cache import dataset_cache
-from medfm.data.transforms import PRESETS
+from medfm.data.transforms import PRESETS, with_channels
 from medfm.encoders import create_encoder
 from medfm.adapt import METHOD_SECTIONS, adapt_encoder, count_parameters, export_encoder, is_lora
 from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData
@@ -85,10 +85,10 @@ class FinetuneTask(RunPlugin):
     # ------------------------------------------------------------ data
     def transform(self, cfg: dict, train: bool):
         """Training: the preset at the encoder's size with its augmentation/random crop; evaluation: the
-        same size without augmentation."""
+        same size without augmentation; first, images made the encoder's channel count (colour -> grey)."""
         d = self.section(cfg, "data")
-        return PRESETS[d.preset](size=self.eval_size(cfg) if not train else cfg["encoder"]["img_size"],
-                                    train=train and d.augment, **d.preset_args)
+        return with_channels(PRESETS[d.preset](size=self.eval_size(cfg) if not train else cfg["encoder"]["img_size"],
+                                               train=train and d.augment, **d.preset_args), cfg["encoder"]["in_chans"])
 
     def eval_size(self, cfg: dict):
         return cfg["encoder"]["img_size"]

@@ -196,7 +196,88 @@ def encoder_tokens(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return feats.flatten(2).transpose(1, 2) if feats.ndim > 3 else feats
 
 
-class ReportGenerator(TaskModel, nn.Module):
+class TextWriter:
+    """The text side shared by the models that write text with a cross-attending decoder (reports here,
+    answers in :mod:`medfm.finetune.vqa`): tokenizing ``[CLS] text [SEP]`` (compact ids when a vocabulary is
+    set), the teacher-forced loss and ``generate()`` over decoder memory. :meth:`init_writer` sets what they
+    use: ``decoder``, ``tokenizer``, ``vocab``, ``max_length``, ``label_smoothing`` and the special ids."""
+
+    def init_writer(self, decoder: nn.Module, tokenizer, vocab: ReportVocab | None, max_length: int,
+                    label_smoothing: float) -> None:
+        self.decoder, self.tokenizer, self.vocab = decoder, tokenizer, vocab
+        self.max_length, self.label_smoothing = max_length, label_smoothing
+        self.bos_id = self._compact(tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id)
+        self.eos_id = self._compact(tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id)
+        self.pad_id = self._compact(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+    def _compact(self, full_id: int) -> int:
+        return int(self.vocab.to_compact(torch.tensor([full_id]))[0]) if self.vocab else int(full_id)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[CLS] text [SEP]`` ids (compact when a vocabulary is set) and attention mask, padded."""
+        tok = self.tokenizer
+        if tok.cls_token_id is None:  # GPT-style tokenizers add no start and end tokens, and have no padding
+            texts = [f"{tok.bos_token}{t}{tok.eos_token}" for t in texts]
+            tok.pad_token = tok.pad_token or tok.eos_token
+        enc = tok(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        ids = enc["input_ids"]
+        if self.vocab is not None:
+            ids = self.vocab.to_compact(ids)
+        device = next(self.parameters()).device
+        return ids.to(device), enc["attention_mask"].to(device)
+
+    def loss(self, memory: torch.Tensor, memory_mask: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Teacher-forced next-token cross-entropy (label smoothing as set) over the report tokens."""
+        ids, mask = self.tokenize(texts)
+        logits = self.decoder(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], encoder_hidden_states=memory,
+                              encoder_attention_mask=memory_mask, use_cache=False).logits
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
+                               label_smoothing=self.label_smoothing)
+
+    @torch.no_grad()
+    def generate_from_memory(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_new_tokens: int = 60,
+                             num_beams: int = 1, num_return_sequences: int = 1, **kwargs) -> list[str]:
+        """Reports for decoder memory; ``kwargs`` go to ``generate()`` (``do_sample``, ``top_p``,
+        ``no_repeat_ngram_size``, ``length_penalty``, ...). ``num_return_sequences`` texts per input."""
+        start = torch.full((memory.shape[0], 1), self.bos_id, dtype=torch.long, device=memory.device)
+        out = self.decoder.generate(
+            input_ids=start, encoder_hidden_states=memory, encoder_attention_mask=memory_mask,
+            max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
+            bos_token_id=self.bos_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            **{CACHE_ARGUMENT: EncoderDecoderCache(DynamicCache(), DynamicCache())},  # transformers 5 needs it here
+            **kwargs)
+        if self.vocab is not None:
+            out = self.vocab.to_full(out)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def writer_parts(head: dict, pretrained: bool, folder: Path | None, role: str = "report decoder") -> tuple[nn.Module, object, ReportVocab | None]:
+    """(decoder, tokenizer, vocabulary) of a task model's ``head``: warm-started from ``head["text_model"]``
+    for a new run (its new weights stated once, as a line of the run), or rebuilt from the saved decoder
+    config and ``folder/tokenizer`` on reload (the weights then come from ``model.safetensors``)."""
+    vocab = ReportVocab(head["vocab"], head["unk_id"]) if head.get("vocab") else None
+    if pretrained:
+        decoder, new = build_decoder(head["text_model"], head["decoder_config"].get("num_hidden_layers", 0), vocab,
+                                     warn=False)
+        if new:
+            print(f"{role}: warm-started from {head['text_model'] or 'all-MiniLM-L6-v2'}; {len(new)} new "
+                  f"weights start random, as expected: {summarise(new)}")
+        return decoder, AutoTokenizer.from_pretrained(str(head["text_model"] or default_text_model_path())), vocab
+    return decoder_from_config(head["decoder_config"]), AutoTokenizer.from_pretrained(str(folder / "tokenizer")), vocab
+
+
+def writer_head(text_model: str | None, decoder_layers: int, vocab: ReportVocab | None, max_length: int,
+                label_smoothing: float, generation: dict) -> dict:
+    """What a task model's spec records of its decoder (:func:`writer_parts` rebuilds it from this)."""
+    return {"text_model": text_model, "max_length": max_length, "label_smoothing": label_smoothing,
+            "generation": dict(generation),
+            "decoder_config": decoder_config(text_model, decoder_layers, len(vocab) if vocab else None),
+            "vocab": vocab.ids if vocab else None, "unk_id": vocab.unk_id if vocab else None}
+
+
+class ReportGenerator(TaskModel, TextWriter, nn.Module):
     """``encoder`` -> projector -> ``decoder`` (a BERT LM head model with cross-attention) + its tokenizer.
 
     ``images``: (B, C, *spatial), or (B, V, C, *spatial) for V images per study with ``image_mask``
@@ -213,35 +294,18 @@ class ReportGenerator(TaskModel, nn.Module):
     def __init__(self, encoder: nn.Module, decoder: BertLMHeadModel, tokenizer, vocab: ReportVocab | None = None,
                  max_length: int = 64, label_smoothing: float = 0.0):
         super().__init__()
-        self.encoder, self.decoder, self.tokenizer, self.vocab = encoder, decoder, tokenizer, vocab
-        hidden = decoder.config.hidden_size
-        self.projector = nn.Sequential(nn.LayerNorm(encoder.embed_dim), nn.Linear(encoder.embed_dim, hidden))
-        self.max_length, self.label_smoothing = max_length, label_smoothing
-        self.bos_id = self._compact(tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id)
-        self.eos_id = self._compact(tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id)
-        self.pad_id = self._compact(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        self.encoder = encoder
+        self.projector = nn.Sequential(nn.LayerNorm(encoder.embed_dim), nn.Linear(encoder.embed_dim, decoder.config.hidden_size))
+        self.init_writer(decoder, tokenizer, vocab, max_length, label_smoothing)
 
     @classmethod
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "ReportGenerator":
         h = spec["head"]
-        vocab = ReportVocab(h["vocab"], h["unk_id"]) if h.get("vocab") else None
-        if pretrained:  # warm-started from the text model; its new weights are stated once, as a line of the run
-            decoder, new = build_decoder(h["text_model"], h["decoder_config"].get("num_hidden_layers", 0), vocab,
-                                         warn=False)
-            if new:
-                print(f"report decoder: warm-started from {h['text_model'] or 'all-MiniLM-L6-v2'}; {len(new)} new "
-                      f"weights start random, as expected: {summarise(new)}")
-            tokenizer = AutoTokenizer.from_pretrained(str(h["text_model"] or default_text_model_path()))
-        else:  # rebuilt from the saved config; the weights come from model.safetensors
-            decoder = decoder_from_config(h["decoder_config"])
-            tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        decoder, tokenizer, vocab = writer_parts(h, pretrained, folder)
         model = cls(build_encoder(spec, pretrained), decoder, tokenizer, vocab, max_length=h["max_length"],
                     label_smoothing=h["label_smoothing"])
         model.spec = spec
         return model
-
-    def _compact(self, full_id: int) -> int:
-        return int(self.vocab.to_compact(torch.tensor([full_id]))[0]) if self.vocab else int(full_id)
 
     # ------------------------------------------------------------ encoder side
     def encode_tokens(self, images: torch.Tensor, image_mask: torch.Tensor | None = None
@@ -267,48 +331,8 @@ class ReportGenerator(TaskModel, nn.Module):
             mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
         return self.projector(tokens.float()), mask.long()
 
-    # ------------------------------------------------------------ text side
-    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[CLS] text [SEP]`` ids (compact when a vocabulary is set) and attention mask, padded."""
-        tok = self.tokenizer
-        if tok.cls_token_id is None:  # GPT-style tokenizers add no start and end tokens, and have no padding
-            texts = [f"{tok.bos_token}{t}{tok.eos_token}" for t in texts]
-            tok.pad_token = tok.pad_token or tok.eos_token
-        enc = tok(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        ids = enc["input_ids"]
-        if self.vocab is not None:
-            ids = self.vocab.to_compact(ids)
-        device = next(self.parameters()).device
-        return ids.to(device), enc["attention_mask"].to(device)
-
-    def loss(self, memory: torch.Tensor, memory_mask: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """Teacher-forced next-token cross-entropy (label smoothing as set) over the report tokens."""
-        ids, mask = self.tokenize(texts)
-        logits = self.decoder(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], encoder_hidden_states=memory,
-                              encoder_attention_mask=memory_mask, use_cache=False).logits
-        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
-                               label_smoothing=self.label_smoothing)
-
     def forward(self, images: torch.Tensor, texts: Sequence[str], image_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.loss(*self.encode(images, image_mask), texts)
-
-    @torch.no_grad()
-    def generate_from_memory(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_new_tokens: int = 60,
-                             num_beams: int = 1, num_return_sequences: int = 1, **kwargs) -> list[str]:
-        """Reports for decoder memory; ``kwargs`` go to ``generate()`` (``do_sample``, ``top_p``,
-        ``no_repeat_ngram_size``, ``length_penalty``, ...). ``num_return_sequences`` texts per input."""
-        start = torch.full((memory.shape[0], 1), self.bos_id, dtype=torch.long, device=memory.device)
-        out = self.decoder.generate(
-            input_ids=start, encoder_hidden_states=memory, encoder_attention_mask=memory_mask,
-            max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
-            bos_token_id=self.bos_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-            **{CACHE_ARGUMENT: EncoderDecoderCache(DynamicCache(), DynamicCache())},  # transformers 5 needs it here
-            **kwargs)
-        if self.vocab is not None:
-            out = self.vocab.to_full(out)
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, image_mask: torch.Tensor | None = None, **kwargs) -> list[str]:
@@ -526,11 +550,8 @@ class ReportGeneration(FinetuneTask):
 
     def head(self, cfg: dict, state: dict) -> dict:
         c = self.config(cfg)
-        vocab = state.get("vocab")
-        return {"text_model": c.text_model, "max_length": c.max_length, "label_smoothing": c.label_smoothing,
-                "generation": dict(c.generation),
-                "decoder_config": decoder_config(c.text_model, c.decoder_layers, len(vocab) if vocab else None),
-                "vocab": vocab.ids if vocab else None, "unk_id": vocab.unk_id if vocab else None}
+        return writer_head(c.text_model, c.decoder_layers, state.get("vocab"), c.max_length, c.label_smoothing,
+                           c.generation)
 
     def optim(self, cfg: dict) -> dict:
         return dict(cfg["optim"], max_steps=cfg["trainer"]["max_steps"])
