@@ -204,6 +204,11 @@ def test_teacher_forced_loss_falls_on_medpix_captions_and_the_run_reloads(tmp_pa
     assert m["n"] == 12 and {"model", "most common report", "random report", "nearest-neighbour report"} <= set(m)
     assert all(0.0 <= m[k]["bleu_4"] <= 1.0 and "rouge_l" in m[k] and "cider" in m[k] for k in m if k != "n")
     assert (run / "examples_dev.html").read_text().count("<tr>") == 5  # header + 4 examples
+    # distinct reports and the model's image sensitivity (its reports with blank / shuffled images)
+    assert m["most common report"]["distinct_reports"] == 1 and 1 <= m["model"]["distinct_reports"] <= 12
+    assert set(m["model"]["image_sensitivity"]) == {"model, blank image", "model, shuffled images"}
+    assert all(0.0 <= x <= 1.0 for x in m["model"]["image_sensitivity"].values())
+    assert "model, shuffled images" in (run / "examples_dev.html").read_text()
     # the model folder alone rebuilds the model (fresh process, no recipe) and writes the same reports
     image = str(manifest.parent / "img.png")
     with open(manifest) as f:

@@ -21,6 +21,8 @@ from typing import Sequence
 
 from torchmetrics.functional.text import bleu_score
 
+from .changed_images import changed_share
+
 NUMBERS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
@@ -103,8 +105,5 @@ def most_common_answers(train_answers: Sequence[str], train_groups: Sequence[str
 
 
 def image_sensitivity(answers: Sequence[str], changed: Sequence[str]) -> float:
-    """Share of questions whose (normalised) answer differs between the real image and a changed one."""
-    if len(answers) != len(changed) or not answers:
-        raise ValueError(f"image sensitivity needs two equally long, non-empty answer lists ({len(answers)}, "
-                         f"{len(changed)})")
-    return sum(normalize_answer(a) != normalize_answer(b) for a, b in zip(answers, changed)) / len(answers)
+    """Share of questions whose normalised answer differs between the real image and a changed one."""
+    return changed_share(answers, changed, normalize_answer)

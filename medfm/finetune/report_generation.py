@@ -20,7 +20,8 @@ Recipe section ``report_generation`` (:class:`ReportConfig`); data: a manifest w
 text column (``report_generation.text``). ``method`` picks how the encoder adapts (the fine-tuning
 methods: ``linear_probe`` = frozen, with its tokens computed once and cached; ``lora``; ``full``...); the
 decoder and projector always train, at ``optim.lr``, the encoder at ``encoder_lr_scale`` times it.
-Evaluation writes captioning metrics, clinical label agreement and the three baselines for every split,
+Evaluation writes captioning metrics, clinical label agreement and the three baselines for every split, the
+number of distinct reports and the model's image sensitivity (its reports with blank and with shuffled images),
 and ``examples_<split>.html``.
 """
 
@@ -42,10 +43,11 @@ from transformers import AutoModel, AutoTokenizer, AutoModelForMaskedLM, BertCon
 
 from medfm.data import DataError
 from medfm.encoders import default_text_model_path
+from medfm.evaluate.changed_images import ChangedImages, changed_share
 from medfm.evaluate.probe import embed_dataset
 from medfm.evaluate.report_baselines import most_common_report, nearest_neighbour_reports, random_reports
 from medfm.evaluate.report_labeler import clinical_agreement
-from medfm.evaluate.report_metrics import caption_metrics, mention_scores, model_based_scores
+from medfm.evaluate.report_metrics import caption_metrics, mention_scores, model_based_scores, tokenize_report
 from medfm.evaluate.report_table import examples_html
 from medfm.run import TrainingModule
 
@@ -406,8 +408,14 @@ def evaluate_reports(model: ReportGenerator, ds, out: Path, split: str, train_te
                      model_scorers: bool = False, **generation) -> dict:
     """Captioning metrics and clinical label agreement of the model's reports on ``ds`` and of the three
     baselines (most common / random / nearest-neighbour training report); ``attributes`` (``{name: (true
-    values per sample, possible values)}``): whether each text names the true value; ``examples_<split>.html``."""
+    values per sample, possible values)}``): whether each text names the true value; the number of distinct
+    reports of each; the model's image sensitivity (share of its reports that change when the images are
+    blank or shuffled, :class:`medfm.evaluate.changed_images.ChangedImages`); ``examples_<split>.html`` with
+    the blank / shuffled reports beside the real ones."""
     generated, refs = generate_reports(model, ds, batch_size, progress=f"generating {split} reports", **generation)
+    changed = {f"model, {mode} image{'s' if mode == 'shuffled' else ''}": generate_reports(
+        model, ChangedImages(ds, mode, seed=seed), batch_size, progress=f"{mode} images", **generation)[0]
+        for mode in ("blank", "shuffled")}
     candidates = {"model": generated,
                   "most common report": most_common_report(train_texts, len(refs)),
                   "random report": random_reports(train_texts, len(refs), seed)}
@@ -422,11 +430,14 @@ def evaluate_reports(model: ReportGenerator, ds, out: Path, split: str, train_te
             res["model_based"] = model_based_scores(refs, texts)
         if attributes:
             res["attributes"] = {a: mention_scores(texts, truth, values) for a, (truth, values) in attributes.items()}
+        res["distinct_reports"] = len(set(tokenize_report(t) for t in texts))
         results[name] = res
+    results["model"]["image_sensitivity"] = {k: changed_share(generated, v, tokenize_report) for k, v in changed.items()}
     shown = list(range(min(examples, len(ds))))
     images = [ds[i]["image"] for i in shown]  # a study shows its first image
     examples_html([x[0] if x.ndim == model.encoder.spatial_dims + 2 else x for x in images],
-                  {"reference": [refs[i] for i in shown], **{k: [v[i] for i in shown] for k, v in candidates.items()}},
+                  {"reference": [refs[i] for i in shown],
+                   **{k: [v[i] for i in shown] for k, v in {**candidates, **changed}.items()}},
                   out / f"examples_{split}.html", title=f"{split}: generated reports and baselines")
     return {"n": len(refs), **results}
 
@@ -602,5 +613,9 @@ class ReportGeneration(FinetuneTask):
                         scores = "  ".join(f"{k} {m[k]:.3f}" for k in ("bleu_1", "bleu_4", "rouge_l", "cider", "meteor")
                                            if k in m)
                         named = "".join(f"  {a} {s['accuracy']:.3f}" for a, s in m.get("attributes", {}).items())
-                        lines.append(f"    {name:<26} {scores}  clinical micro-F1 {m['clinical']['micro']['f1']:.3f}{named}")
+                        lines.append(f"    {name:<26} {scores}  clinical micro-F1 {m['clinical']['micro']['f1']:.3f}{named}"
+                                     + (f"  distinct {m['distinct_reports']}" if "distinct_reports" in m else ""))
+                if "image_sensitivity" in v["model"]:
+                    lines.append("    image sensitivity (share of the model's reports changed): " + ", ".join(
+                        f"{k} {x:.3f}" for k, x in v["model"]["image_sensitivity"].items()))
         return lines

@@ -15,7 +15,7 @@ image tokens] (a type embedding tells them apart). Two answer heads read the fus
 Honest evaluation (:func:`evaluate_vqa`): beside the model, always, the most common training answer per
 question type, a **question-only model** (the same architecture whose image is replaced by a constant,
 trained in the same run on the same batches: ``vqa.question_only``), and the model's own answers with
-**blank** and **shuffled** images (:class:`ChangedImages`); image sensitivity = the share of answers that
+**blank** and **shuffled** images (:class:`medfm.evaluate.changed_images.ChangedImages`); image sensitivity = the share of answers that
 change. ``examples_<split>.html`` shows questions, references and every answerer; ``answers_<split>.csv``
 every prediction; ``accuracy_<split>.png`` the closed / open accuracy of each.
 
@@ -46,6 +46,7 @@ from medfm.atomic import write_text
 from medfm.data import DataError
 from medfm.encoders import create_text_encoder, default_text_model_path
 from medfm.encoders.text import TextEncoder
+from medfm.evaluate.changed_images import ChangedImages
 from medfm.evaluate.plots import grouped_bars_png
 from medfm.evaluate.report_table import examples_html
 from medfm.evaluate.vqa_metrics import image_sensitivity, most_common_answers, normalize_answer, vqa_metrics
@@ -100,37 +101,6 @@ class QADataset(Dataset):
         sample = self.dataset[self.first[i]]
         return {"image": sample["image"], "question": self.questions[i], "answer": self.answer_texts[i],
                 "answer_index": self._index.get(normalize_answer(self.answer_texts[i]), IGNORE)}
-
-
-class ChangedImages(Dataset):
-    """``ds`` with only its images changed, for image-sensitivity tests: ``"blank"`` (a constant zero image of
-    the same shape) or ``"shuffled"`` (each item gets the image of another one: a seeded derangement of the
-    distinct images ``keys``, default one per item, so that no item keeps its own image). Everything else
-    (question, answer, text, masks) is the original item's."""
-
-    def __init__(self, ds, mode: str, keys: Sequence[str] | None = None, seed: int = 0):
-        if mode not in ("blank", "shuffled"):
-            raise ValueError(f"mode must be 'blank' or 'shuffled', got {mode!r}")
-        self.ds, self.mode = ds, mode
-        keys = [str(k) for k in (keys if keys is not None else range(len(ds)))]
-        first: dict[str, int] = {}
-        for i, k in enumerate(keys):
-            first.setdefault(k, i)
-        order = sorted(first)
-        random.Random(seed).shuffle(order)
-        nxt = {k: order[(j + 1) % len(order)] for j, k in enumerate(order)}  # a cycle: nobody keeps their own
-        self.source = [first[nxt[k]] for k in keys]
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict:
-        item = dict(self.ds[i])
-        if self.mode == "blank":
-            item["image"] = torch.zeros_like(torch.as_tensor(item["image"]))
-        else:
-            item["image"] = self.ds[self.source[i]]["image"]
-        return item
 
 
 # --------------------------------------------------------------------------- model
