@@ -262,3 +262,35 @@ def test_studies_of_several_images_train_cached_and_generate(tmp_path):
     run = run_finetune(cfg, tmp_path / "run", data_path=str(tmp_path / "m.csv"))  # linear_probe: cached tokens
     m = json.loads((run / "metrics.json").read_text())["dev"]
     assert m["n"] == 3 and len(losses(run)) == 6
+
+
+def test_attribute_prompts_train_their_heads_prompt_the_decoder_and_reload(tmp_path):
+    """report_generation.prompt_attributes: heads predicting MedPix's modality and body region from the image, whose
+    predictions are memory tokens of the decoder; trained with the report (loss falls), scored, reloaded alone."""
+    manifest = _medpix_subset(tmp_path)
+    cols = ["type", "location_category"]
+    cfg = _tiny_report_recipe(report_generation={"text": "caption", "prompt_attributes": cols}, data={"val_split": "dev"})
+    run = run_finetune(cfg, tmp_path / "run", data_path=str(manifest))
+    with open(tmp_path / "run" / "logs" / "metrics.csv") as f:
+        attr = [float(r["train/attributes"]) for r in csv.DictReader(f) if r.get("train/attributes")]
+    assert len(attr) == 30 and np.mean(attr[-5:]) < np.mean(attr[:5]), attr
+    m = json.loads((run / "metrics.json").read_text())["dev"]["model"]
+    assert set(m["attribute_heads"]) == set(cols) and all(0 <= v["accuracy"] <= 1 for v in m["attribute_heads"].values())
+    model = medfm.load(run)
+    assert list(model.prompts) == cols and "CT" in model.prompts["type"]
+    x = torch.rand(2, 1, 32, 32)
+    memory, mask = model.encode(x)
+    assert memory.shape[1] == mask.shape[1] == 16 + 1 + len(cols)  # 4x4 patches, class token, one prompt per attribute
+    pred = model.predict_attributes(x)
+    assert set(pred) == set(cols) and all(v in model.prompts["type"] for v in pred["type"])
+    # the true value, where given, replaces the prediction (teacher forcing); the prompt token changes with it
+    tokens, tmask = model.encode_tokens(x)
+    assert len(model.prompts["location_category"]) > 1
+    a = model.prompted_memory(tokens, tmask, torch.tensor([[-100, 0], [-100, 0]]))[0]
+    b = model.prompted_memory(tokens, tmask, torch.tensor([[-100, 1], [-100, 1]]))[0]
+    assert torch.allclose(a[:, -2], b[:, -2]) and not torch.allclose(a[:, -1], b[:, -1])
+    # a frozen encoder's cached tokens carry the labels too
+    cfg = _tiny_report_recipe(report_generation={"text": "caption", "prompt_attributes": cols}, data={"val_split": "dev"},
+                              trainer={"max_steps": 4})
+    cfg["method"] = "linear_probe"
+    run_finetune(cfg, tmp_path / "probe", data_path=str(manifest))

@@ -294,18 +294,26 @@ class ReportGenerator(TaskModel, TextWriter, nn.Module):
     components = ("tokenizer",)
 
     def __init__(self, encoder: nn.Module, decoder: BertLMHeadModel, tokenizer, vocab: ReportVocab | None = None,
-                 max_length: int = 64, label_smoothing: float = 0.0):
+                 max_length: int = 64, label_smoothing: float = 0.0, prompts: dict[str, list[str]] | None = None):
         super().__init__()
         self.encoder = encoder
-        self.projector = nn.Sequential(nn.LayerNorm(encoder.embed_dim), nn.Linear(encoder.embed_dim, decoder.config.hidden_size))
+        dim, width = encoder.embed_dim, decoder.config.hidden_size
+        self.projector = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width))
         self.init_writer(decoder, tokenizer, vocab, max_length, label_smoothing)
+        # attribute prompts (PromptMRG's idea): a head per attribute on the pooled image tokens; its prediction,
+        # as a mix of learned value embeddings, is one more memory token the decoder attends to
+        self.prompts = {str(k): list(v) for k, v in (prompts or {}).items()}
+        self.attribute_heads = nn.ModuleDict({f"a{i}": nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, len(v)))
+                                              for i, v in enumerate(self.prompts.values())})
+        self.attribute_values = nn.ParameterDict({f"a{i}": nn.Parameter(torch.randn(len(v), width) * 0.02)
+                                                  for i, v in enumerate(self.prompts.values())})
 
     @classmethod
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "ReportGenerator":
         h = spec["head"]
         decoder, tokenizer, vocab = writer_parts(h, pretrained, folder)
         model = cls(build_encoder(spec, pretrained), decoder, tokenizer, vocab, max_length=h["max_length"],
-                    label_smoothing=h["label_smoothing"])
+                    label_smoothing=h["label_smoothing"], prompts=h.get("prompts"))
         model.spec = spec
         return model
 
@@ -324,8 +332,43 @@ class ReportGenerator(TaskModel, TextWriter, nn.Module):
         return tokens, image_mask.long().repeat_interleave(n, dim=1)
 
     def encode(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected encoder tokens (B, T, H) and their attention mask (B, T)."""
-        return self.project(*self.encode_tokens(images, image_mask))
+        """Decoder memory (B, T (+ attribute prompts), H) and its attention mask."""
+        return self.prompted_memory(*self.encode_tokens(images, image_mask))[:2]
+
+    def prompted_memory(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                        attributes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Decoder memory from encoder tokens, with one prompt token per attribute appended (when the model
+        has attribute heads), and the heads' logits. A prompt token is the value embeddings weighted by the
+        head's predicted probabilities or, where ``attributes`` (B, A; -100 unknown) gives the true value
+        (teacher forcing in training), by its one-hot."""
+        memory, mask = self.project(tokens, mask)
+        if not self.prompts:
+            return memory, mask, []
+        weight = mask.unsqueeze(-1).float()
+        pooled = (tokens.float() * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+        logits, extra = [], []
+        for j, key in enumerate(self.attribute_heads):
+            out = self.attribute_heads[key](pooled)
+            p = out.softmax(-1)
+            if attributes is not None:
+                truth = attributes[:, j].to(out.device)
+                p = torch.where((truth >= 0)[:, None], F.one_hot(truth.clamp(min=0), out.shape[-1]).float(), p)
+            logits.append(out)
+            extra.append(p @ self.attribute_values[key])
+        ones = torch.ones(mask.shape[0], len(extra), dtype=mask.dtype, device=mask.device)
+        return torch.cat([memory, torch.stack(extra, 1)], 1), torch.cat([mask, ones], 1), logits
+
+    @torch.no_grad()
+    def predict_attributes(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> dict[str, list[str]]:
+        """Each attribute head's predicted value for a batch of images (or studies)."""
+        was = self.training
+        self.eval()
+        try:
+            logits = self.prompted_memory(*self.encode_tokens(images, image_mask))[2]
+        finally:
+            self.train(was)
+        return {name: [values[i] for i in out.argmax(-1).tolist()]
+                for (name, values), out in zip(self.prompts.items(), logits)}
 
     def project(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder tokens (B, T, D) -> decoder memory (B, T, H) and its mask (cached tokens start here)."""
@@ -352,9 +395,11 @@ class ReportTask(TrainingModule):
     """Lightning module: teacher forcing on ``image`` (or cached ``tokens``) + ``text`` batches; the
     encoder learns at ``encoder_lr_scale`` times the learning rate of the projector and decoder."""
 
-    def __init__(self, model: ReportGenerator, encoder_lr_scale: float = 0.1, frozen_encoder: bool = False, **optim):
+    def __init__(self, model: ReportGenerator, encoder_lr_scale: float = 0.1, frozen_encoder: bool = False,
+                 attribute_weight: float = 1.0, **optim):
         super().__init__(**optim)
         self.model, self.encoder_lr_scale, self.frozen_encoder = model, encoder_lr_scale, frozen_encoder
+        self.attribute_weight = attribute_weight
 
     @property
     def encoder(self) -> nn.Module:
@@ -380,10 +425,18 @@ class ReportTask(TrainingModule):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         if "tokens" in batch:
-            memory = self.model.project(batch["tokens"], batch.get("token_mask"))
+            tokens, mask = batch["tokens"], batch.get("token_mask")
         else:
-            memory = self.model.encode(batch["image"], batch.get("image_mask"))
-        return self.model.loss(*memory, list(batch["text"])), {}
+            tokens, mask = self.model.encode_tokens(batch["image"], batch.get("image_mask"))
+        attributes = batch.get("attributes")
+        memory, memory_mask, logits = self.model.prompted_memory(tokens, mask, attributes)
+        loss = self.model.loss(memory, memory_mask, list(batch["text"]))
+        if not logits:
+            return loss, {}
+        known = [(out, attributes[:, j].to(out.device)) for j, out in enumerate(logits)]
+        attr = sum(F.cross_entropy(out.float(), t, ignore_index=-100) if bool((t >= 0).any()) else out.sum() * 0
+                   for out, t in known)
+        return loss + self.attribute_weight * attr, {"report": loss.detach(), "attributes": attr.detach()}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -463,19 +516,46 @@ class ReportConfig:
     model_scorers: bool = False  # CheXbert / RadGraph F1 where their packages and weights load (optional)
     study: str | None = None  # manifest column grouping rows into one study (several images, one report)
     max_images: int = 4  # images per study (more are left out; fewer are padded and masked)
+    prompt_attributes: list = field(default_factory=list)  # manifest columns predicted from the image, prompting the decoder
+    attribute_weight: float = 1.0  # loss = report CE + this x the attribute heads' CE
 
 
 class _Tokens(Dataset):
-    """Cached encoder tokens and their reports (frozen encoder)."""
+    """Cached encoder tokens and their reports (frozen encoder), with their attribute labels when prompted."""
 
-    def __init__(self, tokens: torch.Tensor, texts: list[str], masks: torch.Tensor):
-        self.tokens, self.texts, self.masks = tokens, texts, masks
+    def __init__(self, tokens: torch.Tensor, texts: list[str], masks: torch.Tensor, attributes: torch.Tensor | None = None):
+        self.tokens, self.texts, self.masks, self.attributes = tokens, texts, masks, attributes
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def __getitem__(self, i: int) -> dict:
-        return {"tokens": self.tokens[i], "token_mask": self.masks[i], "text": self.texts[i]}
+        item = {"tokens": self.tokens[i], "token_mask": self.masks[i], "text": self.texts[i]}
+        if self.attributes is not None:
+            item["attributes"] = self.attributes[i]
+        return item
+
+
+def attribute_labels(ds, prompts: dict[str, list[str]]) -> torch.Tensor:
+    """(N, A) indices of each row's (study's first row's) value of each prompted attribute; -100 where the
+    value is empty or unseen in training (no loss, the head's prediction prompts the decoder)."""
+    index = [{v: i for i, v in enumerate(values)} for values in prompts.values()]
+    return torch.tensor([[index[j].get(str(r.extra.get(col, "")).strip(), -100) for j, col in enumerate(prompts)]
+                         for r in ds.records], dtype=torch.long)
+
+
+class WithAttributes(Dataset):
+    """A report dataset whose items also carry ``attributes`` (:func:`attribute_labels`)."""
+
+    def __init__(self, ds, prompts: dict[str, list[str]]):
+        self.ds, self.labels = ds, attribute_labels(ds, prompts)
+        self.records, self.manifest, self.post = ds.records, ds.manifest, getattr(ds, "post", None)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.ds[i], "attributes": self.labels[i]}
 
 
 class StudyDataset(Dataset):
@@ -510,6 +590,25 @@ class StudyDataset(Dataset):
         return {"image": torch.stack(images), "image_mask": mask, "text": samples[0]["text"]}
 
 
+@torch.no_grad()
+def attribute_head_accuracy(model: ReportGenerator, ds, batch_size: int = 16) -> dict[str, dict]:
+    """Accuracy of each attribute head on the rows of ``ds`` whose value was seen in training."""
+    truth = attribute_labels(ds, model.prompts)
+    predicted: dict[str, list[str]] = {k: [] for k in model.prompts}
+    for i in range(0, len(ds), batch_size):
+        items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
+        images = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(next(model.parameters()).device)
+        mask = torch.stack([s["image_mask"] for s in items]).to(images.device) if "image_mask" in items[0] else None
+        for k, v in model.predict_attributes(images, mask).items():
+            predicted[k] += v
+    out = {}
+    for j, (name, values) in enumerate(model.prompts.items()):
+        known = [i for i in range(len(ds)) if truth[i, j] >= 0]
+        hits = sum(predicted[name][i] == values[truth[i, j]] for i in known)
+        out[name] = {"n": len(known), "accuracy": hits / len(known) if known else float("nan")}
+    return out
+
+
 def report_texts(ds) -> list[str]:
     """The reports of a manifest (or study) dataset, without loading images; an empty one is an error
     naming its line."""
@@ -534,7 +633,7 @@ class ReportGeneration(FinetuneTask):
     name = "report_generation"
     Config = ReportConfig
     model_class = ReportGenerator
-    keys = ("image", "image_mask", "text", "tokens", "token_mask")
+    keys = ("image", "image_mask", "text", "tokens", "token_mask", "attributes")
 
     def validate(self, cfg: dict) -> None:
         if cfg["shots"]:
@@ -557,23 +656,30 @@ class ReportGeneration(FinetuneTask):
         state["train_texts"] = report_texts(train)
         tokenizer = AutoTokenizer.from_pretrained(str(c.text_model or default_text_model_path()))
         state["vocab"] = ReportVocab.build(tokenizer, state["train_texts"], c.vocab_size) if c.vocab_size else None
+        state["prompts"] = {}
+        for col in c.prompt_attributes:  # the values seen in training, sorted
+            if not any(col in r.extra for r in train.records):
+                raise DataError(f"{train.manifest}: no column {col!r} (report_generation.prompt_attributes)")
+            state["prompts"][col] = sorted({str(r.extra.get(col, "")).strip() for r in train.records} - {""})
         return cfg, train
 
     def head(self, cfg: dict, state: dict) -> dict:
         c = self.config(cfg)
-        return writer_head(c.text_model, c.decoder_layers, state.get("vocab"), c.max_length, c.label_smoothing,
-                           c.generation)
+        return {**writer_head(c.text_model, c.decoder_layers, state.get("vocab"), c.max_length, c.label_smoothing,
+                              c.generation), "prompts": state.get("prompts") or {}}
 
     def optim(self, cfg: dict) -> dict:
         return dict(cfg["optim"], max_steps=cfg["trainer"]["max_steps"])
 
     def module(self, cfg: dict, model, train, state: dict):
-        return ReportTask(model, self.config(cfg).encoder_lr_scale, frozen_encoder=cfg["method"] == "linear_probe",
-                          **self.optim(cfg))
+        c = self.config(cfg)
+        return ReportTask(model, c.encoder_lr_scale, frozen_encoder=cfg["method"] == "linear_probe",
+                          attribute_weight=c.attribute_weight, **self.optim(cfg))
 
     def training_set(self, cfg: dict, model, train, state: dict):
+        prompts = state.get("prompts")
         if cfg["method"] != "linear_probe":
-            return train
+            return WithAttributes(train, prompts) if prompts else train
         # frozen encoder: its tokens are computed once, the projector and decoder train on them
         plain = self.open_split(cfg, self.section(cfg, "data").train_split, train=False)
         bs, tokens, masks = self.config(cfg).eval_batch_size, [], []
@@ -587,7 +693,8 @@ class ReportGeneration(FinetuneTask):
                 t, m = model.encode_tokens(x, mask)
                 tokens.append(t.float())
                 masks.append(m)
-        return _Tokens(torch.cat(tokens), state["train_texts"], torch.cat(masks))
+        return _Tokens(torch.cat(tokens), state["train_texts"], torch.cat(masks),
+                       attribute_labels(plain, prompts) if prompts else None)
 
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
         c = self.config(cfg)
@@ -598,10 +705,13 @@ class ReportGeneration(FinetuneTask):
                                                     progress="embedding training images",
                                                     forward=_study_embedding(model.encoder))[0]
         attributes = {col: ([str(r.extra.get(col, "")) for r in ds.records], values) for col, values in c.attributes.items()}
-        return evaluate_reports(model, ds, out, split, state["train_texts"], state["train_features"],
-                                batch_size=c.eval_batch_size, examples=c.examples, meteor=c.meteor, seed=cfg["seed"],
-                                attributes=attributes, embed=_study_embedding(model.encoder),
-                                model_scorers=c.model_scorers, **c.generation)
+        res = evaluate_reports(model, ds, out, split, state["train_texts"], state["train_features"],
+                               batch_size=c.eval_batch_size, examples=c.examples, meteor=c.meteor, seed=cfg["seed"],
+                               attributes=attributes, embed=_study_embedding(model.encoder),
+                               model_scorers=c.model_scorers, **c.generation)
+        if model.prompts:
+            res["model"]["attribute_heads"] = attribute_head_accuracy(model, ds, c.eval_batch_size)
+        return res
 
     def summary(self, metrics: dict) -> list[str]:
         lines = super().summary(metrics)
