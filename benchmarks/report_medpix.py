@@ -10,6 +10,9 @@ training caption. Mean ± std over seeds; training time and generation speed on 
     python benchmarks/report_medpix.py --data ../shared/data/medpix2/manifest.csv --steps 600 --seeds 0 1 2
     python benchmarks/report_medpix.py --data ../shared/data/medpix2/manifest.csv --text findings   # case level
 
+``--prompt-attributes type plane location_category``: heads predicting those manifest columns from the image
+prompt the decoder (``report_generation.prompt_attributes``).
+
 ``--text findings``: one study per MedPix case (its images, up to 4) with the case's Findings text from
 ``cases_{train,dev}.jsonl`` as the report.
 """
@@ -74,7 +77,8 @@ def run_seed(args, seed: int) -> tuple[dict, float, float]:
     cfg = load_task_recipe(REPO / "tasks" / "report_2d.yaml", {
         "method": args.method, "seed": seed,
         "encoder": {"name": args.encoder, "img_size": args.size, "patch_size": 8},
-        "report_generation": {"text": args.text, "attributes": ATTRIBUTES, "eval_batch_size": 32, **study},
+        "report_generation": {"text": args.text, "attributes": ATTRIBUTES, "eval_batch_size": 32,
+                              "prompt_attributes": args.prompt_attributes, **study},
         "data": {"val_split": "dev", "test_split": None, "batch_size": args.batch, "num_workers": 2},
         "optim": {"lr": args.lr, "warmup_steps": args.steps // 10},
         "trainer": {"max_steps": args.steps, "checkpoint_every_n_steps": 200, "log_every_n_steps": 10},
@@ -101,6 +105,8 @@ def main() -> None:
     ap.add_argument("--method", default="full", help="linear_probe | lora | full ...")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--text", default="caption", choices=("caption", "findings"))
+    ap.add_argument("--prompt-attributes", nargs="*", default=[], metavar="COLUMN",
+                    help="manifest columns predicted from the image that prompt the decoder (e.g. type plane location_category)")
     args = ap.parse_args()
     if args.text == "findings":
         args.data = str(case_manifest(Path(args.data), Path(args.out)))
@@ -115,7 +121,7 @@ def main() -> None:
     print(f"MedPix 2.0 dev, {args.text} (n={results[0]['n']}), {args.encoder}/8 {args.size}px, {args.method}, {args.steps} steps x "
           f"{args.batch}, seeds {args.seeds}, {device}: training {np.mean(train_s):.0f} s per seed, generation "
           f"{np.mean(gen):.1f} reports/s (beam 3)\n")
-    cols = [*SCORES, "clinical micro-F1", *(f"names {a}" for a in ATTRIBUTES)]
+    cols = [*SCORES, "clinical micro-F1", *(f"names {a}" for a in ATTRIBUTES), "distinct reports"]
     print("| captions from | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for name in names:
@@ -125,10 +131,21 @@ def main() -> None:
                 vals = [r[name].get(key, float("nan")) for r in results]
             elif key == "clinical micro-F1":
                 vals = [r[name]["clinical"]["micro"]["f1"] for r in results]
+            elif key == "distinct reports":
+                vals = [r[name]["distinct_reports"] for r in results]
             else:
                 vals = [r[name]["attributes"][key.split(" ", 1)[1]]["accuracy"] for r in results]
             cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n| the model's image sensitivity (share of reports changed) | mean ± std |\n|---|---|")
+    for key in results[0]["model"]["image_sensitivity"]:
+        vals = [r["model"]["image_sensitivity"][key] for r in results]
+        print(f"| {key} | {np.mean(vals):.3f} ± {np.std(vals):.3f} |")
+    if "attribute_heads" in results[0]["model"]:
+        print("\n| attribute head | dev accuracy |\n|---|---|")
+        for key in results[0]["model"]["attribute_heads"]:
+            vals = [r["model"]["attribute_heads"][key]["accuracy"] for r in results]
+            print(f"| {key} | {np.mean(vals):.3f} ± {np.std(vals):.3f} |")
 
 
 if __name__ == "__main__":
