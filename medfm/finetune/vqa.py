@@ -181,9 +181,10 @@ class VQAModel(TaskModel, TextWriter, nn.Module):
     # ------------------------------------------------------------ forward
     def fuse(self, images: torch.Tensor, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused tokens (B, L + T, W), question first ([CLS] at 0), and their mask (1 = real token)."""
-        if self.blind:
-            images = torch.zeros_like(images)
+        if self.blind:  # a constant image gives the same tokens for every question: encoded once, then repeated
+            images = torch.zeros_like(images[:1])
         image = self.image_proj(encoder_tokens(self.encoder, images).float()) + self.type_embed[1]
+        image = image.expand(len(questions), -1, -1)
         q = self.question(list(questions))
         text = q["tokens"] + self.type_embed[0]
         pad = torch.cat([q["attention_mask"] == 0, torch.zeros(image.shape[:2], dtype=torch.bool, device=image.device)], 1)
@@ -239,13 +240,16 @@ class VQAModel(TaskModel, TextWriter, nn.Module):
 # --------------------------------------------------------------------------- training
 class VQATask(TrainingModule):
     """Lightning module: the model's loss plus, when it has one, its question-only twin's on the same batch;
-    encoders learn at ``encoder_lr_scale`` x the LR, question towers at ``text_lr_scale`` x."""
+    encoders learn at ``encoder_lr_scale`` x the LR, question towers at ``text_lr_scale`` x (0: frozen)."""
 
     def __init__(self, model: VQAModel, encoder_lr_scale: float = 0.1, text_lr_scale: float = 0.1,
                  generation_weight: float = 0.5, frozen_encoder: bool = False, **optim):
         super().__init__(**optim)
         self.model, self.frozen_encoder = model, frozen_encoder
         self.encoder_lr_scale, self.text_lr_scale, self.generation_weight = encoder_lr_scale, text_lr_scale, generation_weight
+        if text_lr_scale == 0:  # a frozen question tower: no backward through it, no optimizer state for it
+            for m in self.models():
+                m.question.requires_grad_(False)
 
     @property
     def encoder(self) -> nn.Module:
@@ -256,9 +260,11 @@ class VQATask(TrainingModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.frozen_encoder:  # a frozen encoder keeps its normalisation statistics and no dropout
-            for m in self.models():
+        for m in self.models():  # frozen towers keep their normalisation statistics and no dropout
+            if self.frozen_encoder:
                 m.encoder.eval()
+            if self.text_lr_scale == 0:
+                m.question.eval()
         return self
 
     def param_groups(self) -> list[dict]:
@@ -387,7 +393,7 @@ class VQAConfig:
     max_length: int = 32  # question / answer tokens
     label_smoothing: float = 0.1
     encoder_lr_scale: float = 0.1  # image encoder LR = optim.lr x this (lora / full)
-    text_lr_scale: float = 0.1  # question tower LR = optim.lr x this
+    text_lr_scale: float = 0.0  # question tower LR = optim.lr x this (0: frozen, the pretrained MiniLM as it is)
     question_only: bool = True  # train the question-only baseline (image -> constant) beside the model
     generation: dict = field(default_factory=lambda: {"num_beams": 1, "max_new_tokens": 12})
     eval_batch_size: int = 32
