@@ -49,7 +49,7 @@ from medfm.evaluate.report_baselines import most_common_report, nearest_neighbou
 from medfm.evaluate.report_labeler import clinical_agreement
 from medfm.evaluate.report_metrics import caption_metrics, mention_scores, model_based_scores, tokenize_report
 from medfm.evaluate.report_table import examples_html
-from medfm.run import TrainingModule
+from medfm.run import TrainingModule, evaluating
 
 from .base import FinetuneTask, TaskModel, build_encoder
 from .recipe import TASKS
@@ -361,12 +361,8 @@ class ReportGenerator(TaskModel, TextWriter, nn.Module):
     @torch.no_grad()
     def predict_attributes(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> dict[str, list[str]]:
         """Each attribute head's predicted value for a batch of images (or studies)."""
-        was = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             logits = self.prompted_memory(*self.encode_tokens(images, image_mask))[2]
-        finally:
-            self.train(was)
         return {name: [values[i] for i in out.argmax(-1).tolist()]
                 for (name, values), out in zip(self.prompts.items(), logits)}
 
@@ -382,12 +378,8 @@ class ReportGenerator(TaskModel, TextWriter, nn.Module):
     @torch.no_grad()
     def generate(self, images: torch.Tensor, image_mask: torch.Tensor | None = None, **kwargs) -> list[str]:
         """Reports for a batch of images (or studies); see :meth:`generate_from_memory`."""
-        was = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             return self.generate_from_memory(*self.encode(images, image_mask), **kwargs)
-        finally:
-            self.train(was)
 
 
 # --------------------------------------------------------------------------- training

@@ -40,7 +40,7 @@ from monai.utils import ensure_tuple_rep
 
 from medfm.data import DataError
 from medfm.evaluate.plots import overlay_png
-from medfm.run import TrainingModule
+from medfm.run import TrainingModule, evaluating
 
 from .base import FinetuneTask, TaskModel, build_encoder
 from .classification import encoder_and_head_groups
@@ -197,12 +197,8 @@ def predict(model: SegmentationModel, image: torch.Tensor, roi_size: Sequence[in
             sw_batch_size: int = 4) -> torch.Tensor:
     """Class probabilities (B, K, *spatial) for images of any size: MONAI sliding-window inference over
     ``roi_size`` windows (Gaussian-blended), padded where the image is smaller than a window."""
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         logits = sliding_window_inference(image, roi_size, sw_batch_size, model, overlap=overlap, mode="gaussian")
-    finally:
-        model.train(was)
     return torch.as_tensor(logits).float().softmax(1)
 
 

@@ -51,7 +51,7 @@ from medfm.evaluate.plots import grouped_bars_png
 from medfm.evaluate.report_table import examples_html
 from medfm.evaluate.vqa_metrics import image_sensitivity, most_common_answers, normalize_answer, vqa_metrics
 from medfm.progress import progress_bar
-from medfm.run import TrainingModule
+from medfm.run import TrainingModule, evaluating
 
 from .base import FinetuneTask, TaskModel, build_encoder
 from .recipe import TASKS
@@ -215,12 +215,8 @@ class VQAModel(TaskModel, TextWriter, nn.Module):
     @torch.no_grad()
     def answer(self, images: torch.Tensor, questions: Sequence[str]) -> tuple[list[str], list[float]]:
         """The classifier's answers and their probabilities."""
-        was = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             p = self(images, questions).float().softmax(-1)
-        finally:
-            self.train(was)
         score, idx = p.max(-1)
         return [self.answers[i] for i in idx.tolist()], score.tolist()
 
@@ -229,12 +225,8 @@ class VQAModel(TaskModel, TextWriter, nn.Module):
         """Open-ended answers written by the decoder (``generation``: ``generate()`` arguments)."""
         if self.decoder is None:
             raise ValueError("this VQA model has no answer decoder (trained with vqa.generate: false)")
-        was = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             return self.generate_from_memory(*self.fuse(images, questions), **generation)
-        finally:
-            self.train(was)
 
 
 # --------------------------------------------------------------------------- training

@@ -10,6 +10,8 @@ cosine decay stepped every training step. The finite-loss guard is a callback
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import lightning as L
 import torch
 import torch.nn as nn
@@ -60,6 +62,17 @@ def apply_speed_switches(module: L.LightningModule, trainer_cfg: dict) -> None:
         encoder.set_grad_checkpointing(True)
     if trainer_cfg.get("compile") and hasattr(module, "compile_model"):
         module.compile_model(trainer_cfg["compile"])
+
+
+@contextmanager
+def evaluating(module: nn.Module):
+    """``module`` in eval mode inside the block (no dropout, running statistics), its own mode back after."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
 
 
 class TrainingModule(L.LightningModule):
