@@ -1,6 +1,6 @@
 """Visual question answering on VQA-RAD: the model against its baselines, over seeds.
 
-``tasks/vqa_2d.yaml`` trained on the official train split minus a validation split carved from it **by image**
+``tasks/vqa_2d.yaml`` (ViT-Tiny/8 at 64 px, random init, unless ``--encoder``) trained on the official train split minus a validation split carved from it **by image**
 (10 % of the images, seed 0: no image is in both), scored on that validation split (the official test
 split is withheld here). Each seed reports, for the model and every baseline (question-only model trained
 in the same run, the model with blank and with shuffled images, the most common training answer per
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--encoder", default=None, help="a pretrained encoder (folder / run) instead of random init")
+    ap.add_argument("--size", type=int, default=64, help="image size of the random-init ViT-Tiny/8 (default 64)")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE recipe overrides (e.g. encoder.img_size=96)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -46,8 +47,8 @@ def main() -> None:
     for seed in args.seeds:
         over = {"seed": seed, "data": {"path": str(manifest), "test_split": None},
                 "trainer": {"max_steps": args.steps, "checkpoint_every_n_steps": args.steps}}
-        if args.encoder:
-            over["encoder"] = {"pretrained": args.encoder}
+        over["encoder"] = ({"pretrained": args.encoder} if args.encoder else
+                           {"name": "vit_tiny", "img_size": args.size, "patch_size": 8})
         for item in args.overrides:
             key, _, value = item.partition("=")
             node = over
