@@ -235,10 +235,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model}: a {type(model).__name__}, not a visual question answering model "
                          "(medfm finetune tasks/vqa_2d.yaml)")
     transform = with_channels(preprocess_transform(model.spec["preprocess"]), model.spec["encoder"]["in_chans"])
-    sample = load(args.image, spatial_dims=model.spec["encoder"]["spatial_dims"])
-    for step in transform:
-        sample = step(sample)
-    image = finalise_sample(sample)["image"][None]
+    image = finalise_sample(transform(load(args.image, spatial_dims=model.spec["encoder"]["spatial_dims"])))["image"][None]
     answer, score = model.answer(image, [args.question])
     print(f"answer: {answer[0]}  (score {score[0]:.3f})")
     if model.decoder is not None:

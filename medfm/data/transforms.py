@@ -118,9 +118,9 @@ class MatchChannels:
         return {**sample, "image": x}
 
 
-def with_channels(transform: Compose, channels: int) -> list:
-    """A preset's steps preceded by :class:`MatchChannels` (a list: the dataset splits it as a Compose)."""
-    return [MatchChannels(channels), *transform.transforms]
+def with_channels(transform: Compose, channels: int) -> Compose:
+    """A preset's steps preceded by :class:`MatchChannels` (one Compose: datasets split it at its first random step)."""
+    return Compose([MatchChannels(channels), *transform.transforms])
 
 
 PRESETS = {"radiograph_2d": radiograph_2d, "ct_3d": ct_3d, "mr_3d": mr_3d}
