@@ -20,6 +20,16 @@ from medfm.data.volume import plain_tensor
 
 
 @torch.no_grad()
+def sample_batches(dataset: Dataset, batch_size: int, device: torch.device | str | None = None,
+                   progress: str | None = None, **bar):
+    """Consecutive batches of a dataset of sample dicts: ``(items, images)``, the images stacked (on ``device``
+    when given); ``progress`` names a progress bar (None: no bar), ``bar`` are its other arguments."""
+    for i in progress_bar(range(0, len(dataset), batch_size), desc=progress, disable=progress is None, **bar):
+        items = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
+        images = torch.stack([torch.as_tensor(s["image"]) for s in items])
+        yield items, images.to(device) if device is not None else images
+
+
 def embed_dataset(encoder: nn.Module, dataset: Dataset, batch_size: int = 64,
                   device: torch.device | str | None = None, progress: str | None = None, forward=None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -32,9 +42,7 @@ def embed_dataset(encoder: nn.Module, dataset: Dataset, batch_size: int = 64,
     forward = forward or encoder
     feats, labels = [], []
     try:
-        for i in progress_bar(range(0, len(dataset), batch_size), desc=progress, unit="batch", disable=progress is None):
-            items = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
-            x = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)
+        for items, x in sample_batches(dataset, batch_size, device, progress, unit="batch"):
             feats.append(forward(x).float().cpu())
             if "label" in items[0]:
                 labels.append(torch.stack([torch.as_tensor(s["label"]) for s in items]))

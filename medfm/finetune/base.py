@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import lightning as L
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from medfm.artifacts import Artifact
 from medfm.atomic import write_json
@@ -30,6 +32,15 @@ from medfm.adapt import METHOD_SECTIONS, adapt_encoder, count_parameters, export
 from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData
 
 from .recipe import check_splits, load_run
+
+def known_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the targets that are known (-100: unknown, no loss); a batch without any known
+    target gives a zero that keeps the graph (the mean over no target would be NaN)."""
+    target = target.to(logits.device)
+    if not bool((target != -100).any()):
+        return logits.sum() * 0
+    return F.cross_entropy(logits.float(), target, ignore_index=-100, label_smoothing=label_smoothing)
+
 
 # ----------------------------------------------------------------- the task model artifact
 def build_encoder(spec: dict, pretrained: bool = True) -> nn.Module:

@@ -38,20 +38,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 from torch.utils.data import Dataset
-from medfm.progress import progress_bar
 from transformers import AutoModel, AutoTokenizer, AutoModelForMaskedLM, BertConfig, BertLMHeadModel, DynamicCache, EncoderDecoderCache
 
 from medfm.data import DataError
 from medfm.encoders import default_text_model_path
 from medfm.evaluate.changed_images import ChangedImages, changed_share
-from medfm.evaluate.probe import embed_dataset
+from medfm.evaluate.probe import embed_dataset, sample_batches
 from medfm.evaluate.report_baselines import most_common_report, nearest_neighbour_reports, random_reports
 from medfm.evaluate.report_labeler import clinical_agreement
 from medfm.evaluate.report_metrics import caption_metrics, mention_scores, model_based_scores, tokenize_report
 from medfm.evaluate.report_table import examples_html
 from medfm.run import TrainingModule, evaluating
 
-from .base import FinetuneTask, TaskModel, build_encoder
+from .base import FinetuneTask, TaskModel, build_encoder, known_cross_entropy
 from .recipe import TASKS
 
 # transformers 5.x renamed generate()'s `past_key_values` to `cache` (the old name warns and goes in 6.0)
@@ -425,9 +424,7 @@ class ReportTask(TrainingModule):
         loss = self.model.loss(memory, memory_mask, list(batch["text"]))
         if not logits:
             return loss, {}
-        known = [(out, attributes[:, j].to(out.device)) for j, out in enumerate(logits)]
-        attr = sum(F.cross_entropy(out.float(), t, ignore_index=-100) if bool((t >= 0).any()) else out.sum() * 0
-                   for out, t in known)
+        attr = sum(known_cross_entropy(out, attributes[:, j]) for j, out in enumerate(logits))
         return loss + self.attribute_weight * attr, {"report": loss.detach(), "attributes": attr.detach()}
 
 
@@ -436,13 +433,9 @@ class ReportTask(TrainingModule):
 def generate_reports(model: ReportGenerator, ds, batch_size: int = 16, progress: str | None = None,
                      **generation) -> tuple[list[str], list[str]]:
     """(generated, reference) reports for every sample of ``ds`` (``image`` + ``text``)."""
-    device = next(model.parameters()).device
     generated, references = [], []
-    for i in progress_bar(range(0, len(ds), batch_size), desc=progress, leave=False, disable=progress is None):
-        items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
-        images = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)
-        mask = torch.stack([s["image_mask"] for s in items]).to(device) if "image_mask" in items[0] else None
-        generated += model.generate(images, mask, **generation)
+    for items, images in sample_batches(ds, batch_size, next(model.parameters()).device, progress, leave=False):
+        generated += model.generate(images, image_mask(items, images.device), **generation)
         references += [s["text"] for s in items]
     return generated, references
 
@@ -587,11 +580,8 @@ def attribute_head_accuracy(model: ReportGenerator, ds, batch_size: int = 16) ->
     """Accuracy of each attribute head on the rows of ``ds`` whose value was seen in training."""
     truth = attribute_labels(ds, model.prompts)
     predicted: dict[str, list[str]] = {k: [] for k in model.prompts}
-    for i in range(0, len(ds), batch_size):
-        items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
-        images = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(next(model.parameters()).device)
-        mask = torch.stack([s["image_mask"] for s in items]).to(images.device) if "image_mask" in items[0] else None
-        for k, v in model.predict_attributes(images, mask).items():
+    for items, images in sample_batches(ds, batch_size, next(model.parameters()).device):
+        for k, v in model.predict_attributes(images, image_mask(items, images.device)).items():
             predicted[k] += v
     out = {}
     for j, (name, values) in enumerate(model.prompts.items()):
@@ -599,6 +589,11 @@ def attribute_head_accuracy(model: ReportGenerator, ds, batch_size: int = 16) ->
         hits = sum(predicted[name][i] == values[truth[i, j]] for i in known)
         out[name] = {"n": len(known), "accuracy": hits / len(known) if known else float("nan")}
     return out
+
+
+def image_mask(items: Sequence[dict], device) -> torch.Tensor | None:
+    """The (B, V) mask of a batch of studies (:class:`StudyDataset` items), None for single images."""
+    return torch.stack([s["image_mask"] for s in items]).to(device) if "image_mask" in items[0] else None
 
 
 def report_texts(ds) -> list[str]:
@@ -677,12 +672,9 @@ class ReportGeneration(FinetuneTask):
         bs, tokens, masks = self.config(cfg).eval_batch_size, [], []
         model.encoder.eval()
         with torch.no_grad():
-            for i in progress_bar(range(0, len(plain), bs), unit="batch",
-                          desc=f"linear_probe: encoding the {len(plain)} training images once (frozen encoder)"):
-                items = [plain[j] for j in range(i, min(i + bs, len(plain)))]
-                x = torch.stack([torch.as_tensor(s["image"]) for s in items])
-                mask = torch.stack([s["image_mask"] for s in items]) if "image_mask" in items[0] else None
-                t, m = model.encode_tokens(x, mask)
+            for items, x in sample_batches(plain, bs, unit="batch", progress=f"linear_probe: encoding the "
+                                           f"{len(plain)} training images once (frozen encoder)"):
+                t, m = model.encode_tokens(x, image_mask(items, x.device))
                 tokens.append(t.float())
                 masks.append(m)
         return _Tokens(torch.cat(tokens), state["train_texts"], torch.cat(masks),

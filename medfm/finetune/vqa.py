@@ -37,7 +37,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import transformers
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer
@@ -48,12 +47,12 @@ from medfm.encoders import create_text_encoder, default_text_model_path
 from medfm.encoders.text import TextEncoder
 from medfm.evaluate.changed_images import ChangedImages
 from medfm.evaluate.plots import grouped_bars_png
+from medfm.evaluate.probe import sample_batches
 from medfm.evaluate.report_table import examples_html
 from medfm.evaluate.vqa_metrics import image_sensitivity, most_common_answers, normalize_answer, vqa_metrics
-from medfm.progress import progress_bar
 from medfm.run import TrainingModule, evaluating
 
-from .base import FinetuneTask, TaskModel, build_encoder
+from .base import FinetuneTask, TaskModel, build_encoder, known_cross_entropy
 from .recipe import TASKS
 from .report_generation import ReportVocab, TextWriter, encoder_tokens, writer_head, writer_parts
 
@@ -201,9 +200,7 @@ class VQAModel(TaskModel, TextWriter, nn.Module):
         the decoder's teacher-forced loss on the answer text."""
         fused, mask = self.fuse(images, questions)
         logits = self.classifier(fused[:, 0])
-        target = answer_index.to(logits.device)
-        cls = (F.cross_entropy(logits.float(), target, ignore_index=IGNORE, label_smoothing=self.label_smoothing)
-               if bool((target != IGNORE).any()) else logits.sum() * 0)
+        cls = known_cross_entropy(logits, answer_index, self.label_smoothing)
         logs = {"classifier": cls.detach()}
         loss = cls
         if self.decoder is not None and generation_weight > 0:
@@ -289,11 +286,8 @@ def answer_dataset(model: VQAModel, ds, batch_size: int = 32, generate: dict | N
                    progress: str | None = None) -> dict[str, list]:
     """The classifier's answers and scores for every question of ``ds`` (``image`` + ``question`` items), and
     the decoder's answers when ``generate`` (its ``generate()`` arguments) is given."""
-    device = next(model.parameters()).device
     out: dict[str, list] = {"answers": [], "scores": [], "generated": []}
-    for i in progress_bar(range(0, len(ds), batch_size), desc=progress, leave=False, disable=progress is None):
-        items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
-        images = torch.stack([torch.as_tensor(s["image"]) for s in items]).to(device)
+    for items, images in sample_batches(ds, batch_size, next(model.parameters()).device, progress, leave=False):
         questions = [s["question"] for s in items]
         answers, scores = model.answer(images, questions)
         out["answers"] += answers
@@ -360,7 +354,8 @@ def _spread(ds: QADataset, n: int, seed: int) -> list[int]:
         if ds.image_keys[i] not in seen:
             seen.add(ds.image_keys[i])
             picked.append(i)
-    picked += [i for i in order if i not in set(picked)]
+    chosen = set(picked)
+    picked += [i for i in order if i not in chosen]
     return sorted(picked[:n])
 
 
