@@ -26,6 +26,9 @@ from medfm.adapt import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune, run_recipe
 from medfm.generate import GENERATORS, export_generated, model_hash
 from medfm.pretrain import METHODS
+from medfm.select import STRATEGIES
+from medfm.select.embeddings import CACHE_DIR as SELECT_CACHE, load_embedder
+from medfm.select.selection import run_selection
 from medfm.run import RunFolder, find_recipe, list_recipes, recipe_kind
 from medfm.run.recipe import parse_overrides, resume_config
 from medfm.run.runner import Stopped
@@ -541,6 +544,51 @@ def _answer_parser(sub) -> None:
     p.set_defaults(fn=cmd_answer)
 
 
+def _embedder_args(p) -> None:
+    """The encoder flags ``medfm select`` and ``medfm curate`` share."""
+    p.add_argument("--encoder", default="vit_tiny", help="registered encoder name, randomly initialised (default "
+                   "vit_tiny), when --pretrained is not given")
+    p.add_argument("--pretrained", default=None, help="a medfm run or encoder folder, or a public model file / folder "
+                   "(`medfm models`): its weights and recorded preprocessing")
+    p.add_argument("--preset", default=None, help="radiograph_2d | ct_3d | mr_3d (default: the encoder's own)")
+    p.add_argument("--size", type=int, default=None, help="input size per side (default: the encoder's own, else 224)")
+    p.add_argument("--split", default="train", help="the split to read (default train; a folder is all 'train')")
+    p.add_argument("--cache", default=str(SELECT_CACHE), help=f"embedding cache folder (default {SELECT_CACHE}; "
+                   "'none' recomputes)")
+    p.add_argument("--seed", type=int, default=0, help="seed (random-init weights, clustering, random picks)")
+
+
+def _embedder(args: argparse.Namespace):
+    dims = 3 if args.preset in ("ct_3d", "mr_3d") else 2
+    return load_embedder(args.encoder, args.pretrained, args.preset, args.size, spatial_dims=dims, seed=args.seed)
+
+
+def _select_parser(sub) -> None:
+    """``medfm select``."""
+    p = sub.add_parser("select", help="which examples to label next: cold start (typicality, coverage) or active "
+                       "learning from foundation-model embeddings",
+                       epilog="example: medfm select pool.csv --budget 20 --strategy typiclust --out runs/round1")
+    p.add_argument("data", help="the unlabelled pool: npz, CSV/JSONL manifest or folder")
+    p.add_argument("--budget", type=int, required=True, help="how many items to pick")
+    p.add_argument("--strategy", default="typiclust", help=f"{' | '.join(STRATEGIES)} (default typiclust)")
+    p.add_argument("--labelled", default=None, help="CSV of the items labelled so far (an earlier selected.csv, or a "
+                   "manifest of pool images): never picked again; its labels fit the probe of entropy/margin/badge")
+    p.add_argument("--label", default=None, help="label column of --labelled (default 'label')")
+    p.add_argument("--out", required=True, help="folder for selected.csv, selection.json, selection.png")
+    _embedder_args(p)
+    p.set_defaults(fn=cmd_select)
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    summary = run_selection(_embedder(args), args.data, args.out, args.budget, args.strategy, split=args.split,
+                            labelled=args.labelled, label=args.label, seed=args.seed,
+                            cache=None if args.cache == "none" else args.cache)
+    print(f"{args.strategy}: picked {summary['budget']} of {summary['pool']} ({summary['labelled']} labelled before) "
+          f"with {summary['encoder']} in {summary['wall_s']:.1f} s\n"
+          f"selection: {Path(args.out) / 'selected.csv'}\nfigure:    {Path(args.out) / 'selection.png'}")
+    return 0
+
+
 def _synth_parser(sub) -> None:
     """``medfm synth``."""
     p = sub.add_parser("synth", help="write a synthetic set (random label maps + random appearance) as NIfTI")
@@ -601,7 +649,7 @@ def _data_parser(sub) -> None:
 
 # one function per command, in `medfm --help` order
 PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
-           _evaluate_parser, _generate_parser, _generate_report_parser, _answer_parser, _synth_parser)
+           _evaluate_parser, _generate_parser, _generate_report_parser, _answer_parser, _select_parser, _synth_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
