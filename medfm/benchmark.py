@@ -7,6 +7,8 @@ every init), and report mean ± std on the task's held-in validation split:
 * ``pneumonia``: PneumoniaMNIST ``val`` (AUROC, balanced accuracy), data = the npz;
 * ``medpix_region`` / ``medpix_modality``: MedPix 2.0 ``dev`` body region (``location_category``, 5 classes)
   and modality (``type``: CT or MR) (macro AUROC, balanced accuracy), data = its ``manifest.csv``;
+* ``breastmnist``: BreastMNIST ``val`` (ultrasound, benign vs malignant), data = the npz;
+* ``breast_us``: BUS-BRA ``val`` (ultrasound, benign vs malignant, ``label``), data = the breast_us ``manifest.csv``;
 * ``mni_tissue``: MNI152 tissue segmentation (nilearn's template: grey / white matter, CSF), trained on one
   labelled axial slab of the left hemisphere or on the whole hemisphere, Dice on the right one.
 
@@ -17,6 +19,13 @@ the MedPix MAE encoder when there is one); ``synth`` (the synthesis engine alone
 ``encoder/`` folder, a weight file such as a timm checkpoint). Every pretraining run is an ordinary run of
 a recipe in ``encoders/`` whose step count is the ``--pretrain-budget``; every fine-tuning run is one of
 ``tasks/``. Finished runs are kept, so an interrupted benchmark continues where it stopped.
+
+Which K examples get labels is the strategy axis (``--strategies``): ``balanced`` (the default) draws K
+per class at random, which needs the labels; every ``medfm select`` strategy (``random``, ``kmeans``,
+``typiclust``, ``probcover``, ``coreset``) picks K x classes items from the training pool without them, from
+the init's own embeddings of the pool (cached under ``OUT/embeddings``). Besides the fine-tuning methods,
+``probe`` fits an L-BFGS logistic regression on the frozen embeddings of the picked items: seconds a cell, the
+protocol of the active-learning literature.
 
 Writes ``OUT/results.csv`` (one row per fine-tuning run), ``OUT/label_efficiency.md`` (the tables) and
 one ``OUT/<task>.png`` per task (metric against K, one line per init, error bars = std over seeds).
@@ -34,12 +43,19 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+
 from medfm.progress import progress_bar
 
 from medfm.atomic import atomic_path, write_text
 from medfm.data import samples
 from medfm.evaluate.plots import pyplot
-from medfm.finetune import load_task_recipe, run_finetune
+from medfm.adapt import few_shot_indices
+from medfm.encoders import create_encoder
+from medfm.evaluate.probe import logistic_probe
+from medfm.finetune import TASKS as TASKS_REGISTRY, load_task_recipe, run_finetune
+from medfm.select import NEEDS_MODEL, STRATEGIES as SELECT_STRATEGIES, select
+from medfm.select.embeddings import Embedder, embed
 from medfm.pretrain import load_recipe, run_pretrain
 from medfm.run import RunFolder, find_recipe
 from medfm.run.recipe import flatten
@@ -62,6 +78,8 @@ TASKS = {
     "medpix_region": Task("medpix_region", "medpix", "classify_2d", "location_category", "dev",
                           ("auroc", "balanced_accuracy")),
     "medpix_modality": Task("medpix_modality", "medpix", "classify_2d", "type", "dev", ("auroc", "balanced_accuracy")),
+    "breastmnist": Task("breastmnist", "breastmnist", "classify_2d", None, "val", ("auroc", "balanced_accuracy")),
+    "breast_us": Task("breast_us", "breast_us", "classify_2d", "label", "val", ("auroc", "balanced_accuracy")),
     "mni_tissue": Task("mni_tissue", "mni", "segment_3d", None, "val", ("mean_dice", "mean_hd95")),
 }
 INITS = ("random", "mae", "dino", "clip", "synth")
@@ -70,9 +88,11 @@ INITS = ("random", "mae", "dino", "clip", "synth")
 # seconds a step here)
 SMALL_PROFILE_PRETRAIN = {"clip": {"clip": {"lock_text": True, "unlocked_layers": 2, "max_length": 48}}}
 METHODS = ("linear_probe", "lora")
+PROBE = "probe"  # frozen embeddings + logistic regression, outside the run layer (no training run)
+STRATEGIES = ("balanced",)  # K per class at random (labels known); others: medfm.select.STRATEGIES' cold-start ones
 SHOTS = ("1", "5", "10", "25", "100", "all")
 MNI_SHOTS = ("slab", "all")  # one labelled axial slab of the left hemisphere, or all of it
-RESULT_COLUMNS = ["task", "init", "method", "shots", "seed", "auroc", "balanced_accuracy", "mean_dice", "mean_hd95",
+RESULT_COLUMNS = ["task", "init", "method", "strategy", "shots", "seed", "auroc", "balanced_accuracy", "mean_dice", "mean_hd95",
                   "n_train", "wall_s", "run"]
 SLAB_MM = 12.0  # thickness of the MNI "slab": a few labelled slices
 
@@ -99,7 +119,7 @@ class LabelEfficiency:
                  methods: Sequence[str] = METHODS, shots: Sequence[str] = SHOTS, seeds: Sequence[int] = (0, 1, 2),
                  pretrain_budget: dict[str, int] | int = 500, finetune_steps: dict[str, int] | None = None,
                  profile: str | None = "cpu", encoders: dict[str, str] | None = None, pool: str = "avg",
-                 overrides: dict | None = None, progress: bool = True):
+                 overrides: dict | None = None, progress: bool = True, strategies: Sequence[str] = STRATEGIES):
         self.out = Path(out)
         self.data = {k: str(v) for k, v in data.items()}
         unknown = [t for t in tasks if t not in TASKS]
@@ -120,7 +140,15 @@ class LabelEfficiency:
         if stray:
             raise ValueError(f"benchmark overrides go to 'pretrain.' or 'finetune.' recipes, got {', '.join(stray)} "
                              "(e.g. finetune.optim.lr=1e-2)")
+        self.strategies = list(strategies)
+        bad = [x for x in self.strategies if x != "balanced" and (x not in SELECT_STRATEGIES or x in NEEDS_MODEL)]
+        if bad:
+            raise ValueError(f"unknown strategy {', '.join(bad)}; strategies: balanced, "
+                             f"{', '.join(k for k in SELECT_STRATEGIES if k not in NEEDS_MODEL)}")
+        if any(TASKS[t].domain == "mni" for t in tasks) and self.strategies != ["balanced"]:
+            raise ValueError("selection strategies apply to the classification tasks, not mni_tissue")
         self.rows: list[dict] = []
+        self._pools: dict[tuple, tuple] = {}
 
     # ---------------------------------------------------------------- pretraining
     def steps_for(self, init: str) -> int:
@@ -181,23 +209,84 @@ class LabelEfficiency:
             samples.mni152_hemispheres(folder, csf=True, slab_mm=SLAB_MM if shots == "slab" else None)
         return str(folder / "manifest.csv")
 
-    def finetune(self, task: Task, init: str, weights: str | None, method: str, shots: str, seed: int) -> dict:
-        run = self.out / "finetune" / task.name / init / method / f"k{shots}_s{seed}"
+    def task_recipe(self, task: Task, weights: str | None, method: str, seed: int, extra: dict | None = None) -> dict:
+        """The task recipe of one fine-tuning run (and of the ``probe`` method's encoder and preprocessing)."""
+        steps = self.finetune_steps.get(method)
+        ov = _merge({"method": method if method != PROBE else "linear_probe", "seed": seed,
+                     "encoder": {"pretrained": weights},
+                     "data": {"val_split": task.val_split, "test_split": None},
+                     "trainer": {"enable_progress_bar": False, **({"max_steps": steps} if steps else {})}},
+                    self.overrides.get("finetune", {}), extra or {})
+        if task.domain != "mni":
+            ov = _merge(ov, {"encoder": {"global_pool": self.pool, "fc_norm": False}})
+        if task.label:
+            ov = _merge(ov, {"classification": {"label": task.label}})
+        return load_task_recipe(find_recipe(task.recipe, "tasks"), ov, profile=self.profile)
+
+    def embeddings(self, task: Task, init: str, weights: str | None) -> tuple:
+        """(train embeddings, train labels, val embeddings, val labels) of the init's frozen encoder, read out
+        as the fine-tuning runs read it, at their evaluation preprocessing (cached under ``OUT/embeddings``)."""
+        key = (task.name, init)
+        if key not in self._pools:
+            cfg = self.task_recipe(task, weights, PROBE, 0)
+            plugin = TASKS_REGISTRY.get_plugin(cfg["task"])
+            spec = {k: v for k, v in cfg["encoder"].items() if v is not None}
+            torch.manual_seed(0)
+            model = create_encoder(spec.pop("name"), **spec)
+            record = {"preset": cfg["data"]["preset"], "size": plugin.eval_size(cfg), "args": cfg["data"]["preset_args"]}
+            embedder = Embedder(model.eval(), plugin.transform(cfg, train=False), record, f"{init} ({task.name})")
+            parts = []
+            for split in (cfg["data"]["train_split"], task.val_split):
+                _, x, y = embed(embedder, self.data[task.domain], split, label=task.label,
+                                cache=self.out / "embeddings", progress=self.progress)
+                parts += [x, y]
+            self._pools[key] = tuple(parts)
+        return self._pools[key]
+
+    def picks(self, task: Task, init: str, weights: str | None, strategy: str, shots: str, seed: int) -> list[int] | None:
+        """Training positions of one cell: None for all, K per class at random (``balanced``), or K x classes
+        picked by a selection strategy from the init's embeddings of the training pool."""
+        if shots == "all":
+            return None
+        train_x, train_y, _, _ = self.embeddings(task, init, weights)
+        if strategy == "balanced":
+            return few_shot_indices(train_y, int(shots), seed)
+        return sorted(select(strategy, train_x, int(shots) * len(np.unique(train_y)), seed=seed))
+
+    def probe(self, task: Task, init: str, weights: str | None, strategy: str, shots: str, seed: int) -> dict:
+        """The ``probe`` method: a logistic regression on the frozen embeddings of the picked items."""
+        t0 = time.perf_counter()
+        train_x, train_y, val_x, val_y = self.embeddings(task, init, weights)
+        idx = self.picks(task, init, weights, strategy, shots, seed)
+        idx = np.arange(len(train_x)) if idx is None else np.asarray(idx)
+        k = int(max(train_y.max(), val_y.max())) + 1
+        m = logistic_probe(torch.as_tensor(train_x[idx]), torch.as_tensor(train_y[idx]), torch.as_tensor(val_x),
+                           torch.as_tensor(val_y), num_classes=k)
+        return {"task": task.name, "init": init, "method": PROBE, "strategy": strategy, "shots": shots, "seed": seed,
+                "auroc": m["auroc"], "balanced_accuracy": m["balanced_accuracy"], "n_train": len(idx),
+                "wall_s": round(time.perf_counter() - t0, 2),
+                "run": f"{PROBE}:{task.name}/{init}/{strategy}/k{shots}_s{seed}"}
+
+    def finetune(self, task: Task, init: str, weights: str | None, method: str, shots: str, seed: int,
+                 strategy: str = "balanced") -> dict:
+        if method == PROBE:
+            return self.probe(task, init, weights, strategy, shots, seed)
+        name = f"k{shots}_s{seed}" if strategy == "balanced" else f"{strategy}_k{shots}_s{seed}"
+        run = self.out / "finetune" / task.name / init / method / name
         if not (run / "metrics.json").exists():
-            steps = self.finetune_steps.get(method)
-            ov = _merge({"method": method, "seed": seed, "encoder": {"pretrained": weights},
-                         "data": {"val_split": task.val_split, "test_split": None},
-                         "trainer": {"enable_progress_bar": False, **({"max_steps": steps} if steps else {})}},
-                        self.overrides.get("finetune", {}))
-            if task.domain != "mni":
-                ov = _merge(ov, {"shots": None if shots == "all" else int(shots),
-                                 "encoder": {"global_pool": self.pool, "fc_norm": False}})
-            if task.label:
-                ov = _merge(ov, {"classification": {"label": task.label}})
+            extra = {}
+            if task.domain != "mni" and strategy == "balanced":
+                extra = {"shots": None if shots == "all" else int(shots)}
+            elif task.domain != "mni" and shots != "all":
+                chosen = self.out / "selections" / task.name / init / f"{name}.csv"
+                chosen.parent.mkdir(parents=True, exist_ok=True)
+                write_text(chosen, "position\n" + "".join(
+                    f"{i}\n" for i in self.picks(task, init, weights, strategy, shots, seed)))
+                extra = {"selection": str(chosen)}
             if task.domain == "mni":
-                ov = _merge(ov, {"segmentation": {"num_classes": len(samples.TISSUE_NAMES),
-                                                  "class_names": list(samples.TISSUE_NAMES)}})
-            cfg = load_task_recipe(find_recipe(task.recipe, "tasks"), ov, profile=self.profile)
+                extra = {"segmentation": {"num_classes": len(samples.TISSUE_NAMES),
+                                          "class_names": list(samples.TISSUE_NAMES)}}
+            cfg = self.task_recipe(task, weights, method, seed, extra)
             if run.exists():  # an interrupted run: start it again
                 shutil.rmtree(run)
             run_finetune(cfg, run, data_path=self.data_for(task, shots))
@@ -205,12 +294,13 @@ class LabelEfficiency:
             self.check_kept(run, "finetune")
         m = json.loads((run / "metrics.json").read_text())
         v = m[task.val_split]
-        return {"task": task.name, "init": init, "method": method, "shots": shots, "seed": seed,
+        return {"task": task.name, "init": init, "method": method, "strategy": strategy, "shots": shots, "seed": seed,
                 task.metrics[0]: v[task.metrics[0]], task.metrics[1]: v.get(task.metrics[1], float("nan")),
                 "n_train": m.get("n_train"), "wall_s": m["wall_time_s"], "run": str(run)}
 
     def plan(self) -> list[tuple]:
-        """Every fine-tuning run, in order: (task, init, method, shots, seed)."""
+        """Every fine-tuning run (or probe), in order: (task, init, method, strategy, shots, seed); "all" labels
+        once per method, whatever the strategies."""
         jobs = []
         for t in self.tasks:
             task = TASKS[t]
@@ -219,9 +309,12 @@ class LabelEfficiency:
                      or pretraining(i, task.domain) is not None]
             for init in inits:
                 for method in self.methods:
-                    for k in shots:
-                        for seed in self.seeds:
-                            jobs.append((task, init, method, k, seed))
+                    for strategy in self.strategies:
+                        for k in shots:
+                            if k == "all" and strategy != self.strategies[0]:
+                                continue
+                            for seed in self.seeds:
+                                jobs.append((task, init, method, strategy, k, seed))
         return jobs
 
     def run(self) -> list[dict]:
@@ -229,12 +322,12 @@ class LabelEfficiency:
         weights: dict[tuple[str, str], str | None] = {}
         t0 = time.perf_counter()
         bar = progress_bar(jobs, desc="label efficiency", unit="run", disable=not self.progress)
-        for task, init, method, k, seed in bar:
+        for task, init, method, strategy, k, seed in bar:
             key = (init, task.domain)
             if key not in weights:
                 weights[key] = self.encoder_for(init, task.domain)
-            bar.set_postfix_str(f"{task.name} {init} {method} K={k} seed {seed}")
-            self.rows.append(self.finetune(task, init, weights[key], method, k, seed))
+            bar.set_postfix_str(f"{task.name} {init} {method} {strategy} K={k} seed {seed}")
+            self.rows.append(self.finetune(task, init, weights[key], method, k, seed, strategy))
             self.write_rows()
         self.write()
         print(f"label efficiency: {len(jobs)} runs in {time.perf_counter() - t0:.0f} s -> {self.out}", flush=True)
@@ -278,12 +371,14 @@ def read_results(path: Path) -> list[dict]:
 
 
 def summarise(rows: list[dict], metric: str) -> dict[tuple, tuple[float, float, int]]:
-    """(task, method, init, shots) -> (mean, std over seeds, number of seeds) of ``metric``."""
+    """(task, method, init, strategy, shots) -> (mean, std over seeds, number of seeds) of ``metric`` (rows
+    written before the strategy axis are ``balanced``)."""
     groups: dict[tuple, list[float]] = {}
     for r in rows:
         v = r.get(metric)
         if v is not None and not (isinstance(v, float) and math.isnan(v)):
-            groups.setdefault((r["task"], r["method"], r["init"], r["shots"]), []).append(float(v))
+            key = (r["task"], r["method"], r["init"], r.get("strategy") or "balanced", r["shots"])
+            groups.setdefault(key, []).append(float(v))
     return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in groups.items()}
 
 
@@ -292,7 +387,7 @@ def _shot_order(s: str) -> float:
 
 
 def tables(rows: list[dict]) -> list[str]:
-    """One markdown table per task and metric: a row per (method, init), a column per K (mean ± std)."""
+    """One markdown table per task and metric: a row per (method, init, strategy), a column per K (mean ± std)."""
     lines: list[str] = []
     for name in dict.fromkeys(r["task"] for r in rows):
         task = TASKS[name]
@@ -300,39 +395,40 @@ def tables(rows: list[dict]) -> list[str]:
             stats = summarise([r for r in rows if r["task"] == name], metric)
             if not stats:
                 continue
-            shots = sorted({k[3] for k in stats}, key=_shot_order)
+            shots = sorted({k[4] for k in stats}, key=_shot_order)
             lines += [f"### {name}: {metric} ({task.val_split}; mean ± std over seeds)", "",
-                      "| method | init | " + " | ".join(f"K={s}" for s in shots) + " |",
-                      "|---|---|" + "---|" * len(shots)]
-            for method in dict.fromkeys(k[1] for k in stats):
-                for init in dict.fromkeys(k[2] for k in stats if k[1] == method):
-                    cells = []
-                    for s in shots:
-                        m = stats.get((name, method, init, s))
-                        cells.append(f"{m[0]:.3f} ± {m[1]:.3f}" if m else "")
-                    lines.append(f"| {method} | {init} | " + " | ".join(cells) + " |")
+                      "| method | init | strategy | " + " | ".join(f"K={s}" for s in shots) + " |",
+                      "|---|---|---|" + "---|" * len(shots)]
+            for line in dict.fromkeys(k[1:4] for k in stats):
+                cells = [stats.get((name, *line, s)) for s in shots]
+                lines.append(f"| {' | '.join(line)} | " + " | ".join(f"{m[0]:.3f} ± {m[1]:.3f}" if m else ""
+                                                                       for m in cells) + " |")
             lines.append("")
     return lines
 
 
 def plot_task(rows: list[dict], task: Task, path: Path) -> Path | None:
-    """Primary metric against K (one panel per method, one line per init, error bars = std over seeds)."""
+    """Primary metric against K, error bars = std over seeds: one panel per method and one line per init; with
+    several strategies, one panel per (method, init) and one line per strategy."""
     stats = summarise([r for r in rows if r["task"] == task.name], task.metrics[0])
     if not stats:
         return None
     plt = pyplot()
-    methods = list(dict.fromkeys(k[1] for k in stats))
-    shots = sorted({k[3] for k in stats}, key=_shot_order)
-    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.8), squeeze=False)
-    for ax, method in zip(axes[0], methods):
-        for init in dict.fromkeys(k[2] for k in stats if k[1] == method):
-            xs = [i for i, s in enumerate(shots) if (task.name, method, init, s) in stats]
-            ms = [stats[(task.name, method, init, shots[i])] for i in xs]
-            ax.errorbar(xs, [m[0] for m in ms], yerr=[m[1] for m in ms], marker="o", capsize=3, label=init)
+    by_strategy = len({k[3] for k in stats}) > 1
+    panels = list(dict.fromkeys(k[1:3] if by_strategy else k[1:2] for k in stats))
+    shots = sorted({k[4] for k in stats}, key=_shot_order)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        mine = [k for k in stats if k[1:1 + len(panel)] == panel]
+        for line in dict.fromkeys(k[3] if by_strategy else k[2] for k in mine):
+            keys = {k[4]: k for k in mine if (k[3] if by_strategy else k[2]) == line}
+            xs = [i for i, s in enumerate(shots) if s in keys]
+            ms = [stats[keys[shots[i]]] for i in xs]
+            ax.errorbar(xs, [m[0] for m in ms], yerr=[m[1] for m in ms], marker="o", capsize=3, label=line)
         ax.set_xticks(range(len(shots)), [s if s in ("all", "slab") else f"K={s}" for s in shots])
         ax.set_xlabel("labelled examples per class" if task.domain != "mni" else "labelled training volume")
         ax.set_ylabel(f"{task.metrics[0]} ({task.val_split})")
-        ax.set_title(f"{task.name}: {method}")
+        ax.set_title(f"{task.name}: {' / '.join(panel)}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

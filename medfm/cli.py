@@ -288,12 +288,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     steps = {k: int(v) for k, v in _pairs(args.finetune_steps, "--finetune-steps", "lora=200").items()}
     data = _pairs(args.data, "--data", "pneumonia=pneumoniamnist.npz")
     tasks = args.tasks.split(",") if args.tasks else [t for t, d in (("pneumonia", "pneumonia"), ("medpix_region", "medpix"),
-                                                                   ("medpix_modality", "medpix")) if d in data] + ["mni_tissue"]
+                                                                   ("medpix_modality", "medpix"), ("breastmnist", "breastmnist"),
+                                                                   ("breast_us", "breast_us")) if d in data] + ["mni_tissue"]
     LabelEfficiency(args.out, data, tasks, args.inits.split(","), args.methods.split(","), args.shots.split(","),
                     [int(s) for s in args.seeds.split(",")], budget, steps,
                     None if args.profile == "none" else args.profile,
                     _pairs(args.encoder, "--encoder", "mae=runs/gpu_mae"), args.pool,
-                    overrides=parse_overrides(args.set or [])).run()
+                    overrides=parse_overrides(args.set or []), strategies=args.strategies.split(",")).run()
     return 0
 
 
@@ -334,7 +335,8 @@ def _benchmark_parser(sub) -> None:
     p = sub.add_parser("benchmark", help="label efficiency: K labelled examples per class, every encoder init against "
                        "random init, mean +- std over seeds (tables + one plot per task)",
                        epilog="tasks: pneumonia (needs --data pneumonia=NPZ), medpix_region, medpix_modality (--data "
-                              "medpix=MANIFEST), mni_tissue (nilearn's MNI152, no data). Finished runs in --out are kept.")
+                              "medpix=MANIFEST), breastmnist (--data breastmnist=NPZ), breast_us (--data "
+                              "breast_us=MANIFEST), mni_tissue (nilearn's MNI152, no data). Finished runs in --out are kept.")
     p.add_argument("--data", action="append", metavar="NAME=PATH", help="pneumonia=pneumoniamnist.npz, "
                    "medpix=medpix2/manifest.csv (repeatable)")
     p.add_argument("--tasks", default=None, help="comma-separated (default: those whose data is given, and mni_tissue)")
@@ -343,7 +345,10 @@ def _benchmark_parser(sub) -> None:
     p.add_argument("--encoder", action="append", metavar="INIT=PATH", help="use these weights for an init instead of "
                    "pretraining here (a run or encoder folder, or a weight file such as a timm checkpoint; INIT@DOMAIN "
                    "for one domain)")
-    p.add_argument("--methods", default="linear_probe,lora", help="adaptations (default: linear_probe,lora)")
+    p.add_argument("--methods", default="linear_probe,lora", help="adaptations (default: linear_probe,lora); probe: "
+                   "a logistic regression on frozen embeddings, seconds a cell")
+    p.add_argument("--strategies", default="balanced", help="which K get labels: balanced (K per class at random, the "
+                   "default) and medfm select's random, kmeans, typiclust, probcover, coreset (K x classes, no labels)")
     p.add_argument("--shots", default="1,5,10,25,100,all", help="labelled examples per class (MNI: one slab vs all)")
     p.add_argument("--seeds", default="0,1,2", help="few-shot draws / fine-tuning seeds (default: 0,1,2)")
     p.add_argument("--pretrain-budget", default="500", help="pretraining steps of every encoders/ recipe, or per init: "

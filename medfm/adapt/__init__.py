@@ -3,8 +3,8 @@ encoder (linear probe, full, LoRA, VPT, SSF, BitFit), and few-shot sampling. The
 (classification, segmentation, report generation) and the fine-tuning recipe runner are in
 :mod:`medfm.finetune`."""
 
-from .fewshot import few_shot_indices
+from .fewshot import few_shot_indices, selected_positions
 from .methods import METHOD_SECTIONS, METHODS, adapt_encoder, count_parameters, export_encoder, is_lora
 
 __all__ = ["METHODS", "METHOD_SECTIONS", "adapt_encoder", "count_parameters", "export_encoder", "few_shot_indices",
-           "is_lora"]
+           "is_lora", "selected_positions"]

@@ -28,3 +28,24 @@ def few_shot_indices(labels, shots: int, seed: int = 0) -> list[int]:
                 chosen.add(int(i))
                 have += 1
     return sorted(chosen)
+
+
+def selected_positions(path, pool_size: int) -> list[int]:
+    """The training-split positions a ``medfm select`` output (``selected.csv``, column ``position``) names,
+    sorted; a missing column, a non-integer or a position outside the split is an error naming the line."""
+    from medfm.data import DataError, read_rows
+
+    out = []
+    for line, row in read_rows(path):
+        value = str(row.get("position", "")).strip()
+        if not value:
+            raise DataError(f"{path} line {line}: no 'position' (a `medfm select` selected.csv names the "
+                            "training-split position of each item)")
+        try:
+            pos = int(value)
+        except ValueError:
+            raise DataError(f"{path} line {line}: position {value!r} is not a whole number") from None
+        if not 0 <= pos < pool_size:
+            raise DataError(f"{path} line {line}: position {pos} is outside the training split (0..{pool_size - 1})")
+        out.append(pos)
+    return sorted(set(out))

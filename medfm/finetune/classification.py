@@ -33,7 +33,7 @@ from medfm.data import DataError, read_rows
 from medfm.encoders import layer_decay_param_groups
 from medfm.evaluate.plots import confusion_png, roc_png
 from medfm.evaluate.probe import embed_dataset
-from medfm.adapt import few_shot_indices
+from medfm.adapt import few_shot_indices, selected_positions
 from medfm.run import TrainingModule
 from medfm.run.recipe import merge
 
@@ -301,8 +301,13 @@ class Classification(FinetuneTask):
         n = labels.shape[1] if labels.ndim == 2 else int(max(labels.max() + 1, len(getattr(train, "classes", []) or [])))
         cfg = merge(cfg, {"classification": {"num_classes": c.num_classes or max(n, 2)}})
         idx = None
+        if cfg["shots"] and cfg.get("selection"):
+            raise ValueError("give shots (a random draw of K per class) or selection (chosen items), not both")
         if cfg["shots"]:
             idx = few_shot_indices(labels, cfg["shots"], cfg["seed"])
+        elif cfg.get("selection"):
+            idx = selected_positions(cfg["selection"], len(train))
+        if idx is not None:
             train, labels = Subset(train, idx), labels[idx]
         names = [str(x) for x in getattr(train if idx is None else train.dataset, "classes", None)
                  or c.classes or range(self.config(cfg).num_classes)]

@@ -64,6 +64,7 @@ def finetune_schema() -> dict:
         "method": "linear_probe",  # linear_probe | full | lora | vpt | ssf | bitfit
         "seed": 0,
         "shots": None,  # few-shot: K labelled training examples per class (null: all)
+        "selection": None,  # a `medfm select` selected.csv: train on its positions of the training split only
         "encoder": ENCODER,
         **METHOD_SECTIONS,
         **TASKS.sections(),

@@ -623,8 +623,8 @@ class ReportGeneration(FinetuneTask):
     keys = ("image", "image_mask", "text", "tokens", "token_mask", "attributes")
 
     def validate(self, cfg: dict) -> None:
-        if cfg["shots"]:
-            raise ValueError("shots (few-shot sampling) applies to classification")
+        if cfg["shots"] or cfg.get("selection"):
+            raise ValueError("shots (few-shot sampling) and selection apply to classification")
 
     def split_args(self, cfg: dict, path: str) -> dict:
         if path.lower().endswith(".npz"):

@@ -313,8 +313,8 @@ class Segmentation(FinetuneTask):
         return {"mask_key": self.config(cfg).mask}
 
     def validate(self, cfg: dict) -> None:
-        if cfg["shots"]:
-            raise ValueError("shots (few-shot sampling) applies to classification")
+        if cfg["shots"] or cfg.get("selection"):
+            raise ValueError("shots (few-shot sampling) and selection apply to classification")
 
     def head(self, cfg: dict, state: dict) -> dict:
         s = self.config(cfg)

@@ -395,8 +395,8 @@ class VisualQuestionAnswering(FinetuneTask):
     keys = ("image", "question", "answer", "answer_index")
 
     def validate(self, cfg: dict) -> None:
-        if cfg["shots"]:
-            raise ValueError("shots (few-shot sampling) applies to classification")
+        if cfg["shots"] or cfg.get("selection"):
+            raise ValueError("shots (few-shot sampling) and selection apply to classification")
 
     def split_args(self, cfg: dict, path: str) -> dict:
         if not path.lower().endswith((".csv", ".tsv", ".jsonl")):
