@@ -28,6 +28,8 @@ from medfm.generate import GENERATORS, export_generated, model_hash
 from medfm.pretrain import METHODS
 from medfm.select import STRATEGIES
 from medfm.select.embeddings import CACHE_DIR as SELECT_CACHE, load_embedder
+from medfm.select.curate import run_curation
+from medfm.select.duplicates import COSINE, HASH_DISTANCE
 from medfm.select.selection import run_selection
 from medfm.run import RunFolder, find_recipe, list_recipes, recipe_kind
 from medfm.run.recipe import parse_overrides, resume_config
@@ -594,6 +596,40 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curate_parser(sub) -> None:
+    """``medfm curate``."""
+    p = sub.add_parser("curate", help="duplicates, cross-split leaks, label conflicts and outliers in a data set "
+                       "(HTML report with thumbnails, findings CSV), a cleaned copy and a cluster-balanced subset",
+                       epilog="example: medfm curate data/manifest.csv --label label --patient patient --out runs/curate")
+    p.add_argument("data", help="npz, CSV/JSONL manifest or folder: every split is read; the input is never changed")
+    p.add_argument("--out", required=True, help="folder for report.html, findings.csv, summary.json")
+    p.add_argument("--label", default=None, help="label column (an npz's own labels are used): conflicts among duplicates")
+    p.add_argument("--patient", default=None, help="patient / case column: the same value in two splits is a leak")
+    p.add_argument("--hash-distance", type=int, default=HASH_DISTANCE, help=f"pHash bits of 64 for a near-duplicate "
+                   f"(default {HASH_DISTANCE})")
+    p.add_argument("--cosine", type=float, default=COSINE, help=f"centred-embedding cosine for a near-duplicate "
+                   f"(default {COSINE})")
+    p.add_argument("--no-embeddings", action="store_true", help="pixel hashes only (no encoder, no outliers)")
+    p.add_argument("--balanced", type=int, default=None, help="also write balanced.csv: this many items spread over "
+                   "a hierarchical k-means of the embeddings (pretraining subsets)")
+    p.add_argument("--clean", action="store_true", help="also write clean.csv / clean.npz without the later copies "
+                   "and the held-out side of every leak")
+    _embedder_args(p)
+    p.set_defaults(fn=cmd_curate)
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    embedder = None if args.no_embeddings else _embedder(args)
+    s = run_curation(args.data, args.out, embedder, args.label, args.patient, args.hash_distance, args.cosine,
+                     args.balanced, args.clean, args.seed, cache=None if args.cache == "none" else args.cache)
+    print(f"{s['items']} items ({', '.join(f'{k}: {v}' for k, v in s['splits'].items())}) in {s['wall_s']} s\n"
+          f"duplicates {s['duplicate']}, leaks {s['leak']}, patient leaks {s['patient_leak']}, "
+          f"label conflicts {s['label_conflict']}, outliers {s['outlier']}"
+          + (f"\ncleaned copy: {s['clean']} ({s['dropped']} dropped)" if "clean" in s else "")
+          + f"\nreport: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 def _synth_parser(sub) -> None:
     """``medfm synth``."""
     p = sub.add_parser("synth", help="write a synthetic set (random label maps + random appearance) as NIfTI")
@@ -654,7 +690,8 @@ def _data_parser(sub) -> None:
 
 # one function per command, in `medfm --help` order
 PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
-           _evaluate_parser, _generate_parser, _generate_report_parser, _answer_parser, _select_parser, _synth_parser)
+           _evaluate_parser, _generate_parser, _generate_report_parser, _answer_parser, _select_parser, _curate_parser,
+           _synth_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,122 @@
+"""Pairs of images that are the same or nearly the same: exact pixel copies, perceptual-hash neighbours and
+embedding neighbours.
+
+* exact: the same pixel array (SHA-1 of its bytes and shape), whatever the file;
+* pixels: perceptual hashes (imagehash's pHash, 64 bits, of the middle slice for a volume) within
+  ``hash_distance`` bits, confirmed by a pixel correlation of at least ``PIXEL_CORRELATION`` between the two
+  images at 32 x 32: survives resizing, re-compression and small intensity changes. The hash alone calls
+  any two axial slices of one brain within 15 mm alike at 64 px; the correlation keeps the closest of them;
+* embedding: cosine similarity of centred, l2-normalised embeddings at or above ``cosine``: the same anatomy
+  photographed twice, a crop, an annotated copy.
+
+Every function takes and returns positions in one flat list of items, so the caller can say which split
+and row each one is."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+import numpy as np
+
+HASH_DISTANCE = 6  # pHash bits of 64. BUSI (benchmarks/RESULTS.md): 98 of its 136 marked near-duplicate pairs
+# lie within 6 bits and none of the 1.8M unmarked pairs of breast_us does; 2 unmarked pairs at 8 bits
+PIXEL_CORRELATION = 0.98  # 91 of BUSI's 98 marked pairs within 6 bits keep it
+THUMB = 32
+COSINE = 0.98  # centred embeddings. breast_us with a random-init ViT-Tiny/8 at 64 px: 37 of BUSI's 136 marked pairs at
+# 0.98 and no unmarked pair; at 0.97, 57 and 6 unmarked (BUSI against BUS-BRA images: false); pHash finds more
+
+
+def pixel_array(image) -> np.ndarray:
+    """A 2D float array to hash: channels averaged, the middle slice of a volume's last axis."""
+    a = np.asarray(image, dtype=np.float32)
+    while a.ndim > 2:
+        a = a.mean(0) if a.ndim == 3 and a.shape[0] <= 4 else a[..., a.shape[-1] // 2]
+    return a
+
+
+def exact_key(image) -> str:
+    a = np.ascontiguousarray(np.asarray(image, dtype=np.float32))
+    return hashlib.sha1(a.tobytes() + str(a.shape).encode()).hexdigest()
+
+
+def as_uint8(image) -> np.ndarray:
+    """The 2D array of :func:`pixel_array` scaled to 0-255 between its 0.5 and 99.5 percentiles."""
+    a = pixel_array(image)
+    lo, hi = np.percentile(a, [0.5, 99.5]) if a.size > 1 else (0.0, 1.0)
+    return (np.clip((a - lo) / max(hi - lo, 1e-8), 0, 1) * 255).astype(np.uint8)
+
+
+def perceptual_hash(image) -> int:
+    """pHash (imagehash) of the image scaled to 0-255, as a 64-bit integer."""
+    import imagehash
+    from PIL import Image
+
+    bits = imagehash.phash(Image.fromarray(as_uint8(image))).hash.ravel()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def thumbnail_vector(image, size: int = THUMB) -> np.ndarray:
+    """The image at ``size`` x ``size``, centred and l2-normalised: dot products are pixel correlations."""
+    from PIL import Image
+
+    t = np.asarray(Image.fromarray(as_uint8(image)).resize((size, size), Image.BILINEAR), dtype=np.float32).ravel()
+    t = t - t.mean()
+    return t / (np.linalg.norm(t) + 1e-8)
+
+
+def exact_pairs(keys: list[str]) -> list[tuple[int, int]]:
+    """(i, j), i < j, for every two items with the same key (each to the group's first)."""
+    first: dict[str, int] = {}
+    pairs = []
+    for j, k in enumerate(keys):
+        if k in first:
+            pairs.append((first[k], j))
+        else:
+            first[k] = j
+    return pairs
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64)
+    count = np.zeros(x.shape, np.uint8)
+    for shift in range(0, 64, 8):
+        count += _BYTE_BITS[((x >> np.uint64(shift)) & np.uint64(255)).astype(np.uint8)]
+    return count
+
+
+_BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def hash_pairs(hashes: list[int], max_distance: int = HASH_DISTANCE, chunk: int = 512,
+               thumbnails: np.ndarray | None = None, min_correlation: float = PIXEL_CORRELATION
+               ) -> Iterable[tuple[int, int, int]]:
+    """(i, j, Hamming distance), i < j, for hashes within ``max_distance`` bits (and, given ``thumbnails`` from
+    :func:`thumbnail_vector`, a pixel correlation of at least ``min_correlation``)."""
+    h = np.array(hashes, dtype=np.uint64)
+    for start in range(0, len(h), chunk):
+        block = h[start:start + chunk]
+        dist = _popcount(block[:, None] ^ h[None, :])
+        for a, j in zip(*np.nonzero(dist <= max_distance)):
+            i = start + int(a)
+            if i < j and (thumbnails is None or float(thumbnails[i] @ thumbnails[j]) >= min_correlation):
+                yield i, int(j), int(dist[a, j])
+
+
+def centred(x: np.ndarray) -> np.ndarray:
+    """Embeddings minus their mean, l2-normalised: cosines measured from the data set's centre, so that an
+    encoder whose raw outputs all point one way (a random or a general-purpose one) still separates images."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean(0, keepdims=True)
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def embedding_pairs(x: np.ndarray, min_cosine: float = COSINE, chunk: int = 1024) -> Iterable[tuple[int, int, float]]:
+    """(i, j, cosine), i < j, for centred embeddings at least ``min_cosine`` alike."""
+    z = centred(x)
+    for start in range(0, len(z), chunk):
+        sim = z[start:start + chunk] @ z.T
+        for a, j in zip(*np.nonzero(sim >= min_cosine)):
+            i = start + int(a)
+            if i < j:
+                yield i, int(j), float(sim[a, j])
