@@ -251,7 +251,8 @@ class LabelEfficiency:
         train_x, train_y, _, _ = self.embeddings(task, init, weights)
         if strategy == "balanced":
             return few_shot_indices(train_y, int(shots), seed)
-        return sorted(select(strategy, train_x, int(shots) * len(np.unique(train_y)), seed=seed))
+        classes = len(np.unique(train_y))  # how many, not which: the picks never read a label
+        return sorted(select(strategy, train_x, int(shots) * classes, seed=seed, n_classes=classes))
 
     def probe(self, task: Task, init: str, weights: str | None, strategy: str, shots: str, seed: int) -> dict:
         """The ``probe`` method: a logistic regression on the frozen embeddings of the picked items."""

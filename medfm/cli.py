@@ -581,6 +581,7 @@ def _select_parser(sub) -> None:
     p.add_argument("--labelled", default=None, help="CSV of the items labelled so far (an earlier selected.csv, or a "
                    "manifest of pool images): never picked again; its labels fit the probe of entropy/margin/badge")
     p.add_argument("--label", default=None, help="label column of --labelled (default 'label')")
+    p.add_argument("--classes", type=int, default=None, help="number of classes, when known (ProbCover's radius)")
     p.add_argument("--out", required=True, help="folder for selected.csv, selection.json, selection.png")
     _embedder_args(p)
     p.set_defaults(fn=cmd_select)
@@ -588,7 +589,7 @@ def _select_parser(sub) -> None:
 
 def cmd_select(args: argparse.Namespace) -> int:
     summary = run_selection(_embedder(args), args.data, args.out, args.budget, args.strategy, split=args.split,
-                            labelled=args.labelled, label=args.label, seed=args.seed,
+                            labelled=args.labelled, label=args.label, seed=args.seed, n_classes=args.classes,
                             cache=None if args.cache == "none" else args.cache)
     print(f"{args.strategy}: picked {summary['budget']} of {summary['pool']} ({summary['labelled']} labelled before) "
           f"with {summary['encoder']} in {summary['wall_s']:.1f} s\n"

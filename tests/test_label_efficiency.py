@@ -80,6 +80,29 @@ def test_benchmark_end_to_end_one_seed_two_shots_three_step_budget(tmp_path):
     assert [(r["run"], r["auroc"]) for r in again] == [(r["run"], r["auroc"]) for r in rows]
 
 
+def test_benchmark_strategy_axis_probe_and_selection_runs(tmp_path):
+    """Selection strategies pick K x classes items from the init's embeddings of the pool (no labels read);
+    the probe method scores them in seconds; a fine-tuning run trains on exactly the picked rows."""
+    npz = shared_path("medmnist", "breastmnist_trainval.npz")
+    out = tmp_path / "le"
+    rows = LabelEfficiency(out, {"breastmnist": str(npz)}, ["breastmnist"], ["random"], ["probe", "linear_probe"],
+                           shots=["1", "5"], seeds=[0], profile="tiny", progress=False,
+                           strategies=["balanced", "typiclust"]).run()
+    assert sorted((r["method"], r["strategy"], r["shots"]) for r in rows) == sorted(
+        (m, s, k) for m in ("probe", "linear_probe") for s in ("balanced", "typiclust") for k in ("1", "5"))
+    assert all(0.0 <= r["auroc"] <= 1.0 and r["n_train"] == 2 * int(r["shots"]) for r in rows)
+    picked = [r for r in rows if r["method"] == "linear_probe" and r["strategy"] == "typiclust"]
+    for r in picked:
+        m = json.loads((tmp_path / r["run"] / "metrics.json").read_text())
+        chosen = out / "selections" / "breastmnist" / "random" / f"typiclust_k{r['shots']}_s0.csv"
+        positions = [int(line) for line in chosen.read_text().split()[1:]]
+        assert m["n_train"] == len(positions) == 2 * int(r["shots"])
+    md = (out / "label_efficiency.md").read_text()
+    assert "| probe | random | typiclust |" in md and "| strategy |" in md
+    with pytest.raises(ValueError, match="unknown strategy entropy"):
+        LabelEfficiency(out, {"breastmnist": str(npz)}, ["breastmnist"], ["random"], strategies=["entropy"])
+
+
 def test_benchmark_mni_slab_against_whole_hemisphere(tmp_path):
     out = tmp_path / "le"
     rows = LabelEfficiency(out, {}, ["mni_tissue"], ["random", "synth"], ["linear_probe"], seeds=[0],

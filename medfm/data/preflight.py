@@ -62,3 +62,48 @@ def _header_problem(path: str, size: int, mtime_ns: int) -> str | None:
     except Exception as e:  # noqa: BLE001 - any reader failure is the answer
         return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
     return None
+
+
+def cross_split_copies(path: str | os.PathLike, splits: list[str], limit: int = 5) -> list[str]:
+    """Images stored twice with identical content in two of ``splits`` (a held-out copy of a training image):
+    an npz's rows compared by a hash of their bytes; a manifest's files compared by size first and hashed only
+    where two sizes in different splits agree. Returns up to ``limit`` descriptions (empty when clean): a cheap
+    check a run makes before training (``medfm curate`` finds near-duplicates too)."""
+    import hashlib
+
+    import numpy as np
+
+    from .manifest import read_rows
+    from .npz import read_npz
+
+    p = str(path)
+    seen: dict[str, str] = {}
+    found: list[str] = []
+
+    def note(key: str, where: str, split: str) -> None:
+        if key in seen and not seen[key].startswith(f"{split} "):
+            found.append(f"{where} = {seen[key]}")
+        seen.setdefault(key, where)
+
+    if p.lower().endswith(".npz"):
+        for split in splits:
+            images = read_npz(p, split)[0]
+            for i, image in enumerate(np.asarray(images)):
+                note(hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest(), f"{split} sample {i}", split)
+        return found[:limit]
+    if not p.lower().endswith((".csv", ".tsv", ".jsonl")):
+        return []
+    root = Path(p).parent
+    files: dict[int, list[tuple[str, str, int]]] = {}
+    for line, row in read_rows(p):
+        split, image = str(row.get("split", "")), str(row.get("image") or "")
+        if split in splits and image:
+            f = Path(image) if Path(image).is_absolute() else root / image
+            if f.is_file():
+                files.setdefault(f.stat().st_size, []).append((split, str(f), line))
+    for group in files.values():
+        if len({s for s, _, _ in group}) < 2 or len({f for _, f, _ in group}) < 2:
+            continue  # one split, or one file listed twice (the manifest reader warns about that)
+        for split, f, line in group:
+            note(hashlib.sha1(Path(f).read_bytes()).hexdigest(), f"{split} line {line} ({Path(f).name})", split)
+    return found[:limit]

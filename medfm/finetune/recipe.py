@@ -21,6 +21,7 @@ layer's one recipe path (:class:`medfm.run.RecipeKind`), which hands it to the t
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 
 from medfm.artifacts import load
 from medfm.data import DataError, split_names
+from medfm.data.preflight import cross_split_copies
 from medfm.data.transforms import PRESETS
 from medfm.adapt import METHOD_SECTIONS, METHODS
 from medfm.run import ENCODER, TRAINER, DataConfig, FreeForm, OptimConfig, RecipeKind, Registry, RunFolder
@@ -104,6 +106,13 @@ def check_splits(cfg: dict) -> None:
     for key in ("train_split", "val_split"):
         if d[key] not in present:
             raise DataError(f"{d['path']}: no split {d[key]!r} (data.{key}); its splits: {', '.join(present) or 'none'}")
+    if d.get("preflight", "auto") is not False:
+        splits = [d[k] for k in ("train_split", "val_split", "test_split") if d.get(k) in present]
+        copies = cross_split_copies(d["path"], list(dict.fromkeys(splits)))
+        if copies:
+            warnings.warn(f"{d['path']}: the same image is stored in two splits (held-out data also trained on), "
+                          f"e.g. {'; '.join(copies[:3])}; `medfm curate` lists every copy and near-copy and writes "
+                          "a cleaned copy", stacklevel=2)
 
 
 def open_split(cfg: dict, split: str | None, train: bool = False, path: str | None = None):

@@ -142,8 +142,10 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 def run_selection(embedder: Embedder, data: str, out: str | os.PathLike, budget: int, strategy: str = "typiclust",
                   split: str | None = "train", labelled: str | None = None, label: str | None = None, seed: int = 0,
-                  cache: str | os.PathLike | None = CACHE_DIR, progress: bool = True) -> dict:
-    """Embed the pool (cached), pick ``budget`` items by ``strategy`` and write the selection (module doc)."""
+                  cache: str | os.PathLike | None = CACHE_DIR, progress: bool = True,
+                  n_classes: int | None = None) -> dict:
+    """Embed the pool (cached), pick ``budget`` items by ``strategy`` and write the selection (module doc);
+    ``n_classes``: the number of classes when known (else that of the labelled items, if any)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; strategies: {', '.join(STRATEGIES)}")
     t0 = time.perf_counter()
@@ -151,7 +153,9 @@ def run_selection(embedder: Embedder, data: str, out: str | os.PathLike, budget:
     rows = pool_rows(dataset)
     have, have_labels = labelled_positions(labelled, rows, label) if labelled else ([], [])
     probs = probe_probabilities(x, have, have_labels) if strategy in NEEDS_MODEL else None
-    picks = select(strategy, x, budget, have, seed=seed, probs=probs)
+    known = {y for y in have_labels if y is not None}
+    picks = select(strategy, x, budget, have, seed=seed, probs=probs,
+                   n_classes=n_classes or (len(known) if len(known) > 1 else None))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_rows(out / "selected.csv", [{**rows[i], "strategy": strategy} for i in picks])

@@ -200,10 +200,11 @@ NEEDS_MODEL = ("entropy", "margin", "badge")
 
 
 def select(strategy: str, features, budget: int, labelled: Sequence[int] = (), seed: int = 0,
-           probs=None, **kwargs) -> list[int]:
+           probs=None, n_classes: int | None = None) -> list[int]:
     """``budget`` positions of ``features`` to label next by ``strategy`` (a name of :data:`STRATEGIES`), none
     of ``labelled``; deterministic per ``seed``. ``probs``: (N, C) class probabilities for the strategies that
-    need a model (:data:`NEEDS_MODEL`)."""
+    need a model (:data:`NEEDS_MODEL`); ``n_classes``: the number of classes when known (ProbCover's radius
+    is chosen from that many clusters; otherwise from ``budget``)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; strategies: {', '.join(STRATEGIES)}")
     x = normalise(features)
@@ -219,6 +220,7 @@ def select(strategy: str, features, budget: int, labelled: Sequence[int] = (), s
         raise ValueError(f"budget {budget} is larger than the unlabelled pool ({len(pool)} item(s))")
     if probs is not None and len(probs) != len(x):
         raise ValueError(f"probs has {len(probs)} rows for {len(x)} embeddings")
+    kwargs = {"n_classes": n_classes or 0} if strategy == "probcover" else {}
     picks = STRATEGIES[strategy](x, pool, budget, labelled, seed, probs=probs, **kwargs)
     assert len(picks) == budget and len(set(picks)) == budget and not set(picks) & set(labelled), strategy
     return [int(i) for i in picks]
