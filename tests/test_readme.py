@@ -74,6 +74,8 @@ def _runnable(argv: list[str]) -> list[str] | None:
     named = [a for a in argv[1:] if not a.startswith("-") and a != "convert"][:1]  # a checkpoint, or a run
     if argv[0] in ("models", "evaluate") and named and not Path(named[0]).exists():
         return None  # a public model's file or hf: id (tests/test_public_*.py convert stand-ins), a run not made here
+    if argv[0] in ("select", "curate") and not Path(argv[1]).exists():
+        return None
     out, i = [], 0
     while i < len(argv):
         a = argv[i]

@@ -26,7 +26,7 @@ from medfm.data import DataError, read_rows
 from medfm.evaluate.plots import pyplot
 
 from .embeddings import CACHE_DIR, Embedder, embed
-from .strategies import NEEDS_MODEL, STRATEGIES, select
+from .strategies import NEEDS_MODEL, STRATEGIES, normalise, select
 
 
 def pool_rows(dataset) -> list[dict]:
@@ -109,11 +109,14 @@ def project_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
 def selection_plot(x: np.ndarray, picks: Sequence[int], labelled: Sequence[int], path: Path, title: str,
                    seed: int = 0, classes: np.ndarray | None = None) -> Path:
     """The pool in 2D (coloured by class when known), labelled items as squares, picks as red stars."""
-    xy, how = project_2d(x, seed)
+    xy, how = project_2d(normalise(x), seed)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
-    ax.scatter(xy[:, 0], xy[:, 1], s=6, c=classes if classes is not None else "0.6",
-               cmap="tab10" if classes is not None else None, alpha=0.5, linewidths=0)
+    if classes is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, c="0.6", alpha=0.5, linewidths=0, label="pool")
+    else:  # the labels the pool file stores (an npz's): shown, never read by the strategies
+        for k in np.unique(classes):
+            ax.scatter(xy[classes == k, 0], xy[classes == k, 1], s=6, alpha=0.4, linewidths=0, label=f"class {k}")
     if len(labelled):
         ax.scatter(xy[labelled, 0], xy[labelled, 1], s=40, marker="s", facecolors="none", edgecolors="tab:blue",
                    label=f"labelled ({len(labelled)})")
