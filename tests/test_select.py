@@ -159,6 +159,13 @@ def test_curate_cli_on_an_npz_writes_a_clean_npz(tmp_path, capsys):
     np.savez(path, train_images=train, train_labels=rng.integers(0, 2, (8, 1)), val_images=val,
              val_labels=rng.integers(0, 2, (3, 1)))
     assert cross_split_copies(path, ["train", "val"]) == ["val sample 2 = train sample 0"]
+    # a fine-tuning run says so before it trains
+    from medfm.finetune import load_task_recipe, run_finetune
+    from medfm.run import find_recipe
+
+    cfg = load_task_recipe(find_recipe("classify_2d", "tasks"), {"trainer": {"max_steps": 2}}, profile="tiny")
+    with pytest.warns(UserWarning, match="the same image is stored in two splits .* val sample 2 = train sample 0"):
+        run_finetune(cfg, tmp_path / "run", data_path=str(path))
     assert main(["curate", str(path), "--out", str(tmp_path / "out"), "--no-embeddings", "--clean"]) == 0
     assert "leaks 1" in capsys.readouterr().out
     clean = np.load(tmp_path / "out" / "clean.npz")

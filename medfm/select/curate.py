@@ -37,8 +37,9 @@ from medfm.atomic import atomic_path, write_text
 from medfm.data import DataError, open_dataset, read_rows, split_names
 from medfm.progress import progress_bar
 
-from .duplicates import (COSINE, HASH_DISTANCE, PIXEL_CORRELATION, as_uint8, centred, embedding_pairs, exact_key, exact_pairs,
+from .duplicates import (COSINE, HASH_DISTANCE, PIXEL_CORRELATION, as_uint8, embedding_pairs, exact_key, exact_pairs,
                          hash_pairs, perceptual_hash, thumbnail_vector)
+from .strategies import normalise
 from .embeddings import CACHE_DIR, Embedder, embed
 
 OUTLIER_Z = 5.0
@@ -148,7 +149,7 @@ def outliers(x: np.ndarray, k: int = 5, z: float = OUTLIER_Z) -> list[tuple[int,
 
     if len(x) <= k + 1:
         return []
-    c = centred(x)
+    c = normalise(x)
     dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(c).kneighbors(c)
     score = dist[:, 1:].mean(1)
     med = np.median(score)
@@ -165,7 +166,7 @@ def balanced_subset(x: np.ndarray, size: int, seed: int = 0) -> list[int]:
 
     if not 0 < size <= len(x):
         raise ValueError(f"balanced subset size must be in 1..{len(x)}, got {size}")
-    z = centred(x)
+    z = normalise(x)
     k1 = int(min(len(x), max(2, round(np.sqrt(len(x)) * 2))))
     low = KMeans(n_clusters=k1, n_init=3, random_state=seed).fit(z)
     k2 = int(max(2, round(np.sqrt(k1))))

@@ -19,6 +19,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .strategies import normalise as centred  # embeddings minus their mean, l2-normalised
+
 HASH_DISTANCE = 6  # pHash bits of 64. BUSI (benchmarks/RESULTS.md): 98 of its 136 marked near-duplicate pairs
 # lie within 6 bits and none of the 1.8M unmarked pairs of breast_us does; 2 unmarked pairs at 8 bits
 PIXEL_CORRELATION = 0.98  # 91 of BUSI's 98 marked pairs within 6 bits keep it
@@ -101,14 +103,6 @@ def hash_pairs(hashes: list[int], max_distance: int = HASH_DISTANCE, chunk: int 
             i = start + int(a)
             if i < j and (thumbnails is None or float(thumbnails[i] @ thumbnails[j]) >= min_correlation):
                 yield i, int(j), int(dist[a, j])
-
-
-def centred(x: np.ndarray) -> np.ndarray:
-    """Embeddings minus their mean, l2-normalised: cosines measured from the data set's centre, so that an
-    encoder whose raw outputs all point one way (a random or a general-purpose one) still separates images."""
-    x = np.asarray(x, dtype=np.float64)
-    x = x - x.mean(0, keepdims=True)
-    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
 def embedding_pairs(x: np.ndarray, min_cosine: float = COSINE, chunk: int = 1024) -> Iterable[tuple[int, int, float]]:

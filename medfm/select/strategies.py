@@ -38,13 +38,17 @@ PURITY = 0.95  # ProbCover's cluster purity for choosing delta
 
 
 def normalise(features) -> np.ndarray:
-    """Float64 rows scaled to unit length (cosine geometry: every strategy measures angles)."""
+    """Float64 rows minus the pool's mean, scaled to unit length: every strategy measures angles seen from the
+    pool's centre. Without the centring, the embeddings of a random or weakly trained encoder all point one
+    way (PneumoniaMNIST with a random ViT-Tiny: median nearest-neighbour cosine distance 0.009), and
+    distances say little about content."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"embeddings must be (N, D), got shape {x.shape}")
     if not np.isfinite(x).all():
         bad = np.flatnonzero(~np.isfinite(x).all(1))
         raise ValueError(f"embeddings of {len(bad)} item(s) are not finite, e.g. position {bad[0]}")
+    x = x - x.mean(0, keepdims=True)
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
