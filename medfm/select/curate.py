@@ -37,8 +37,8 @@ from medfm.atomic import atomic_path, write_text
 from medfm.data import DataError, open_dataset, read_rows, split_names
 from medfm.progress import progress_bar
 
-from .duplicates import (COSINE, HASH_DISTANCE, PIXEL_CORRELATION, as_uint8, embedding_pairs, exact_key, exact_pairs,
-                         hash_pairs, perceptual_hash, thumbnail_vector)
+from .duplicates import (COSINE, HASH_DISTANCE, LOOKALIKE_CORRELATION, PIXEL_CORRELATION, as_uint8, embedding_pairs,
+                         exact_key, exact_pairs, hash_pairs, perceptual_hash, thumbnail_vector)
 from .strategies import normalise
 from .embeddings import CACHE_DIR, Embedder, embed
 
@@ -220,11 +220,11 @@ def curate(path: str, embedder: Embedder | None, label: str | None = None, patie
             _, emb, _ = embed(embedder, path, split, cache=cache, progress=progress)
             parts.append(emb)
         x = np.concatenate(parts)
-        for i, j, c in embedding_pairs(x, cosine):
-            pairs.setdefault((i, j), f"cosine {c:.3f}")
+        for i, j, c in embedding_pairs(x, cosine, thumbnails=thumbs):
+            pairs.setdefault((i, j), f"cosine {c:.3f}, pixel correlation {float(thumbs[i] @ thumbs[j]):.3f}")
         found_outliers = outliers(x)
     result = Curation(items, thresholds={"hash_distance": hash_distance, "pixel_correlation": PIXEL_CORRELATION,
-                                       "cosine": cosine, "outlier_z": OUTLIER_Z})
+                                       "cosine": cosine, "lookalike_correlation": LOOKALIKE_CORRELATION, "outlier_z": OUTLIER_Z})
     result.findings = pair_findings(items, pairs) + patient_leaks(items)
     result.findings += [_finding("outlier", f"robust z {zs:.1f}", items[i]) for i, zs in found_outliers]
     if balanced:
@@ -318,7 +318,8 @@ def write_report(path: str, result: Curation, out: Path, max_per_kind: int = 40)
              f"({', '.join(f'{k}: {v}' for k, v in per_split.items())}). Thresholds: pHash within "
              f"{result.thresholds['hash_distance']} of 64 bits and pixel correlation at least "
              f"{result.thresholds['pixel_correlation']}, centred-embedding cosine at least "
-             f"{result.thresholds['cosine']}, outliers above robust z {result.thresholds['outlier_z']}.</p>",
+             f"{result.thresholds['cosine']} with pixel correlation at least "
+             f"{result.thresholds['lookalike_correlation']}, outliers above robust z {result.thresholds['outlier_z']}.</p>",
              "<table border=1><tr>" + "".join(f"<th>{k}</th>" for k in kinds) + "</tr><tr>"
              + "".join(f"<td>{summary[k]}</td>" for k in kinds) + "</tr></table>"]
     for kind in kinds:

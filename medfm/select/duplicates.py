@@ -6,8 +6,10 @@ embedding neighbours.
   ``hash_distance`` bits, confirmed by a pixel correlation of at least ``PIXEL_CORRELATION`` between the two
   images at 32 x 32: survives resizing, re-compression and small intensity changes. The hash alone calls
   any two axial slices of one brain within 15 mm alike at 64 px; the correlation keeps the closest of them;
-* embedding: cosine similarity of centred, l2-normalised embeddings at or above ``cosine``: the same anatomy
-  photographed twice, a crop, an annotated copy.
+* embedding: cosine similarity of centred, l2-normalised embeddings at or above ``cosine``, with a pixel
+  correlation of at least ``LOOKALIKE_CORRELATION``: a copy the hash misses (noise, a different window). Below
+  that correlation an embedding neighbour is a look-alike, not a copy: on PneumoniaMNIST all 10 pairs of
+  different children's X-rays a random-init ViT put at cosine 0.995+ correlate 0.49-0.95.
 
 Every function takes and returns positions in one flat list of items, so the caller can say which split
 and row each one is."""
@@ -24,9 +26,12 @@ from .strategies import normalise as centred  # embeddings minus their mean, l2-
 HASH_DISTANCE = 6  # pHash bits of 64. BUSI (benchmarks/RESULTS.md): 98 of its 136 marked near-duplicate pairs
 # lie within 6 bits and none of the 1.8M unmarked pairs of breast_us does; 2 unmarked pairs at 8 bits
 PIXEL_CORRELATION = 0.98  # 91 of BUSI's 98 marked pairs within 6 bits keep it
+LOOKALIKE_CORRELATION = 0.96
 THUMB = 32
-COSINE = 0.98  # centred embeddings. breast_us with a random-init ViT-Tiny/8 at 64 px: 37 of BUSI's 136 marked pairs at
-# 0.98 and no unmarked pair; at 0.97, 57 and 6 unmarked (BUSI against BUS-BRA images: false); pHash finds more
+COSINE = 0.995  # centred embeddings of a random-init ViT-Tiny/8 at 64 px. breast_us: 21 of BUSI's 136 marked pairs
+# and no unmarked one (at 0.98: 37 and none); PneumoniaMNIST: 0.98 called 1,435 pairs of different children's
+# chest X-rays alike (10 of 10 looked at were not copies), 0.995 about 37, most of them identical pixels.
+# A pretrained encoder separates images better: pass a lower --cosine with one
 
 
 def pixel_array(image) -> np.ndarray:
@@ -105,12 +110,14 @@ def hash_pairs(hashes: list[int], max_distance: int = HASH_DISTANCE, chunk: int 
                 yield i, int(j), int(dist[a, j])
 
 
-def embedding_pairs(x: np.ndarray, min_cosine: float = COSINE, chunk: int = 1024) -> Iterable[tuple[int, int, float]]:
-    """(i, j, cosine), i < j, for centred embeddings at least ``min_cosine`` alike."""
+def embedding_pairs(x: np.ndarray, min_cosine: float = COSINE, chunk: int = 1024, thumbnails: np.ndarray | None = None,
+                    min_correlation: float = LOOKALIKE_CORRELATION) -> Iterable[tuple[int, int, float]]:
+    """(i, j, cosine), i < j, for centred embeddings at least ``min_cosine`` alike (and, given ``thumbnails``,
+    pixels correlated at least ``min_correlation``)."""
     z = centred(x)
     for start in range(0, len(z), chunk):
         sim = z[start:start + chunk] @ z.T
         for a, j in zip(*np.nonzero(sim >= min_cosine)):
             i = start + int(a)
-            if i < j:
+            if i < j and (thumbnails is None or float(thumbnails[i] @ thumbnails[j]) >= min_correlation):
                 yield i, int(j), float(sim[a, j])
