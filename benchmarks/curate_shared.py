@@ -27,7 +27,7 @@ SETS = {
     "msd_hippocampus": ("msd_hippocampus/manifest.csv", None, "case_id", False),
     "vqa_rad": ("vqa_rad/manifest.csv", "image_organ", None, True),
 }
-KINDS = ("duplicate", "leak", "patient_leak", "label_conflict", "outlier")
+KINDS = ("duplicate", "leak", "patient_leak", "label_conflict", "outlier", "same_file")
 
 
 def main() -> None:

@@ -625,7 +625,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
                      args.balanced, args.clean, args.seed, cache=None if args.cache == "none" else args.cache)
     print(f"{s['items']} items ({', '.join(f'{k}: {v}' for k, v in s['splits'].items())}) in {s['wall_s']} s\n"
           f"duplicates {s['duplicate']}, leaks {s['leak']}, patient leaks {s['patient_leak']}, "
-          f"label conflicts {s['label_conflict']}, outliers {s['outlier']}"
+          f"label conflicts {s['label_conflict']}, outliers {s['outlier']}, rows repeating a file {s['same_file']}"
           + (f"\ncleaned copy: {s['clean']} ({s['dropped']} dropped)" if "clean" in s else "")
           + f"\nreport: {Path(args.out) / 'report.html'}")
     return 0

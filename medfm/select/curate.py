@@ -44,6 +44,7 @@ from .embeddings import CACHE_DIR, Embedder, embed
 
 OUTLIER_Z = 5.0
 TRAIN = "train"
+KINDS = ("duplicate", "leak", "patient_leak", "label_conflict", "outlier", "same_file")
 FINDING_COLUMNS = ["kind", "detail", "split_a", "row_a", "source_a", "label_a", "split_b", "row_b", "source_b",
                    "label_b"]
 
@@ -118,11 +119,13 @@ def _finding(kind: str, detail: str, a: Item, b: Item | None = None) -> dict:
 
 
 def pair_findings(items: list[Item], pairs: dict[tuple[int, int], str]) -> list[dict]:
-    """A duplicate, leak and/or label-conflict finding per pair (``pairs``: (i, j) -> how they match)."""
+    """A duplicate, leak and/or label-conflict finding per pair (``pairs``: (i, j) -> how they match); one file
+    in two rows of one split is ``same_file`` (several questions on one image: a fact, not a fault)."""
     out = []
     for (i, j), how in sorted(pairs.items()):
         a, b = items[i], items[j]
-        out.append(_finding("leak" if a.split != b.split else "duplicate", how, a, b))
+        kind = "leak" if a.split != b.split else "same_file" if how == "same file" else "duplicate"
+        out.append(_finding(kind, how, a, b))
         if a.label and b.label and a.label != b.label:
             out.append(_finding("label_conflict", how, a, b))
     return out
@@ -203,26 +206,27 @@ def curate(path: str, embedder: Embedder | None, label: str | None = None, patie
         raise DataError(f"{path}: no items")
     pairs: dict[tuple[int, int], str] = {}
     files: dict[str, int] = {}
-    for j, it in enumerate(items):  # the same file in several rows (several questions on one image, a leak)
-        if it.file:
-            i = files.setdefault(os.path.realpath(it.file), j)
-            if i != j:
-                pairs[(i, j)] = "same file"
-    for i, j in exact_pairs(keys):
-        pairs.setdefault((i, j), "identical pixels")
-    for i, j, d in hash_pairs(hashes, hash_distance, thumbnails=thumbs):
-        pairs.setdefault((i, j), f"pHash {d} bits, pixel correlation {float(thumbs[i] @ thumbs[j]):.3f}")
+    for j, it in enumerate(items):  # the same file in several rows (several questions on one image, or a leak)
+        i = files.setdefault(os.path.realpath(it.file), j) if it.file else j
+        if i != j:
+            pairs[(i, j)] = "same file"
+    # the content checks compare each file once: rows that repeat a file would pair with everything it pairs with
+    unique = np.array(sorted(set(files.values()) | {j for j, it in enumerate(items) if not it.file}))
+    for a, b in exact_pairs([keys[i] for i in unique]):
+        pairs.setdefault((unique[a], unique[b]), "identical pixels")
+    thumbs = thumbs[unique]
+    for a, b, d in hash_pairs([hashes[i] for i in unique], hash_distance, thumbnails=thumbs):
+        pairs.setdefault((unique[a], unique[b]), f"pHash {d} bits, pixel correlation {float(thumbs[a] @ thumbs[b]):.3f}")
     x = None
     found_outliers: list[tuple[int, float]] = []
     if embedder is not None:
-        parts = []
-        for split in datasets:
-            _, emb, _ = embed(embedder, path, split, cache=cache, progress=progress)
-            parts.append(emb)
-        x = np.concatenate(parts)
-        for i, j, c in embedding_pairs(x, cosine, thumbnails=thumbs):
-            pairs.setdefault((i, j), f"cosine {c:.3f}, pixel correlation {float(thumbs[i] @ thumbs[j]):.3f}")
-        found_outliers = outliers(x)
+        with warnings.catch_warnings():  # repeated images are a finding here, not a warning
+            warnings.simplefilter("ignore")
+            x = np.concatenate([embed(embedder, path, split, cache=cache, progress=progress)[1] for split in datasets])
+        x = x[unique]
+        for a, b, c in embedding_pairs(x, cosine, thumbnails=thumbs):
+            pairs.setdefault((unique[a], unique[b]), f"cosine {c:.3f}, pixel correlation {float(thumbs[a] @ thumbs[b]):.3f}")
+        found_outliers = [(int(unique[a]), z) for a, z in outliers(x)]
     result = Curation(items, thresholds={"hash_distance": hash_distance, "pixel_correlation": PIXEL_CORRELATION,
                                        "cosine": cosine, "lookalike_correlation": LOOKALIKE_CORRELATION, "outlier_z": OUTLIER_Z})
     result.findings = pair_findings(items, pairs) + patient_leaks(items)
@@ -230,7 +234,7 @@ def curate(path: str, embedder: Embedder | None, label: str | None = None, patie
     if balanced:
         if x is None:
             raise ValueError("a balanced subset needs embeddings (an encoder)")
-        result.balanced = balanced_subset(x, balanced, seed)
+        result.balanced = [int(unique[a]) for a in balanced_subset(x, balanced, seed)]
     return result
 
 
@@ -301,7 +305,7 @@ def write_report(path: str, result: Curation, out: Path, max_per_kind: int = 40)
         w = csv.DictWriter(f, fieldnames=FINDING_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(result.findings)
-    kinds = ["duplicate", "leak", "patient_leak", "label_conflict", "outlier"]
+    kinds = list(KINDS)
     per_split: dict[str, int] = {}
     for it in result.items:
         per_split[it.split or "all"] = per_split.get(it.split or "all", 0) + 1
