@@ -41,6 +41,7 @@ from .duplicates import (COSINE, HASH_DISTANCE, LOOKALIKE_CORRELATION, PIXEL_COR
                          exact_key, exact_pairs, hash_pairs, perceptual_hash, thumbnail_vector)
 from .strategies import normalise
 from .embeddings import CACHE_DIR, Embedder, embed
+from .selection import absolute_paths, write_rows
 
 OUTLIER_Z = 5.0
 TRAIN = "train"
@@ -271,19 +272,8 @@ def write_clean(path: str, result: Curation, out: Path) -> Path:
     if not str(path).lower().endswith((".csv", ".tsv", ".jsonl")):
         raise ValueError(f"{path}: a cleaned copy is written for manifests and npz files")
     gone = {result.items[n].line for n in drop}
-    rows = [r for n, r in read_rows(path) if n not in gone]
     root = Path(path).parent
-    for r in rows:  # paths that resolve against the input's folder, made absolute for the new location
-        for key in ("image", "mask"):
-            if r.get(key) and not Path(str(r[key])).is_absolute() and (root / str(r[key])).exists():
-                r[key] = os.path.abspath(root / str(r[key]))
-    target = out / "clean.csv"
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-    return target
+    return write_rows(out / "clean.csv", [absolute_paths({}, r, root) for n, r in read_rows(path) if n not in gone])
 
 
 def _thumbnail(dataset, position: int, size: int = 112) -> str:
@@ -360,12 +350,8 @@ def run_curation(path: str, out: str | os.PathLike, embedder: Embedder | None, l
         summary["clean"] = str(write_clean(path, result, out))
         summary["dropped"] = len(dropped(result))
     if result.balanced:
-        rows = [{"split": result.items[i].split, "position": result.items[i].position,
-                 "source": result.items[i].source} for i in result.balanced]
-        with atomic_path(out / "balanced.csv") as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["split", "position", "source"])
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(out / "balanced.csv", [{"split": result.items[i].split, "position": result.items[i].position,
+                                           "source": result.items[i].source} for i in result.balanced])
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

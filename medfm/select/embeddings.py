@@ -8,6 +8,7 @@ listing) and the split. A changed encoder or file is a new key, never a stale hi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -36,8 +37,9 @@ class Embedder:
     preprocess: dict
     name: str
 
-    @property
+    @functools.cached_property
     def identity(self) -> str:
+        """16 hex digits of SHA-256 over the preprocessing record and every weight tensor (once per embedder)."""
         h = hashlib.sha256(json.dumps(self.preprocess, sort_keys=True, default=str).encode())
         for key, t in sorted(self.model.state_dict().items()):
             h.update(key.encode())

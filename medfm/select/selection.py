@@ -29,6 +29,17 @@ from .embeddings import CACHE_DIR, Embedder, embed
 from .strategies import NEEDS_MODEL, STRATEGIES, normalise, select
 
 
+def absolute_paths(out: dict, row: dict, root: Path) -> dict:
+    """``row``'s cells into ``out``, its ``image`` / ``mask`` paths that resolve against the manifest's folder
+    ``root`` made absolute (so the rows can be written anywhere)."""
+    out.update(row)
+    for key in ("image", "mask"):
+        value = str(row.get(key) or "")
+        if value and not Path(value).is_absolute() and (root / value).exists():
+            out[key] = os.path.abspath(root / value)
+    return out
+
+
 def pool_rows(dataset) -> list[dict]:
     """One dict per pool item: ``position``, ``source`` and, for a manifest, its row with paths made absolute;
     for an npz, its stored ``label``."""
@@ -40,11 +51,7 @@ def pool_rows(dataset) -> list[dict]:
         row = {"position": i, "source": dataset.describe(i)}
         if manifest:
             rec = dataset.records[i]
-            row.update(by_line[rec.line])
-            for key in ("image", "mask"):  # paths that resolve against the manifest's folder, made absolute
-                value = str(row.get(key) or "")
-                if value and (root / value).exists():
-                    row[key] = os.path.abspath(root / value)
+            absolute_paths(row, by_line[rec.line], root)
         elif hasattr(dataset, "paths"):
             row["image"] = str(dataset.paths[i])
         elif getattr(dataset, "labels", None) is not None:
@@ -134,7 +141,7 @@ def selection_plot(x: np.ndarray, picks: Sequence[int], labelled: Sequence[int],
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
-    """A CSV of ``rows`` (the union of their keys as columns, ``position`` and ``source`` first), atomically."""
+    """A CSV of ``rows`` (the union of their keys as columns, in the order first seen), atomically."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
