@@ -180,7 +180,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     split = None if args.split in ("", "all") else args.split
     metrics = plugin.evaluate(run, data=args.data, split=split, out=args.out, classes=classes, text=args.text,
                               templates=args.prompt, label=args.label, n=args.n, features=args.features,
-                              classify=args.classify, overrides=list(args.overrides or []))
+                              classify=args.classify, overrides=list(args.overrides or []),
+                              groups=[c for c in (args.groups or "").split(",") if c])
     print("\n".join(plugin.summary(metrics)))
     return 0
 
@@ -505,6 +506,8 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--prompt", action="append", default=None, metavar="TEMPLATE",
                    help="zero-shot prompt template with {} for the class name (repeatable: an ensemble)")
     p.add_argument("--out", default=None, help="folder for metrics.json and figures (default: RUN/eval_SPLIT)")
+    p.add_argument("--groups", default=None, help="classification: manifest columns (comma-separated: site, scanner, "
+                   "sex, ...) to report metrics per group by, with the worst group and the gap's bootstrap interval")
     p.add_argument("--n", type=int, default=None, help="generators: samples to generate (default: min(train, 500))")
     p.add_argument("--features", default=None, help="generators: the encoder (folder or run) whose feature space the "
                    "Frechet distance and MMD use (default: the real-only classifier's encoder)")

@@ -236,9 +236,11 @@ class FinetuneTask(RunPlugin):
         return results
 
     def evaluate(self, run: Path, data: str | None = None, split: str = "test", out: str | None = None,
-                 **_: Any) -> dict:
+                 groups: list[str] | None = None, **_: Any) -> dict:
         """Evaluate a finished run on ``split`` of ``data`` (default: the run's data) with what it chose on
-        validation; writes ``metrics.json`` and figures into ``out`` (default RUN/eval_<split>)."""
+        validation; writes ``metrics.json`` and figures into ``out`` (default RUN/eval_<split>). ``groups``:
+        manifest columns to report metrics per group by (classification). Beside a split other than
+        validation, ``shift`` compares its headline metrics with the run's own validation ones (in-domain)."""
         model, cfg = load_run(run)
         d = self.section(cfg, "data")
         dest = Path(out) if out else run / f"eval_{split}"
@@ -248,8 +250,13 @@ class FinetuneTask(RunPlugin):
             # held-out splits use what the run chose on validation; the validation split itself is scored as
             # the run scored it (so `evaluate --split val` reproduces the run's own metrics.json)
             val = json.loads((run / "metrics.json").read_text()).get(d.val_split, {})
-        res = self.evaluate_splits(model, cfg, dest, data_path=data, splits=[split], state=self.saved_state(val))
+        state = {**self.saved_state(val), "groups": list(groups or [])}
+        res = self.evaluate_splits(model, cfg, dest, data_path=data, splits=[split], state=state)
         metrics = {"run": str(run), "data": str(data or d.path), **res}
+        if val and split in res:
+            metrics["shift"] = {k: {"in_domain": val[k], split: res[split][k], "change": res[split][k] - val[k]}
+                                for k in self.headline if isinstance(val.get(k), (int, float))
+                                and isinstance(res[split].get(k), (int, float))}
         write_json(dest / "metrics.json", metrics)
         return metrics
 
@@ -260,9 +267,13 @@ class FinetuneTask(RunPlugin):
             lines.append(f"{metrics['method']}: {metrics['trainable_params']:,} trainable / "
                          f"{metrics['total_params']:,} parameters, {metrics['wall_time_s']} s")
         for split, v in metrics.items():
-            if isinstance(v, dict) and self.headline and self.headline[0] in v:
+            if isinstance(v, dict) and split != "shift" and self.headline and self.headline[0] in v:
                 lines.append(f"  {split:<8} " + "  ".join(f"{k} {v[k]:.4f}" for k in self.headline if k in v)
                              + f"  (n={v.get('n')})" + self.summary_note(v))
+        for k, s in metrics.get("shift", {}).items():
+            held = next(n for n in s if n not in ("in_domain", "change"))
+            lines.append(f"  shift    {k}: in-domain (validation) {s['in_domain']:.4f} -> {held} {s[held]:.4f} "
+                         f"({s['change']:+.4f})")
         return lines
 
     def summary_note(self, split_metrics: dict) -> str:

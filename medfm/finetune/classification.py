@@ -31,6 +31,9 @@ from torch.utils.data import Dataset, Subset
 
 from medfm.data import DataError, read_rows
 from medfm.encoders import layer_decay_param_groups
+from medfm.evaluate.calibration import (calibration_error, fit_temperature, probabilities, reliability_png,
+                                        selective_png, selective_prediction)
+from medfm.evaluate.groups import group_report
 from medfm.evaluate.plots import confusion_png, roc_png
 from medfm.evaluate.probe import embed_dataset
 from medfm.adapt import few_shot_indices, selected_positions
@@ -59,14 +62,23 @@ class ClassificationModel(TaskModel, nn.Module):
         nn.init.trunc_normal_(self.head[-1].weight, std=0.01)
         nn.init.zeros_(self.head[-1].bias)
 
+    temperature: float = 1.0  # logits are divided by it (temperature scaling, fitted on validation)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        logits = self.head(self.encoder(x))
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+    def set_temperature(self, t: float) -> None:
+        """Divide every later output by ``t``; recorded in the spec, so the saved model applies it too."""
+        self.temperature = float(t)
+        self.spec["head"]["temperature"] = float(t)
 
     @classmethod
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "ClassificationModel":
         h = spec["head"]
         model = cls(build_encoder(spec, pretrained), h["num_classes"], h["dropout"], standardize=h["head_norm"])
         model.spec = spec
+        model.temperature = float(h.get("temperature", 1.0))  # models saved before calibration: 1
         return model
 
 
@@ -201,13 +213,30 @@ def encoder_and_head_groups(module: TrainingModule, layer_decay: float | None) -
 @torch.no_grad()
 def evaluate_classification(model: nn.Module, ds, out: Path, split: str, multi_label: bool = False,
                             class_names: list[str] | None = None, thresholds: list[float] | None = None,
-                            batch_size: int = 64) -> tuple[dict, list[float] | None]:
+                            batch_size: int = 64, calibrate: bool = False, groups: dict | None = None
+                            ) -> tuple[dict, list[float] | None]:
     """Scores of ``model`` on the labelled dataset ``ds``; metrics at ``thresholds`` (default 0.5 / argmax)
-    plus the Youden thresholds of this split; ``roc_<split>.png`` and ``confusion_<split>.png`` in ``out``."""
+    plus the Youden thresholds of this split; calibration (ECE before / after the model's temperature, which
+    ``calibrate`` first fits on these cases, and selective prediction); with ``groups`` (column -> one value per
+    case), metrics per group and the gaps between them. Figures in ``out``: ``roc_``, ``confusion_``,
+    ``calibration_`` (reliability diagram) and ``selective_<split>.png``."""
     logits, target = embed_dataset(model, ds, batch_size)  # class logits instead of embeddings
+    if calibrate:
+        model.set_temperature(fit_temperature(logits, target, multi_label))
+        logits = logits / model.temperature
+    t = float(getattr(model, "temperature", 1.0))
     scores = scores_from_logits(logits, multi_label)
     names = class_names or [str(i) for i in range(scores.shape[1])]
     res = classification_metrics(scores, target, multi_label, thresholds, names)
+    res.update(temperature=t, ece=calibration_error(scores, target, multi_label),
+               ece_uncalibrated=calibration_error(probabilities(logits * t, multi_label), target, multi_label),
+               selective=selective_prediction(scores, target, multi_label))
+    reliability_png(scores, target, out / f"calibration_{split}.png", multi_label,
+                    title=f"{split}: ECE {res['ece']:.3f} (T = {t:.2f}; {res['ece_uncalibrated']:.3f} at T = 1)")
+    selective_png(scores, target, out / f"selective_{split}.png", multi_label, title=f"{split}: selective prediction")
+    if groups and not multi_label:
+        thr = (thresholds or [0.5])[0]
+        res["groups"] = {col: group_report(scores.numpy(), target.numpy(), values, thr) for col, values in groups.items()}
     thr = select_thresholds(scores, target, multi_label)
     roc_png(scores, target, names, out / f"roc_{split}.png", multi_label, title=f"{split}: AUROC {res['auroc']:.3f}")
     if not multi_label:
@@ -236,6 +265,22 @@ class ClassificationConfig:
     class_weights: str | None = "auto"  # auto (inverse frequency) | none
     dropout: float = 0.0
     head_norm: bool = True  # standardise features (BatchNorm, no affine) before the linear head
+    temperature_scaling: bool = True  # fit a temperature on validation, stored with the model (calibration)
+
+
+def group_columns(ds, columns: list[str] | None) -> dict[str, list[str]] | None:
+    """Each of ``columns`` as one value per case of the manifest dataset ``ds`` (``--groups``); an npz or a
+    column the manifest lacks is an error naming what there is."""
+    if not columns:
+        return None
+    if not hasattr(ds, "records"):
+        raise DataError(f"{getattr(ds, 'path', ds)}: groups (--groups) come from manifest columns; an npz has none")
+    rows = dict(read_rows(ds.manifest))
+    present = sorted(set().union(*(r.keys() for r in rows.values())))
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise DataError(f"{ds.manifest}: no column {', '.join(map(repr, missing))} for --groups; columns are {present}")
+    return {c: [str(rows[r.line].get(c, "") or "(empty)") for r in ds.records] for c in columns}
 
 
 def dataset_labels(ds) -> np.ndarray:
@@ -371,13 +416,42 @@ class Classification(FinetuneTask):
 
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
         names = getattr(ds, "classes", None) or model.spec["head"].get("class_names")
+        # temperature scaling: fitted once, on the validation split of the run itself (a reloaded model has it)
+        calibrate = (split == state["val_split"] and self.config(cfg).temperature_scaling
+                     and getattr(model, "temperature", 1.0) == 1.0)
         res, thr = evaluate_classification(model, ds, out, split, self.config(cfg).multi_label,
                                            [str(n) for n in names] if names else None, state.get("thresholds"),
-                                           self.section(cfg, "data").batch_size)
+                                           self.section(cfg, "data").batch_size, calibrate=calibrate,
+                                           groups=group_columns(ds, state.get("groups")))
         if split == state["val_split"] and state.get("thresholds") is None:
             state["thresholds"] = thr
             res["selected_thresholds"] = thr
         return res
+
+    def after_fit(self, built, trainer, folder) -> None:
+        """Evaluation as every task does it; then the model is saved again when validation fitted its
+        temperature, so that ``model/`` applies it at prediction."""
+        super().after_fit(built, trainer, folder)
+        model = built.state["model"]
+        if getattr(model, "temperature", 1.0) != 1.0:
+            folder.save(model, "model")
+
+    def summary(self, metrics: dict) -> list[str]:
+        """The headline lines, then calibration and, with ``--groups``, the worst group and the largest gap."""
+        lines = super().summary(metrics)
+        for split, v in metrics.items():
+            if not isinstance(v, dict) or "ece" not in v:
+                continue
+            lines.append(f"  {split:<8} ECE {v['ece']:.4f} (temperature {v['temperature']:.2f}; "
+                         f"{v['ece_uncalibrated']:.4f} without)  accuracy at 80 % coverage "
+                         f"{v['selective']['coverage']['0.8']['accuracy']:.4f}")
+            for col, g in v.get("groups", {}).items():
+                for m, gap in g["gap"].items():
+                    worst = g["worst"][m]
+                    lines.append(f"  {split:<8} by {col}: {m} worst {worst['group']} {worst['value']:.4f}, gap "
+                                 f"{gap['value']:.4f} (95 % CI {gap['ci95'][0]:.4f}-{gap['ci95'][1]:.4f}) "
+                                 f"over {len(g['groups'])} groups")
+        return lines
 
     def summary_note(self, v: dict) -> str:
         how = (f"thresholds chosen on validation {[round(t, 3) for t in v['thresholds']]}" if v.get("thresholds")
