@@ -34,15 +34,21 @@ def probabilities(logits: torch.Tensor, multi_label: bool = False, temperature: 
 
 def calibration_error(probs: torch.Tensor, target: torch.Tensor, multi_label: bool = False,
                       n_bins: int = N_BINS) -> float:
-    """Expected calibration error (L1, equal-width bins): top-label for single-label tasks, the mean over
-    labels for multi-label ones."""
+    """Expected calibration error (L1, equal-width bins): of the top label for single-label tasks (binary ones
+    too, as in Guo et al. and the reliability diagram), the mean over labels for multi-label ones."""
     probs, target = probs.float().cpu(), target.cpu()
     if multi_label:
         return float(torch.stack([tmc.binary_calibration_error(probs[:, c], target[:, c].long(), n_bins=n_bins)
                                   for c in range(probs.shape[1])]).mean())
-    if probs.shape[1] == 2:
-        return float(tmc.binary_calibration_error(probs[:, 1], target.long(), n_bins=n_bins))
-    return float(tmc.multiclass_calibration_error(probs, target.long(), num_classes=probs.shape[1], n_bins=n_bins))
+    return float(tmc.multiclass_calibration_error(probs.contiguous(), target.long(), num_classes=probs.shape[1],
+                                                  n_bins=n_bins))
+
+
+def negative_log_likelihood(logits: torch.Tensor, target: torch.Tensor, multi_label: bool = False) -> float:
+    """Mean negative log-likelihood of ``target`` under ``logits``: what temperature scaling minimises."""
+    logits, target = logits.detach().float().cpu(), target.detach().cpu()
+    return float(F.binary_cross_entropy_with_logits(logits, target.float()) if multi_label
+                 else F.cross_entropy(logits, target.long()))
 
 
 def fit_temperature(logits: torch.Tensor, target: torch.Tensor, multi_label: bool = False,

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 N_BOOT = 1000
+MIN_GROUP = 10  # cases a group needs to be ranked (worst group, gap)
 
 
 def rank_auroc(score: np.ndarray, y: np.ndarray) -> float:
@@ -41,19 +42,20 @@ def group_metric_fns(num_classes: int, threshold: float = 0.5) -> dict[str, Call
 
 
 def group_report(probs, target, groups: Sequence, threshold: float = 0.5, n_boot: int = N_BOOT,
-                 seed: int = 0, min_size: int = 1) -> dict:
-    """Per group: ``n``, positives share and each metric; the worst group and the largest gap (max - min over
-    groups where the metric is defined) with its bootstrap 95 % interval, for each metric."""
+                 seed: int = 0, min_size: int = MIN_GROUP) -> dict:
+    """Per group: ``n`` and each metric; the worst group and the largest gap (max - min over the groups of at
+    least ``min_size`` cases where the metric is defined) with its bootstrap 95 % interval, for each metric.
+    Smaller groups are listed but not ranked: a worst group of five cases says little."""
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(target).astype(int)
     g = np.asarray([str(v) for v in groups])
     fns = group_metric_fns(p.shape[1], threshold)
-    names = [k for k in dict.fromkeys(g) if (g == k).sum() >= min_size]
-    members = {k: np.flatnonzero(g == k) for k in names}
+    members = {k: np.flatnonzero(g == k) for k in dict.fromkeys(g)}
     per = {k: {"n": int(len(idx)), **{m: f(p[idx], y[idx]) for m, f in fns.items()}} for k, idx in members.items()}
-    out: dict = {"groups": per, "worst": {}, "gap": {}}
+    names = [k for k in members if len(members[k]) >= min_size]
+    out: dict = {"groups": per, "worst": {}, "gap": {}, "min_size": min_size}
     rng = np.random.default_rng(seed)
-    draws = [{k: rng.integers(0, len(idx), len(idx)) for k, idx in members.items()} for _ in range(n_boot)]
+    draws = [{k: rng.integers(0, len(members[k]), len(members[k])) for k in names} for _ in range(n_boot)]
     for m, f in fns.items():
         defined = [k for k in names if not np.isnan(per[k][m])]
         if len(defined) < 2:

@@ -31,8 +31,8 @@ from torch.utils.data import Dataset, Subset
 
 from medfm.data import DataError, read_rows
 from medfm.encoders import layer_decay_param_groups
-from medfm.evaluate.calibration import (calibration_error, fit_temperature, probabilities, reliability_png,
-                                        selective_png, selective_prediction)
+from medfm.evaluate.calibration import (calibration_error, fit_temperature, negative_log_likelihood, probabilities,
+                                        reliability_png, selective_png, selective_prediction)
 from medfm.evaluate.groups import group_report
 from medfm.evaluate.plots import confusion_png, roc_png
 from medfm.evaluate.probe import embed_dataset
@@ -230,6 +230,8 @@ def evaluate_classification(model: nn.Module, ds, out: Path, split: str, multi_l
     res = classification_metrics(scores, target, multi_label, thresholds, names)
     res.update(temperature=t, ece=calibration_error(scores, target, multi_label),
                ece_uncalibrated=calibration_error(probabilities(logits * t, multi_label), target, multi_label),
+               nll=negative_log_likelihood(logits, target, multi_label),
+               nll_uncalibrated=negative_log_likelihood(logits * t, target, multi_label),
                selective=selective_prediction(scores, target, multi_label))
     reliability_png(scores, target, out / f"calibration_{split}.png", multi_label,
                     title=f"{split}: ECE {res['ece']:.3f} (T = {t:.2f}; {res['ece_uncalibrated']:.3f} at T = 1)")
@@ -446,6 +448,9 @@ class Classification(FinetuneTask):
                          f"{v['ece_uncalibrated']:.4f} without)  accuracy at 80 % coverage "
                          f"{v['selective']['coverage']['0.8']['accuracy']:.4f}")
             for col, g in v.get("groups", {}).items():
+                if not g["gap"]:
+                    lines.append(f"  {split:<8} by {col}: {len(g['groups'])} groups, fewer than two of "
+                                 f"{g['min_size']}+ cases to compare")
                 for m, gap in g["gap"].items():
                     worst = g["worst"][m]
                     lines.append(f"  {split:<8} by {col}: {m} worst {worst['group']} {worst['value']:.4f}, gap "
