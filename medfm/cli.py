@@ -181,7 +181,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = plugin.evaluate(run, data=args.data, split=split, out=args.out, classes=classes, text=args.text,
                               templates=args.prompt, label=args.label, n=args.n, features=args.features,
                               classify=args.classify, overrides=list(args.overrides or []),
-                              groups=[c for c in (args.groups or "").split(",") if c])
+                              groups=[c for c in (args.groups or "").split(",") if c], robustness=args.robustness)
     print("\n".join(plugin.summary(metrics)))
     return 0
 
@@ -506,6 +506,8 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--prompt", action="append", default=None, metavar="TEMPLATE",
                    help="zero-shot prompt template with {} for the class name (repeatable: an ensemble)")
     p.add_argument("--out", default=None, help="folder for metrics.json and figures (default: RUN/eval_SPLIT)")
+    p.add_argument("--robustness", default=None, metavar="SPEC", help="fine-tuned runs: score the split clean and "
+                   "under a robustness spec's perturbations (robustness/cxr, mr, ct or your own YAML)")
     p.add_argument("--groups", default=None, help="classification: manifest columns (comma-separated: site, scanner, "
                    "sex, ...) to report metrics per group by, with the worst group and the gap's bootstrap interval")
     p.add_argument("--n", type=int, default=None, help="generators: samples to generate (default: min(train, 500))")

@@ -13,6 +13,7 @@ features). What one hook computes for the next lives in the run's ``state`` dict
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -23,11 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medfm.artifacts import Artifact
-from medfm.atomic import write_json
+from medfm.atomic import write_json, write_text
 from medfm.data import DataError, JoinedDataset, open_dataset
 from medfm.data.cache import dataset_cache
 from medfm.data.transforms import PRESETS, with_channels
 from medfm.encoders import create_encoder
+from medfm.evaluate.robustness import load_spec, robustness_png, robustness_table, run_spec
+from medfm.progress import progress_bar
 from medfm.adapt import METHOD_SECTIONS, adapt_encoder, count_parameters, export_encoder, is_lora
 from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData
 
@@ -236,11 +239,14 @@ class FinetuneTask(RunPlugin):
         return results
 
     def evaluate(self, run: Path, data: str | None = None, split: str = "test", out: str | None = None,
-                 groups: list[str] | None = None, **_: Any) -> dict:
+                 groups: list[str] | None = None, robustness: str | None = None, **_: Any) -> dict:
         """Evaluate a finished run on ``split`` of ``data`` (default: the run's data) with what it chose on
         validation; writes ``metrics.json`` and figures into ``out`` (default RUN/eval_<split>). ``groups``:
         manifest columns to report metrics per group by (classification). Beside a split other than
-        validation, ``shift`` compares its headline metrics with the run's own validation ones (in-domain)."""
+        validation, ``shift`` compares its headline metrics with the run's own validation ones (in-domain).
+        ``robustness``: a spec (``medfm.evaluate.robustness``) to score the split under instead."""
+        if robustness:
+            return self.evaluate_robustness(run, robustness, data, split, out)
         model, cfg = load_run(run)
         d = self.section(cfg, "data")
         dest = Path(out) if out else run / f"eval_{split}"
@@ -260,6 +266,39 @@ class FinetuneTask(RunPlugin):
         write_json(dest / "metrics.json", metrics)
         return metrics
 
+    def evaluate_robustness(self, run: Path, spec_name: str, data: str | None, split: str,
+                            out: str | None) -> dict:
+        """The split scored clean and under every perturbation of the spec, with the thresholds the run chose
+        on validation and nothing refitted; ``metrics.json``, ``robustness.md`` and ``robustness.png`` in
+        ``out`` (default RUN/robustness_<split>)."""
+        model, cfg = load_run(run)
+        d = self.section(cfg, "data")
+        spec = load_spec(spec_name, dims=cfg["encoder"]["spatial_dims"])
+        spec.metric = spec.metric or self.headline[0]
+        dest = Path(out) if out else run / f"robustness_{split}"
+        dest.mkdir(parents=True, exist_ok=True)
+        val = json.loads((run / "metrics.json").read_text()).get(d.val_split, {}) if (run / "metrics.json").exists() else {}
+        state = {**self.saved_state(val), "val_split": None}  # nothing is fitted on perturbed cases
+        ds = self.open_split(cfg, split, path=data)
+        bar = progress_bar(total=1 + sum(len(v) for v in spec.severities.values()), desc="robustness", unit="pass")
+
+        def score(dataset) -> float:
+            with tempfile.TemporaryDirectory() as scratch:  # the per-pass figures are not kept
+                res = self.evaluate_split(model, dataset, cfg, Path(scratch), split, dict(state))
+            bar.update(1)
+            if spec.metric not in res:
+                raise ValueError(f"robustness spec {spec.source}: metric {spec.metric!r} is not one of this task's "
+                                 f"({', '.join(k for k, v in res.items() if isinstance(v, float))})")
+            return res[spec.metric]
+
+        report = run_spec(spec, score, ds, progress=lambda what: bar.set_postfix_str(what))
+        bar.close()
+        metrics = {"run": str(run), "data": str(data or d.path), "split": split, "robustness": report}
+        write_json(dest / "metrics.json", metrics)
+        write_text(dest / "robustness.md", "\n".join(robustness_table(report)) + "\n")
+        robustness_png(report, dest / "robustness.png")
+        return metrics
+
     def summary(self, metrics: dict) -> list[str]:
         """Parameters and wall time, then one line per evaluated split with the task's ``headline`` metrics."""
         lines = []
@@ -270,6 +309,10 @@ class FinetuneTask(RunPlugin):
             if isinstance(v, dict) and split != "shift" and self.headline and self.headline[0] in v:
                 lines.append(f"  {split:<8} " + "  ".join(f"{k} {v[k]:.4f}" for k in self.headline if k in v)
                              + f"  (n={v.get('n')})" + self.summary_note(v))
+        if "robustness" in metrics:
+            r = metrics["robustness"]
+            lines += robustness_table(r)[4:] + [f"robustness ({r['spec']}): {'passed' if r['passed'] else 'failed'}; "
+                                                f"clean {r['metric']} {r['clean']:.4f}"]
         for k, s in metrics.get("shift", {}).items():
             held = next(n for n in s if n not in ("in_domain", "change"))
             lines.append(f"  shift    {k}: in-domain (validation) {s['in_domain']:.4f} -> {held} {s[held]:.4f} "
