@@ -24,6 +24,7 @@ from medfm.data.transforms import preset_mismatch, with_channels
 from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
 from medfm.adapt import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune, run_recipe
+from medfm.finetune.site_adaptation import ADAPTATION_METHODS, SiteAdaptation, adapt_run
 from medfm.generate import GENERATORS, export_generated, model_hash
 from medfm.pretrain import METHODS
 from medfm.select import STRATEGIES
@@ -183,6 +184,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               classify=args.classify, overrides=list(args.overrides or []),
                               groups=[c for c in (args.groups or "").split(",") if c], robustness=args.robustness)
     print("\n".join(plugin.summary(metrics)))
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(_overrides(args, {}))
+    for key, flag in (("params", args.params), ("collapse_share", args.collapse_share)):
+        if flag is not None:
+            overrides.setdefault("site_adaptation", {})[key] = flag
+    out = adapt_run(args.run, args.out, args.method, args.data, args.split, args.steps, args.lr, resume=args.resume,
+                    overwrite=args.overwrite, overrides=overrides)
+    metrics = json.loads((out / "metrics.json").read_text())
+    print("\n".join(SiteAdaptation(metrics["task"]).summary(metrics)) + f"\nadapted run: {out} (medfm evaluate {out} "
+          f"--data {args.data} --split {args.split})")
     return 0
 
 
@@ -556,6 +570,32 @@ def _answer_parser(sub) -> None:
     p.set_defaults(fn=cmd_answer)
 
 
+def _adapt_parser(sub) -> None:
+    """``medfm adapt``."""
+    p = sub.add_parser("adapt", help="adapt a classification run to a new site from its unlabelled images (batch-norm "
+                       "statistics, TENT, entropy on LoRA, SHOT); writes a new run",
+                       epilog="example: medfm adapt runs/busbra --data breast_us/manifest.csv --split target "
+                              "--method shot --out runs/busbra_to_busi; then medfm evaluate runs/busbra_to_busi "
+                              "--data breast_us/manifest.csv --split target")
+    p.add_argument("run", help="a finished classification run (medfm finetune)")
+    p.add_argument("--data", required=True, help="the new site's images: a manifest or npz (labels are never read)")
+    p.add_argument("--split", default="target", help="its split to adapt on (default target)")
+    p.add_argument("--method", required=True, choices=ADAPTATION_METHODS,
+                   help="norm: re-estimate batch-norm statistics; tent: entropy on normalisation parameters; "
+                        "lora_entropy: entropy on LoRA parameters; shot: information maximisation + centroid pseudo-labels")
+    p.add_argument("--out", required=True, help="the adapted run's folder")
+    p.add_argument("--steps", type=int, default=None, help="adaptation steps (default: one pass for norm, 50 otherwise)")
+    p.add_argument("--lr", default="auto", help="learning rate (default: the method's, medfm.finetune.site_adaptation.DEFAULT_LR)")
+    p.add_argument("--params", default=None, choices=("auto", "norm", "lora", "encoder"),
+                   help="which parameters learn (default: the method's own)")
+    p.add_argument("--collapse-share", type=float, default=None,
+                   help="predicted-class share on the target that counts as a collapse (default 0.9)")
+    p.add_argument("--resume", action="store_true", help="continue the adaptation in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run outputs already in --out")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override (repeatable), e.g. data.batch_size=16")
+    p.set_defaults(fn=cmd_adapt, takes_overrides=True)
+
+
 def _embedder_args(p) -> None:
     """The encoder flags ``medfm select`` and ``medfm curate`` share."""
     p.add_argument("--encoder", default="vit_tiny", help="registered encoder name, randomly initialised (default "
@@ -696,7 +736,7 @@ def _data_parser(sub) -> None:
 
 # one function per command, in `medfm --help` order
 PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
-           _evaluate_parser, _generate_parser, _generate_report_parser, _answer_parser, _select_parser, _curate_parser,
+           _evaluate_parser, _adapt_parser, _generate_parser, _generate_report_parser, _answer_parser, _select_parser, _curate_parser,
            _synth_parser)
 
 

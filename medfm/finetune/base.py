@@ -22,6 +22,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.transforms import Compose
 
 from medfm.artifacts import Artifact
 from medfm.atomic import write_json, write_text
@@ -31,6 +32,7 @@ from medfm.data.transforms import PRESETS, with_channels
 from medfm.encoders import create_encoder
 from medfm.evaluate.robustness import load_spec, robustness_png, robustness_table, run_spec
 from medfm.progress import progress_bar
+from medfm.synthetic import RandAppearanced
 from medfm.adapt import METHOD_SECTIONS, adapt_encoder, count_parameters, export_encoder, is_lora
 from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData
 
@@ -98,11 +100,15 @@ class FinetuneTask(RunPlugin):
 
     # ------------------------------------------------------------ data
     def transform(self, cfg: dict, train: bool):
-        """Training: the preset at the encoder's size with its augmentation/random crop; evaluation: the
-        same size without augmentation; first, images made the encoder's channel count (colour -> grey)."""
+        """Training: the preset at the encoder's size with its augmentation/random crop (and, with
+        ``data.appearance``, the synthesis engine's random appearance); evaluation: the same size without
+        augmentation; first, images made the encoder's channel count (colour -> grey)."""
         d = self.section(cfg, "data")
-        return with_channels(PRESETS[d.preset](size=self.eval_size(cfg) if not train else cfg["encoder"]["img_size"],
-                                               train=train and d.augment, **d.preset_args), cfg["encoder"]["in_chans"])
+        steps = PRESETS[d.preset](size=self.eval_size(cfg) if not train else cfg["encoder"]["img_size"],
+                                  train=train and d.augment, **d.preset_args)
+        if train and d.appearance:  # robustness to scanners: bias field, gamma, noise, inversion (the engine's)
+            steps = Compose([*steps.transforms, RandAppearanced("image", prob=d.appearance)])
+        return with_channels(steps, cfg["encoder"]["in_chans"])
 
     def eval_size(self, cfg: dict):
         return cfg["encoder"]["img_size"]

@@ -48,6 +48,7 @@ class FinetuneDataConfig(DataConfig):
     train_from: list[str] = field(default_factory=list)  # more training sets (e.g. `medfm generate` manifests), all rows
     train_real: bool = True  # false: train on train_from only (validation and test still come from path)
     augment: bool = True  # the preset's training augmentation / random crops
+    appearance: float = 0.0  # probability of the synthesis engine's random appearance per training image (0: off)
 
 
 @dataclass
@@ -57,6 +58,23 @@ class FinetuneOptimConfig(OptimConfig):
 
     lr: float | str = "auto"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class SiteAdaptationConfig:
+    """``site_adaptation`` section of a task recipe: set by ``medfm adapt`` (null in an ordinary run);
+    what it does is in :mod:`medfm.finetune.site_adaptation`."""
+
+    method: str | None = None  # norm | tent | lora_entropy | shot
+    source: str | None = None  # the run adapted (its RUN/model is the starting point)
+    data: str | None = None  # the target site's data (labels, where it has them, are never read)
+    split: str | None = "target"
+    lr: float | str = "auto"  # auto: DEFAULT_LR[method]
+    params: str = "auto"  # which parameters learn: auto (the method's) | norm | lora | encoder
+    shot_beta: float = 0.3  # SHOT: weight of the pseudo-label cross-entropy
+    shot_refresh: int = 20  # SHOT: steps between pseudo-label refreshes
+    collapse_share: float = 0.9  # a predicted class holding this share of the target (and 5 points more than
+    # before adaptation) is a collapse
 
 
 def finetune_schema() -> dict:
@@ -70,6 +88,7 @@ def finetune_schema() -> dict:
         "encoder": ENCODER,
         **METHOD_SECTIONS,
         **TASKS.sections(),
+        "site_adaptation": SiteAdaptationConfig,
         "data": FinetuneDataConfig,
         "optim": FinetuneOptimConfig,
         "trainer": FreeForm({**TRAINER_DEFAULTS, "max_steps": 500, "checkpoint_every_n_steps": 200}, accepts=TRAINER.accepts),

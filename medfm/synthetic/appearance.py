@@ -1,4 +1,5 @@
-"""Random appearance: turn a label map into an image with random contrast, as scanners of every kind would.
+"""Random appearance: turn a label map into an image with random contrast, as scanners of every kind would; and
+the same changes as an augmentation of real images (:class:`RandAppearanced`).
 
 Every parameter is drawn from :data:`RANGES` (documented, tested) with the
 caller's ``numpy.random.Generator`` and returned, so a sample's ``meta`` says
@@ -13,7 +14,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import AdjustContrast, GaussianSmooth
+from monai.transforms import AdjustContrast, GaussianSmooth, MapTransform, RandomizableTransform
 
 from .labels import smooth_fields
 
@@ -100,3 +101,44 @@ def render(label: torch.Tensor, n_labels: int, rng: np.random.Generator, ranges:
     if p["inverted"]:
         image = 1.0 - image
     return image.float(), p
+
+
+class RandAppearanced(RandomizableTransform, MapTransform):
+    """The engine's random appearance as a data augmentation for real images (``data.appearance`` of a task
+    recipe): with probability ``prob`` an image in [0, 1] gets a bias field, a gamma change, Gaussian or Rician
+    noise and, with :data:`RANGES` ``invert_prob``, inverted contrast; every draw from :data:`RANGES`, so a
+    model meets the scanner-to-scanner changes the synthetic engine renders. Seeded like every MONAI random
+    transform (``set_random_state``), so a run's augmentation depends only on its seed and step."""
+
+    def __init__(self, keys="image", prob: float = 0.8, ranges: dict | None = None):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.ranges = dict(RANGES, **(ranges or {}))
+
+    def appearance(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        r = self.ranges
+        shape = tuple(x.shape[1:])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        x = _normalise(x.float())
+        x = _normalise(x * torch.exp(float(_u(rng, "bias", r)) * smooth_fields(shape, 1, min(shape) / 3, rng)[0]))
+        x = x ** float(_u(rng, "gamma", r))
+        std = float(_u(rng, "noise_std", r))
+        n1 = torch.randn(x.shape, generator=gen) * std
+        if rng.random() < r["rician_prob"]:
+            x = ((x + n1) ** 2 + (torch.randn(x.shape, generator=gen) * std) ** 2).sqrt()
+        else:
+            x = x + n1
+        x = _normalise(x)
+        return 1.0 - x if rng.random() < r["invert_prob"] else x
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        rng = np.random.default_rng(self.R.randint(2**31))
+        out = dict(data)
+        for key in self.key_iterator(out):
+            x = out[key]
+            y = self.appearance(torch.as_tensor(x), rng)
+            out[key] = y.to(x.dtype) if torch.is_tensor(x) else y.numpy().astype(x.dtype)
+        return out
