@@ -92,3 +92,36 @@ def test_evaluate_a_run_under_a_spec(tmp_path, slices, capsys):
     assert main(["evaluate", str(run), "--split", "val", "--robustness", str(spec)]) == 2
     err = capsys.readouterr().err.strip()
     assert "is for 3D inputs, the model reads 2D" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_segmentation_mask_moves_with_a_rotated_or_flipped_image(dims):
+    from medfm.evaluate.robustness import Perturbed
+
+    x = _real_image(dims)
+    sample = {"image": x, "mask": (x > 0.4).long(), "label": 1}
+    for family, severity in (("rotation", 20.0), ("flip", 1.0), ("gaussian_noise", 0.1)):
+        out = Perturbed([sample], family, severity)[0]
+        moved = (out["image"] > 0.4).long()
+        # the mask follows the anatomy (up to interpolation at the edges); noise leaves it alone
+        agree = float((out["mask"] == moved).float().mean()) if family != "gaussian_noise" else None
+        if agree is not None:
+            assert agree > 0.95 and not torch.equal(out["mask"], sample["mask"]), (family, agree)
+            assert out["mask"].dtype == sample["mask"].dtype and set(out["mask"].unique().tolist()) <= {0, 1}
+        else:
+            assert torch.equal(out["mask"], sample["mask"])
+        assert out["label"] == 1
+
+
+def test_a_segmenter_under_a_spec(tmp_path, slices):
+    run = tmp_path / "seg"
+    assert main(["finetune", "segment_2d", "--data", slices, "--out", str(run), "--profile", "tiny",
+                 "trainer.max_steps=3", "segmentation.num_classes=3", "data.test_split=null"]) == 0
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: seg\ntolerance: 0.5\nperturbations:\n  rotation: {severities: [10]}\n"
+                    "  rician_noise: {severities: [0.1]}\n")
+    assert main(["evaluate", str(run), "--split", "val", "--robustness", str(spec)]) == 0
+    m = json.loads((run / "robustness_val" / "metrics.json").read_text())["robustness"]
+    own = json.loads((run / "metrics.json").read_text())["val"]
+    assert m["metric"] == "mean_dice" and m["clean"] == pytest.approx(own["mean_dice"])
+    assert set(m["families"]) == {"rotation", "rician_noise"}

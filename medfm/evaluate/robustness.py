@@ -111,15 +111,15 @@ def _scale(x, s, g):
     return x * (1 + s)
 
 
-def _rotation(x, s, g):
+def _rotation(x, s, g, mode="bilinear"):
     from monai.transforms import Rotate
 
     angle = math.radians(s)
     angles = angle if x.ndim == 3 else (0.0, 0.0, angle)
-    return torch.as_tensor(Rotate(angle=angles, keep_size=True, padding_mode="zeros")(x))
+    return torch.as_tensor(Rotate(angle=angles, keep_size=True, padding_mode="zeros", mode=mode)(x))
 
 
-def _flip(x, s, g):
+def _flip(x, s, g, mode=None):
     return torch.flip(x, dims=[x.ndim - 1])  # left-right (the last axis of an image as the presets lay it out)
 
 
@@ -171,6 +171,9 @@ FAMILIES: dict[str, Family] = {
     "slice_thickness": Family(_slice_thickness, 15.0, dims=(3,), integer=True,
                               doc="slices s + 1 times thicker (3D)"),
 }
+
+
+GEOMETRIC = ("rotation", "flip")  # families that move the anatomy: a segmentation mask moves with the image
 
 
 def perturb(image: torch.Tensor, family: str, severity: float, seed: int = 0) -> torch.Tensor:
@@ -248,8 +251,9 @@ def load_spec(name: str, dims: int | None = None) -> Spec:
 
 
 class Perturbed(torch.utils.data.Dataset):
-    """A dataset of sample dicts whose images are perturbed (family, severity; seeded by the case's index);
-    every other attribute is the wrapped dataset's."""
+    """A dataset of sample dicts whose images are perturbed (family, severity; seeded by the case's index); a
+    rotation or flip moves the sample's ``mask`` with it (nearest neighbour); every other attribute is the
+    wrapped dataset's."""
 
     def __init__(self, dataset, family: str, severity: float, seed: int = 0):
         self.dataset, self.family, self.severity, self.seed = dataset, family, severity, seed
@@ -260,6 +264,9 @@ class Perturbed(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         s = dict(self.dataset[i])
         s["image"] = perturb(s["image"], self.family, self.severity, self.seed * 1_000_003 + i)
+        if self.family in GEOMETRIC and self.severity and s.get("mask") is not None:  # labels move with anatomy
+            m = torch.as_tensor(s["mask"])
+            s["mask"] = FAMILIES[self.family].fn(m.float(), float(self.severity), None, mode="nearest").to(m.dtype)
         return s
 
     def __getattr__(self, name):
