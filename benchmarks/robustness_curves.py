@@ -7,7 +7,7 @@ benchmarks/figures/robustness_<task>.png (each family's metric against severity,
 
 Every run is what a user gets at `--profile cpu`: `medfm pretrain mae_vit_2d|mae_vit_3d` on the set's own
 training images (the pretrained init), `medfm finetune classify_2d --method linear_probe` (PneumoniaMNIST) and
-`medfm finetune segment_3d --method full` (hippocampus, 3 classes), then `medfm evaluate RUN --split val
+`medfm finetune segment_3d --method full` (hippocampus, 3 classes, at 1 mm, 1,000 steps), then `medfm evaluate RUN --split val
 --robustness cxr|mr`.
 """
 
@@ -35,7 +35,10 @@ TASKS = {
     "pneumonia": {"data": SHARED / "pneumoniamnist" / "pneumoniamnist_trainval.npz", "pretrain": "mae_vit_2d",
                   "task": "classify_2d", "spec": "cxr", "args": ["--method", "linear_probe"]},
     "hippocampus": {"data": SHARED / "msd_hippocampus" / "manifest.csv", "pretrain": "mae_vit_3d",
-                    "task": "segment_3d", "spec": "mr", "args": ["--method", "full", "segmentation.num_classes=3"]},
+                    "task": "segment_3d", "spec": "mr", "pre_args": ["data.preset_args.spacing=1.0"],
+                    # the hippocampus crops are 35 x 50 x 35 mm: at the CPU profile's 3 mm it is a few voxels
+                    "args": ["--method", "full", "segmentation.num_classes=3", "data.preset_args.spacing=1.0",
+                             "trainer.max_steps=1000"]},
 }
 
 
@@ -46,10 +49,10 @@ def quiet(args: list[str]) -> None:
 
 
 def runs_for(name: str, t: dict, out: Path, steps: int) -> dict[str, Path]:
-    pre = out / f"{name}_mae"
+    pre = out / f"{name}_pretrain_mae"
     if not (pre / "encoder").exists():
         quiet(["pretrain", t["pretrain"], "--data", str(t["data"]), "--out", str(pre), "--profile", "cpu",
-               "--max-steps", str(steps), "--overwrite"])
+               "--max-steps", str(steps), "--overwrite", *t.get("pre_args", [])])
     runs = {}
     for init, extra in (("random", []), ("mae", ["--encoder", str(pre)])):
         run = out / f"{name}_{init}"
