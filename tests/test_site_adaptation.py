@@ -91,6 +91,25 @@ def test_each_method_adapts_reloads_alone_and_evaluates(method, source_run, slic
     assert "shift    auroc" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method", ["tent", "shot"])
+def test_a_killed_adaptation_resumes_to_the_same_weights(method, source_run, slices, tmp_path):
+    from safetensors.torch import load_file
+
+    from medfm.finetune.site_adaptation import adapt_run
+
+    from .conftest import KillAt
+
+    kw = dict(method=method, data=slices, split="val", steps=6, overrides={"trainer": {"checkpoint_every_n_steps": 2}})
+    whole = adapt_run(source_run, tmp_path / "whole", **kw)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        adapt_run(source_run, tmp_path / "split", callbacks=[KillAt(4)], **kw)
+    split = adapt_run(source_run, tmp_path / "split", resume=True, **kw)
+    a, b = (load_file(str(r / "model" / "model.safetensors")) for r in (whole, split))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory, slices):
     """A tiny linear probe without feature standardisation or temperature: no LoRA, no batch norm."""

@@ -197,6 +197,13 @@ class SiteAdaptationModule(TrainingModule):
         for m in batch_norms(self.model):
             m.train()
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.pseudo is not None:  # SHOT: a resumed run continues with the pseudo-labels it had
+            checkpoint["shot_pseudo_labels"] = self.pseudo
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.pseudo = checkpoint.get("shot_pseudo_labels")
+
     def refresh_pseudo_labels(self) -> None:
         features, probs = predict(self.model, self.target, self.eval_batch)
         self.pseudo = centroid_pseudo_labels(features, probs)
@@ -351,7 +358,8 @@ def adaptation_recipe(source: str | Path, method: str, data: str, split: str = "
 
 def adapt_run(source: str | Path, out: str | Path, method: str, data: str, split: str = "target",
               steps: int | None = None, lr: float | str = "auto", resume: bool = False, overwrite: bool = False,
-              overrides: dict | None = None) -> Path:
-    """Adapt the classification run ``source`` to ``split`` of ``data`` with ``method``; the new run in ``out``."""
+              overrides: dict | None = None, callbacks=()) -> Path:
+    """Adapt the classification run ``source`` to ``split`` of ``data`` with ``method``; the new run in ``out``
+    (``resume``: continue a stopped adaptation from its last checkpoint)."""
     cfg = adaptation_recipe(source, method, data, split, steps, lr, overrides)
-    return run(SiteAdaptation(cfg["task"]), cfg, out, resume=resume, overwrite=overwrite)
+    return run(SiteAdaptation(cfg["task"]), cfg, out, resume=resume, overwrite=overwrite, callbacks=callbacks)
