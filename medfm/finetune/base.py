@@ -47,6 +47,12 @@ def known_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smooth
     return F.cross_entropy(logits.float(), target, ignore_index=-100, label_smoothing=label_smoothing)
 
 
+def validation_metrics(run: Path, val_split: str) -> dict:
+    """A finished run's own metrics on its validation split (what it chose there: thresholds), {} without them."""
+    path = run / "metrics.json"
+    return json.loads(path.read_text()).get(val_split, {}) if path.exists() else {}
+
+
 # ----------------------------------------------------------------- the task model artifact
 def build_encoder(spec: dict, pretrained: bool = True) -> nn.Module:
     """The spec's encoder (random, or its ``pretrained`` weights when asked), adapted by its method with that
@@ -257,11 +263,9 @@ class FinetuneTask(RunPlugin):
         d = self.section(cfg, "data")
         dest = Path(out) if out else run / f"eval_{split}"
         dest.mkdir(parents=True, exist_ok=True)
-        val = {}
-        if (run / "metrics.json").exists() and split != d.val_split:
-            # held-out splits use what the run chose on validation; the validation split itself is scored as
-            # the run scored it (so `evaluate --split val` reproduces the run's own metrics.json)
-            val = json.loads((run / "metrics.json").read_text()).get(d.val_split, {})
+        # held-out splits use what the run chose on validation; the validation split itself is scored as the run
+        # scored it (so `evaluate --split val` reproduces the run's own metrics.json)
+        val = validation_metrics(run, d.val_split) if split != d.val_split else {}
         state = {**self.saved_state(val), "groups": list(groups or [])}
         res = self.evaluate_splits(model, cfg, dest, data_path=data, splits=[split], state=state)
         metrics = {"run": str(run), "data": str(data or d.path), **res}
@@ -283,8 +287,7 @@ class FinetuneTask(RunPlugin):
         spec.metric = spec.metric or self.headline[0]
         dest = Path(out) if out else run / f"robustness_{split}"
         dest.mkdir(parents=True, exist_ok=True)
-        val = json.loads((run / "metrics.json").read_text()).get(d.val_split, {}) if (run / "metrics.json").exists() else {}
-        state = {**self.saved_state(val), "val_split": None}  # nothing is fitted on perturbed cases
+        state = {**self.saved_state(validation_metrics(run, d.val_split)), "val_split": None}  # nothing is fitted on perturbed cases
         ds = self.open_split(cfg, split, path=data)
         bar = progress_bar(total=1 + sum(len(v) for v in spec.severities.values()), desc="robustness", unit="pass")
 

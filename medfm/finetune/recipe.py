@@ -69,7 +69,6 @@ class SiteAdaptationConfig:
     source: str | None = None  # the run adapted (its RUN/model is the starting point)
     data: str | None = None  # the target site's data (labels, where it has them, are never read)
     split: str | None = "target"
-    lr: float | str = "auto"  # auto: DEFAULT_LR[method]
     params: str = "auto"  # which parameters learn: auto (the method's) | norm | lora | encoder
     shot_beta: float = 0.3  # SHOT: weight of the pseudo-label cross-entropy
     shot_refresh: int = 20  # SHOT: steps between pseudo-label refreshes

@@ -26,7 +26,6 @@ its recipe is the source run's with the ``site_adaptation`` section filled in (:
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from medfm.run.recipe import merge
 from .recipe import TASKS, SiteAdaptationConfig, run_recipe
 
 ADAPTATION_METHODS = ("norm", "tent", "lora_entropy", "shot")
-DEFAULT_LR = {"norm": 0.0, "tent": 1e-3, "lora_entropy": 1e-4, "shot": 1e-4}  # site_adaptation.lr: auto
+DEFAULT_LR = {"norm": 0.0, "tent": 1e-3, "lora_entropy": 1e-4, "shot": 1e-4}  # `medfm adapt --lr auto` -> optim.lr
 DEFAULT_PARAMS = {"norm": "none", "tent": "norm", "lora_entropy": "lora", "shot": "auto"}
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
@@ -294,36 +293,36 @@ class SiteAdaptation(RunPlugin):
                                                    "params": which, "n_params": sum(p.numel() for p in params)})
 
     def export(self, module, folder: RunFolder, trainer, built: Built) -> None:
-        """Batch-norm statistics recomputed with the final weights (``norm``: its steps did that), then saved as
-        the task saves its models."""
-        if self.config(built.cfg).method != "norm":
-            recompute_batch_norms(module.model, built.state["target"], self.task.section(built.cfg, "data").batch_size)
+        """Batch-norm statistics recomputed with the final weights (``norm``: its steps did that); the target's
+        predictions after adaptation and the collapse guard; then, unless it collapsed, the model saved as the
+        task saves its models (a collapsed adaptation's weights are never written)."""
+        a, state = self.config(built.cfg), built.state
+        if a.method != "norm":
+            recompute_batch_norms(module.model, state["target"], self.task.section(built.cfg, "data").batch_size)
         for m in batch_norms(module.model):
             m.momentum = 0.1
-        self.task.export(module, folder, trainer, built)
+        _, state["after"] = predict(module.model, state["target"])
+        state["collapse"] = collapse_reason(class_prior(state["before"]), class_prior(state["after"]), a.collapse_share)
+        if state["collapse"] is None:
+            self.task.export(module, folder, trainer, built)
 
     def after_fit(self, built: Built, trainer, folder: RunFolder) -> None:
-        """The class prior before and after, the collapse guard, and the adapted model scored in-domain on the
+        """The class prior before and after, the collapse report, and the adapted model scored in-domain on the
         source's validation split (adaptation should not cost the source site)."""
         cfg, state, a = built.cfg, built.state, self.config(built.cfg)
-        model = state["model"]
-        _, after = predict(model, state["target"])
-        before_prior, after_prior = class_prior(state["before"]), class_prior(after)
+        before, after, reason = state["before"], state["after"], state["collapse"]
         record = {"method": a.method, "source": a.source, "data": a.data, "split": a.split, "steps": trainer.global_step,
                   "params": state["params"], "trainable_params": state["n_params"], "n_target": len(state["target"]),
-                  "class_prior_before": before_prior, "class_prior_after": after_prior,
-                  "entropy_before": float(entropy(state["before"]).mean()), "entropy_after": float(entropy(after).mean())}
-        reason = collapse_reason(before_prior, after_prior, a.collapse_share)
-        record["collapsed"] = reason is not None
+                  "class_prior_before": class_prior(before), "class_prior_after": class_prior(after),
+                  "entropy_before": float(entropy(before).mean()), "entropy_after": float(entropy(after).mean()),
+                  "collapsed": reason is not None}
         metrics = {"task": cfg["task"], "method": cfg["method"], "encoder": cfg["encoder"]["name"], "adaptation": record}
         if reason:
-            for name in ("model", "encoder", "adapter"):
-                shutil.rmtree(folder / name, ignore_errors=True)
             write_json(folder / "metrics.json", metrics)
             raise AdaptationCollapsed(f"{folder.path}: {reason}; weights not written (prior and entropy in metrics.json); "
                                       "try a lower --lr, fewer --steps or --method shot")
         try:
-            metrics.update(self.task.evaluate_splits(model, cfg, folder.path, splits=[self.task.section(cfg, "data").val_split]))
+            metrics.update(self.task.evaluate_splits(state["model"], cfg, folder.path, splits=[self.task.section(cfg, "data").val_split]))
         except (DataError, OSError) as e:
             print(f"in-domain validation not evaluated: {e}")
         write_json(folder / "metrics.json", metrics)
@@ -346,7 +345,7 @@ def adaptation_recipe(source: str | Path, method: str, data: str, split: str = "
     cfg = run_recipe(source)
     if cfg["task"] != "classification":
         raise ValueError(f"{source}: a {cfg['task']} run; site adaptation works on classification runs")
-    section = {"method": method, "source": str(source), "data": str(data), "split": split, "lr": lr}
+    section = {"method": method, "source": str(source), "data": str(data), "split": split}
     cfg = merge(merge(cfg, {"site_adaptation": section}), overrides or {})
     if steps is None:
         n = len(open_dataset(str(data), split=split, spatial_dims=cfg["encoder"]["spatial_dims"]))
