@@ -35,7 +35,8 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from medfm.pretrain import METHODS, build_encoder, load_recipe
+from medfm.encoders import build_encoder
+from medfm.pretrain import METHODS, load_recipe
 from medfm.run import make_trainer
 from medfm.run.module import apply_speed_switches
 
@@ -117,7 +118,7 @@ def plain_loop(cfg: dict, batch: dict, steps: int, warmup: int, flops: bool = Tr
     """The reference: forward, backward, optimizer + schedule step (+ EMA) in a bare loop (compiled as the
     recipe's ``trainer.compile`` says)."""
     L.seed_everything(0, verbose=False)
-    module = METHODS.get_plugin(cfg["method"]).build_module(cfg, build_encoder(cfg)).to("cuda" if CUDA else "cpu")
+    module = METHODS.get_plugin(cfg["method"]).build_module(cfg, build_encoder(cfg["encoder"])).to("cuda" if CUDA else "cpu")
     if cfg["trainer"].get("compile"):
         module.compile_model(cfg["trainer"]["compile"])
     conf = module.configure_optimizers()
@@ -181,7 +182,7 @@ def medfm_loop(cfg: dict, batch: dict, steps: int, warmup: int) -> tuple[list[fl
     L.seed_everything(0, verbose=False)
     cfg = dict(cfg, trainer=dict(cfg["trainer"], max_steps=warmup + steps, enable_progress_bar=False,
                                  checkpoint_every_n_steps=10**6))
-    module = METHODS.get_plugin(cfg["method"]).build_module(cfg, build_encoder(cfg))
+    module = METHODS.get_plugin(cfg["method"]).build_module(cfg, build_encoder(cfg["encoder"]))
     apply_speed_switches(module, cfg["trainer"])  # what medfm.run.run does (trainer.compile)
     timer = _StepTimer()
     with tempfile.TemporaryDirectory() as out:

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention
 
-from medfm.encoders import create_encoder
-from medfm.pretrain import METHODS, build_encoder, load_recipe
+from medfm.encoders import build_encoder, create_encoder
+from medfm.pretrain import METHODS, load_recipe
 from medfm.run.module import to_channels_last
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def mae_step(dims: int, batch: int, model: str = "vit_small", adamw: dict | None
     """One training step of the MAE recipe's model (bf16 autocast on CUDA) with the given AdamW / attention."""
     L.seed_everything(0, verbose=False)
     cfg = load_recipe(REPO / "encoders" / f"mae_vit_{dims}d.yaml", {"encoder": {"name": model}})
-    module = METHODS.get_plugin("mae").build_module(cfg, build_encoder(cfg)).to(DEV)
+    module = METHODS.get_plugin("mae").build_module(cfg, build_encoder(cfg["encoder"])).to(DEV)
     for m in module.modules():
         if isinstance(m, Attention):
             m.fused_attn = fused_attn

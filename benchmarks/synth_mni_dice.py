@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from medfm.data import load, samples
 from medfm.data.volume import plain_tensor
 from medfm.evaluate.probe import logistic_probe
-from medfm.pretrain import build_encoder, load_recipe, run_pretrain
+from medfm.encoders import build_encoder
+from medfm.pretrain import load_recipe, run_pretrain
 from medfm.pretrain.synth_contrastive import dense_network
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,8 +108,8 @@ def main() -> None:
     minutes = (time.perf_counter() - t0) / 60
 
     L.seed_everything(args.seed, verbose=False)
-    random_net = dense_network(build_encoder(cfg), 16)
-    trained = dense_network(build_encoder(cfg), 16)
+    random_net = dense_network(build_encoder(cfg["encoder"]), 16)
+    trained = dense_network(build_encoder(cfg["encoder"]), 16)
     state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     trained.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
 

@@ -22,7 +22,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from medfm.pretrain import METHODS, build_encoder, load_recipe
+from medfm.encoders import build_encoder
+from medfm.pretrain import METHODS, load_recipe
 from medfm.synthetic import SynthConfig, SyntheticDataset
 from medfm.synthetic.batched import synth_batch
 
@@ -61,7 +62,7 @@ def consumption_rate(dims: int, size: int, batch: int, steps: int) -> float:
     L.seed_everything(0, verbose=False)
     cfg = load_recipe(REPO / "encoders" / f"mae_vit_{dims}d.yaml", {"encoder": {"img_size": size}})
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    module = METHODS.get_plugin(cfg["method"]).build_module(cfg, build_encoder(cfg)).to(dev)
+    module = METHODS.get_plugin(cfg["method"]).build_module(cfg, build_encoder(cfg["encoder"])).to(dev)
     opt = module.configure_optimizers()["optimizer"]
     x = torch.rand(batch, 1, *([size] * dims), device=dev)
     times = []

@@ -38,7 +38,8 @@ LEGACY_PACKAGES = ("medfm.encoders",)  # where a bare class name (older encoder 
 # classes that moved since a folder was written: its medfm_class -> where the class lives now
 MOVED = {
     "medfm.finetune.model:FinetunedClassifier": "medfm.finetune.classification:ClassificationModel",
-    "medfm.finetune.model:FinetunedSegmenter": "medfm.finetune.segmentation:SegmentationModel",
+    "medfm.finetune.model:FinetunedSegmenter": "medfm.heads.segmentation:SegmentationModel",
+    "medfm.finetune.segmentation:SegmentationModel": "medfm.heads.segmentation:SegmentationModel",
     "medfm.finetune.model:FinetunedReporter": "medfm.finetune.report_generation:ReportGenerator",
 }
 

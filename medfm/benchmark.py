@@ -50,7 +50,7 @@ from medfm.progress import progress_bar
 from medfm.atomic import atomic_path, write_text
 from medfm.data import samples
 from medfm.evaluate.plots import pyplot
-from medfm.adapt import few_shot_indices
+from medfm.tuning import few_shot_indices
 from medfm.encoders import create_encoder
 from medfm.evaluate.probe import logistic_probe
 from medfm.finetune import TASKS as TASKS_REGISTRY, load_task_recipe, run_finetune

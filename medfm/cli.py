@@ -22,7 +22,7 @@ from medfm.data import DataError, load, open_dataset, samples
 from medfm.data.datasets import finalise_sample
 from medfm.data.transforms import preset_mismatch, with_channels
 from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
-from medfm.adapt import METHODS as ADAPTATIONS
+from medfm.tuning import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune, run_recipe
 from medfm.finetune.site_adaptation import ADAPTATION_METHODS, SiteAdaptation, adapt_run
 from medfm.generate import GENERATORS, export_generated, model_hash

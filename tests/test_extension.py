@@ -24,7 +24,7 @@ from medfm.data import samples
 from medfm.encoders import (Encoder, EncoderBase, create_encoder, layer_decay_param_groups, register_encoder,
                             unregister_encoder)
 from medfm.run import TrainingModule
-from medfm.finetune import TASKS, FinetuneTask, TaskModel, build_encoder
+from medfm.finetune import TASKS, FinetuneTask, TaskModel, build_task_encoder
 
 QUIET = ["trainer.enable_progress_bar=false"]
 
@@ -144,7 +144,7 @@ class RegressionModel(TaskModel, nn.Module):
 
     @classmethod
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "RegressionModel":
-        model = cls(build_encoder(spec, pretrained))
+        model = cls(build_task_encoder(spec, pretrained))
         model.spec = spec
         return model
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from medfm.encoders import create_encoder
-from medfm.adapt import METHODS, adapt_encoder, count_parameters, export_encoder, few_shot_indices
+from medfm.tuning import METHODS, adapt_encoder, count_parameters, export_encoder, few_shot_indices
 from medfm.finetune.classification import ClassificationModel
 
 R = 4

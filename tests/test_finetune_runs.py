@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medfm.cli import main
-from medfm.adapt import METHODS
+from medfm.tuning import METHODS
 from medfm.finetune.recipe import evaluate_run, load_run, load_task_recipe, open_split, run_finetune
 
 from .conftest import KillAt, REPO

@@ -14,7 +14,7 @@ import yaml
 
 from medfm.benchmark import LabelEfficiency, tables
 from medfm.data import samples
-from medfm.adapt import few_shot_indices
+from medfm.tuning import few_shot_indices
 
 from .conftest import SHARED, shared_path
 

@@ -24,7 +24,8 @@ from medfm.evaluate.report_labeler import agreement, label_report, label_reports
 from medfm.evaluate.report_metrics import caption_metrics, mention_scores, model_based_scores, tokenize_report
 from medfm.finetune import load_task_recipe, run_finetune
 from medfm.synthetic.reports import ATTRIBUTES, synthetic_report_set
-from medfm.finetune.report_generation import ReportGenerator, ReportVocab, build_decoder
+from medfm.finetune.report_generation import ReportGenerator
+from medfm.heads.text_writer import ReportVocab, build_decoder
 
 from .conftest import REPO, shared_path
 from .pretrain_helpers import losses
@@ -85,7 +86,7 @@ def test_any_causal_lm_folder_can_be_the_decoder_and_reloads(tmp_path, capsys):
     cross-attention, trains and reloads from the model folder alone."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from medfm.finetune.report_generation import decoder_config
+    from medfm.heads.text_writer import decoder_config
 
     tok = AutoTokenizer.from_pretrained(default_text_model_path())
     GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2)

@@ -7,9 +7,10 @@ import torch
 
 from medfm.data import DataError
 from medfm.encoders import create_encoder
-from medfm.adapt import adapt_encoder
+from medfm.tuning import adapt_encoder
 from medfm.finetune.classification import class_weights, classification_metrics, select_thresholds
-from medfm.finetune.segmentation import SegmentationModel, check_mask, predict, segmentation_metrics
+from medfm.finetune.segmentation import check_mask, predict, segmentation_metrics
+from medfm.heads import SegmentationModel
 
 
 def test_metrics_on_constructed_cases():

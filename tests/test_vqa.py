@@ -20,7 +20,7 @@ from medfm.evaluate.vqa_metrics import (bleu_1, image_sensitivity, most_common_a
                                         vqa_metrics)
 from medfm.finetune import load_task_recipe, run_finetune
 from medfm.finetune.vqa import ChangedImages, QADataset, VQAModel, question_config
-from medfm.finetune.report_generation import writer_head
+from medfm.heads.text_writer import writer_head
 
 from .conftest import REPO, shared_path
 from .pretrain_helpers import losses

@@ -9,7 +9,7 @@ imported here.
 from . import cnn, dinov2, monai3d, openclip, sam, vit, xrv  # noqa: F401  (registers the encoders and their formats)
 from .clip import CLIP
 from .cnn import ResNetEncoder
-from .factory import create_encoder, create_model_and_transforms, from_pretrained, preprocess_transform, saved_architecture
+from .factory import build_encoder, create_encoder, create_model_and_transforms, from_pretrained, preprocess_transform, saved_architecture
 from .formats import list_formats
 from .input_norm import InputNorm
 from .interface import Encoder, EncoderBase
@@ -33,6 +33,7 @@ __all__ = [
     "TextEncoder",
     "CLIP",
     "create_encoder",
+    "build_encoder",
     "create_model_and_transforms",
     "preprocess_transform",
     "create_text_encoder",

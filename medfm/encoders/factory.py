@@ -61,6 +61,17 @@ def create_encoder(
     return model
 
 
+def build_encoder(section: dict, pretrained: bool = True) -> nn.Module:
+    """The encoder a recipe's ``encoder`` section describes: the one builder of every run kind (pretraining,
+    fine-tuning, benchmarks). ``name`` and constructor arguments (a key set to null takes the encoder's
+    default, e.g. ``patch_size: null`` for a ResNet) and the weights ``section["pretrained"]`` names
+    (:func:`create_encoder`), unless ``pretrained=False`` (a reload: the weights come from the artifact)."""
+    kw = {k: v for k, v in section.items() if v is not None}
+    if not pretrained:
+        kw.pop("pretrained", None)
+    return create_encoder(kw.pop("name"), **kw)
+
+
 READOUT = ("global_pool", "fc_norm")  # how a ViT pools its tokens: a recipe may read a saved encoder another way
 
 

@@ -20,72 +20,25 @@ from typing import Any, ClassVar, Sequence
 
 import lightning as L
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from monai.transforms import Compose
 
-from medfm.artifacts import Artifact
 from medfm.atomic import write_json, write_text
 from medfm.data import DataError, JoinedDataset, open_dataset
 from medfm.data.cache import dataset_cache
 from medfm.data.transforms import PRESETS, with_channels
-from medfm.encoders import create_encoder
 from medfm.evaluate.robustness import load_spec, robustness_png, robustness_table, run_spec
 from medfm.progress import progress_bar
 from medfm.synthetic import RandAppearanced
-from medfm.adapt import METHOD_SECTIONS, adapt_encoder, count_parameters, export_encoder, is_lora
+from medfm.heads import TaskModel
+from medfm.tuning import count_parameters, export_encoder, freezes_encoder, is_lora, method_sections
 from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData
 
 from .recipe import check_splits, load_run
-
-def known_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy over the targets that are known (-100: unknown, no loss); a batch without any known
-    target gives a zero that keeps the graph (the mean over no target would be NaN)."""
-    target = target.to(logits.device)
-    if not bool((target != -100).any()):
-        return logits.sum() * 0
-    return F.cross_entropy(logits.float(), target, ignore_index=-100, label_smoothing=label_smoothing)
-
 
 def validation_metrics(run: Path, val_split: str) -> dict:
     """A finished run's own metrics on its validation split (what it chose there: thresholds), {} without them."""
     path = run / "metrics.json"
     return json.loads(path.read_text()).get(val_split, {}) if path.exists() else {}
-
-
-# ----------------------------------------------------------------- the task model artifact
-def build_encoder(spec: dict, pretrained: bool = True) -> nn.Module:
-    """The spec's encoder (random, or its ``pretrained`` weights when asked), adapted by its method with that
-    method's section of the spec."""
-    kw = {k: v for k, v in spec["encoder"].items() if v is not None}
-    if not pretrained:
-        kw.pop("pretrained", None)
-    encoder = create_encoder(kw.pop("name"), **kw)
-    method = spec["method"]
-    return adapt_encoder(encoder, method, **{method: spec.get(method)})
-
-
-class TaskModel(Artifact):
-    """A fine-tuned task model (adapted encoder + head) as an artifact that rebuilds itself with no recipe.
-
-    Its ``config.json`` is its *spec*: the encoder's recipe section, the adaptation method and its section
-    (the LoRA / VPT layers must exist before the weights load), the head's arguments (``head``), the class
-    names and the preprocessing the model expects. A task model class implements ``from_spec(spec,
-    pretrained, folder)``: the model, with the encoder's pretrained weights when ``pretrained`` (a new run)
-    and fresh ones otherwise (a reload: the weights come from ``model.safetensors``)."""
-
-    spec: dict
-
-    def artifact_config(self) -> dict:
-        return self.spec
-
-    @classmethod
-    def from_config(cls, config: dict, folder: Path | None = None):
-        return cls.from_spec(config, pretrained=False, folder=folder)
-
-    @classmethod
-    def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None):  # pragma: no cover
-        raise NotImplementedError
 
 
 # ----------------------------------------------------------------- the plug-in base
@@ -99,6 +52,10 @@ class FinetuneTask(RunPlugin):
 
     def validate(self, cfg: dict) -> None:
         pass
+
+    def frozen_encoder(self, cfg: dict) -> bool:
+        """Whether the recipe's tuning method keeps the encoder frozen (:func:`medfm.tuning.freezes_encoder`)."""
+        return freezes_encoder(cfg["method"])
 
     def default_lr(self, cfg: dict) -> float:
         """``optim.lr: auto``: the LR of the trained part (head, adapter, decoder) for ``cfg['method']``."""
@@ -175,7 +132,7 @@ class FinetuneTask(RunPlugin):
         """What the task model's ``config.json`` holds (:class:`TaskModel`)."""
         method, d = cfg["method"], self.section(cfg, "data")
         return {"task": self.name, "encoder": dict(cfg["encoder"]), "method": method,
-                **({method: dict(cfg[method])} if method in METHOD_SECTIONS else {}), "head": self.head(cfg, state),
+                **({method: dict(cfg[method])} if method in method_sections() else {}), "head": self.head(cfg, state),
                 "preprocess": {"preset": d.preset, "size": self.eval_size(cfg), "args": dict(d.preset_args)}}
 
     def module(self, cfg: dict, model, train, state: dict) -> L.LightningModule:  # pragma: no cover - abstract

@@ -26,22 +26,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics.functional.classification as tmc
-from timm.optim import param_groups_weight_decay
 from torch.utils.data import Dataset, Subset
 
 from medfm.data import DataError, read_rows
-from medfm.encoders import layer_decay_param_groups
 from medfm.evaluate.calibration import (calibration_error, fit_temperature, negative_log_likelihood, probabilities,
                                         reliability_png, selective_png, selective_prediction)
 from medfm.evaluate.groups import group_report
 from medfm.evaluate.plots import confusion_png, roc_png
 from medfm.evaluate.probe import embed_dataset
-from medfm.adapt import few_shot_indices, selected_positions
+from medfm.tuning import few_shot_indices, selected_positions
 from medfm.run import TrainingModule
 from medfm.run.recipe import merge
 
-from .base import FinetuneTask, TaskModel, build_encoder
-from .recipe import TASKS
+from medfm.heads import TaskModel, build_task_encoder, encoder_and_head_groups
+
+from .base import FinetuneTask
+from .registry import TASKS
 
 
 class ClassificationModel(TaskModel, nn.Module):
@@ -76,7 +76,7 @@ class ClassificationModel(TaskModel, nn.Module):
     @classmethod
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "ClassificationModel":
         h = spec["head"]
-        model = cls(build_encoder(spec, pretrained), h["num_classes"], h["dropout"], standardize=h["head_norm"])
+        model = cls(build_task_encoder(spec, pretrained), h["num_classes"], h["dropout"], standardize=h["head_norm"])
         model.spec = spec
         model.temperature = float(h.get("temperature", 1.0))  # models saved before calibration: 1
         return model
@@ -166,7 +166,7 @@ def classification_metrics(scores: torch.Tensor, target: torch.Tensor, multi_lab
     return out
 
 
-class ClassificationTask(TrainingModule):
+class ClassificationModule(TrainingModule):
     """Lightning module: a :class:`ClassificationModel` trained with (weighted) cross-entropy.
 
     Batches hold ``image`` and ``label``, or ``features`` (cached pooled embeddings, frozen-encoder
@@ -196,18 +196,6 @@ class ClassificationTask(TrainingModule):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = self(batch)
         return classification_loss(logits, batch["label"], self.multi_label, self.weight), {}
-
-
-def encoder_and_head_groups(module: TrainingModule, layer_decay: float | None) -> list[dict]:
-    """Optimizer groups: with ``layer_decay`` (full fine-tuning), the encoder's layer-wise decayed groups
-    (:func:`medfm.encoders.layer_decay_param_groups`) plus the rest at the base LR; otherwise timm's
-    weight-decay grouping of every trainable parameter."""
-    if not layer_decay or layer_decay >= 1.0 or not hasattr(module.encoder, "group_matcher"):
-        return TrainingModule.param_groups(module)
-    groups = layer_decay_param_groups(module.encoder, module.lr, module.weight_decay, layer_decay)
-    enc_ids = {id(p) for p in module.encoder.parameters()}
-    rest = nn.ParameterList([p for p in module.parameters() if id(p) not in enc_ids and p.requires_grad])
-    return groups + param_groups_weight_decay(rest, module.weight_decay)
 
 
 @torch.no_grad()
@@ -311,7 +299,7 @@ class _Features(Dataset):
 
 
 @TASKS.register
-class Classification(FinetuneTask):
+class ClassificationTask(FinetuneTask):
     name = "classification"
     Config = ClassificationConfig
     model_class = ClassificationModel
@@ -399,16 +387,16 @@ class Classification(FinetuneTask):
         weight = None
         if c.class_weights == "auto":
             weight = class_weights(torch.as_tensor(state["labels"]), c.num_classes, c.multi_label)
-        return ClassificationTask(model, multi_label=c.multi_label, weight=weight, **self.optim(cfg))
+        return ClassificationModule(model, multi_label=c.multi_label, weight=weight, **self.optim(cfg))
 
     def default_lr(self, cfg: dict) -> float:
         """A linear probe trains the head alone on cached features, a convex problem that takes a larger LR: at
         1e-3 and 500 steps (4 passes over 3,882 images) it is under-trained (PneumoniaMNIST, all labels, random
         init: val AUROC 0.899 at 1e-3, 0.935 at 1e-2; benchmarks/RESULTS.md, "Label efficiency")."""
-        return PROBE_LR if cfg["method"] == "linear_probe" else super().default_lr(cfg)
+        return PROBE_LR if self.frozen_encoder(cfg) else super().default_lr(cfg)
 
     def training_set(self, cfg: dict, model, train, state: dict):
-        if cfg["method"] != "linear_probe":
+        if not self.frozen_encoder(cfg):
             return train
         # frozen encoder: features computed once, the head trains on them
         plain = self.training_split(cfg, train=False)

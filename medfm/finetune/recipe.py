@@ -3,7 +3,7 @@
 A task recipe names the ``task`` (a registered plug-in: classification | segmentation | report_generation
 | any task module registered with ``@TASKS.register``), the ``encoder`` (random init, or
 ``encoder.pretrained``: a ``save_pretrained`` folder, a pretraining run, a weight file or ``timm:<name>``),
-the adaptation ``method`` (:mod:`medfm.adapt.methods`) and its section, the task's own section, the
+the adaptation ``method`` (:mod:`medfm.tuning.methods`) and its section, the task's own section, the
 data and its splits, the optimizer and the trainer. ``load_task_recipe`` and ``run_finetune`` are the run
 layer's one recipe path (:class:`medfm.run.RecipeKind`), which hands it to the task's plug-in and
 :func:`medfm.run.run`; RUN then holds:
@@ -31,11 +31,12 @@ from medfm.artifacts import load
 from medfm.data import DataError, split_names
 from medfm.data.preflight import cross_split_copies
 from medfm.data.transforms import PRESETS
-from medfm.adapt import METHOD_SECTIONS, METHODS
-from medfm.run import ENCODER, TRAINER, DataConfig, FreeForm, OptimConfig, RecipeKind, Registry, RunFolder
+from medfm.tuning import METHODS, method_sections
+from medfm.run import ENCODER, TRAINER, DataConfig, FreeForm, OptimConfig, RecipeKind, RunFolder
 from medfm.run.trainer import TRAINER_DEFAULTS
 
-TASKS = Registry("finetune")
+from .registry import TASKS
+
 
 
 @dataclass
@@ -85,7 +86,7 @@ def finetune_schema() -> dict:
         "shots": None,  # few-shot: K labelled training examples per class (null: all)
         "selection": None,  # a `medfm select` selected.csv: train on its positions of the training split only
         "encoder": ENCODER,
-        **METHOD_SECTIONS,
+        **method_sections(),
         **TASKS.sections(),
         "site_adaptation": SiteAdaptationConfig,
         "data": FinetuneDataConfig,

@@ -42,101 +42,10 @@ from medfm.data import DataError
 from medfm.evaluate.plots import overlay_png
 from medfm.run import TrainingModule, evaluating
 
-from .base import FinetuneTask, TaskModel, build_encoder
-from .classification import encoder_and_head_groups
-from .recipe import TASKS
+from medfm.heads import FrozenEncoder, SegmentationModel, encoder_and_head_groups
 
-
-def _is_vit(encoder: nn.Module) -> bool:
-    """Token maps from every block at one stride (UNETR decoder), or a pyramid of strides (U-Net decoder)."""
-    return encoder.feature_maps == "tokens"
-
-
-class SegmentationModel(TaskModel, nn.Module):
-    """``encoder`` + decoder: (B, C, *spatial) -> (B, num_classes, *spatial) logits.
-
-    Inputs must be divisible by the encoder's total stride (the ViT patch size, isotropic; 32 for ResNets). Built by a run from its spec
-    (:meth:`from_spec`), it saves and reloads as an artifact (:class:`medfm.finetune.base.TaskModel`).
-    """
-
-    def __init__(self, encoder: nn.Module, num_classes: int, feature_size: int = 16, norm: str = "instance"):
-        super().__init__()
-        self.encoder = encoder
-        self.num_classes = num_classes
-        dims, fs = encoder.spatial_dims, feature_size
-        if _is_vit(encoder):
-            patch = set(encoder.patch_size)
-            p = next(iter(patch))
-            if len(patch) != 1 or p < 2:
-                raise ValueError(f"the UNETR decoder needs an isotropic patch size, got {encoder.patch_size}")
-            k = math.ceil(math.log2(p))  # DINOv2's 14: four levels, decoded at stride 16 (see forward)
-            depth = len(encoder.encoder_blocks())
-            # one block per level, evenly spaced, the last block at the bottom (UNETR: 3, 6, 9, 12 of 12)
-            self.indices = [max(0, round(depth * j / k) - 1) for j in range(1, k + 1)]
-            if len(set(self.indices)) < k:
-                raise ValueError(f"a patch size of {p} needs {k} decoder levels, hence at least {k} blocks; "
-                                 f"the encoder has {depth}")
-            bottom = encoder.embed_dim
-            self.skips = nn.ModuleList([
-                UnetrPrUpBlock(dims, encoder.embed_dim, fs * 2**j, num_layer=k - j - 1, kernel_size=3, stride=1,
-                               upsample_kernel_size=2, norm_name=norm)
-                for j in range(1, k)
-            ])
-        else:
-            was = encoder.training
-            with torch.no_grad():  # a dry run in eval mode (no BatchNorm statistics touched) gives the widths
-                probe = torch.zeros(1, encoder.in_chans, *([32] * dims))
-                channels = [m.shape[1] for m in encoder.eval().forward_intermediates(probe)]
-            encoder.train(was)
-            k = len(channels)  # strides 2 .. 2^k
-            self.indices = list(range(k))
-            bottom = channels[-1]
-            self.skips = nn.ModuleList([
-                UnetrBasicBlock(dims, channels[j - 1], fs * 2**j, kernel_size=1, stride=1, norm_name=norm)
-                for j in range(1, k)
-            ])
-        self.levels = k
-        self.stem = UnetrBasicBlock(dims, encoder.in_chans, fs, kernel_size=3, stride=1, norm_name=norm, res_block=True)
-        ups, ch = [], bottom
-        for j in reversed(range(k)):
-            ups.append(UnetrUpBlock(dims, ch, fs * 2**j, kernel_size=3, upsample_kernel_size=2, norm_name=norm,
-                                    res_block=True))
-            ch = fs * 2**j
-        self.ups = nn.ModuleList(ups)
-        self.out = UnetOutBlock(dims, fs, num_classes)
-
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if _is_vit(self.encoder):
-            return self.encoder.forward_intermediates(x, indices=self.indices, norm=True)
-        return self.encoder.forward_intermediates(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits at the input's size. Decoding doubles the encoder's grid ``levels`` times; a patch that is not
-        a power of two (DINOv2's 14) gives a grid x 16 that is not the input size, so the stem reads the image
-        resampled to it and the logits are resampled back (bilinear / trilinear)."""
-        feats = self.encode(x)
-        size = tuple(x.shape[2:])
-        decoded = tuple(g * 2**self.levels for g in feats[-1].shape[2:])
-        mode = "bilinear" if len(size) == 2 else "trilinear"
-        image = x if decoded == size else F.interpolate(x, size=decoded, mode=mode, align_corners=False)
-        skips = [self.stem(image)] + [blk(f) for blk, f in zip(self.skips, feats[:-1])]
-        h = feats[-1]
-        for up, skip in zip(self.ups, reversed(skips)):
-            h = up(h, skip)
-        logits = self.out(h)
-        return logits if decoded == size else F.interpolate(logits, size=size, mode=mode, align_corners=False)
-
-    @property
-    def stride(self) -> int:
-        """What inputs must be divisible by: the ViT's patch, or the pyramid's total stride."""
-        return self.encoder.patch_size[0] if _is_vit(self.encoder) else 2**self.levels
-
-    @classmethod
-    def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "SegmentationModel":
-        h = spec["head"]
-        model = cls(build_encoder(spec, pretrained), h["num_classes"], h["feature_size"])
-        model.spec = spec
-        return model
+from .base import FinetuneTask
+from .registry import TASKS
 
 
 class MaskLabels:
@@ -161,7 +70,7 @@ def check_mask(mask: torch.Tensor, num_classes: int, where: str = "mask") -> Non
                         f"0..{num_classes - 1} (set segmentation.num_classes, or check the mask file)")
 
 
-class SegmentationTask(TrainingModule):
+class SegmentationModule(FrozenEncoder, TrainingModule):
     """Lightning module: a :class:`SegmentationModel` trained with MONAI's Dice + cross-entropy on
     ``image`` / ``mask`` batches (random patches)."""
 
@@ -175,12 +84,6 @@ class SegmentationTask(TrainingModule):
     @property
     def encoder(self) -> nn.Module:
         return self.model.encoder
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen_encoder:  # a frozen encoder keeps its normalisation statistics
-            self.model.encoder.eval()
-        return self
 
     def param_groups(self) -> list[dict]:
         return encoder_and_head_groups(self, self.layer_decay)
@@ -292,7 +195,7 @@ class SegmentationConfig:
 
 
 @TASKS.register
-class Segmentation(FinetuneTask):
+class SegmentationTask(FinetuneTask):
     name = "segmentation"
     Config = SegmentationConfig
     model_class = SegmentationModel
@@ -321,7 +224,7 @@ class Segmentation(FinetuneTask):
         return {"num_classes": s.num_classes, "feature_size": s.feature_size, "class_names": s.class_names}
 
     def module(self, cfg: dict, model, train, state: dict):
-        return SegmentationTask(model, frozen_encoder=cfg["method"] == "linear_probe", **self.optim(cfg))
+        return SegmentationModule(model, frozen_encoder=self.frozen_encoder(cfg), **self.optim(cfg))
 
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
         s, enc = self.config(cfg), cfg["encoder"]

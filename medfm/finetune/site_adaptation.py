@@ -37,11 +37,12 @@ from medfm.artifacts import load
 from medfm.atomic import write_json
 from medfm.data import DataError, open_dataset
 from medfm.evaluate.probe import embed_dataset, sample_batches
-from medfm.adapt import is_lora
+from medfm.tuning import is_lora
 from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData, TrainingModule, evaluating, run
 from medfm.run.recipe import merge
 
-from .recipe import TASKS, SiteAdaptationConfig, run_recipe
+from .recipe import SiteAdaptationConfig, run_recipe
+from .registry import TASKS
 
 ADAPTATION_METHODS = ("norm", "tent", "lora_entropy", "shot")
 DEFAULT_LR = {"norm": 0.0, "tent": 1e-3, "lora_entropy": 1e-4, "shot": 1e-4}  # `medfm adapt --lr auto` -> optim.lr

@@ -52,9 +52,11 @@ from medfm.evaluate.report_table import examples_html
 from medfm.evaluate.vqa_metrics import image_sensitivity, most_common_answers, normalize_answer, vqa_metrics
 from medfm.run import TrainingModule, evaluating
 
-from .base import FinetuneTask, TaskModel, build_encoder, known_cross_entropy
-from .recipe import TASKS
-from .report_generation import ReportVocab, TextWriter, encoder_tokens, writer_head, writer_parts
+from medfm.heads import FrozenEncoder, TaskModel, build_task_encoder, known_cross_entropy
+from medfm.heads.text_writer import ReportVocab, TextWriter, encoder_tokens, writer_head, writer_parts
+
+from .base import FinetuneTask
+from .registry import TASKS
 
 IGNORE = -100  # answer index of a training answer outside the vocabulary: no classifier loss
 
@@ -172,7 +174,7 @@ class VQAModel(TaskModel, TextWriter, nn.Module):
         twin = None
         if h.get("question_only") and not blind:
             twin = cls.from_spec(spec, pretrained, folder, blind=True)
-        model = cls(build_encoder(spec, pretrained), question_tower(h, tokenizer, pretrained), tokenizer, h["answers"],
+        model = cls(build_task_encoder(spec, pretrained), question_tower(h, tokenizer, pretrained), tokenizer, h["answers"],
                     h["fusion_layers"], decoder, vocab, h["max_length"], h["label_smoothing"], blind, twin)
         model.spec = spec
         return model
@@ -227,7 +229,7 @@ class VQAModel(TaskModel, TextWriter, nn.Module):
 
 
 # --------------------------------------------------------------------------- training
-class VQATask(TrainingModule):
+class VQAModule(FrozenEncoder, TrainingModule):
     """Lightning module: the model's loss plus, when it has one, its question-only twin's on the same batch;
     encoders learn at ``encoder_lr_scale`` x the LR, question towers at ``text_lr_scale`` x (0: frozen)."""
 
@@ -247,14 +249,11 @@ class VQATask(TrainingModule):
     def models(self) -> list[VQAModel]:
         return [self.model] + ([self.model.question_only] if self.model.question_only is not None else [])
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in self.models():  # frozen towers keep their normalisation statistics and no dropout
-            if self.frozen_encoder:
-                m.encoder.eval()
-            if self.text_lr_scale == 0:
-                m.question.eval()
-        return self
+    def frozen_parts(self) -> list[nn.Module]:
+        """Frozen towers keep their normalisation statistics and no dropout: encoders under a frozen method,
+        question towers at ``text_lr_scale: 0``."""
+        return [part for m in self.models() for part, frozen in ((m.encoder, self.frozen_encoder),
+                                                                 (m.question, self.text_lr_scale == 0)) if frozen]
 
     def param_groups(self) -> list[dict]:
         scales = {}
@@ -388,7 +387,7 @@ class VQAConfig:
 
 
 @TASKS.register
-class VisualQuestionAnswering(FinetuneTask):
+class VQATask(FinetuneTask):
     name = "vqa"
     Config = VQAConfig
     model_class = VQAModel
@@ -437,8 +436,8 @@ class VisualQuestionAnswering(FinetuneTask):
 
     def module(self, cfg: dict, model, train, state: dict):
         c = self.config(cfg)
-        return VQATask(model, c.encoder_lr_scale, c.text_lr_scale, c.generation_weight,
-                       frozen_encoder=cfg["method"] == "linear_probe", **self.optim(cfg))
+        return VQAModule(model, c.encoder_lr_scale, c.text_lr_scale, c.generation_weight,
+                       frozen_encoder=self.frozen_encoder(cfg), **self.optim(cfg))
 
     def optim(self, cfg: dict) -> dict:
         return dict(cfg["optim"], max_steps=cfg["trainer"]["max_steps"])

@@ -10,10 +10,10 @@ from . import clip, dino, mae, synth_contrastive, text_mlm  # noqa: F401  (regis
 from .clip import CLIPModule
 from .dino import DINO, DINOModule
 from .mae import MAEModule, MaskedAutoencoder, patchify, unpatchify
-from .method import PretrainMethod, build_encoder, pretrain_schema
+from .method import PretrainMethod, pretrain_schema
 from .recipe import load_recipe, run_pretrain
 from .registry import METHODS, register_method
 
 __all__ = ["MaskedAutoencoder", "MAEModule", "DINO", "DINOModule", "CLIPModule", "patchify", "unpatchify",
-           "load_recipe", "run_pretrain", "METHODS", "register_method", "PretrainMethod", "build_encoder",
+           "load_recipe", "run_pretrain", "METHODS", "register_method", "PretrainMethod", 
            "pretrain_schema"]

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from medfm.atomic import write_json
 from medfm.data import open_dataset
-from medfm.encoders import create_encoder, create_model_and_transforms
+from medfm.encoders import build_encoder, create_model_and_transforms
 from medfm.evaluate.probe import embed_dataset, logistic_probe
 from medfm.run import ENCODER, TRAINER, Built, FreeForm, OptimConfig, RunFolder, RunPlugin
 
@@ -48,12 +48,6 @@ def pretrain_schema() -> dict:
         "trainer": TRAINER,
         "probe": ProbeConfig,
     }
-
-
-def build_encoder(cfg: dict) -> nn.Module:
-    """The recipe's encoder; a key set to null takes the encoder's default (``patch_size: null`` for a ResNet)."""
-    kw = {k: v for k, v in cfg["encoder"].items() if v is not None}
-    return create_encoder(kw.pop("name"), **kw)
 
 
 def optim_args(cfg: dict) -> dict:
@@ -91,7 +85,7 @@ class PretrainMethod(RunPlugin):
     def build(self, cfg: dict, folder: RunFolder) -> Built:
         data = build_data(cfg, self)
         probe = build_probe(cfg)
-        module = self.build_module(cfg, build_encoder(cfg))
+        module = self.build_module(cfg, build_encoder(cfg["encoder"]))
         return Built(module, data, [probe] if probe else [], cfg=cfg)
 
     def export(self, module, folder: RunFolder, trainer, built: Built) -> None:

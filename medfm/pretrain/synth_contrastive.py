@@ -29,7 +29,7 @@ from monai.losses import DiceCELoss
 
 from medfm.run import TrainingModule
 from medfm.run.recipe import split_kwargs
-from medfm.finetune.segmentation import SegmentationModel
+from medfm.heads import SegmentationModel
 
 from .data import SynthSource, synth_config
 from .method import PretrainMethod
@@ -72,7 +72,7 @@ def dense_contrastive_loss(f1: torch.Tensor, f2: torch.Tensor, label: torch.Tens
 
 
 def dense_network(encoder: nn.Module, out_channels: int, feature_size: int = 16) -> nn.Module:
-    """``encoder`` + the segmentation task's decoder (:class:`medfm.finetune.segmentation.SegmentationModel`:
+    """``encoder`` + the segmentation task's decoder (:class:`medfm.heads.SegmentationModel`:
     UNETR-style over a ViT, U-Net-style over a ResNet, with a full-resolution convolutional stem skip):
     (B, C_in, *spatial) -> (B, out_channels, *spatial). Pretraining and fine-tuning share one decoder, so a
     dense-pretrained encoder meets the architecture it was trained with."""
