@@ -51,7 +51,8 @@ from medfm.atomic import atomic_path, write_text
 from medfm.data import samples
 from medfm.evaluate.plots import pyplot
 from medfm.tuning import few_shot_indices
-from medfm.encoders import create_encoder
+from medfm.encoders import build_encoder
+from medfm.encoders.source import encoder_folder
 from medfm.evaluate.probe import logistic_probe
 from medfm.finetune import TASKS as TASKS_REGISTRY, load_task_recipe, run_finetune
 from medfm.select import NEEDS_MODEL, STRATEGIES as SELECT_STRATEGIES, select
@@ -161,8 +162,7 @@ class LabelEfficiency:
             return None
         given = self.encoders.get(f"{init}@{domain}") or self.encoders.get(init)
         if given:
-            path = Path(given)
-            return str(path / "encoder" if (path / "encoder" / "config.json").exists() else path)
+            return encoder_folder(given)
         spec = pretraining(init, domain)
         if spec is None:
             raise ValueError(f"init {init!r} is not defined for {domain} (give --encoder {init}@{domain}=PATH)")
@@ -230,11 +230,9 @@ class LabelEfficiency:
         if key not in self._pools:
             cfg = self.task_recipe(task, weights, PROBE, 0)
             plugin = TASKS_REGISTRY.get_plugin(cfg["task"])
-            spec = {k: v for k, v in cfg["encoder"].items() if v is not None}
             torch.manual_seed(0)
-            model = create_encoder(spec.pop("name"), **spec)
-            record = {"preset": cfg["data"]["preset"], "size": plugin.eval_size(cfg), "args": cfg["data"]["preset_args"]}
-            embedder = Embedder(model.eval(), plugin.transform(cfg, train=False), record, f"{init} ({task.name})")
+            model = build_encoder(cfg["encoder"])
+            embedder = Embedder(model.eval(), plugin.transform(cfg, train=False), plugin.preprocess(cfg), f"{init} ({task.name})")
             parts = []
             for split in (cfg["data"]["train_split"], task.val_split):
                 _, x, y = embed(embedder, self.data[task.domain], split, label=task.label,

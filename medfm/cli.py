@@ -20,8 +20,9 @@ import torch
 from medfm.artifacts import load as medfm_load
 from medfm.data import DataError, load, open_dataset, samples
 from medfm.data.datasets import finalise_sample
-from medfm.data.transforms import preset_mismatch, with_channels
-from medfm.encoders import create_encoder, describe_encoder, from_pretrained, list_encoders, preprocess_transform
+from medfm.data.transforms import with_channels
+from medfm.encoders import describe_encoder, list_encoders, preprocess_transform
+from medfm.encoders.source import encoder_folder
 from medfm.tuning import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune, run_recipe
 from medfm.finetune.site_adaptation import ADAPTATION_METHODS, SiteAdaptation, adapt_run
@@ -32,8 +33,9 @@ from medfm.select.embeddings import CACHE_DIR as SELECT_CACHE, load_embedder
 from medfm.select.curate import run_curation
 from medfm.select.duplicates import COSINE, HASH_DISTANCE
 from medfm.select.selection import run_selection
-from medfm.run import RunFolder, find_recipe, list_recipes, recipe_kind
+from medfm.run import find_recipe, list_recipes, recipe_kind, run_plugin
 from medfm.run.recipe import parse_overrides, resume_config
+from medfm.run.converted import write_converted
 from medfm.run.runner import Stopped
 from medfm.run.folder import RECIPE_NAME
 from medfm.run.profiles import PROFILES
@@ -68,36 +70,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     path = args.path or samples.mni152("t1")
+    dims = load(path)["meta"]["spatial_dims"]
+    spacing = {"spacing": args.spacing} if dims == 3 and (args.preset or not args.pretrained) else None
+    embedder = load_embedder(args.encoder, args.pretrained, args.preset, args.size, spatial_dims=dims, preset_args=spacing)
     t0 = time.perf_counter()
-    sample = load(path)
-    dims = sample["meta"]["spatial_dims"]
-    model = None
-    if args.pretrained and not args.preset and os.path.isdir(args.pretrained):
-        # a medfm encoder folder or run brings the preprocessing it was trained with
-        model = from_pretrained(_encoder_weights(args.pretrained))
-        preprocess = getattr(model, "preprocess", None)
-    if model is None or not preprocess:
-        preset = args.preset or ("mr_3d" if dims == 3 else "radiograph_2d")
-        preprocess = {"preset": preset, "size": args.size, "args": {"spacing": args.spacing} if dims == 3 else {}}
-    mismatch = preset_mismatch(preprocess["preset"], dims)
-    if mismatch:
-        raise ValueError(f"{path} is {dims}D; {mismatch}")
-    sample = finalise_sample(preprocess_transform(preprocess)(sample))
+    sample = finalise_sample(embedder.transform(load(path)))
     t_load = time.perf_counter() - t0
     x = sample["image"][None]
-    if model is None:
-        model = create_encoder(args.encoder, spatial_dims=dims, in_chans=x.shape[1], img_size=args.size,
-                               pretrained=args.pretrained)
-    model.eval()
     with torch.inference_mode():
         t1 = time.perf_counter()
-        emb = model(x)
+        emb = embedder.model(x)
         t_enc = time.perf_counter() - t1
-    n_params = sum(p.numel() for p in model.parameters())
-    name = args.pretrained or args.encoder
+    n_params = sum(p.numel() for p in embedder.model.parameters())
     print(f"input      {path}")
-    print(f"preset     {preprocess['preset']}: {tuple(x.shape)} (spacing {tuple(round(s, 2) for s in sample['meta']['spacing'])})")
-    print(f"encoder    {name} {dims}D, {n_params / 1e6:.1f}M parameters, {device_description()}")
+    print(f"preset     {embedder.preprocess.preset}: {tuple(x.shape)} (spacing {tuple(round(s, 2) for s in sample['meta']['spacing'])})")
+    print(f"encoder    {embedder.name} {dims}D, {n_params / 1e6:.1f}M parameters, {device_description()}")
     print(f"embedding  {tuple(emb.shape)}  (norm {emb.norm().item():.2f})")
     print(f"time       load+preprocess {t_load:.2f} s, encode {t_enc:.2f} s")
     return 0
@@ -137,16 +124,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encoder_weights(path: str) -> str:
-    """A pretraining run folder means its ``encoder/``; anything else is passed on as is."""
-    p = Path(path)
-    return str(p / "encoder") if (p / "encoder" / "config.json").exists() else path
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "method": "method", "shots": "shots"})
     if args.encoder is not None:
-        overrides.append(f"encoder.pretrained={_encoder_weights(args.encoder)}")
+        overrides.append(f"encoder.pretrained={encoder_folder(args.encoder)}")
     cfg, changes = _recipe(load_task_recipe, find_recipe(args.recipe, kind="tasks"), args, overrides)
     out = run_finetune(cfg, args.out, data_path=args.data, resume=args.resume, overwrite=args.overwrite, changes=changes)
     if _rank_zero():
@@ -155,16 +136,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_plugin(run: Path):
-    """The plug-in that made a run folder, from its ``run.json`` (a folder without one is taken for a
-    fine-tuning run written before run.json existed)."""
-    if not (run / "run.json").exists():
-        return TASKS.get_plugin(run_recipe(run)["task"])
-    info = RunFolder(run).info()
-    registry = {"pretrain": METHODS, "finetune": TASKS, "generate": GENERATORS}.get(info.get("kind"))
-    if registry is None:
-        raise ValueError(f"{run}: unknown run kind {info.get('kind')!r} in run.json")
-    return registry.get_plugin(info["plugin"])
+# `medfm evaluate` flags -> the option names plug-ins declare (``RunPlugin.evaluate_options``)
+EVALUATE_FLAGS = {"data": "--data", "split": "--split", "out": "--out", "label": "--label", "classes": "--classes",
+                  "text": "--text", "templates": "--prompt", "n": "--n", "features": "--features",
+                  "classify": "--classify", "overrides": "KEY=VALUE", "groups": "--groups", "robustness": "--robustness"}
+
+
+def _evaluate_options(args: argparse.Namespace) -> dict:
+    """The options the user gave ``medfm evaluate``, by the name plug-ins declare."""
+    given = {"data": args.data, "out": args.out, "label": args.label, "text": args.text, "templates": args.prompt,
+             "n": args.n, "features": args.features, "classify": args.classify, "robustness": args.robustness,
+             "classes": [c for c in args.classes.split(",") if c] if args.classes else None,
+             "groups": [c for c in args.groups.split(",") if c] if args.groups else None,
+             "overrides": list(args.overrides) if args.overrides else None}
+    if args.split is not None:
+        given["split"] = None if args.split in ("", "all") else args.split
+    return {k: v for k, v in given.items() if v is not None or k == "split"}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -177,12 +164,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise SystemExit("medfm evaluate: give a run folder (medfm evaluate RUN, or --run RUN)")
     run = Path(run)
     plugin = run_plugin(run)
-    classes = [c for c in (args.classes or "").split(",") if c]
-    split = None if args.split in ("", "all") else args.split
-    metrics = plugin.evaluate(run, data=args.data, split=split, out=args.out, classes=classes, text=args.text,
-                              templates=args.prompt, label=args.label, n=args.n, features=args.features,
-                              classify=args.classify, overrides=list(args.overrides or []),
-                              groups=[c for c in (args.groups or "").split(",") if c], robustness=args.robustness)
+    options = _evaluate_options(args)
+    unknown = plugin.unknown_evaluate_options(options)
+    if unknown:
+        takes = ", ".join(EVALUATE_FLAGS[o] for o in plugin.evaluate_options)
+        raise ValueError(f"{', '.join(EVALUATE_FLAGS[o] for o in unknown)} does not apply to {run} (a {plugin.kind} "
+                         f"run of {plugin.name}); its evaluation takes {takes or 'no options'}")
+    metrics = plugin.evaluate(run, **options)
     print("\n".join(plugin.summary(metrics)))
     return 0
 
@@ -399,7 +387,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if words[0] == "convert":
         if len(words) != 2 or not args.out:
             raise SystemExit("medfm models convert: give one checkpoint and --out FOLDER")
-        return _convert_model(words[1], Path(args.out))
+        out = write_converted(words[1], Path(args.out))
+        print(f"converted {words[1]} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+        return 0
     if len(words) != 1:
         raise SystemExit("medfm models: give one checkpoint (or: medfm models convert CHECKPOINT --out FOLDER)")
     ckpt = open_checkpoint(words[0])
@@ -413,35 +403,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"parameters  {n / 1e6:.2f}M")
     print(f"preprocess  {converted.preprocess}")
     print(f"license     {fmt.license}")
-    return 0
-
-
-def _convert_model(source: str, out: Path) -> int:
-    """A public model written as medfm folders: an open_clip model as a CLIP run folder (``model/``, ``encoder/``,
-    ``text/``, ``run.json``: ``medfm evaluate`` zero-shots it, ``--encoder`` fine-tunes its image tower); any
-    other format as an encoder folder (``encoder/``)."""
-    from medfm.encoders.factory import from_converted
-    from medfm.encoders.formats import convert, is_public, resolve_source
-    from medfm.encoders.openclip import clip_from_open_clip
-    from medfm.run.folder import RunFolder
-
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty (choose a new --out)")
-    if not is_public(source):
-        raise ValueError(f"{source}: no such checkpoint, or already a medfm folder")
-    folder = RunFolder(out)
-    if (resolve_source(source) / "open_clip_config.json").is_file():
-        clip = clip_from_open_clip(source)
-        for name, artifact in (("model", clip), ("encoder", clip.image_encoder), ("text", clip.text_encoder)):
-            folder.save(artifact, name)
-        folder.write_info(kind="pretrain", plugin="clip", model="model", converted_from=str(source))
-    else:
-        converted = convert(source)
-        if converted is None:
-            raise ValueError(f"{source}: not a public format medfm converts (see `medfm models`)")
-        folder.save(from_converted(converted, source), "encoder")
-        folder.write_info(kind="pretrain", plugin="converted", model="encoder", converted_from=str(source))
-    print(f"converted {source} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
 
@@ -513,7 +474,8 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--model", default=None, help="zero-shot: a CLIP run (older spelling)")
     p.add_argument("--label", default=None, help="pretraining runs: the manifest label column for the linear probe")
     p.add_argument("--data", default=None, help="npz or manifest (default: the run's data)")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test; zero-shot: 'all' for every row)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: test for fine-tuned runs, val for "
+                   "pretraining, CLIP and generator runs; zero-shot: 'all' for every row)")
     p.add_argument("--classes", default=None, help="zero-shot: manifest label columns, comma-separated "
                    "(their values are the class names)")
     p.add_argument("--text", default=None, help="zero-shot: manifest text column for image <-> text retrieval")

@@ -56,3 +56,28 @@ def slices(tmp_path_factory) -> str:
     from medfm.data import samples
 
     return str(samples.mni152_slices(tmp_path_factory.mktemp("slices"), n=24, size=32))
+
+
+# ----------------------------------------------------------------- one tiny trained run per kind, shared
+@pytest.fixture(scope="session")
+def mae_run(tmp_path_factory, slices) -> Path:
+    """One finished MAE pretraining run (``--profile tiny``, real MNI152 slices), shared by every test that only
+    reads a pretraining run (evaluate, reload, options): trained once per session, never changed by a test."""
+    from medfm.cli import main
+
+    run = tmp_path_factory.mktemp("shared_runs") / "mae"
+    assert main(["pretrain", "mae_vit_2d", "--profile", "tiny", "--data", slices, "--out", str(run),
+                 "trainer.enable_progress_bar=false"]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def classification_run(tmp_path_factory, slices) -> Path:
+    """One finished linear-probe classification run (``--profile tiny``, MNI152 slices, label ``level``), shared
+    by the tests that only read a fine-tuning run."""
+    from medfm.cli import main
+
+    run = tmp_path_factory.mktemp("shared_runs") / "classification"
+    assert main(["finetune", "classify_2d", "--profile", "tiny", "--data", slices, "--out", str(run),
+                 "classification.label=level", "data.test_split=null", "trainer.enable_progress_bar=false"]) == 0
+    return run

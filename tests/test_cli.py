@@ -33,3 +33,33 @@ def test_encode_mni152(capsys):
 def test_encode_reports_bad_input(tmp_path, capsys):
     assert main(["encode", str(tmp_path / "missing.nii.gz")]) == 2
     assert "missing.nii.gz: no such file" in capsys.readouterr().err
+
+
+def test_evaluate_options_are_a_contract(mae_run, classification_run, slices, capsys):
+    """Each run kind declares the options its evaluation takes: one it does not take is one line and exit 2
+    (before, `medfm evaluate MAE_RUN --groups site` ignored --groups without a word)."""
+    capsys.readouterr()
+    assert main(["evaluate", str(mae_run), "--data", slices, "--label", "level", "--groups", "site"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--groups does not apply" in err and "pretrain run of mae" in err, err
+    assert "--label" in err  # what it does take
+    assert main(["evaluate", str(classification_run), "--label", "level"]) == 2
+    assert "--label does not apply" in capsys.readouterr().err
+    # what the kinds do take still runs
+    assert main(["evaluate", str(mae_run), "--data", slices, "--label", "level", "--split", "val"]) == 0
+    assert main(["evaluate", str(classification_run), "--split", "val", "--out", str(mae_run.parent / "eval")]) == 0
+    assert "auroc" in capsys.readouterr().out
+
+
+def test_every_plugin_declares_what_its_evaluate_takes():
+    """``evaluate_options`` names exactly the keyword arguments of the plug-in's ``evaluate`` (no ``**_`` that
+    swallows an option), for every registered plug-in of every kind."""
+    import inspect
+
+    from medfm.run import KINDS
+
+    for kind in KINDS.values():
+        for name, cls in kind.registry.items():
+            params = [p for p in inspect.signature(cls.evaluate).parameters.values() if p.name not in ("self", "run")]
+            assert all(p.kind is not p.VAR_KEYWORD for p in params), f"{kind.registry.kind} {name}: **kwargs in evaluate"
+            assert set(cls.evaluate_options) == {p.name for p in params}, (name, cls.evaluate_options, params)

@@ -5,9 +5,11 @@ from .errors import DataError, MissingFileError
 from .io import load
 from .manifest import read_records, read_rows
 from .npz import npz_splits, read_npz
+from .preprocess import Preprocess
 from .transforms import PRESETS, ct_3d, mr_3d, radiograph_2d
 
 __all__ = [
+    "Preprocess",
     "load",
     "collate",
     "DataError",

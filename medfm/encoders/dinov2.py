@@ -21,6 +21,8 @@ import re
 
 import torch
 
+from medfm.data import Preprocess
+
 from .formats import Checkpoint, Converted, Format, count_blocks, register_format, rename, strip_prefix
 from .registry import register_encoder
 from .vit import ViT, mlp_args
@@ -55,8 +57,9 @@ def _finish(sd: dict[str, torch.Tensor], args: dict, image_size: int | None, nor
     args.update(patch_size=patch, init_values=1e-5 if "blocks.0.ls1.gamma" in sd else None,
                 input_norm={**norm, "channels": sd["patch_embed.proj.weight"].shape[1]},
                 **mlp_args(sd))
+    args["pos_size"] = image_size  # the native grid, kept (resampled to each input at run time)
     source = {"img_size": image_size, "patch_size": patch, "spatial_dims": 2, **{k: args[k] for k in ("reg_tokens", "no_embed_class") if k in args}}
-    preprocess = {"preset": "radiograph_2d", "size": size or 224, "args": {}}
+    preprocess = Preprocess("radiograph_2d", size or 224).record()
     return Converted("dinov2", args, sd, preprocess, source)
 
 

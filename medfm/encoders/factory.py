@@ -12,9 +12,10 @@ import torch.nn as nn
 from monai.transforms import Compose
 
 from medfm.artifacts import load, read_config
-from medfm.data.transforms import PRESETS
+from medfm.data.preprocess import Preprocess
 
-from .formats import Converted, convert, is_public, list_formats
+from .formats import is_public, list_formats
+from .source import EncoderSource, resolve_source
 from .registry import encoder_arguments, encoder_entrypoint, encoder_family, list_encoders
 from .vit import vit_size_name
 from .weights import load_pretrained
@@ -46,18 +47,21 @@ def create_encoder(
     builder = encoder_entrypoint(name)
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    converted = convert(pretrained) if pretrained is not None and is_public(pretrained) else None
+    source = resolve_source(pretrained) if pretrained is not None else None
+    converted = source.converted if source is not None else None
     if converted is not None:  # a public model: its whole architecture, converted once for building and loading
         if converted.architecture != name:
             raise ValueError(f"{pretrained}: a {converted.architecture} checkpoint; build it as "
                              f"{converted.architecture!r}, not {name!r} (a recipe's encoder.pretrained does so by itself)")
-        kwargs = {**converted.args, **kwargs}
-    elif pretrained is not None:
-        saved = _medfm_architecture(pretrained) or {}
+        arch = source.architecture(spatial_dims)
+        arch.pop("name")
+        kwargs = {**arch, **kwargs}
+    elif source is not None:
+        saved = _medfm_architecture(source.path) or {}
         kwargs = {**{k: saved[k] for k in READOUT if k in saved}, **kwargs}
     model = builder(spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size, **kwargs)
-    if pretrained is not None:
-        load_pretrained(model, pretrained, converted)
+    if source is not None:
+        load_pretrained(model, source.path, converted)
     return model
 
 
@@ -75,13 +79,15 @@ def build_encoder(section: dict, pretrained: bool = True) -> nn.Module:
 READOUT = ("global_pool", "fc_norm")  # how a ViT pools its tokens: a recipe may read a saved encoder another way
 
 
-def saved_architecture(pretrained: str | os.PathLike) -> dict | None:
-    """See :func:`_medfm_architecture`; for a public model of a known format, its family and every
-    constructor argument that rebuilds the upstream network."""
-    if is_public(pretrained):
-        converted = convert(pretrained)
-        return None if converted is None else {"name": converted.architecture, **converted.args}
-    return _medfm_architecture(pretrained)
+def saved_architecture(pretrained: str | os.PathLike, spatial_dims: int | None = None) -> dict | None:
+    """The registered name and constructor arguments the weights ``pretrained`` names were built with: for a
+    public model of a known format, its family and every argument that rebuilds the upstream network (its
+    native position grid where ``spatial_dims`` keeps its own); for a medfm folder or run, see
+    :func:`_medfm_architecture`; None for anything else (a weight file, ``timm:<name>``)."""
+    source = resolve_source(pretrained)
+    if source.converted is not None:
+        return source.architecture(spatial_dims)
+    return _medfm_architecture(source.path) if source.kind == "medfm" else None
 
 
 def _medfm_architecture(pretrained: str | os.PathLike) -> dict | None:
@@ -123,39 +129,46 @@ def from_pretrained(model_id: str | os.PathLike, **hub_kwargs: Any) -> nn.Module
     return load(model_id, **hub_kwargs)
 
 
-def preprocess_transform(preprocess: dict | None, train: bool = False, size: Any = "default") -> Compose:
-    """The MONAI dict transform a ``preprocess`` record (``{"preset", "size", "args"}``) describes;
-    ``size`` overrides the recorded size (None: keep the input size)."""
+def preprocess_transform(preprocess: Preprocess | dict | None, train: bool = False, size: Any = "default") -> Compose:
+    """The MONAI dict transform a preprocessing record describes (:class:`medfm.data.Preprocess`); ``size``
+    overrides the recorded size (None: keep the input size)."""
     if not preprocess:
         raise ValueError("this encoder has no recorded preprocessing (saved before medfm recorded it, or "
                          "never trained by a medfm run): pass a preset explicitly")
-    preset = preprocess["preset"]
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-    return PRESETS[preset](size=preprocess.get("size") if size == "default" else size, train=train,
-                           **preprocess.get("args", {}))
+    return Preprocess.read(preprocess).transform(train=train, size=size)
 
 
-def from_converted(converted: Converted, source: str | os.PathLike, spatial_dims: int | None = None,
-                   in_chans: int = 1) -> nn.Module:
-    """The encoder of a public model already converted from ``source``, at the input size its authors used and
-    its own spatial dims (``spatial_dims`` inflates a 2D one), with its weights and preprocessing."""
+def from_converted(source: EncoderSource, spatial_dims: int | None = None, in_chans: int = 1) -> nn.Module:
+    """The encoder of a public model (``source`` resolved by :func:`resolve_source`) at the input size its
+    authors used, its position grid kept native, its own spatial dims (``spatial_dims`` inflates a 2D one),
+    with its weights and preprocessing."""
+    converted = source.converted
     size = (converted.preprocess or {}).get("size", 224)
     dims = spatial_dims or converted.source.get("spatial_dims", 2)
-    model = encoder_entrypoint(converted.architecture)(spatial_dims=dims, in_chans=in_chans, img_size=size,
-                                                       **converted.args)
-    return load_pretrained(model, source, converted)
+    arch = source.architecture(dims)
+    model = encoder_entrypoint(arch.pop("name"))(spatial_dims=dims, in_chans=in_chans, img_size=size, **arch)
+    return load_pretrained(model, source.path, converted)
 
 
 def create_model_and_transforms(model_id: str | os.PathLike, spatial_dims: int | None = None, in_chans: int = 1,
                                 **hub_kwargs: Any) -> tuple[nn.Module, Compose]:
-    """A saved encoder and the evaluation preprocessing it was trained with, together; for a public model
-    (``medfm models``), the converted encoder at the input size its authors used, and their preprocessing
-    (the intensity scaling in the transform, their normalisation inside the encoder: ``InputNorm``)."""
-    if is_public(model_id):
-        converted = convert(model_id)
-        if converted is not None:
-            model = from_converted(converted, model_id, spatial_dims, in_chans)
-            return model, preprocess_transform(model.preprocess)
-    model = from_pretrained(model_id, **hub_kwargs)
+    """An encoder and the evaluation preprocessing it was trained with, together, from anything
+    :func:`resolve_source` takes (a medfm encoder folder or run, a public model of a format ``medfm models``
+    lists, ``hf:ORG/NAME``); a public model at the input size its authors used, with their preprocessing (the
+    intensity scaling in the transform, their normalisation inside the encoder: ``InputNorm``)."""
+    source = resolve_source(model_id)
+    if source.converted is not None:
+        model = from_converted(source, spatial_dims, in_chans)
+    else:
+        model = from_pretrained(source.path, **hub_kwargs)
     return model, preprocess_transform(getattr(model, "preprocess", None))
+
+
+def load_model(model_id: str | os.PathLike, **hub_kwargs: Any) -> nn.Module:
+    """``medfm.load``: any saved medfm model or run (its main artifact), and a public model folder or file
+    that ``--encoder`` takes (converted, as :func:`create_model_and_transforms` builds it)."""
+    if is_public(model_id):
+        source = resolve_source(model_id)
+        if source.converted is not None:
+            return from_converted(source)
+    return load(model_id, **hub_kwargs)

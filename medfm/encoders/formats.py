@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -197,11 +198,15 @@ def nearest_format(ckpt: Checkpoint) -> str:
             f"its keys that did not fit: {best.missing(keys) or 'none (its config check failed)'}; this file's keys: {sample}")
 
 
+CONVERSIONS: Counter = Counter()  # conversions by checkpoint path in this process (a run converts its source once)
+
+
 def convert_checkpoint(ckpt: Checkpoint) -> Converted | None:
     """``ckpt`` converted by its format, or None when no public format fits (a timm or medfm layout)."""
     fmt = identify(ckpt)
     if fmt is None:
         return None
+    CONVERSIONS[ckpt.path] += 1
     try:
         converted = fmt.convert(ckpt)
     except (KeyError, ValueError, IndexError) as e:
@@ -225,6 +230,8 @@ def is_public(source: str | os.PathLike) -> bool:
     if source.startswith("timm:") or not path.exists():
         return False
     if path.is_dir():
+        if (path / "run.json").is_file():  # a medfm run folder
+            return False
         config = path / "config.json"
         if config.is_file():
             try:

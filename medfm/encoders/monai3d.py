@@ -26,6 +26,8 @@ from monai.networks.nets.segresnet_ds import SegResEncoder
 from monai.networks.nets.swin_unetr import SwinTransformer
 from timm.models._features import feature_take_indices
 
+from medfm.data import Preprocess
+
 from .formats import Checkpoint, Converted, Format, count_blocks, register_format, rename, strip_prefix
 from .interface import EncoderBase
 from .registry import register_encoder
@@ -133,7 +135,7 @@ def from_swin_ssl(ckpt: Checkpoint) -> Converted:
     window = (round(rows ** (1 / dims)) + 1) // 2
     args = dict(feature_size=proj.shape[0], depths=depths, num_heads=heads, window_size=window)
     sd = {f"net.{k}": v for k, v in sd.items()}
-    return Converted("swin_vit", args, sd, {"preset": "ct_3d", "size": 96, "args": {"spacing": 1.5, "window": [-1000, 1000]}},
+    return Converted("swin_vit", args, sd, Preprocess("ct_3d", 96, {"spacing": 1.5, "window": [-1000, 1000]}).record(),
                      {"spatial_dims": dims})
 
 
@@ -149,7 +151,7 @@ def from_ct_fm(ckpt: Checkpoint) -> Converted:
     sd = {f"net.{k}": v for k, v in sd.items()}
     dims = sd["net.conv_init.weight"].ndim - 2
     return Converted("segres_encoder", args, sd,
-                     {"preset": "ct_3d", "size": 96, "args": {"spacing": 1.0, "window": [-1024, 2048]}}, {"spatial_dims": dims})
+                     Preprocess("ct_3d", 96, {"spacing": 1.0, "window": [-1024, 2048]}).record(), {"spatial_dims": dims})
 
 
 register_format(Format(
@@ -217,8 +219,8 @@ def from_monai_vit(ckpt: Checkpoint) -> Converted:
                 **mlp_args(sd), class_token=cls,
                 global_pool="token" if cls else "avg", fc_norm=False)
     dims = len(patch)
-    preprocess = {"preset": "ct_3d", "size": cfg["img_size"], "args": {"spacing": 1.5}} if dims == 3 else \
-        {"preset": "radiograph_2d", "size": cfg["img_size"], "args": {}}
+    preprocess = (Preprocess("ct_3d", cfg["img_size"], {"spacing": 1.5}) if dims == 3
+                  else Preprocess("radiograph_2d", cfg["img_size"])).record()
     return Converted("monai_vit", args, sd, preprocess,
                      {"img_size": cfg["img_size"], "patch_size": patch, "spatial_dims": dims, "no_embed_class": True})
 

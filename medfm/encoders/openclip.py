@@ -22,8 +22,11 @@ import os
 
 import torch
 
+from medfm.data import Preprocess
+
 from .clip import CLIP
 from .factory import from_converted
+from .source import EncoderSource
 from .formats import Checkpoint, Converted, Format, count_blocks, open_checkpoint, register_format
 from .registry import register_encoder
 from .vit import ViT, mlp_args
@@ -57,9 +60,9 @@ def from_open_clip_image(ckpt: Checkpoint) -> Converted:
     proj = sd["patch_embed.proj.weight"]
     size = vision.get("image_size", 224)
     norm = {"channels": proj.shape[1], "mean": pre.get("mean", OPENAI_NORM["mean"]), "std": pre.get("std", OPENAI_NORM["std"])}
-    args = dict(embed_dim=dim, depth=count_blocks(sd), num_heads=max(1, dim // 64), patch_size=proj.shape[-1],
+    args = dict(embed_dim=dim, depth=count_blocks(sd), num_heads=max(1, dim // 64), patch_size=proj.shape[-1], pos_size=size,
                 **mlp_args(sd), input_norm=norm)
-    return Converted("clip_vit", args, sd, {"preset": "radiograph_2d", "size": size, "args": {}},
+    return Converted("clip_vit", args, sd, Preprocess("radiograph_2d", size).record(),
                      {"img_size": size, "patch_size": proj.shape[-1], "spatial_dims": 2})
 
 
@@ -113,7 +116,7 @@ def clip_from_open_clip(source: str | os.PathLike) -> CLIP:
         raise ValueError(f"{source}: no open_clip_config.json (not an open_clip hub folder)")
     model_cfg, _ = _model_cfg(ckpt)
     image = from_open_clip_image(ckpt)
-    encoder = from_converted(image, source)  # the image tower, as `--encoder FOLDER` builds it
+    encoder = from_converted(EncoderSource(str(source), str(source), "public", image))  # as `--encoder FOLDER` builds it
     sd = ckpt.state_dict
     text = _text_tower(model_cfg.get("text_cfg", {}), sd)
     mlp = "text.proj.0.weight" in sd

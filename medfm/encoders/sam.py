@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer_sam import checkpoint_filter_fn as timm_sam_filter
 
+from medfm.data import Preprocess
+
 from .dinov2 import IMAGENET
 from .formats import Checkpoint, Converted, Format, count_blocks, register_format
 from .input_norm import input_layer
@@ -111,7 +113,7 @@ def from_sam(ckpt: Checkpoint) -> Converted:
                 global_attn_indexes=[i for i, t in rows.items() if t.shape[0] == 2 * grid - 1],
                 input_norm={**IMAGENET, "channels": sd["patch_embed.proj.weight"].shape[1]})
     sd = {f"net.{k}": v for k, v in sd.items()}
-    return Converted("sam_vit", args, sd, {"preset": "radiograph_2d", "size": 1024, "args": {}}, {"spatial_dims": 2})
+    return Converted("sam_vit", args, sd, Preprocess("radiograph_2d", 1024).record(), {"spatial_dims": 2})
 
 
 register_format(Format(

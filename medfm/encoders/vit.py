@@ -117,6 +117,10 @@ class ViT(EncoderBase):
             ``{"channels", "mean", "std"}``): a public model's normalisation and channel count, so it reads
             the [0, 1] grey images every medfm preset produces exactly as it read its own inputs.
         pos_antialias: resample the 2D position grid with an antialiased bicubic (DINOv2 with registers).
+        pos_size: the input size whose token grid the position embedding is stored at (default ``img_size``):
+            a converted public model keeps its native grid (a DINOv2 folder's ``image_size``, 518 for DINOv2
+            and RAD-DINO) and resamples from it to each input's grid at run time, as upstream does, so at its
+            own size it computes exactly what its authors' code computes.
     """
 
     feature_maps = "tokens"
@@ -147,6 +151,7 @@ class ViT(EncoderBase):
         mlp: str = "gelu",
         input_norm: dict | None = None,
         pos_antialias: bool = False,
+        pos_size: int | Sequence[int] | None = None,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -166,6 +171,9 @@ class ViT(EncoderBase):
         if bad:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+        # the grid the position embedding is stored at: the input's, or a converted model's native one (resampled
+        # to each input's grid at run time, as upstream DINOv2 does)
+        self.pos_grid = tuple(s // p for s, p in zip(ensure_tuple_rep(pos_size or img_size, spatial_dims), self.patch_size))
         if math.prod(self.grid_size) > MAX_TOKENS:  # attention memory grows with the square of the tokens
             raise ValueError(f"img_size {self.img_size} with patch_size {self.patch_size} makes "
                              f"{math.prod(self.grid_size):,} tokens per image (at most {MAX_TOKENS:,}): check "
@@ -182,7 +190,7 @@ class ViT(EncoderBase):
         self.patch_embed = PatchEmbed(spatial_dims, self.patch_size, conv_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
-        n_pos = math.prod(self.grid_size) + self.num_pos_prefix
+        n_pos = math.prod(self.pos_grid) + self.num_pos_prefix
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim), requires_grad=pos_embed == "learned")
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # torch.linspace, on any device
         self.blocks = nn.Sequential(
@@ -208,7 +216,7 @@ class ViT(EncoderBase):
     # ----------------------------------------------------------------- init
     def _init_weights(self, pos_embed: str) -> None:
         if pos_embed == "sincos":
-            grid = build_sincos_position_embedding(list(self.grid_size), self.embed_dim, self.spatial_dims)
+            grid = build_sincos_position_embedding(list(self.pos_grid), self.embed_dim, self.spatial_dims)
             with torch.no_grad():
                 self.pos_embed[:, self.num_pos_prefix :].copy_(grid.data)
         else:
@@ -237,19 +245,19 @@ class ViT(EncoderBase):
             return state_dict, []
         old = tuple(pos.shape)
         pos = self._adapt_pos_embed(pos, source_dims or self.spatial_dims, config)
-        return {**state_dict, "pos_embed": pos}, [f"pos_embed: resampled {old} -> {tuple(pos.shape)} for grid {self.grid_size}"]
+        return {**state_dict, "pos_embed": pos}, [f"pos_embed: resampled {old} -> {tuple(pos.shape)} for grid {self.pos_grid}"]
 
     def _adapt_pos_embed(self, pos: torch.Tensor, src_dims: int, config: dict | None) -> torch.Tensor:
         src_prefix = _source_prefix(pos.shape[1], src_dims, config)
         prefix, grid_pos = pos[:, :src_prefix], pos[:, src_prefix:]
         src_grid = _source_grid(grid_pos.shape[1], src_dims, config)
         if src_dims == 2 and self.spatial_dims == 3:
-            plane = resample_grid_embed(grid_pos, src_grid, self.grid_size[1:], self.pos_antialias)
-            plane = plane.reshape(1, 1, *self.grid_size[1:], -1)
-            grid_pos = plane.expand(1, self.grid_size[0], *self.grid_size[1:], plane.shape[-1])
-            grid_pos = grid_pos.reshape(1, math.prod(self.grid_size), -1)
+            plane = resample_grid_embed(grid_pos, src_grid, self.pos_grid[1:], self.pos_antialias)
+            plane = plane.reshape(1, 1, *self.pos_grid[1:], -1)
+            grid_pos = plane.expand(1, self.pos_grid[0], *self.pos_grid[1:], plane.shape[-1])
+            grid_pos = grid_pos.reshape(1, math.prod(self.pos_grid), -1)
         else:
-            grid_pos = resample_grid_embed(grid_pos, src_grid, self.grid_size, self.pos_antialias)
+            grid_pos = resample_grid_embed(grid_pos, src_grid, self.pos_grid, self.pos_antialias)
         if prefix.shape[1] < self.num_pos_prefix:  # slots the source did not have start at zero
             pad = torch.zeros(1, self.num_pos_prefix - prefix.shape[1], pos.shape[-1], dtype=pos.dtype)
             prefix = torch.cat([prefix, pad], dim=1)
@@ -287,7 +295,7 @@ class ViT(EncoderBase):
 
     def grid_pos_embed(self, grid: Sequence[int]) -> torch.Tensor:
         """Position embeddings of the patch tokens for a token grid, resampled if it differs from the built one."""
-        return resample_grid_embed(self.pos_embed[:, self.num_pos_prefix :], self.grid_size, grid, self.pos_antialias)
+        return resample_grid_embed(self.pos_embed[:, self.num_pos_prefix :], self.pos_grid, grid, self.pos_antialias)
 
     def patchify_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Patch tokens with their position embedding added, no prefix token: (B, N, D), grid.

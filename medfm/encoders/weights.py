@@ -29,7 +29,8 @@ from timm.models import adapt_input_conv
 
 from medfm.artifacts import WEIGHTS_NAME, load_state_dict_strict, read_config, resolve_file
 
-from .formats import Converted, convert_checkpoint, is_public, nearest_format, open_checkpoint
+from .formats import Converted, is_public, nearest_format, open_checkpoint
+from .source import resolve_source
 
 HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")  # classifier heads a source may carry
 
@@ -46,10 +47,9 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if source.startswith("timm:"):
         return timm.create_model(source[5:], pretrained=True).state_dict(), None
     if is_public(source):
-        ckpt = open_checkpoint(source)
-        converted = convert_checkpoint(ckpt)
+        converted = resolve_source(source).converted
         if converted is None:  # a timm / medfm-layout state dict: adapted and loaded as it is
-            return ckpt.state_dict, None
+            return open_checkpoint(source).state_dict, None
         return converted.state_dict, converted.config()
     path = Path(source)
     if path.exists() and not path.is_dir():

@@ -26,6 +26,8 @@ from monai.networks.nets import DenseNet121
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
+from medfm.data import Preprocess
+
 from .formats import Checkpoint, Converted, Format, register_format, rename, strip_prefix
 from .input_norm import input_layer
 from .interface import EncoderBase
@@ -99,14 +101,14 @@ def from_xrv_densenet(ckpt: Checkpoint) -> Converted:
     sd = strip_prefix(ckpt.state_dict, "module.", "model.")
     sd = rename(sd, [(r"(denselayer\d+)\.(norm|relu|conv)(\d)\.", r"\1.layers.\2\3."), (r"^features\.", "net.features.")],
                 drop=(r"^classifier\.", r"^op_threshs$"))
-    return Converted("densenet121", {"input_norm": XRV_NORM}, sd, {"preset": "radiograph_2d", "size": 224, "args": {}},
+    return Converted("densenet121", {"input_norm": XRV_NORM}, sd, Preprocess("radiograph_2d", 224).record(),
                      {"spatial_dims": 2})
 
 
 def from_xrv_resnet(ckpt: Checkpoint) -> Converted:
     sd = strip_prefix(ckpt.state_dict, "module.", "model.")
     sd = {f"net.{k}": v for k, v in sd.items() if not k.startswith(("fc.", "op_threshs"))}
-    return Converted("resnet50", {"input_norm": XRV_NORM}, sd, {"preset": "radiograph_2d", "size": 512, "args": {}},
+    return Converted("resnet50", {"input_norm": XRV_NORM}, sd, Preprocess("radiograph_2d", 512).record(),
                      {"spatial_dims": 2})
 
 

@@ -25,7 +25,8 @@ from monai.transforms import Compose
 from medfm.atomic import write_json, write_text
 from medfm.data import DataError, JoinedDataset, open_dataset
 from medfm.data.cache import dataset_cache
-from medfm.data.transforms import PRESETS, with_channels
+from medfm.data.preprocess import Preprocess
+from medfm.data.transforms import with_channels
 from medfm.evaluate.robustness import load_spec, robustness_png, robustness_table, run_spec
 from medfm.progress import progress_bar
 from medfm.synthetic import RandAppearanced
@@ -49,6 +50,7 @@ class FinetuneTask(RunPlugin):
     model_class: ClassVar[type[TaskModel]]
     keys: ClassVar[tuple[str, ...]] = ("image", "label", "mask", "features")
     headline: ClassVar[tuple[str, ...]] = ()  # the metrics ``summary`` prints per split, the first one required
+    evaluate_options: ClassVar[tuple[str, ...]] = ("data", "split", "out", "robustness")
 
     def validate(self, cfg: dict) -> None:
         pass
@@ -67,11 +69,16 @@ class FinetuneTask(RunPlugin):
         ``data.appearance``, the synthesis engine's random appearance); evaluation: the same size without
         augmentation; first, images made the encoder's channel count (colour -> grey)."""
         d = self.section(cfg, "data")
-        steps = PRESETS[d.preset](size=self.eval_size(cfg) if not train else cfg["encoder"]["img_size"],
-                                  train=train and d.augment, **d.preset_args)
+        steps = self.preprocess(cfg).transform(train=train and d.augment,
+                                               size=cfg["encoder"]["img_size"] if train else self.eval_size(cfg))
         if train and d.appearance:  # robustness to scanners: bias field, gamma, noise, inversion (the engine's)
             steps = Compose([*steps.transforms, RandAppearanced("image", prob=d.appearance)])
         return with_channels(steps, cfg["encoder"]["in_chans"])
+
+    def preprocess(self, cfg: dict) -> Preprocess:
+        """How the task model's inputs are prepared at evaluation (saved in its spec and its ``encoder/``)."""
+        d = self.section(cfg, "data")
+        return Preprocess(d.preset, self.eval_size(cfg), d.preset_args)
 
     def eval_size(self, cfg: dict):
         return cfg["encoder"]["img_size"]
@@ -133,7 +140,7 @@ class FinetuneTask(RunPlugin):
         method, d = cfg["method"], self.section(cfg, "data")
         return {"task": self.name, "encoder": dict(cfg["encoder"]), "method": method,
                 **({method: dict(cfg[method])} if method in method_sections() else {}), "head": self.head(cfg, state),
-                "preprocess": {"preset": d.preset, "size": self.eval_size(cfg), "args": dict(d.preset_args)}}
+                "preprocess": self.preprocess(cfg).record()}
 
     def module(self, cfg: dict, model, train, state: dict) -> L.LightningModule:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -208,12 +215,18 @@ class FinetuneTask(RunPlugin):
         return results
 
     def evaluate(self, run: Path, data: str | None = None, split: str = "test", out: str | None = None,
-                 groups: list[str] | None = None, robustness: str | None = None, **_: Any) -> dict:
+                 robustness: str | None = None) -> dict:
         """Evaluate a finished run on ``split`` of ``data`` (default: the run's data) with what it chose on
-        validation; writes ``metrics.json`` and figures into ``out`` (default RUN/eval_<split>). ``groups``:
-        manifest columns to report metrics per group by (classification). Beside a split other than
-        validation, ``shift`` compares its headline metrics with the run's own validation ones (in-domain).
-        ``robustness``: a spec (``medfm.evaluate.robustness``) to score the split under instead."""
+        validation; writes ``metrics.json`` and figures into ``out`` (default RUN/eval_<split>). Beside a split
+        other than validation, ``shift`` compares its headline metrics with the run's own validation ones
+        (in-domain). ``robustness``: a spec (``medfm.evaluate.robustness``) to score the split under instead.
+        A task with more options (classification's ``groups``) declares them in ``evaluate_options`` and
+        passes them on in ``options``."""
+        return self.evaluate_run(run, data, split, out, robustness)
+
+    def evaluate_run(self, run: Path, data: str | None, split: str, out: str | None, robustness: str | None,
+                     **options: Any) -> dict:
+        """:meth:`evaluate` with the task's own options (``options``: what ``evaluate_split`` reads from its state)."""
         if robustness:
             return self.evaluate_robustness(run, robustness, data, split, out)
         model, cfg = load_run(run)
@@ -223,7 +236,7 @@ class FinetuneTask(RunPlugin):
         # held-out splits use what the run chose on validation; the validation split itself is scored as the run
         # scored it (so `evaluate --split val` reproduces the run's own metrics.json)
         val = validation_metrics(run, d.val_split) if split != d.val_split else {}
-        state = {**self.saved_state(val), "groups": list(groups or [])}
+        state = {**self.saved_state(val), **options}
         res = self.evaluate_splits(model, cfg, dest, data_path=data, splits=[split], state=state)
         metrics = {"run": str(run), "data": str(data or d.path), **res}
         if val and split in res:

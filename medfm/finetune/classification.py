@@ -301,9 +301,16 @@ class _Features(Dataset):
 @TASKS.register
 class ClassificationTask(FinetuneTask):
     name = "classification"
+    evaluate_options = (*FinetuneTask.evaluate_options, "groups")
     Config = ClassificationConfig
     model_class = ClassificationModel
     headline = ("auroc", "accuracy", "balanced_accuracy", "f1")
+
+    def evaluate(self, run: Path, data: str | None = None, split: str = "test", out: str | None = None,
+                 groups: list[str] | None = None, robustness: str | None = None) -> dict:
+        """:meth:`FinetuneTask.evaluate`, and ``groups``: manifest columns to report metrics per group by
+        (site, scanner, sex: per-group metrics, the worst group, bootstrap gaps)."""
+        return self.evaluate_run(run, data, split, out, robustness, groups=list(groups or []))
 
     def validate(self, cfg: dict) -> None:
         if self.config(cfg).class_weights not in ("auto", "none", None):

@@ -35,7 +35,7 @@ from medfm.tuning import METHODS, method_sections
 from medfm.run import ENCODER, TRAINER, DataConfig, FreeForm, OptimConfig, RecipeKind, RunFolder
 from medfm.run.trainer import TRAINER_DEFAULTS
 
-from .registry import TASKS
+from .registry import SITE_ADAPTERS, TASKS
 
 
 
@@ -109,7 +109,17 @@ def check_task_recipe(cfg: dict) -> None:
         raise ValueError(f"unknown preset {cfg['data']['preset']!r}; available: {', '.join(PRESETS)}")
 
 
-FINETUNE = RecipeKind(TASKS, "task", finetune_schema, check_task_recipe, folder="tasks")
+def choose_plugin(cfg: dict):
+    """The task's plug-in, or, for a recipe with a ``site_adaptation`` section (``medfm adapt``), the task's
+    site-adaptation plug-in: both go through the one recipe path."""
+    if not (cfg.get("site_adaptation") or {}).get("method"):
+        return TASKS.get_plugin(cfg["task"])
+    if cfg["task"] not in SITE_ADAPTERS:
+        raise ValueError(f"site adaptation works on {', '.join(SITE_ADAPTERS) or 'no'} runs, not {cfg['task']}")
+    return SITE_ADAPTERS[cfg["task"]](cfg["task"])
+
+
+FINETUNE = RecipeKind(TASKS, "task", finetune_schema, check_task_recipe, folder="tasks", choose=choose_plugin)
 load_task_recipe = FINETUNE.load  # the recipe at a path (or the defaults), profile and overrides applied, checked
 run_finetune = FINETUNE.run  # fine-tune the recipe's encoder on its task; evaluate; export
 
@@ -145,7 +155,7 @@ def run_recipe(run: str | os.PathLike) -> dict:
     for f in ("recipe.yaml", "model/config.json", "model/model.safetensors"):
         if not (run / f).exists():
             raise FileNotFoundError(f"{run / f}: not a finished fine-tuning run (missing {f})")
-    return load_task_recipe(overrides=RunFolder(run).read_recipe())
+    return load_task_recipe(overrides=RunFolder(run).read_recipe(), resolved=True)
 
 
 def load_run(run: str | os.PathLike) -> tuple[torch.nn.Module, dict]:

@@ -38,11 +38,11 @@ from medfm.atomic import write_json
 from medfm.data import DataError, open_dataset
 from medfm.evaluate.probe import embed_dataset, sample_batches
 from medfm.tuning import is_lora
-from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData, TrainingModule, evaluating, run
+from medfm.run import Built, KeyedDataset, RunFolder, RunPlugin, StepData, TrainingModule, evaluating
 from medfm.run.recipe import merge
 
-from .recipe import SiteAdaptationConfig, run_recipe
-from .registry import TASKS
+from .recipe import SiteAdaptationConfig, run_finetune, run_recipe
+from .registry import SITE_ADAPTERS, TASKS
 
 ADAPTATION_METHODS = ("norm", "tent", "lora_entropy", "shot")
 DEFAULT_LR = {"norm": 0.0, "tent": 1e-3, "lora_entropy": 1e-4, "shot": 1e-4}  # `medfm adapt --lr auto` -> optim.lr
@@ -362,4 +362,7 @@ def adapt_run(source: str | Path, out: str | Path, method: str, data: str, split
     """Adapt the classification run ``source`` to ``split`` of ``data`` with ``method``; the new run in ``out``
     (``resume``: continue a stopped adaptation from its last checkpoint)."""
     cfg = adaptation_recipe(source, method, data, split, steps, lr, overrides)
-    return run(SiteAdaptation(cfg["task"]), cfg, out, resume=resume, overwrite=overwrite, callbacks=callbacks)
+    return run_finetune(cfg, out, resume=resume, overwrite=overwrite, callbacks=callbacks)
+
+
+SITE_ADAPTERS["classification"] = SiteAdaptation

@@ -116,8 +116,7 @@ def feature_encoder(features: str | None, classifier_run: Path | None, spec: dic
 
 def evaluate_generator(run: str | Path, data: str | None = None, split: str | None = "val", out: str | None = None,
                        n: int | None = None, features: str | None = None, classify: str | None = None,
-                       overrides: Sequence[str] = (), batch_size: int = 32, steps: int | None = None,
-                       **_: Any) -> dict:
+                       overrides: Sequence[str] = (), batch_size: int = 32, steps: int | None = None) -> dict:
     """Generate, then measure utility, conditioning accuracy, feature distances, diversity and memorisation
     (see the module docstring); writes ``metrics.json`` into ``out``."""
     run = Path(run)

@@ -68,8 +68,13 @@ class DiffusionPlugin(RunPlugin):
                             f"guidance {g.spec['guidance_scale']}, step {trainer.global_step}")
         module.generator.train()
 
-    def evaluate(self, run: Path, **options) -> dict:
-        return evaluate_generator(run, **options)
+    evaluate_options = ("data", "split", "out", "n", "features", "classify", "overrides")
+
+    def evaluate(self, run: Path, data: str | None = None, split: str | None = "val", out: str | None = None,
+                 n: int | None = None, features: str | None = None, classify: str | None = None,
+                 overrides: Sequence[str] = ()) -> dict:
+        return evaluate_generator(run, data=data, split=split, out=out, n=n, features=features, classify=classify,
+                                  overrides=overrides)
 
     def summary(self, metrics: dict) -> list[str]:
         return summary_lines(metrics)

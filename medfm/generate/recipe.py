@@ -21,6 +21,7 @@ import torch
 
 from medfm.data import DataError, load, open_dataset
 from medfm.data.cache import dataset_cache
+from medfm.data.preprocess import Preprocess
 from medfm.data.transforms import PRESETS
 from medfm.run import TRAINER, DataConfig, OptimConfig, RecipeKind, recipe_kind
 from medfm.run.recipe import with_defaults
@@ -169,7 +170,7 @@ def complete_spec(cfg: dict, train) -> dict:
                 raise DataError(f"{d['path']} line {rec.line}: no label map in column {d['mask']!r}")
             top = max(top, int(torch.as_tensor(load(rec.mask, allow_constant=True)["image"]).max()))
         s["mask_classes"] = top + 1
-    s["preprocess"] = {"preset": d["preset"], "size": s["image_size"], "args": dict(d["preset_args"])}
+    s["preprocess"] = Preprocess(d["preset"], s["image_size"], d["preset_args"]).record()
     return s
 
 

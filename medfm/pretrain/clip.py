@@ -147,6 +147,7 @@ class CLIPMethod(PretrainMethod):
     retrieval."""
 
     name = "clip"
+    evaluate_options = ("data", "split", "classes", "text", "templates", "out")  # zero-shot and retrieval
     Config = CLIPConfig
     module_class = CLIPModule
     needs = "text"
@@ -174,8 +175,7 @@ class CLIPMethod(PretrainMethod):
         folder.save(module.model, "model")
 
     def evaluate(self, run: Path, data: str | None = None, split: str = "val", classes: Sequence[str] = (),
-                 text: str | None = None, templates: Sequence[str] | None = None, out: str | None = None,
-                 **_: Any) -> dict:
+                 text: str | None = None, templates: Sequence[str] | None = None, out: str | None = None) -> dict:
         if not data:
             raise ValueError("evaluating a CLIP run needs a manifest: give --data and --classes COLUMNS "
                              "and/or --text COLUMN")

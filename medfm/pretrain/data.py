@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Subset
 
 from medfm.data import DataError, JoinedDataset, open_dataset
+from medfm.data.preprocess import Preprocess
 from medfm.data.cache import dataset_cache
 from medfm.data.transforms import PRESETS
 from medfm.evaluate.online_probe import OnlineProbe
@@ -77,7 +78,7 @@ def preprocess(cfg: dict, size=None):
 def preprocess_record(cfg: dict) -> dict:
     """What an exported encoder records about its inputs (see :func:`medfm.encoders.preprocess_transform`)."""
     d = section(cfg, "data", PretrainDataConfig)
-    return {"preset": d.preset, "size": cfg["encoder"]["img_size"], "args": dict(d.preset_args)}
+    return Preprocess(d.preset, cfg["encoder"]["img_size"], d.preset_args).record()
 
 
 class SynthSource:

@@ -64,6 +64,7 @@ class PretrainMethod(RunPlugin):
     # (data.synth_device): MAE's random-resized crop (the default view, ``view`` section) or label maps
     device_synthesis: ClassVar[bool] = True
     model_folder = "encoder"
+    evaluate_options: ClassVar[tuple[str, ...]] = ("data", "split", "label", "out")  # a linear probe of the encoder
 
     def make_view(self, cfg: dict):
         """The random view of one sample (default: MAE's random-resized crop; ``view`` section = its arguments)."""
@@ -95,7 +96,7 @@ class PretrainMethod(RunPlugin):
         folder.save(encoder, "encoder")
 
     def evaluate(self, run: Path, data: str | None = None, split: str = "val", label: str | None = None,
-                 out: str | None = None, **_: Any) -> dict:
+                 out: str | None = None) -> dict:
         """A linear probe of the run's encoder on labelled data (trained on ``train``, scored on ``split``),
         with the preprocessing the encoder recorded."""
         if not data:

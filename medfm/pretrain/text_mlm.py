@@ -167,6 +167,7 @@ class TextMLM(PretrainMethod):
     (held-out masked-token perplexity before and after)."""
 
     name = "text_mlm"
+    evaluate_options = ("data", "text", "out")  # masked-token perplexity
     Config = TextMLMConfig
     module_class = TextMLMModule
 
@@ -206,8 +207,7 @@ class TextMLM(PretrainMethod):
             built.module.tokenizer.save_pretrained(tmp)
         write_json(path, metrics)
 
-    def evaluate(self, run: Path, data: str | None = None, text: str | None = None, out: str | None = None,
-                 **_: Any) -> dict:
+    def evaluate(self, run: Path, data: str | None = None, text: str | None = None, out: str | None = None) -> dict:
         """Masked-token perplexity of the adapted model (``RUN/mlm``) on ``data``'s texts (default: the
         IU X-ray reports)."""
         cfg = RunFolder(run).read_recipe()

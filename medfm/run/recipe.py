@@ -147,7 +147,7 @@ def adopt_saved_architecture(cfg: dict) -> None:
     from medfm.encoders.factory import READOUT
 
     enc = cfg.get("encoder")
-    arch = saved_architecture(enc["pretrained"]) if isinstance(enc, dict) and enc.get("pretrained") else None
+    arch = saved_architecture(enc["pretrained"], enc.get("spatial_dims")) if isinstance(enc, dict) and enc.get("pretrained") else None
     changed = {k: v for k, v in (arch or {}).items() if enc.get(k) != v and not (k in READOUT and k in enc)}
     if changed:
         said = lambda k: k in enc or k in READOUT or k == "patch_size"  # noqa: E731  keys a recipe speaks of
@@ -438,12 +438,13 @@ def resume_config(loader, run: str | os.PathLike, overrides: Sequence[str] = (),
     """The recipe a resumed run continues with: the run's own ``recipe.yaml`` (what ran), then ``overrides``.
     An override that changes a saved value is an error naming the key and both values, unless the key is in
     ``FREE_ON_RESUME`` or ``allow`` (``--allow-change KEY``); returns the recipe and ``{key: {"from", "to"}}``
-    of what changed, for run.json. ``loader(path, overrides)`` reads a recipe of the run's kind."""
+    of what changed, for run.json. ``loader(path, overrides, resolved=True)`` reads a recipe of the run's kind
+    (:meth:`medfm.run.RecipeKind.load`)."""
     saved = Path(run) / RECIPE_NAME
     if not saved.exists():
         raise FileNotFoundError(f"{saved}: nothing to resume ({run} holds no {RECIPE_NAME}: not a run folder)")
-    cfg = loader(saved, list(overrides))
-    before, after = flatten(loader(saved)), flatten(cfg)
+    cfg = loader(saved, list(overrides), resolved=True)  # the encoder was resolved when the run started
+    before, after = flatten(loader(saved, resolved=True)), flatten(cfg)
     changes = {k: {"from": before.get(k), "to": v} for k, v in after.items() if before.get(k) != v}
     refused = [k for k in changes if k not in FREE_ON_RESUME and k not in allow]
     if refused:

@@ -62,6 +62,9 @@ class RunPlugin:
     name: ClassVar[str] = ""
     Config: ClassVar[type | None] = None
     model_folder: ClassVar[str] = "model"
+    # the keyword options ``evaluate`` takes besides the run (``medfm evaluate RUN --OPTION``): the contract the
+    # command checks, so an option this kind of run does not take is an error, never silently ignored
+    evaluate_options: ClassVar[tuple[str, ...]] = ()
 
     def config(self, cfg: dict):
         """This plug-in's own recipe section, typed."""
@@ -84,8 +87,13 @@ class RunPlugin:
     def after_fit(self, built: Built, trainer: L.Trainer, folder: RunFolder) -> None:
         pass
 
-    def evaluate(self, run: Path, **options: Any) -> dict:
+    def evaluate(self, run: Path) -> dict:
         raise NotImplementedError(f"{self.kind} plug-in {self.name!r} has no evaluation")
+
+    @classmethod
+    def unknown_evaluate_options(cls, options: Sequence[str]) -> list[str]:
+        """The names in ``options`` this plug-in's ``evaluate`` does not take (:attr:`evaluate_options`)."""
+        return [o for o in options if o not in cls.evaluate_options]
 
     def summary(self, metrics: dict) -> list[str]:
         """The headline numbers of ``evaluate``'s metrics, as lines for the console."""
@@ -136,19 +144,26 @@ class RecipeKind:
     schema: Callable[[], dict]
     check: Callable[[dict], None] | None = None
     folder: str = "encoders"
+    # the plug-in of a recipe, when it is not simply the registry's entry its selector names (a fine-tuning
+    # recipe with a ``site_adaptation`` section runs the site-adaptation plug-in of its task)
+    choose: Callable[[dict], RunPlugin] | None = None
 
     def __post_init__(self) -> None:
         KINDS[self.registry.kind] = self
 
     def plugin(self, cfg: dict) -> RunPlugin:
+        if self.choose is not None:
+            return self.choose(cfg)
         return self.registry.get_plugin(cfg[self.selector])
 
     def load(self, path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = (),
-             profile: str | None = None) -> dict:
+             profile: str | None = None, resolved: bool = False) -> dict:
         """The recipe at ``path`` (or the defaults) with the ``profile`` and ``overrides`` applied, the encoder
-        built as a pretrained folder saved it, checked (an unknown plug-in names the known ones)."""
+        built as a pretrained folder saved it, checked (an unknown plug-in names the known ones).
+        ``resolved``: a run's own recipe.yaml, whose encoder was resolved when the run started, so its source
+        (a public folder, a hub id) is not read again: a run evaluates after its source is gone."""
         cfg = load_config(self.schema(), path, overrides, profile)
-        if isinstance(cfg.get("encoder"), dict):
+        if isinstance(cfg.get("encoder"), dict) and not resolved:
             adopt_saved_architecture(cfg)
         self.plugin(cfg)
         if self.check is not None:
@@ -164,6 +179,20 @@ class RecipeKind:
 
 
 KINDS: dict[str, RecipeKind] = {}  # by the registry's kind: pretrain | finetune | generate
+
+
+def run_plugin(run: str | os.PathLike) -> RunPlugin:
+    """The plug-in that made a run folder, from its ``run.json`` (a folder without one is taken for a
+    fine-tuning run written before run.json existed: its recipe's task)."""
+    folder = RunFolder(run)
+    if not (folder.path / "run.json").exists():
+        kind = KINDS["finetune"]
+        return kind.registry.get_plugin(folder.read_recipe()[kind.selector])
+    info = folder.info()
+    kind = KINDS.get(info.get("kind"))
+    if kind is None:
+        raise ValueError(f"{run}: unknown run kind {info.get('kind')!r} in run.json")
+    return kind.registry.get_plugin(info["plugin"])
 
 
 def recipe_kind(path: str | os.PathLike, among: Sequence[str] | None = None) -> RecipeKind:

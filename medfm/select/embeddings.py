@@ -21,8 +21,10 @@ import torch.nn as nn
 
 from medfm.atomic import atomic_path
 from medfm.data import DataError, open_dataset
-from medfm.data.transforms import PRESET_DIMS, with_channels
-from medfm.encoders import create_encoder, create_model_and_transforms, preprocess_transform
+from medfm.data.preprocess import Preprocess
+from medfm.data.transforms import with_channels
+from medfm.encoders import create_encoder, create_model_and_transforms
+from medfm.encoders.source import resolve_source
 from medfm.evaluate.probe import embed_dataset
 
 CACHE_DIR = Path(os.environ.get("MEDFM_CACHE", Path.home() / ".cache" / "medfm")) / "embeddings"
@@ -34,13 +36,13 @@ class Embedder:
 
     model: nn.Module
     transform: object
-    preprocess: dict
+    preprocess: Preprocess
     name: str
 
     @functools.cached_property
     def identity(self) -> str:
         """16 hex digits of SHA-256 over the preprocessing record and every weight tensor (once per embedder)."""
-        h = hashlib.sha256(json.dumps(self.preprocess, sort_keys=True, default=str).encode())
+        h = hashlib.sha256(json.dumps(self.preprocess.record(), sort_keys=True, default=str).encode())
         for key, t in sorted(self.model.state_dict().items()):
             h.update(key.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -48,31 +50,34 @@ class Embedder:
 
 
 def load_embedder(encoder: str = "vit_tiny", pretrained: str | None = None, preset: str | None = None,
-                  size: int | None = None, spatial_dims: int = 2, seed: int = 0) -> Embedder:
-    """``pretrained`` (a medfm run or encoder folder, or a public model file / folder that ``medfm models``
-    lists) with the preprocessing it records, or a randomly initialised ``encoder`` (a registered name;
-    ``seed`` fixes its weights). ``preset`` / ``size`` replace the recorded preprocessing."""
-    if pretrained:
-        path = Path(pretrained)
-        if (path / "encoder" / "config.json").exists():
-            path = path / "encoder"
-        model, _ = create_model_and_transforms(path)
-        recorded = dict(getattr(model, "preprocess", None) or {})
+                  size: int | None = None, spatial_dims: int = 2, seed: int = 0, preset_args: dict | None = None) -> Embedder:
+    """An encoder and the preprocessing it reads images with: the one way ``medfm encode``, ``medfm select``
+    and ``medfm curate`` build them. ``pretrained`` (anything :func:`medfm.encoders.source.resolve_source`
+    takes: a medfm run or encoder folder, a public model file / folder / ``hf:`` id) with the preprocessing it
+    records (:func:`medfm.encoders.create_model_and_transforms`); a bare weight file or ``timm:<name>`` loaded
+    into the registered ``encoder``; or a randomly initialised ``encoder`` (``seed`` fixes its weights).
+    ``preset`` / ``size`` / ``preset_args`` replace the recorded preprocessing."""
+    source = resolve_source(pretrained) if pretrained else None
+    if source is not None and source.kind in ("medfm", "public"):
+        model, _ = create_model_and_transforms(source.given, spatial_dims=spatial_dims if source.kind == "public" else None)
+        recorded = Preprocess.read(getattr(model, "preprocess", None))
         name = str(pretrained)
     else:
         torch.manual_seed(seed)
-        model = create_encoder(encoder, spatial_dims=spatial_dims, in_chans=1, img_size=size or 224)
-        recorded, name = {}, f"{encoder} (random init, seed {seed})"
+        model = create_encoder(encoder, spatial_dims=spatial_dims, in_chans=1, img_size=size or 224, pretrained=pretrained)
+        recorded, name = None, str(pretrained) if pretrained else f"{encoder} (random init, seed {seed})"
     dims = getattr(model, "spatial_dims", spatial_dims)
-    record = {"preset": preset or recorded.get("preset") or ("radiograph_2d" if dims == 2 else "mr_3d"),
-              "size": size or recorded.get("size") or _first(getattr(model, "img_size", None)) or 224,
-              "args": recorded.get("args", {}) if not preset else {}}
-    if PRESET_DIMS.get(record["preset"], dims) != dims:
-        raise ValueError(f"preset {record['preset']} is for {PRESET_DIMS[record['preset']]}D inputs but encoder "
+    default = "radiograph_2d" if dims == 2 else "mr_3d"
+    use_recorded = recorded is not None and not preset
+    preprocess = Preprocess(preset or (recorded.preset if recorded else default),
+                            size or (recorded.size if recorded else None) or _first(getattr(model, "img_size", None)) or 224,
+                            preset_args if preset_args is not None else (recorded.args if use_recorded else {}))
+    if preprocess.spatial_dims != dims:
+        raise ValueError(f"preset {preprocess.preset} is for {preprocess.spatial_dims}D inputs but encoder "
                          f"{name} is {dims}D")
-    transform = with_channels(preprocess_transform(record), int(getattr(model, "in_chans", 1) or 1))
+    transform = with_channels(preprocess.transform(), int(getattr(model, "in_chans", 1) or 1))
     model.eval()
-    return Embedder(model, transform, record, name)
+    return Embedder(model, transform, preprocess, name)
 
 
 def _first(value):
@@ -98,10 +103,10 @@ def embed(embedder: Embedder, data: str | os.PathLike, split: str | None = "trai
     dataset = open_dataset(data, split=split, label=label, transform=embedder.transform)
     if len(dataset) == 0:
         raise DataError(f"{data}: split {split!r} is empty")
-    dims, wants = dataset.load_sample(0)["meta"]["spatial_dims"], PRESET_DIMS[embedder.preprocess["preset"]]
+    dims, wants = dataset.load_sample(0)["meta"]["spatial_dims"], embedder.preprocess.spatial_dims
     if dims != wants:
         raise ValueError(f"{dataset.describe(0)} is {dims}D but {embedder.name} reads {wants}D images (preset "
-                         f"{embedder.preprocess['preset']}); use a {dims}D encoder and preset")
+                         f"{embedder.preprocess.preset}); use a {dims}D encoder and preset")
     file = None
     if cache is not None:
         file = Path(cache) / f"{embedder.identity}_{data_identity(data, split)}_{label or 'nolabel'}.safetensors"

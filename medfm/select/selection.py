@@ -173,7 +173,7 @@ def run_selection(embedder: Embedder, data: str, out: str | os.PathLike, budget:
     selection_plot(x, picks, have, out / "selection.png", f"{strategy}: {budget} picks from {len(rows)} "
                    f"({embedder.name})", seed, classes)
     summary = {"strategy": strategy, "budget": budget, "seed": seed, "data": str(data), "split": split,
-               "encoder": embedder.name, "encoder_hash": embedder.identity, "preprocess": embedder.preprocess,
+               "encoder": embedder.name, "encoder_hash": embedder.identity, "preprocess": embedder.preprocess.record(),
                "pool": len(rows), "labelled": len(have), "positions": picks,
                "wall_s": round(time.perf_counter() - t0, 2)}
     write_text(out / "selection.json", json.dumps(summary, indent=2) + "\n")
