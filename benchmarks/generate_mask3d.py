@@ -77,9 +77,9 @@ def main() -> None:
     crops = [train[0] for _ in range(args.n)]  # random crops of the brain (the training transform)
     real = torch.stack([c["image"] for c in crops]).float()
     mni_masks = torch.stack([c["mask"] for c in crops]).round().long()
-    k = g.spec["mask_classes"]
+    k = g.spec.mask_classes
     means = class_means(real, mni_masks, k)
-    synth = engine_masks(args.n, g.spec["image_size"], k)
+    synth = engine_masks(args.n, g.spec.image_size, k)
     t1 = time.perf_counter()
     gen_mni = g.generate(masks=mni_masks, seed=0, steps=args.sample_steps, batch_size=4)
     t_sample = time.perf_counter() - t1
@@ -91,7 +91,7 @@ def main() -> None:
                 title="generated from synthesis-engine label maps (middle slices)")
     sample_grid(real[:8], run / "real_mni_crops.png", g, {"masks": list(mni_masks[:8])}, title="real MNI152 crops")
     print(f"generator {run}: training {t_train:.0f} s this call; sampling {args.n} volumes in {t_sample:.0f} s "
-          f"({args.n / t_sample:.2f} volumes/s, DDIM {args.sample_steps}, guidance {g.spec['guidance_scale']})\n")
+          f"({args.n / t_sample:.2f} volumes/s, DDIM {args.sample_steps}, guidance {g.spec.guidance_scale})\n")
     print("| volumes | label maps | nearest-class-mean Dice | mean intensity bg / GM / WM |\n|---|---|---|---|")
     for name, vols, masks in (("real MNI152 crops (ceiling)", real, mni_masks),
                               ("generated", gen_mni, mni_masks), ("generated", gen_syn, synth),

@@ -199,14 +199,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model}: a {type(generator).__name__}, not a diffusion generator")
     cond: dict = {}
     if args.classes:
-        names = generator.spec.get("class_names") or []
+        names = generator.spec.class_names or []
         classes = names if args.classes == "all" else [c.strip() for c in args.classes.split(",") if c.strip()]
         generator.class_indices(classes)  # unknown names fail before anything is generated
         cond["classes"] = _cycle(classes, args.n)
     if args.prompt:
         cond["prompts"] = _cycle(list(args.prompt), args.n)
     if args.masks:
-        masks_ds = open_dataset(args.masks, spatial_dims=generator.spec["spatial_dims"])
+        masks_ds = open_dataset(args.masks, spatial_dims=generator.spec.spatial_dims)
         paths = [masks_ds.describe(i) for i in range(len(masks_ds))]
         order = _cycle(list(range(len(masks_ds))), args.n)
         cond["masks"] = [masks_ds[i]["image"].round().long() for i in order]

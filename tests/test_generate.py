@@ -95,7 +95,7 @@ def test_3d_mask_conditioned_loss_falls_on_mni152_crops(data, tmp_path):
     cfg = tiny("diffusion_3d", TINY_3D)
     run = run_generator(cfg, tmp_path / "g3d", data_path=data[3])
     trained = load(run)
-    assert trained.network.kind == "monai" and trained.spec["mask_classes"] == 3  # background, GM, WM
+    assert trained.network.kind == "monai" and trained.spec.mask_classes == 3  # background, GM, WM
     train = open_training_set(cfg, data[3])
     batch = [train[0] for _ in range(4)]  # random crops of the one brain (the training transform)
     images = torch.stack([b["image"] for b in batch])
@@ -126,7 +126,7 @@ def test_latent_diffusion_trains_the_autoencoder_then_denoises_its_latents(data,
                trainer={"max_steps": 14, "checkpoint_every_n_steps": 7})
     run = run_generator(cfg, tmp_path / "latent", data_path=data[3])
     g = load(run)
-    assert g.autoencoder is not None and g.net_spec["image_size"] == 16 and g.net_spec["in_chans"] == 2
+    assert g.autoencoder is not None and g.net_spec.image_size == 16 and g.net_spec.in_chans == 2
     assert float(g.latent_scale) != 1.0  # measured when the diffusion stage began, saved with the weights
     logged = losses(run)
     assert len(logged) == 14 and np.mean(logged[4:8]) < logged[0]  # the autoencoder's L1 + KL falls first

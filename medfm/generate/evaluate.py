@@ -39,6 +39,7 @@ from medfm.run import RunFolder, find_recipe
 from medfm.run.recipe import merge
 from medfm.finetune.classification import evaluate_classification
 
+from .spec import DiffusionSpec
 from .export import export_generated, model_hash
 from .recipe import load_generator_recipe, open_training_set
 
@@ -54,7 +55,7 @@ def draw_conditions(generator, train, indices: Sequence[int]) -> dict:
     """Conditions taken from the training samples at ``indices``: their classes, prompts or label maps."""
     c = generator.conditioning
     if c == "class":
-        names = generator.spec["class_names"]
+        names = generator.spec.class_names
         return {"classes": [names[int(train[int(i)]["label"])] for i in indices]}
     if c == "text":
         return {"prompts": [train[int(i)]["text"] for i in indices]}
@@ -99,7 +100,7 @@ def conditioning_accuracy(classifier_run: Path, manifest: Path, split: str, clas
             "real_balanced_accuracy": run_metrics[split]["balanced_accuracy"], "classifier": str(classifier_run)}
 
 
-def feature_encoder(features: str | None, classifier_run: Path | None, spec: dict) -> tuple[EncoderFeatures, str]:
+def feature_encoder(features: str | None, classifier_run: Path | None, spec: DiffusionSpec) -> tuple[EncoderFeatures, str]:
     """The encoder whose feature space the distances use, and its name for the table."""
     if features:
         enc = load(features)
@@ -108,8 +109,8 @@ def feature_encoder(features: str | None, classifier_run: Path | None, spec: dic
         enc = load(classifier_run / "encoder")
         return EncoderFeatures(enc, getattr(enc, "img_size", None)), f"{classifier_run / 'encoder'} (the real-only classifier)"
     torch.manual_seed(0)
-    dims, size = spec["spatial_dims"], spec["image_size"]
-    enc = create_encoder("vit_tiny", spatial_dims=dims, in_chans=spec["in_chans"], img_size=size,
+    dims, size = spec.spatial_dims, spec.image_size
+    enc = create_encoder("vit_tiny", spatial_dims=dims, in_chans=spec.in_chans, img_size=size,
                          patch_size=max(size // 8, 1))
     return EncoderFeatures(enc, size), f"vit_tiny random init (seed 0, patch {max(size // 8, 1)})"
 
@@ -135,17 +136,17 @@ def evaluate_generator(run: str | Path, data: str | None = None, split: str | No
     draw = rng.choice(len(train), size=n, replace=n > len(train))
     manifest = export_generated(generator, dest / "generated", **draw_conditions(generator, train, draw), seed=0,
                                 steps=steps, batch_size=batch_size, model=model_hash(run))
-    generated_set = open_dataset(manifest, spatial_dims=generator.spec["spatial_dims"],
-                                 transform=preprocess_transform(generator.spec["preprocess"]))
+    generated_set = open_dataset(manifest, spatial_dims=generator.spec.spatial_dims,
+                                 transform=preprocess_transform(generator.spec.preprocess))
     fake = stack_images(generated_set, range(len(generated_set)))
     metrics: dict = {"run": str(run), "data": data, "split": split, "n_generated": n, "generated": str(manifest),
-                     "sampler": generator.spec["sampler"], "steps": steps or generator.spec["sample_steps"],
-                     "guidance_scale": generator.spec["guidance_scale"]}
+                     "sampler": generator.spec.sampler, "steps": steps or generator.spec.sample_steps,
+                     "guidance_scale": generator.spec.guidance_scale}
     classifier_run = None
     if generator.conditioning == "class":
         metrics["utility"] = utility(cfg, data, split, manifest, dest, classify, overrides)
         classifier_run = dest / "utility" / "real"
-        metrics["conditioning"] = conditioning_accuracy(classifier_run, manifest, split, generator.spec["class_names"],
+        metrics["conditioning"] = conditioning_accuracy(classifier_run, manifest, split, generator.spec.class_names,
                                                         dest / "conditioning")
     feats, feats_name = feature_encoder(features, classifier_run, generator.spec)
     train_all = stack_images(train, range(len(train)))  # loaded once: the real subsets and the memorisation check

@@ -42,7 +42,7 @@ def sample_grid(images: torch.Tensor, path: str | os.PathLike, generator: Diffus
     conditioning each sample has its label map drawn beneath it."""
     plt = pyplot()
     cond = cond or {}
-    names = (generator.spec.get("class_names") if generator is not None else None) or []
+    names = (generator.spec.class_names if generator is not None else None) or []
     n = len(images)
     cols = min(columns, n)
     masks = cond.get("masks")
@@ -79,8 +79,8 @@ def export_generated(generator: DiffusionGenerator, out: str | os.PathLike, clas
     """Generate one sample per class / prompt / mask (or ``n`` unconditional ones) into ``out``:
     ``images/``, ``labels/`` (mask conditioning), ``manifest.csv``, ``grid.png``. Returns the manifest."""
     spec = generator.spec
-    steps, sampler = steps or spec["sample_steps"], sampler or spec["sampler"]
-    scale = spec["guidance_scale"] if guidance_scale is None else guidance_scale
+    steps, sampler = steps or spec.sample_steps, sampler or spec.sampler
+    scale = spec.guidance_scale if guidance_scale is None else guidance_scale
     conds = {"classes": classes, "prompts": prompts, "masks": masks}
     given = {k: list(v) for k, v in conds.items() if v is not None}
     total = len(next(iter(given.values()))) if given else (n or 0)
@@ -90,9 +90,9 @@ def export_generated(generator: DiffusionGenerator, out: str | os.PathLike, clas
     (out / "images").mkdir(parents=True, exist_ok=True)
     if masks is not None:
         (out / "labels").mkdir(parents=True, exist_ok=True)
-    spacing = spec.get("preprocess", {}).get("args", {}).get("spacing", 1.0)
+    spacing = (spec.preprocess or {}).get("args", {}).get("spacing", 1.0)
     affine = np.diag([*np.broadcast_to(np.asarray(spacing, dtype=float), (3,)), 1.0])
-    names = spec.get("class_names") or []
+    names = spec.class_names or []
     rows, shown, shown_cond = [], [], {k: [] for k in given}
     bar = progress_bar(total=total, desc=f"generating {total} ({sampler}, {steps} steps)", unit="img", disable=not progress)
     for start in range(0, total, batch_size):
@@ -103,7 +103,7 @@ def export_generated(generator: DiffusionGenerator, out: str | os.PathLike, clas
         for j, img in enumerate(images):
             i = start + j
             row = {"image": "", "split": "train"}
-            if spec["spatial_dims"] == 2:
+            if spec.spatial_dims == 2:
                 row["image"] = f"images/gen_{i:05d}.png"
                 write_png(img.numpy(), out / row["image"])
             else:
@@ -117,7 +117,7 @@ def export_generated(generator: DiffusionGenerator, out: str | os.PathLike, clas
             if "masks" in part:
                 row["mask"] = f"labels/gen_{i:05d}.nii.gz"
                 m = torch.as_tensor(part["masks"][j]).reshape(img.shape[1:])
-                write_nifti(m.numpy().astype(np.uint8 if spec["mask_classes"] < 256 else np.int16), out / row["mask"], affine)
+                write_nifti(m.numpy().astype(np.uint8 if spec.mask_classes < 256 else np.int16), out / row["mask"], affine)
                 if mask_sources is not None:
                     row["mask_source"] = str(mask_sources[i])
             row.update(seed=seed + i, sampler=sampler, steps=steps, guidance_scale=scale,

@@ -32,6 +32,7 @@ regenerated alone. Saved as an artifact (``config.json`` + ``model.safetensors``
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -45,35 +46,35 @@ from medfm.encoders.text import TextEncoder, create_text_encoder
 
 from .network import Denoiser
 from .pipeline import DiffusionPipeline
+from .spec import CONDITIONING, DiffusionSpec
 
-CONDITIONING = ("none", "class", "text", "mask")
 
 
-def latent_autoencoder(spec: dict) -> nn.Module:
+def latent_autoencoder(spec: DiffusionSpec) -> nn.Module:
     """MONAI's ``AutoencoderKL`` for latent diffusion (``autoencoder_channels`` per level, ``latent_channels``)."""
     from monai.networks.nets import AutoencoderKL
 
-    levels = len(spec["autoencoder_channels"])
-    return AutoencoderKL(spatial_dims=spec["spatial_dims"], in_channels=spec["in_chans"], out_channels=spec["in_chans"],
-                         channels=tuple(spec["autoencoder_channels"]), latent_channels=spec["latent_channels"], num_res_blocks=1,
-                         attention_levels=(False,) * levels, norm_num_groups=spec["norm_groups"],
+    levels = len(spec.autoencoder_channels)
+    return AutoencoderKL(spatial_dims=spec.spatial_dims, in_channels=spec.in_chans, out_channels=spec.in_chans,
+                         channels=tuple(spec.autoencoder_channels), latent_channels=spec.latent_channels, num_res_blocks=1,
+                         attention_levels=(False,) * levels, norm_num_groups=spec.norm_groups,
                          with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
 
 
-def network_spec(spec: dict) -> dict:
+def network_spec(spec: DiffusionSpec) -> DiffusionSpec:
     """What the denoiser sees: the image itself, or (latent diffusion) the autoencoder's latent grid."""
-    if not spec.get("latent_diffusion"):
+    if not spec.latent_diffusion:
         return spec
-    factor = 2 ** (len(spec["autoencoder_channels"]) - 1)
-    if spec["image_size"] % factor:
-        raise ValueError(f"diffusion.image_size {spec['image_size']} must be a multiple of {factor} for latent diffusion")
-    return {**spec, "in_chans": spec["latent_channels"], "image_size": spec["image_size"] // factor}
+    factor = 2 ** (len(spec.autoencoder_channels) - 1)
+    if spec.image_size % factor:
+        raise ValueError(f"diffusion.image_size {spec.image_size} must be a multiple of {factor} for latent diffusion")
+    return dataclasses.replace(spec, in_chans=spec.latent_channels, image_size=spec.image_size // factor)
 
 
-def noise_schedule(spec: dict) -> DDPMScheduler:
+def noise_schedule(spec: DiffusionSpec) -> DDPMScheduler:
     """The training noise schedule (diffusers' DDPM) the spec names."""
-    return DDPMScheduler(num_train_timesteps=spec["train_timesteps"], beta_schedule=spec["beta_schedule"],
-                         prediction_type=spec["prediction_type"])
+    return DDPMScheduler(num_train_timesteps=spec.train_timesteps, beta_schedule=spec.beta_schedule,
+                         prediction_type=spec.prediction_type)
 
 
 class DiffusionGenerator(Artifact, nn.Module):
@@ -83,31 +84,32 @@ class DiffusionGenerator(Artifact, nn.Module):
 
     components = ("text_encoder",)
 
-    def __init__(self, spec: dict, text_encoder: TextEncoder | None = None, scheduler: dict | None = None):
+    def __init__(self, spec: DiffusionSpec | dict, text_encoder: TextEncoder | None = None, scheduler: dict | None = None):
         super().__init__()
-        if spec["conditioning"] not in CONDITIONING:
-            raise ValueError(f"diffusion.conditioning must be one of {', '.join(CONDITIONING)}, got {spec['conditioning']!r}")
-        if spec["conditioning"] == "class" and not spec.get("num_classes"):
+        spec = DiffusionSpec.read(spec)
+        if spec.conditioning not in CONDITIONING:
+            raise ValueError(f"diffusion.conditioning must be one of {', '.join(CONDITIONING)}, got {spec.conditioning!r}")
+        if spec.conditioning == "class" and not spec.num_classes:
             raise ValueError("class conditioning needs num_classes (from the training labels)")
-        if spec["conditioning"] == "mask" and not spec.get("mask_classes"):
+        if spec.conditioning == "mask" and not spec.mask_classes:
             raise ValueError("mask conditioning needs mask_classes (label values incl. background)")
-        self.spec = dict(spec)
-        self.conditioning = spec["conditioning"]
+        self.spec = spec
+        self.conditioning = spec.conditioning
         self.text_encoder = None
         if self.conditioning == "text":
-            self.text_encoder = text_encoder or create_text_encoder(spec.get("text_model"))
+            self.text_encoder = text_encoder or create_text_encoder(spec.text_model)
             self.text_encoder.requires_grad_(False).eval()
         self.net_spec = network_spec(spec)
         self.network = Denoiser(self.net_spec, text_dim=self.text_encoder.embed_dim if self.conditioning == "text" else None)
         self.scheduler = DDPMScheduler.from_config(scheduler) if scheduler else noise_schedule(spec)
-        self.autoencoder = latent_autoencoder(spec) if spec.get("latent_diffusion") else None
+        self.autoencoder = latent_autoencoder(spec) if spec.latent_diffusion else None
         if self.autoencoder is not None:  # 1 / std of the latents, set when the diffusion stage starts (Rombach et al.)
             self.register_buffer("latent_scale", torch.ones(()))
 
     # ------------------------------------------------------------ artifact
     def artifact_config(self) -> dict:
         """The spec and the noise schedule as built (the constructor's ``scheduler`` is None for a new one)."""
-        return {"spec": self.spec, "scheduler": {k: v for k, v in self.scheduler.config.items()}}
+        return {"spec": self.spec.record(), "scheduler": {k: v for k, v in self.scheduler.config.items()}}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -121,7 +123,7 @@ class DiffusionGenerator(Artifact, nn.Module):
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return (self.spec["in_chans"],) + (self.spec["image_size"],) * self.spec["spatial_dims"]
+        return (self.spec.in_chans,) + (self.spec.image_size,) * self.spec.spatial_dims
 
     # ------------------------------------------------------------ latent diffusion
     def to_latent(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,12 +174,12 @@ class DiffusionGenerator(Artifact, nn.Module):
         """Class names (as in ``class_names``) or indices -> an index tensor (unknown ones are errors)."""
         if self.conditioning != "class":
             raise ValueError(f"this generator is {self.conditioning}-conditioned; it takes no class condition")
-        names = [str(c) for c in self.spec.get("class_names") or range(self.spec["num_classes"])]
+        names = [str(c) for c in self.spec.class_names or range(self.spec.num_classes)]
         out = []
         for c in (classes.tolist() if torch.is_tensor(classes) else classes):
             if str(c) in names:
                 out.append(names.index(str(c)))
-            elif isinstance(c, int) and 0 <= c < self.spec["num_classes"]:
+            elif isinstance(c, int) and 0 <= c < self.spec.num_classes:
                 out.append(c)
             else:
                 raise ValueError(f"unknown class {c!r}; this generator knows {names}")
@@ -185,7 +187,7 @@ class DiffusionGenerator(Artifact, nn.Module):
 
     def check_masks(self, masks: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Label maps (each (1, *spatial) or (*spatial)) -> one (B, 1, *spatial) long tensor, checked."""
-        dims = self.spec["spatial_dims"]
+        dims = self.spec.spatial_dims
         items = list(masks) if not torch.is_tensor(masks) or masks.ndim == dims + 2 else [masks]
         items = [torch.as_tensor(m) for m in items]
         items = [m[None] if m.ndim == dims else m for m in items]
@@ -199,12 +201,12 @@ class DiffusionGenerator(Artifact, nn.Module):
             if not torch.isfinite(m.float()).all() or (m != m.round()).any():
                 raise ValueError(f"mask {i}: label values must be integers")
             lo, hi = int(m.min()), int(m.max())
-            if lo < 0 or hi >= self.spec["mask_classes"]:
-                raise ValueError(f"mask {i}: label values {lo}..{hi} outside 0..{self.spec['mask_classes'] - 1} "
+            if lo < 0 or hi >= self.spec.mask_classes:
+                raise ValueError(f"mask {i}: label values {lo}..{hi} outside 0..{self.spec.mask_classes - 1} "
                                  "(the label values this generator was trained on)")
-        factor = 2 ** (len(self.spec["channels"]) - 1)
+        factor = 2 ** (len(self.spec.channels) - 1)
         if self.autoencoder is not None:
-            factor *= 2 ** (len(self.spec["autoencoder_channels"]) - 1)
+            factor *= 2 ** (len(self.spec.autoencoder_channels) - 1)
         if any(s % factor for s in items[0].shape[1:]):
             raise ValueError(f"mask shape {tuple(items[0].shape[1:])}: every side must be a multiple of {factor} "
                              f"(the networks halve the size {factor.bit_length() - 1} times)")
@@ -219,7 +221,7 @@ class DiffusionGenerator(Artifact, nn.Module):
         n = len(value)
         drop = torch.ones(n, dtype=torch.bool) if drop is None else drop.cpu()
         if key == "class_labels":
-            return {key: torch.where(drop.to(value.device), torch.full_like(value, self.spec["num_classes"]), value)}
+            return {key: torch.where(drop.to(value.device), torch.full_like(value, self.spec.num_classes), value)}
         if key == "prompts":
             return {key: ["" if d else p for p, d in zip(value, drop.tolist())]}
         keep = (~drop).to(value.device).view(-1, *([1] * (value.ndim - 1)))
@@ -229,7 +231,7 @@ class DiffusionGenerator(Artifact, nn.Module):
         """The network's input tensor (mask channels appended) and keyword arguments."""
         if "mask" in cond:
             m = cond["mask"].to(x.device)
-            onehot = F.one_hot(m[:, 0].clamp(min=0), self.spec["mask_classes"]).movedim(-1, 1).to(x.dtype)
+            onehot = F.one_hot(m[:, 0].clamp(min=0), self.spec.mask_classes).movedim(-1, 1).to(x.dtype)
             onehot = onehot * (m >= 0).to(x.dtype)
             if onehot.shape[2:] != x.shape[2:]:  # latent diffusion: label fractions on the latent grid
                 onehot = F.adaptive_avg_pool3d(onehot, x.shape[2:]) if x.ndim == 5 else F.adaptive_avg_pool2d(onehot, x.shape[2:])
@@ -245,7 +247,7 @@ class DiffusionGenerator(Artifact, nn.Module):
         """Token states (B, L, D) of the frozen text tower, padded to a fixed length, so that a sample's
         result does not depend on the other prompts in its batch."""
         tok = self.text_encoder.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                          max_length=self.spec["text_max_length"], return_tensors="pt")
+                                          max_length=self.spec.text_max_length, return_tensors="pt")
         return self.text_encoder(input_ids=tok["input_ids"].to(self.device),
                                  attention_mask=tok["attention_mask"].to(self.device))["tokens"]
 

@@ -40,13 +40,13 @@ class DiffusionModule(TrainingModule):
     def compute_loss(self, batch: dict):
         g = self.generator
         if g.autoencoder is not None:  # latent diffusion: the autoencoder first, then (frozen) the denoiser
-            stage_one = self.global_step < g.spec["autoencoder_steps"]
+            stage_one = self.global_step < g.spec.autoencoder_steps
             g.autoencoder.requires_grad_(stage_one)
             if stage_one:
-                return g.autoencoder_loss(batch["image"], g.spec["kl_weight"]), {"stage": 1.0}
-            if self.global_step == g.spec["autoencoder_steps"]:
+                return g.autoencoder_loss(batch["image"], g.spec.kl_weight), {"stage": 1.0}
+            if self.global_step == g.spec.autoencoder_steps:
                 g.set_latent_scale(batch["image"])
-        cond = batch_condition(batch, g.conditioning, g.spec.get("mask_classes"))
+        cond = batch_condition(batch, g.conditioning, g.spec.mask_classes)
         return g.loss(batch["image"], cond, self.cond_dropout, self.snr_gamma), {}
 
     def on_fit_start(self) -> None:
@@ -62,7 +62,7 @@ class DiffusionModule(TrainingModule):
         # end of the batch (ModelCheckpoint runs before the module's on_train_batch_end) then holds it
         super().optimizer_step(*args, **kwargs)
         g = self.generator
-        if self.ema is not None and (g.autoencoder is None or self.global_step >= g.spec["autoencoder_steps"]):
+        if self.ema is not None and (g.autoencoder is None or self.global_step >= g.spec.autoencoder_steps):
             self.ema.step(g.network.parameters())  # (latent diffusion: from the denoiser's first step on)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

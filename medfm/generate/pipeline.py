@@ -25,9 +25,9 @@ class DiffusionPipeline:
                  guidance_scale: float | None = None):
         spec = generator.spec
         self.generator = generator
-        self.sampler = sampler or spec["sampler"]
-        self.steps = steps or spec["sample_steps"]
-        self.guidance_scale = spec["guidance_scale"] if guidance_scale is None else guidance_scale
+        self.sampler = sampler or spec.sampler
+        self.steps = steps or spec.sample_steps
+        self.guidance_scale = spec.guidance_scale if guidance_scale is None else guidance_scale
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; available: {', '.join(SAMPLERS)}")
 
@@ -45,9 +45,9 @@ class DiffusionPipeline:
             raise ValueError("nothing to generate: give n (unconditional) or at least one condition")
         shape = tuple(cond["mask"].shape[2:]) if "mask" in cond else g.sample_shape[1:]
         if g.autoencoder is not None:  # noise lives on the latent grid
-            factor = g.spec["image_size"] // g.net_spec["image_size"]
+            factor = g.spec.image_size // g.net_spec.image_size
             shape = tuple(s // factor for s in shape)
-        channels = g.net_spec["in_chans"]
+        channels = g.net_spec.in_chans
         out = []
         batches = -(-total // batch_size)
         bar = progress_bar(total=batches * self.steps, unit="step", disable=not progress,

@@ -26,7 +26,7 @@ from .registry import GENERATORS
 def preview_conditions(generator: DiffusionGenerator, train, n: int) -> dict:
     """Conditions for ``n`` preview samples: classes in turn, or the first training prompts / label maps."""
     if generator.conditioning == "class":
-        return {"classes": [i % generator.spec["num_classes"] for i in range(n)]}
+        return {"classes": [i % generator.spec.num_classes for i in range(n)]}
     return draw_conditions(generator, train, [i % len(train) for i in range(n)])
 
 
@@ -42,7 +42,7 @@ class DiffusionPlugin(RunPlugin):
         d, s = self.section(cfg, "data"), self.config(cfg)
         train = open_training_set(cfg)
         spec = complete_spec(cfg, train)
-        cfg = merge(cfg, {"diffusion": {k: spec[k] for k in ("num_classes", "class_names", "mask_classes")}})
+        cfg = merge(cfg, {"diffusion": {k: getattr(spec, k) for k in ("num_classes", "class_names", "mask_classes")}})
         generator = DiffusionGenerator(spec)
         n_params = sum(p.numel() for p in generator.network.parameters())
         print(f"diffusion {s.spatial_dims}D, {s.conditioning}-conditioned: {n_params:,} network parameters "
@@ -59,13 +59,13 @@ class DiffusionPlugin(RunPlugin):
         with module.ema_weights():
             g = module.generator.eval()
             folder.save(g, self.model_folder)
-            n = g.spec["preview"]
+            n = g.spec.preview
             if n:
                 train = trainer.datamodule.keyed.dataset
                 cond = preview_conditions(g, train, n)
                 images = g.generate(**cond, seed=0)
-                sample_grid(images, folder / "samples.png", g, cond, title=f"{g.spec['sampler']}, {g.spec['sample_steps']} steps, "
-                            f"guidance {g.spec['guidance_scale']}, step {trainer.global_step}")
+                sample_grid(images, folder / "samples.png", g, cond, title=f"{g.spec.sampler}, {g.spec.sample_steps} steps, "
+                            f"guidance {g.spec.guidance_scale}, step {trainer.global_step}")
         module.generator.train()
 
     evaluate_options = ("data", "split", "out", "n", "features", "classify", "overrides")

@@ -26,45 +26,9 @@ from medfm.data.transforms import PRESETS
 from medfm.run import TRAINER, DataConfig, OptimConfig, RecipeKind, recipe_kind
 from medfm.run.recipe import with_defaults
 
-from .generator import CONDITIONING
+from .spec import CONDITIONING, DiffusionConfig, DiffusionSpec
 from .pipeline import SAMPLERS
 from .registry import GENERATORS
-
-
-@dataclass
-class DiffusionConfig:
-    """``diffusion``: the generator's network, noise schedule, conditioning and sampler."""
-
-    spatial_dims: int = 2
-    image_size: int = 32  # side of the generated image / volume (the preprocessing resizes or crops to it)
-    in_chans: int = 1  # grayscale stays one channel
-    conditioning: str = "class"  # none | class | text | mask
-    num_classes: int | None = None  # class: null = from the training labels
-    class_names: list | None = None  # class: names in index order (default: from the data)
-    mask_classes: int | None = None  # mask: label values incl. background (null: max in the training masks + 1)
-    channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # UNet width per level
-    attention: list[bool] = field(default_factory=lambda: [False, True, True])  # self-/cross-attention per level
-    layers_per_block: int = 1
-    norm_groups: int = 8
-    head_channels: int = 16  # attention head width
-    backbone: str = "auto"  # auto (diffusers in 2D, MONAI in 3D) | diffusers | monai
-    text_model: str | None = None  # text: HF folder or id of the frozen text tower (null: packaged MiniLM)
-    text_max_length: int = 32  # text: prompt tokens (padded to this length)
-    train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"  # diffusers beta schedule: linear | scaled_linear | squaredcos_cap_v2
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
-    cond_dropout: float = 0.1  # classifier-free guidance: P(condition dropped) in training
-    snr_gamma: float | None = 5.0  # Min-SNR-gamma loss weighting (null: plain MSE)
-    ema_decay: float | None = 0.999  # EMA of the weights (diffusers' EMAModel, with warm-up); null: off
-    sampler: str = "ddim"  # ddpm | ddim | dpm (DPM-Solver++)
-    sample_steps: int = 50
-    guidance_scale: float = 2.0  # 1: no guidance
-    preview: int = 16  # samples in samples.png at the end of training
-    latent_diffusion: bool = False  # denoise the latents of a MONAI AutoencoderKL (96^3 and above; meant for a GPU)
-    autoencoder_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # each level halves the size
-    latent_channels: int = 3
-    autoencoder_steps: int = 1000  # latent: the first steps train the autoencoder (L1 + KL), then it is frozen
-    kl_weight: float = 1e-6
 
 
 @dataclass
@@ -144,7 +108,7 @@ def open_training_set(cfg: dict, path: str | None = None):
                         on_error=d["on_error"], preflight=d["preflight"], **kwargs)
 
 
-def complete_spec(cfg: dict, train) -> dict:
+def complete_spec(cfg: dict, train) -> DiffusionSpec:
     """The ``diffusion`` section completed from the training data (classes, mask labels) and the
     preprocessing, as the generator's spec."""
     s, d = dict(cfg["diffusion"]), cfg["data"]
@@ -170,8 +134,7 @@ def complete_spec(cfg: dict, train) -> dict:
                 raise DataError(f"{d['path']} line {rec.line}: no label map in column {d['mask']!r}")
             top = max(top, int(torch.as_tensor(load(rec.mask, allow_constant=True)["image"]).max()))
         s["mask_classes"] = top + 1
-    s["preprocess"] = Preprocess(d["preset"], s["image_size"], d["preset_args"]).record()
-    return s
+    return DiffusionSpec(**s, preprocess=Preprocess(d["preset"], s["image_size"], d["preset_args"]).record())
 
 
 def batch_condition(batch: dict, conditioning: str, mask_classes: int | None = None) -> dict:
