@@ -49,7 +49,7 @@ from medfm.progress import progress_bar
 
 from medfm.atomic import atomic_path, write_text
 from medfm.data import samples
-from medfm.evaluate.plots import pyplot
+from medfm.figures import pyplot, save_figure
 from medfm.tuning import few_shot_indices
 from medfm.encoders import build_encoder
 from medfm.encoders.source import encoder_folder
@@ -430,12 +430,7 @@ def plot_task(rows: list[dict], task: Task, path: Path) -> Path | None:
         ax.set_title(f"{task.name}: {' / '.join(panel)}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _merge(*parts: dict) -> dict:

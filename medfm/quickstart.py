@@ -309,7 +309,7 @@ class Quickstart:
 
     def summary_png(self) -> Path:
         """Loss curves of every training run, and each measured result beside its baseline."""
-        from medfm.evaluate.plots import pyplot
+        from medfm.figures import pyplot, save_figure
 
         plt = pyplot()
         compared = [r for r in self.rows if "baseline_value" in r]
@@ -330,11 +330,7 @@ class Quickstart:
         axes[1].set(title="pretrained encoder vs baseline (higher is better)", ylim=(0, 1.08))
         if compared:
             axes[1].legend()
-        fig.tight_layout()
-        path = self.out / "summary.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return save_figure(fig, self.out / "summary.png", dpi=100)
 
 
 def quickstart(out: str | os.PathLike = "runs/quickstart", fast: bool = False, data: dict[str, str] | None = None,

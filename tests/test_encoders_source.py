@@ -97,3 +97,24 @@ def test_a_run_from_a_public_folder_converts_once_and_outlives_it(tmp_path, slic
     with torch.no_grad():
         assert torch.isfinite(model.eval()(torch.rand(2, 1, 28, 28))).all()
     assert sum(CONVERSIONS.values()) == 1  # evaluation and reload never read the (deleted) source
+
+
+def test_the_most_specific_format_wins_whatever_the_import_order(tmp_path, monkeypatch):
+    """An original DINOv2 checkpoint also fits the timm layout's key patterns: the original format is chosen
+    because it declares itself more specific, in any registration order; two formats that fit with no declared
+    order are an error naming both."""
+    from medfm.encoders import formats
+    from medfm.encoders.formats import Checkpoint, Format, identify
+
+    sd = {"mask_token": torch.zeros(1, 8), "cls_token": torch.zeros(1, 1, 8), "pos_embed": torch.zeros(1, 5, 8),
+          "patch_embed.proj.weight": torch.zeros(8, 3, 14, 14), "blocks.0.ls1.gamma": torch.zeros(8)}
+    ckpt = Checkpoint("dinov2_vits14_pretrain.pth", sd)
+    registered = dict(formats._FORMATS)
+    for order in (list(registered), list(reversed(registered))):
+        monkeypatch.setattr(formats, "_FORMATS", {n: registered[n] for n in order})
+        assert identify(ckpt).name == "dinov2-original"
+    rival = Format(name="rival", architecture="dinov2", source="a test layout", preprocess="", license="", example="",
+                   keys=(r"^mask_token$",), convert=lambda c: None)
+    monkeypatch.setattr(formats, "_FORMATS", {**registered, "rival": rival})
+    with pytest.raises(ValueError, match="fits 2 formats .*dinov2-original, rival|fits 2 formats .*rival"):
+        identify(ckpt)

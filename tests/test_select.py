@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +123,8 @@ def test_planted_duplicates_are_all_found_with_no_false_pair(tmp_path):
     assert {(f["split_a"], f["split_b"]) for f in leaks} == {("train", "val")}
     assert all(f["source_a"].endswith(f"line {f['row_a']}") and f["source_b"].endswith(f"line {f['row_b']}")
                for f in leaks)  # both rows named
+    assert all(Path(f["file_a"]).name == rows[int(f["row_a"])]["image"] and Path(f["file_b"]).is_file()
+               for f in leaks)  # and the image files a user acts on
     conflict = [f for f in findings if f["kind"] == "label_conflict"]
     assert [(rows[int(f["row_a"])]["image"], f["label_a"], f["label_b"]) for f in conflict] == [("img3.png", "b", "a")]
     patient = [f for f in findings if f["kind"] == "patient_leak"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -157,40 +157,16 @@ class ManifestDataset(SampleDataset):
     ``on_error="skip"``, dropped and counted before training starts).
     """
 
-    def __init__(
-        self,
-        manifest: str | os.PathLike,
-        split: str | None = None,
-        image_key: str = "image",
-        label_keys: str | Sequence[str] | None = None,
-        classes: Sequence[str] | None = None,
-        multi_label: bool = False,
-        mask_key: str | None = None,
-        text_key: str | None = None,
-        split_key: str = "split",
-        spatial_dims: int | None = None,
-        transform=None,
-        cache: bool | DiskCache = False,
-        on_error: str = "raise",
-        preflight: bool | str = False,
-        images_repeat: bool = False,
-    ):
+    def __init__(self, manifest: str | os.PathLike, split: str | None = None, spatial_dims: int | None = None,
+                 transform=None, cache: bool | DiskCache = False, on_error: str = "raise", preflight: bool | str = False,
+                 **columns: Any):
+        """``columns``: which manifest columns hold what (``image_key``, ``label_keys``, ``classes``,
+        ``multi_label``, ``mask_key``, ``text_key``, ``split_key``, ``images_repeat``), as
+        :func:`medfm.data.manifest.read_records` takes them."""
         super().__init__(transform=transform, cache=cache, on_error=on_error)
         self.manifest = str(manifest)
         self.spatial_dims = spatial_dims
-        records, self.classes, bad = read_records(
-            manifest,
-            split=split,
-            image_key=image_key,
-            label_keys=label_keys,
-            classes=classes,
-            multi_label=multi_label,
-            mask_key=mask_key,
-            text_key=text_key,
-            split_key=split_key,
-            on_error=on_error,
-            images_repeat=images_repeat,
-        )
+        records, self.classes, bad = read_records(manifest, split=split, on_error=on_error, **columns)
         self.records: list[ManifestRecord] = records
         if preflight is True or (preflight == "auto" and len(records) <= AUTO_LIMIT):
             bad += self._preflight()

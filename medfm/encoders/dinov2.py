@@ -139,6 +139,7 @@ register_format(Format(
     example="medfm finetune tasks/classify_2d.yaml --encoder dinov2_vitb14_pretrain.pth --method lora --data ...",
     keys=(r"^(module\.|backbone\.)?mask_token$", r"^(module\.|backbone\.)?blocks\.\d+\.(\d+\.)?ls1\.gamma$"),
     convert=from_state_dict,
+    precedes=("dinov2-timm",),  # the original layout carries every key a timm one has, and its mask_token
 ))
 register_format(Format(
     name="dinov2-timm", architecture="dinov2",

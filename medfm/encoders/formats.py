@@ -75,6 +75,9 @@ class Format:
     keys: tuple[str, ...]
     convert: Callable[[Checkpoint], Converted]
     accepts: Callable[[Checkpoint], bool] = lambda ckpt: True
+    # formats this one is more specific than: when a checkpoint matches both, this one is chosen (an original
+    # DINOv2 checkpoint also carries every key a timm one has; its ``mask_token`` says it is the original)
+    precedes: tuple[str, ...] = ()
 
     def missing(self, keys: list[str]) -> list[str]:
         """The patterns of ``self.keys`` that no key matches."""
@@ -182,8 +185,16 @@ def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
 
 # ------------------------------------------------------------------------------------------ matching
 def identify(ckpt: Checkpoint) -> Format | None:
-    """The format whose keys and config fit ``ckpt`` (the first registered, most specific first)."""
-    return next((f for f in _FORMATS.values() if f.matches(ckpt)), None)
+    """The format whose keys and config fit ``ckpt``. When several fit, the most specific one is chosen as the
+    formats declare it (``precedes``), never by the order the families were imported; several that fit with
+    no declared order between them are an error naming them."""
+    matches = [f for f in _FORMATS.values() if f.matches(ckpt)]
+    best = [f for f in matches if not any(f.name in g.precedes for g in matches)]
+    if len(best) > 1:
+        raise ValueError(f"{ckpt.path}: fits {len(best)} formats ({', '.join(f.name for f in best)}) and none is declared "
+                         "more specific (Format.precedes): convert it with `medfm models convert` after removing "
+                         "the keys of the one it is not")
+    return best[0] if best else None
 
 
 def nearest_format(ckpt: Checkpoint) -> str:

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 import torchmetrics.functional.classification as tmc
 
-from medfm.atomic import atomic_path
+from medfm.figures import pyplot, save_figure
 
-from .plots import pyplot
 
 N_BINS = 15
 COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
@@ -104,11 +103,7 @@ def reliability_png(probs: torch.Tensor, target: torch.Tensor, path: Path, multi
     bx.bar(centres, count, width=1 / n_bins, color="0.5")
     bx.set_xlabel("confidence")
     bx.set_ylabel("cases")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def selective_prediction(probs: torch.Tensor, target: torch.Tensor, multi_label: bool = False,
@@ -144,8 +139,4 @@ def selective_png(probs: torch.Tensor, target: torch.Tensor, path: Path, multi_l
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

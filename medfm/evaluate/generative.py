@@ -27,7 +27,9 @@ from monai.metrics import MultiScaleSSIMMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .plots import middle_slice, pyplot
+from medfm.figures import pyplot, save_figure
+
+from .plots import middle_slice
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, five scales
 
@@ -150,7 +152,4 @@ def memorisation_png(result: dict, generated: torch.Tensor, train: torch.Tensor,
         top.set_axis_off()
         bottom.set_axis_off()
     fig.text(0.99, 0.02, "top: generated, bottom: nearest training image", ha="right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)

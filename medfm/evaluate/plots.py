@@ -10,16 +10,7 @@ import numpy as np
 import torch
 import torchmetrics.functional.classification as tmc
 
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend, imported when a figure is drawn: matplotlib is slow to import,
-    and a notebook keeps its own backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from medfm.figures import pyplot, save_figure
 
 
 def roc_png(scores: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], path: str | Path,
@@ -39,7 +30,7 @@ def roc_png(scores: torch.Tensor, target: torch.Tensor, class_names: Sequence[st
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC")
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)
 
 
 def confusion_png(pred: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], path: str | Path,
@@ -57,7 +48,7 @@ def confusion_png(pred: torch.Tensor, target: torch.Tensor, class_names: Sequenc
     ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(k), class_names, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)
 
 
 def middle_slice(x: torch.Tensor) -> np.ndarray:
@@ -100,7 +91,7 @@ def overlay_png(images: Sequence[torch.Tensor], preds: Sequence[torch.Tensor], t
                 ax.set_title(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)
 
 
 def retrieval_png(metrics: dict, path: str | Path, title: str = "") -> Path:
@@ -117,7 +108,7 @@ def retrieval_png(metrics: dict, path: str | Path, title: str = "") -> Path:
     ax.set_ylabel("recall")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)
 
 
 def grouped_bars_png(values: dict[str, dict[str, float]], path: str | Path, title: str = "", ylabel: str = "") -> Path:
@@ -139,7 +130,7 @@ def grouped_bars_png(values: dict[str, dict[str, float]], path: str | Path, titl
     ax.set_xlabel(ylabel)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)
 
 
 def _first_slice(x: torch.Tensor) -> np.ndarray:
@@ -168,13 +159,4 @@ def reconstruction_png(panels: dict[str, torch.Tensor], path: str | Path, title:
                 ax.set_title(key)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
-
-
-def _save(fig, path) -> Path:
-    plt = pyplot()
-    path = Path(path)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from medfm.atomic import atomic_path
+from medfm.figures import pyplot, save_figure
 
-from .plots import pyplot
 
 
 def _noise(x, s, g):
@@ -322,8 +321,4 @@ def robustness_png(report: dict, path: Path) -> Path:
     for ax in axes.ravel()[len(fams):]:
         ax.axis("off")
     fig.suptitle(f"{report['spec']}: clean {report['metric']} {report['clean']:.3f}; grey = tolerated", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -170,14 +170,29 @@ def evaluate_segmentation(model: SegmentationModel, ds, out: Path, split: str, r
 
 
 def mean_case_metrics(cases: list[dict]) -> dict:
-    """The mean over cases of every metric (NaNs left out), per class where the metric is per class."""
+    """The mean over cases of every metric (NaNs left out), per class where the metric is per class. A class
+    with no value in any case (never predicted, or absent from every mask: HD95 is undefined there) stays NaN
+    and is named under ``not_measured`` instead of warning "Mean of empty slice"."""
     out: dict = {}
+    missing: dict[str, list[str]] = {}
     for key in cases[0]:
         if isinstance(cases[0][key], dict):
-            out[key] = {c: float(np.nanmean([m[key][c] for m in cases])) for c in cases[0][key]}
+            out[key] = {}
+            for c in cases[0][key]:
+                out[key][c] = _nanmean([m[key][c] for m in cases])
+                if math.isnan(out[key][c]):
+                    missing.setdefault(key, []).append(c)
         else:
-            out[key] = float(np.nanmean([m[key] for m in cases]))
+            out[key] = _nanmean([m[key] for m in cases])
+    if missing:
+        out["not_measured"] = missing
     return out
+
+
+def _nanmean(values: list[float]) -> float:
+    """The mean of the values that are not NaN; NaN (quietly) when none is."""
+    known = [v for v in values if not math.isnan(v)]
+    return float(np.mean(known)) if known else float("nan")
 
 
 # ----------------------------------------------------------------- the plug-in

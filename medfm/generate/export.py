@@ -21,7 +21,8 @@ from medfm.progress import progress_bar
 
 from medfm.artifacts import WEIGHTS_NAME, artifact_folder
 from medfm.data.writers import write_manifest, write_nifti, write_png
-from medfm.evaluate.plots import middle_slice, pyplot
+from medfm.evaluate.plots import middle_slice
+from medfm.figures import pyplot, save_figure
 
 from .generator import DiffusionGenerator
 
@@ -65,10 +66,7 @@ def sample_grid(images: torch.Tensor, path: str | os.PathLike, generator: Diffus
                                              cmap="tab10", interpolation="nearest")
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
 
 
 def export_generated(generator: DiffusionGenerator, out: str | os.PathLike, classes: Sequence | None = None,

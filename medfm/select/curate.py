@@ -46,8 +46,8 @@ from .selection import absolute_paths, write_rows
 OUTLIER_Z = 5.0
 TRAIN = "train"
 KINDS = ("duplicate", "leak", "patient_leak", "label_conflict", "outlier", "same_file")
-FINDING_COLUMNS = ["kind", "detail", "split_a", "row_a", "source_a", "label_a", "split_b", "row_b", "source_b",
-                   "label_b"]
+FINDING_COLUMNS = ["kind", "detail", "split_a", "row_a", "source_a", "file_a", "label_a", "split_b", "row_b", "source_b",
+                   "file_b", "label_b"]
 
 
 @dataclass
@@ -111,11 +111,13 @@ def read_items(path: str, label: str | None, patient: str | None, progress: bool
 
 
 def _finding(kind: str, detail: str, a: Item, b: Item | None = None) -> dict:
+    """One finding; each item named twice: where it is listed (``source``: "busi.csv line 2") and the image
+    file a user opens or removes (``file``)."""
     f = {"kind": kind, "detail": detail, "split_a": a.split, "row_a": a.line if a.line is not None else a.position,
-         "source_a": a.source, "label_a": a.label}
+         "source_a": a.source, "file_a": a.file, "label_a": a.label}
     if b is not None:
         f.update(split_b=b.split, row_b=b.line if b.line is not None else b.position, source_b=b.source,
-                 label_b=b.label)
+                 file_b=b.file, label_b=b.label)
     return f
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from medfm.atomic import atomic_path, write_text
 from medfm.data import DataError, read_rows
-from medfm.evaluate.plots import pyplot
+from medfm.figures import pyplot, save_figure
 
 from .embeddings import CACHE_DIR, Embedder, embed
 from .strategies import NEEDS_MODEL, STRATEGIES, normalise, select
@@ -133,11 +133,7 @@ def selection_plot(x: np.ndarray, picks: Sequence[int], labelled: Sequence[int],
     ax.set_xlabel(f"{how} 1")
     ax.set_ylabel(f"{how} 2")
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:

@@ -15,16 +15,14 @@ from medfm.progress import progress_bar
 
 from medfm.data.writers import write_manifest, write_nifti
 
+from medfm.figures import pyplot, save_figure
+
 from .engine import SynthConfig, synth_sample
 
 
 def contact_sheet(samples: list[dict], path: Path) -> Path:
     """PNG: one column per sample, image on top and its label map below (mid-slice for volumes)."""
-    # matplotlib is imported when a sheet is drawn: slow to import, and a notebook keeps its own backend
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(samples)
     fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 3.8), squeeze=False)
@@ -37,10 +35,7 @@ def contact_sheet(samples: list[dict], path: Path) -> Path:
         axes[0, j].set_title(f"#{s['meta']['index']} {s['meta']['label_kind']}", fontsize=8)
         for ax in axes[:, j]:
             ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def export_synthetic(config: SynthConfig, n: int, out: str | os.PathLike, seed: int = 0, sheet: int = 8,
