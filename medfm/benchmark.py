@@ -84,6 +84,12 @@ TASKS = {
     "mni_tissue": Task("mni_tissue", "mni", "segment_3d", None, "val", ("mean_dice", "mean_hd95")),
 }
 INITS = ("random", "mae", "dino", "clip", "synth")
+
+
+def default_tasks(data: dict[str, str]) -> list[str]:
+    """The tasks whose data was given (``--data DOMAIN=PATH``), in the table's order, and MNI152 tissue
+    segmentation (its data ships with nilearn)."""
+    return [name for name, task in TASKS.items() if task.domain in data or task.domain == "mni"]
 # On a CPU (profiles cpu / tiny) CLIP trains what a CPU affords: the last two blocks of each tower (the image
 # tower starts from the MAE encoder, LiT-style), captions cut to 48 tokens (a full MiniLM backward pass costs
 # seconds a step here)

@@ -284,7 +284,7 @@ def _pairs(items, flag: str, example: str) -> dict[str, str]:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from medfm.benchmark import LabelEfficiency
+    from medfm.benchmark import LabelEfficiency, default_tasks
 
     budget: dict[str, int] = {}
     for item in args.pretrain_budget.split(","):
@@ -292,9 +292,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         budget[key if sep else "default"] = int(value)
     steps = {k: int(v) for k, v in _pairs(args.finetune_steps, "--finetune-steps", "lora=200").items()}
     data = _pairs(args.data, "--data", "pneumonia=pneumoniamnist.npz")
-    tasks = args.tasks.split(",") if args.tasks else [t for t, d in (("pneumonia", "pneumonia"), ("medpix_region", "medpix"),
-                                                                   ("medpix_modality", "medpix"), ("breastmnist", "breastmnist"),
-                                                                   ("breast_us", "breast_us")) if d in data] + ["mni_tissue"]
+    tasks = args.tasks.split(",") if args.tasks else default_tasks(data)
     LabelEfficiency(args.out, data, tasks, args.inits.split(","), args.methods.split(","), args.shots.split(","),
                     [int(s) for s in args.seeds.split(",")], budget, steps,
                     None if args.profile == "none" else args.profile,

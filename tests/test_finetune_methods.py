@@ -11,6 +11,8 @@ from medfm.encoders import create_encoder
 from medfm.tuning import METHODS, adapt_encoder, count_parameters, export_encoder, few_shot_indices
 from medfm.finetune.classification import ClassificationModel
 
+from .conftest import REPO
+
 R = 4
 
 
@@ -143,3 +145,38 @@ def test_few_shot_sampler_returns_k_per_class_reproducibly():
     multi[25:, 2] = 1
     idx = few_shot_indices(multi, 4, seed=0)
     assert (multi[idx].sum(0) >= 4).all() and len(idx) <= 12
+
+
+def test_a_tuning_method_is_one_registration(slices, tmp_path):
+    """A new tuning method (LayerNorms only, defined here) registers like every other extension point and runs
+    through the fine-tuning recipe; which methods freeze the encoder is one registry property."""
+    from dataclasses import dataclass
+
+    from medfm.finetune import load_task_recipe, run_finetune
+    from medfm.tuning import freezes_encoder, method_sections, register_tuning
+
+    @dataclass
+    class NormOnlyConfig:
+        bias_too: bool = False
+
+    @register_tuning("norm_only", section=NormOnlyConfig)
+    def norm_only(encoder, section):
+        for name, p in encoder.named_parameters():
+            p.requires_grad_(".norm" in name or name.startswith("norm") or (bool((section or {}).get("bias_too"))
+                                                                          and name.endswith("bias")))
+        return encoder
+
+    try:
+        enc = adapt_encoder(_vit(), "norm_only")
+        assert _trainable(enc) and all("norm" in n for n in _trainable(enc))
+        assert freezes_encoder("linear_probe") and not freezes_encoder("norm_only")
+        assert method_sections()["norm_only"] is NormOnlyConfig
+        with pytest.raises(ValueError, match="registered twice"):
+            register_tuning("norm_only")(norm_only)
+        cfg = load_task_recipe(REPO / "tasks" / "classify_2d.yaml", ["method=norm_only", "norm_only.bias_too=true",
+                                                          "classification.label=level", "data.test_split=null"],
+                               profile="tiny")
+        run = run_finetune(cfg, tmp_path / "run", data_path=slices)
+        assert (run / "model" / "model.safetensors").exists()
+    finally:
+        METHODS.pop("norm_only", None)

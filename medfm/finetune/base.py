@@ -1,5 +1,6 @@
-"""What every fine-tuning task shares: the plug-in base (:class:`FinetuneTask`) and :class:`TaskModel`, the
-artifact a task model is (the registry ``TASKS`` and the recipe runner are in :mod:`medfm.finetune.recipe`).
+"""The plug-in base every fine-tuning task derives from (:class:`FinetuneTask`); the artifact a task model is
+(:class:`medfm.heads.TaskModel`) and the parts tasks share are in :mod:`medfm.heads`, the registry ``TASKS`` in
+:mod:`medfm.finetune.registry`, the recipe runner in :mod:`medfm.finetune.recipe`.
 
 A task is one module of this package holding its recipe section, its model, its training module, its
 metrics and evaluation, and its plug-in, registered with ``@TASKS.register``; this base knows none of
@@ -89,9 +90,8 @@ class FinetuneTask(RunPlugin):
     def split_cache(self, cfg: dict, train: bool):
         """``data.cache`` for the sets this task opens (a disk cache keyed by the task, preset and size)."""
         d = self.section(cfg, "data")
-        return dataset_cache(d.cache, d.cache_dir, {"task": cfg["task"], "preset": d.preset, "train": train,
-                                                          "args": d.preset_args, "size": self.eval_size(cfg),
-                                                          "dims": cfg["encoder"]["spatial_dims"]})
+        return dataset_cache(d.cache, d.cache_dir, {"task": cfg["task"], "train": train, **self.preprocess(cfg).record(),
+                                                    "dims": cfg["encoder"]["spatial_dims"]})
 
     def open_split(self, cfg: dict, split: str | None, train: bool = False, path: str | None = None):
         """One split of the recipe's data with what the task needs (labels, masks)."""

@@ -102,9 +102,9 @@ def open_training_set(cfg: dict, path: str | None = None):
         raise DataError(f"{path}: {s['conditioning']} conditioning reads a manifest (CSV/JSONL) with a "
                         f"'{d[s['conditioning']]}' column")
     return open_dataset(path, split=d["split"], spatial_dims=s["spatial_dims"], transform=transform,
-                        cache=dataset_cache(d["cache"], d["cache_dir"], {"preset": d["preset"], "args": d["preset_args"],
-                                                          "size": s["image_size"], "augment": d["augment"],
-                                                          "dims": s["spatial_dims"]}),
+                        cache=dataset_cache(d["cache"], d["cache_dir"], {
+                            **Preprocess(d["preset"], s["image_size"], d["preset_args"]).record(),
+                            "augment": d["augment"], "dims": s["spatial_dims"]}),
                         on_error=d["on_error"], preflight=d["preflight"], **kwargs)
 
 

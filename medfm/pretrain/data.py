@@ -135,7 +135,8 @@ def build_data(cfg: dict, method) -> StepData:
         if not d.path and not d.train_from:
             raise ValueError(f"data.regime={d.regime} needs data: give --data PATH (an npz, a manifest or a folder) "
                              "or set data.path; or use data.regime=synthetic")
-        cache = dataset_cache(d.cache, d.cache_dir, {"preset": d.preset, "args": d.preset_args, "dims": enc["spatial_dims"]})
+        cache = dataset_cache(d.cache, d.cache_dir, {**Preprocess(d.preset, None, d.preset_args).record(),
+                                                     "dims": enc["spatial_dims"]})
         kw = dict(spatial_dims=enc["spatial_dims"], transform=preprocess(cfg), cache=cache, on_error=d.on_error,
                   preflight=d.preflight, **({"text_key": d.text} if d.text else {}))
         parts = [open_dataset(d.path, split=d.split, **kw)] if d.path else []
