@@ -20,7 +20,7 @@ import torch
 from medfm.artifacts import load as medfm_load
 from medfm.data import DataError, load, open_dataset, samples
 from medfm.data.datasets import finalise_sample
-from medfm.data.transforms import with_channels
+from medfm.data.transforms import preset_mismatch, with_channels
 from medfm.encoders import describe_encoder, list_encoders, preprocess_transform
 from medfm.encoders.source import encoder_folder
 from medfm.tuning import METHODS as ADAPTATIONS
@@ -71,8 +71,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     path = args.path or samples.mni152("t1")
     dims = load(path)["meta"]["spatial_dims"]
-    spacing = {"spacing": args.spacing} if dims == 3 and (args.preset or not args.pretrained) else None
-    embedder = load_embedder(args.encoder, args.pretrained, args.preset, args.size, spatial_dims=dims, preset_args=spacing)
+    mismatch = preset_mismatch(args.preset, dims) if args.preset else None
+    if mismatch:
+        raise ValueError(f"{path} is {dims}D; {mismatch}")
+    own = bool(args.pretrained) and not args.preset  # a saved encoder brings its preprocessing
+    spacing = {"spacing": args.spacing} if dims == 3 and not own else None
+    embedder = load_embedder(args.encoder, args.pretrained, args.preset, args.size or (None if own else 96),
+                             spatial_dims=dims, preset_args=spacing)
     t0 = time.perf_counter()
     sample = finalise_sample(embedder.transform(load(path)))
     t_load = time.perf_counter() - t0
@@ -428,7 +433,8 @@ def _encode_parser(sub) -> None:
     p.add_argument("--encoder", default="vit_small", help="registered encoder name (see `medfm info`)")
     p.add_argument("--pretrained", default=None, help="save_pretrained folder, hub id or weight file")
     p.add_argument("--preset", default=None, help="radiograph_2d | ct_3d | mr_3d (default: by dimension)")
-    p.add_argument("--size", type=int, default=96, help="crop/resize size per side (default 96)")
+    p.add_argument("--size", type=int, default=None, help="crop/resize size per side (default: what --pretrained "
+                   "recorded, else 96)")
     p.add_argument("--spacing", type=float, default=2.0, help="3D resampling in mm (default 2.0)")
     p.set_defaults(fn=cmd_encode)
 

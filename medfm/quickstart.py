@@ -238,7 +238,7 @@ class Quickstart:
             "trainer": _trainer(s.diffusion_steps)})
         run = self.runs["diffusion"] = run_generator(cfg, self.out / "diffusion", data_path=path)
         generator = load_artifact(run)
-        names = generator.spec.get("class_names") or []
+        names = generator.spec.class_names or []
         manifest = export_generated(generator, self.out / "diffusion" / "generated", classes=[names[i % len(names)]
                                     for i in range(8)], steps=10 if self.fast else 25, progress=False)
         return {"result": _loss_drop(run) + f"; 8 samples ({', '.join(names)})", "where": manifest.parent / "grid.png"}

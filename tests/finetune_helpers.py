@@ -13,28 +13,31 @@ from medfm.finetune.recipe import load_task_recipe
 
 from .conftest import REPO
 
+# what the fine-tuning tests change on top of the product's `--profile tiny` (medfm.run.profiles): 4-voxel patches
+# and 30 steps at a higher LR, so that a loss has room to fall; HD95 on (the profile leaves it out for speed)
 TINY = {
-    "encoder": {"name": "vit_micro", "img_size": 32, "patch_size": 4},
-    "data": {"batch_size": 16, "num_workers": 0},
+    "encoder": {"patch_size": 4},
+    "data": {"batch_size": 16},
     "optim": {"lr": 3e-3, "warmup_steps": 0},
-    "trainer": {"max_steps": 30, "log_every_n_steps": 1, "enable_progress_bar": False, "checkpoint_every_n_steps": 10},
+    "trainer": {"max_steps": 30, "enable_progress_bar": False, "checkpoint_every_n_steps": 10},
 }
 
 
 def tiny_task(name: str, **sections) -> dict:
-    """A recipe of tasks/ shrunk to CI size (32 px / 32^3 inputs, width-48 ViT with 4-voxel patches)."""
+    """A recipe of tasks/ at the product's ``--profile tiny`` (32 px / 32^3 inputs, ViT-Micro) with :data:`TINY`
+    and ``sections`` on top."""
     over = {k: dict(v) for k, v in TINY.items()}
     if "_3d" in name:
-        over["data"].update(batch_size=2, preset_args={"spacing": 4.0})
+        over["data"].update(batch_size=2)
     if name.startswith("segment"):
         over["segmentation"] = {"num_classes": 3, "class_names": ["background", "grey matter", "white matter"],
-                                "feature_size": 8}
+                                "hd95": True}
     for k, v in sections.items():
         if isinstance(v, dict):
             over.setdefault(k, {}).update(v)
         else:
             over[k] = v
-    return load_task_recipe(REPO / "tasks" / f"{name}.yaml", over)
+    return load_task_recipe(REPO / "tasks" / f"{name}.yaml", over, profile="tiny")
 
 
 def tissue_labels() -> tuple:

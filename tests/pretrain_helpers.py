@@ -12,29 +12,27 @@ from medfm.pretrain import load_recipe
 
 from .conftest import REPO, SHARED
 
+# what the pretraining tests change on top of the product's `--profile tiny` (medfm.run.profiles): 30 steps, so that
+# a loss has room to fall, and DINO's schedules without warm-up
 TINY = {
-    "encoder": {"name": "vit_micro", "img_size": 32, "patch_size": 8},
-    "mae": {"decoder_dim": 24, "decoder_depth": 1, "decoder_heads": 2},
-    "dino": {"hidden_dim": 64, "bottleneck_dim": 32, "output_dim": 128, "freeze_last_layer_steps": 0,
-             "warmup_teacher_temp_steps": 0},
-    "data": {"batch_size": 8, "num_workers": 0},
+    "dino": {"freeze_last_layer_steps": 0, "warmup_teacher_temp_steps": 0},
+    "data": {"batch_size": 8},
     "optim": {"lr": 1e-3, "warmup_steps": 2},
-    "trainer": {"max_steps": 30, "log_every_n_steps": 1, "enable_progress_bar": False, "checkpoint_every_n_steps": 10},
-    "probe": {"every_n_steps": 0},
+    "trainer": {"max_steps": 30, "enable_progress_bar": False, "checkpoint_every_n_steps": 10},
 }
 
 
 def tiny_recipe(name: str, **sections) -> dict:
-    """A recipe of encoders/ shrunk to CI size (32 px / 32^3 views, width-48 ViT)."""
+    """A recipe of encoders/ at the product's ``--profile tiny`` (32 px / 32^3 views, ViT-Micro/8) with
+    :data:`TINY` and ``sections`` on top."""
     over = {k: dict(v) for k, v in TINY.items()}
     if name.startswith("dino"):
-        over["view"] = {"n_local": 2, "local_size": 16}
+        over["view"] = {"n_local": 2}
     if "_3d" in name:
-        over["data"].update(preset="mr_3d", preset_args={"spacing": 4.0})
-        over["encoder"]["patch_size"] = [8, 8, 8]
+        over["data"]["preset"] = "mr_3d"
     for k, v in sections.items():
         over.setdefault(k, {}).update(v)
-    return load_recipe(REPO / "encoders" / f"{name}.yaml", over)
+    return load_recipe(REPO / "encoders" / f"{name}.yaml", over, profile="tiny")
 
 
 def mni_folder(tmp: Path) -> Path:

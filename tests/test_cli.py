@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ def test_info_lists_versions_device_encoders(capsys):
         assert text in out
 
 
+@pytest.mark.slow
 def test_entry_point_is_installed():
     exe = Path(sys.executable).parent / "medfm"
     assert exe.exists(), f"{exe} missing: pip did not install the console script"

@@ -60,6 +60,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gathered_clip_loss_under_two_process_ddp_matches_the_global_batch(tmp_path):
     import torch.multiprocessing as mp
 
@@ -123,6 +124,7 @@ def tiny_clip_recipe(**clip):
     })
 
 
+@pytest.mark.slow
 def test_clip_loss_falls_over_30_steps_on_real_image_text_pairs(tmp_path):
     from medfm.pretrain import run_pretrain
 

@@ -71,6 +71,7 @@ def _weights(run: Path) -> dict:
     return load_file(str(run / "encoder" / "model.safetensors"))
 
 
+@pytest.mark.slow  # a subprocess stopped with SIGTERM, then resumed
 def test_sigterm_writes_a_checkpoint_exits_143_and_resume_ends_like_an_uninterrupted_run(slices, tmp_path):
     """Item 1: SIGTERM (timeout, SLURM) must not end a run with exit 0 and nothing saved."""
     out = tmp_path / "stopped"
@@ -296,6 +297,7 @@ def uninterrupted(slices, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow  # runs killed in subprocesses at every stage
 @pytest.mark.parametrize("kind, stage, signal", STAGES, ids=lambda v: str(v))
 def test_a_run_killed_at_any_stage_resumes_to_the_uninterrupted_result(kind, stage, signal, slices, uninterrupted,
                                                                         tmp_path):

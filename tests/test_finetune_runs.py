@@ -17,6 +17,8 @@ from .conftest import KillAt, REPO
 from .finetune_helpers import mni_hemispheres, mni_map_classes, mni_slices, tiny_task
 from .pretrain_helpers import data_2d, losses
 
+pytestmark = pytest.mark.slow  # fine-tuning runs of every method: `make test` runs it, `make test-fast` leaves it out
+
 
 @pytest.fixture(scope="module")
 def cls_data(tmp_path_factory):

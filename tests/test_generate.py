@@ -21,6 +21,8 @@ from medfm.pretrain.data import build_data
 from .conftest import KillAt, REPO
 from .pretrain_helpers import data_2d, losses, tiny_recipe
 
+pytestmark = pytest.mark.slow  # diffusion generators trained: `make test` runs it, `make test-fast` leaves it out
+
 TINY_2D = {
     "diffusion": {"image_size": 32, "channels": [16, 32], "attention": [False, True], "head_channels": 16,
                   "sample_steps": 4, "preview": 4},

@@ -18,6 +18,8 @@ from medfm.tuning import few_shot_indices
 
 from .conftest import SHARED, shared_path
 
+pytestmark = pytest.mark.slow  # the benchmark end to end: `make test` runs it, `make test-fast` leaves it out
+
 
 def test_few_shot_draw_is_stratified_and_seed_stable():
     npz = SHARED / "pneumoniamnist" / "pneumoniamnist_trainval.npz"

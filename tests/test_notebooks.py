@@ -7,6 +7,8 @@ import pytest
 
 from .conftest import REPO, SHARED
 
+pytestmark = pytest.mark.slow  # every notebook executed: `make test` runs it, `make test-fast` leaves it out
+
 nbformat = pytest.importorskip("nbformat", reason="nbformat is a dev dependency (pip install -e '.[dev]')")
 nbclient = pytest.importorskip("nbclient", reason="nbclient is a dev dependency (pip install -e '.[dev]')")
 

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from .conftest import REPO
 from .pretrain_helpers import data_2d
 
+pytestmark = pytest.mark.slow  # two-process DDP: `make test` runs it, `make test-fast` leaves it out
+
 SCRIPT = textwrap.dedent(
     """
     import sys

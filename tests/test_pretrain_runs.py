@@ -21,6 +21,7 @@ def data(tmp_path_factory):
     return {2: data_2d(tmp), 3: str(mni_folder(tmp))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["mae_vit_2d", "mae_vit_3d", "dino_vit_2d", "dino_vit_3d"])
 def test_loss_falls_over_30_steps_on_real_data(recipe, data, tmp_path):
     dims = 3 if recipe.endswith("3d") else 2
@@ -284,6 +285,7 @@ def test_mixed_regime_runs_on_real_and_synthetic_samples(data, tmp_path):
         run_pretrain(tiny_recipe("mae_vit_2d", data={"regime": "mixed"}), tmp_path / "nodata")
 
 
+@pytest.mark.slow
 def test_synthetic_pair_contrastive_pretraining_loss_falls(tmp_path):
     # Pairs are cropped apart (no matching by absolute position); the full-resolution stem skip of the
     # dense decoder lets the loss fall within CI's budget (a ViT with a plain upsampling decoder did not).
@@ -299,6 +301,7 @@ def test_synthetic_pair_contrastive_pretraining_loss_falls(tmp_path):
                      data_path=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_supervised_synthetic_segmentation_pretraining_loss_falls(tmp_path):
     cfg = tiny_recipe("synth_seg_3d", data={"synthetic": {"size": 32, "n_labels": 4}, "batch_size": 2},
                       optim={"lr": 3e-3})

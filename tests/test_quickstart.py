@@ -16,6 +16,8 @@ from medfm.cli import main
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow  # the quickstart in a subprocess: `make test` runs it, `make test-fast` leaves it out
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):

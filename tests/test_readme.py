@@ -17,6 +17,8 @@ from medfm.run import find_recipe
 
 from .conftest import REPO, SHARED
 
+pytestmark = pytest.mark.slow  # README commands run end to end: `make test` runs it, `make test-fast` leaves it out
+
 PLACEHOLDER = re.compile(r"\b[A-Z][A-Z_]{2,}\b|\(|\||\.\.\.")  # synopsis lines: RECIPE, RUN, (a | b), ...
 SMALLER = {"--n": "2", "--size": "32", "--max-steps": "4", "--devices": "1"}  # value flags shrunk for the run
 

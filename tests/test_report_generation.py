@@ -195,6 +195,7 @@ def _tiny_report_recipe(name="report_2d", **over):
     return load_task_recipe(REPO / "tasks" / f"{name}.yaml", base)
 
 
+@pytest.mark.slow
 def test_teacher_forced_loss_falls_on_medpix_captions_and_the_run_reloads(tmp_path, capsys):
     manifest = _medpix_subset(tmp_path)
     cfg = _tiny_report_recipe(report_generation={"text": "caption"}, data={"val_split": "dev"})

@@ -152,6 +152,7 @@ def _spec(method: str, head: dict) -> dict:
             "head": head, "preprocess": {"preset": "radiograph_2d", "size": 32, "args": {}}}
 
 
+@pytest.mark.slow
 def test_every_artifact_kind_reloads_from_its_folder_alone_in_a_fresh_process(tmp_path):
     torch.manual_seed(0)
     head = {"num_classes": 3, "dropout": 0.0, "head_norm": True}

@@ -13,6 +13,8 @@ from medfm.data.reports import read_iu_xray
 
 from .conftest import KillAt
 
+pytestmark = pytest.mark.slow  # MLM runs on the IU reports: `make test` runs it, `make test-fast` leaves it out
+
 
 # --------------------------------------------------------------------------- text tower adaptation (MLM)
 def _mlm_recipe(**over):

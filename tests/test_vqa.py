@@ -154,6 +154,7 @@ def test_vqa_trains_evaluates_with_every_baseline_and_writes_its_pages(vqa_run):
     assert (vqa_run / "accuracy_val.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_vqa_reloads_alone_in_a_fresh_process_and_answers_the_same(vqa_run, vqa_subset):
     with open(vqa_subset) as f:
         row = next(r for r in csv.DictReader(f) if r["split"] == "val")
