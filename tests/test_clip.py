@@ -155,6 +155,7 @@ def test_clip_loss_falls_over_30_steps_on_real_image_text_pairs(tmp_path):
     assert (tmp_path / "zs" / "confusion_plane.png").exists() and (tmp_path / "zs" / "retrieval.png").exists()
 
 
+@pytest.mark.slow  # MAE then CLIP runs
 def test_clip_vit_tower_learns_lit_style_from_a_self_supervised_encoder(tmp_path):
     from safetensors.torch import load_file
 

@@ -241,6 +241,7 @@ def test_dino_cross_view_loss_matches_lightly_and_sinkhorn_balances_prototypes()
         DINO(_encoder(2), 32, 16, 8, 0.1, 0.04, 0.9, True, centering="median")
 
 
+@pytest.mark.slow  # a DINO run
 def test_dino_with_sinkhorn_centering_lowers_its_loss_on_real_images():
     """The measured failure (benchmarks/RESULTS.md): with the running-mean centre DINO's loss does not fall in
     a CPU's step budget; with DINOv2's Sinkhorn-Knopp teacher it falls, and the monitor stays quiet."""

@@ -86,6 +86,7 @@ def test_ct_fm_segres_encoder_parity(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # 3D runs from the CLI
 def test_3d_foundation_encoders_train_from_the_cli(tmp_path):
     """CT-FM and the SwinUNETR-SSL encoder, each LoRA-tuned to segment MNI152 tissue (3D)."""
     manifest = str(mni_hemispheres(tmp_path))

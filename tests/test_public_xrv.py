@@ -80,6 +80,7 @@ def test_the_pickled_release_file_is_refused_with_how_to_export(tmp_path, capsys
     assert len(err.splitlines()) == 1 and str(path) in err and "refused" in err and "state_dict()" in err
 
 
+@pytest.mark.slow  # a DenseNet run
 def test_xrv_densenet_finetunes_from_the_cli_and_reloads(xrv_densenet, slices, tmp_path):
     _, path = xrv_densenet
     run = tmp_path / "lora"

@@ -266,6 +266,7 @@ def test_studies_of_several_images_train_cached_and_generate(tmp_path):
     assert m["n"] == 3 and len(losses(run)) == 6
 
 
+@pytest.mark.slow  # a report run
 def test_attribute_prompts_train_their_heads_prompt_the_decoder_and_reload(tmp_path):
     """report_generation.prompt_attributes: heads predicting MedPix's modality and body region from the image, whose
     predictions are memory tokens of the decoder; trained with the report (loss falls), scored, reloaded alone."""

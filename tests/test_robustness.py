@@ -63,25 +63,23 @@ def test_bad_specs_are_one_line_naming_the_key(tmp_path):
         assert load_spec(name, dims=dims).severities
 
 
-def test_evaluate_a_run_under_a_spec(tmp_path, slices, capsys):
-    run = tmp_path / "run"
-    assert main(["finetune", "classify_2d", "--data", slices, "--out", str(run), "--profile", "tiny",
-                 "classification.label=level", "trainer.max_steps=4"]) == 0
+def test_evaluate_a_run_under_a_spec(classification_run, tmp_path, capsys):
+    run, first = classification_run, tmp_path / "first"  # the session's shared run: results go to --out
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: tiny\nmetric: accuracy\ntolerance: 0.3\nperturbations:\n"
                     "  gaussian_noise: {severities: [0.05, 0.5]}\n  intensity_scale: {severities: [9.0], tolerance: 0.0}\n")
     capsys.readouterr()
-    assert main(["evaluate", str(run), "--split", "val", "--robustness", str(spec)]) == 0
+    assert main(["evaluate", str(run), "--split", "val", "--robustness", str(spec), "--out", str(first)]) == 0
     out = capsys.readouterr().out
-    m = json.loads((run / "robustness_val" / "metrics.json").read_text())["robustness"]
+    m = json.loads((first / "metrics.json").read_text())["robustness"]
     own = json.loads((run / "metrics.json").read_text())["val"]
     assert m["clean"] == pytest.approx(own["accuracy"])  # clean = the run's own score, nothing refitted
     assert list(m["families"]) == ["gaussian_noise", "intensity_scale"]
     assert set(m["families"]["gaussian_noise"]["severities"]) == {"0.05", "0.5"}
     for f in m["families"].values():
         assert f["passed"] == (f["worst_drop"] <= f["tolerance"])
-    assert (run / "robustness_val" / "robustness.png").stat().st_size > 5000
-    assert "| gaussian_noise |" in (run / "robustness_val" / "robustness.md").read_text()
+    assert (first / "robustness.png").stat().st_size > 5000
+    assert "| gaussian_noise |" in (first / "robustness.md").read_text()
     assert "robustness (tiny):" in out
     # the same spec again: the same numbers (deterministic per seed)
     assert main(["evaluate", str(run), "--split", "val", "--robustness", str(spec), "--out", str(tmp_path / "again")]) == 0

@@ -70,6 +70,7 @@ TINY_SYNTH = ["encoder.name=vit_micro", "encoder.img_size=32", "encoder.patch_si
               "trainer.enable_progress_bar=false", "probe.every_n_steps=0"]
 
 
+@pytest.mark.slow  # two pretraining runs
 def test_a_toy_method_registered_here_runs_through_the_runner_and_the_cli(toy, tmp_path, capsys, caplog):
     cfg = load_recipe(REPO / "encoders" / "mae_vit_2d.yaml", ["method=toy", "toy.scale=2.0", *TINY_SYNTH])
     assert cfg["toy"] == {"scale": 2.0, "target_norm": 0.0}  # its section, with its declared defaults

@@ -58,6 +58,7 @@ def test_adamw_is_fused_on_cpu_and_matches_the_per_parameter_loop():
     assert adamw_implementation([{"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))]}]) == {"foreach": True}
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_run_trains_and_exports_the_same_parameter_names(data, tmp_path):  # noqa: F811
     """``trainer.compile`` compiles the method's model in place (here with torch.compile's ``eager`` backend: the
     graph capture without code generation, so the suite needs no compiler); the loss falls and the exported

@@ -136,6 +136,7 @@ def test_carving_validation_by_image_leaves_no_image_in_both_splits(vqa_subset):
     assert sorted(set(split_of.values())) == ["train", "val"] and list(split_of.values()).count("val") == 6
 
 
+@pytest.mark.slow  # trains the shared VQA run
 def test_vqa_trains_evaluates_with_every_baseline_and_writes_its_pages(vqa_run):
     loss = losses(vqa_run)
     assert len(loss) == 40 and sum(loss[-5:]) / 5 < sum(loss[:5]) / 5  # the loss falls
@@ -175,6 +176,7 @@ def test_vqa_reloads_alone_in_a_fresh_process_and_answers_the_same(vqa_run, vqa_
     assert first["accuracy"] == second["accuracy"]
 
 
+@pytest.mark.slow  # trains the shared VQA run
 def test_medfm_answer_bad_inputs_are_one_line_and_exit_2(vqa_run, vqa_subset, tmp_path, capsys):
     image = next(iter(csv.DictReader(open(vqa_subset))))["image"]
     assert main(["answer", "--model", str(vqa_run), str(tmp_path / "missing.png"), "Is there a mass?"]) == 2
