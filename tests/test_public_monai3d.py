@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.segresnet_ds import SegResEncoder
