@@ -4,9 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medfm-installed
 
-# the suite on both cores: two pytest workers (files kept together, so a module's fixtures are built once), each
-# with one torch thread (two 2-thread torch processes on 2 cores slow each other ~20x)
-PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+# the suite on both cores: two pytest workers (a worker that runs out of tests takes from the other), each with
+# one torch thread (two 2-thread torch processes on 2 cores slow each other ~20x)
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=30
 
 .PHONY: demo test test-fast install clean
 

@@ -25,7 +25,7 @@ from medfm.encoders import describe_encoder, list_encoders, preprocess_transform
 from medfm.encoders.source import encoder_folder
 from medfm.tuning import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune, run_recipe
-from medfm.finetune.site_adaptation import ADAPTATION_METHODS, SiteAdaptation, adapt_run
+from medfm.finetune.site_adaptation import SITE_METHODS, SiteAdaptation, adapt_run
 from medfm.generate import GENERATORS, export_generated, model_hash
 from medfm.pretrain import METHODS
 from medfm.select import STRATEGIES
@@ -546,12 +546,12 @@ def _adapt_parser(sub) -> None:
     p.add_argument("run", help="a finished classification run (medfm finetune)")
     p.add_argument("--data", required=True, help="the new site's images: a manifest or npz (labels are never read)")
     p.add_argument("--split", default="target", help="its split to adapt on (default target)")
-    p.add_argument("--method", required=True, choices=ADAPTATION_METHODS,
+    p.add_argument("--method", required=True, choices=tuple(SITE_METHODS),
                    help="norm: re-estimate batch-norm statistics; tent: entropy on normalisation parameters; "
                         "lora_entropy: entropy on LoRA parameters; shot: information maximisation + centroid pseudo-labels")
     p.add_argument("--out", required=True, help="the adapted run's folder")
     p.add_argument("--steps", type=int, default=None, help="adaptation steps (default: one pass for norm, 50 otherwise)")
-    p.add_argument("--lr", default="auto", help="learning rate (default: the method's, medfm.finetune.site_adaptation.DEFAULT_LR)")
+    p.add_argument("--lr", default="auto", help="learning rate (default: the method's, medfm.finetune.site_adaptation.SITE_METHODS)")
     p.add_argument("--params", default=None, choices=("auto", "norm", "lora", "encoder"),
                    help="which parameters learn (default: the method's own)")
     p.add_argument("--collapse-share", type=float, default=None,

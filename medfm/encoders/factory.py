@@ -15,7 +15,7 @@ from medfm.artifacts import load, read_config
 from medfm.data.preprocess import Preprocess
 
 from .formats import is_public, list_formats
-from .source import EncoderSource, resolve_source
+from .source import EncoderSource, forget_sources, resolve_source
 from .registry import encoder_arguments, encoder_entrypoint, encoder_family, list_encoders
 from .vit import vit_size_name
 from .weights import load_pretrained
@@ -73,7 +73,9 @@ def build_encoder(section: dict, pretrained: bool = True) -> nn.Module:
     kw = {k: v for k, v in section.items() if v is not None}
     if not pretrained:
         kw.pop("pretrained", None)
-    return create_encoder(kw.pop("name"), **kw)
+    encoder = create_encoder(kw.pop("name"), **kw)
+    forget_sources()  # the run has what it converted: the converted weights need not stay in memory
+    return encoder
 
 
 READOUT = ("global_pool", "fc_norm")  # how a ViT pools its tokens: a recipe may read a saved encoder another way

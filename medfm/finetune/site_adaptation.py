@@ -27,7 +27,9 @@ its recipe is the source run's with the ``site_adaptation`` section filled in (:
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -44,9 +46,33 @@ from medfm.run.recipe import merge
 from .recipe import SiteAdaptationConfig, run_finetune, run_recipe
 from .registry import SITE_ADAPTERS, TASKS
 
-ADAPTATION_METHODS = ("norm", "tent", "lora_entropy", "shot")
-DEFAULT_LR = {"norm": 0.0, "tent": 1e-3, "lora_entropy": 1e-4, "shot": 1e-4}  # `medfm adapt --lr auto` -> optim.lr
-DEFAULT_PARAMS = {"norm": "none", "tent": "norm", "lora_entropy": "lora", "shot": "auto"}
+
+
+@dataclass(frozen=True)
+class SiteMethod:
+    """One way to adapt a model to a new site without its labels: its learning rate for ``--lr auto``
+    (``optim.lr``), which parameters learn by default (``site_adaptation.params: auto``), and its loss on a batch
+    of target images (``loss(module, batch) -> (loss or None, logs)``; None: the forward pass itself adapts)."""
+
+    name: str
+    lr: float
+    params: str
+    loss: Callable[["SiteAdaptationModule", dict], tuple[torch.Tensor | None, dict]]
+
+
+SITE_METHODS: dict[str, SiteMethod] = {}  # every site-adaptation method by name (`medfm adapt --method`)
+
+
+def register_site_method(name: str, lr: float, params: str):
+    """Decorator: register ``loss(module, batch)`` as the site-adaptation method ``name``."""
+
+    def register(loss):
+        if name in SITE_METHODS:
+            raise ValueError(f"site-adaptation method {name!r} is registered twice")
+        SITE_METHODS[name] = SiteMethod(name, lr, params, loss)
+        return loss
+
+    return register
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
@@ -210,23 +236,7 @@ class SiteAdaptationModule(TrainingModule):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor | None, dict]:
         self._modes()
-        x = batch["image"]
-        if self.method == "norm":
-            with torch.no_grad():
-                self.model(x)
-            return None, {}
-        if self.method == "shot":
-            if self.pseudo is None or self.global_step % self.shot_refresh == 0:
-                self.refresh_pseudo_labels()
-                self._modes()
-            logits = self.model(x)
-            target = self.pseudo.to(logits.device)[batch["index"]]
-            ce = nn.functional.cross_entropy(logits.float(), target)
-            im = information_maximisation(logits)
-            return im + self.shot_beta * ce, {"im": im.detach(), "pseudo_ce": ce.detach()}
-        logits = self.model(x)
-        loss = entropy(logits.float().softmax(-1)).mean()
-        return loss, {}
+        return SITE_METHODS[self.method].loss(self, batch)
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, logs = self.compute_loss(batch)
@@ -237,6 +247,38 @@ class SiteAdaptationModule(TrainingModule):
             for k, v in logs.items():
                 self.log(f"train/{k}", v)
         return loss
+
+
+# ----------------------------------------------------------------- the methods
+@register_site_method("norm", lr=0.0, params="none")
+def _norm_pass(module: SiteAdaptationModule, batch: dict) -> tuple[None, dict]:
+    """AdaBN: the forward pass re-estimates the batch-norm statistics; nothing is optimised."""
+    with torch.no_grad():
+        module.model(batch["image"])
+    return None, {}
+
+
+def _entropy(module: SiteAdaptationModule, batch: dict) -> tuple[torch.Tensor, dict]:
+    """TENT's objective: the mean prediction entropy of the batch."""
+    return entropy(module.model(batch["image"]).float().softmax(-1)).mean(), {}
+
+
+register_site_method("tent", lr=1e-3, params="norm")(_entropy)  # on the normalisation layers' affine parameters
+register_site_method("lora_entropy", lr=1e-4, params="lora")(_entropy)  # on a LoRA run's LoRA parameters
+
+
+@register_site_method("shot", lr=1e-4, params="auto")
+def _shot(module: SiteAdaptationModule, batch: dict) -> tuple[torch.Tensor, dict]:
+    """SHOT: information maximisation plus cross-entropy to centroid pseudo-labels (refreshed every
+    ``shot_refresh`` steps; they ride in the checkpoint)."""
+    if module.pseudo is None or module.global_step % module.shot_refresh == 0:
+        module.refresh_pseudo_labels()
+        module._modes()
+    logits = module.model(batch["image"])
+    target = module.pseudo.to(logits.device)[batch["index"]]
+    ce = nn.functional.cross_entropy(logits.float(), target)
+    im = information_maximisation(logits)
+    return im + module.shot_beta * ce, {"im": im.detach(), "pseudo_ce": ce.detach()}
 
 
 # ----------------------------------------------------------------- the plug-in
@@ -269,7 +311,7 @@ class SiteAdaptation(RunPlugin):
         if not hasattr(model, "head") or model.spec["head"].get("multi_label"):
             raise ValueError(f"{a.source}: site adaptation works on single-label classification runs")
         target = self.target_set(cfg)
-        which = a.params if a.params != "auto" else DEFAULT_PARAMS[a.method]
+        which = a.params if a.params != "auto" else SITE_METHODS[a.method].params
         if which == "auto":  # shot: the LoRA matrices of a LoRA run, the whole encoder otherwise
             which = "lora" if is_lora(model.encoder) else "encoder"
         if a.method == "norm" and not batch_norms(model):
@@ -341,8 +383,8 @@ def adaptation_recipe(source: str | Path, method: str, data: str, split: str = "
                       lr: float | str = "auto", overrides: dict | None = None) -> dict:
     """The recipe of an adaptation run: the source run's, with ``site_adaptation`` filled in, ``steps`` (default:
     one pass over the target for ``norm``, 50 steps otherwise) and the method's LR."""
-    if method not in ADAPTATION_METHODS:
-        raise ValueError(f"unknown adaptation method {method!r}; available: {', '.join(ADAPTATION_METHODS)}")
+    if method not in SITE_METHODS:
+        raise ValueError(f"unknown adaptation method {method!r}; available: {', '.join(SITE_METHODS)}")
     cfg = run_recipe(source)
     if cfg["task"] != "classification":
         raise ValueError(f"{source}: a {cfg['task']} run; site adaptation works on classification runs")
@@ -351,7 +393,7 @@ def adaptation_recipe(source: str | Path, method: str, data: str, split: str = "
     if steps is None:
         n = len(open_dataset(str(data), split=split, spatial_dims=cfg["encoder"]["spatial_dims"]))
         steps = -(-n // cfg["data"]["batch_size"]) if method == "norm" else 50
-    lr = DEFAULT_LR[method] if lr == "auto" else float(lr)
+    lr = SITE_METHODS[method].lr if lr == "auto" else float(lr)
     return merge(cfg, {"trainer": {"max_steps": int(steps)},
                        "optim": {"lr": lr, "warmup_steps": 0, "weight_decay": 0.0}})
 

@@ -186,6 +186,9 @@ def run_plugin(run: str | os.PathLike) -> RunPlugin:
     fine-tuning run written before run.json existed: its recipe's task)."""
     folder = RunFolder(run)
     if not (folder.path / "run.json").exists():
+        if not (folder.path / "recipe.yaml").exists():
+            raise FileNotFoundError(f"{run}: not a finished fine-tuning run, nor any other medfm run (no run.json, "
+                                    "no recipe.yaml)")
         kind = KINDS["finetune"]
         return kind.registry.get_plugin(folder.read_recipe()[kind.selector])
     info = folder.info()

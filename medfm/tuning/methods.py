@@ -1,4 +1,4 @@
-"""Adaptation methods: which encoder parameters a fine-tuning run trains, and how the result is exported.
+"""Tuning methods: which encoder parameters a fine-tuning run trains, and how the result is exported.
 
 One switch (``method`` in a task recipe), each a registered :class:`TuningMethod` (``@register_tuning``):
 
