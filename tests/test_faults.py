@@ -74,8 +74,8 @@ def _weights(run: Path) -> dict:
 @pytest.mark.slow  # a subprocess stopped with SIGTERM, then resumed
 def test_sigterm_writes_a_checkpoint_exits_143_and_resume_ends_like_an_uninterrupted_run(slices, tmp_path):
     """Item 1: SIGTERM (timeout, SLURM) must not end a run with exit 0 and nothing saved."""
-    out = tmp_path / "stopped"
-    argv = [*PRETRAIN, "--data", slices, "--out", str(out), "--max-steps", "400", "trainer.checkpoint_every_n_steps=5"]
+    out = tmp_path / "stopped"  # 80 steps: the signal lands a few steps after the first checkpoint (step 5)
+    argv = [*PRETRAIN, "--data", slices, "--out", str(out), "--max-steps", "80", "trainer.checkpoint_every_n_steps=5"]
     proc = subprocess.Popen([sys.executable, "-m", "medfm.cli", *argv], cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
@@ -85,10 +85,10 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resume_ends_like_an_uninterru
     assert proc.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM at step" in err and "--resume" in err
     step = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 0 < step < 400 and not (out / "encoder").exists()
+    assert 0 < step < 80 and not (out / "encoder").exists()
     assert main([*argv, "--resume"]) == 0
     whole = tmp_path / "whole"
-    assert main([*PRETRAIN, "--data", slices, "--out", str(whole), "--max-steps", "400",
+    assert main([*PRETRAIN, "--data", slices, "--out", str(whole), "--max-steps", "80",
                  "trainer.checkpoint_every_n_steps=5"]) == 0
     a, b = _weights(out), _weights(whole)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
