@@ -45,15 +45,21 @@ def mni_folder(tmp: Path) -> Path:
     return d
 
 
+def spread(array: np.ndarray, n: int) -> np.ndarray:
+    """``n`` rows spread evenly over ``array`` (a MedMNIST split is stored sorted by label: its first rows are one
+    class), so a subset keeps every class in its proportion."""
+    return array[np.linspace(0, len(array) - 1, min(n, len(array))).astype(int)]
+
+
 def data_2d(tmp: Path, n_train: int = 800, n_val: int = 200) -> str:
-    """The first ``n_train`` / ``n_val`` real PneumoniaMNIST images (../shared/data) when present (a run reads every
+    """``n_train`` / ``n_val`` real PneumoniaMNIST images spread over each split (../shared/data) when present (a run reads every
     image of a split once: a few hundred teach a tiny model as much as 4,406 do, in a fifth of the time), else
     axial slices of the MNI152 brain as PNGs + a manifest."""
     npz = SHARED / "pneumoniamnist" / "pneumoniamnist_trainval.npz"
     if npz.exists():
         subset = tmp / "pneumoniamnist_subset.npz"
         with np.load(npz) as d:
-            np.savez(subset, **{k: d[k][: n_train if k.startswith("train") else n_val] for k in d.files})
+            np.savez(subset, **{k: spread(d[k], n_train if k.startswith("train") else n_val) for k in d.files})
         return str(subset)
     from PIL import Image
 

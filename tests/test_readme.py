@@ -107,12 +107,14 @@ def _runnable(argv: list[str]) -> list[str] | None:
 
 
 def _first_images(source: Path, dest: Path, n: int = 400) -> None:
-    """The first ``n`` real images of each split of a MedMNIST npz (the commands read every image of a split:
-    a few hundred show that they run, in a fraction of the time)."""
+    """``n`` real images spread over each split of a MedMNIST npz, every class in its proportion (the commands
+    read every image of a split: a few hundred show that they run, in a fraction of the time)."""
     import numpy as np
 
+    from .pretrain_helpers import spread
+
     with np.load(source) as d:
-        np.savez(dest, **{k: d[k][:n] for k in d.files})
+        np.savez(dest, **{k: spread(d[k], n) for k in d.files})
 
 
 def test_the_readme_commands_run_at_tiny_scale(tmp_path, monkeypatch, capsys):
