@@ -72,7 +72,7 @@ def tiny_argv(kind: str, data: str, out: Path) -> list[str]:
     common = ["--profile", "tiny", "--out", str(out), "--max-steps", "8",
               "trainer.checkpoint_every_n_steps=2", "trainer.enable_progress_bar=false"]
     if kind == "text_mlm":
-        return ["pretrain", "text_mlm_reports", *common, "text_mlm.holdout_every=50", "data.batch_size=4"]
+        return ["pretrain", "text_mlm_reports", *common, "text_mlm.holdout_every=200", "data.batch_size=4"]
     common = ["--data", data, *common]
     if kind == "pretrain":
         return ["pretrain", "mae_vit_2d", *common]
