@@ -73,6 +73,8 @@ def register_site_method(name: str, lr: float, params: str):
         return loss
 
     return register
+
+
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
