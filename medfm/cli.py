@@ -24,7 +24,7 @@ from medfm.data.transforms import preset_mismatch, with_channels
 from medfm.encoders import describe_encoder, list_encoders, preprocess_transform
 from medfm.encoders.source import encoder_folder
 from medfm.tuning import METHODS as ADAPTATIONS
-from medfm.finetune import TASKS, load_task_recipe, run_finetune, run_recipe
+from medfm.finetune import TASKS, load_task_recipe, run_finetune
 from medfm.finetune.site_adaptation import SITE_METHODS, SiteAdaptation, adapt_run
 from medfm.generate import GENERATORS, export_generated, model_hash
 from medfm.pretrain import METHODS

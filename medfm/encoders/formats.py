@@ -192,8 +192,7 @@ def identify(ckpt: Checkpoint) -> Format | None:
     best = [f for f in matches if not any(f.name in g.precedes for g in matches)]
     if len(best) > 1:
         raise ValueError(f"{ckpt.path}: fits {len(best)} formats ({', '.join(f.name for f in best)}) and none is declared "
-                         "more specific (Format.precedes): convert it with `medfm models convert` after removing "
-                         "the keys of the one it is not")
+                         "more specific: the format that is names the other in its Format(precedes=...)")
     return best[0] if best else None
 
 

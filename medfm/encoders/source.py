@@ -17,9 +17,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfm.artifacts import CONFIG_NAME, read_config
+from medfm.artifacts import CONFIG_NAME
 
-from .formats import Converted, convert, is_public
+from .formats import Converted, convert_checkpoint, is_public, open_checkpoint
 
 
 def encoder_folder(given: str | os.PathLike) -> str:
@@ -33,21 +33,14 @@ def encoder_folder(given: str | os.PathLike) -> str:
 class EncoderSource:
     """What ``given`` names, resolved: ``kind`` is ``medfm`` (a ``save_pretrained`` folder or hub id),
     ``public`` (a checkpoint of a format ``medfm models`` lists, ``converted`` holding its architecture,
-    weights and preprocessing), ``timm`` (``timm:<name>``) or ``file`` (a bare timm / medfm state dict)."""
+    weights and preprocessing), ``timm`` (``timm:<name>``) or ``file`` (a bare timm / medfm-layout state dict,
+    ``state_dict`` holding its tensors as read, so loading it reads the file no second time)."""
 
     given: str
     path: str
     kind: str
     converted: Converted | None = None
-
-    @property
-    def preprocess(self) -> dict | None:
-        """The preprocessing record the weights expect (a public model's authors', a medfm folder's own)."""
-        if self.converted is not None:
-            return self.converted.preprocess
-        if self.kind == "medfm":
-            return read_config(self.path).get("preprocess")
-        return None
+    state_dict: dict | None = None
 
     def architecture(self, spatial_dims: int | None = None) -> dict | None:
         """``{"name", **constructor arguments}`` that rebuild a public model's network (its native position
@@ -89,8 +82,10 @@ def resolve_source(given: str | os.PathLike) -> EncoderSource:
     key = _stamp(path)
     if _LAST is not None and _LAST[0] == key:
         return _LAST[1]
-    converted = convert(path)
-    source = EncoderSource(given, path, "public" if converted is not None else "file", converted)
+    ckpt = open_checkpoint(path)
+    converted = convert_checkpoint(ckpt)
+    source = (EncoderSource(given, path, "public", converted) if converted is not None
+              else EncoderSource(given, path, "file", state_dict=ckpt.state_dict))
     _LAST = (key, source)
     return source
 

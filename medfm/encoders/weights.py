@@ -47,10 +47,10 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if source.startswith("timm:"):
         return timm.create_model(source[5:], pretrained=True).state_dict(), None
     if is_public(source):
-        converted = resolve_source(source).converted
-        if converted is None:  # a timm / medfm-layout state dict: adapted and loaded as it is
-            return open_checkpoint(source).state_dict, None
-        return converted.state_dict, converted.config()
+        resolved = resolve_source(source)
+        if resolved.converted is None:  # a timm / medfm-layout state dict: adapted and loaded as it is
+            return resolved.state_dict, None
+        return resolved.converted.state_dict, resolved.converted.config()
     path = Path(source)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{source}: neither a weight file nor a save_pretrained folder")

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import lightning as L
-import torch
 from monai.transforms import Compose
 
 from medfm.atomic import write_json, write_text
@@ -137,7 +136,7 @@ class FinetuneTask(RunPlugin):
 
     def spec(self, cfg: dict, state: dict) -> dict:
         """What the task model's ``config.json`` holds (:class:`TaskModel`)."""
-        method, d = cfg["method"], self.section(cfg, "data")
+        method = cfg["method"]
         return {"task": self.name, "encoder": dict(cfg["encoder"]), "method": method,
                 **({method: dict(cfg[method])} if method in method_sections() else {}), "head": self.head(cfg, state),
                 "preprocess": self.preprocess(cfg).record()}
@@ -222,9 +221,9 @@ class FinetuneTask(RunPlugin):
         (in-domain). ``robustness``: a spec (``medfm.evaluate.robustness``) to score the split under instead.
         A task with more options (classification's ``groups``) declares them in ``evaluate_options`` and
         passes them on in ``options``."""
-        return self.evaluate_run(run, data, split, out, robustness)
+        return self.run_evaluation(run, data, split, out, robustness)
 
-    def evaluate_run(self, run: Path, data: str | None, split: str, out: str | None, robustness: str | None,
+    def run_evaluation(self, run: Path, data: str | None, split: str, out: str | None, robustness: str | None,
                      **options: Any) -> dict:
         """:meth:`evaluate` with the task's own options (``options``: what ``evaluate_split`` reads from its state)."""
         if robustness:

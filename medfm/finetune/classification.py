@@ -310,7 +310,7 @@ class ClassificationTask(FinetuneTask):
                  groups: list[str] | None = None, robustness: str | None = None) -> dict:
         """:meth:`FinetuneTask.evaluate`, and ``groups``: manifest columns to report metrics per group by
         (site, scanner, sex: per-group metrics, the worst group, bootstrap gaps)."""
-        return self.evaluate_run(run, data, split, out, robustness, groups=list(groups or []))
+        return self.run_evaluation(run, data, split, out, robustness, groups=list(groups or []))
 
     def validate(self, cfg: dict) -> None:
         if self.config(cfg).class_weights not in ("auto", "none", None):

@@ -27,8 +27,6 @@ and ``examples_<split>.html``.
 
 from __future__ import annotations
 
-import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -36,9 +34,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import transformers
 from torch.utils.data import Dataset
-from transformers import AutoModel, AutoTokenizer, AutoModelForMaskedLM, BertConfig, BertLMHeadModel, DynamicCache, EncoderDecoderCache
+from transformers import AutoTokenizer, BertLMHeadModel
 
 from medfm.data import DataError
 from medfm.encoders import default_text_model_path
@@ -51,7 +48,7 @@ from medfm.evaluate.report_table import examples_html
 from medfm.run import TrainingModule, evaluating
 
 from medfm.heads import FrozenEncoder, TaskModel, TextWriter, build_task_encoder, encoder_tokens, known_cross_entropy
-from medfm.heads.text_writer import ReportVocab, build_decoder, writer_head, writer_parts
+from medfm.heads.text_writer import ReportVocab, writer_head, writer_parts
 
 from .base import FinetuneTask
 from .registry import TASKS

@@ -7,11 +7,12 @@ from .generator import DiffusionGenerator
 from .pipeline import SAMPLERS, DiffusionPipeline
 from .module import DiffusionModule
 from .plugin import DiffusionPlugin
-from .recipe import DiffusionConfig, GeneratorDataConfig, generator_schema, is_generator_recipe, load_generator_recipe, run_generator
+from .spec import DiffusionConfig, DiffusionSpec
+from .recipe import GeneratorDataConfig, generator_schema, is_generator_recipe, load_generator_recipe, run_generator
 from .registry import GENERATORS
 
 __all__ = [
-    "GENERATORS", "SAMPLERS", "DiffusionConfig", "DiffusionGenerator", "DiffusionModule", "DiffusionPipeline", "DiffusionPlugin",
+    "GENERATORS", "SAMPLERS", "DiffusionConfig", "DiffusionSpec", "DiffusionGenerator", "DiffusionModule", "DiffusionPipeline", "DiffusionPlugin",
     "GeneratorDataConfig", "export_generated", "generator_schema", "is_generator_recipe", "load_generator_recipe",
     "model_hash", "run_generator", "sample_grid",
 ]

@@ -9,6 +9,7 @@ over step-keyed batches; ``export`` saves ``model/`` with the EMA weights and dr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 
@@ -19,8 +20,9 @@ from .evaluate import draw_conditions, evaluate_generator, summary_lines
 from .export import sample_grid
 from .generator import DiffusionGenerator
 from .module import DiffusionModule
-from .recipe import DiffusionConfig, complete_spec, open_training_set
+from .recipe import complete_spec, open_training_set
 from .registry import GENERATORS
+from .spec import DiffusionConfig
 
 
 def preview_conditions(generator: DiffusionGenerator, train, n: int) -> dict:

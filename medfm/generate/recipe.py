@@ -1,7 +1,7 @@
 """Generator recipes (``generators/diffusion_2d.yaml``, ``generators/diffusion_3d.yaml``): schema, data, run.
 
 A generator is one more plug-in of the run layer (:class:`DiffusionPlugin`, kind ``generate``): its
-section ``diffusion`` (:class:`DiffusionConfig`: network, noise schedule, conditioning, classifier-free
+section ``diffusion`` (:class:`medfm.generate.spec.DiffusionConfig`: network, noise schedule, conditioning, classifier-free
 guidance, EMA, sampler; defaults declared once), its ``data`` (:class:`GeneratorDataConfig`: which
 column holds the class, prompt or label map), ``optim`` and ``trainer``. :func:`medfm.run.run` does the
 rest (run folder, seeding, resume with the EMA weights, recipe.yaml, run.json). RUN then holds
@@ -15,7 +15,7 @@ rest (run folder, seeding, resume with the EMA weights, recipe.yaml, run.json). 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import numpy as np
 import torch
 
@@ -26,7 +26,7 @@ from medfm.data.transforms import PRESETS
 from medfm.run import TRAINER, DataConfig, OptimConfig, RecipeKind, recipe_kind
 from medfm.run.recipe import with_defaults
 
-from .spec import CONDITIONING, DiffusionConfig, DiffusionSpec
+from .spec import CONDITIONING, DiffusionSpec
 from .pipeline import SAMPLERS
 from .registry import GENERATORS
 
