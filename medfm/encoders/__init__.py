@@ -6,7 +6,7 @@ adaptation) are apart, as in timm. A new family is one file with its class and i
 imported here.
 """
 
-from . import cnn, dinov2, monai3d, openclip, sam, vit, xrv  # noqa: F401  (registers the encoders and their formats)
+from . import cnn, dinov2, hfclip, monai3d, openclip, sam, vit, xrv  # noqa: F401  (registers the encoders and their formats)
 from .clip import CLIP
 from .cnn import ResNetEncoder
 from .factory import build_encoder, create_encoder, create_model_and_transforms, from_pretrained, preprocess_transform, saved_architecture

@@ -21,7 +21,7 @@ from timm.layers import trunc_normal_
 from monai.utils import ensure_tuple_rep
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
-from timm.layers import SwiGLUPacked
+from timm.layers import QuickGELU, SwiGLUPacked
 from timm.models.vision_transformer import Block
 
 from .input_norm import input_layer
@@ -110,13 +110,16 @@ class ViT(EncoderBase):
         no_embed_class: timm's switch: the position embedding covers the patch tokens only (the class and
             register tokens carry none), as timm stores DINOv2 with registers.
         norm_eps: LayerNorm epsilon (1e-6 in timm and DINOv2; 1e-5 in torch's default, open_clip).
-        mlp: ``"gelu"`` (timm's ``Mlp``) or ``"swiglu"`` (timm's ``SwiGLUPacked``: ``fc1`` holds the gate
+        mlp: ``"gelu"`` (timm's ``Mlp``), ``"quick_gelu"`` (the same with OpenAI CLIP's ``x * sigmoid(1.702 x)``) or
+            ``"swiglu"`` (timm's ``SwiGLUPacked``: ``fc1`` holds the gate
             and value halves; DINOv2-g, UNI2, Virchow2). The hidden width is ``int(embed_dim * mlp_ratio)``,
             both halves together for SwiGLU.
         input_norm: a fixed input mapping in front of the patch embedding (:class:`InputNorm`:
             ``{"channels", "mean", "std"}``): a public model's normalisation and channel count, so it reads
             the [0, 1] grey images every medfm preset produces exactly as it read its own inputs.
         pos_antialias: resample the 2D position grid with an antialiased bicubic (DINOv2 with registers).
+        pre_norm: a LayerNorm on every token before the first block (timm's ``norm_pre``; CLIP's ``ln_pre`` /
+            ``pre_layrnorm``).
         pos_size: the input size whose token grid the position embedding is stored at (default ``img_size``):
             a converted public model keeps its native grid (a DINOv2 folder's ``image_size``, 518 for DINOv2
             and RAD-DINO) and resamples from it to each input's grid at run time, as upstream does, so at its
@@ -152,6 +155,7 @@ class ViT(EncoderBase):
         input_norm: dict | None = None,
         pos_antialias: bool = False,
         pos_size: int | Sequence[int] | None = None,
+        pre_norm: bool = False,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -192,6 +196,7 @@ class ViT(EncoderBase):
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         n_pos = math.prod(self.pos_grid) + self.num_pos_prefix
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim), requires_grad=pos_embed == "learned")
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # torch.linspace, on any device
         self.blocks = nn.Sequential(
             *[
@@ -272,7 +277,7 @@ class ViT(EncoderBase):
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise LR decay: stem, one group per block, final norms."""
         return dict(
-            stem=r"^cls_token|^reg_token|^pos_embed|^patch_embed|^input_norm",
+            stem=r"^cls_token|^reg_token|^pos_embed|^patch_embed|^input_norm|^norm_pre",
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm|^fc_norm", (99999,))],
         )
 
@@ -308,14 +313,15 @@ class ViT(EncoderBase):
 
     def add_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prepend the class token and the register tokens (with their position embeddings unless
-        ``no_embed_class``), as timm orders them: class, registers, patches."""
+        ``no_embed_class``), as timm orders them: class, registers, patches; then ``norm_pre`` (CLIP's
+        pre-LayerNorm, identity otherwise): what the first block reads."""
         prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
         if not prefix:
-            return tokens
+            return self.norm_pre(tokens)
         prefix = torch.cat(prefix, dim=1)
         if self.num_pos_prefix:
             prefix = prefix + self.pos_embed[:, : self.num_pos_prefix]
-        return torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return self.norm_pre(torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], dim=1))
 
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -360,7 +366,7 @@ class ViT(EncoderBase):
         return out
 
 
-MLP_LAYERS = {"gelu": {}, "swiglu": {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}}  # ViT(mlp=...)
+MLP_LAYERS = {"gelu": {}, "quick_gelu": {"act_layer": QuickGELU}, "swiglu": {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}}  # ViT(mlp=...)
 
 
 def mlp_args(state_dict: dict[str, torch.Tensor]) -> dict:

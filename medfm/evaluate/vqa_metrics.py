@@ -49,6 +49,15 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def token_recall(prediction: str, reference: str) -> float:
+    """Share of the normalised reference's tokens found in the prediction (LLaVA-Med's open-question recall:
+    a long free-text answer that contains the reference scores 1); an empty reference scores 1."""
+    p, r = Counter(normalize_answer(prediction).split()), normalize_answer(reference).split()
+    if not r:
+        return 1.0
+    return sum((p & Counter(r)).values()) / len(r)
+
+
 def bleu_1(prediction: str, reference: str) -> float:
     """Sentence BLEU with unigrams (clipped unigram precision x brevity penalty) of the normalised answers."""
     p, r = normalize_answer(prediction), normalize_answer(reference)
@@ -64,8 +73,8 @@ def _scores(predictions: Sequence[str], references: Sequence[str], idx: Sequence
 
 def vqa_metrics(predictions: Sequence[str], references: Sequence[str], answer_types: Sequence[str],
                 question_types: Sequence[str] | None = None, organs: Sequence[str] | None = None) -> dict:
-    """Accuracy (exact match after normalisation) overall, on closed and on open questions, open token-F1
-    and BLEU-1, and accuracy per question type and per organ (``answer_types``: ``CLOSED`` / ``OPEN``, any
+    """Accuracy (exact match after normalisation) overall, on closed and on open questions, open token-F1,
+    token recall and BLEU-1, and accuracy per question type and per organ (``answer_types``: ``CLOSED`` / ``OPEN``, any
     case)."""
     if not (len(predictions) == len(references) == len(answer_types)):
         raise ValueError(f"{len(predictions)} predictions, {len(references)} references, {len(answer_types)} "
@@ -82,6 +91,7 @@ def vqa_metrics(predictions: Sequence[str], references: Sequence[str], answer_ty
             out[f"{name}_accuracy"] = _scores(predictions, references, idx)["accuracy"]
     if opened:
         out["open_token_f1"] = sum(token_f1(predictions[i], references[i]) for i in opened) / len(opened)
+        out["open_token_recall"] = sum(token_recall(predictions[i], references[i]) for i in opened) / len(opened)
         out["open_bleu_1"] = sum(bleu_1(predictions[i], references[i]) for i in opened) / len(opened)
     for key, groups in (("per_question_type", question_types), ("per_organ", organs)):
         if groups is not None:

@@ -7,7 +7,7 @@ shared parts (segmentation model, text writer) are :mod:`medfm.heads`."""
 
 from medfm.tuning import METHODS, adapt_encoder, count_parameters, export_encoder, few_shot_indices
 
-from . import classification, report_generation, segmentation, site_adaptation, vqa  # noqa: F401  (registers the tasks)
+from . import classification, mllm, report_generation, segmentation, site_adaptation, vqa  # noqa: F401  (registers the tasks)
 from medfm.heads import ReportVocab, SegmentationModel, TaskModel, build_decoder, build_task_encoder
 
 from .base import FinetuneTask

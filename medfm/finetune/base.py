@@ -126,6 +126,11 @@ class FinetuneTask(RunPlugin):
     def training_set(self, cfg: dict, model, train, state: dict):
         return train
 
+    def collate(self, cfg: dict, state: dict):
+        """How training samples form a batch (None: torch's default collation; the multimodal LM tokenises its
+        conversations here, with ``state["model"]``'s tokenizer)."""
+        return None
+
     def train_record(self, state: dict) -> dict:
         """What metrics.json records about the training set beyond its size (classification: the few-shot rows)."""
         return {}
@@ -164,7 +169,7 @@ class FinetuneTask(RunPlugin):
         state.update(trainable=trainable, total=total, n_train=len(train), model=model)
         train = self.training_set(cfg, model, train, state)
         keyed = KeyedDataset(train, seed=cfg["seed"], keys=self.keys)
-        data = StepData(keyed, len(train), d.batch_size, d.num_workers, cfg["seed"])
+        data = StepData(keyed, len(train), d.batch_size, d.num_workers, cfg["seed"], collate_fn=self.collate(cfg, state))
         return Built(module, data, cfg=cfg, state=state)
 
     def export(self, module, folder: RunFolder, trainer, built: Built) -> None:

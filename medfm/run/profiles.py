@@ -36,6 +36,7 @@ PROFILES: dict[str, dict] = {
         "segmentation": {"feature_size": 8, "sw_batch_size": 2},
         "report_generation": {"decoder_layers": 1, "vocab_size": 2000, "eval_batch_size": 8},
         "diffusion": {"channels": [16, 32, 64], "sample_steps": 25},
+        "mllm": {"max_length": 128, "eval_limit": 200, "eval_batch_size": 16},
     },
     # a smoke test of a recipe on your data in seconds (ViT-Micro, 32 px / 32^3, 4 steps): not for results
     "tiny": {
@@ -55,6 +56,7 @@ PROFILES: dict[str, dict] = {
         "report_generation": {"decoder_layers": 1, "vocab_size": 400, "max_length": 32, "eval_batch_size": 8,
                               "meteor": False, "generation": {"num_beams": 1, "max_new_tokens": 8}},
         "diffusion": {"image_size": 32, "channels": [8, 16, 16], "head_channels": 8, "sample_steps": 2, "preview": 4},
+        "mllm": {"max_length": 96, "eval_limit": 16, "eval_batch_size": 8, "generation": {"max_new_tokens": 6}},
     },
 }
 
