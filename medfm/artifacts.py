@@ -216,6 +216,8 @@ class Artifact:
     * ``folder_arg``: the constructor argument that receives the saved folder itself on reload (a text
       tower reads its Hugging Face files from there), left out of the saved config;
     * ``stored_state(state)``: what older folders hold, mapped to today's keys;
+    * ``partial_state``: ``_own_state`` keeps only part of the weights; the constructor rebuilds the rest (a
+      multimodal LM keeps its projector and LoRA, and reads its pretrained LM again);
     * ``config_key``: nest medfm's entries under this key of a ``config.json`` that ``write_extra`` wrote;
     * ``write_extra(tmp)``: more files to write into the folder (a tokenizer);
     * ``artifact_config()`` / ``from_config()``: only where the constructor arguments are not the whole
@@ -227,6 +229,7 @@ class Artifact:
     weights_root: ClassVar[str] = ""
     folder_arg: ClassVar[str | None] = None
     config_key: ClassVar[str | None] = None
+    partial_state: ClassVar[bool] = False  # _own_state keeps only part of the weights (the rest is rebuilt)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -320,7 +323,9 @@ class Artifact:
             if k not in state and (v.data_ptr(), v.shape) in stored:
                 state[k] = state[stored[(v.data_ptr(), v.shape)]]
         check_state_dict(model, state, weights, own=own)
-        model._weights_module().load_state_dict(state, strict=not model.components)  # components: own folders
+        # components are in their own folders; a model whose _own_state keeps part of its weights (a multimodal LM's
+        # LoRA, not the pretrained LM it reads again) was checked against that part above
+        model._weights_module().load_state_dict(state, strict=not (model.components or model.partial_state))
         return model.eval()
 
 

@@ -1,7 +1,7 @@
 """``medfm`` command line: ``info``, ``encode``, ``pretrain`` (every registered method: MAE, DINO, CLIP,
 text MLM, dense synthetic; and diffusion generators), ``finetune`` (classification, segmentation, report
 generation, visual question answering), ``evaluate RUN`` (any run kind), ``generate`` (sample a generator into a data set),
-``generate-report``, ``answer`` (visual question answering), ``synth``, ``quickstart``, ``benchmark`` (label efficiency), ``data`` (public data sets)."""
+``generate-report``, ``answer`` (visual question answering), ``chat`` (a multimodal LM), ``synth``, ``quickstart``, ``benchmark`` (label efficiency), ``data`` (public data sets)."""
 
 from __future__ import annotations
 
@@ -228,6 +228,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_generate_report(args: argparse.Namespace) -> int:
     model = medfm_load(args.model)
+    if hasattr(model, "answer_image"):  # a multimodal LM writes the report it is asked for
+        generation = {"num_beams": args.beams} if args.beams else {}
+        for path in args.images:
+            print(f"{path}: {model.answer_image(path, model.report_prompt(), **generation)}")
+        return 0
     if not hasattr(model, "generate_from_memory"):
         raise ValueError(f"{args.model}: a {type(model).__name__}, not a report-generation model")
     transform = preprocess_transform(model.spec["preprocess"])
@@ -244,6 +249,9 @@ def cmd_answer(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise ValueError("the question is empty: give it as the second argument, e.g. \"Is there a pneumothorax?\"")
     model = medfm_load(args.model)
+    if hasattr(model, "answer_image"):  # a multimodal LM: free text
+        print(f"answer: {model.answer_image(args.image, args.question)}")
+        return 0
     if not hasattr(model, "generate_answers"):
         raise ValueError(f"{args.model}: a {type(model).__name__}, not a visual question answering model "
                          "(medfm finetune tasks/vqa_2d.yaml)")
@@ -254,6 +262,27 @@ def cmd_answer(args: argparse.Namespace) -> int:
     if model.decoder is not None:
         print(f"open-ended: {model.generate_answers(image, [args.question], **model.spec['head'].get('generation', {}))[0]}")
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """``medfm chat --model RUN IMAGE``: several turns about one image with a multimodal-LM run (one question per
+    line on standard input; an empty line or end of input stops)."""
+    model = medfm_load(args.model)
+    if not hasattr(model, "answer_image"):
+        raise ValueError(f"{args.model}: a {type(model).__name__}, not a multimodal LM (medfm finetune tasks/mllm_2d.yaml)")
+    image = model.read_image(args.image)
+    turns: list[dict] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you: ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        turns.append({"from": "human", "value": line.strip()})
+        reply = model.answer([turns], image)[0]
+        turns.append({"from": "gpt", "value": reply})
+        print(f"model: {reply}", flush=True)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -377,6 +406,7 @@ def _benchmark_parser(sub) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from medfm.encoders.formats import convert_checkpoint, identify, list_formats, nearest_format, open_checkpoint
+    from medfm.encoders.language_model import list_language_models
 
     words = list(args.words)
     if not words:
@@ -386,6 +416,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                   f"\n  license     {f.license}\n  example     {f.example}\n")
         print("also: timm state dicts of medfm's ViT / ResNet sizes, and every medfm encoder or run folder "
               "(docs/checkpoints.md)")
+        print("\nlanguage models (mllm.language_model=; also a transformers causal-LM folder, hf:ORG/NAME or a .gguf file):\n")
+        for name, what, where in list_language_models():
+            print(f"{name}  {what}\n  file        {where}\n")
         return 0
     if words[0] == "convert":
         if len(words) != 2 or not args.out:
@@ -534,6 +567,15 @@ def _answer_parser(sub) -> None:
     p.add_argument("question", help="the question, in quotes")
     p.add_argument("--model", required=True, help="a `medfm finetune tasks/vqa_2d.yaml` run (or its model/ folder)")
     p.set_defaults(fn=cmd_answer)
+
+
+def _chat_parser(sub) -> None:
+    """``medfm chat``."""
+    p = sub.add_parser("chat", help="talk about an image or volume with a multimodal-LM run (questions on standard input)",
+                       epilog='example: printf "What modality is this?\\nIs it normal?\\n" | medfm chat --model runs/mllm scan.png')
+    p.add_argument("image", help="PNG/JPEG, NIfTI or DICOM file (preprocessed as the model was trained)")
+    p.add_argument("--model", required=True, help="a `medfm finetune tasks/mllm_2d.yaml` run (or its model/ folder)")
+    p.set_defaults(fn=cmd_chat)
 
 
 def _adapt_parser(sub) -> None:
@@ -702,7 +744,8 @@ def _data_parser(sub) -> None:
 
 # one function per command, in `medfm --help` order
 PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
-           _evaluate_parser, _adapt_parser, _generate_parser, _generate_report_parser, _answer_parser, _select_parser, _curate_parser,
+           _evaluate_parser, _adapt_parser, _generate_parser, _generate_report_parser, _answer_parser, _chat_parser, _select_parser,
+           _curate_parser,
            _synth_parser)
 
 

@@ -144,7 +144,13 @@ def _dequantised(source: LanguageModelSource) -> Path:
     except (ValueError, OSError, KeyError) as e:
         raise LanguageModelError(f"{path}: transformers cannot read it ({type(e).__name__}: {str(e)[:300]})") from None
     partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(partial)
+    # transformers marks a GGUF-read model as quantised and will not save it: the same weights, fp32, in a plain model
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     (partial / "medfm_source.json").write_text(json.dumps({"gguf": str(path), "architecture": arch}))
     if folder.exists():  # another process finished first
@@ -160,7 +166,9 @@ def load_language_model(given: str | os.PathLike | None = None):
     """A pretrained causal LM (fp32, eval mode) and its tokenizer, from anything
     :func:`resolve_language_model` takes. The tokenizer has a pad token (its EOS when it had none)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the weight-loading bar of every load, not the user's progress
     source = resolve_language_model(given)
     folder = _dequantised(source) if source.gguf_file else source.folder
     try:

@@ -40,7 +40,11 @@ from torch.utils.data import Dataset
 
 from medfm.atomic import write_text
 from medfm.data import DataError
-from medfm.data.conversations import conversation_manifest, row_turns
+from medfm.data import load
+from medfm.data.datasets import finalise_sample
+from medfm.data.transforms import with_channels
+from medfm.data.conversations import REPORT_PROMPT, conversation_manifest, row_turns
+from medfm.encoders import preprocess_transform
 from medfm.evaluate.changed_images import ChangedImages, changed_share
 from medfm.evaluate.plots import grouped_bars_png
 from medfm.evaluate.report_baselines import most_common_report, random_reports
@@ -99,6 +103,22 @@ class MLLMModel(TaskModel, MultimodalLM):
         with ctx:
             new = self.generate(ids.to(device), mask.to(device), images, max_new_tokens=max_new_tokens, num_beams=num_beams)
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def read_image(self, path: str | Path) -> torch.Tensor:
+        """One image or volume file prepared as the model was trained: (1, C, *spatial)."""
+        enc = self.spec["encoder"]
+        transform = with_channels(preprocess_transform(self.spec["preprocess"]), enc["in_chans"])
+        return finalise_sample(transform(load(str(path), spatial_dims=enc["spatial_dims"])))["image"][None]
+
+    def answer_image(self, path: str | Path, question: str | list, **generation) -> str:
+        """The answer to ``question`` (or turns ending in a human turn) about the image at ``path``."""
+        if isinstance(question, str) and not question.strip():
+            raise ValueError("the question is empty: give it in quotes, e.g. \"Is there a pneumothorax?\"")
+        gen = {**self.spec["head"].get("generation", {}), **generation}
+        return self.answer([question], self.read_image(path), **gen)[0]
+
+    def report_prompt(self) -> str:
+        return self.spec["head"].get("prompt") or REPORT_PROMPT
 
 
 class _nullcontext:
@@ -391,7 +411,7 @@ class MLLMTask(FinetuneTask):
         c = self.config(cfg)
         return {"language_model": c.language_model, "projector": c.projector, "pool": c.pool, "resampler": c.resampler,
                 "feature_layer": c.feature_layer, "lora": dict(c.lm_lora) if c.stage == "instruction" else None,
-                "unlock_lm": list(c.unlock_lm)}
+                "unlock_lm": list(c.unlock_lm), "generation": dict(c.generation), "prompt": c.prompt}
 
     def module(self, cfg: dict, model, train, state: dict):
         c = self.config(cfg)

@@ -16,6 +16,7 @@ LoRA into the LM and writes a transformers LLaVA folder (:mod:`medfm.heads.llava
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Sequence
 
 import torch
@@ -47,6 +48,7 @@ class MultimodalLM(nn.Module, Artifact):
     """
 
     components = ("encoder",)
+    partial_state = True
 
     def __init__(self, encoder: nn.Module, language_model: str | None = None, projector: str = "mlp2x_gelu",
                  pool: Sequence[int] | None = None, resampler: dict | None = None, feature_layer: int = -2,
@@ -73,7 +75,9 @@ class MultimodalLM(nn.Module, Artifact):
             cfg = LoraConfig(r=int(self.lora.get("r", 8)), lora_alpha=float(self.lora.get("alpha", 16)),
                              lora_dropout=float(self.lora.get("dropout", 0.0)),
                              target_modules=list(self.lora.get("targets") or LM_LORA_TARGETS))
-            lm = get_peft_model(lm, cfg)
+            with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                lm = get_peft_model(lm, cfg)
         self.lm = lm
         self.unlock_lm = list(unlock_lm)
 
