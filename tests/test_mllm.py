@@ -169,3 +169,158 @@ def test_projector_pooling_and_resampler_fix_the_token_count():
     assert p(fmap).shape == (2, 8, 32) and p.num_tokens((4, 6, 6)) == 8
     with pytest.raises(ValueError, match="projector 'mlp_x'"):
         MultimodalProjector(48, 32, "mlp_x")
+
+
+# --------------------------------------------------------------------------- training, evaluation, reload, resume
+@pytest.fixture(scope="module")
+def vqa_subset(tmp_path_factory):
+    """The questions on 24 VQA-RAD images (absolute paths), validation carved by image."""
+    import csv
+
+    from medfm.data.prepare import carve_split
+    from medfm.data.writers import write_manifest
+
+    from .conftest import shared_path
+
+    src = shared_path("vqa_rad", "manifest.csv")
+    with open(src) as f:
+        rows = list(csv.DictReader(f))
+    images = sorted({r["image"] for r in rows})[:24]
+    keep = [{**r, "image": str(src.parent / r["image"])} for r in rows if r["image"] in images]
+    d = tmp_path_factory.mktemp("vqa")
+    return carve_split(write_manifest(d / "all.csv", keep), d / "manifest.csv", by="image", fraction=0.25)
+
+
+def _recipe(lm_folder, data, **over):
+    from medfm.finetune import load_task_recipe
+
+    from .conftest import REPO
+
+    base = {"encoder": {"name": "vit_micro", "img_size": 32, "patch_size": 8},
+            "mllm": {"language_model": str(lm_folder), "max_length": 96, "eval_batch_size": 16, "eval_limit": 12,
+                     "generation": {"max_new_tokens": 4}, "lm_lora": {"r": 4, "alpha": 8}},
+            "data": {"path": str(data), "batch_size": 8, "num_workers": 0, "test_split": None},
+            "optim": {"lr": 3e-3, "warmup_steps": 0},
+            "trainer": {"max_steps": 24, "log_every_n_steps": 1, "enable_progress_bar": False,
+                        "checkpoint_every_n_steps": 12}}
+    for k, v in over.items():
+        base.setdefault(k, {}).update(v)
+    return load_task_recipe(REPO / "tasks" / "mllm_2d.yaml", base)
+
+
+@pytest.fixture(scope="module")
+def mllm_run(lm_folder, vqa_subset, tmp_path_factory):
+    from medfm.finetune import run_finetune
+
+    return run_finetune(_recipe(lm_folder, vqa_subset), tmp_path_factory.mktemp("mllm") / "run")
+
+
+def test_trains_and_evaluates_with_every_control(mllm_run):
+    from .pretrain_helpers import losses
+
+    loss = losses(mllm_run)
+    assert len(loss) == 24 and sum(loss[-6:]) / 6 < sum(loss[:6]) / 6, loss
+    m = json.loads((mllm_run / "metrics.json").read_text())["val"]
+    controls = {"model", "model, blank images", "model, shuffled images", "lm_only", "lm_zero_shot", "most common answer"}
+    assert controls <= set(m) and m["n"] == 12 and m["seconds_per_answer"] > 0
+    for name in controls:  # every question is scored (none dropped): closed + open = all
+        assert m[name]["n_closed"] + m[name]["n_open"] == 12 and 0 <= m[name]["accuracy"] <= 1
+    assert set(m["image_sensitivity"]) == {"model, blank images", "model, shuffled images"}
+    with open(mllm_run / "answers_val.csv") as f:
+        assert len(f.read().strip().splitlines()) == 13
+    assert (mllm_run / "accuracy_val.png").stat().st_size > 0
+
+
+def test_reloads_alone_in_a_fresh_process_and_answers_the_same(mllm_run, vqa_subset):
+    import csv
+    import subprocess
+    import sys
+
+    import medfm
+
+    from .conftest import REPO
+
+    with open(vqa_subset) as f:
+        row = next(r for r in csv.DictReader(f) if r["split"] == "val")
+    model = medfm.load(mllm_run)
+    here = model.answer_image(row["image"], row["question"])
+    code = ("import sys, medfm; m = medfm.load(sys.argv[1]); print('ANSWER=' + repr(m.answer_image(sys.argv[2], sys.argv[3])))")
+    out = subprocess.run([sys.executable, "-c", code, str(mllm_run), row["image"], row["question"]],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert f"ANSWER={here!r}" in out.stdout, out.stderr[-2000:]
+    # the run keeps the projector and LoRA, not the LM it reads again
+    from safetensors import safe_open
+
+    with safe_open(str(mllm_run / "model" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    lm_keys = [k for k in keys if k.startswith("lm.")]
+    assert lm_keys and all("lora_" in k for k in lm_keys) and any(k.startswith("projector.") for k in keys)
+
+
+def test_resumes_after_a_kill_to_the_same_weights(lm_folder, vqa_subset, tmp_path):
+    from safetensors.torch import load_file
+
+    from medfm.finetune import run_finetune
+
+    from .conftest import KillAt
+
+    cfg = _recipe(lm_folder, vqa_subset, trainer={"max_steps": 8, "checkpoint_every_n_steps": 4},
+                  mllm={"eval_limit": 2})
+    full = run_finetune(cfg, tmp_path / "full")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_finetune(cfg, tmp_path / "part", callbacks=[KillAt(6)])
+    resumed = run_finetune(cfg, tmp_path / "part", resume=True)
+    a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(resumed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_cli_answer_chat_and_bad_input(mllm_run, vqa_subset, tmp_path, capsys, monkeypatch):
+    import csv
+    import io
+
+    from medfm.cli import main
+
+    with open(vqa_subset) as f:
+        image = next(r for r in csv.DictReader(f))["image"]
+    assert main(["answer", "--model", str(mllm_run), image, "Is this a CT scan?"]) == 0
+    assert capsys.readouterr().out.startswith("answer: ")
+    monkeypatch.setattr("sys.stdin", io.StringIO("What modality is this?\nIs it normal?\n"))
+    assert main(["chat", "--model", str(mllm_run), image]) == 0
+    assert capsys.readouterr().out.count("model: ") == 2
+    assert main(["generate-report", "--model", str(mllm_run), image]) == 0
+    assert capsys.readouterr().out.startswith(image)
+    assert main(["answer", "--model", str(mllm_run), str(tmp_path / "missing.png"), "Is it?"]) == 2
+    assert main(["answer", "--model", str(mllm_run), image, "  "]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "missing.png" in err[0] and "question is empty" in err[1], err
+
+
+def test_a_llava_conversation_file_trains_as_it_is(lm_folder, vqa_subset, tmp_path):
+    """LLaVA's JSON (image + human / gpt turns with <image>, several turns) is read as written."""
+    import csv
+
+    from medfm.finetune import run_finetune
+
+    with open(vqa_subset) as f:
+        rows = list(csv.DictReader(f))
+    by_image: dict = {}
+    for r in rows:
+        by_image.setdefault(r["image"], []).append(r)
+    records = []
+    for k, (image, qs) in enumerate(by_image.items()):
+        turns = []
+        for j, q in enumerate(qs[:2]):
+            turns += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q["question"]},
+                      {"from": "gpt", "value": q["answer"]}]
+        records.append({"id": str(k), "image": image, "conversations": turns, "split": qs[0]["split"]})
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    cfg = _recipe(lm_folder, tmp_path / "llava.json", trainer={"max_steps": 3}, mllm={"eval_limit": 4})
+    run = run_finetune(cfg, tmp_path / "run")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["n_train"] == sum(r["split"] == "train" for r in records) and m["val"]["n"] == 4
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "conversations": turns}]))
+    from medfm.data import DataError
+
+    with pytest.raises(DataError, match="bad.json record 0 \\(id x\\): no 'image'"):
+        run_finetune(_recipe(lm_folder, bad), tmp_path / "bad_run")

@@ -25,8 +25,10 @@ report.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -60,6 +62,7 @@ from .base import FinetuneTask
 from .registry import TASKS
 
 KINDS = ("auto", "conversations", "vqa", "report")
+CONVERSATIONS = Path(os.environ.get("MEDFM_CACHE", Path.home() / ".cache" / "medfm")) / "conversations"
 STAGES = ("alignment", "instruction")
 
 
@@ -347,6 +350,7 @@ class MLLMConfig:
     eval_batch_size: int = 8
     eval_limit: int | None = None  # score at most this many rows per split (a seeded spread; null: all)
     examples: int = 16
+    conversation_file: str | None = None  # set by a run given a LLaVA .json: the file its data.path manifest came from
 
 
 @TASKS.register
@@ -366,12 +370,20 @@ class MLLMTask(FinetuneTask):
         if c.stage not in STAGES:
             raise ValueError(f"mllm.stage {c.stage!r}: one of {', '.join(STAGES)}")
 
-    def data_path(self, cfg: dict, path: str, folder: Path | None = None) -> str:
-        """A LLaVA ``.json`` file as the manifest medfm reads (written once into the run, or beside a temp)."""
+    def data_path(self, path: str) -> str:
+        """A LLaVA ``.json`` file as the CSV manifest medfm reads (written once per file version into
+        ``$MEDFM_CACHE/conversations``); any other path as it is."""
         if not path.lower().endswith(".json"):
             return path
-        out = (folder or Path(path).parent) / "conversations_manifest.csv"
-        return str(conversation_manifest(path, out))
+        stat = Path(path).stat() if Path(path).exists() else None
+        key = hashlib.sha256(f"{Path(path).resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
+        return str(conversation_manifest(path, CONVERSATIONS / f"{Path(path).stem}-{key.hexdigest()[:16]}.csv"))
+
+    def build(self, cfg: dict, folder):
+        d = cfg["data"]
+        if d.get("path") and str(d["path"]).lower().endswith(".json"):  # the run records the manifest it read
+            cfg["mllm"]["conversation_file"], d["path"] = d["path"], self.data_path(str(d["path"]))
+        return super().build(cfg, folder)
 
     def split_args(self, cfg: dict, path: str) -> dict:
         if not path.lower().endswith((".csv", ".tsv", ".jsonl")):
@@ -397,7 +409,7 @@ class MLLMTask(FinetuneTask):
 
     def open_split(self, cfg: dict, split: str | None, train: bool = False, path: str | None = None):
         d = self.section(cfg, "data")
-        path = self.data_path(cfg, str(path or d.path), getattr(self, "_folder", None))
+        path = self.data_path(str(path or d.path))
         ds = super().open_split(cfg, split, train=train, path=path)
         return ConversationDataset(ds, self.conversation_kind(cfg, ds), self.columns(cfg))
 

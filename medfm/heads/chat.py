@@ -47,7 +47,10 @@ def render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
 
 
 def with_images(messages: list[dict], n_images: int) -> list[dict]:
-    """Messages whose text holds one ``<image>`` per image (put in front of the first question if none)."""
+    """Messages whose text holds one ``<image>`` per image (put in front of the first question if none); with no
+    image, the placeholders a text names are taken out (the LM alone is asked the same question)."""
+    if n_images == 0:
+        return [{**m, "content": m["content"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")} for m in messages]
     named = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if named == n_images:
         return messages
