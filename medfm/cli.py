@@ -285,6 +285,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"model: {reply}", flush=True)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``medfm export RUN --out DIR``: a multimodal-LM run as a transformers LLaVA folder (LoRA merged)."""
+    from medfm.heads.llava_export import to_llava
+
+    model = medfm_load(args.run)
+    if not hasattr(model, "answer_image"):
+        raise ValueError(f"{args.run}: a {type(model).__name__}; `medfm export` writes multimodal-LM runs "
+                         "(medfm finetune tasks/mllm_2d.yaml) as LLaVA folders")
+    to_llava(model, args.out)
+    print(f"wrote {args.out}: LlavaForConditionalGeneration (vision tower, projector, LM with LoRA merged), "
+          "tokenizer and image processor: transformers' LlavaForConditionalGeneration.from_pretrained reads it")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(spatial_dims=args.dims, size=args.size, n_labels=args.labels, kind=args.kind)
     manifest = export_synthetic(cfg, args.n, args.out, seed=args.seed)
@@ -578,6 +592,15 @@ def _chat_parser(sub) -> None:
     p.set_defaults(fn=cmd_chat)
 
 
+def _export_parser(sub) -> None:
+    """``medfm export``."""
+    p = sub.add_parser("export", help="write a multimodal-LM run as a transformers LlavaForConditionalGeneration folder",
+                       epilog="example: medfm export runs/mllm_vqa --out llava_vqa")
+    p.add_argument("run", help="a `medfm finetune tasks/mllm_2d.yaml` run with a 2D ViT encoder (or its model/ folder)")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(fn=cmd_export)
+
+
 def _adapt_parser(sub) -> None:
     """``medfm adapt``."""
     p = sub.add_parser("adapt", help="adapt a classification run to a new site from its unlabelled images (batch-norm "
@@ -744,7 +767,8 @@ def _data_parser(sub) -> None:
 
 # one function per command, in `medfm --help` order
 PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
-           _evaluate_parser, _adapt_parser, _generate_parser, _generate_report_parser, _answer_parser, _chat_parser, _select_parser,
+           _evaluate_parser, _adapt_parser, _generate_parser, _generate_report_parser, _answer_parser, _chat_parser, _export_parser,
+           _select_parser,
            _curate_parser,
            _synth_parser)
 

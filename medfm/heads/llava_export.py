@@ -53,9 +53,10 @@ def _vision_tower(encoder) -> tuple[object, dict]:
         names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj", "mlp.fc1": "mlp.fc1",
                  "mlp.fc2": "mlp.fc2", "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"}
     else:  # a timm-style ViT: Dinov2's layout with LayerScale 1
-        if act != "gelu":
-            raise ValueError(f"a {act} ViT without a pre-LayerNorm does not export")
-        config = Dinov2Config(hidden_size=dim, mlp_ratio=inner / dim, num_hidden_layers=depth, num_attention_heads=heads,
+        if act != "gelu" or inner % dim:
+            raise ValueError(f"a ViT without a pre-LayerNorm exports with a GELU MLP of a whole-number ratio "
+                             f"(this one: {act}, {inner} / {dim})")
+        config = Dinov2Config(hidden_size=dim, mlp_ratio=inner // dim, num_hidden_layers=depth, num_attention_heads=heads,
                               num_channels=channels, image_size=size, patch_size=patch, hidden_act="gelu", layer_norm_eps=eps,
                               layerscale_value=1.0, qkv_bias="blocks.0.attn.qkv.bias" in sd)
         out["embeddings.patch_embeddings.projection.weight"] = sd["patch_embed.proj.weight"]

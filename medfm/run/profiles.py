@@ -9,7 +9,7 @@ architecture (``name``, ``patch_size``): the weights decide it.
 
 ``cpu``: a ViT-Tiny/8 on 64 px images or 32^3 volumes at 3 mm, 500 steps, small decoders and heads, the
 online probe on a few hundred images: a useful run in minutes on a laptop CPU (see docs/running.md for
-measured times). ``tiny``: ViT-Micro, 32 px / 32^3, 4 steps: checks in seconds that a recipe runs on your data
+measured times). ``tiny``: ViT-Micro, 32 px / 32^3, 4 steps, a random tiny LM: checks in seconds that a recipe runs on your data
 (and how the README's commands are tested); its numbers mean nothing.
 """
 
@@ -56,7 +56,8 @@ PROFILES: dict[str, dict] = {
         "report_generation": {"decoder_layers": 1, "vocab_size": 400, "max_length": 32, "eval_batch_size": 8,
                               "meteor": False, "generation": {"num_beams": 1, "max_new_tokens": 8}},
         "diffusion": {"image_size": 32, "channels": [8, 16, 16], "head_channels": 8, "sample_steps": 2, "preview": 4},
-        "mllm": {"max_length": 96, "eval_limit": 16, "eval_batch_size": 8, "generation": {"max_new_tokens": 6}},
+        "mllm": {"language_model": "tiny-random-llama", "max_length": 96, "eval_limit": 16, "eval_batch_size": 8,
+                 "generation": {"max_new_tokens": 6}},
     },
 }
 
