@@ -255,6 +255,11 @@ def test_reloads_alone_in_a_fresh_process_and_answers_the_same(mllm_run, vqa_sub
         keys = list(f.keys())
     lm_keys = [k for k in keys if k.startswith("lm.")]
     assert lm_keys and all("lora_" in k for k in lm_keys) and any(k.startswith("projector.") for k in keys)
+    # the LM-alone twin trained its own LoRA (lora_B starts at zero) beside the model's
+    with safe_open(str(mllm_run / "model" / "model.safetensors"), "pt") as f:
+        for adapter in ("default", "lm_only"):
+            b = [f.get_tensor(k) for k in keys if f"lora_B.{adapter}." in k]
+            assert b and any(t.abs().sum() > 0 for t in b), adapter
 
 
 def test_resumes_after_a_kill_to_the_same_weights(lm_folder, vqa_subset, tmp_path):

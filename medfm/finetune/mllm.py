@@ -16,7 +16,8 @@ question per row) or a report / caption manifest (:mod:`medfm.data.conversations
 Evaluation, with the controls of the VQA and report tasks: VQA closed accuracy (normalised exact match: a
 wrong or unparseable answer counts wrong, none is dropped), open exact match, open token recall and F1, per
 question type and organ; beside the model, always: the LM alone zero-shot (no image tokens, no LoRA:
-``lm_zero_shot``), the fine-tuned LM without image tokens (``lm_only``), the model with blank and with shuffled
+``lm_zero_shot``), the LM alone fine-tuned on the same conversations without image tokens (``lm_only``: a twin
+LoRA adapter on the same LM, trained in the same run on the same batches), the model with blank and with shuffled
 images, the most common training answer. Reports: captioning metrics, clinical agreement, the number of
 distinct reports and the image sensitivity, beside the same controls and the most common / random training
 report.
@@ -54,7 +55,7 @@ from medfm.evaluate.report_metrics import caption_metrics, tokenize_report
 from medfm.evaluate.vqa_metrics import image_sensitivity, most_common_answers, vqa_metrics
 from medfm.heads import FrozenEncoder, TaskModel, build_task_encoder
 from medfm.heads.chat import IGNORE, encode_conversation, encode_prompt, normalise_turns
-from medfm.heads.multimodal import MultimodalLM, expand_images, pad_batch
+from medfm.heads.multimodal import TWIN, MultimodalLM, expand_images, pad_batch
 from medfm.progress import progress_bar
 from medfm.run import TrainingModule
 
@@ -78,7 +79,8 @@ class MLLMModel(TaskModel, MultimodalLM):
         encoder = build_task_encoder(spec, pretrained=pretrained)
         h = spec["head"]
         model = cls(encoder, language_model=h["language_model"], projector=h["projector"], pool=h["pool"],
-                    resampler=h["resampler"], feature_layer=h["feature_layer"], lora=h["lora"], unlock_lm=h["unlock_lm"])
+                    resampler=h["resampler"], feature_layer=h["feature_layer"], lora=h["lora"], unlock_lm=h["unlock_lm"],
+                    lm_only_twin=h.get("lm_only_twin", False))
         model.spec = spec
         return model
 
@@ -96,14 +98,14 @@ class MLLMModel(TaskModel, MultimodalLM):
 
     @torch.no_grad()
     def answer(self, prompts: Sequence[str | list], images: torch.Tensor | None, max_new_tokens: int = 32,
-               num_beams: int = 1, use_adapter: bool = True) -> list[str]:
+               num_beams: int = 1, adapter: str | None = "default") -> list[str]:
         """Free-text answers to ``prompts`` (questions, or turns ending in a human turn) about ``images`` (one
-        per prompt; None: the LM alone, no image tokens); ``use_adapter=False``: the LM without its LoRA."""
+        per prompt; None: the LM alone, no image tokens); ``adapter``: the LM's LoRA (``"lm_only"``: the twin
+        trained without images; None: none, the LM as pretrained)."""
         device = next(self.projector.parameters()).device
         ids, mask = self.prompt_batch(prompts, images, images.shape[2:] if images is not None else None)
         images = images.to(device) if images is not None else None
-        ctx = self.lm.disable_adapter() if (not use_adapter and hasattr(self.lm, "disable_adapter")) else _nullcontext()
-        with ctx:
+        with self.adapter(adapter):
             new = self.generate(ids.to(device), mask.to(device), images, max_new_tokens=max_new_tokens, num_beams=num_beams)
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
@@ -122,14 +124,6 @@ class MLLMModel(TaskModel, MultimodalLM):
 
     def report_prompt(self) -> str:
         return self.spec["head"].get("prompt") or REPORT_PROMPT
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- data
@@ -169,17 +163,17 @@ class ConversationCollator:
     """Training batches: the conversations tokenised with the LM's chat template, image placeholders expanded,
     labels on answer tokens only, right-padded; images stacked."""
 
-    def __init__(self, tokenizer, image_token_id: int, tokens_per_image: int, max_length: int):
+    def __init__(self, tokenizer, image_token_id: int, tokens_per_image: int, max_length: int, text_only: bool = False):
         self.tokenizer, self.image_token_id = tokenizer, image_token_id
-        self.tokens_per_image, self.max_length = tokens_per_image, max_length
+        self.tokens_per_image, self.max_length, self.text_only = tokens_per_image, max_length, text_only
 
-    def __call__(self, batch: list[dict]) -> dict:
+    def _encode(self, batch: list[dict], n_images: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, labels = [], []
         for s in batch:
-            enc = encode_conversation(self.tokenizer, json.loads(s["text"]), 1)
+            enc = encode_conversation(self.tokenizer, json.loads(s["text"]), n_images)
             ids, lab = expand_images(enc.input_ids, enc.labels, self.image_token_id, self.tokens_per_image)
             if len(ids) > self.max_length:
-                if ids[: self.max_length].count(self.image_token_id) < self.tokens_per_image:
+                if ids[: self.max_length].count(self.image_token_id) < self.tokens_per_image * n_images:
                     raise DataError(f"mllm.max_length {self.max_length} cuts the image tokens of a conversation "
                                     f"({len(ids)} tokens)")
                 ids, lab = ids[: self.max_length], lab[: self.max_length]
@@ -189,8 +183,15 @@ class ConversationCollator:
         lab = torch.full_like(ids, IGNORE)
         for k, row in enumerate(labels):
             lab[k, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": lab,
-                "image": torch.stack([torch.as_tensor(s["image"]) for s in batch])}
+        return ids, mask, lab
+
+    def __call__(self, batch: list[dict]) -> dict:
+        ids, mask, lab = self._encode(batch, 1)
+        out = {"input_ids": ids, "attention_mask": mask, "labels": lab,
+               "image": torch.stack([torch.as_tensor(s["image"]) for s in batch])}
+        if self.text_only:  # the same conversations without image tokens, for the LM-alone twin
+            out["text_ids"], out["text_mask"], out["text_labels"] = self._encode(batch, 0)
+        return out
 
 
 # --------------------------------------------------------------------------- training
@@ -228,20 +229,24 @@ class MLLMModule(FrozenEncoder, TrainingModule):
         return out
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        out = self.model(batch["input_ids"], batch["attention_mask"], images=batch["image"], labels=batch["labels"])
-        return out.loss, {}
+        loss = self.model(batch["input_ids"], batch["attention_mask"], images=batch["image"], labels=batch["labels"]).loss
+        if "text_ids" not in batch:
+            return loss, {}
+        with self.model.adapter(TWIN):  # the twin: the same answers, no image tokens, its own LoRA
+            twin = self.model(batch["text_ids"], batch["text_mask"], labels=batch["text_labels"]).loss
+        return loss + twin, {"model": loss.detach(), "lm_only": twin.detach()}
 
 
 # --------------------------------------------------------------------------- evaluation
 def answer_all(model: MLLMModel, ds, batch_size: int, generation: dict, images: bool = True,
-               use_adapter: bool = True, progress: str | None = None) -> list[str]:
+               adapter: str | None = "default", progress: str | None = None) -> list[str]:
     """The model's answer to every row's first question (``images=False``: the prompt holds no image)."""
     out: list[str] = []
     for start in progress_bar(range(0, len(ds), batch_size), desc=progress, disable=progress is None, leave=False):
         idx = range(start, min(start + batch_size, len(ds)))
         prompts = [ds.prompts[i] if hasattr(ds, "prompts") else ds.ds.prompts[i] for i in idx]
         batch = torch.stack([torch.as_tensor(ds[i]["image"]) for i in idx]) if images else None
-        out += model.answer(prompts, batch, use_adapter=use_adapter, **generation)
+        out += model.answer(prompts, batch, adapter=adapter, **generation)
     return out
 
 
@@ -281,8 +286,9 @@ def evaluate_mllm(model: MLLMModel, ds, out: Path, split: str, train: Conversati
                                                    progress="blank images"),
                  "model, shuffled images": answer_all(model, ChangedImages(ds, "shuffled", ds.image_keys, seed),
                                                       batch_size, generation, progress="shuffled images"),
-                 "lm_only": answer_all(model, ds, batch_size, generation, images=False, progress="LM without image tokens"),
-                 "lm_zero_shot": answer_all(model, ds, batch_size, generation, images=False, use_adapter=False,
+                 "lm_only": answer_all(model, ds, batch_size, generation, images=False,
+                                       adapter=TWIN if model.twin else "default", progress="LM alone, fine-tuned"),
+                 "lm_zero_shot": answer_all(model, ds, batch_size, generation, images=False, adapter=None,
                                             progress="LM alone, zero-shot")}
     vqa = ds.kind == "vqa" or (ds.kind == "conversations" and any(ds.answer_types))
     if vqa:
@@ -342,6 +348,7 @@ class MLLMConfig:
     stage: str = "instruction"  # alignment: the projector alone | instruction: projector + LoRA on the LM
     lm_lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0, "targets": None})
     unlock_lm: list = field(default_factory=list)  # regexes of LM parameters trained in full
+    lm_only: bool = True  # train the LM-alone twin (its own LoRA, no image tokens) beside the model (instruction)
     init: str | None = None  # an earlier mllm run whose projector (and LoRA) this run starts from
     max_length: int = 256  # tokens per conversation, image tokens included
     encoder_lr_scale: float = 0.1
@@ -423,7 +430,8 @@ class MLLMTask(FinetuneTask):
         c = self.config(cfg)
         return {"language_model": c.language_model, "projector": c.projector, "pool": c.pool, "resampler": c.resampler,
                 "feature_layer": c.feature_layer, "lora": dict(c.lm_lora) if c.stage == "instruction" else None,
-                "unlock_lm": list(c.unlock_lm), "generation": dict(c.generation), "prompt": c.prompt}
+                "unlock_lm": list(c.unlock_lm), "generation": dict(c.generation), "prompt": c.prompt,
+                "lm_only_twin": c.lm_only and c.stage == "instruction"}
 
     def module(self, cfg: dict, model, train, state: dict):
         c = self.config(cfg)
@@ -437,7 +445,8 @@ class MLLMTask(FinetuneTask):
         model = state["model"]
         size = cfg["encoder"]["img_size"]
         size = [size] * cfg["encoder"]["spatial_dims"] if isinstance(size, int) else size
-        return ConversationCollator(model.tokenizer, model.image_token_id, model.tokens_per_image(size), c.max_length)
+        return ConversationCollator(model.tokenizer, model.image_token_id, model.tokens_per_image(size), c.max_length,
+                                    text_only=model.twin)
 
     def optim(self, cfg: dict) -> dict:
         return dict(cfg["optim"], max_steps=cfg["trainer"]["max_steps"])

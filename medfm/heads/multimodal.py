@@ -15,6 +15,7 @@ LoRA into the LM and writes a transformers LLaVA folder (:mod:`medfm.heads.llava
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from typing import Sequence
@@ -28,6 +29,7 @@ from medfm.encoders.language_model import load_language_model
 from .chat import IGNORE, IMAGE_TOKEN
 from .projector import MultimodalProjector
 
+TWIN = "lm_only"  # the LoRA adapter of the LM-alone twin
 LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -45,6 +47,8 @@ class MultimodalLM(nn.Module, Artifact):
         feature_layer: the encoder block whose patch tokens are read (negative counts from the end).
         lora: ``{"r", "alpha", "dropout", "targets"}`` of LoRA on the LM (peft), or None.
         unlock_lm: regexes of LM parameter names trained in full (and saved).
+        lm_only_twin: a second LoRA adapter (``lm_only``) on the same LM, trained on the same conversations
+            without image tokens: the "LM alone, fine-tuned" control (the VQA task's question-only twin).
     """
 
     components = ("encoder",)
@@ -52,7 +56,7 @@ class MultimodalLM(nn.Module, Artifact):
 
     def __init__(self, encoder: nn.Module, language_model: str | None = None, projector: str = "mlp2x_gelu",
                  pool: Sequence[int] | None = None, resampler: dict | None = None, feature_layer: int = -2,
-                 lora: dict | None = None, unlock_lm: Sequence[str] = ()):
+                 lora: dict | None = None, unlock_lm: Sequence[str] = (), lm_only_twin: bool = False):
         super().__init__()
         self.encoder = encoder
         lm, self.tokenizer = load_language_model(language_model)
@@ -78,6 +82,10 @@ class MultimodalLM(nn.Module, Artifact):
             with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 lm = get_peft_model(lm, cfg)
+                if lm_only_twin:
+                    lm.add_adapter(TWIN, cfg)
+                    lm.set_adapter("default")
+        self.twin = bool(self.lora and lm_only_twin)
         self.lm = lm
         self.unlock_lm = list(unlock_lm)
 
@@ -89,6 +97,26 @@ class MultimodalLM(nn.Module, Artifact):
     def _own_state(self) -> dict[str, torch.Tensor]:
         state = super()._own_state()
         return {k: v for k, v in state.items() if not k.startswith("lm.") or self.lm_kept(k[3:])}
+
+    @contextlib.contextmanager
+    def adapter(self, name: str | None):
+        """The LM with LoRA adapter ``name`` active (``"default"``: the model's; ``"lm_only"``: the twin's; None:
+        no LoRA, the LM as pretrained), restored afterwards; trainable flags are kept as they were."""
+        if not self.lora or name == "default":
+            yield self
+            return
+        if name is None:
+            with self.lm.disable_adapter():
+                yield self
+            return
+        flags = {n: p.requires_grad for n, p in self.lm.named_parameters()}
+        self.lm.set_adapter(name)
+        try:
+            yield self
+        finally:
+            self.lm.set_adapter("default")
+            for n, p in self.lm.named_parameters():
+                p.requires_grad_(flags[n])
 
     def base_lm(self) -> nn.Module:
         """The LM without peft's wrapper (LoRA layers still in place)."""
