@@ -423,3 +423,15 @@ def test_3d_volumes_with_reports_through_the_3d_recipe(tmp_path):
 
     model = medfm.load(run)
     assert model.tokens_per_image((32, 32, 32)) == 8
+
+
+def test_free_text_closed_answers_are_read_from_their_first_word_and_the_rest_counts_wrong():
+    from medfm.evaluate.vqa_metrics import closed_answer, vqa_metrics
+
+    assert closed_answer("Yes, there is a mass.", "yes") == "yes" and closed_answer("No.", "Yes") == "no"
+    assert closed_answer("This image is not normal.", "no") == "This image is not normal."  # unparseable: wrong
+    assert closed_answer("Left side", "left") == "Left side"  # not a yes/no question: compared whole
+    m = vqa_metrics(["Yes, it is.", "It might be.", "left", "the left lung"], ["yes", "no", "left", "left lung"],
+                    ["CLOSED", "CLOSED", "CLOSED", "OPEN"], free_text=True)
+    assert m["closed_accuracy"] == pytest.approx(2 / 3) and m["n"] == 4 and m["open_accuracy"] == 1.0
+    assert vqa_metrics(["Yes, it is."], ["yes"], ["CLOSED"])["closed_accuracy"] == 0.0  # only for free text

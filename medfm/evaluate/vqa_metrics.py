@@ -49,6 +49,19 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+YES_NO = ("yes", "no")
+
+
+def closed_answer(prediction: str, reference: str) -> str:
+    """A free-text answer to a yes/no question as the reference is written: ``"Yes, there is a mass."`` -> ``"yes"``
+    (its first word, after normalisation); an answer that does not start with yes or no stays as it is (and
+    counts wrong unless it equals the reference). Other closed references (``"left"``, ``"CT"``) are compared whole."""
+    if normalize_answer(reference) not in YES_NO:
+        return prediction
+    words = normalize_answer(prediction).split()
+    return words[0] if words and words[0] in YES_NO else prediction
+
+
 def token_recall(prediction: str, reference: str) -> float:
     """Share of the normalised reference's tokens found in the prediction (LLaVA-Med's open-question recall:
     a long free-text answer that contains the reference scores 1); an empty reference scores 1."""
@@ -72,9 +85,10 @@ def _scores(predictions: Sequence[str], references: Sequence[str], idx: Sequence
 
 
 def vqa_metrics(predictions: Sequence[str], references: Sequence[str], answer_types: Sequence[str],
-                question_types: Sequence[str] | None = None, organs: Sequence[str] | None = None) -> dict:
+                question_types: Sequence[str] | None = None, organs: Sequence[str] | None = None,
+                free_text: bool = False) -> dict:
     """Accuracy (exact match after normalisation) overall, on closed and on open questions, open token-F1,
-    token recall and BLEU-1, and accuracy per question type and per organ (``answer_types``: ``CLOSED`` / ``OPEN``, any
+    token recall and BLEU-1 (``free_text``: a closed yes/no answer is read from its first word, :func:`closed_answer`), and accuracy per question type and per organ (``answer_types``: ``CLOSED`` / ``OPEN``, any
     case)."""
     if not (len(predictions) == len(references) == len(answer_types)):
         raise ValueError(f"{len(predictions)} predictions, {len(references)} references, {len(answer_types)} "
@@ -83,6 +97,8 @@ def vqa_metrics(predictions: Sequence[str], references: Sequence[str], answer_ty
         raise ValueError("no questions to score")
     kinds = [str(t).strip().upper() for t in answer_types]
     closed = [i for i, k in enumerate(kinds) if k == "CLOSED"]
+    if free_text:  # a language model's sentences: a yes/no question is answered by the answer's first word
+        predictions = [closed_answer(p, r) if k == "CLOSED" else p for p, r, k in zip(predictions, references, kinds)]
     opened = [i for i, k in enumerate(kinds) if k != "CLOSED"]
     out = {"n": len(references), "accuracy": _scores(predictions, references, range(len(references)))["accuracy"],
            "n_closed": len(closed), "n_open": len(opened)}

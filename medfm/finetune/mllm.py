@@ -13,8 +13,9 @@ The loss is on answer tokens only.
 Data (``mllm.kind``): a LLaVA conversation file (``.json`` / ``.jsonl``, read as it is), a VQA manifest (one
 question per row) or a report / caption manifest (:mod:`medfm.data.conversations`).
 
-Evaluation, with the controls of the VQA and report tasks: VQA closed accuracy (normalised exact match: a
-wrong or unparseable answer counts wrong, none is dropped), open exact match, open token recall and F1, per
+Evaluation, with the controls of the VQA and report tasks: VQA closed accuracy (normalised exact match, a
+yes/no answer read from its first word: "Yes, there is ..." is "yes"; a wrong or unparseable answer counts wrong,
+none is dropped), open exact match, open token recall and F1, per
 question type and organ; beside the model, always: the LM alone zero-shot (no image tokens, no LoRA:
 ``lm_zero_shot``), the LM alone fine-tuned on the same conversations without image tokens (``lm_only``: a twin
 LoRA adapter on the same LM, trained in the same run on the same batches), the model with blank and with shuffled
@@ -295,7 +296,8 @@ def evaluate_mllm(model: MLLMModel, ds, out: Path, split: str, train: Conversati
         groups = lambda d: [f"{t}/{a}" for t, a in zip(d.question_types, d.answer_types)]  # noqa: E731
         answerers["most common answer"] = most_common_answers(train.references, groups(train), groups(ds))
         kinds = ds.answer_types if any(ds.answer_types) else ["OPEN"] * len(ds)
-        results = {name: vqa_metrics(a, ds.references, kinds, ds.question_types, ds.organs) for name, a in answerers.items()}
+        results = {name: vqa_metrics(a, ds.references, kinds, ds.question_types, ds.organs, free_text=True)
+                   for name, a in answerers.items()}
         sensitivity = {k: image_sensitivity(real, answerers[k]) for k in ("model, blank images", "model, shuffled images")}
     else:
         answerers["most common report"] = most_common_report(train.references, len(ds))
