@@ -15,7 +15,7 @@ from medfm.encoders import create_encoder, list_formats
 from .public_helpers import QUIET
 
 FAMILIES = ("dinov2-hf", "dinov2-original", "dinov2-timm", "open-clip-timm", "sam", "swinunetr-ssl", "ct-fm",
-            "monai-vit", "xrv-densenet121", "xrv-resnet50")
+            "monai-vit", "xrv-densenet121", "xrv-resnet50", "clip-hf")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def test_models_lists_every_family_and_identifies_a_checkpoint(dinov2_file, caps
     out = capsys.readouterr().out
     for name in FAMILIES:
         assert f"{name}  -> encoder" in out
+    assert "smollm2  SmolLM2-135M-Instruct" in out and "tiny-random-llama" in out  # the language models
     assert main(["models", str(dinov2_file)]) == 0
     out = capsys.readouterr().out
     assert "dinov2-timm" in out and "dinov2(embed_dim=48" in out and "parameters" in out

@@ -74,7 +74,7 @@ def _runnable(argv: list[str]) -> list[str] | None:
     if argv[0] == "data" and argv[1] in ("fetch", "prepare") and argv[2] != "mni152":
         return None  # a download; tests/test_data_catalogue.py runs these against a local server
     named = [a for a in argv[1:] if not a.startswith("-") and a != "convert"][:1]  # a checkpoint, or a run
-    if argv[0] in ("models", "evaluate") and named and not Path(named[0]).exists():
+    if argv[0] in ("models", "evaluate", "export") and named and not Path(named[0]).exists():
         return None  # a public model's file or hf: id (tests/test_public_*.py convert stand-ins), a run not made here
     if argv[0] in ("select", "curate") and not Path(argv[1]).exists():
         return None
@@ -172,6 +172,27 @@ def _chain_id(chain: list[str]) -> str:
     return f"{argv[0]}-{Path(out).name}" if out else "-".join(argv[:2])
 
 
+def _medpix_rows(source: Path, dest: Path, n: int = 48) -> None:
+    """The first ``n`` cases' rows of each split of the MedPix manifest (absolute image paths): the report and CLIP
+    chains read every row and embed every training image for their baselines; a few cases show that they run."""
+    import csv
+
+    with open(source, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep, cases = [], {}
+    for r in rows:
+        seen = cases.setdefault(r["split"], [])
+        if r["case_id"] not in seen and len(seen) < n:
+            seen.append(r["case_id"])
+        if r["case_id"] in seen:
+            keep.append({**r, "image": str(source.parent / r["image"])})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(keep)
+
+
 def test_the_chains_hold_every_command_once_and_keep_what_depends_together():
     flat = [c for chain in CHAINS for c in chain]
     assert sorted(flat) == sorted(c for c in COMMANDS if not _synopsis(c))
@@ -196,8 +217,8 @@ def test_the_readme_commands_run_at_tiny_scale(chain, tmp_path, monkeypatch, cap
         (work / "data" / "pneumoniamnist").mkdir(parents=True)
         _first_images(SHARED / "pneumoniamnist" / "pneumoniamnist_trainval.npz",
                       work / "data" / "pneumoniamnist" / "pneumoniamnist.npz")
-        for name in ("medpix2", "msd_hippocampus"):
-            (work / "data" / name).symlink_to(SHARED / name)
+        _medpix_rows(SHARED / "medpix2" / "manifest.csv", work / "data" / "medpix2" / "manifest.csv")
+        (work / "data" / "msd_hippocampus").symlink_to(SHARED / "msd_hippocampus")
     monkeypatch.chdir(work)
     monkeypatch.setenv("MEDFM_RECIPES", str(REPO))
     ran = []

@@ -19,8 +19,8 @@ none is dropped), open exact match, open token recall and F1, per
 question type and organ; beside the model, always: the LM alone zero-shot (no image tokens, no LoRA:
 ``lm_zero_shot``), the LM alone fine-tuned on the same conversations without image tokens (``lm_only``: a twin
 LoRA adapter on the same LM, trained in the same run on the same batches), the model with blank and with shuffled
-images, the most common training answer. Reports: captioning metrics, clinical agreement, the number of
-distinct reports and the image sensitivity, beside the same controls and the most common / random training
+images, the most common training answer. Reports: captioning metrics, clinical label agreement (the
+report labeler's), the number of distinct reports and the image sensitivity, beside the same controls and the most common / random training
 report.
 """
 
@@ -52,6 +52,7 @@ from medfm.encoders import preprocess_transform
 from medfm.evaluate.changed_images import ChangedImages, changed_share
 from medfm.evaluate.plots import grouped_bars_png
 from medfm.evaluate.report_baselines import most_common_report, random_reports
+from medfm.evaluate.report_labeler import clinical_agreement
 from medfm.evaluate.report_metrics import caption_metrics, tokenize_report
 from medfm.evaluate.vqa_metrics import image_sensitivity, most_common_answers, vqa_metrics
 from medfm.heads import FrozenEncoder, TaskModel, build_task_encoder
@@ -258,7 +259,7 @@ def _spread(n: int, k: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), k))
 
 
-class Subset(Dataset):
+class ConversationRows(Dataset):
     """Rows ``idx`` of a :class:`ConversationDataset`, with its per-row lists."""
 
     def __init__(self, ds: ConversationDataset, idx: Sequence[int]):
@@ -305,6 +306,7 @@ def evaluate_mllm(model: MLLMModel, ds, out: Path, split: str, train: Conversati
         results = {}
         for name, texts in answerers.items():
             res = caption_metrics(ds.references, texts, meteor=False)
+            res["clinical"] = {k: v for k, v in clinical_agreement(ds.references, texts).items() if k != "per_label"}
             res["distinct_reports"] = len(set(tokenize_report(t) for t in texts))
             results[name] = res
         sensitivity = {k: changed_share(real, answerers[k]) for k in ("model, blank images", "model, shuffled images")}
@@ -457,7 +459,7 @@ class MLLMTask(FinetuneTask):
         c = self.config(cfg)
         if "train_rows" not in state:  # the most-common-answer baseline's pool (records only: no image is read)
             state["train_rows"] = self.open_split(cfg, self.section(cfg, "data").train_split, train=False)
-        rows = Subset(ds, _spread(len(ds), c.eval_limit, cfg["seed"]))
+        rows = ConversationRows(ds, _spread(len(ds), c.eval_limit, cfg["seed"]))
         return evaluate_mllm(model, rows, out, split, state["train_rows"], c.eval_batch_size, c.generation,
                              c.examples, cfg["seed"])
 
