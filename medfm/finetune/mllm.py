@@ -13,15 +13,14 @@ The loss is on answer tokens only.
 Data (``mllm.kind``): a LLaVA conversation file (``.json`` / ``.jsonl``, read as it is), a VQA manifest (one
 question per row) or a report / caption manifest (:mod:`medfm.data.conversations`).
 
-Evaluation, with the controls of the VQA and report tasks: VQA closed accuracy (normalised exact match, a
-yes/no answer read from its first word: "Yes, there is ..." is "yes"; a wrong or unparseable answer counts wrong,
-none is dropped), open exact match, open token recall and F1, per
-question type and organ; beside the model, always: the LM alone zero-shot (no image tokens, no LoRA:
-``lm_zero_shot``), the LM alone fine-tuned on the same conversations without image tokens (``lm_only``: a twin
-LoRA adapter on the same LM, trained in the same run on the same batches), the model with blank and with shuffled
-images, the most common training answer. Reports: captioning metrics, clinical label agreement (the
-report labeler's), the number of distinct reports and the image sensitivity, beside the same controls and the most common / random training
-report.
+Evaluation, with the controls of the VQA and report tasks: VQA closed accuracy (normalised exact match; a yes/no
+answer is read from its first word, "Yes, there is ..." is "yes"; a wrong or unparseable answer counts wrong, none
+is dropped), open exact match, open token recall and F1, per question type and organ. Beside the model, always:
+the LM alone zero-shot (no image tokens, no LoRA: ``lm_zero_shot``), the LM alone fine-tuned on the same
+conversations without image tokens (``lm_only``: a twin LoRA adapter on the same LM, trained in the same run on
+the same batches), the model with blank and with shuffled images, the most common training answer. Reports:
+captioning metrics, clinical label agreement (the report labeler's), the number of distinct reports and the image
+sensitivity, beside the same controls and the most common / random training report.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import json
 import os
 import random
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence

@@ -118,10 +118,6 @@ class MultimodalLM(nn.Module, Artifact):
             for n, p in self.lm.named_parameters():
                 p.requires_grad_(flags[n])
 
-    def base_lm(self) -> nn.Module:
-        """The LM without peft's wrapper (LoRA layers still in place)."""
-        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-
     # ------------------------------------------------------------------ images -> LM embeddings
     def tokens_per_image(self, size: Sequence[int]) -> int:
         return self.projector.num_tokens(self.encoder.token_grid(size))
