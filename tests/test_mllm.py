@@ -215,6 +215,7 @@ def mllm_run(lm_folder, vqa_subset, tmp_path_factory):
     return run_finetune(_recipe(lm_folder, vqa_subset), tmp_path_factory.mktemp("mllm") / "run")
 
 
+@pytest.mark.slow  # a multimodal-LM training run
 def test_trains_and_evaluates_with_every_control(mllm_run):
     from .pretrain_helpers import losses
 
@@ -231,6 +232,7 @@ def test_trains_and_evaluates_with_every_control(mllm_run):
     assert (mllm_run / "accuracy_val.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a multimodal-LM training run
 def test_reloads_alone_in_a_fresh_process_and_answers_the_same(mllm_run, vqa_subset):
     import csv
     import subprocess
@@ -262,6 +264,7 @@ def test_reloads_alone_in_a_fresh_process_and_answers_the_same(mllm_run, vqa_sub
             assert b and any(t.abs().sum() > 0 for t in b), adapter
 
 
+@pytest.mark.slow  # a multimodal-LM training run
 def test_resumes_after_a_kill_to_the_same_weights(lm_folder, vqa_subset, tmp_path):
     from safetensors.torch import load_file
 
@@ -279,6 +282,7 @@ def test_resumes_after_a_kill_to_the_same_weights(lm_folder, vqa_subset, tmp_pat
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow  # a multimodal-LM training run
 def test_cli_answer_chat_and_bad_input(mllm_run, vqa_subset, tmp_path, capsys, monkeypatch):
     import csv
     import io
@@ -300,6 +304,7 @@ def test_cli_answer_chat_and_bad_input(mllm_run, vqa_subset, tmp_path, capsys, m
     assert len(err) == 2 and "missing.png" in err[0] and "question is empty" in err[1], err
 
 
+@pytest.mark.slow  # a multimodal-LM training run
 def test_a_llava_conversation_file_trains_as_it_is(lm_folder, vqa_subset, tmp_path):
     """LLaVA's JSON (image + human / gpt turns with <image>, several turns) is read as written."""
     import csv
@@ -331,6 +336,7 @@ def test_a_llava_conversation_file_trains_as_it_is(lm_folder, vqa_subset, tmp_pa
         run_finetune(_recipe(lm_folder, bad), tmp_path / "bad_run")
 
 
+@pytest.mark.slow  # a multimodal-LM training run
 def test_a_trained_run_exports_to_llava_and_generates_the_same_tokens(mllm_run, tmp_path):
     """A run with a timm-style ViT (no pre-LayerNorm: written as a Dinov2 vision tower) and LoRA on the LM (merged)."""
     from transformers import LlavaForConditionalGeneration
@@ -354,6 +360,7 @@ def test_a_trained_run_exports_to_llava_and_generates_the_same_tokens(mllm_run, 
     assert new.tolist() == ref[:, ids.shape[1]:].tolist()
 
 
+@pytest.mark.slow  # a multimodal-LM training run
 def test_cli_export_writes_a_llava_folder_and_refuses_other_runs(mllm_run, mae_run, tmp_path, capsys):
     from medfm.cli import main
 
@@ -399,6 +406,7 @@ def test_the_packaged_smollm2_loads_knows_english_and_answers_in_readable_text()
                                    for w in words) >= 3, text
 
 
+@pytest.mark.slow  # a multimodal-LM training run
 def test_3d_volumes_with_reports_through_the_3d_recipe(tmp_path):
     """Engine volumes with templated reports: 3D tokens pooled to a fixed grid (M3D) into the LM."""
     from medfm.finetune import load_task_recipe, run_finetune
