@@ -470,8 +470,9 @@ class MLLMTask(FinetuneTask):
                     if isinstance(m, dict) and ("accuracy" in m or "bleu_1" in m):
                         keys = ("closed_accuracy", "open_accuracy", "open_token_recall", "open_token_f1",
                                 "bleu_1", "rouge_l", "cider", "distinct_reports")
-                        lines.append(f"    {name:<24} " + "  ".join(f"{k.replace('_', ' ')} {m[k]:.3f}"
-                                                                    for k in keys if k in m))
+                        lines.append(f"    {name:<24} " + "  ".join(
+                            f"{k.replace('_', ' ')} {m[k] if isinstance(m[k], int) else format(m[k], '.3f')}"
+                            for k in keys if k in m))
                 lines.append("    image sensitivity (share of answers changed): " + ", ".join(
                     f"{k} {s:.3f}" for k, s in v["image_sensitivity"].items()))
         return lines
