@@ -53,7 +53,7 @@ from medfm.evaluate.report_baselines import most_common_report, random_reports
 from medfm.evaluate.report_labeler import clinical_agreement
 from medfm.evaluate.report_metrics import caption_metrics, tokenize_report
 from medfm.evaluate.vqa_metrics import image_sensitivity, most_common_answers, vqa_metrics
-from medfm.heads import FrozenEncoder, TaskModel, build_task_encoder
+from medfm.heads import FrozenEncoder, TaskModel, build_task_encoder, lr_scaled_groups
 from medfm.heads.chat import IGNORE, encode_conversation, encode_prompt, normalise_turns
 from medfm.heads.multimodal import TWIN, MultimodalLM, expand_images, pad_batch
 from medfm.progress import progress_bar
@@ -220,13 +220,7 @@ class MLLMModule(FrozenEncoder, TrainingModule):
     def param_groups(self) -> list[dict]:
         scales = {id(p): self.encoder_lr_scale for p in self.model.encoder.parameters()}
         scales.update({id(p): self.lm_lr_scale for p in self.model.lm.parameters()})
-        out = []
-        for g in super().param_groups():
-            by: dict[float, list] = {}
-            for p in g["params"]:
-                by.setdefault(scales.get(id(p), 1.0), []).append(p)
-            out += [{**g, "params": ps, "lr": self.lr * s, "lr_scale": s} for s, ps in by.items()]
-        return out
+        return lr_scaled_groups(super().param_groups(), scales, self.lr)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         loss = self.model(batch["input_ids"], batch["attention_mask"], images=batch["image"], labels=batch["labels"]).loss

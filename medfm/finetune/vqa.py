@@ -52,7 +52,7 @@ from medfm.evaluate.report_table import examples_html
 from medfm.evaluate.vqa_metrics import image_sensitivity, most_common_answers, normalize_answer, vqa_metrics
 from medfm.run import TrainingModule, evaluating
 
-from medfm.heads import FrozenEncoder, TaskModel, build_task_encoder, known_cross_entropy
+from medfm.heads import FrozenEncoder, TaskModel, build_task_encoder, known_cross_entropy, lr_scaled_groups
 from medfm.heads.text_writer import ReportVocab, TextWriter, encoder_tokens, writer_head, writer_parts
 
 from .base import FinetuneTask
@@ -260,13 +260,7 @@ class VQAModule(FrozenEncoder, TrainingModule):
         for m in self.models():
             scales.update({id(p): self.encoder_lr_scale for p in m.encoder.parameters()})
             scales.update({id(p): self.text_lr_scale for p in m.question.parameters()})
-        out = []
-        for g in super().param_groups():
-            by: dict[float, list] = {}
-            for p in g["params"]:
-                by.setdefault(scales.get(id(p), 1.0), []).append(p)
-            out += [{**g, "params": ps, "lr": self.lr * s, "lr_scale": s} for s, ps in by.items()]
-        return out
+        return lr_scaled_groups(super().param_groups(), scales, self.lr)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         args = (batch["image"], list(batch["question"]), batch["answer_index"], list(batch["answer"]),

@@ -7,8 +7,8 @@ never from each other."""
 from .segmentation import SegmentationModel
 from .task_model import TaskModel, build_task_encoder
 from .text_writer import ReportVocab, TextWriter, build_decoder, encoder_tokens, writer_head, writer_parts
-from .training import FrozenEncoder, encoder_and_head_groups, known_cross_entropy
+from .training import FrozenEncoder, encoder_and_head_groups, known_cross_entropy, lr_scaled_groups
 
 __all__ = ["TaskModel", "build_task_encoder", "SegmentationModel", "ReportVocab", "TextWriter", "build_decoder",
            "encoder_tokens", "writer_head", "writer_parts", "FrozenEncoder", "encoder_and_head_groups",
-           "known_cross_entropy"]
+           "known_cross_entropy", "lr_scaled_groups"]

@@ -48,3 +48,17 @@ class FrozenEncoder:
         for part in self.frozen_parts():
             part.eval()
         return self
+
+
+def lr_scaled_groups(groups: list[dict], scales: dict[int, float], lr: float) -> list[dict]:
+    """Each optimizer group split by its parameters' LR scale (``scales``: ``id(param)`` -> scale, 1 when absent),
+    the scale recorded as ``lr_scale`` (the schedulers keep it): an encoder or a text tower learning at a fraction
+    of the head's LR."""
+    out = []
+    for g in groups:
+        by: dict[float, list] = {}
+        for p in g["params"]:
+            by.setdefault(scales.get(id(p), 1.0), []).append(p)
+        out += [{**g, "params": ps, "lr": lr * s, "lr_scale": s} for s, ps in by.items()]
+    return out
+
