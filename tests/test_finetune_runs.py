@@ -147,3 +147,17 @@ def test_lr_auto_is_the_tasks_lr_for_the_method_and_is_recorded_as_a_number():
 def test_evaluate_run_needs_a_finished_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing recipe.yaml"):
         evaluate_run(tmp_path)
+
+
+def test_shots_and_selection_are_refused_by_every_task_but_classification():
+    from medfm.finetune import TASKS
+
+    for name in ("classify_2d", "segment_2d", "report_2d", "vqa_2d", "mllm_2d"):
+        cfg = load_task_recipe(REPO / "tasks" / f"{name}.yaml")
+        cfg["shots"] = 5
+        plugin = TASKS.get_plugin(cfg["task"])
+        if cfg["task"] == "classification":
+            plugin.validate(cfg)
+        else:
+            with pytest.raises(ValueError, match="selection apply to classification"):
+                plugin.validate(cfg)

@@ -51,9 +51,12 @@ class FinetuneTask(RunPlugin):
     keys: ClassVar[tuple[str, ...]] = ("image", "label", "mask", "features")
     headline: ClassVar[tuple[str, ...]] = ()  # the metrics ``summary`` prints per split, the first one required
     evaluate_options: ClassVar[tuple[str, ...]] = ("data", "split", "out", "robustness")
+    few_shot: ClassVar[bool] = False  # takes ``shots`` (few-shot sampling) and ``selection`` (classification does)
 
     def validate(self, cfg: dict) -> None:
-        pass
+        """Checks of the recipe before anything is built (a task adds its own after this one)."""
+        if not self.few_shot and (cfg["shots"] or cfg.get("selection")):
+            raise ValueError("shots (few-shot sampling) and selection apply to classification")
 
     def frozen_encoder(self, cfg: dict) -> bool:
         """Whether the recipe's tuning method keeps the encoder frozen (:func:`medfm.tuning.freezes_encoder`)."""

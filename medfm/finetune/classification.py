@@ -305,6 +305,7 @@ class ClassificationTask(FinetuneTask):
     Config = ClassificationConfig
     model_class = ClassificationModel
     headline = ("auroc", "accuracy", "balanced_accuracy", "f1")
+    few_shot = True
 
     def evaluate(self, run: Path, data: str | None = None, split: str = "test", out: str | None = None,
                  groups: list[str] | None = None, robustness: str | None = None) -> dict:
@@ -313,6 +314,7 @@ class ClassificationTask(FinetuneTask):
         return self.run_evaluation(run, data, split, out, robustness, groups=list(groups or []))
 
     def validate(self, cfg: dict) -> None:
+        super().validate(cfg)
         if self.config(cfg).class_weights not in ("auto", "none", None):
             raise ValueError("classification.class_weights must be 'auto' or 'none'")
 

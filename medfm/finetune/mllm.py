@@ -365,9 +365,8 @@ class MLLMTask(FinetuneTask):
     headline = ("accuracy",)
 
     def validate(self, cfg: dict) -> None:
+        super().validate(cfg)
         c = self.config(cfg)
-        if cfg["shots"] or cfg.get("selection"):
-            raise ValueError("shots (few-shot sampling) and selection apply to classification")
         if c.kind not in KINDS:
             raise ValueError(f"mllm.kind {c.kind!r}: one of {', '.join(KINDS)}")
         if c.stage not in STAGES:

@@ -391,10 +391,6 @@ class ReportGenerationTask(FinetuneTask):
     model_class = ReportGenerator
     keys = ("image", "image_mask", "text", "tokens", "token_mask", "attributes")
 
-    def validate(self, cfg: dict) -> None:
-        if cfg["shots"] or cfg.get("selection"):
-            raise ValueError("shots (few-shot sampling) and selection apply to classification")
-
     def split_args(self, cfg: dict, path: str) -> dict:
         if path.lower().endswith(".npz"):
             raise ValueError(f"{path}: report generation needs a manifest with a text column, not an npz")

@@ -228,10 +228,6 @@ class SegmentationTask(FinetuneTask):
             raise ValueError(f"{path}: segmentation needs a manifest with a mask column, not an npz")
         return {"mask_key": self.config(cfg).mask}
 
-    def validate(self, cfg: dict) -> None:
-        if cfg["shots"] or cfg.get("selection"):
-            raise ValueError("shots (few-shot sampling) and selection apply to classification")
-
     def head(self, cfg: dict, state: dict) -> dict:
         s = self.config(cfg)
         return {"num_classes": s.num_classes, "feature_size": s.feature_size, "class_names": s.class_names}

@@ -387,10 +387,6 @@ class VQATask(FinetuneTask):
     model_class = VQAModel
     keys = ("image", "question", "answer", "answer_index")
 
-    def validate(self, cfg: dict) -> None:
-        if cfg["shots"] or cfg.get("selection"):
-            raise ValueError("shots (few-shot sampling) and selection apply to classification")
-
     def split_args(self, cfg: dict, path: str) -> dict:
         if not path.lower().endswith((".csv", ".tsv", ".jsonl")):
             raise ValueError(f"{path}: visual question answering needs a manifest (one row per question), not an npz "
