@@ -19,19 +19,13 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from medfm.data.prepare import carve_split
 from medfm.finetune import load_task_recipe, run_finetune
+from vqa_rad import mean_std  # the VQA benchmark's mean ± std (benchmarks/ is on the path of a script run from it)
 
 REPO = Path(__file__).resolve().parents[1]
 SCORES = ("closed_accuracy", "open_accuracy", "open_token_recall", "open_token_f1")
 ANSWERERS = ("model", "lm_only", "lm_zero_shot", "model, blank images", "model, shuffled images", "most common answer")
-
-
-def mean_std(values) -> str:
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    return f"{v.mean():.3f} ± {v.std():.3f}" if v.size else "-"
 
 
 def main() -> None:

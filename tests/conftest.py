@@ -41,6 +41,24 @@ def iu_reports():
 
 
 @pytest.fixture(scope="session")
+def vqa_subset(tmp_path_factory) -> Path:
+    """The questions on 24 VQA-RAD images (absolute paths), with a validation split carved by image: the VQA and
+    multimodal-LM tests' data."""
+    import csv
+
+    from medfm.data.prepare import carve_split
+    from medfm.data.writers import write_manifest
+
+    src = shared_path("vqa_rad", "manifest.csv")
+    with open(src) as f:
+        rows = list(csv.DictReader(f))
+    images = sorted({r["image"] for r in rows})[:24]
+    keep = [{**r, "image": str(src.parent / r["image"])} for r in rows if r["image"] in images]
+    d = tmp_path_factory.mktemp("vqa")
+    return carve_split(write_manifest(d / "all.csv", keep), d / "manifest.csv", by="image", fraction=0.25)
+
+
+@pytest.fixture(scope="session")
 def mni_t1() -> Path:
     return samples.mni152("t1")
 

@@ -172,25 +172,6 @@ def test_projector_pooling_and_resampler_fix_the_token_count():
 
 
 # --------------------------------------------------------------------------- training, evaluation, reload, resume
-@pytest.fixture(scope="module")
-def vqa_subset(tmp_path_factory):
-    """The questions on 24 VQA-RAD images (absolute paths), validation carved by image."""
-    import csv
-
-    from medfm.data.prepare import carve_split
-    from medfm.data.writers import write_manifest
-
-    from .conftest import shared_path
-
-    src = shared_path("vqa_rad", "manifest.csv")
-    with open(src) as f:
-        rows = list(csv.DictReader(f))
-    images = sorted({r["image"] for r in rows})[:24]
-    keep = [{**r, "image": str(src.parent / r["image"])} for r in rows if r["image"] in images]
-    d = tmp_path_factory.mktemp("vqa")
-    return carve_split(write_manifest(d / "all.csv", keep), d / "manifest.csv", by="image", fraction=0.25)
-
-
 def _recipe(lm_folder, data, **over):
     from medfm.finetune import load_task_recipe
 

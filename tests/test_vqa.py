@@ -14,7 +14,6 @@ import torch
 
 import medfm
 from medfm.cli import main
-from medfm.data.prepare import carve_split
 from medfm.data.writers import write_manifest
 from medfm.evaluate.vqa_metrics import (bleu_1, image_sensitivity, most_common_answers, normalize_answer, token_f1,
                                         vqa_metrics)
@@ -22,7 +21,7 @@ from medfm.finetune import load_task_recipe, run_finetune
 from medfm.finetune.vqa import ChangedImages, QADataset, VQAModel, question_config
 from medfm.heads.text_writer import writer_head
 
-from .conftest import REPO, shared_path
+from .conftest import REPO
 from .pretrain_helpers import losses
 
 
@@ -103,18 +102,6 @@ def test_the_vqa_model_takes_volumes_through_the_same_encoder_interface():
 
 
 # ----------------------------------------------------------------- the task on real VQA-RAD questions
-@pytest.fixture(scope="module")
-def vqa_subset(tmp_path_factory):
-    """The questions on 24 VQA-RAD images (absolute paths), with a validation split carved by image."""
-    src = shared_path("vqa_rad", "manifest.csv")
-    with open(src) as f:
-        rows = list(csv.DictReader(f))
-    images = sorted({r["image"] for r in rows})[:24]
-    keep = [{**r, "image": str(src.parent / r["image"])} for r in rows if r["image"] in images]
-    d = tmp_path_factory.mktemp("vqa")
-    return carve_split(write_manifest(d / "all.csv", keep), d / "manifest.csv", by="image", fraction=0.25)
-
-
 @pytest.fixture(scope="module")
 def vqa_run(vqa_subset, tmp_path_factory):
     cfg = load_task_recipe(REPO / "tasks" / "vqa_2d.yaml", {

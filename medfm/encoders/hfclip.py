@@ -18,10 +18,10 @@ import torch
 from medfm.data import Preprocess
 
 from .formats import Checkpoint, Converted, Format, count_blocks, register_format, rename
+from .openclip import OPENAI_NORM
 from .registry import register_encoder
 from .vit import ViT
 
-CLIP_NORM = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
 ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 
 
@@ -29,7 +29,7 @@ ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 def clip_vision(spatial_dims: int = 2, in_chans: int = 1, img_size=224, **kwargs) -> ViT:
     """OpenAI CLIP / LLaVA vision tower (pre-LayerNorm, QuickGELU): ViT-B/16 by default."""
     args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, pre_norm=True, mlp="quick_gelu", norm_eps=1e-5,
-                input_norm={"channels": 3, **CLIP_NORM})
+                input_norm={"channels": 3, **OPENAI_NORM})
     args.update(kwargs)
     return ViT(spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size, **args)
 
@@ -79,7 +79,7 @@ def from_hf_clip(ckpt: Checkpoint) -> Converted:
                 num_heads=cfg.get("num_attention_heads", max(1, dim // 64)), patch_size=patch, pos_size=size,
                 mlp=ACTIVATIONS[act], mlp_ratio=cfg.get("intermediate_size", 4 * dim) / dim, pre_norm=True,
                 norm_eps=cfg.get("layer_norm_eps", 1e-5), fc_norm=False,
-                input_norm={"channels": proj.shape[1], **CLIP_NORM})
+                input_norm={"channels": proj.shape[1], **OPENAI_NORM})
     proc = ckpt.configs.get("preprocessor_config.json", {})
     if proc.get("image_mean"):
         args["input_norm"].update(mean=proc["image_mean"], std=proc["image_std"])

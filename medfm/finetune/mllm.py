@@ -379,7 +379,8 @@ class MLLMTask(FinetuneTask):
             return path
         stat = Path(path).stat() if Path(path).exists() else None
         key = hashlib.sha256(f"{Path(path).resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
-        return str(conversation_manifest(path, CONVERSATIONS / f"{Path(path).stem}-{key.hexdigest()[:16]}.csv"))
+        out = CONVERSATIONS / f"{Path(path).stem}-{key.hexdigest()[:16]}.csv"
+        return str(out if out.exists() else conversation_manifest(path, out))  # this version of the file: converted
 
     def build(self, cfg: dict, folder):
         d = cfg["data"]
