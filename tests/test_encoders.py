@@ -23,7 +23,8 @@ TINY = {"dinov2": dict(embed_dim=48, depth=4, num_heads=2, patch_size=8),
         "swin_vit": dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=3),
         "segres_encoder": dict(init_filters=8),
         "monai_vit": dict(embed_dim=48, depth=4, num_heads=2, patch_size=8),
-        "clip_vit": dict(embed_dim=48, depth=4, num_heads=2, patch_size=8)}
+        "clip_vit": dict(embed_dim=48, depth=4, num_heads=2, patch_size=8),
+        "clip_vision": dict(embed_dim=48, depth=4, num_heads=2, patch_size=8)}
 
 
 def _input(dims: int, batch: int = 2, chans: int = 1) -> torch.Tensor:

@@ -303,7 +303,7 @@ def test_a_run_killed_at_any_stage_resumes_to_the_uninterrupted_result(kind, sta
                                                                         tmp_path):
     out = tmp_path / "run"
     argv = tiny_argv(kind, slices, out)
-    killed = run_killed(stage, signal, argv, at=3, cwd=REPO)
+    killed = run_killed(stage, signal, argv, at=3, cwd=REPO, fork=True)
     assert killed.returncode == (143 if signal == "SIGTERM" and stage == "step" else -9), killed.stderr[-1500:]
     assert not (out / "metrics.json").exists() or stage == "export"
     assert main([*argv, "--resume"]) == 0

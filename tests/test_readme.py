@@ -101,8 +101,8 @@ def _runnable(argv: list[str]) -> list[str] | None:
         i += 1
     if out[0] in ("pretrain", "finetune"):
         out += ["--profile", "tiny"]
-    if out[0] == "evaluate" and any("=" in a for a in out):  # a generator's utility classifiers
-        out += ["--n", "8", "trainer.max_steps=2", "data.num_workers=0"]
+    if out[0] == "evaluate" and any("=" in a for a in out):  # a generator's utility classifiers: ViT-Micro, 2 steps
+        out += ["--n", "8", "trainer.max_steps=2", "data.num_workers=0", "encoder.name=vit_micro", "encoder.patch_size=8"]
     return out
 
 
