@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from medfm.artifacts import load as medfm_load
+from medfm.atomic import write_text
 from medfm.data import DataError, load, open_dataset, samples
 from medfm.data.datasets import finalise_sample
 from medfm.data.transforms import preset_mismatch, with_channels
@@ -25,6 +26,7 @@ from medfm.encoders import describe_encoder, list_encoders, preprocess_transform
 from medfm.encoders.source import encoder_folder
 from medfm.tuning import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune
+from medfm.finetune.planning import describe, flat_overrides, plan_data, plan_overrides, plan_recipe_text
 from medfm.finetune.site_adaptation import SITE_METHODS, SiteAdaptation, adapt_run
 from medfm.generate import GENERATORS, export_generated, model_hash
 from medfm.pretrain import METHODS
@@ -133,6 +135,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"max_steps": "trainer.max_steps", "method": "method", "shots": "shots"})
     if args.encoder is not None:
         overrides.append(f"encoder.pretrained={encoder_folder(args.encoder)}")
+    if args.plan == "auto" and not args.resume:  # the plan's keys after the profile, the user's overrides last
+        fp, plan = plan_data(args.data or load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides)["data"]["path"])
+        print(f"planned from {fp.n_cases} training cases: spacing {plan.spacing}, patch {plan.patch}, "
+              f"{plan.num_classes} classes, {plan.normalization} normalisation, DynUNet of {len(plan.strides)} stages")
+        overrides = flat_overrides(plan_overrides(plan)) + overrides
     cfg, changes = _recipe(load_task_recipe, find_recipe(args.recipe, kind="tasks"), args, overrides)
     out = run_finetune(cfg, args.out, data_path=args.data, resume=args.resume, overwrite=args.overwrite, changes=changes)
     if _rank_zero():
@@ -510,7 +517,35 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run folder: metrics.json, figures, model, checkpoints")
     p.add_argument("--method", default=None, help="linear_probe | full | lora | vpt | ssf | bitfit (sets method)")
     p.add_argument("--shots", type=int, default=None, help="few-shot: K training examples per class")
+    p.add_argument("--plan", default=None, choices=("auto",), help="segmentation: plan spacing, patch, network, "
+                   "normalisation and classes from the data (see `medfm plan`); a --profile then only shrinks "
+                   "width and steps")
     _run_options(p, cmd_finetune)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    fp, plan = plan_data(args.data, split=args.split or None, mask_key=args.mask, max_cases=args.max_cases)
+    recipe = find_recipe("segment_3d" if plan.spatial_dims == 3 else "segment_2d", kind="tasks")
+    cfg = load_task_recipe(recipe, [*flat_overrides(plan_overrides(plan)), f"data.path={Path(args.data).resolve()}",
+                                    f"segmentation.mask={args.mask}"])
+    print(describe(fp, plan))
+    if args.out:
+        write_text(Path(args.out), plan_recipe_text(fp, plan, cfg))
+        print(f"recipe: {args.out}  (medfm finetune {args.out} --out runs/planned [--profile cpu])")
+    return 0
+
+
+def _plan_parser(sub) -> None:
+    """``medfm plan``."""
+    p = sub.add_parser("plan", help="fingerprint a segmentation manifest and plan its run as nnU-Net does "
+                       "(spacing, patch, network depth, normalisation, classes)",
+                       epilog="example: medfm plan data/msd_hippocampus/manifest.csv --out hippocampus.yaml")
+    p.add_argument("data", help="CSV/JSONL manifest with image and mask columns and a split column")
+    p.add_argument("--split", default="train", help="the split to fingerprint (default train; '' for every row)")
+    p.add_argument("--mask", default="mask", help="the mask column (default mask)")
+    p.add_argument("--max-cases", type=int, default=None, help="read only the first N cases")
+    p.add_argument("--out", default=None, help="write the planned recipe (YAML) here")
+    p.set_defaults(fn=cmd_plan)
 
 
 def _evaluate_parser(sub) -> None:
@@ -767,6 +802,7 @@ def _data_parser(sub) -> None:
 
 # one function per command, in `medfm --help` order
 PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
+           _plan_parser,
            _evaluate_parser, _adapt_parser, _generate_parser, _generate_report_parser, _answer_parser, _chat_parser, _export_parser,
            _select_parser,
            _curate_parser,

@@ -16,8 +16,12 @@ import torch
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
+    MapTransform,
+    NormalizeIntensityd,
     Orientationd,
     RandAffined,
+    Randomizable,
+    RandCropByPosNegLabeld,
     RandSpatialCropd,
     Resized,
     ScaleIntensityRanged,
@@ -30,21 +34,66 @@ from monai.utils import ensure_tuple_rep
 KEYS = ("image", "mask")
 
 
-def _crop(size: tuple[int, ...], train: bool) -> list:
+class ForegroundCropd(Randomizable, MapTransform):
+    """nnU-Net's foreground oversampling: with probability ``foreground`` the patch is centred on a random
+    foreground voxel of ``mask`` (MONAI's ``RandCropByPosNegLabeld``), otherwise it is a random patch
+    (``RandSpatialCropd``), so that small structures are seen in about that share of the batches."""
+
+    def __init__(self, keys, size, foreground: float, label_key: str = "mask"):
+        super().__init__(keys, allow_missing_keys=True)
+        self.foreground = float(foreground)
+        self.on_label = RandCropByPosNegLabeld(keys, label_key=label_key, spatial_size=size, pos=1.0, neg=0.0,
+                                               num_samples=1, allow_missing_keys=True)
+        self.anywhere = RandSpatialCropd(keys, roi_size=size, random_size=False, allow_missing_keys=True)
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        self.on_label.set_random_state(seed, state)
+        self.anywhere.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data=None) -> None:
+        self._centre = self.R.rand() < self.foreground
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize()
+        if self._centre and "mask" in data and bool((data["mask"] > 0).any()):
+            return self.on_label(data)[0]
+        return self.anywhere(data)
+
+
+def _crop(size: tuple[int, ...], train: bool, foreground: float = 0.0) -> list:
     pad = SpatialPadd(KEYS, spatial_size=size, allow_missing_keys=True)
+    if train and foreground:
+        return [pad, ForegroundCropd(KEYS, size, foreground)]
     if train:
         return [pad, RandSpatialCropd(KEYS, roi_size=size, random_size=False, allow_missing_keys=True)]
     return [pad, CenterSpatialCropd(KEYS, roi_size=size, allow_missing_keys=True)]
 
 
-def radiograph_2d(size: int | Sequence[int] | None = 224, train: bool = False, percentiles=(0.5, 99.5)) -> Compose:
-    """Chest X-ray and other 2D images: percentile scaling to [0, 1], resize to ``size``;
-    in training a mild random affine (±5°, ±10 % scale; no flips: anatomy is lateralised).
+def zscore(clip: Sequence[float] | None = None, mean: float | None = None, std: float | None = None) -> list:
+    """nnU-Net's normalisation: per image (each channel to mean 0, std 1: MR and other unitless images) or, with
+    the data set's foreground statistics (CT), clipped to ``clip`` and scaled by that ``mean`` / ``std``. A list
+    of steps (not a Compose, which the datasets would take for a random step and not cache)."""
+    steps = []
+    if clip is not None:
+        steps.append(ScaleIntensityRanged("image", a_min=clip[0], a_max=clip[1], b_min=clip[0], b_max=clip[1], clip=True))
+    if mean is None:
+        steps.append(NormalizeIntensityd("image", channel_wise=True))
+    else:
+        steps.append(NormalizeIntensityd("image", subtrahend=mean, divisor=std))
+    return steps
+
+
+def radiograph_2d(size: int | Sequence[int] | None = 224, train: bool = False, percentiles=(0.5, 99.5),
+                  normalize: str | None = None) -> Compose:
+    """Chest X-ray and other 2D images: percentile scaling to [0, 1] (``normalize="zscore"``: each image to mean 0,
+    std 1, as nnU-Net plans for unitless images), resize to ``size``; in training a mild random affine (±5°,
+    ±10 % scale; no flips: anatomy is lateralised).
 
     ``size=None`` keeps the image size (pretraining views crop and resize later)."""
-    steps = [
-        ScaleIntensityRangePercentilesd("image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True),
-    ]
+    steps = zscore() if normalize == "zscore" else [
+        ScaleIntensityRangePercentilesd("image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True)]
     if size is not None:
         size = ensure_tuple_rep(size, 2)
         steps += [
@@ -59,15 +108,15 @@ def radiograph_2d(size: int | Sequence[int] | None = 224, train: bool = False, p
     return Compose(steps)
 
 
-def _volume(size, spacing, intensity, train: bool) -> Compose:
+def _volume(size, spacing, intensity, train: bool, foreground: float = 0.0) -> Compose:
     spacing = ensure_tuple_rep(spacing, 3)
     steps = [
         Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
         Spacingd(KEYS, pixdim=spacing, mode=("bilinear", "nearest"), allow_missing_keys=True),
-        intensity,
+        *intensity,
     ]
     # size=None: the whole resampled volume (pretraining views crop later)
-    return Compose(steps if size is None else steps + _crop(ensure_tuple_rep(size, 3), train))
+    return Compose(steps if size is None else steps + _crop(ensure_tuple_rep(size, 3), train, foreground))
 
 
 def ct_3d(
@@ -75,11 +124,18 @@ def ct_3d(
     spacing: float | Sequence[float] = 1.5,
     window: tuple[float, float] = (-1000.0, 1000.0),
     train: bool = False,
+    zscore_stats: Sequence[float] | None = None,
+    foreground: float = 0.0,
 ) -> Compose:
-    """CT volumes: RAS orientation, resampling to ``spacing`` mm, a HU window scaled to [0, 1],
-    pad and crop to ``size`` (random crop in training, centre crop otherwise; ``None``: no crop)."""
-    intensity = ScaleIntensityRanged("image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
-    return _volume(size, spacing, intensity, train)
+    """CT volumes: RAS orientation, resampling to ``spacing`` mm, a HU window scaled to [0, 1] (with
+    ``zscore_stats=(mean, std)``, nnU-Net's: clipped to the window, then the data set's foreground mean and std),
+    pad and crop to ``size`` (random crop in training, a share ``foreground`` of them centred on the mask's
+    foreground; centre crop otherwise; ``None``: no crop)."""
+    if zscore_stats is not None:
+        intensity = zscore(window, *zscore_stats)
+    else:
+        intensity = [ScaleIntensityRanged("image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)]
+    return _volume(size, spacing, intensity, train, foreground)
 
 
 def mr_3d(
@@ -87,12 +143,18 @@ def mr_3d(
     spacing: float | Sequence[float] = 1.0,
     percentiles: tuple[float, float] = (0.5, 99.5),
     train: bool = False,
+    normalize: str | None = None,
+    foreground: float = 0.0,
 ) -> Compose:
-    """MR volumes: like :func:`ct_3d`, but intensities are scaled by percentiles (MR has no absolute units)."""
-    intensity = ScaleIntensityRangePercentilesd(
-        "image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True, channel_wise=True
-    )
-    return _volume(size, spacing, intensity, train)
+    """MR volumes: like :func:`ct_3d`, but intensities are scaled by percentiles (MR has no absolute units), or
+    with ``normalize="zscore"`` each volume to mean 0, std 1 (nnU-Net's MR normalisation)."""
+    if normalize == "zscore":
+        intensity = zscore()
+    else:
+        intensity = [ScaleIntensityRangePercentilesd(
+            "image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True, channel_wise=True
+        )]
+    return _volume(size, spacing, intensity, train, foreground)
 
 
 class MatchChannels:

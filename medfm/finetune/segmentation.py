@@ -19,6 +19,7 @@ encoder's input size; evaluation predicts whole images and volumes with a slidin
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -37,12 +38,15 @@ from monai.transforms import Compose
 from monai.utils import ensure_tuple_rep
 
 from medfm.data import DataError
+from medfm.data.fingerprint import resampling_note
+from medfm.data.transforms import PRESETS
 from medfm.evaluate.plots import overlay_png
 from medfm.run import TrainingModule, evaluating
 
-from medfm.heads import FrozenEncoder, SegmentationModel, encoder_and_head_groups
+from medfm.heads import FrozenEncoder, SegmentationModel, deep_supervision_weights, encoder_and_head_groups
 
 from .base import FinetuneTask
+from .planning import unet_stages
 from .registry import TASKS
 
 
@@ -90,6 +94,10 @@ class SegmentationModule(FrozenEncoder, TrainingModule):
         mask = batch["mask"]
         check_mask(mask, self.model.num_classes, "training batch")  # files are checked as they load (MaskLabels)
         logits = self.model(batch["image"])
+        if logits.ndim == mask.ndim + 1:  # deep supervision: (B, heads, K, *spatial), every head at full size
+            heads = logits.unbind(1)
+            losses = [self.criterion(h.float(), mask) for h in heads]
+            return sum(w * v for w, v in zip(deep_supervision_weights(len(heads)), losses)), {"loss_full": losses[0]}
         return self.criterion(logits.float(), mask), {}
 
 
@@ -194,6 +202,9 @@ def _nanmean(values: list[float]) -> float:
 
 
 # ----------------------------------------------------------------- the plug-in
+NETWORKS = ("unetr", "dynunet")
+
+
 @dataclass
 class SegmentationConfig:
     """``segmentation`` recipe section."""
@@ -201,7 +212,11 @@ class SegmentationConfig:
     num_classes: int = 2  # including background (label 0)
     class_names: list | None = None
     mask: str = "mask"  # manifest column of the label maps
-    feature_size: int = 16  # decoder width at full resolution (doubles per level)
+    network: str = "unetr"  # unetr: a medfm encoder + UNETR / U-Net decoder | dynunet: MONAI's DynUNet (nnU-Net), whole
+    kernel_size: list | None = None  # dynunet: per stage (the plan's; None: 3 everywhere)
+    strides: list | None = None  # dynunet: per stage (the plan's; None: halve each axis while it stays >= 4)
+    deep_supervision: bool = True  # dynunet: nnU-Net's 1/2^i-weighted losses of the coarser outputs
+    feature_size: int = 16  # decoder width at full resolution (doubles per level); dynunet: its first stage
     overlap: float = 0.25  # sliding-window overlap at evaluation
     sw_batch_size: int = 4
     hd95: bool = True
@@ -228,12 +243,44 @@ class SegmentationTask(FinetuneTask):
             raise ValueError(f"{path}: segmentation needs a manifest with a mask column, not an npz")
         return {"mask_key": self.config(cfg).mask}
 
-    def head(self, cfg: dict, state: dict) -> dict:
+    def validate(self, cfg: dict) -> None:
+        super().validate(cfg)
         s = self.config(cfg)
-        return {"num_classes": s.num_classes, "feature_size": s.feature_size, "class_names": s.class_names}
+        if s.network not in NETWORKS:
+            raise ValueError(f"segmentation.network={s.network!r}: one of {', '.join(NETWORKS)}")
+        if s.network == "dynunet" and (cfg["method"] != "full" or cfg["encoder"].get("pretrained")):
+            raise ValueError("segmentation.network=dynunet trains MONAI's DynUNet whole from random initialisation "
+                             "(method full, no --encoder); a pretrained medfm encoder goes under network=unetr")
+
+    def prepare(self, cfg: dict, train, state: dict):
+        """Says in one line when the recipe resamples a volume set far from its native spacing."""
+        d = self.section(cfg, "data")
+        if cfg["encoder"]["spatial_dims"] == 3 and str(d.path).lower().endswith((".csv", ".jsonl", ".json")):
+            default = inspect.signature(PRESETS[d.preset]).parameters["spacing"].default
+            note = resampling_note(d.path, dict(d.preset_args).get("spacing", default), d.train_split)
+            if note:
+                warnings.warn(note, stacklevel=2)
+        return cfg, train
+
+    def head(self, cfg: dict, state: dict) -> dict:
+        s, enc = self.config(cfg), cfg["encoder"]
+        head = {"num_classes": s.num_classes, "feature_size": s.feature_size, "class_names": s.class_names}
+        if s.network == "dynunet":
+            patch = list(ensure_tuple_rep(enc["img_size"], enc["spatial_dims"]))
+            kernels, strides = unet_stages(patch)
+            head.update(network="dynunet", kernel_size=s.kernel_size or kernels, strides=s.strides or strides,
+                        deep_supervision=s.deep_supervision)
+        return head
 
     def module(self, cfg: dict, model, train, state: dict):
         return SegmentationModule(model, frozen_encoder=self.frozen_encoder(cfg), **self.optim(cfg))
+
+    def export(self, module, folder, trainer, built) -> None:
+        """``model/``; a DynUNet has no medfm encoder to export beside it."""
+        if module.model.encoder is None:
+            folder.save(module.model, "model")
+            return
+        super().export(module, folder, trainer, built)
 
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
         s, enc = self.config(cfg), cfg["encoder"]

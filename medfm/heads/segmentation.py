@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.networks.nets import DynUNet
 
 from .task_model import TaskModel, build_task_encoder
 
@@ -109,8 +110,59 @@ class SegmentationModel(TaskModel, nn.Module):
         return self.encoder.patch_size[0] if _is_vit(self.encoder) else 2**self.levels
 
     @classmethod
-    def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "SegmentationModel":
+    def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None):
+        """The spec's network: this model (``network: unetr``, the default) or a :class:`PlannedUNet`."""
         h = spec["head"]
+        if h.get("network", "unetr") == "dynunet":
+            return PlannedUNet.from_spec(spec, pretrained, folder)
         model = cls(build_task_encoder(spec, pretrained), h["num_classes"], h["feature_size"])
+        model.spec = spec
+        return model
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's weights of the full-resolution output and the ``n - 1`` coarser ones: 1/2^i, normalised."""
+    w = [0.5**i for i in range(n)]
+    return [v / sum(w) for v in w]
+
+
+class PlannedUNet(TaskModel, nn.Module):
+    """MONAI's ``DynUNet`` (the nnU-Net architecture: per-stage kernels and strides, instance norm, leaky ReLU,
+    deep supervision) as a task model: (B, C, *spatial) -> (B, num_classes, *spatial) logits; in training with
+    deep supervision (B, heads, num_classes, *spatial), the coarser heads upsampled to the input's size.
+
+    ``kernel_size`` / ``strides``: one entry per stage (:mod:`medfm.finetune.planning` derives them from the data);
+    ``feature_size``: the first stage's width, doubled per stage up to 320 (nnU-Net's 32 .. 320). The network is
+    trained whole from random initialisation: it has no medfm encoder (``encoder`` is None)."""
+
+    encoder = None
+    MAX_FILTERS = 320
+
+    def __init__(self, spatial_dims: int, in_chans: int, num_classes: int, kernel_size: list, strides: list,
+                 feature_size: int = 32, deep_supervision: bool = True):
+        super().__init__()
+        self.num_classes, self.spatial_dims = num_classes, spatial_dims
+        stages = len(strides)
+        filters = [min(feature_size * 2**j, self.MAX_FILTERS) for j in range(stages)]
+        self.deep_supervision = bool(deep_supervision) and stages > 2
+        self.network = DynUNet(spatial_dims, in_chans, num_classes, kernel_size, strides, strides[1:], filters=filters,
+                               deep_supervision=self.deep_supervision, deep_supr_num=max(1, stages - 2),
+                               res_block=False)
+        self.stride_per_axis = [math.prod(s[i] if isinstance(s, (list, tuple)) else s for s in strides)
+                                for i in range(spatial_dims)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    @property
+    def stride(self) -> int:
+        """What inputs must be divisible by (the largest of the per-axis products of the strides)."""
+        return max(self.stride_per_axis)
+
+    @classmethod
+    def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "PlannedUNet":
+        h, e = spec["head"], spec["encoder"]
+        model = cls(e["spatial_dims"], e["in_chans"], h["num_classes"], h["kernel_size"], h["strides"],
+                    h["feature_size"], h.get("deep_supervision", True))
         model.spec = spec
         return model

@@ -105,7 +105,10 @@ class TrainingModule(L.LightningModule):
 
     # ------------------------------------------------------------ optimizer
     def no_weight_decay_params(self) -> list[nn.Parameter]:
-        """Parameters without weight decay besides biases and norms: the encoder's ``no_weight_decay()``."""
+        """Parameters without weight decay besides biases and norms: the encoder's ``no_weight_decay()`` (none
+        for a network without a medfm encoder)."""
+        if self.encoder is None:
+            return []
         names = getattr(self.encoder, "no_weight_decay", lambda: set())()
         params = dict(self.encoder.named_parameters())
         return [params[n] for n in names if n in params]

@@ -1,0 +1,138 @@
+"""Segmentation planned from the data (issue 41): the fingerprint and nnU-Net's rules on volumes with known
+spacings and shapes, `medfm plan`, and `--plan auto` training MONAI's DynUNet with deep supervision."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medfm.cli import main
+from medfm.data.fingerprint import fingerprint
+from medfm.data.transforms import ForegroundCropd
+from medfm.finetune.planning import make_plan, plan_overrides
+
+from .conftest import SHARED
+
+
+def _volumes(root: Path, shapes, spacings, ct: bool = False, seed: int = 0) -> Path:
+    """One case per (shape, spacing): an MR-like (or CT-like, in HU) volume with two labelled ellipsoids."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rows = []
+    for i, (shape, spacing) in enumerate(zip(shapes, spacings)):
+        grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+        r = np.sqrt((grid**2).sum(0))
+        label = np.zeros(shape, np.uint8)
+        label[(r < 0.5) & (grid[0] < 0)] = 1
+        label[(r < 0.5) & (grid[0] >= 0)] = 2
+        base = rng.normal(0, 1, shape) * 10
+        image = (np.where(label > 0, 40.0, -1000.0) if ct else np.where(label > 0, 300.0, 100.0)) + base
+        affine = np.diag([*spacing, 1.0])
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), root / "images" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labels" / f"c{i}.nii.gz")
+        rows.append({"image": f"images/c{i}.nii.gz", "mask": f"labels/c{i}.nii.gz",
+                     "split": "val" if i % 4 == 3 else "train"})
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "mask", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    return root / "manifest.csv"
+
+
+def test_an_isotropic_mr_set_plans_its_median_spacing_a_patch_like_nnunets_and_zscore(tmp_path):
+    shapes = [(36, 50, 36), (34, 52, 35), (35, 50, 34), (37, 49, 36)] * 2
+    manifest = _volumes(tmp_path, shapes, [(1.0, 1.0, 1.0)] * 8)
+    fp = fingerprint(manifest)
+    assert fp.n_cases == 6 and fp.labels == [0, 1, 2] and fp.num_classes == 3 and fp.modality == "mr"
+    assert set(fp.class_cases) == {1, 2} and all(v > 0 for v in fp.class_volume.values())
+    plan = make_plan(fp)
+    assert plan.spacing == [1.0, 1.0, 1.0] and plan.patch == [40, 56, 40] and plan.pools == [3, 3, 3]
+    assert len(plan.strides) == len(plan.kernel_size) == 4 and plan.normalization == "zscore"
+    o = plan_overrides(plan)
+    assert o["data"]["preset"] == "mr_3d" and o["data"]["preset_args"]["normalize"] == "zscore"
+    assert o["segmentation"]["num_classes"] == 3 and o["segmentation"]["network"] == "dynunet"
+
+
+def test_an_anisotropic_ct_set_keeps_its_thick_axis_unpooled_and_clips_to_its_foreground(tmp_path):
+    z = [2.5, 3.0, 3.0, 3.0, 3.5, 5.0, 3.0, 3.0]
+    manifest = _volumes(tmp_path, [(96, 96, 20)] * 8, [(0.8, 0.8, s) for s in z], ct=True)
+    fp = fingerprint(manifest, split=None)
+    assert fp.modality == "ct" and fp.native_spacing_varies
+    plan = make_plan(fp)
+    assert plan.spacing[:2] == [0.8, 0.8]
+    assert plan.spacing[2] == pytest.approx(np.percentile(z, 10))  # nnU-Net's anisotropic rule: the 10th percentile
+    assert plan.kernel_size[0] == [3, 3, 1] and plan.strides[1] == [2, 2, 1]  # in-plane first
+    assert plan.pools[0] > plan.pools[2]
+    assert all(p % 2**k == 0 for p, k in zip(plan.patch, plan.pools))
+    lo, hi, mean, std = plan.ct_stats
+    assert lo < mean < hi and 20 < mean < 60 and plan.normalization == "ct"  # the foreground's HU, not the air's
+    o = plan_overrides(plan)
+    assert o["data"]["preset"] == "ct_3d" and o["data"]["preset_args"]["zscore_stats"] == [mean, std]
+
+
+def test_a_mask_that_is_not_a_label_map_names_the_manifest_line(tmp_path):
+    manifest = _volumes(tmp_path, [(16, 16, 16)] * 2, [(1.0, 1.0, 1.0)] * 2)
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), 0.5, np.float32), np.eye(4)), tmp_path / "labels" / "c1.nii.gz")
+    with pytest.raises(ValueError, match=r"manifest.csv line 3: .*c1.nii.gz holds values \[0.5\]"):
+        fingerprint(manifest, split=None)
+
+
+def test_foreground_oversampling_centres_its_share_of_patches_on_the_mask():
+    mask = torch.zeros(1, 64, 64, 64)
+    mask[0, 50:54, 50:54, 50:54] = 1  # a small structure in one corner
+    data = {"image": torch.rand(1, 64, 64, 64), "mask": mask}
+    hits = {}
+    for share in (0.0, 0.5):
+        crop = ForegroundCropd(("image", "mask"), (16, 16, 16), share).set_random_state(0)
+        hits[share] = np.mean([bool(crop(dict(data))["mask"].any()) for _ in range(200)])
+    assert hits[0.0] < 0.1 and hits[0.5] > 0.45, hits
+
+
+@pytest.mark.slow  # a DynUNet trained at tiny scale through the command line
+def test_plan_writes_a_recipe_and_plan_auto_trains_a_deeply_supervised_dynunet_that_reloads(tmp_path, capsys):
+    shapes = [(30, 34, 30), (32, 32, 30), (30, 36, 32), (31, 33, 29)] * 2
+    manifest = _volumes(tmp_path / "set", shapes, [(1.0, 1.0, 1.0)] * 8)
+    assert main(["plan", str(manifest), "--out", str(tmp_path / "plan.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "**patch** | 32 x 40 x 32" in out and "3 classes" in out
+    written = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    assert written["segmentation"]["network"] == "dynunet" and written["encoder"]["img_size"] == [32, 40, 32]
+    run = tmp_path / "run"
+    assert main(["finetune", "segment_3d", "--data", str(manifest), "--plan", "auto", "--profile", "tiny", "--out",
+                 str(run), "--max-steps", "12", "segmentation.feature_size=8", "optim.lr=3e-3",
+                 "trainer.log_every_n_steps=1"]) == 0
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert recipe["data"]["preset_args"]["spacing"] == [1.0, 1.0, 1.0]  # the plan's, not the tiny profile's 4 mm
+    assert recipe["segmentation"]["num_classes"] == 3 and recipe["encoder"]["img_size"] == [32, 40, 32]
+    with open(run / "logs" / "metrics.csv") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert losses[-1] < losses[0], losses
+    import medfm
+
+    model = medfm.load(run / "model")
+    assert type(model).__name__ == "PlannedUNet" and model.num_classes == 3
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 1, 32, 40, 32)).shape == (1, 3, 32, 40, 32)
+
+
+def test_dynunet_refuses_a_pretrained_encoder_in_one_line(tmp_path, capsys):
+    manifest = _volumes(tmp_path / "set", [(16, 16, 16)] * 4, [(1.0, 1.0, 1.0)] * 4)
+    code = main(["finetune", "segment_3d", "--data", str(manifest), "--out", str(tmp_path / "r"), "--profile", "tiny",
+                 "segmentation.network=dynunet", "--method", "lora"])
+    err = capsys.readouterr().err
+    assert code == 2 and "segmentation.network=dynunet trains MONAI's DynUNet whole" in err
+
+
+@pytest.mark.skipif(not (SHARED / "msd_hippocampus").exists(), reason="the MSD hippocampus copy is in ../shared")
+def test_the_hippocampus_plan_is_nnunets():
+    fp = fingerprint(SHARED / "msd_hippocampus" / "manifest.csv", max_cases=40)
+    plan = make_plan(fp)
+    assert plan.spacing == [1.0, 1.0, 1.0] and plan.patch == [40, 56, 40] and len(plan.strides) == 4
+    assert plan.num_classes == 3 and plan.normalization == "zscore"
