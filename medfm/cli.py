@@ -19,13 +19,15 @@ import torch
 
 from medfm.artifacts import load as medfm_load
 from medfm.atomic import write_text
-from medfm.data import DataError, load, open_dataset, samples
+from medfm.data import DataError, load, open_dataset, read_records, samples
+from medfm.progress import progress_bar
 from medfm.data.datasets import finalise_sample
 from medfm.data.transforms import preset_mismatch, with_channels
 from medfm.encoders import describe_encoder, list_encoders, preprocess_transform
 from medfm.encoders.source import encoder_folder
 from medfm.tuning import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune
+from medfm.finetune.segmentation import predict_files
 from medfm.finetune.planning import describe, flat_overrides, plan_data, plan_overrides, plan_recipe_text
 from medfm.finetune.site_adaptation import SITE_METHODS, SiteAdaptation, adapt_run
 from medfm.generate import GENERATORS, export_generated, model_hash
@@ -535,6 +537,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    model = medfm_load(run / "model" if (run / "model" / "config.json").exists() else run)
+    if not hasattr(model, "num_classes") or "preprocess" not in getattr(model, "spec", {}):
+        raise ValueError(f"{args.run}: a {type(model).__name__}, not a segmentation run (medfm finetune tasks/segment_*.yaml)")
+    paths = list(args.images)
+    if args.data:
+        paths += [r.image for r in read_records(args.data, split=args.split or None)[0]]
+    if not paths:
+        raise ValueError("nothing to predict: give IMAGE paths or --data MANIFEST [--split SPLIT]")
+    for path in progress_bar(paths, desc="predicting", unit="case"):
+        written = predict_files(model, [path], args.out, probabilities=args.probabilities, overlap=args.overlap)
+    print(f"{len(paths)} label maps in {args.out} (each in its input's space), last: {written[-1].name}")
+    return 0
+
+
+def _predict_parser(sub) -> None:
+    """``medfm predict``."""
+    p = sub.add_parser("predict", help="label maps from a segmentation run, one per image, in each input's own space",
+                       epilog="example: medfm predict runs/seg3d scan.nii.gz --out predictions | medfm predict "
+                              "runs/seg3d --data volumes.csv --split val --out predictions")
+    p.add_argument("run", help="a segmentation run folder (or its model/ folder)")
+    p.add_argument("images", nargs="*", help="NIfTI volumes, DICOM folders or 2D images")
+    p.add_argument("--data", default=None, help="a manifest: predict its images (with --split, one split)")
+    p.add_argument("--split", default=None, help="the manifest split to predict (default: every row)")
+    p.add_argument("--out", required=True, help="folder: NAME_seg.nii.gz (NAME_seg.png in 2D) per input")
+    p.add_argument("--probabilities", action="store_true", help="also NAME_probs.nii.gz (class probabilities)")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the run's)")
+    p.set_defaults(fn=cmd_predict)
+
+
 def _plan_parser(sub) -> None:
     """``medfm plan``."""
     p = sub.add_parser("plan", help="fingerprint a segmentation manifest and plan its run as nnU-Net does "
@@ -802,7 +835,7 @@ def _data_parser(sub) -> None:
 
 # one function per command, in `medfm --help` order
 PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
-           _plan_parser,
+           _plan_parser, _predict_parser,
            _evaluate_parser, _adapt_parser, _generate_parser, _generate_report_parser, _answer_parser, _chat_parser, _export_parser,
            _select_parser,
            _curate_parser,

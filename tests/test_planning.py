@@ -120,6 +120,12 @@ def test_plan_writes_a_recipe_and_plan_auto_trains_a_deeply_supervised_dynunet_t
     assert type(model).__name__ == "PlannedUNet" and model.num_classes == 3
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 1, 32, 40, 32)).shape == (1, 3, 32, 40, 32)
+    assert main(["predict", str(run), "--data", str(manifest), "--split", "val", "--out", str(tmp_path / "pred")]) == 0
+    for i in (3, 7):  # the val cases: a label map each, on the input's own grid
+        src, pred = nib.load(tmp_path / "set" / "images" / f"c{i}.nii.gz"), nib.load(tmp_path / "pred" / f"c{i}_seg.nii.gz")
+        assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+    assert main(["predict", str(tmp_path / "set"), "--out", str(tmp_path / "x")]) == 2  # not a run: one line
 
 
 def test_dynunet_refuses_a_pretrained_encoder_in_one_line(tmp_path, capsys):
@@ -136,3 +142,45 @@ def test_the_hippocampus_plan_is_nnunets():
     plan = make_plan(fp)
     assert plan.spacing == [1.0, 1.0, 1.0] and plan.patch == [40, 56, 40] and len(plan.strides) == 4
     assert plan.num_classes == 3 and plan.normalization == "zscore"
+
+
+class _Bright(torch.nn.Module):
+    """A stand-in segmentation model with a known answer: class 1 wherever the (z-scored) image is above
+    ``threshold``."""
+
+    def __init__(self, spec: dict, threshold: float):
+        super().__init__()
+        self.spec, self.num_classes, self.threshold = spec, 2, threshold
+        self.gain = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x), (x - self.threshold) * self.gain], 1)
+
+
+def test_predictions_are_written_in_the_inputs_own_oblique_lps_geometry(tmp_path):
+    from medfm.data.preprocess import Preprocess
+    from medfm.finetune.segmentation import predict_files
+
+    a = np.deg2rad(20)
+    rotation = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-1.2, -0.9, 2.0])  # oblique, x and y flipped (LPS), 2 mm slices
+    affine[:3, 3] = [30.0, 20.0, -10.0]
+    shape = (40, 48, 20)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(float)
+    truth = (((grid[0] - 14) / 8) ** 2 + ((grid[1] - 28) / 10) ** 2 + ((grid[2] - 9) / 4) ** 2) < 1
+    image = np.where(truth, 500.0, 100.0) + np.random.default_rng(0).normal(0, 5, shape)
+    path = tmp_path / "oblique.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(path))
+    assert "".join(nib.aff2axcodes(affine)) == "LPS"
+    spec = {"encoder": {"spatial_dims": 3, "img_size": 32, "in_chans": 1}, "head": {"num_classes": 2},
+            "preprocess": Preprocess("mr_3d", None, {"spacing": 1.0, "normalize": "zscore"}).record()}
+    halfway = (300.0 - image.mean()) / image.std()  # between the two intensities, in z-score units
+    written = predict_files(_Bright(spec, halfway), [path], tmp_path / "out", probabilities=True)
+    out = nib.load(written[0])
+    assert out.shape == shape and np.allclose(out.affine, affine) and nib.aff2axcodes(out.affine) == ("L", "P", "S")
+    pred = np.asarray(out.dataobj) == 1
+    dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    assert dice > 0.9, dice  # resampled to 1 mm RAS, predicted, and back onto the input's own voxels
+    probs = nib.load(tmp_path / "out" / "oblique_probs.nii.gz")
+    assert probs.shape == (*shape, 2) and np.allclose(np.asarray(probs.dataobj).sum(-1), 1, atol=1e-4)

@@ -30,16 +30,19 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
-from monai.transforms import Compose
+from monai.transforms import Compose, ResampleToMatch
+from PIL import Image
 from monai.utils import ensure_tuple_rep
 
-from medfm.data import DataError
+from medfm.data import DataError, load
+from medfm.data.preprocess import Preprocess
 from medfm.data.fingerprint import resampling_note
-from medfm.data.transforms import PRESETS
+from medfm.data.transforms import PRESETS, with_channels
 from medfm.evaluate.plots import overlay_png
 from medfm.run import TrainingModule, evaluating
 
@@ -173,6 +176,56 @@ def evaluate_segmentation(model: SegmentationModel, ds, out: Path, split: str, r
     res["n"] = len(per_case)
     overlay_png(*figs, out / f"overlay_{split}.png", k, title=f"{split}: mean Dice {res['mean_dice']:.3f}")
     return res
+
+
+@torch.no_grad()
+def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabilities: bool = False,
+                  overlap: float | None = None, sw_batch_size: int | None = None) -> list[Path]:
+    """Label maps for images and volumes of any size, each written in its input's own space: NIfTI with the
+    input's affine and voxel grid (orientation and spacing kept; the class probabilities are resampled from the
+    model's grid with MONAI's ``ResampleToMatch``, then the argmax taken), PNG at the input's size for 2D.
+
+    ``model``: a segmentation task model (``medfm.load(RUN/"model")``), whose spec holds the preprocessing it was
+    trained with. ``probabilities``: also ``*_probs.nii.gz`` (X, Y, Z, K) / ``*_probs.npy``. Returns the label files.
+    """
+    spec = model.spec
+    enc, head = spec["encoder"], spec["head"]
+    dims = enc["spatial_dims"]
+    roi = ensure_tuple_rep(enc["img_size"], dims)
+    transform = with_channels(Preprocess.read(spec["preprocess"]).transform(train=False), enc["in_chans"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    written = []
+    for path in paths:
+        raw = load(path, spatial_dims=dims)
+        sample = transform({"image": raw["image"].clone(), "meta": dict(raw["meta"])})
+        image = sample["image"]
+        probs = predict(model, torch.as_tensor(image).as_subclass(torch.Tensor)[None].to(device), roi,
+                        overlap if overlap is not None else head.get("overlap", 0.25),
+                        sw_batch_size or head.get("sw_batch_size", 4))[0].cpu()
+        stem = Path(path).name.split(".")[0]
+        if dims == 3:
+            back = ResampleToMatch(mode="bilinear", padding_mode="border")(
+                MetaTensor(probs, affine=image.affine), img_dst=raw["image"])
+            back = torch.as_tensor(back).as_subclass(torch.Tensor)
+            labels = back.argmax(0).numpy().astype(np.uint8)
+            affine = np.asarray(raw["meta"]["affine"], dtype=np.float64)
+            target = out / f"{stem}_seg.nii.gz"
+            nib.save(nib.Nifti1Image(labels, affine), str(target))
+            if probabilities:
+                nib.save(nib.Nifti1Image(np.moveaxis(back.numpy(), 0, -1).astype(np.float32), affine),
+                         str(out / f"{stem}_probs.nii.gz"))
+        else:
+            back = torch.nn.functional.interpolate(probs[None], size=tuple(raw["image"].shape[1:]), mode="bilinear",
+                                                   align_corners=False)[0]
+            labels = back.argmax(0).numpy().astype(np.uint8)
+            target = out / f"{stem}_seg.png"
+            Image.fromarray(labels).save(target)
+            if probabilities:
+                np.save(out / f"{stem}_probs.npy", back.numpy().astype(np.float32))
+        written.append(target)
+    return written
 
 
 def mean_case_metrics(cases: list[dict]) -> dict:

@@ -16,10 +16,11 @@ import lightning as L
 import torch
 import torch.nn as nn
 from timm.optim import param_groups_weight_decay
-from transformers.optimization import get_cosine_schedule_with_warmup
+from transformers.optimization import get_cosine_schedule_with_warmup, get_polynomial_decay_schedule_with_warmup
 
 
 FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
+SCHEDULES = ("cosine", "poly")
 
 
 def adamw_implementation(groups: list[dict]) -> dict:
@@ -79,10 +80,13 @@ class TrainingModule(L.LightningModule):
     """Base LightningModule: optimizer and schedule; subclasses supply ``encoder`` and ``compute_loss``."""
 
     def __init__(self, lr: float = 1.5e-4, weight_decay: float = 0.05,
-                 betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 0, max_steps: int = 1000):
+                 betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 0, max_steps: int = 1000,
+                 schedule: str = "cosine"):
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule={schedule!r}: one of {', '.join(SCHEDULES)}")
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.warmup_steps, self.max_steps = warmup_steps, max_steps
+        self.warmup_steps, self.max_steps, self.schedule = warmup_steps, max_steps, schedule
 
     @property
     def encoder(self) -> nn.Module:  # pragma: no cover - abstract
@@ -125,7 +129,11 @@ class TrainingModule(L.LightningModule):
     def configure_optimizers(self):
         groups = self.param_groups()
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, **adamw_implementation(groups))
-        scheduler = get_cosine_schedule_with_warmup(optimizer, self.warmup_steps, max(self.max_steps, 1))
+        if self.schedule == "poly":  # nnU-Net's: lr (1 - t)^0.9
+            scheduler = get_polynomial_decay_schedule_with_warmup(optimizer, self.warmup_steps, max(self.max_steps, 1),
+                                                                  lr_end=0.0, power=0.9)
+        else:
+            scheduler = get_cosine_schedule_with_warmup(optimizer, self.warmup_steps, max(self.max_steps, 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------ training

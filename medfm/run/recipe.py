@@ -109,12 +109,13 @@ def _trainer_keys(section: dict) -> set[str]:
 # ----------------------------------------------------------------- common sections
 @dataclass
 class OptimConfig:
-    """``optim``: AdamW and the warm-up + cosine schedule (every run kind)."""
+    """``optim``: AdamW and the warm-up + cosine (or nnU-Net's poly) schedule (every run kind)."""
 
     lr: float = 1.5e-4
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | poly: (1 - step / max_steps)^0.9 after the warm-up (nnU-Net's)
 
 
 @dataclass
