@@ -138,7 +138,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.encoder is not None:
         overrides.append(f"encoder.pretrained={encoder_folder(args.encoder)}")
     if args.plan == "auto" and not args.resume:  # the plan's keys after the profile, the user's overrides last
-        fp, plan = plan_data(args.data or load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides)["data"]["path"])
+        given = load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides)
+        if given["task"] != "segmentation":
+            raise ValueError(f"--plan auto plans segmentation recipes (segment_2d, segment_3d); {args.recipe} is "
+                             f"{given['task']}")
+        data = args.data or given["data"]["path"]
+        if not data:
+            raise ValueError("--plan auto reads the data it plans from: give --data MANIFEST")
+        fp, plan = plan_data(data, split=given["data"]["train_split"], mask_key=given["segmentation"]["mask"])
         print(f"planned from {fp.n_cases} training cases: spacing {plan.spacing}, patch {plan.patch}, "
               f"{plan.num_classes} classes, {plan.normalization} normalisation, DynUNet of {len(plan.strides)} stages")
         overrides = flat_overrides(plan_overrides(plan)) + overrides

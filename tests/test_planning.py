@@ -184,3 +184,42 @@ def test_predictions_are_written_in_the_inputs_own_oblique_lps_geometry(tmp_path
     assert dice > 0.9, dice  # resampled to 1 mm RAS, predicted, and back onto the input's own voxels
     probs = nib.load(tmp_path / "out" / "oblique_probs.nii.gz")
     assert probs.shape == (*shape, 2) and np.allclose(np.asarray(probs.dataobj).sum(-1), 1, atol=1e-4)
+
+
+@pytest.mark.skipif(not (SHARED / "lgg_flair_seg").exists(), reason="the LGG FLAIR copy is in ../shared")
+def test_the_lgg_slices_get_a_2d_plan_that_keeps_their_three_channels():
+    fp = fingerprint(SHARED / "lgg_flair_seg" / "manifest.csv", max_cases=40)
+    plan = make_plan(fp)
+    assert plan.spatial_dims == 2 and plan.patch == [128, 128] and plan.num_classes == 2 and plan.channels == 3
+    o = plan_overrides(plan)
+    assert o["data"]["preset"] == "radiograph_2d" and o["encoder"]["in_chans"] == 3
+
+
+def test_plan_auto_is_for_segmentation_recipes(tmp_path, capsys):
+    manifest = _volumes(tmp_path / "set", [(16, 16, 16)] * 4, [(1.0, 1.0, 1.0)] * 4)
+    assert main(["finetune", "classify_3d", "--data", str(manifest), "--plan", "auto", "--out", str(tmp_path / "r")]) == 2
+    assert "--plan auto plans segmentation recipes" in capsys.readouterr().err
+
+
+def test_the_poly_schedule_decays_as_nnunets():
+    from medfm.run import TrainingModule
+
+    class Linear(TrainingModule):
+        def __init__(self, **optim):
+            super().__init__(**optim)
+            self.net = torch.nn.Linear(2, 2)
+
+        @property
+        def encoder(self):
+            return self.net
+
+    conf = Linear(lr=1e-2, schedule="poly", max_steps=100).configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(100):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(1e-2) and seen[50] == pytest.approx(1e-2 * 0.5**0.9, rel=1e-6)
+    with pytest.raises(ValueError, match="optim.schedule='step'"):
+        Linear(schedule="step")

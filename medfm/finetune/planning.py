@@ -62,6 +62,7 @@ class Plan:
     class_names: list
     modality: str
     native_spacing: list  # the set's median spacing before the plan
+    channels: int = 1
 
     def record(self) -> dict:
         return asdict(self)
@@ -119,7 +120,7 @@ def make_plan(fp: Fingerprint, budget: int | None = None, batch_budget: int | No
     shapes, spacings = np.asarray(fp.shapes, float), np.asarray(fp.spacings, float)
     median = [float(v) for v in np.median(shapes * spacings / np.asarray(spacing), 0)]
     patch = list(median)
-    while math.prod(patch) > budget:  # shrink the axis that is longest relative to the median shape... in mm
+    while math.prod(patch) > budget:  # the longest axis (in mm) shrinks by 10 % until the patch fits
         i = int(np.argmax([p * s for p, s in zip(patch, spacing)]))
         patch[i] *= 0.9
     pools, kernels, strides = _pools(patch, spacing)
@@ -128,14 +129,14 @@ def make_plan(fp: Fingerprint, budget: int | None = None, batch_budget: int | No
     set_voxels = float(np.sum(np.prod(shapes * spacings / np.asarray(spacing), 1)))
     batch = int(max(2, min((batch_budget or BATCH_BUDGET[dims]) // voxels, 0.05 * set_voxels // voxels)))
     ct = fp.modality == "ct"
-    stats = fp.intensity[0]
+    stats = fp.intensity[0]  # CT: the first channel (a CT set has one)
     k = fp.num_classes
     return Plan(spatial_dims=dims, spacing=spacing, median_shape=[round(m, 1) for m in median], patch=patch,
                 pools=pools, kernel_size=kernels, strides=strides, normalization="ct" if ct else "zscore",
                 ct_stats=[stats["p00_5"], stats["p99_5"], stats["mean"], stats["std"]] if ct else None,
                 batch_size=batch, foreground=round(FOREGROUND, 4), num_classes=k,
                 class_names=["background"] + [f"class {i}" for i in range(1, k)], modality=fp.modality,
-                native_spacing=fp.median_spacing)
+                native_spacing=fp.median_spacing, channels=fp.channels)
 
 
 def plan_overrides(plan: Plan, cfg: dict | None = None) -> dict:
@@ -156,7 +157,7 @@ def plan_overrides(plan: Plan, cfg: dict | None = None) -> dict:
     names = ((cfg or {}).get("segmentation") or {}).get("class_names")
     return {
         "optim": dict(OPTIM),
-        "encoder": {"img_size": plan.patch, "spatial_dims": dims},
+        "encoder": {"img_size": plan.patch, "spatial_dims": dims, "in_chans": plan.channels},
         "segmentation": {"network": "dynunet", "num_classes": plan.num_classes,
                          "class_names": names if names and len(names) == plan.num_classes else plan.class_names,
                          "kernel_size": plan.kernel_size, "strides": plan.strides, "deep_supervision": True},
