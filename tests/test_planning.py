@@ -223,3 +223,27 @@ def test_the_poly_schedule_decays_as_nnunets():
     assert seen[0] == pytest.approx(1e-2) and seen[50] == pytest.approx(1e-2 * 0.5**0.9, rel=1e-6)
     with pytest.raises(ValueError, match="optim.schedule='step'"):
         Linear(schedule="step")
+
+
+@pytest.mark.slow  # three short DynUNet runs
+def test_a_killed_planned_run_resumes_to_the_same_weights(tmp_path):
+    from medfm.finetune import load_task_recipe, run_finetune
+    from medfm.finetune.planning import flat_overrides, plan_data
+
+    from .conftest import REPO, KillAt
+
+    manifest = _volumes(tmp_path / "set", [(24, 24, 24)] * 8, [(1.0, 1.0, 1.0)] * 8)
+    _, plan = plan_data(manifest)
+    cfg = load_task_recipe(REPO / "tasks" / "segment_3d.yaml", [
+        *flat_overrides(plan_overrides(plan)), "segmentation.feature_size=4", "segmentation.hd95=false",
+        "data.num_workers=0", "data.batch_size=2", "data.test_split=null", "trainer.max_steps=6",
+        "trainer.checkpoint_every_n_steps=3", "trainer.enable_progress_bar=false"])
+    whole = run_finetune(cfg, tmp_path / "whole", data_path=str(manifest))
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_finetune(cfg, tmp_path / "split", data_path=str(manifest), callbacks=[KillAt(3)])
+    split = run_finetune(cfg, tmp_path / "split", data_path=str(manifest), resume=True)
+    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-5, atol=1e-6, msg=k)
