@@ -247,3 +247,11 @@ def test_a_killed_planned_run_resumes_to_the_same_weights(tmp_path):
     assert a["global_step"] == b["global_step"] == 6
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_an_unknown_normalisation_is_an_error_not_a_silent_default():
+    from medfm.data.transforms import mr_3d, radiograph_2d
+
+    for preset in (mr_3d, radiograph_2d):
+        with pytest.raises(ValueError, match="normalize='zcore': percentile"):
+            preset(normalize="zcore")

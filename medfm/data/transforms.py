@@ -41,7 +41,7 @@ class ForegroundCropd(Randomizable, MapTransform):
 
     def __init__(self, keys, size, foreground: float, label_key: str = "mask"):
         super().__init__(keys, allow_missing_keys=True)
-        self.foreground = float(foreground)
+        self.foreground, self.label_key = float(foreground), label_key
         self.on_label = RandCropByPosNegLabeld(keys, label_key=label_key, spatial_size=size, pos=1.0, neg=0.0,
                                                num_samples=1, allow_missing_keys=True)
         self.anywhere = RandSpatialCropd(keys, roi_size=size, random_size=False, allow_missing_keys=True)
@@ -57,7 +57,7 @@ class ForegroundCropd(Randomizable, MapTransform):
 
     def __call__(self, data: dict) -> dict:
         self.randomize()
-        if self._centre and "mask" in data and bool((data["mask"] > 0).any()):
+        if self._centre and self.label_key in data and bool((data[self.label_key] > 0).any()):
             return self.on_label(data)[0]
         return self.anywhere(data)
 
@@ -85,6 +85,14 @@ def zscore(clip: Sequence[float] | None = None, mean: float | None = None, std: 
     return steps
 
 
+NORMALIZATIONS = (None, "percentile", "zscore")
+
+
+def _check_normalize(normalize: str | None) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"data.preset_args.normalize={normalize!r}: percentile (the default) or zscore")
+
+
 def radiograph_2d(size: int | Sequence[int] | None = 224, train: bool = False, percentiles=(0.5, 99.5),
                   normalize: str | None = None) -> Compose:
     """Chest X-ray and other 2D images: percentile scaling to [0, 1] (``normalize="zscore"``: each image to mean 0,
@@ -92,6 +100,7 @@ def radiograph_2d(size: int | Sequence[int] | None = 224, train: bool = False, p
     ±10 % scale; no flips: anatomy is lateralised).
 
     ``size=None`` keeps the image size (pretraining views crop and resize later)."""
+    _check_normalize(normalize)
     steps = zscore() if normalize == "zscore" else [
         ScaleIntensityRangePercentilesd("image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True)]
     if size is not None:
@@ -148,6 +157,7 @@ def mr_3d(
 ) -> Compose:
     """MR volumes: like :func:`ct_3d`, but intensities are scaled by percentiles (MR has no absolute units), or
     with ``normalize="zscore"`` each volume to mean 0, std 1 (nnU-Net's MR normalisation)."""
+    _check_normalize(normalize)
     if normalize == "zscore":
         intensity = zscore()
     else:
