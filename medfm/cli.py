@@ -571,7 +571,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--split", default=None, help="the manifest split to predict (default: every row)")
     p.add_argument("--out", required=True, help="folder: NAME_seg.nii.gz (NAME_seg.png in 2D) per input")
     p.add_argument("--probabilities", action="store_true", help="also NAME_probs.nii.gz (class probabilities)")
-    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the run's)")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
     p.set_defaults(fn=cmd_predict)
 
 

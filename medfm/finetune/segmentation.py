@@ -43,6 +43,8 @@ from medfm.data import DataError, load
 from medfm.data.preprocess import Preprocess
 from medfm.data.fingerprint import resampling_note
 from medfm.data.transforms import PRESETS, with_channels
+from medfm.data.volume import plain_tensor
+from medfm.data.writers import write_nifti
 from medfm.evaluate.plots import overlay_png
 from medfm.run import TrainingModule, evaluating
 
@@ -180,7 +182,7 @@ def evaluate_segmentation(model: SegmentationModel, ds, out: Path, split: str, r
 
 @torch.no_grad()
 def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabilities: bool = False,
-                  overlap: float | None = None, sw_batch_size: int | None = None) -> list[Path]:
+                  overlap: float = 0.25, sw_batch_size: int = 4) -> list[Path]:
     """Label maps for images and volumes of any size, each written in its input's own space: NIfTI with the
     input's affine and voxel grid (orientation and spacing kept; the class probabilities are resampled from the
     model's grid with MONAI's ``ResampleToMatch``, then the argmax taken), PNG at the input's size for 2D.
@@ -189,7 +191,7 @@ def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabili
     trained with. ``probabilities``: also ``*_probs.nii.gz`` (X, Y, Z, K) / ``*_probs.npy``. Returns the label files.
     """
     spec = model.spec
-    enc, head = spec["encoder"], spec["head"]
+    enc = spec["encoder"]
     dims = enc["spatial_dims"]
     roi = ensure_tuple_rep(enc["img_size"], dims)
     transform = with_channels(Preprocess.read(spec["preprocess"]).transform(train=False), enc["in_chans"])
@@ -201,21 +203,16 @@ def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabili
         raw = load(path, spatial_dims=dims)
         sample = transform({"image": raw["image"].clone(), "meta": dict(raw["meta"])})
         image = sample["image"]
-        probs = predict(model, torch.as_tensor(image).as_subclass(torch.Tensor)[None].to(device), roi,
-                        overlap if overlap is not None else head.get("overlap", 0.25),
-                        sw_batch_size or head.get("sw_batch_size", 4))[0].cpu()
+        probs = predict(model, plain_tensor(image)[None].to(device), roi, overlap, sw_batch_size)[0].cpu()
         stem = Path(path).name.split(".")[0]
         if dims == 3:
             back = ResampleToMatch(mode="bilinear", padding_mode="border")(
                 MetaTensor(probs, affine=image.affine), img_dst=raw["image"])
-            back = torch.as_tensor(back).as_subclass(torch.Tensor)
-            labels = back.argmax(0).numpy().astype(np.uint8)
-            affine = np.asarray(raw["meta"]["affine"], dtype=np.float64)
-            target = out / f"{stem}_seg.nii.gz"
-            nib.save(nib.Nifti1Image(labels, affine), str(target))
+            back = plain_tensor(back)
+            affine = raw["meta"]["affine"]
+            target = write_nifti(back.argmax(0).numpy().astype(np.uint8), out / f"{stem}_seg.nii.gz", affine)
             if probabilities:
-                nib.save(nib.Nifti1Image(np.moveaxis(back.numpy(), 0, -1).astype(np.float32), affine),
-                         str(out / f"{stem}_probs.nii.gz"))
+                write_nifti(np.moveaxis(back.numpy(), 0, -1).astype(np.float32), out / f"{stem}_probs.nii.gz", affine)
         else:
             back = torch.nn.functional.interpolate(probs[None], size=tuple(raw["image"].shape[1:]), mode="bilinear",
                                                    align_corners=False)[0]
