@@ -26,6 +26,17 @@ class KillAt(L.Callback):
             raise RuntimeError("simulated kill")
 
 
+def fork_is_safe() -> bool:
+    """Whether a test may ``fork`` this process instead of starting a new interpreter (which pays ~10 s importing
+    torch + MONAI): only where torch runs on one thread (``make test`` sets OMP_NUM_THREADS=1). Measured: a fork
+    taken after a multi-threaded OpenMP pool has run hangs the child at its next parallel region."""
+    import os
+
+    import torch
+
+    return hasattr(os, "fork") and torch.get_num_threads() == 1
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared/data, or skip the test with the reason."""
     p = SHARED.joinpath(*parts)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from .conftest import fork_is_safe
+
 SCRIPT = r'''
 import io, os, signal, sys
 from pathlib import Path
@@ -92,9 +94,7 @@ def run_killed(stage: str, signal: str, argv: list[str], at: int = 3, cwd: str |
     ``fork`` a forked copy of this one (what the child prints is returned as its stderr). A fork is taken only
     where this process runs torch on one thread (``make test`` sets OMP_NUM_THREADS=1): a forked copy of a
     running multi-threaded OpenMP pool hangs at its next parallel region."""
-    import torch
-
-    if not (fork and hasattr(os, "fork") and torch.get_num_threads() == 1):
+    if not (fork and fork_is_safe()):
         return subprocess.run([sys.executable, "-c", SCRIPT, stage, signal, str(at), *argv], capture_output=True,
                               text=True, cwd=cwd, timeout=timeout)
     with tempfile.TemporaryFile() as log:

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from .conftest import fork_is_safe
+
 
 # --------------------------------------------------------------------------- CLIP losses
 def _features(n=8, d=16, seed=0):
@@ -69,7 +71,9 @@ def test_gathered_clip_loss_under_two_process_ddp_matches_the_global_batch(tmp_p
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    # forked from this process under `make test` (no new interpreters importing torch); spawned elsewhere
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork" if fork_is_safe() else "spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     img, txt = (t.clone().requires_grad_(True) for t in _features(n=8, seed=1))
     single = make_loss("clip")(img, txt, torch.tensor(10.0))

@@ -8,7 +8,8 @@ dimensions. When the recipe names pretrained encoder weights, the profile keeps 
 architecture (``name``, ``patch_size``): the weights decide it.
 
 ``cpu``: a ViT-Tiny/8 on 64 px images or 32^3 volumes at 3 mm, 500 steps, small decoders and heads, the
-online probe on a few hundred images: a useful run in minutes on a laptop CPU (see docs/running.md for
+online probe on a few hundred images (3D segmentation from random init: a small SegResNet encoder instead, see
+:data:`SCRATCH_ENCODERS`): a useful run in minutes on a laptop CPU (see docs/running.md for
 measured times). ``tiny``: ViT-Micro, 32 px / 32^3, 4 steps, a random tiny LM: checks in seconds that a recipe runs on your data
 (and how the README's commands are tested); its numbers mean nothing.
 """
@@ -63,6 +64,18 @@ PROFILES: dict[str, dict] = {
 
 ARCHITECTURE = ("name", "patch_size")  # kept when the recipe loads pretrained weights
 
+# The encoder a profile trains from random initialisation, by (task, spatial dims), where its ViT cannot learn the
+# task in the profile's budget. A random-init ViT's learned position embedding starts near zero (std 0.02), and in a
+# few hundred CPU steps it does not learn where a token lies in its crop: its tokens say what is there, not where,
+# so the UNETR decoder can find a structure by its intensity but not tell its parts apart (MSD hippocampus at 1 mm,
+# ViT-Tiny/8, 500 steps: anterior Dice 0.67, posterior 0.00, never predicted; the same ViT with fixed sin-cos
+# positions: 0.12 / 0.67). A small SegResNet encoder under the same decoder and recipe: 0.825 / 0.816
+# (benchmarks/RESULTS.md, issue 41). Named weights (--encoder) always keep their own architecture.
+SCRATCH_ENCODERS: dict[str, dict[tuple[str, int], dict]] = {
+    "cpu": {("segmentation", 3): {"name": "segres_encoder", "init_filters": 8, "blocks_down": [1, 2, 2, 4],
+                                  "patch_size": None}},
+}
+
 
 def spatial_dims(cfg: dict) -> int:
     """The recipe's spatial dimensions (its encoder's, or a generator's)."""
@@ -79,8 +92,9 @@ def _pick(value, dims: int):
     return value
 
 
-def profile_overrides(profile: str, cfg: dict) -> dict:
-    """The overrides ``profile`` makes to the resolved recipe ``cfg`` (only keys ``cfg`` has)."""
+def profile_overrides(profile: str, cfg: dict, user: dict | None = None) -> dict:
+    """The overrides ``profile`` makes to the resolved recipe ``cfg`` (only keys ``cfg`` has). ``user``: the
+    overrides the user gave; an encoder they name is theirs (no :data:`SCRATCH_ENCODERS` swap)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
     dims = spatial_dims(cfg)
@@ -95,4 +109,8 @@ def profile_overrides(profile: str, cfg: dict) -> dict:
             if section == "encoder" and key in ARCHITECTURE and cfg["encoder"].get("pretrained"):
                 continue
             out.setdefault(section, {})[key] = copy.deepcopy(value)
+    scratch = SCRATCH_ENCODERS.get(profile, {}).get((cfg.get("task"), dims))
+    named = "name" in ((user or {}).get("encoder") or {})
+    if scratch and isinstance(cfg.get("encoder"), dict) and not cfg["encoder"].get("pretrained") and not named:
+        out.setdefault("encoder", {}).update(copy.deepcopy(scratch))
     return out

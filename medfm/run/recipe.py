@@ -330,7 +330,8 @@ def load_config(schema: dict, path: str | os.PathLike | None = None, overrides: 
         overrides = parse_overrides(overrides)
     if profile:
         # the profile sees the recipe as the overrides leave it (e.g. --encoder WEIGHTS keeps the architecture)
-        cfg = merge(cfg, profile_overrides(profile, merge(cfg, overrides or {}, free, "override")), free, f"profile {profile}")
+        seen = merge(cfg, overrides or {}, free, "override")
+        cfg = merge(cfg, profile_overrides(profile, seen, overrides), free, f"profile {profile}")
         source = f"{source} (profile {profile})"
     if overrides:
         source = "override" if path is None else f"{source} (with overrides)"
