@@ -5,9 +5,23 @@ the folder made, written atomically, the figure closed)."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from medfm.atomic import atomic_path
+
+_DRAW = [True]  # False inside figures_off()
+
+
+@contextmanager
+def figures_off():
+    """Inside it, :func:`save_figure` closes figures without drawing or writing them: for scores computed many
+    times whose figures are not kept (a robustness spec's 20 perturbed passes drew 85 figures, 80 % of its time)."""
+    _DRAW.append(False)
+    try:
+        yield
+    finally:
+        _DRAW.pop()
 
 
 def pyplot():
@@ -21,8 +35,12 @@ def pyplot():
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """``fig`` as a PNG at ``path`` (a reader never sees a half-written file), then closed; returns the path."""
+    """``fig`` as a PNG at ``path`` (a reader never sees a half-written file), then closed; returns the path
+    (inside :func:`figures_off`: closed only, nothing written)."""
     path = Path(path)
+    if not _DRAW[-1]:
+        pyplot().close(fig)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     with atomic_path(path) as tmp:

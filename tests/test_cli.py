@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,12 +18,18 @@ def test_info_lists_versions_device_encoders(capsys):
         assert text in out
 
 
-@pytest.mark.slow
-def test_entry_point_is_installed():
+def test_entry_point_is_installed(capsys):
+    """The console script exists and points at ``medfm.cli:main`` (test_quickstart.py runs it, as `make demo` does)."""
+    from importlib.metadata import entry_points
+
     exe = Path(sys.executable).parent / "medfm"
     assert exe.exists(), f"{exe} missing: pip did not install the console script"
-    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
-    assert "info" in out and "encode" in out
+    [script] = [e for e in entry_points(group="console_scripts") if e.name == "medfm"]
+    assert script.value == "medfm.cli:main" and script.load() is main
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "info" in out and "encode" in out and "quickstart" in out
 
 
 def test_encode_mni152(capsys):

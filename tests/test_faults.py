@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import medfm
 from medfm.cli import main
 
 from .pretrain_helpers import data_2d
@@ -74,8 +75,8 @@ def _weights(run: Path) -> dict:
 @pytest.mark.slow  # a subprocess stopped with SIGTERM, then resumed
 def test_sigterm_writes_a_checkpoint_exits_143_and_resume_ends_like_an_uninterrupted_run(slices, tmp_path):
     """Item 1: SIGTERM (timeout, SLURM) must not end a run with exit 0 and nothing saved."""
-    out = tmp_path / "stopped"  # 80 steps: the signal lands a few steps after the first checkpoint (step 5)
-    argv = [*PRETRAIN, "--data", slices, "--out", str(out), "--max-steps", "80", "trainer.checkpoint_every_n_steps=5"]
+    out = tmp_path / "stopped"  # 40 steps: the signal lands a few steps after the first checkpoint (step 5)
+    argv = [*PRETRAIN, "--data", slices, "--out", str(out), "--max-steps", "40", "trainer.checkpoint_every_n_steps=5"]
     proc = subprocess.Popen([sys.executable, "-m", "medfm.cli", *argv], cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
@@ -85,7 +86,7 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resume_ends_like_an_uninterru
     assert proc.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM at step" in err and "--resume" in err
     step = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 0 < step < 80 and not (out / "encoder").exists()
+    assert 0 < step < 40 and not (out / "encoder").exists()
     assert main([*argv, "--resume"]) == 0
     whole = tmp_path / "whole"
     assert main([*PRETRAIN, "--data", slices, "--out", str(whole), "--max-steps", "80",
@@ -310,11 +311,9 @@ def test_a_run_killed_at_any_stage_resumes_to_the_uninterrupted_result(kind, sta
     ok, why = same_result(out, uninterrupted[kind])
     assert ok, why
     assert partial_files(out) == []
-    if kind == "text_mlm":  # the text tower a kill interrupted mid-save reloads alone, in a fresh process
-        reload = subprocess.run([sys.executable, "-c", "import sys, medfm; t = medfm.load(sys.argv[1]); "
-                                 "print(type(t).__name__, t(['no acute findings.'])['pooled'].shape[-1])", str(out)],
-                                capture_output=True, text=True, cwd=REPO, timeout=300)
-        assert reload.stdout.split() == ["TextEncoder", "384"], reload.stderr[-1500:]
+    if kind == "text_mlm":  # the text tower a kill interrupted mid-save reloads from its folder (alone, in a fresh
+        tower = medfm.load(out)  # process, for every artifact kind: test_run_layer.py)
+        assert type(tower).__name__ == "TextEncoder" and tower(["no acute findings."])["pooled"].shape[-1] == 384
 
 
 class _Planted:

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow  # the quickstart in a subprocess: `make test` run
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs") / "quickstart"
     env = {**os.environ, "PYTHONWARNINGS": "default"}  # show every warning a user would see once
-    proc = subprocess.run([sys.executable, "-m", "medfm.cli", "quickstart", "--fast", "--out", str(out)],
+    exe = os.path.join(os.path.dirname(sys.executable), "medfm")  # the installed console script, as `make demo` runs it
+    proc = subprocess.run([exe, "quickstart", "--fast", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout + proc.stderr

@@ -28,6 +28,7 @@ from medfm.data.cache import dataset_cache
 from medfm.data.preprocess import Preprocess
 from medfm.data.transforms import with_channels
 from medfm.evaluate.robustness import load_spec, robustness_png, robustness_table, run_spec
+from medfm.figures import figures_off
 from medfm.progress import progress_bar
 from medfm.synthetic import RandAppearanced
 from medfm.heads import TaskModel
@@ -269,7 +270,7 @@ class FinetuneTask(RunPlugin):
         bar = progress_bar(total=1 + sum(len(v) for v in spec.severities.values()), desc="robustness", unit="pass")
 
         def score(dataset) -> float:
-            with tempfile.TemporaryDirectory() as scratch:  # the per-pass figures are not kept
+            with tempfile.TemporaryDirectory() as scratch, figures_off():  # the per-pass figures are not kept
                 res = self.evaluate_split(model, dataset, cfg, Path(scratch), split, dict(state))
             bar.update(1)
             if spec.metric not in res:

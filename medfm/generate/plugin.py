@@ -63,7 +63,7 @@ class DiffusionPlugin(RunPlugin):
             folder.save(g, self.model_folder)
             n = g.spec.preview
             if n:
-                train = trainer.datamodule.keyed.dataset
+                train = built.data.keyed.dataset
                 cond = preview_conditions(g, train, n)
                 images = g.generate(**cond, seed=0)
                 sample_grid(images, folder / "samples.png", g, cond, title=f"{g.spec.sampler}, {g.spec.sample_steps} steps, "

@@ -249,6 +249,6 @@ class MAE(PretrainMethod):
 
     def export(self, module, folder, trainer, built) -> None:
         super().export(module, folder, trainer, built)
-        views = trainer.datamodule.fixed_samples(self.figure_samples)
+        views = built.data.fixed_samples(self.figure_samples)
         device = next(module.parameters()).device
         save_mae_figure(module.model, views.to(device), folder / "mae_reconstruction.png")

@@ -258,7 +258,9 @@ def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = Fal
         if callbacks_mod.sharded_parameters(trainer):
             export_gathered(plugin, cfg, folder, trainer, export)
         if trainer.is_global_zero:
-            if not export.done:  # resumed at the last step (a kill during the export): nothing trained, export now
+            # resumed at the last step (a kill during the export): nothing trained, export now. Not where the ranks
+            # were child processes (ddp_fork / ddp_spawn): rank 0 exported there, and this process holds its weights
+            if not export.done and not ranks_were_children(trainer):
                 export.export(trainer, built.module)
             folder.write_info(model=plugin.model_folder)
             plugin.after_fit(built, trainer, folder)
@@ -266,6 +268,14 @@ def run(plugin: RunPlugin, cfg: dict, out: str | os.PathLike, resume: bool = Fal
     finally:
         folder.unlock()
     return folder.path
+
+
+def ranks_were_children(trainer: L.Trainer) -> bool:
+    """Whether the training ranks ran in processes forked or spawned from this one (Lightning's ``ddp_fork`` /
+    ``ddp_spawn``): their callbacks (the export) ran there, and Lightning brought rank 0's weights back here."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def export_gathered(plugin: RunPlugin, cfg: dict, folder: RunFolder, trainer: L.Trainer, export: Export) -> None:
