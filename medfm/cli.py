@@ -27,7 +27,7 @@ from medfm.encoders import describe_encoder, list_encoders, preprocess_transform
 from medfm.encoders.source import encoder_folder
 from medfm.tuning import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune
-from medfm.finetune.segmentation import predict_files
+from medfm.finetune.segmentation import predict_files, run_postprocessing
 from medfm.finetune.planning import describe, flat_overrides, plan_data, plan_overrides, plan_recipe_text
 from medfm.finetune.site_adaptation import SITE_METHODS, SiteAdaptation, adapt_run
 from medfm.generate import GENERATORS, export_generated, model_hash
@@ -554,9 +554,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         paths += [r.image for r in read_records(args.data, split=args.split or None)[0]]
     if not paths:
         raise ValueError("nothing to predict: give IMAGE paths or --data MANIFEST [--split SPLIT]")
+    keep = [] if args.no_postprocess else run_postprocessing(run)
     for path in progress_bar(paths, desc="predicting", unit="case"):
-        written = predict_files(model, [path], args.out, probabilities=args.probabilities, overlap=args.overlap)
-    print(f"{len(paths)} label maps in {args.out} (each in its input's space), last: {written[-1].name}")
+        written = predict_files(model, [path], args.out, probabilities=args.probabilities, overlap=args.overlap,
+                                mirror=args.mirror, largest_component_of=keep)
+    post = f"; largest component kept for {', '.join(keep)} (the run's validation chose it)" if keep else ""
+    print(f"{len(paths)} label maps in {args.out} (each in its input's space){post}, last: {written[-1].name}")
     return 0
 
 
@@ -572,6 +575,10 @@ def _predict_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder: NAME_seg.nii.gz (NAME_seg.png in 2D) per input")
     p.add_argument("--probabilities", action="store_true", help="also NAME_probs.nii.gz (class probabilities)")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
+    p.add_argument("--mirror", action="store_true", help="test-time mirroring over every axis (nnU-Net's; 4x the "
+                   "time in 2D, 8x in 3D)")
+    p.add_argument("--no-postprocess", action="store_true", help="skip the largest-component filter the run's "
+                   "validation chose")
     p.set_defaults(fn=cmd_predict)
 
 

@@ -89,7 +89,7 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resume_ends_like_an_uninterru
     assert 0 < step < 40 and not (out / "encoder").exists()
     assert main([*argv, "--resume"]) == 0
     whole = tmp_path / "whole"
-    assert main([*PRETRAIN, "--data", slices, "--out", str(whole), "--max-steps", "80",
+    assert main([*PRETRAIN, "--data", slices, "--out", str(whole), "--max-steps", "40",
                  "trainer.checkpoint_every_n_steps=5"]) == 0
     a, b = _weights(out), _weights(whole)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

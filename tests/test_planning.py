@@ -4,6 +4,7 @@ spacings and shapes, `medfm plan`, and `--plan auto` training MONAI's DynUNet wi
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -126,6 +127,50 @@ def test_plan_writes_a_recipe_and_plan_auto_trains_a_deeply_supervised_dynunet_t
         assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
         assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
     assert main(["predict", str(tmp_path / "set"), "--out", str(tmp_path / "x")]) == 2  # not a run: one line
+    # validation chose the largest-component filter per class and recorded it with both Dice values; predict
+    # applies the choice (and mirrors on request)
+    post = json.loads((run / "metrics.json").read_text())["val"]["postprocessing"]
+    assert post["chosen_on"] == "val" and set(post["dice_without"]) == set(post["dice_with"]) == {"class 1", "class 2"}
+    assert post["largest_component"] == [n for n in ("class 1", "class 2") if post["dice_with"][n] > post["dice_without"][n]]
+    assert main(["predict", str(run), str(tmp_path / "set" / "images" / "c3.nii.gz"), "--mirror", "--out",
+                 str(tmp_path / "mirrored")]) == 0
+    assert nib.load(tmp_path / "mirrored" / "c3_seg.nii.gz").shape == nib.load(tmp_path / "set" / "images" / "c3.nii.gz").shape
+
+
+def test_mirroring_makes_the_prediction_flip_equivariant_on_every_axis():
+    """nnU-Net's test-time mirroring averages the 8 flips of a volume: flipping the input flips the prediction
+    exactly, which a single pass of a (random) network does not do."""
+    from medfm.finetune.segmentation import mirror_axes, predict
+    from medfm.heads import PlannedUNet
+
+    torch.manual_seed(0)
+    net = PlannedUNet(3, 1, 3, [3, 3, 3], [1, 2, 2], feature_size=4, deep_supervision=False)
+    x = torch.randn(1, 1, 16, 20, 16)
+    assert len(mirror_axes(3)) == 8 and len(mirror_axes(2)) == 4 and mirror_axes(3)[0] == ()
+    for axes in [(2,), (3,), (4,), (2, 4)]:
+        tta = predict(net, x, (16, 20, 16), mirror=True)
+        assert torch.allclose(predict(net, x.flip(axes), (16, 20, 16), mirror=True), tta.flip(axes), atol=1e-5)
+    assert not torch.allclose(predict(net, x.flip(2), (16, 20, 16)), predict(net, x, (16, 20, 16)).flip(2), atol=1e-3)
+
+
+def test_largest_component_is_kept_per_class_and_only_where_validation_dice_rises():
+    from medfm.finetune.segmentation import choose_postprocessing, largest_component, segmentation_metrics
+
+    truth = torch.zeros(1, 24, 24, 24, dtype=torch.long)
+    truth[0, 2:10, 2:10, 2:10] = 1
+    truth[0, 14:20, 14:20, 14:20] = 2
+    truth[0, 14:17, 2:5, 2:5] = 2  # class 2 truly has two parts
+    pred = truth.clone()
+    pred[0, 20:23, 20:23, 20:23] = 1  # a stray class-1 island
+    filtered = largest_component(pred, [1, 2])
+    assert (filtered[0, 20:23, 20:23, 20:23] == 0).all() and (filtered[0, 2:10, 2:10, 2:10] == 1).all()
+    assert (filtered[0, 14:17, 2:5, 2:5] == 0).all()  # the smaller true class-2 part is lost too
+    assert torch.equal(largest_component(pred, [2])[0, 20:23, 20:23, 20:23], pred[0, 20:23, 20:23, 20:23])
+    names = ["background", "a", "b"]
+    raw = [segmentation_metrics(pred[None], truth[None], 3, names, hd95=False)]
+    lcc = [segmentation_metrics(filtered[None], truth[None], 3, names, hd95=False)]
+    assert lcc[0]["dice"]["a"] > raw[0]["dice"]["a"] and lcc[0]["dice"]["b"] < raw[0]["dice"]["b"]
+    assert choose_postprocessing(raw, lcc, names) == ["a"]  # kept where it helps, not where it hurts
 
 
 def test_dynunet_refuses_a_pretrained_encoder_in_one_line(tmp_path, capsys):

@@ -20,6 +20,8 @@ encoder's input size; evaluation predicts whole images and volumes with a slidin
 from __future__ import annotations
 
 import inspect
+import itertools
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
-from monai.transforms import Compose, ResampleToMatch
+from monai.transforms import Compose, KeepLargestConnectedComponent, ResampleToMatch
 from PIL import Image
 from monai.utils import ensure_tuple_rep
 
@@ -106,14 +108,57 @@ class SegmentationModule(FrozenEncoder, TrainingModule):
         return self.criterion(logits.float(), mask), {}
 
 
+def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes of a (B, C, *spatial) tensor, the empty one first: nnU-Net's test-time
+    mirroring (4 passes in 2D, 8 in 3D)."""
+    return [tuple(2 + a for a in axes) for r in range(spatial_dims + 1)
+            for axes in itertools.combinations(range(spatial_dims), r)]
+
+
 @torch.no_grad()
 def predict(model: SegmentationModel, image: torch.Tensor, roi_size: Sequence[int], overlap: float = 0.25,
-            sw_batch_size: int = 4) -> torch.Tensor:
+            sw_batch_size: int = 4, mirror: bool = False) -> torch.Tensor:
     """Class probabilities (B, K, *spatial) for images of any size: MONAI sliding-window inference over
-    ``roi_size`` windows (Gaussian-blended), padded where the image is smaller than a window."""
+    ``roi_size`` windows (Gaussian-blended), padded where the image is smaller than a window. ``mirror``: the
+    logits averaged over the image flipped along every subset of its axes (nnU-Net's test-time augmentation;
+    costs 4x in 2D, 8x in 3D)."""
+    passes = mirror_axes(image.ndim - 2) if mirror else [()]
+    total = None
     with evaluating(model):
-        logits = sliding_window_inference(image, roi_size, sw_batch_size, model, overlap=overlap, mode="gaussian")
-    return torch.as_tensor(logits).float().softmax(1)
+        for axes in passes:
+            x = image.flip(axes) if axes else image
+            logits = torch.as_tensor(sliding_window_inference(x, roi_size, sw_batch_size, model, overlap=overlap,
+                                                              mode="gaussian")).float()
+            logits = logits.flip(axes) if axes else logits
+            total = logits if total is None else total + logits
+    return (total / len(passes)).softmax(1)
+
+
+def largest_component(labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """A (1, *spatial) label map with only the largest connected component of each class in ``classes`` kept
+    (the rest of that class becomes background): MONAI's ``KeepLargestConnectedComponent``, nnU-Net's
+    post-processing."""
+    if not classes:
+        return labels
+    keep = KeepLargestConnectedComponent(applied_labels=list(classes), is_onehot=False, independent=True)
+    return plain_tensor(keep(labels.clone())).to(labels.dtype)  # MONAI's filter writes into its input
+
+
+def choose_postprocessing(raw: list[dict], lcc: list[dict], names: Sequence[str]) -> list[str]:
+    """The classes whose mean Dice over the cases rises with the largest-component filter (nnU-Net keeps a
+    post-processing step only where validation improves). ``raw`` / ``lcc``: per-case metrics without / with the
+    filter on every class (one class's filter changes that class's voxels only, so the per-class choice is exact)."""
+    return [n for n in names[1:] if _nanmean([m["dice"][n] for m in lcc]) > _nanmean([m["dice"][n] for m in raw])]
+
+
+def _combined(raw: dict, lcc: dict, kept: Sequence[str]) -> dict:
+    """One case's metrics with the filter applied to the ``kept`` classes only."""
+    out = {}
+    for key in ("dice", "hd95"):
+        if key in raw:
+            out[key] = {n: (lcc if n in kept else raw)[key][n] for n in raw[key]}
+            out[f"mean_{key}"] = _nanmean(list(out[key].values()))
+    return out
 
 
 def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -151,44 +196,66 @@ def save_prediction_nifti(labels: torch.Tensor, affine, path: str | Path) -> Pat
 @torch.no_grad()
 def evaluate_segmentation(model: SegmentationModel, ds, out: Path, split: str, roi_size: Sequence[int],
                           class_names: Sequence[str] | None = None, overlap: float = 0.25, sw_batch_size: int = 4,
-                          hd95: bool = True) -> dict:
-    """Sliding-window prediction of every image/volume of ``ds``; Dice / HD95 per class (mean over cases);
-    ``overlay_<split>.png`` and, for volumes, ``predictions_<split>/caseNNNN.nii.gz`` (the affine of the
-    preprocessed input) in ``out``."""
+                          hd95: bool = True, mirror: bool = False, postprocess: bool | Sequence[str] = False) -> dict:
+    """Sliding-window prediction of every image/volume of ``ds`` (``mirror``: with test-time mirroring); Dice /
+    HD95 per class (mean over cases); ``overlay_<split>.png`` and, for volumes, ``predictions_<split>/caseNNNN.nii.gz``
+    (the affine of the preprocessed input) in ``out``.
+
+    ``postprocess``: ``True`` chooses the classes whose largest-component filter raises Dice on these cases (the
+    validation split), a list of class names applies it to those (the choice validation made), ``False`` none.
+    The metrics are those of the predictions as post-processed; ``postprocessing`` in the result records the
+    choice with the Dice of each class without and with the filter. The predictions are held as one byte per voxel
+    until the choice is made."""
     k = model.num_classes
     names = list(class_names or ["background"] + [f"class {i}" for i in range(1, k)])
     device = next(model.parameters()).device
-    per_case, figs = [], ([], [], [])
-    pred_dir = out / f"predictions_{split}"
+    raw, lcc, cases = [], [], []
     for i in range(len(ds)):
         sample = ds[i]
         image = torch.as_tensor(sample["image"])[None].to(device)
         target = torch.as_tensor(sample["mask"])[None]
         check_mask(target, k, f"{ds.describe(i)} (mask)" if hasattr(ds, "describe") else "mask")
-        pred = predict(model, image, roi_size, overlap, sw_batch_size).argmax(1, keepdim=True).cpu()
+        pred = predict(model, image, roi_size, overlap, sw_batch_size, mirror).argmax(1, keepdim=True).cpu()
         spacing = sample["meta"].get("spacing")
-        per_case.append(segmentation_metrics(pred, target, k, names, spacing=spacing, hd95=hd95))
-        if image.ndim == 5 and "affine" in sample["meta"]:
-            pred_dir.mkdir(exist_ok=True)
-            save_prediction_nifti(pred[0], sample["meta"]["affine"], pred_dir / f"case{i:04d}.nii.gz")
-        if i < 4:
-            for lst, x in zip(figs, (image[0].cpu(), pred[0], target[0])):
-                lst.append(x)
+        raw.append(segmentation_metrics(pred, target, k, names, spacing=spacing, hd95=hd95))
+        if postprocess:
+            lcc.append(segmentation_metrics(largest_component(pred[0], range(1, k))[None], target, k, names,
+                                            spacing=spacing, hd95=hd95))
+        affine = sample["meta"].get("affine") if image.ndim == 5 else None
+        cases.append((pred[0].to(torch.uint8), affine, (image[0].cpu(), target[0]) if i < 4 else None))
+    kept = (choose_postprocessing(raw, lcc, names) if postprocess is True else list(postprocess)) if postprocess else []
+    per_case = [_combined(r, c, kept) for r, c in zip(raw, lcc)] if kept else raw
     res = mean_case_metrics(per_case)
     res["n"] = len(per_case)
+    if postprocess:
+        res["postprocessing"] = {"largest_component": kept, "chosen_on": split if postprocess is True else "validation",
+                                 "dice_without": mean_case_metrics(raw)["dice"], "dice_with": mean_case_metrics(lcc)["dice"]}
+    classes = [names.index(n) for n in kept]
+    pred_dir, figs = out / f"predictions_{split}", ([], [], [])
+    for i, (pred, affine, shown) in enumerate(cases):
+        pred = largest_component(pred, classes)
+        if affine is not None:
+            pred_dir.mkdir(exist_ok=True)
+            save_prediction_nifti(pred, affine, pred_dir / f"case{i:04d}.nii.gz")
+        if shown is not None:
+            for lst, x in zip(figs, (shown[0], pred, shown[1])):
+                lst.append(x)
     overlay_png(*figs, out / f"overlay_{split}.png", k, title=f"{split}: mean Dice {res['mean_dice']:.3f}")
     return res
 
 
 @torch.no_grad()
 def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabilities: bool = False,
-                  overlap: float = 0.25, sw_batch_size: int = 4) -> list[Path]:
+                  overlap: float = 0.25, sw_batch_size: int = 4, mirror: bool = False,
+                  largest_component_of: Sequence[str] = ()) -> list[Path]:
     """Label maps for images and volumes of any size, each written in its input's own space: NIfTI with the
     input's affine and voxel grid (orientation and spacing kept; the class probabilities are resampled from the
     model's grid with MONAI's ``ResampleToMatch``, then the argmax taken), PNG at the input's size for 2D.
 
     ``model``: a segmentation task model (``medfm.load(RUN/"model")``), whose spec holds the preprocessing it was
-    trained with. ``probabilities``: also ``*_probs.nii.gz`` (X, Y, Z, K) / ``*_probs.npy``. Returns the label files.
+    trained with. ``probabilities``: also ``*_probs.nii.gz`` (X, Y, Z, K) / ``*_probs.npy``. ``mirror``: test-time
+    mirroring; ``largest_component_of``: class names whose largest connected component alone is kept (what the
+    run's validation chose: :func:`run_postprocessing`). Returns the label files.
     """
     spec = model.spec
     enc = spec["encoder"]
@@ -198,31 +265,49 @@ def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabili
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
+    names = spec["head"].get("class_names") or ["background"] + [f"class {i}" for i in range(1, model.num_classes)]
+    unknown = [n for n in largest_component_of if n not in names[1:]]
+    if unknown:
+        raise ValueError(f"largest_component_of: {unknown} not among the model's classes {names[1:]}")
+    keep = [names.index(n) for n in largest_component_of]
     written = []
     for path in paths:
         raw = load(path, spatial_dims=dims)
         sample = transform({"image": raw["image"].clone(), "meta": dict(raw["meta"])})
         image = sample["image"]
-        probs = predict(model, plain_tensor(image)[None].to(device), roi, overlap, sw_batch_size)[0].cpu()
+        probs = predict(model, plain_tensor(image)[None].to(device), roi, overlap, sw_batch_size, mirror)[0].cpu()
         stem = Path(path).name.split(".")[0]
         if dims == 3:
             back = ResampleToMatch(mode="bilinear", padding_mode="border")(
                 MetaTensor(probs, affine=image.affine), img_dst=raw["image"])
             back = plain_tensor(back)
             affine = raw["meta"]["affine"]
-            target = write_nifti(back.argmax(0).numpy().astype(np.uint8), out / f"{stem}_seg.nii.gz", affine)
+            labels = largest_component(back.argmax(0, keepdim=True), keep)[0]
+            target = write_nifti(labels.numpy().astype(np.uint8), out / f"{stem}_seg.nii.gz", affine)
             if probabilities:
                 write_nifti(np.moveaxis(back.numpy(), 0, -1).astype(np.float32), out / f"{stem}_probs.nii.gz", affine)
         else:
             back = torch.nn.functional.interpolate(probs[None], size=tuple(raw["image"].shape[1:]), mode="bilinear",
                                                    align_corners=False)[0]
-            labels = back.argmax(0).numpy().astype(np.uint8)
+            labels = largest_component(back.argmax(0, keepdim=True), keep)[0].numpy().astype(np.uint8)
             target = out / f"{stem}_seg.png"
             Image.fromarray(labels).save(target)
             if probabilities:
                 np.save(out / f"{stem}_probs.npy", back.numpy().astype(np.float32))
         written.append(target)
     return written
+
+
+def run_postprocessing(run: str | Path) -> list[str]:
+    """The classes whose largest component alone a segmentation run keeps: what its validation chose
+    (``postprocessing`` in metrics.json; none where the run did not choose)."""
+    path = Path(run) / "metrics.json"
+    if not path.exists():
+        return []
+    metrics = json.loads(path.read_text())
+    val = next((v for v in metrics.values() if isinstance(v, dict) and "postprocessing" in v
+                and v["postprocessing"].get("chosen_on") != "validation"), {})
+    return list(val.get("postprocessing", {}).get("largest_component", []))
 
 
 def mean_case_metrics(cases: list[dict]) -> dict:
@@ -270,6 +355,8 @@ class SegmentationConfig:
     overlap: float = 0.25  # sliding-window overlap at evaluation
     sw_batch_size: int = 4
     hd95: bool = True
+    mirror: bool = False  # test-time mirroring at evaluation (nnU-Net's; costs 4x in 2D, 8x in 3D)
+    postprocess: bool = True  # largest connected component per class, kept for the classes where validation Dice rises
 
 
 @TASKS.register
@@ -333,6 +420,17 @@ class SegmentationTask(FinetuneTask):
         super().export(module, folder, trainer, built)
 
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
+        """Validation chooses the post-processing (largest component per class, where it raises Dice); the other
+        splits apply that choice."""
         s, enc = self.config(cfg), cfg["encoder"]
         roi = ensure_tuple_rep(enc["img_size"], enc["spatial_dims"])
-        return evaluate_segmentation(model, ds, out, split, roi, s.class_names, s.overlap, s.sw_batch_size, s.hd95)
+        choose = s.postprocess and (split == state["val_split"] or state.get("largest_component") is None)
+        post = True if choose else (state.get("largest_component") or False) if s.postprocess else False
+        res = evaluate_segmentation(model, ds, out, split, roi, s.class_names, s.overlap, s.sw_batch_size, s.hd95,
+                                    s.mirror, post)
+        if choose and split == state["val_split"]:
+            state["largest_component"] = res["postprocessing"]["largest_component"]
+        return res
+
+    def saved_state(self, val_metrics: dict) -> dict:
+        return {"largest_component": (val_metrics.get("postprocessing") or {}).get("largest_component")}
