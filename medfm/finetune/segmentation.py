@@ -419,6 +419,13 @@ class SegmentationTask(FinetuneTask):
             return
         super().export(module, folder, trainer, built)
 
+    evaluate_options = (*FinetuneTask.evaluate_options, "mirror")
+
+    def evaluate(self, run: Path, data: str | None = None, split: str = "test", out: str | None = None,
+                 robustness: str | None = None, mirror: bool = False) -> dict:
+        """:meth:`FinetuneTask.evaluate`, and ``mirror``: predict with test-time mirroring."""
+        return self.run_evaluation(run, data, split, out, robustness, mirror=bool(mirror))
+
     def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
         """Validation chooses the post-processing (largest component per class, where it raises Dice); the other
         splits apply that choice."""
@@ -427,7 +434,7 @@ class SegmentationTask(FinetuneTask):
         choose = s.postprocess and (split == state["val_split"] or state.get("largest_component") is None)
         post = True if choose else (state.get("largest_component") or False) if s.postprocess else False
         res = evaluate_segmentation(model, ds, out, split, roi, s.class_names, s.overlap, s.sw_batch_size, s.hd95,
-                                    s.mirror, post)
+                                    s.mirror or bool(state.get("mirror")), post)
         if choose and split == state["val_split"]:
             state["largest_component"] = res["postprocessing"]["largest_component"]
         return res
