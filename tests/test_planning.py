@@ -300,3 +300,36 @@ def test_an_unknown_normalisation_is_an_error_not_a_silent_default():
     for preset in (mr_3d, radiograph_2d):
         with pytest.raises(ValueError, match="normalize='zcore': percentile"):
             preset(normalize="zcore")
+
+
+def test_nnunet_augmentation_keeps_label_maps_and_mirrors_image_and_mask_together():
+    """`data.preset_args.augment: nnunet`: nnU-Net's augmentation set from MONAI transforms on the training patches
+    (2D and 3D); a mask stays a label map and moves with its image (mirroring, rotation, scaling)."""
+    from monai.utils import set_determinism
+
+    from medfm.data.transforms import mr_3d, radiograph_2d
+
+    from monai.data import MetaTensor
+
+    set_determinism(seed=0)
+    image = torch.zeros(1, 20, 24, 20)
+    image[0, 3:9, 4:12, 5:10] = 1.0  # an asymmetric block, the mask is where it is
+    mask = MetaTensor((image > 0).long() * 2, affine=torch.eye(4))
+    image = MetaTensor(image, affine=torch.eye(4))
+    t = mr_3d(size=16, spacing=1.0, train=True, normalize="zscore", augment="nnunet")
+    flipped = 0
+    for _ in range(12):
+        out = t({"image": image.clone(), "mask": mask.clone(), "meta": {"affine": torch.eye(4), "spacing": [1.0] * 3}})
+        x, m = torch.as_tensor(out["image"]), torch.as_tensor(out["mask"])
+        assert x.shape == m.shape == (1, 16, 16, 16) and set(m.unique().tolist()) <= {0, 2}
+        if (m > 0).any():  # the mask marks the bright voxels: image and mask moved together
+            assert x[m > 0].mean() > x[m == 0].mean()
+        flipped += int(not torch.equal(m, torch.as_tensor(mr_3d(size=16, spacing=1.0)(
+            {"image": image.clone(), "mask": mask.clone(), "meta": {"affine": torch.eye(4)}})["mask"])))
+    assert flipped > 0  # something moved
+    set_determinism(seed=None)
+    out2d = radiograph_2d(size=32, train=True, normalize="zscore", augment="nnunet")(
+        {"image": torch.rand(1, 40, 40), "mask": torch.zeros(1, 40, 40)})
+    assert tuple(out2d["image"].shape) == (1, 32, 32)
+    with pytest.raises(ValueError, match="augment='heavy'"):
+        mr_3d(size=16, augment="heavy")

@@ -19,7 +19,14 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
     RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    RandSimulateLowResolutiond,
     Randomizable,
     RandCropByPosNegLabeld,
     RandSpatialCropd,
@@ -71,6 +78,35 @@ def _crop(size: tuple[int, ...], train: bool, foreground: float = 0.0) -> list:
     return [pad, CenterSpatialCropd(KEYS, roi_size=size, allow_missing_keys=True)]
 
 
+AUGMENTATIONS = (None, "nnunet")
+
+
+def nnunet_augmentation(dims: int) -> list:
+    """nnU-Net's training augmentation built from MONAI transforms, with its probabilities: rotation (±30°) and
+    scaling (0.7-1.4) p 0.2, Gaussian noise p 0.1, Gaussian blur p 0.2, brightness (x0.75-1.25) p 0.15, contrast
+    around the mean p 0.15, low resolution (down to 0.5x, then back) p 0.25, gamma (0.7-1.5) p 0.3, and mirroring
+    along each axis p 0.5. Applied to the training patch after it is cropped (nnU-Net transforms a larger region
+    first, so its rotated corners hold image, here zeros)."""
+    interp = ("bilinear", "nearest")
+    return [
+        RandAffined(KEYS, prob=0.2, rotate_range=(0.52,) * (3 if dims == 3 else 1), scale_range=(0.3,) * dims,
+                    mode=interp, padding_mode="zeros", allow_missing_keys=True),
+        RandGaussianNoised("image", prob=0.1, std=0.1),
+        RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        RandScaleIntensityd("image", factors=0.25, prob=0.15),
+        RandScaleIntensityFixedMeand("image", factors=0.25, preserve_range=True, prob=0.15),
+        RandSimulateLowResolutiond("image", prob=0.25, zoom_range=(0.5, 1.0),
+                                   upsample_mode="trilinear" if dims == 3 else "bilinear"),
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+        *[RandFlipd(KEYS, prob=0.5, spatial_axis=a, allow_missing_keys=True) for a in range(dims)],
+    ]
+
+
+def _check_augment(augment: str | None) -> None:
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"data.preset_args.augment={augment!r}: null (the preset's own) or nnunet")
+
+
 def zscore(clip: Sequence[float] | None = None, mean: float | None = None, std: float | None = None) -> list:
     """nnU-Net's normalisation: per image (each channel to mean 0, std 1: MR and other unitless images) or, with
     the data set's foreground statistics (CT), clipped to ``clip`` and scaled by that ``mean`` / ``std``. A list
@@ -94,13 +130,15 @@ def _check_normalize(normalize: str | None) -> None:
 
 
 def radiograph_2d(size: int | Sequence[int] | None = 224, train: bool = False, percentiles=(0.5, 99.5),
-                  normalize: str | None = None) -> Compose:
+                  normalize: str | None = None, augment: str | None = None) -> Compose:
     """Chest X-ray and other 2D images: percentile scaling to [0, 1] (``normalize="zscore"``: each image to mean 0,
     std 1, as nnU-Net plans for unitless images), resize to ``size``; in training a mild random affine (±5°,
-    ±10 % scale; no flips: anatomy is lateralised).
+    ±10 % scale; no flips: anatomy is lateralised); ``augment="nnunet"``: nnU-Net's set instead
+    (:func:`nnunet_augmentation`, mirroring included).
 
     ``size=None`` keeps the image size (pretraining views crop and resize later)."""
     _check_normalize(normalize)
+    _check_augment(augment)
     steps = zscore() if normalize == "zscore" else [
         ScaleIntensityRangePercentilesd("image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True)]
     if size is not None:
@@ -109,7 +147,9 @@ def radiograph_2d(size: int | Sequence[int] | None = 224, train: bool = False, p
             Resized("image", spatial_size=size, mode="area"),
             Resized("mask", spatial_size=size, mode="nearest", allow_missing_keys=True),
         ]
-    if train:
+    if train and augment == "nnunet":
+        steps += nnunet_augmentation(2)
+    elif train:
         steps.append(
             RandAffined(KEYS, prob=0.5, rotate_range=0.087, scale_range=0.1, mode=("bilinear", "nearest"),
                         padding_mode="zeros", allow_missing_keys=True)
@@ -117,7 +157,7 @@ def radiograph_2d(size: int | Sequence[int] | None = 224, train: bool = False, p
     return Compose(steps)
 
 
-def _volume(size, spacing, intensity, train: bool, foreground: float = 0.0) -> Compose:
+def _volume(size, spacing, intensity, train: bool, foreground: float = 0.0, augment: str | None = None) -> Compose:
     spacing = ensure_tuple_rep(spacing, 3)
     steps = [
         Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
@@ -125,7 +165,9 @@ def _volume(size, spacing, intensity, train: bool, foreground: float = 0.0) -> C
         *intensity,
     ]
     # size=None: the whole resampled volume (pretraining views crop later)
-    return Compose(steps if size is None else steps + _crop(ensure_tuple_rep(size, 3), train, foreground))
+    _check_augment(augment)
+    extra = nnunet_augmentation(3) if train and augment == "nnunet" else []
+    return Compose(steps if size is None else steps + _crop(ensure_tuple_rep(size, 3), train, foreground) + extra)
 
 
 def ct_3d(
@@ -135,16 +177,18 @@ def ct_3d(
     train: bool = False,
     zscore_stats: Sequence[float] | None = None,
     foreground: float = 0.0,
+    augment: str | None = None,
 ) -> Compose:
     """CT volumes: RAS orientation, resampling to ``spacing`` mm, a HU window scaled to [0, 1] (with
     ``zscore_stats=(mean, std)``, nnU-Net's: clipped to the window, then the data set's foreground mean and std),
     pad and crop to ``size`` (random crop in training, a share ``foreground`` of them centred on the mask's
-    foreground; centre crop otherwise; ``None``: no crop)."""
+    foreground; centre crop otherwise; ``None``: no crop); ``augment="nnunet"``: nnU-Net's augmentation of the
+    training patches (:func:`nnunet_augmentation`)."""
     if zscore_stats is not None:
         intensity = zscore(window, *zscore_stats)
     else:
         intensity = [ScaleIntensityRanged("image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)]
-    return _volume(size, spacing, intensity, train, foreground)
+    return _volume(size, spacing, intensity, train, foreground, augment)
 
 
 def mr_3d(
@@ -154,6 +198,7 @@ def mr_3d(
     train: bool = False,
     normalize: str | None = None,
     foreground: float = 0.0,
+    augment: str | None = None,
 ) -> Compose:
     """MR volumes: like :func:`ct_3d`, but intensities are scaled by percentiles (MR has no absolute units), or
     with ``normalize="zscore"`` each volume to mean 0, std 1 (nnU-Net's MR normalisation)."""
@@ -164,7 +209,7 @@ def mr_3d(
         intensity = [ScaleIntensityRangePercentilesd(
             "image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0, clip=True, channel_wise=True
         )]
-    return _volume(size, spacing, intensity, train, foreground)
+    return _volume(size, spacing, intensity, train, foreground, augment)
 
 
 class MatchChannels:
