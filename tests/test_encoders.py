@@ -11,10 +11,10 @@ from medfm.encoders import (Encoder, ViT, create_encoder, encoder_arguments, enc
                             layer_decay_param_groups, list_encoders, saved_architecture)
 
 SIZE = 32
-# every encoder but ViT-L (300M parameters: its layout is checked on the meta device in test_speed_paths.py)
-BIG = ("vit_base",)  # seconds per case: `make test` only
-CASES = [pytest.param(name, dims, marks=pytest.mark.slow) if name in BIG else (name, dims)
-         for name in list_encoders() if name != "vit_large" for dims in encoder_family(name).dims]
+# every encoder but ViT-B and ViT-L (86M and 300M parameters of the same ViT class that ViT-Micro, -Tiny and -S
+# test here: their layouts are checked against timm's on the meta device in test_speed_paths.py)
+BIG = ("vit_base", "vit_large")
+CASES = [(name, dims) for name in list_encoders() if name not in BIG for dims in encoder_family(name).dims]
 # public families default to their published sizes (a DINOv2 ViT-B/14): built tiny here, parity-tested at full
 # layout in tests/test_public_*.py
 TINY = {"dinov2": dict(embed_dim=48, depth=4, num_heads=2, patch_size=8),
@@ -71,8 +71,7 @@ def test_encoder_api(name, dims, tmp_path):
             torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n
-                                  for n in list_encoders() if n != "vit_large"])
+@pytest.mark.parametrize("name", [n for n in list_encoders() if n not in BIG])
 def test_every_encoder_follows_the_declared_interface(name, tmp_path):
     """The Encoder protocol, for every registered name: members, token grid, blocks, LoRA targets that name
     real layers, the registered name saved as `architecture` and adopted from the folder, recipe keys from

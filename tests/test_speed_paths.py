@@ -146,13 +146,16 @@ def test_a_sharded_run_exports_from_its_gathered_checkpoint(data, tmp_path, monk
         torch.testing.assert_close(a[k], b[k], msg=k)
 
 
-def test_vit_large_has_timms_layout():
-    """ViT-L/16, the encoder FSDP is for, built on the meta device (no memory): timm's parameter names and count."""
+@pytest.mark.parametrize("name, timm_name, params", [("vit_base", "vit_base_patch16_224", 8.5e7),
+                                                      ("vit_large", "vit_large_patch16_224", 3e8)])
+def test_vit_base_and_large_have_timms_layout(name, timm_name, params):
+    """ViT-B/16 and ViT-L/16 (the encoder FSDP is for), built on the meta device (no memory): timm's parameter
+    names, shapes and count. The ViT class itself is exercised whole at ViT-Micro, -Tiny and -S (test_encoders.py)."""
     import timm
 
     with torch.device("meta"):
-        ours = create_encoder("vit_large", img_size=224)
-        ref = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, in_chans=1)
+        ours = create_encoder(name, img_size=224)
+        ref = timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=1)
     a = {k: v.shape for k, v in ours.state_dict().items()}
     b = {k: v.shape for k, v in ref.state_dict().items()}
-    assert {k: a[k] for k in b if k in a} == b and sum(v.numel() for v in ours.parameters()) > 3e8
+    assert {k: a[k] for k in b if k in a} == b and sum(v.numel() for v in ours.parameters()) > params

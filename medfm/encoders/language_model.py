@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,26 +162,50 @@ def _gguf_architecture(path: Path) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
+@contextmanager
+def _gguf_parsed_once():
+    """Inside it, each GGUF file is parsed once. transformers parses a file's header anew for the config, the
+    tokenizer and the weights, and ``gguf.GGUFReader`` walks every metadata value (SmolLM2's 49k-token vocabulary
+    and merges: ~8 s a parse here, 4 parses per load); the reader is read-only (a memory map), so one is shared."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared  # transformers imports it from gguf inside the functions that read
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _dequantised(source: LanguageModelSource) -> Path:
     """The transformers folder a GGUF file is dequantised to once (fp32 safetensors + tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     path = source.path
-    arch = _gguf_architecture(path)
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
-        raise LanguageModelError(f"{path}: GGUF architecture {arch!r} is not one transformers reads "
-                                 f"({', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = CACHE / f"{path.stem}-{key}"
-    if (folder / "config.json").exists():
+    if (folder / "config.json").exists():  # dequantised before: nothing to parse
         return folder
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(source.folder), gguf_file=source.gguf_file, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(source.folder), gguf_file=source.gguf_file)
-    except (ValueError, OSError, KeyError) as e:
-        raise LanguageModelError(f"{path}: transformers cannot read it ({type(e).__name__}: {str(e)[:300]})") from None
+    with _gguf_parsed_once():
+        arch = _gguf_architecture(path)
+        if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+            raise LanguageModelError(f"{path}: GGUF architecture {arch!r} is not one transformers reads "
+                                     f"({', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(source.folder), gguf_file=source.gguf_file,
+                                                         dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(source.folder), gguf_file=source.gguf_file)
+        except (ValueError, OSError, KeyError) as e:
+            raise LanguageModelError(f"{path}: transformers cannot read it ({type(e).__name__}: {str(e)[:300]})") from None
     partial = folder.with_name(folder.name + ".partial")
     # transformers marks a GGUF-read model as quantised and will not save it: the same weights, fp32, in a plain model
     config = model.config
