@@ -333,3 +333,19 @@ def test_nnunet_augmentation_keeps_label_maps_and_mirrors_image_and_mask_togethe
     assert tuple(out2d["image"].shape) == (1, 32, 32)
     with pytest.raises(ValueError, match="augment='heavy'"):
         mr_3d(size=16, augment="heavy")
+
+
+def test_the_sliding_window_stitches_a_volume_larger_than_its_patch_as_one_forward_would():
+    """A per-voxel network (1x1x1 convolutions, no context) predicts the same through overlapping Gaussian-weighted
+    windows as in one whole-volume forward: the windows cover every voxel and their weights are normalised; a
+    volume smaller than the window is padded and cropped back."""
+    from medfm.finetune.segmentation import predict
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 1), torch.nn.ReLU(), torch.nn.Conv3d(8, 3, 1))
+    for shape in [(40, 52, 36), (12, 10, 14)]:
+        x = torch.randn(1, 1, *shape)
+        with torch.no_grad():
+            whole = net(x).softmax(1)
+        windowed = predict(net, x, (16, 16, 16), overlap=0.25)
+        assert windowed.shape == whole.shape and torch.allclose(windowed, whole, atol=1e-5)
