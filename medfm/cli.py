@@ -145,7 +145,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         data = args.data or given["data"]["path"]
         if not data:
             raise ValueError("--plan auto reads the data it plans from: give --data MANIFEST")
-        fp, plan = plan_data(data, split=given["data"]["train_split"], mask_key=given["segmentation"]["mask"])
+        fp, plan = plan_data(data, split=given["data"]["train_split"], mask_key=given["segmentation"]["mask"],
+                             profile=args.profile)
         print(f"planned from {fp.n_cases} training cases: spacing {plan.spacing}, patch {plan.patch}, "
               f"{plan.num_classes} classes, {plan.normalization} normalisation, DynUNet of {len(plan.strides)} stages")
         overrides = flat_overrides(plan_overrides(plan)) + overrides
@@ -534,7 +535,8 @@ def _finetune_parser(sub) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    fp, plan = plan_data(args.data, split=args.split or None, mask_key=args.mask, max_cases=args.max_cases)
+    fp, plan = plan_data(args.data, split=args.split or None, mask_key=args.mask, max_cases=args.max_cases,
+                         profile=args.profile)
     recipe = find_recipe("segment_3d" if plan.spatial_dims == 3 else "segment_2d", kind="tasks")
     cfg = load_task_recipe(recipe, [*flat_overrides(plan_overrides(plan)), f"data.path={Path(args.data).resolve()}",
                                     f"segmentation.mask={args.mask}"])
@@ -592,6 +594,8 @@ def _plan_parser(sub) -> None:
     p.add_argument("--split", default="train", help="the split to fingerprint (default train; '' for every row)")
     p.add_argument("--mask", default="mask", help="the mask column (default mask)")
     p.add_argument("--max-cases", type=int, default=None, help="read only the first N cases")
+    p.add_argument("--profile", default=None, help="cpu: cap the patch and batch at the CPU profile's budgets "
+                   "(what `medfm finetune --plan auto --profile cpu` plans)")
     p.add_argument("--out", default=None, help="write the planned recipe (YAML) here")
     p.set_defaults(fn=cmd_plan)
 

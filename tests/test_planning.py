@@ -349,3 +349,17 @@ def test_the_sliding_window_stitches_a_volume_larger_than_its_patch_as_one_forwa
             whole = net(x).softmax(1)
         windowed = predict(net, x, (16, 16, 16), overlap=0.25)
         assert windowed.shape == whole.shape and torch.allclose(windowed, whole, atol=1e-5)
+
+
+def test_the_cpu_profile_shrinks_a_large_patch_within_its_budget_and_keeps_what_the_plan_took_from_the_data(tmp_path):
+    from medfm.finetune.planning import plan_data
+
+    manifest = _volumes(tmp_path / "big", [(96, 112, 96), (98, 110, 94), (94, 112, 98), (96, 108, 96)], [(1.0,) * 3] * 4,
+                        ct=True)
+    fp, full = plan_data(manifest)
+    _, cpu = plan_data(manifest, profile="cpu")
+    assert full.patch == [96, 112, 96] and np.prod(cpu.patch) <= 1.1 * 64**3 < np.prod(full.patch)
+    assert all(c % 2**k == 0 for c, k in zip(cpu.patch, cpu.pools))  # still divisible by its own pooling
+    for same in ("spacing", "num_classes", "normalization", "ct_stats", "foreground"):
+        assert getattr(cpu, same) == getattr(full, same), same
+    assert plan_data(manifest, profile="none")[1].patch == full.patch

@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 
 from medfm.data.fingerprint import Fingerprint, fingerprint
+from medfm.run.profiles import plan_limits
 
 BUDGET = {3: 128 * 128 * 128, 2: 1024 * 1024}  # voxels of one patch: nnU-Net's patches on a 10 GB GPU are this order
 BATCH_BUDGET = {3: 2 * 128**3, 2: 12 * 512**2}  # voxels of one batch
@@ -201,10 +202,12 @@ def flat_overrides(overrides: dict, prefix: str = "") -> list[str]:
 
 
 def plan_data(data: str | os.PathLike, split: str | None = "train", mask_key: str = "mask",
-              max_cases: int | None = None) -> tuple[Fingerprint, Plan]:
-    """Fingerprint a segmentation manifest's training split and plan from it."""
+              max_cases: int | None = None, profile: str | None = None) -> tuple[Fingerprint, Plan]:
+    """Fingerprint a segmentation manifest's training split and plan from it; ``profile`` (``cpu``) caps the
+    patch and batch at its voxel budgets (``medfm.run.profiles``): the patch shrinks along its longest axis as any
+    plan's does, the spacing, classes and normalisation are the data's either way."""
     fp = fingerprint(data, split=split, mask_key=mask_key, max_cases=max_cases)
-    return fp, make_plan(fp)
+    return fp, make_plan(fp, **plan_limits(profile, fp.spatial_dims))
 
 
 def plan_recipe_text(fp: Fingerprint, plan: Plan, cfg: dict) -> str:

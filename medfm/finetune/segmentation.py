@@ -431,7 +431,7 @@ class SegmentationTask(FinetuneTask):
         splits apply that choice."""
         s, enc = self.config(cfg), cfg["encoder"]
         roi = ensure_tuple_rep(enc["img_size"], enc["spatial_dims"])
-        choose = s.postprocess and (split == state["val_split"] or state.get("largest_component") is None)
+        choose = s.postprocess and split == state["val_split"]  # never chosen on a held-out split
         post = True if choose else (state.get("largest_component") or False) if s.postprocess else False
         res = evaluate_segmentation(model, ds, out, split, roi, s.class_names, s.overlap, s.sw_batch_size, s.hd95,
                                     s.mirror or bool(state.get("mirror")), post)

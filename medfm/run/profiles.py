@@ -38,6 +38,9 @@ PROFILES: dict[str, dict] = {
         "report_generation": {"decoder_layers": 1, "vocab_size": 2000, "eval_batch_size": 8},
         "diffusion": {"channels": [16, 32, 64], "sample_steps": 25},
         "mllm": {"max_length": 128, "eval_limit": 200, "eval_batch_size": 16},
+        # `--plan auto`: the largest patch and batch (voxels) the plan may choose; spacing, classes and normalisation
+        # stay the data's (medfm.finetune.planning)
+        "plan": {"budget": {2: 256 * 256, 3: 64**3}, "batch_budget": {2: 12 * 256 * 256, 3: 2 * 64**3}},
     },
     # a smoke test of a recipe on your data in seconds (ViT-Micro, 32 px / 32^3, 4 steps): not for results
     "tiny": {
@@ -90,6 +93,15 @@ def _pick(value, dims: int):
     if isinstance(value, dict) and set(value) <= {2, 3}:
         return value.get(dims)
     return value
+
+
+def plan_limits(profile: str | None, dims: int) -> dict:
+    """``make_plan``'s ``budget`` / ``batch_budget`` under ``profile`` (none: the plan's own, GPU-sized)."""
+    if profile in (None, "none"):
+        return {}
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
+    return {k: _pick(v, dims) for k, v in PROFILES[profile].get("plan", {}).items()}
 
 
 def profile_overrides(profile: str, cfg: dict, user: dict | None = None) -> dict:
