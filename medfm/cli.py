@@ -20,7 +20,6 @@ import torch
 from medfm.artifacts import load as medfm_load
 from medfm.atomic import write_text
 from medfm.data import DataError, load, open_dataset, read_records, samples
-from medfm.progress import progress_bar
 from medfm.data.datasets import finalise_sample
 from medfm.data.transforms import preset_mismatch, with_channels
 from medfm.encoders import describe_encoder, list_encoders, preprocess_transform
@@ -558,9 +557,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError("nothing to predict: give IMAGE paths or --data MANIFEST [--split SPLIT]")
     keep = [] if args.no_postprocess else run_postprocessing(run)
-    for path in progress_bar(paths, desc="predicting", unit="case"):
-        written = predict_files(model, [path], args.out, probabilities=args.probabilities, overlap=args.overlap,
-                                mirror=args.mirror, largest_component_of=keep)
+    written = predict_files(model, paths, args.out, probabilities=args.probabilities, overlap=args.overlap,
+                            mirror=args.mirror, largest_component_of=keep, progress="predicting")
     post = f"; largest component kept for {', '.join(keep)} (the run's validation chose it)" if keep else ""
     print(f"{len(paths)} label maps in {args.out} (each in its input's space){post}, last: {written[-1].name}")
     return 0

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import json
 import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -48,12 +46,14 @@ from medfm.data.transforms import PRESETS, with_channels
 from medfm.data.volume import plain_tensor
 from medfm.data.writers import write_nifti
 from medfm.evaluate.plots import overlay_png
+from medfm.progress import progress_bar
 from medfm.run import TrainingModule, evaluating
 
 from medfm.heads import FrozenEncoder, SegmentationModel, deep_supervision_weights, encoder_and_head_groups
 
-from .base import FinetuneTask
+from .base import FinetuneTask, validation_metrics
 from .planning import unet_stages
+from .recipe import run_recipe
 from .registry import TASKS
 
 
@@ -185,14 +185,6 @@ def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: 
     return out
 
 
-def save_prediction_nifti(labels: torch.Tensor, affine, path: str | Path) -> Path:
-    """A (1, *spatial) 3D label map as NIfTI (uint8) with the affine of the image it was predicted from."""
-    path = Path(path)
-    arr = labels[0].cpu().numpy().astype(np.uint8)
-    nib.save(nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64)), str(path))
-    return path
-
-
 @torch.no_grad()
 def evaluate_segmentation(model: SegmentationModel, ds, out: Path, split: str, roi_size: Sequence[int],
                           class_names: Sequence[str] | None = None, overlap: float = 0.25, sw_batch_size: int = 4,
@@ -236,7 +228,7 @@ def evaluate_segmentation(model: SegmentationModel, ds, out: Path, split: str, r
         pred = largest_component(pred, classes)
         if affine is not None:
             pred_dir.mkdir(exist_ok=True)
-            save_prediction_nifti(pred, affine, pred_dir / f"case{i:04d}.nii.gz")
+            write_nifti(pred[0].numpy(), pred_dir / f"case{i:04d}.nii.gz", affine)
         if shown is not None:
             for lst, x in zip(figs, (shown[0], pred, shown[1])):
                 lst.append(x)
@@ -247,7 +239,7 @@ def evaluate_segmentation(model: SegmentationModel, ds, out: Path, split: str, r
 @torch.no_grad()
 def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabilities: bool = False,
                   overlap: float = 0.25, sw_batch_size: int = 4, mirror: bool = False,
-                  largest_component_of: Sequence[str] = ()) -> list[Path]:
+                  largest_component_of: Sequence[str] = (), progress: str | None = None) -> list[Path]:
     """Label maps for images and volumes of any size, each written in its input's own space: NIfTI with the
     input's affine and voxel grid (orientation and spacing kept; the class probabilities are resampled from the
     model's grid with MONAI's ``ResampleToMatch``, then the argmax taken), PNG at the input's size for 2D.
@@ -255,7 +247,8 @@ def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabili
     ``model``: a segmentation task model (``medfm.load(RUN/"model")``), whose spec holds the preprocessing it was
     trained with. ``probabilities``: also ``*_probs.nii.gz`` (X, Y, Z, K) / ``*_probs.npy``. ``mirror``: test-time
     mirroring; ``largest_component_of``: class names whose largest connected component alone is kept (what the
-    run's validation chose: :func:`run_postprocessing`). Returns the label files.
+    run's validation chose: :func:`run_postprocessing`); ``progress``: a progress bar with that title. Returns the
+    label files.
     """
     spec = model.spec
     enc = spec["encoder"]
@@ -271,7 +264,7 @@ def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabili
         raise ValueError(f"largest_component_of: {unknown} not among the model's classes {names[1:]}")
     keep = [names.index(n) for n in largest_component_of]
     written = []
-    for path in paths:
+    for path in progress_bar(paths, desc=progress, unit="case", disable=progress is None):
         raw = load(path, spatial_dims=dims)
         sample = transform({"image": raw["image"].clone(), "meta": dict(raw["meta"])})
         image = sample["image"]
@@ -299,15 +292,17 @@ def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabili
 
 
 def run_postprocessing(run: str | Path) -> list[str]:
-    """The classes whose largest component alone a segmentation run keeps: what its validation chose
-    (``postprocessing`` in metrics.json; none where the run did not choose)."""
-    path = Path(run) / "metrics.json"
-    if not path.exists():
+    """The classes whose largest component alone a segmentation run keeps: what its validation chose (none for a
+    bare model folder or a run that did not choose)."""
+    run = Path(run)
+    if not (run / "recipe.yaml").exists():
         return []
-    metrics = json.loads(path.read_text())
-    val = next((v for v in metrics.values() if isinstance(v, dict) and "postprocessing" in v
-                and v["postprocessing"].get("chosen_on") != "validation"), {})
-    return list(val.get("postprocessing", {}).get("largest_component", []))
+    return chosen_postprocessing(validation_metrics(run, run_recipe(run)["data"]["val_split"])) or []
+
+
+def chosen_postprocessing(val_metrics: dict) -> list[str] | None:
+    """The classes validation kept the largest-component filter for (``postprocessing`` in its metrics)."""
+    return (val_metrics.get("postprocessing") or {}).get("largest_component")
 
 
 def mean_case_metrics(cases: list[dict]) -> dict:
@@ -440,4 +435,4 @@ class SegmentationTask(FinetuneTask):
         return res
 
     def saved_state(self, val_metrics: dict) -> dict:
-        return {"largest_component": (val_metrics.get("postprocessing") or {}).get("largest_component")}
+        return {"largest_component": chosen_postprocessing(val_metrics)}
