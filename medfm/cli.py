@@ -26,6 +26,7 @@ from medfm.encoders import describe_encoder, list_encoders, preprocess_transform
 from medfm.encoders.source import encoder_folder
 from medfm.tuning import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune
+from medfm.finetune.folds import FOLDS_FILE, evaluate_folds, folds_table, is_folds_run, load_folds, run_folds
 from medfm.finetune.segmentation import predict_files, run_postprocessing
 from medfm.finetune.planning import describe, flat_overrides, plan_data, plan_overrides, plan_recipe_text
 from medfm.finetune.site_adaptation import SITE_METHODS, SiteAdaptation, adapt_run
@@ -147,8 +148,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         fp, plan = plan_data(data, split=given["data"]["train_split"], mask_key=given["segmentation"]["mask"],
                              profile=args.profile)
         print(f"planned from {fp.n_cases} training cases: spacing {plan.spacing}, patch {plan.patch}, "
-              f"{plan.num_classes} classes, {plan.normalization} normalisation, DynUNet of {len(plan.strides)} stages")
+              f"{plan.num_classes} classes, {plan.normalization} normalisation, network auto (from random init a DynUNet of "
+              f"{len(plan.strides)} stages)")
         overrides = flat_overrides(plan_overrides(plan)) + overrides
+    if args.folds is not None:  # K runs and their ensemble; a resumed one continues with the recipe it started with
+        saved = Path(args.out) / FOLDS_FILE
+        cfg = (json.loads(saved.read_text())["recipe"] if args.resume and saved.exists()
+               else load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides, args.profile))
+        out = run_folds(cfg, args.out, args.folds, data_path=args.data, resume=args.resume, overwrite=args.overwrite)
+        print(f"ensemble of {args.folds} folds: {out} (medfm predict {out} IMAGE... --out DIR)")
+        return 0
     cfg, changes = _recipe(load_task_recipe, find_recipe(args.recipe, kind="tasks"), args, overrides)
     out = run_finetune(cfg, args.out, data_path=args.data, resume=args.resume, overwrite=args.overwrite, changes=changes)
     if _rank_zero():
@@ -185,8 +194,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not run:
         raise SystemExit("medfm evaluate: give a run folder (medfm evaluate RUN, or --run RUN)")
     run = Path(run)
-    plugin = run_plugin(run)
     options = _evaluate_options(args)
+    if is_folds_run(run):  # a K-fold run: its ensemble
+        other = [EVALUATE_FLAGS[o] for o in options if o not in ("data", "split", "out")]
+        if other:
+            raise ValueError(f"{', '.join(other)} does not apply to {run} (the folds of a segmentation run); its "
+                             "evaluation takes --data, --split, --out")
+        print(folds_table(evaluate_folds(run, split=options.get("split"), data=options.get("data"),
+                                         out=options.get("out"))))
+        return 0
+    plugin = run_plugin(run)
     unknown = plugin.unknown_evaluate_options(options)
     if unknown:
         takes = ", ".join(EVALUATE_FLAGS[o] for o in plugin.evaluate_options)
@@ -530,6 +547,9 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--plan", default=None, choices=("auto",), help="segmentation: plan spacing, patch, network, "
                    "normalisation and classes from the data (see `medfm plan`); a --profile then only shrinks "
                    "width and steps")
+    p.add_argument("--folds", type=int, default=None, help="segmentation: train K folds of the training split "
+                   "(OUT/fold_k, each validated on its part) and score their ensemble on the validation split; "
+                   "medfm predict OUT ensembles them")
     _run_options(p, cmd_finetune)
 
 
@@ -548,7 +568,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     run = Path(args.run)
-    model = medfm_load(run / "model" if (run / "model" / "config.json").exists() else run)
+    if is_folds_run(run):  # a K-fold run: the ensemble of its folds, with the filter most of them chose
+        model, keep = load_folds(run)
+    else:
+        model = medfm_load(run / "model" if (run / "model" / "config.json").exists() else run)
+        keep = run_postprocessing(run)
     if not hasattr(model, "num_classes") or "preprocess" not in getattr(model, "spec", {}):
         raise ValueError(f"{args.run}: a {type(model).__name__}, not a segmentation run (medfm finetune tasks/segment_*.yaml)")
     paths = list(args.images)
@@ -556,10 +580,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         paths += [r.image for r in read_records(args.data, split=args.split or None)[0]]
     if not paths:
         raise ValueError("nothing to predict: give IMAGE paths or --data MANIFEST [--split SPLIT]")
-    keep = [] if args.no_postprocess else run_postprocessing(run)
+    keep = [] if args.no_postprocess else keep
     written = predict_files(model, paths, args.out, probabilities=args.probabilities, overlap=args.overlap,
                             mirror=args.mirror, largest_component_of=keep, progress="predicting")
-    post = f"; largest component kept for {', '.join(keep)} (the run's validation chose it)" if keep else ""
+    post = f"; largest component kept for {', '.join(keep)} (chosen on validation)" if keep else ""
     print(f"{len(paths)} label maps in {args.out} (each in its input's space){post}, last: {written[-1].name}")
     return 0
 
@@ -569,7 +593,7 @@ def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="label maps from a segmentation run, one per image, in each input's own space",
                        epilog="example: medfm predict runs/seg3d scan.nii.gz --out predictions | medfm predict "
                               "runs/seg3d --data volumes.csv --split val --out predictions")
-    p.add_argument("run", help="a segmentation run folder (or its model/ folder)")
+    p.add_argument("run", help="a segmentation run folder (or its model/ folder, or a --folds run: the ensemble)")
     p.add_argument("images", nargs="*", help="NIfTI volumes, DICOM folders or 2D images")
     p.add_argument("--data", default=None, help="a manifest: predict its images (with --split, one split)")
     p.add_argument("--split", default=None, help="the manifest split to predict (default: every row)")

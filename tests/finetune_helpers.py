@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import nibabel as nib
@@ -80,3 +81,29 @@ def mni_map_classes(tmp: Path) -> Path:
             nib.save(img.slicer[sl], d / f"{side}_{kind}.nii.gz")
             rows.append({"image": f"{side}_{kind}.nii.gz", "split": split, "map": kind})
     return write_manifest(d / "manifest.csv", rows)
+
+
+def labelled_volumes(root: Path, shapes, spacings, ct: bool = False, seed: int = 0) -> Path:
+    """One case per (shape, spacing): an MR-like (or CT-like, in HU) volume with two labelled ellipsoids."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rows = []
+    for i, (shape, spacing) in enumerate(zip(shapes, spacings)):
+        grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+        r = np.sqrt((grid**2).sum(0))
+        label = np.zeros(shape, np.uint8)
+        label[(r < 0.5) & (grid[0] < 0)] = 1
+        label[(r < 0.5) & (grid[0] >= 0)] = 2
+        base = rng.normal(0, 1, shape) * 10
+        image = (np.where(label > 0, 40.0, -1000.0) if ct else np.where(label > 0, 300.0, 100.0)) + base
+        affine = np.diag([*spacing, 1.0])
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), root / "images" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labels" / f"c{i}.nii.gz")
+        rows.append({"image": f"images/c{i}.nii.gz", "mask": f"labels/c{i}.nii.gz",
+                     "split": "val" if i % 4 == 3 else "train"})
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "mask", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    return root / "manifest.csv"

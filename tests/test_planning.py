@@ -19,37 +19,12 @@ from medfm.data.transforms import ForegroundCropd
 from medfm.finetune.planning import make_plan, plan_overrides
 
 from .conftest import SHARED
-
-
-def _volumes(root: Path, shapes, spacings, ct: bool = False, seed: int = 0) -> Path:
-    """One case per (shape, spacing): an MR-like (or CT-like, in HU) volume with two labelled ellipsoids."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    rows = []
-    for i, (shape, spacing) in enumerate(zip(shapes, spacings)):
-        grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
-        r = np.sqrt((grid**2).sum(0))
-        label = np.zeros(shape, np.uint8)
-        label[(r < 0.5) & (grid[0] < 0)] = 1
-        label[(r < 0.5) & (grid[0] >= 0)] = 2
-        base = rng.normal(0, 1, shape) * 10
-        image = (np.where(label > 0, 40.0, -1000.0) if ct else np.where(label > 0, 300.0, 100.0)) + base
-        affine = np.diag([*spacing, 1.0])
-        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), root / "images" / f"c{i}.nii.gz")
-        nib.save(nib.Nifti1Image(label, affine), root / "labels" / f"c{i}.nii.gz")
-        rows.append({"image": f"images/c{i}.nii.gz", "mask": f"labels/c{i}.nii.gz",
-                     "split": "val" if i % 4 == 3 else "train"})
-    with open(root / "manifest.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "mask", "split"])
-        w.writeheader()
-        w.writerows(rows)
-    return root / "manifest.csv"
+from .finetune_helpers import labelled_volumes
 
 
 def test_an_isotropic_mr_set_plans_its_median_spacing_a_patch_like_nnunets_and_zscore(tmp_path):
     shapes = [(36, 50, 36), (34, 52, 35), (35, 50, 34), (37, 49, 36)] * 2
-    manifest = _volumes(tmp_path, shapes, [(1.0, 1.0, 1.0)] * 8)
+    manifest = labelled_volumes(tmp_path, shapes, [(1.0, 1.0, 1.0)] * 8)
     fp = fingerprint(manifest)
     assert fp.n_cases == 6 and fp.labels == [0, 1, 2] and fp.num_classes == 3 and fp.modality == "mr"
     assert set(fp.class_cases) == {1, 2} and all(v > 0 for v in fp.class_volume.values())
@@ -58,12 +33,12 @@ def test_an_isotropic_mr_set_plans_its_median_spacing_a_patch_like_nnunets_and_z
     assert len(plan.strides) == len(plan.kernel_size) == 4 and plan.normalization == "zscore"
     o = plan_overrides(plan)
     assert o["data"]["preset"] == "mr_3d" and o["data"]["preset_args"]["normalize"] == "zscore"
-    assert o["segmentation"]["num_classes"] == 3 and o["segmentation"]["network"] == "dynunet"
+    assert o["segmentation"]["num_classes"] == 3 and o["segmentation"]["network"] == "auto"
 
 
 def test_an_anisotropic_ct_set_keeps_its_thick_axis_unpooled_and_clips_to_its_foreground(tmp_path):
     z = [2.5, 3.0, 3.0, 3.0, 3.5, 5.0, 3.0, 3.0]
-    manifest = _volumes(tmp_path, [(96, 96, 20)] * 8, [(0.8, 0.8, s) for s in z], ct=True)
+    manifest = labelled_volumes(tmp_path, [(96, 96, 20)] * 8, [(0.8, 0.8, s) for s in z], ct=True)
     fp = fingerprint(manifest, split=None)
     assert fp.modality == "ct" and fp.native_spacing_varies
     plan = make_plan(fp)
@@ -79,7 +54,7 @@ def test_an_anisotropic_ct_set_keeps_its_thick_axis_unpooled_and_clips_to_its_fo
 
 
 def test_a_mask_that_is_not_a_label_map_names_the_manifest_line(tmp_path):
-    manifest = _volumes(tmp_path, [(16, 16, 16)] * 2, [(1.0, 1.0, 1.0)] * 2)
+    manifest = labelled_volumes(tmp_path, [(16, 16, 16)] * 2, [(1.0, 1.0, 1.0)] * 2)
     nib.save(nib.Nifti1Image(np.full((16, 16, 16), 0.5, np.float32), np.eye(4)), tmp_path / "labels" / "c1.nii.gz")
     with pytest.raises(ValueError, match=r"manifest.csv line 3: .*c1.nii.gz holds values \[0.5\]"):
         fingerprint(manifest, split=None)
@@ -99,12 +74,12 @@ def test_foreground_oversampling_centres_its_share_of_patches_on_the_mask():
 @pytest.mark.slow  # a DynUNet trained at tiny scale through the command line
 def test_plan_writes_a_recipe_and_plan_auto_trains_a_deeply_supervised_dynunet_that_reloads(tmp_path, capsys):
     shapes = [(30, 34, 30), (32, 32, 30), (30, 36, 32), (31, 33, 29)] * 2
-    manifest = _volumes(tmp_path / "set", shapes, [(1.0, 1.0, 1.0)] * 8)
+    manifest = labelled_volumes(tmp_path / "set", shapes, [(1.0, 1.0, 1.0)] * 8)
     assert main(["plan", str(manifest), "--out", str(tmp_path / "plan.yaml")]) == 0
     out = capsys.readouterr().out
     assert "**patch** | 32 x 40 x 32" in out and "3 classes" in out
     written = yaml.safe_load((tmp_path / "plan.yaml").read_text())
-    assert written["segmentation"]["network"] == "dynunet" and written["encoder"]["img_size"] == [32, 40, 32]
+    assert written["segmentation"]["network"] == "auto" and written["encoder"]["img_size"] == [32, 40, 32]
     run = tmp_path / "run"
     assert main(["finetune", "segment_3d", "--data", str(manifest), "--plan", "auto", "--profile", "tiny", "--out",
                  str(run), "--max-steps", "12", "segmentation.feature_size=8", "optim.lr=3e-3",
@@ -112,6 +87,7 @@ def test_plan_writes_a_recipe_and_plan_auto_trains_a_deeply_supervised_dynunet_t
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     assert recipe["data"]["preset_args"]["spacing"] == [1.0, 1.0, 1.0]  # the plan's, not the tiny profile's 4 mm
     assert recipe["segmentation"]["num_classes"] == 3 and recipe["encoder"]["img_size"] == [32, 40, 32]
+    assert recipe["segmentation"]["network"] == "dynunet"  # auto, resolved for a random init and recorded
     with open(run / "logs" / "metrics.csv") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert losses[-1] < losses[0], losses
@@ -174,7 +150,7 @@ def test_largest_component_is_kept_per_class_and_only_where_validation_dice_rise
 
 
 def test_dynunet_refuses_a_pretrained_encoder_in_one_line(tmp_path, capsys):
-    manifest = _volumes(tmp_path / "set", [(16, 16, 16)] * 4, [(1.0, 1.0, 1.0)] * 4)
+    manifest = labelled_volumes(tmp_path / "set", [(16, 16, 16)] * 4, [(1.0, 1.0, 1.0)] * 4)
     code = main(["finetune", "segment_3d", "--data", str(manifest), "--out", str(tmp_path / "r"), "--profile", "tiny",
                  "segmentation.network=dynunet", "--method", "lora"])
     err = capsys.readouterr().err
@@ -241,7 +217,7 @@ def test_the_lgg_slices_get_a_2d_plan_that_keeps_their_three_channels():
 
 
 def test_plan_auto_is_for_segmentation_recipes(tmp_path, capsys):
-    manifest = _volumes(tmp_path / "set", [(16, 16, 16)] * 4, [(1.0, 1.0, 1.0)] * 4)
+    manifest = labelled_volumes(tmp_path / "set", [(16, 16, 16)] * 4, [(1.0, 1.0, 1.0)] * 4)
     assert main(["finetune", "classify_3d", "--data", str(manifest), "--plan", "auto", "--out", str(tmp_path / "r")]) == 2
     assert "--plan auto plans segmentation recipes" in capsys.readouterr().err
 
@@ -277,7 +253,7 @@ def test_a_killed_planned_run_resumes_to_the_same_weights(tmp_path):
 
     from .conftest import REPO, KillAt
 
-    manifest = _volumes(tmp_path / "set", [(24, 24, 24)] * 8, [(1.0, 1.0, 1.0)] * 8)
+    manifest = labelled_volumes(tmp_path / "set", [(24, 24, 24)] * 8, [(1.0, 1.0, 1.0)] * 8)
     _, plan = plan_data(manifest)
     cfg = load_task_recipe(REPO / "tasks" / "segment_3d.yaml", [
         *flat_overrides(plan_overrides(plan)), "segmentation.feature_size=4", "segmentation.hd95=false",
@@ -354,7 +330,7 @@ def test_the_sliding_window_stitches_a_volume_larger_than_its_patch_as_one_forwa
 def test_the_cpu_profile_shrinks_a_large_patch_within_its_budget_and_keeps_what_the_plan_took_from_the_data(tmp_path):
     from medfm.finetune.planning import plan_data
 
-    manifest = _volumes(tmp_path / "big", [(96, 112, 96), (98, 110, 94), (94, 112, 98), (96, 108, 96)], [(1.0,) * 3] * 4,
+    manifest = labelled_volumes(tmp_path / "big", [(96, 112, 96), (98, 110, 94), (94, 112, 98), (96, 108, 96)], [(1.0,) * 3] * 4,
                         ct=True)
     fp, full = plan_data(manifest)
     _, cpu = plan_data(manifest, profile="cpu")

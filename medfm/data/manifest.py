@@ -5,6 +5,10 @@ Columns (names are arguments): ``image`` (file or DICOM folder, required),
 column is kept in ``meta``. Relative paths resolve against the manifest's folder.
 Rows are numbered by their line in the file, so errors point at a line to fix.
 
+Cross-validation folds are splits too: ``"train fold 2 of 5"`` is part 2 (from 0) of the ``train`` rows,
+``"train without fold 2 of 5"`` the rest (:func:`fold_split`); the parts are drawn once, with a fixed seed, from
+the split's rows in manifest order, so every fold of a run, and a resumed run, sees the same ones.
+
 Labels:
   * one label column: class names (or integers) -> an int index into ``classes``;
     ``classes`` defaults to the sorted distinct values over the whole manifest (all
@@ -19,11 +23,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .errors import DataError, MissingFileError
@@ -83,6 +89,31 @@ def _infer_classes(values: list[str]) -> list[str]:
         return distinct
 
 
+FOLD_SEED = 12345  # nnU-Net's seed for its five folds
+_FOLD = re.compile(r"^(?P<split>.+?) (?P<without>without )?fold (?P<k>\d+) of (?P<n>\d+)$")
+
+
+def fold_split(split: str) -> tuple[str, int, int, bool] | None:
+    """``"train fold 2 of 5"`` -> ("train", 2, 5, False), ``"train without fold 2 of 5"`` -> (..., True); None for
+    a plain split name. A fold outside ``0 .. n-1`` or fewer than 2 folds is an error."""
+    m = _FOLD.match(str(split))
+    if not m:
+        return None
+    k, n = int(m["k"]), int(m["n"])
+    if n < 2 or not 0 <= k < n:
+        raise DataError(f"split {split!r}: a fold k of n needs n >= 2 and 0 <= k < n")
+    return m["split"], k, n, bool(m["without"])
+
+
+def fold_rows(rows: list, k: int, n: int, without: bool = False) -> list:
+    """Part ``k`` of ``n`` of ``rows`` (or, ``without``, every other part): a seeded permutation cut in ``n``
+    nearly equal parts (:data:`FOLD_SEED`)."""
+    if len(rows) < n:
+        raise DataError(f"{len(rows)} rows cannot make {n} folds")
+    part = set(np.array_split(np.random.RandomState(FOLD_SEED).permutation(len(rows)), n)[k].tolist())
+    return [r for i, r in enumerate(rows) if (i in part) != without]
+
+
 def _column(path, rows, key: str) -> None:
     present = set().union(*(r.keys() for _, r in rows))
     if key not in present:
@@ -126,9 +157,13 @@ def read_records(
     if split is not None:
         _column(path, rows, split_key)
         present = sorted({str(r.get(split_key, "")) for _, r in rows})
-        rows = [(n, r) for n, r in rows if str(r.get(split_key, "")) == split]
+        fold = fold_split(split)
+        base = fold[0] if fold else split
+        rows = [(n, r) for n, r in rows if str(r.get(split_key, "")) == base]
         if not rows:
-            raise DataError(f"{path}: no rows with {split_key}={split!r}; splits present: {present}")
+            raise DataError(f"{path}: no rows with {split_key}={base!r}; splits present: {present}")
+        if fold:
+            rows = fold_rows(rows, *fold[1:])
 
     records, bad = [], []
     for line, row in rows:

@@ -67,6 +67,8 @@ class SwinEncoder(_Pyramid):
                  window_size: int = 7):
         super().__init__()
         self.spatial_dims, self.in_chans, self.img_size = spatial_dims, in_chans, img_size
+        # kept for a network built around this encoder (MONAI's SwinUNETR: medfm.heads.BackboneNetwork)
+        self.feature_size, self.depths, self.num_heads, self.window_size = feature_size, tuple(depths), tuple(num_heads), window_size
         self.net = SwinTransformer(in_chans=in_chans, embed_dim=feature_size, window_size=(window_size,) * spatial_dims,
                                    patch_size=(2,) * spatial_dims, depths=depths, num_heads=num_heads,
                                    spatial_dims=spatial_dims, downsample="merging")
@@ -103,6 +105,8 @@ class SegResEncoderFamily(_Pyramid):
                  act: str = "relu"):
         super().__init__()
         self.spatial_dims, self.in_chans, self.img_size = spatial_dims, in_chans, img_size
+        # kept for a network built around this encoder (MONAI's SegResNetDS: medfm.heads.BackboneNetwork)
+        self.init_filters, self.blocks_down, self.norm_name, self.act_name = init_filters, tuple(blocks_down), norm, act
         self.net = SegResEncoder(spatial_dims=spatial_dims, init_filters=init_filters, in_channels=in_chans,
                                  blocks_down=tuple(blocks_down), norm=norm, act=act)
         levels = len(blocks_down)

@@ -13,6 +13,7 @@ features). What one hook computes for the next lives in the run's ``state`` dict
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -122,6 +123,11 @@ class FinetuneTask(RunPlugin):
                                       preflight=d.preflight, **self.extra_split_args(cfg, p, real)))
         return parts[0] if len(parts) == 1 else JoinedDataset(parts)
 
+    def resolve(self, cfg: dict) -> dict:
+        """The recipe's ``auto`` choices made concrete before any data opens (the run's recipe.yaml records what
+        they became); ``cfg`` is the run's own copy."""
+        return cfg
+
     def prepare(self, cfg: dict, train, state: dict) -> tuple[dict, Any]:
         """The recipe completed from the training data, and the training set to use; what later hooks need
         goes into ``state``."""
@@ -163,6 +169,7 @@ class FinetuneTask(RunPlugin):
         if not d.path:
             raise ValueError("fine-tuning needs data: give --data PATH (an npz or a manifest) or set data.path")
         check_splits(cfg)
+        cfg = self.resolve(copy.deepcopy(cfg))
         state: dict = {"t0": time.perf_counter()}
         cfg, train = self.prepare(cfg, self.training_split(cfg, train=True), state)
         model = self.model_class.from_spec(self.spec(cfg, state))

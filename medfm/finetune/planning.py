@@ -142,7 +142,8 @@ def make_plan(fp: Fingerprint, budget: int | None = None, batch_budget: int | No
 
 def plan_overrides(plan: Plan, cfg: dict | None = None) -> dict:
     """The plan as recipe overrides of a segmentation recipe (``tasks/segment_3d.yaml``, ``segment_2d``):
-    the network (MONAI's DynUNet with the planned stages and deep supervision), patch, spacing, normalisation,
+    the network (``auto``: MONAI's DynUNet with the planned stages and deep supervision from random
+    initialisation, a pretrained encoder's own network otherwise), patch, spacing, normalisation,
     classes, batch size and foreground oversampling. ``cfg`` (the recipe) keeps its own class names when they
     have the planned count."""
     dims = plan.spatial_dims
@@ -159,7 +160,7 @@ def plan_overrides(plan: Plan, cfg: dict | None = None) -> dict:
     return {
         "optim": dict(OPTIM),
         "encoder": {"img_size": plan.patch, "spatial_dims": dims, "in_chans": plan.channels},
-        "segmentation": {"network": "dynunet", "num_classes": plan.num_classes,
+        "segmentation": {"network": "auto", "num_classes": plan.num_classes,
                          "class_names": names if names and len(names) == plan.num_classes else plan.class_names,
                          "kernel_size": plan.kernel_size, "strides": plan.strides, "deep_supervision": True},
         "data": {"preset": preset, "preset_args": args, "batch_size": plan.batch_size},
@@ -181,7 +182,8 @@ def describe(fp: Fingerprint, plan: Plan) -> str:
                                  f"0.5-99.5 % {fp.intensity[0]['p00_5']:.4g} .. {fp.intensity[0]['p99_5']:.4g}"),
         ("**target spacing**", fmt(plan.spacing)), ("median shape at it", fmt(plan.median_shape)),
         ("**patch**", x(str(p) for p in plan.patch)), ("downsamplings per axis", x(str(p) for p in plan.pools)),
-        ("network", f"DynUNet, {len(plan.strides)} stages, deep supervision"),
+        ("network", f"auto: DynUNet of {len(plan.strides)} stages, deep supervision (a pretrained encoder: its "
+                    "family's network)"),
         ("**normalisation**", "CT: clip %.4g .. %.4g, z-score (mean %.4g, std %.4g)" % tuple(plan.ct_stats)
          if plan.ct_stats else "z-score per image"),
         ("batch size", plan.batch_size), ("foreground oversampling", f"{plan.foreground:.2f}"),

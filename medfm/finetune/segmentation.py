@@ -49,7 +49,8 @@ from medfm.evaluate.plots import overlay_png
 from medfm.progress import progress_bar
 from medfm.run import TrainingModule, evaluating
 
-from medfm.heads import FrozenEncoder, SegmentationModel, deep_supervision_weights, encoder_and_head_groups
+from medfm.heads import (BACKBONE_FAMILIES, FrozenEncoder, SegmentationModel, deep_supervision_weights,
+                         encoder_and_head_groups)
 
 from .base import FinetuneTask, validation_metrics
 from .planning import unet_stages
@@ -332,7 +333,56 @@ def _nanmean(values: list[float]) -> float:
 
 
 # ----------------------------------------------------------------- the plug-in
-NETWORKS = ("unetr", "dynunet")
+NETWORKS = ("unetr", "dynunet", "segresnet", "swinunetr", "auto")
+# a MONAI network's encoder family from random initialisation, when the recipe names another encoder
+FAMILY_DEFAULTS = {"segres_encoder": {"init_filters": 16}, "swin_vit": {"feature_size": 24, "depths": [2, 2, 2, 2],
+                                                                      "num_heads": [3, 6, 12, 24], "window_size": 7}}
+
+
+def resolve_network(cfg: dict) -> list[str]:
+    """``segmentation.network`` made concrete in ``cfg``, with the encoder and patch it needs; returns the changes
+    as lines a user reads.
+
+    * ``auto``: a pretrained encoder gets the network its family has (``segres_encoder`` -> ``segresnet``,
+      ``swin_vit`` -> ``swinunetr``, any other -> ``unetr``); random initialisation gets ``dynunet`` (nnU-Net's).
+    * ``segresnet`` / ``swinunetr`` from random initialisation: a recipe's other encoder is replaced by the
+      network's own family (SegResNet: as many levels as the patch halves to >= 4 voxels, at most 5); pretrained
+      weights of another family are an error. The patch is rounded up to the encoder's total stride.
+    """
+    s, enc = cfg["segmentation"], cfg["encoder"]
+    said, pretrained = [], bool(enc.get("pretrained"))
+    if s["network"] not in NETWORKS:
+        raise ValueError(f"segmentation.network={s['network']!r}: one of {', '.join(NETWORKS)}")
+    if s["network"] == "auto":
+        s["network"] = ({v: k for k, v in BACKBONE_FAMILIES.items()}.get(enc["name"], "unetr") if pretrained
+                        else "dynunet")
+        said.append(f"segmentation.network auto -> {s['network']} "
+                    f"({'the ' + enc['name'] + ' encoder given' if pretrained else 'random initialisation'})")
+    family = BACKBONE_FAMILIES.get(s["network"])
+    if family is None:
+        return said
+    dims = enc["spatial_dims"]
+    patch = list(ensure_tuple_rep(enc["img_size"], dims))
+    if enc["name"] != family:
+        if pretrained:
+            raise ValueError(f"segmentation.network={s['network']} takes a {family} encoder (MONAI's own); the "
+                             f"weights given ({enc['pretrained']}) are a {enc['name']}: use network unetr or auto")
+        args = dict(FAMILY_DEFAULTS[family])
+        if family == "segres_encoder":
+            downs = max(1, min(4, min(int(math.log2(max(p, 8) / 4)) for p in patch)))
+            args["blocks_down"] = [1, 2, 2, 4, 4][:downs + 1]
+        cfg["encoder"] = enc = {"name": family, "spatial_dims": dims, "in_chans": enc["in_chans"],
+                                "img_size": enc["img_size"], "pretrained": None, **args}
+        said.append(f"encoder: {family} ({', '.join(f'{k} {v}' for k, v in args.items())}) from random "
+                    f"initialisation, the encoder segmentation.network={s['network']} is built around")
+    stride = 32 if family == "swin_vit" else 2 ** (len(enc.get("blocks_down") or (1, 2, 2, 4, 4)) - 1)
+    least = 64 if family == "swin_vit" else stride  # SwinUNETR's 1-voxel bottleneck at 32 cannot instance-normalise
+    fitted = [max(least, int(math.ceil(p / stride) * stride)) for p in patch]
+    if fitted != patch:
+        enc["img_size"] = fitted
+        said.append(f"encoder.img_size {patch} -> {fitted} (segmentation.network={s['network']} needs sizes "
+                    f"divisible by {stride}" + (", at least 64)" if least == 64 else ")"))
+    return said
 
 
 @dataclass
@@ -342,11 +392,15 @@ class SegmentationConfig:
     num_classes: int = 2  # including background (label 0)
     class_names: list | None = None
     mask: str = "mask"  # manifest column of the label maps
-    network: str = "unetr"  # unetr: a medfm encoder + UNETR / U-Net decoder | dynunet: MONAI's DynUNet (nnU-Net), whole
+    # unetr: any medfm encoder + UNETR / U-Net decoder | dynunet: MONAI's DynUNet (nnU-Net), whole, random init |
+    # segresnet: MONAI's SegResNetDS around a segres_encoder | swinunetr: MONAI's SwinUNETR around a swin_vit |
+    # auto: a pretrained encoder's own network (unetr for ViTs), dynunet from random init
+    network: str = "unetr"
     kernel_size: list | None = None  # dynunet: per stage (the plan's; None: 3 everywhere)
     strides: list | None = None  # dynunet: per stage (the plan's; None: halve each axis while it stays >= 4)
-    deep_supervision: bool = True  # dynunet: nnU-Net's 1/2^i-weighted losses of the coarser outputs
-    feature_size: int = 16  # decoder width at full resolution (doubles per level); dynunet: its first stage
+    deep_supervision: bool = True  # dynunet, segresnet: nnU-Net's 1/2^i-weighted losses of the coarser outputs
+    feature_size: int = 16  # decoder width at full resolution (doubles per level); dynunet: its first stage;
+    # segresnet / swinunetr: the encoder's widths set the decoder's
     overlap: float = 0.25  # sliding-window overlap at evaluation
     sw_batch_size: int = 4
     hd95: bool = True
@@ -382,7 +436,14 @@ class SegmentationTask(FinetuneTask):
             raise ValueError(f"segmentation.network={s.network!r}: one of {', '.join(NETWORKS)}")
         if s.network == "dynunet" and (cfg["method"] != "full" or cfg["encoder"].get("pretrained")):
             raise ValueError("segmentation.network=dynunet trains MONAI's DynUNet whole from random initialisation "
-                             "(method full, no --encoder); a pretrained medfm encoder goes under network=unetr")
+                             "(method full, no --encoder); a pretrained medfm encoder goes under network auto (its "
+                             "family's network), unetr, segresnet or swinunetr")
+
+    def resolve(self, cfg: dict) -> dict:
+        """``network: auto`` and the encoder a MONAI network is built around (:func:`resolve_network`)."""
+        for line in resolve_network(cfg):
+            print(line)
+        return cfg
 
     def prepare(self, cfg: dict, train, state: dict):
         """Says in one line when the recipe resamples a volume set far from its native spacing."""
@@ -402,6 +463,8 @@ class SegmentationTask(FinetuneTask):
             kernels, strides = unet_stages(patch)
             head.update(network="dynunet", kernel_size=s.kernel_size or kernels, strides=s.strides or strides,
                         deep_supervision=s.deep_supervision)
+        elif s.network in BACKBONE_FAMILIES:
+            head.update(network=s.network, deep_supervision=s.deep_supervision)
         return head
 
     def module(self, cfg: dict, model, train, state: dict):

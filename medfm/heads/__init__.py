@@ -4,11 +4,11 @@ encoder (:func:`build_task_encoder`), the segmentation model (UNETR / U-Net deco
 Fine-tuning tasks (:mod:`medfm.finetune`) and pretraining methods (:mod:`medfm.pretrain`) import from here,
 never from each other."""
 
-from .segmentation import PlannedUNet, SegmentationModel, deep_supervision_weights
+from .segmentation import BACKBONE_FAMILIES, BackboneNetwork, PlannedUNet, SegmentationModel, deep_supervision_weights
 from .task_model import TaskModel, build_task_encoder
 from .text_writer import ReportVocab, TextWriter, build_decoder, encoder_tokens, writer_head, writer_parts
 from .training import FrozenEncoder, encoder_and_head_groups, known_cross_entropy, lr_scaled_groups
 
-__all__ = ["TaskModel", "build_task_encoder", "SegmentationModel", "PlannedUNet", "deep_supervision_weights", "ReportVocab", "TextWriter", "build_decoder",
+__all__ = ["TaskModel", "build_task_encoder", "SegmentationModel", "PlannedUNet", "BackboneNetwork", "BACKBONE_FAMILIES", "deep_supervision_weights", "ReportVocab", "TextWriter", "build_decoder",
            "encoder_tokens", "writer_head", "writer_parts", "FrozenEncoder", "encoder_and_head_groups",
            "known_cross_entropy", "lr_scaled_groups"]

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
-from monai.networks.nets import DynUNet
+from monai.networks.nets import DynUNet, SegResNetDS, SwinUNETR
 
 from .task_model import TaskModel, build_task_encoder
 
@@ -113,8 +113,11 @@ class SegmentationModel(TaskModel, nn.Module):
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None):
         """The spec's network: this model (``network: unetr``, the default) or a :class:`PlannedUNet`."""
         h = spec["head"]
-        if h.get("network", "unetr") == "dynunet":
+        network = h.get("network", "unetr")
+        if network == "dynunet":
             return PlannedUNet.from_spec(spec, pretrained, folder)
+        if network in BACKBONE_FAMILIES:
+            return BackboneNetwork.from_spec(spec, pretrained, folder)
         model = cls(build_task_encoder(spec, pretrained), h["num_classes"], h["feature_size"])
         model.spec = spec
         return model
@@ -164,5 +167,85 @@ class PlannedUNet(TaskModel, nn.Module):
         h, e = spec["head"], spec["encoder"]
         model = cls(e["spatial_dims"], e["in_chans"], h["num_classes"], h["kernel_size"], h["strides"],
                     h["feature_size"], h.get("deep_supervision", True))
+        model.spec = spec
+        return model
+
+
+# MONAI networks whose encoder is a medfm encoder family: the network -> the family its encoder must be
+BACKBONE_FAMILIES = {"segresnet": "segres_encoder", "swinunetr": "swin_vit"}
+
+
+class _Borrowed(nn.Module):
+    """Stands in a MONAI network for the encoder it built: calls the medfm encoder that the task model owns
+    (``call(encoder, x, *args)``) without registering it a second time, so its weights are saved once, under
+    ``encoder.``, and LoRA, freezing and layer decay see one encoder."""
+
+    def __init__(self, owner: nn.Module, call):
+        super().__init__()
+        self.__dict__["_owner"] = owner  # a plain attribute, not a submodule
+        self.call = call
+
+    def forward(self, x: torch.Tensor, *args):
+        return self.call(self.__dict__["_owner"], x, *args)
+
+
+class BackboneNetwork(TaskModel, nn.Module):
+    """A MONAI segmentation network with a medfm encoder as its encoder: ``segresnet`` is MONAI's
+    ``SegResNetDS`` (SegResNet with deep supervision; its encoder a ``segres_encoder``: random, medfm-pretrained
+    or CT-FM's), ``swinunetr`` MONAI's ``SwinUNETR`` (its encoder a ``swin_vit``: random, medfm-pretrained or
+    SwinUNETR's self-supervised weights). The decoder is what MONAI builds for that encoder's widths; the encoder
+    is the medfm one, so tuning methods (LoRA, a frozen probe) and ``encoder/`` exports apply as to any task model.
+
+    (B, C, *spatial) -> (B, num_classes, *spatial) logits; a SegResNetDS in training with deep supervision
+    gives (B, heads, num_classes, *spatial), its coarser heads upsampled to the input's size (nnU-Net's
+    1/2^i-weighted losses, as :class:`PlannedUNet`)."""
+
+    def __init__(self, encoder: nn.Module, network: str, num_classes: int, deep_supervision: bool = True):
+        super().__init__()
+        family = BACKBONE_FAMILIES.get(network)
+        if family is None:
+            raise ValueError(f"network {network!r}: one of {', '.join(BACKBONE_FAMILIES)}")
+        have = getattr(encoder, "family", None) or type(encoder).__name__
+        needs = {"segresnet": "init_filters", "swinunetr": "depths"}[network]
+        if not hasattr(encoder, needs):
+            raise ValueError(f"segmentation.network={network} builds its encoder from a {family} (MONAI's own); "
+                             f"got a {have}: name encoder.name={family}, give --encoder weights of that family, or "
+                             "use network unetr (any medfm encoder)")
+        self.encoder, self.num_classes, self.network_name = encoder, num_classes, network
+        dims = encoder.spatial_dims
+        if network == "segresnet":
+            levels = len(encoder.blocks_down)
+            self.deep_supervision = bool(deep_supervision) and levels > 2
+            self.network = SegResNetDS(dims, encoder.init_filters, encoder.in_chans, num_classes, act=encoder.act_name,
+                                       norm=encoder.norm_name, blocks_down=encoder.blocks_down,
+                                       dsdepth=levels - 1 if self.deep_supervision else 1)
+            self.network.encoder = _Borrowed(encoder, lambda enc, x: enc.net(x))  # every level, stride 1 first
+            self._stride = 2 ** (levels - 1)
+        else:
+            self.deep_supervision = False  # SwinUNETR has one output
+            self.network = SwinUNETR(encoder.in_chans, num_classes, patch_size=2, depths=encoder.depths,
+                                     num_heads=encoder.num_heads, window_size=encoder.window_size,
+                                     feature_size=encoder.feature_size, spatial_dims=dims)
+            self.network.swinViT = _Borrowed(encoder, lambda enc, x, normalize: enc.net(x, normalize))
+            self._stride = 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.network(x)
+        if isinstance(out, (list, tuple)):  # SegResNetDS's deep supervision in training: full resolution first
+            size, mode = tuple(x.shape[2:]), "bilinear" if x.ndim == 4 else "trilinear"
+            out = torch.stack([o if tuple(o.shape[2:]) == size else F.interpolate(o, size=size, mode=mode,
+                                                                                   align_corners=False)
+                               for o in out], 1)
+        return out
+
+    @property
+    def stride(self) -> int:
+        """What inputs must be divisible by: the encoder's total stride (SegResNet 2^(levels-1), Swin 32)."""
+        return self._stride
+
+    @classmethod
+    def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "BackboneNetwork":
+        h = spec["head"]
+        model = cls(build_task_encoder(spec, pretrained), h["network"], h["num_classes"], h.get("deep_supervision", True))
         model.spec = spec
         return model
