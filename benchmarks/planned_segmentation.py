@@ -8,7 +8,13 @@ slices of each patient's validation volume predicted with `medfm predict` and po
         --patient patient --out runs/bench_plan_lgg
 
 Each run is ``medfm finetune tasks/segment_{2d,3d}.yaml --data DATA --plan auto --profile cpu --max-steps STEPS``
-(``--profile none`` for the recipe's own widths). Prints a markdown table and writes OUT/results.md.
+(``--profile none`` for the recipe's own widths); ``--network NET`` sets ``segmentation.network`` (auto, dynunet,
+segresnet, swinunetr, unetr), ``--encoder RUN`` starts from pretrained weights, ``--folds K`` trains K folds of the
+training split and scores their ensemble (and each fold) on the validation split. Prints a markdown table and
+writes OUT/results.md.
+
+    python benchmarks/planned_segmentation.py --data ../shared/data/msd_hippocampus/manifest.csv --steps 500 \
+        --network segresnet --out runs/bench_plan_segresnet
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from medfm.cli import main as medfm
+from medfm.finetune import run_recipe as medfm_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +59,10 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--val-split", default="val")
     ap.add_argument("--patient", default=None, help="2D slice sets: the column naming each slice's patient")
+    ap.add_argument("--network", default=None, help="segmentation.network (default: the plan's, auto)")
+    ap.add_argument("--encoder", default=None, help="pretrained weights (a run, an encoder folder, a checkpoint)")
+    ap.add_argument("--folds", type=int, default=None, help="train K folds and score their ensemble")
+    ap.add_argument("overrides", nargs="*", help="more recipe overrides, KEY=VALUE")
     args = ap.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
     with open(data) as f:
@@ -60,12 +71,26 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         run = out / f"seed{seed}"
+        extra = [*(["--encoder", args.encoder] if args.encoder else []), *(["--folds", str(args.folds)] if args.folds else []),
+                 *([f"segmentation.network={args.network}"] if args.network else []), *args.overrides]
         assert medfm(["finetune", f"segment_{dims}d", "--data", str(data), "--plan", "auto", "--profile", args.profile,
                       "--out", str(run), "--max-steps", str(args.steps), "--overwrite", f"seed={seed}",
-                      "data.test_split=null", f"data.val_split={args.val_split}", "trainer.enable_progress_bar=false"]) == 0
-        m = json.loads((run / "metrics.json").read_text())
-        v = m[args.val_split]
-        row = {"seed": seed, "steps": m["steps"], "train_min": m["train_time_s"] / 60, "mean_dice": v["mean_dice"],
+                      "data.test_split=null", f"data.val_split={args.val_split}", "trainer.enable_progress_bar=false",
+                      *extra]) == 0
+        if args.folds:  # the ensemble on the validation split; training minutes summed over the folds
+            e = json.loads((run / "metrics.json").read_text())
+            folds = [json.loads((run / f"fold_{k}" / "metrics.json").read_text()) for k in range(args.folds)]
+            m = {"steps": sum(f["steps"] for f in folds), "train_time_s": sum(f["train_time_s"] for f in folds),
+                 "network": folds[0].get("network")}
+            v = e["ensemble"]
+            for k, f in e["per_fold"].items():
+                print(f"{k}: {args.val_split} mean Dice {f['mean_dice']:.3f}")
+        else:
+            m = json.loads((run / "metrics.json").read_text())
+            v = m[args.val_split]
+        recipe = medfm_recipe(run / "fold_0" if args.folds else run)
+        row = {"seed": seed, "network": recipe["segmentation"]["network"], "encoder": recipe["encoder"]["name"],
+               "steps": m["steps"], "train_min": m["train_time_s"] / 60, "mean_dice": v["mean_dice"],
                **{f"dice {k}": d for k, d in v["dice"].items()}, "mean_hd95": v.get("mean_hd95", float("nan"))}
         if args.patient:
             patients = per_patient_dice(run, data, args.val_split, args.patient)

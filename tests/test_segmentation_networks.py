@@ -65,9 +65,17 @@ def test_each_monai_network_trains_around_its_medfm_encoder_and_reloads_alone(tm
         # the exported encoder is the network's own encoder, and it reloads as that family
         encoder = medfm.load(run / "encoder").eval()
         torch.testing.assert_close(encoder.forward_features(x), model.encoder.forward_features(x))
-    if network == "segresnet":  # SegResNetDS's deep supervision: one full-size head per level but the lowest
+    if network == "segresnet":  # SegResNetDS's deep supervision: a full-size head per level but the lowest (of 5)
         with torch.no_grad():
             assert model.train()(x).shape == (1, 4, 3, 32, 32, 32)
+        # the run's encoder as a pretrained backbone: a plan's network auto becomes its family's, and the plan's
+        # 32 x 40 x 32 patch is rounded up to its 5 levels' stride 16 (not down to the recipe's ViT patch size)
+        again = tmp_path / "again"
+        assert main(["finetune", "segment_3d", "--data", str(manifest), "--plan", "auto", "--profile", "tiny",
+                     "--encoder", str(run), "--out", str(again), "--max-steps", "2", *QUIET]) == 0
+        recipe = medfm.finetune.run_recipe(again)
+        assert recipe["segmentation"]["network"] == "segresnet" and recipe["encoder"]["img_size"] == [32, 48, 32]
+        assert recipe["encoder"]["init_filters"] == 8 and "encoder" in str(recipe["encoder"]["pretrained"])
 
 
 def test_auto_takes_the_pretrained_encoders_own_network_and_dynunet_from_random_init(capsys):

@@ -157,10 +157,10 @@ def adopt_saved_architecture(cfg: dict) -> None:
         more = f"; {', '.join(rest)} as saved" if rest else ""
         print(f"encoder: {', '.join(shown) or 'architecture'}{more} (from {enc['pretrained']})")
         enc.update(changed)
-        _fit_img_size(enc)
         known = _encoder_keys(enc)
         for key in [k for k in enc if k not in known]:  # e.g. a ViT's patch_size, the weights being a CNN's
             _drop_key(enc, "encoder", key)
+        _fit_img_size(enc)  # after: a dropped ViT patch size must not round a CNN's size
 
 
 def _fit_img_size(enc: dict) -> None:
