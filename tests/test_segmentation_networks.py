@@ -78,6 +78,31 @@ def test_each_monai_network_trains_around_its_medfm_encoder_and_reloads_alone(tm
         assert recipe["encoder"]["init_filters"] == 8 and "encoder" in str(recipe["encoder"]["pretrained"])
 
 
+def test_the_networks_are_monais_own_with_the_medfm_encoder_in_its_encoders_place():
+    """Loaded with one MONAI network's weights (its encoder's under encoder.net.), ours computes what MONAI's does."""
+    from monai.networks.nets import SegResNetDS, SwinUNETR
+
+    from medfm.encoders import create_encoder
+
+    swin = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4)
+    cases = [
+        ("swinunetr", "swin_vit", "swinViT.", SwinUNETR(1, 3, spatial_dims=3, **swin), swin, 64),
+        ("segresnet", "segres_encoder", "encoder.",
+         SegResNetDS(3, init_filters=8, in_channels=1, out_channels=3, blocks_down=(1, 2, 2, 4), dsdepth=3),
+         dict(init_filters=8, blocks_down=(1, 2, 2, 4)), 32),
+    ]
+    for network, family, prefix, ref, args, size in cases:
+        torch.manual_seed(0)
+        ref.eval()
+        ours = BackboneNetwork(create_encoder(family, spatial_dims=3, img_size=size, **args), network, 3).eval()
+        sd = {(f"encoder.net.{k[len(prefix):]}" if k.startswith(prefix) else f"network.{k}"): v
+              for k, v in ref.state_dict().items()}
+        ours.load_state_dict(sd)  # strict: every weight has its place, none is stored twice
+        x = torch.randn(1, 1, size, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), ref(x), msg=network)
+
+
 def test_auto_takes_the_pretrained_encoders_own_network_and_dynunet_from_random_init(capsys):
     base = {"segmentation": {"network": "auto"}, "encoder": {"name": "segres_encoder", "spatial_dims": 3,
                                                              "in_chans": 1, "img_size": [40, 56, 40]}}
