@@ -126,7 +126,8 @@ def evaluate_folds(run: str | Path, split: str | None = None, data: str | None =
     ds = open_split(cfg, split, path=data)
     dest = Path(out) if out else run
     dest.mkdir(parents=True, exist_ok=True)
-    ensemble = evaluate_segmentation(model.eval(), ds, dest, split, ensure_tuple_rep(enc["img_size"], enc["spatial_dims"]), s["class_names"], s["overlap"],
+    roi = ensure_tuple_rep(enc["img_size"], enc["spatial_dims"])
+    ensemble = evaluate_segmentation(model.eval(), ds, dest, split, roi, s["class_names"], s["overlap"],
                                      s["sw_batch_size"], s["hd95"], s["mirror"], keep)
     per_fold = {}
     for name in info["runs"]:
