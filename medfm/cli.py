@@ -157,7 +157,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         saved = Path(args.out) / FOLDS_FILE
         cfg = (json.loads(saved.read_text())["recipe"] if args.resume and saved.exists()
                else load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides, args.profile))
-        out = run_folds(cfg, args.out, args.folds, data_path=args.data, resume=args.resume, overwrite=args.overwrite)
+        group = json.loads(saved.read_text()).get("group") if args.resume and saved.exists() else args.fold_by
+        out = run_folds(cfg, args.out, args.folds, data_path=args.data, resume=args.resume, overwrite=args.overwrite,
+                        group=group)
         print(f"ensemble of {args.folds} folds: {out} (medfm predict {out} IMAGE... --out DIR)")
         return 0
     cfg, changes = _recipe(load_task_recipe, find_recipe(args.recipe, kind="tasks"), args, overrides)
@@ -552,6 +554,8 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--folds", type=int, default=None, help="segmentation: train K folds of the training split "
                    "(OUT/fold_k, each validated on its part) and score their ensemble on the validation split; "
                    "medfm predict OUT ensembles them")
+    p.add_argument("--fold-by", default=None, metavar="COLUMN", help="with --folds: a manifest column whose rows "
+                   "stay in one fold (e.g. patient, for 2D slices)")
     _run_options(p, cmd_finetune)
 
 

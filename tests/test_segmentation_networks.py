@@ -151,6 +151,25 @@ def test_the_folds_of_a_split_partition_it(tmp_path):
     assert again == parts[1]  # drawn with a fixed seed: the same parts every time
     with pytest.raises(Exception, match="0 <= k < n"):
         read_records(manifest, split="train fold 3 of 3")
+    # by a column: the rows sharing a value (a patient's slices) fall in one part
+    rows = list(csv.DictReader(open(manifest)))
+    for i, r in enumerate(rows):
+        r["patient"] = f"p{i // 3}"
+    grouped = tmp_path / "set" / "grouped.csv"
+    with open(grouped, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    patient = {str(tmp_path / "set" / r["image"]): r["patient"] for r in rows}
+    seen: dict = {}
+    for k in range(3):
+        part = read_records(grouped, split=f"train fold {k} of 3 by patient")[0]
+        rest = read_records(grouped, split=f"train without fold {k} of 3 by patient")[0]
+        assert not {patient[r.image] for r in part} & {patient[r.image] for r in rest}
+        for r in part:
+            assert seen.setdefault(patient[r.image], k) == k
+    with pytest.raises(Exception, match="no column 'site'"):
+        read_records(grouped, split="train fold 0 of 3 by site")
 
 
 def test_an_ensemble_averages_its_models_logits():

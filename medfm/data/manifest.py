@@ -7,7 +7,9 @@ Rows are numbered by their line in the file, so errors point at a line to fix.
 
 Cross-validation folds are splits too: ``"train fold 2 of 5"`` is part 2 (from 0) of the ``train`` rows,
 ``"train without fold 2 of 5"`` the rest (:func:`fold_split`); the parts are drawn once, with a fixed seed, from
-the split's rows in manifest order, so every fold of a run, and a resumed run, sees the same ones.
+the split's rows in manifest order, so every fold of a run, and a resumed run, sees the same ones. ``"train fold 2
+of 5 by patient"`` draws whole groups of rows (the values of the ``patient`` column: a patient's slices stay in one
+part).
 
 Labels:
   * one label column: class names (or integers) -> an int index into ``classes``;
@@ -90,28 +92,33 @@ def _infer_classes(values: list[str]) -> list[str]:
 
 
 FOLD_SEED = 12345  # nnU-Net's seed for its five folds
-_FOLD = re.compile(r"^(?P<split>.+?) (?P<without>without )?fold (?P<k>\d+) of (?P<n>\d+)$")
+_FOLD = re.compile(r"^(?P<split>.+?) (?P<without>without )?fold (?P<k>\d+) of (?P<n>\d+)(?: by (?P<group>\S+))?$")
 
 
-def fold_split(split: str) -> tuple[str, int, int, bool] | None:
-    """``"train fold 2 of 5"`` -> ("train", 2, 5, False), ``"train without fold 2 of 5"`` -> (..., True); None for
-    a plain split name. A fold outside ``0 .. n-1`` or fewer than 2 folds is an error."""
+def fold_split(split: str) -> tuple[str, int, int, bool, str | None] | None:
+    """``"train fold 2 of 5"`` -> ("train", 2, 5, False, None), ``"train without fold 2 of 5 by patient"`` ->
+    ("train", 2, 5, True, "patient"); None for a plain split name. A fold outside ``0 .. n-1`` or fewer than 2
+    folds is an error."""
     m = _FOLD.match(str(split))
     if not m:
         return None
     k, n = int(m["k"]), int(m["n"])
     if n < 2 or not 0 <= k < n:
         raise DataError(f"split {split!r}: a fold k of n needs n >= 2 and 0 <= k < n")
-    return m["split"], k, n, bool(m["without"])
+    return m["split"], k, n, bool(m["without"]), m["group"]
 
 
-def fold_rows(rows: list, k: int, n: int, without: bool = False) -> list:
-    """Part ``k`` of ``n`` of ``rows`` (or, ``without``, every other part): a seeded permutation cut in ``n``
-    nearly equal parts (:data:`FOLD_SEED`)."""
-    if len(rows) < n:
-        raise DataError(f"{len(rows)} rows cannot make {n} folds")
-    part = set(np.array_split(np.random.RandomState(FOLD_SEED).permutation(len(rows)), n)[k].tolist())
-    return [r for i, r in enumerate(rows) if (i in part) != without]
+def fold_rows(rows: list[tuple[int, dict]], k: int, n: int, without: bool = False, group: str | None = None) -> list:
+    """Part ``k`` of ``n`` of the manifest ``rows`` (or, ``without``, every other part): a seeded permutation
+    (:data:`FOLD_SEED`) of the rows, or of the distinct values of their ``group`` column, cut in ``n`` nearly equal
+    parts."""
+    keys = [str(r.get(group, "")) for _, r in rows] if group else list(range(len(rows)))
+    units = list(dict.fromkeys(keys))
+    if len(units) < n:
+        raise DataError(f"{len(units)} {'values of ' + group if group else 'rows'} cannot make {n} folds")
+    order = np.random.RandomState(FOLD_SEED).permutation(len(units))
+    part = {units[i] for i in np.array_split(order, n)[k].tolist()}
+    return [r for key, r in zip(keys, rows) if (key in part) != without]
 
 
 def _column(path, rows, key: str) -> None:
@@ -163,6 +170,8 @@ def read_records(
         if not rows:
             raise DataError(f"{path}: no rows with {split_key}={base!r}; splits present: {present}")
         if fold:
+            if fold[4]:
+                _column(path, rows, fold[4])
             rows = fold_rows(rows, *fold[1:])
 
     records, bad = [], []

@@ -37,21 +37,23 @@ def is_folds_run(run: str | Path) -> bool:
     return (Path(run) / FOLDS_FILE).exists()
 
 
-def fold_recipe(cfg: dict, k: int, folds: int) -> dict:
+def fold_recipe(cfg: dict, k: int, folds: int, group: str | None = None) -> dict:
     """Fold ``k`` of ``folds`` of the recipe: trains on its training split without part ``k``, validates on part
-    ``k``, and scores the recipe's validation split as its held-out (test) split."""
+    ``k``, and scores the recipe's validation split as its held-out (test) split. ``group``: a manifest column
+    whose rows stay together (a patient's slices)."""
     cfg = copy.deepcopy(cfg)
     d = cfg["data"]
-    train, held_out = d["train_split"], d["val_split"]
-    d.update(train_split=f"{train} without fold {k} of {folds}", val_split=f"{train} fold {k} of {folds}",
+    train, held_out, by = d["train_split"], d["val_split"], f" by {group}" if group else ""
+    d.update(train_split=f"{train} without fold {k} of {folds}{by}", val_split=f"{train} fold {k} of {folds}{by}",
              test_split=held_out)
     return cfg
 
 
 def run_folds(cfg: dict, out: str | Path, folds: int, data_path: str | None = None, resume: bool = False,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, group: str | None = None) -> Path:
     """Train every fold of ``cfg`` into ``out/fold_k`` (a finished fold is kept on ``resume``, a killed one
-    resumes from its checkpoint), then score the ensemble on the held-out split; returns ``out``."""
+    resumes from its checkpoint), then score the ensemble on the held-out split; returns ``out``. ``group``: a
+    manifest column whose rows are drawn into folds together (2D slices of one patient)."""
     if cfg["task"] != "segmentation":
         raise ValueError(f"--folds trains and ensembles segmentation recipes; this recipe is {cfg['task']}")
     if not isinstance(folds, int) or folds < 2:
@@ -65,15 +67,15 @@ def run_folds(cfg: dict, out: str | Path, folds: int, data_path: str | None = No
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise FileExistsError(f"{out} exists: --resume to continue its folds, --overwrite to start again")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / FOLDS_FILE, {"folds": folds, "held_out": cfg["data"]["val_split"], "recipe": cfg,
-                                  "runs": [f"fold_{k}" for k in range(folds)]})
+    write_json(out / FOLDS_FILE, {"folds": folds, "held_out": cfg["data"]["val_split"], "group": group,
+                                  "recipe": cfg, "runs": [f"fold_{k}" for k in range(folds)]})
     for k in range(folds):
         sub = out / f"fold_{k}"
         if resume and (sub / "metrics.json").exists():
             print(f"fold {k}: finished earlier, kept")
             continue
         print(f"fold {k} of {folds}: {sub}")
-        run_finetune(fold_recipe(cfg, k, folds), sub, resume=resume and (sub / "checkpoints" / "last.ckpt").exists(),
+        run_finetune(fold_recipe(cfg, k, folds, group), sub, resume=resume and (sub / "checkpoints" / "last.ckpt").exists(),
                      overwrite=overwrite)
     metrics = evaluate_folds(out)
     print(folds_table(metrics))
