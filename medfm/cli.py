@@ -149,9 +149,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                              profile=args.profile)
         named = [o for o in overrides if o.startswith("segmentation.network=")]  # the user's choice stands
         print(f"planned from {fp.n_cases} training cases: spacing {plan.spacing}, patch {plan.patch}, "
-              f"{plan.num_classes} classes, {plan.normalization} normalisation, network "
-              + (named[-1].split("=", 1)[1] if named else "auto (the --encoder weights' own network)" if args.encoder
-                 else f"auto (from random init a DynUNet of {len(plan.strides)} stages)"))
+              f"{plan.num_classes} classes, {plan.normalization} normalisation, network " + (named[-1].split("=", 1)[1] if named else "auto"))
         overrides = flat_overrides(plan_overrides(plan)) + overrides
     if args.folds is not None:  # K runs and their ensemble; a resumed one continues with the recipe it started with
         saved = Path(args.out) / FOLDS_FILE

@@ -103,7 +103,7 @@ def test_the_networks_are_monais_own_with_the_medfm_encoder_in_its_encoders_plac
             torch.testing.assert_close(ours(x), ref(x), msg=network)
 
 
-def test_auto_takes_the_pretrained_encoders_own_network_and_dynunet_from_random_init(capsys):
+def test_auto_takes_the_encoders_own_network_and_dynunet_for_a_random_vit(capsys):
     base = {"segmentation": {"network": "auto"}, "encoder": {"name": "segres_encoder", "spatial_dims": 3,
                                                              "in_chans": 1, "img_size": [40, 56, 40]}}
     cfg = json.loads(json.dumps(base))
@@ -119,9 +119,13 @@ def test_auto_takes_the_pretrained_encoders_own_network_and_dynunet_from_random_
     cfg["encoder"].update(name="vit_small", pretrained="runs/mae/encoder")
     resolve_network(cfg)
     assert cfg["segmentation"]["network"] == "unetr" and cfg["encoder"]["img_size"] == [40, 56, 40]
-    cfg = json.loads(json.dumps(base))
+    cfg = json.loads(json.dumps(base))  # random init, as --profile cpu builds it: the encoder's own network too
     resolve_network(cfg)
-    assert cfg["segmentation"]["network"] == "dynunet"
+    assert cfg["segmentation"]["network"] == "segresnet" and cfg["encoder"]["img_size"] == [48, 64, 48]
+    cfg = json.loads(json.dumps(base))
+    cfg["encoder"].update(name="vit_small")
+    resolve_network(cfg)
+    assert cfg["segmentation"]["network"] == "dynunet"  # a random ViT: nnU-Net's network, no medfm encoder
     # segresnet from random init replaces a ViT by its own family, as deep as the patch allows (40: 3 halvings)
     cfg = {"segmentation": {"network": "segresnet"}, "encoder": {"name": "vit_small", "patch_size": 16,
                                                                   "spatial_dims": 3, "in_chans": 1,

@@ -142,10 +142,10 @@ def make_plan(fp: Fingerprint, budget: int | None = None, batch_budget: int | No
 
 def plan_overrides(plan: Plan, cfg: dict | None = None) -> dict:
     """The plan as recipe overrides of a segmentation recipe (``tasks/segment_3d.yaml``, ``segment_2d``):
-    the network (``auto``: MONAI's DynUNet with the planned stages and deep supervision from random
-    initialisation, a pretrained encoder's own network otherwise), patch, spacing, normalisation,
-    classes, batch size and foreground oversampling. ``cfg`` (the recipe) keeps its own class names when they
-    have the planned count."""
+    the network (``auto``: the encoder's own MONAI network where its family has one, else MONAI's DynUNet with the
+    planned stages and deep supervision from random initialisation; see
+    :func:`medfm.finetune.segmentation.resolve_network`), patch, spacing, normalisation, classes, batch size and
+    foreground oversampling. ``cfg`` (the recipe) keeps its own class names when they have the planned count."""
     dims = plan.spatial_dims
     if dims == 3:
         preset = "ct_3d" if plan.normalization == "ct" else "mr_3d"
@@ -182,8 +182,8 @@ def describe(fp: Fingerprint, plan: Plan) -> str:
                                  f"0.5-99.5 % {fp.intensity[0]['p00_5']:.4g} .. {fp.intensity[0]['p99_5']:.4g}"),
         ("**target spacing**", fmt(plan.spacing)), ("median shape at it", fmt(plan.median_shape)),
         ("**patch**", x(str(p) for p in plan.patch)), ("downsamplings per axis", x(str(p) for p in plan.pools)),
-        ("network", f"auto: DynUNet of {len(plan.strides)} stages, deep supervision (a pretrained encoder: its "
-                    "family's network)"),
+        ("network", f"auto: the encoder's own MONAI network (SegResNet under --profile cpu, a pretrained family's), "
+                    f"else DynUNet of {len(plan.strides)} stages; deep supervision"),
         ("**normalisation**", "CT: clip %.4g .. %.4g, z-score (mean %.4g, std %.4g)" % tuple(plan.ct_stats)
          if plan.ct_stats else "z-score per image"),
         ("batch size", plan.batch_size), ("foreground oversampling", f"{plan.foreground:.2f}"),

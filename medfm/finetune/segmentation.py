@@ -343,8 +343,9 @@ def resolve_network(cfg: dict) -> list[str]:
     """``segmentation.network`` made concrete in ``cfg``, with the encoder and patch it needs; returns the changes
     as lines a user reads.
 
-    * ``auto``: a pretrained encoder gets the network its family has (``segres_encoder`` -> ``segresnet``,
-      ``swin_vit`` -> ``swinunetr``, any other -> ``unetr``); random initialisation gets ``dynunet`` (nnU-Net's).
+    * ``auto``: the network the encoder's family has (``segres_encoder`` -> ``segresnet``, ``swin_vit`` ->
+      ``swinunetr``: MONAI's own, random or pretrained, as ``--profile cpu`` trains 3D from random init); any other
+      encoder: ``unetr`` when pretrained, ``dynunet`` (nnU-Net's, no medfm encoder) from random initialisation.
     * ``segresnet`` / ``swinunetr`` from random initialisation: a recipe's other encoder is replaced by the
       network's own family (SegResNet: as many levels as the patch halves to >= 4 voxels, at most 5); pretrained
       weights of another family are an error. The patch is rounded up to the encoder's total stride.
@@ -354,10 +355,11 @@ def resolve_network(cfg: dict) -> list[str]:
     if s["network"] not in NETWORKS:
         raise ValueError(f"segmentation.network={s['network']!r}: one of {', '.join(NETWORKS)}")
     if s["network"] == "auto":
-        s["network"] = ({v: k for k, v in BACKBONE_FAMILIES.items()}.get(enc["name"], "unetr") if pretrained
-                        else "dynunet")
-        said.append(f"segmentation.network auto -> {s['network']} "
-                    f"({'the ' + enc['name'] + ' encoder given' if pretrained else 'random initialisation'})")
+        own = {v: k for k, v in BACKBONE_FAMILIES.items()}.get(enc["name"])
+        s["network"] = own or ("unetr" if pretrained else "dynunet")
+        why = (f"the {enc['name']} encoder's own network" if own else
+               f"a pretrained {enc['name']}" if pretrained else "random initialisation, no medfm encoder")
+        said.append(f"segmentation.network auto -> {s['network']} ({why})")
     family = BACKBONE_FAMILIES.get(s["network"])
     if family is None:
         return said
