@@ -28,6 +28,7 @@ from medfm.tuning import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune
 from medfm.finetune.folds import FOLDS_FILE, evaluate_folds, folds_table, is_folds_run, load_folds, run_folds
 from medfm.finetune.segmentation import predict_files, run_postprocessing
+from medfm.heads.promptable import RESIZE, is_whole_sam, load_promptable, segment_file, write_sam
 from medfm.finetune.planning import describe, flat_overrides, plan_data, plan_overrides, plan_recipe_text
 from medfm.finetune.site_adaptation import SITE_METHODS, SiteAdaptation, adapt_run
 from medfm.generate import GENERATORS, export_generated, model_hash
@@ -473,7 +474,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     if words[0] == "convert":
         if len(words) != 2 or not args.out:
             raise SystemExit("medfm models convert: give one checkpoint and --out FOLDER")
-        out = write_converted(words[1], Path(args.out))
+        out = (write_sam(words[1], Path(args.out), args.resize) if is_whole_sam(words[1])
+               else write_converted(words[1], Path(args.out)))
         print(f"converted {words[1]} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
         return 0
     if len(words) != 1:
@@ -500,7 +502,59 @@ def _models_parser(sub) -> None:
                    help="a weight file, a folder or hf:ORG/NAME: its format, the encoder it becomes and its "
                         "preprocessing; `convert CHECKPOINT --out FOLDER` writes it as medfm folders")
     p.add_argument("--out", default=None, help="convert: the folder to write")
+    p.add_argument("--resize", default=None, choices=RESIZE, help="convert, a whole SAM: its input convention "
+                   "(longest: SAM's resize-longest-side, pixel mean / std, padding; square: MedSAM's [0, 1] square "
+                   "resize; default: square when the file's name says medsam)")
     p.set_defaults(fn=cmd_models)
+
+
+def _points(values: list[str]) -> tuple[list[list[float]], list[int]]:
+    """``--point x,y[,label]`` values as coordinates and labels (1 foreground by default, 0 background)."""
+    coords, labels = [], []
+    for v in values:
+        parts = [float(t) for t in v.split(",")]
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in (0, 1)):
+            raise ValueError(f"--point {v}: give x,y or x,y,label with label 1 (foreground) or 0 (background)")
+        coords.append(parts[:2])
+        labels.append(int(parts[2]) if len(parts) == 3 else 1)
+    return coords, labels
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    box = [float(t) for t in args.box.split(",")] if args.box else None
+    if box is not None and (len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]):
+        raise ValueError(f"--box {args.box}: give x0,y0,x1,y1 with x1 > x0 and y1 > y0 (the input's pixels)")
+    points, labels = _points(args.point or [])
+    if box is None and not points:
+        raise ValueError("medfm segment needs a prompt: --box x0,y0,x1,y1 and / or --point x,y[,label] ...")
+    if not str(args.out).lower().endswith(".png"):
+        raise ValueError(f"--out {args.out}: the mask is written as a PNG (mask.png)")
+    model = load_promptable(args.model, resize=args.resize)
+    out = segment_file(model, args.image, args.out, box=box, points=points or None, labels=labels or None,
+                       multimask=args.multimask)
+    best, mask = out["best"], out["mask"]
+    ious = ", ".join(f"{v:.3f}" for v in out["iou"].tolist())
+    print(f"mask: {args.out} ({int(mask.sum())} of {mask.size} pixels, {mask.shape[1]} x {mask.shape[0]}); predicted "
+          f"IoU {ious}" + (f" (mask {best} of {len(out['iou'])} written)" if args.multimask else ""))
+    return 0
+
+
+def _segment_parser(sub) -> None:
+    """``medfm segment``."""
+    p = sub.add_parser("segment", help="promptable segmentation with a SAM / MedSAM model: a box or points on "
+                       "an image, a mask at the image's size",
+                       epilog="example: medfm segment --model sam_vit_b.pth scan.png --box 40,60,120,150 --out mask.png")
+    p.add_argument("image", help="a 2D image (PNG, JPEG, ...)")
+    p.add_argument("--model", required=True, help="a SAM / MedSAM checkpoint, or its `medfm models convert` folder")
+    p.add_argument("--box", default=None, help="x0,y0,x1,y1 in the image's pixels")
+    p.add_argument("--point", action="append", default=None, help="x,y[,label] in the image's pixels (label 1: "
+                   "foreground, the default; 0: background); repeatable")
+    p.add_argument("--multimask", action="store_true", help="three candidate masks; the one with the highest "
+                   "predicted IoU is written")
+    p.add_argument("--resize", default=None, choices=RESIZE, help="a checkpoint's input convention (see medfm "
+                   "models convert --resize)")
+    p.add_argument("--out", required=True, help="the mask (PNG, 0 / 255, the image's size)")
+    p.set_defaults(fn=cmd_segment)
 
 
 def _info_parser(sub) -> None:
@@ -882,7 +936,7 @@ def _data_parser(sub) -> None:
 
 # one function per command, in `medfm --help` order
 PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
-           _plan_parser, _predict_parser,
+           _plan_parser, _predict_parser, _segment_parser,
            _evaluate_parser, _adapt_parser, _generate_parser, _generate_report_parser, _answer_parser, _chat_parser, _export_parser,
            _select_parser,
            _curate_parser,

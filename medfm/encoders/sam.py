@@ -123,7 +123,8 @@ register_format(Format(
     preprocess="RGB 0..255 by ImageNet mean/std (inside the encoder), 1024 px; CT: window first (MedSAM: W400 L40)",
     license="SAM: Apache-2.0; MedSAM: Apache-2.0",
     example="medfm finetune tasks/segment_2d.yaml --encoder medsam_vit_b.pth --data data/lgg_flair/manifest.csv ...",
-    keys=(r"^(image_encoder\.)?neck\.0\.weight$", r"^(image_encoder\.)?blocks\.0\.attn\.qkv\.weight$",
-          r"^(image_encoder\.)?pos_embed$"),
+    keys=(r"^(module\.)?(sam\.)?(image_encoder\.)?neck\.0\.weight$",  # flat, MedSAM-training and DDP layouts
+          r"^(module\.)?(sam\.)?(image_encoder\.)?blocks\.0\.attn\.qkv\.weight$",
+          r"^(module\.)?(sam\.)?(image_encoder\.)?pos_embed$"),
     convert=from_sam,
 ))

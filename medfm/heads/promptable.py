@@ -1,0 +1,302 @@
+"""SAM whole as a medfm model: an image encoder from medfm (the ``sam_vit`` family for SAM / MedSAM checkpoints),
+and segment-anything's own ``PromptEncoder`` and ``MaskDecoder`` (``TwoWayTransformer``), so a checkpoint's
+``prompt_encoder.*`` and ``mask_decoder.*`` weights load as their authors saved them (the prompt encoder's random
+Fourier matrix, ``pe_layer.positional_encoding_gaussian_matrix``, is a weight that loads, never re-drawn).
+
+Two input conventions share the one checkpoint layout (recorded with the model as ``resize``):
+
+* ``longest`` (SAM, ``SamPredictor``): the image as 0..255 RGB, its longest side resized to ``image_size`` with
+  segment-anything's ``ResizeLongestSide``, normalised by SAM's pixel mean / std (the encoder's ``InputNorm``),
+  padded at the bottom and right with zeros after normalisation; masks come back cropped and resized to the
+  input's size, thresholded at logit 0.
+* ``square`` (MedSAM): the image min-max scaled to [0, 1], resized to ``image_size`` square (no normalisation, no
+  padding: the encoder has no ``InputNorm``); the mask is the 256 x 256 logits resized to the input's size,
+  sigmoid > 0.5.
+
+Boxes (x0, y0, x1, y1) and points (x, y) are given in the input image's pixels and mapped to the model's frame
+as the image is (:meth:`PromptableSAM.predict`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from .task_model import TaskModel, build_task_encoder
+
+RESIZE = ("longest", "square")
+
+
+class PromptableSAM(TaskModel, nn.Module):
+    """Image encoder + SAM's prompt encoder and mask decoder: images and prompts in, mask logits and predicted
+    IoU out.
+
+    ``encoder``: a medfm 2D encoder whose ``forward_features`` gives the (B, ``prompt_dim``, S/16, S/16) image
+    embedding at input size ``image_size`` (SAM's neck). The decoder's sizes (``decoder_depth``, ``decoder_mlp_dim``,
+    ``decoder_heads``, ``iou_hidden``, ``mask_in_chans``) are SAM's by default and read from a checkpoint when
+    converted (:func:`sam_parts`)."""
+
+    def __init__(self, encoder: nn.Module, image_size: int = 1024, prompt_dim: int = 256, resize: str = "longest",
+                 decoder_depth: int = 2, decoder_mlp_dim: int = 2048, decoder_heads: int = 8, iou_hidden: int = 256,
+                 mask_in_chans: int = 16):
+        super().__init__()
+        if resize not in RESIZE:
+            raise ValueError(f"resize={resize!r}: one of {', '.join(RESIZE)} (SAM's longest side, MedSAM's square)")
+        self.encoder, self.image_size, self.resize = encoder, image_size, resize
+        grid = image_size // encoder.patch_size[0]
+        self.prompt_encoder = PromptEncoder(embed_dim=prompt_dim, image_embedding_size=(grid, grid),
+                                            input_image_size=(image_size, image_size), mask_in_chans=mask_in_chans)
+        self.mask_decoder = MaskDecoder(
+            num_multimask_outputs=3, transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=iou_hidden,
+            transformer=TwoWayTransformer(depth=decoder_depth, embedding_dim=prompt_dim, mlp_dim=decoder_mlp_dim,
+                                          num_heads=decoder_heads))
+        self.resizer = ResizeLongestSide(image_size)
+
+    # ------------------------------------------------------------------ the network
+    def decode(self, embeddings: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
+               boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+               multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution mask logits (B, 1 or 3, 4 grid, 4 grid) and predicted IoU (B, 1 or 3) for one image
+        embedding (1, C, g, g) and B prompts in the model's frame: ``points`` ((B, N, 2), labels (B, N): 1
+        foreground, 0 background), ``boxes`` (B, 4), ``masks`` (B, 1, 4 grid, 4 grid) logits of an earlier
+        round."""
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        return self.mask_decoder(image_embeddings=embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
+                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                 multimask_output=multimask)
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None,
+                points: tuple[torch.Tensor, torch.Tensor] | None = None, masks: torch.Tensor | None = None,
+                multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched training form: ``images`` (B, C, S, S) already prepared (:meth:`prepare`), one prompt set per
+        image (``boxes`` (B, 4), ``points`` ((B, N, 2), (B, N)), ``masks`` (B, 1, 4g, 4g)): logits and IoU."""
+        embeddings = self.encoder.forward_features(images)
+        outs = [self.decode(embeddings[i:i + 1],
+                            None if points is None else (points[0][i:i + 1], points[1][i:i + 1]),
+                            None if boxes is None else boxes[i:i + 1], None if masks is None else masks[i:i + 1],
+                            multimask) for i in range(len(images))]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    # ------------------------------------------------------------------ images and prompts in the input's pixels
+    def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """An image (H, W) or (H, W, C), any dtype, as the model's input (1, C, S, S), with its original size and
+        the size it was resized to (before padding)."""
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = image[..., None]
+        chans = self.encoder.in_chans
+        if image.shape[-1] != chans:
+            image = np.repeat(image[..., :1], chans, -1)
+        size = image.shape[:2]
+        if self.resize == "longest":  # SAM: uint8 0..255, segment-anything's own resize, pad after normalising
+            if image.dtype != np.uint8:
+                image = _to_uint8(image)
+            resized = self.resizer.apply_image(image)
+            x = torch.as_tensor(resized, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+            fill = getattr(getattr(self.encoder, "input_norm", None), "mean", None)
+            h, w = x.shape[-2:]
+            canvas = (fill.view(1, -1, 1, 1).expand(1, x.shape[1], self.image_size, self.image_size).clone()
+                      if fill is not None else torch.zeros(1, x.shape[1], self.image_size, self.image_size))
+            canvas[..., :h, :w] = x  # the mean pads: zero once normalised, as SAM pads its normalised image
+            return canvas, size, (h, w)
+        x = torch.as_tensor(image.astype(np.float32)).permute(2, 0, 1)[None]  # MedSAM: min-max to [0, 1], square
+        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+        x = F.interpolate(x, (self.image_size, self.image_size), mode="bicubic", align_corners=False).clamp(0, 1)
+        return x, size, (self.image_size, self.image_size)
+
+    def to_model_frame(self, xy: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """(..., 2) pixel coordinates (x, y) of an image of ``size`` (H, W) in the model's frame."""
+        if self.resize == "longest":
+            return self.resizer.apply_coords(np.asarray(xy, dtype=float), size)
+        scale = np.array([self.image_size / size[1], self.image_size / size[0]])
+        return np.asarray(xy, dtype=float) * scale
+
+    def to_input(self, logits: torch.Tensor, size: tuple[int, int], resized: tuple[int, int]) -> torch.Tensor:
+        """Low-resolution logits (B, M, 4g, 4g) as masks at the input's ``size``: SAM's upsampling, crop of the
+        padding and resize, threshold at 0; MedSAM's resize, sigmoid > 0.5 (the same threshold)."""
+        if self.resize == "longest":
+            up = F.interpolate(logits, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            logits = up[..., :resized[0], :resized[1]]
+        return F.interpolate(logits, size, mode="bilinear", align_corners=False) > 0
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray, box: Sequence[float] | None = None,
+                points: Sequence[Sequence[float]] | None = None, labels: Sequence[int] | None = None,
+                mask: torch.Tensor | None = None, multimask: bool = False) -> dict:
+        """Masks for one image and one prompt set given in the image's pixels: ``box`` (x0, y0, x1, y1),
+        ``points`` [(x, y), ...] with ``labels`` (1 foreground, 0 background; default all 1), ``mask`` a previous
+        round's low-resolution logits. Returns ``masks`` (M, H, W) bool at the image's size, ``iou`` (M,),
+        ``logits`` (M, 4g, 4g) for a next round; M = 3 with ``multimask``, else 1."""
+        if box is None and not points and mask is None:
+            raise ValueError("a prompt is needed: a box, points or a previous mask")
+        was = self.training
+        self.eval()
+        x, size, resized = self.prepare(image)
+        device = next(self.parameters()).device
+        embedding = self.encoder.forward_features(x.to(device))
+        boxes = pts = None
+        if box is not None:
+            boxes = torch.as_tensor(self.to_model_frame(np.asarray(box, float).reshape(2, 2), size).reshape(1, 4),
+                                    dtype=torch.float32, device=device)
+        if points:
+            coords = torch.as_tensor(self.to_model_frame(np.asarray(points, float), size), dtype=torch.float32,
+                                     device=device)[None]
+            lab = torch.as_tensor(labels if labels is not None else [1] * len(points), dtype=torch.int, device=device)
+            pts = (coords, lab[None])
+        logits, iou = self.decode(embedding, pts, boxes, None if mask is None else mask.to(device)[None], multimask)
+        self.train(was)
+        return {"masks": self.to_input(logits, size, resized)[0].cpu(), "iou": iou[0].cpu(), "logits": logits[0].cpu()}
+
+    # ------------------------------------------------------------------ artifact
+    @classmethod
+    def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "PromptableSAM":
+        h = spec["head"]
+        model = cls(build_task_encoder(spec, pretrained), **{k: h[k] for k in SAM_HEAD_KEYS if k in h})
+        model.spec = spec
+        return model
+
+
+SAM_HEAD_KEYS = ("image_size", "prompt_dim", "resize", "decoder_depth", "decoder_mlp_dim", "decoder_heads",
+                 "iou_hidden", "mask_in_chans")
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """A grey or colour image of any range as 0..255 (min-max), the form SAM's predictor takes."""
+    image = image.astype(np.float32)
+    lo, hi = float(image.min()), float(image.max())
+    return np.round((image - lo) / max(hi - lo, 1e-8) * 255).astype(np.uint8)
+
+
+def sam_parts(state_dict: dict) -> tuple[dict, dict]:
+    """A SAM state dict's ``prompt_encoder.*`` and ``mask_decoder.*`` weights (as the model names them) and the
+    decoder sizes they imply (:class:`PromptableSAM`'s arguments); empty when the checkpoint has none."""
+    sd = {k: v for k, v in state_dict.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
+    if not sd:
+        return {}, {}
+    layers = {int(k.split(".")[3]) for k in sd if k.startswith("mask_decoder.transformer.layers.")}
+    args = dict(prompt_dim=2 * sd["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].shape[1],
+                decoder_depth=len(layers), decoder_mlp_dim=sd["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
+                iou_hidden=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+                mask_in_chans=sd["prompt_encoder.mask_downscaling.3.weight"].shape[0])
+    return sd, args
+
+
+def sam_resize(source: str | os.PathLike, resize: str | None = None) -> str:
+    """The input convention of a SAM-layout checkpoint: ``resize`` when given, else ``square`` for a file or
+    folder whose name says MedSAM (MedSAM, LiteMedSAM: [0, 1] inputs resized square) and ``longest`` (SAM's
+    ``SamPredictor``) for any other."""
+    if resize is not None:
+        if resize not in RESIZE:
+            raise ValueError(f"resize={resize!r}: one of {', '.join(RESIZE)}")
+        return resize
+    return "square" if "medsam" in Path(str(source)).name.lower() else "longest"
+
+
+def convert_sam(source: str | os.PathLike, resize: str | None = None) -> PromptableSAM:
+    """A SAM / MedSAM checkpoint (flat, ``{"model": ...}`` or ``module.``-prefixed keys) as a whole
+    :class:`PromptableSAM`: its image encoder through medfm's ``sam`` format, its prompt encoder and mask
+    decoder loaded as saved; the input convention from ``resize`` or the file's name (:func:`sam_resize`),
+    recorded in the model's spec. A checkpoint without a prompt encoder and mask decoder is an error in one line
+    (an image encoder alone fine-tunes under ``--encoder``)."""
+    from medfm.data import Preprocess
+    from medfm.encoders import create_encoder, saved_architecture
+    from medfm.encoders.formats import identify, open_checkpoint
+
+    ckpt = open_checkpoint(source)
+    fmt = identify(ckpt)
+    if fmt is None or fmt.name != "sam":
+        raise ValueError(f"{source}: not a SAM / MedSAM checkpoint (image_encoder.*, prompt_encoder.*, mask_decoder.* "
+                         f"keys){'; it is ' + fmt.name if fmt else ''}")
+    flat = {k.removeprefix("module.").removeprefix("sam."): v for k, v in ckpt.state_dict.items()}
+    parts, head = sam_parts(flat)
+    if not parts:
+        raise ValueError(f"{source}: an image encoder only (no prompt_encoder.* / mask_decoder.* weights): use it as "
+                         "an encoder (--encoder), or give the whole SAM checkpoint")
+    mode = sam_resize(source, resize)
+    arch = {k: v for k, v in saved_architecture(source).items() if k != "name"}
+    size = arch["sam_img_size"]
+    if mode == "square":  # MedSAM: [0, 1] into the encoder as is (no pixel mean / std)
+        arch["input_norm"] = None
+    encoder_section = {"name": "sam_vit", "spatial_dims": 2, "in_chans": 3, "img_size": size, **arch}
+    encoder = create_encoder(**{**encoder_section, "pretrained": source})
+    model = PromptableSAM(encoder, image_size=size, resize=mode, **head)
+    missing, _ = model.load_state_dict(parts, strict=False)
+    left = [k for k in missing if k.startswith(("prompt_encoder.", "mask_decoder."))]
+    if left:
+        raise ValueError(f"{source}: the SAM checkpoint lacks {len(left)} decoder weights, e.g. {left[:3]}")
+    model.spec = {"task": "promptable", "encoder": {**encoder_section, "pretrained": None}, "method": "full",
+                  "head": {"image_size": size, "resize": mode, **head},
+                  "preprocess": Preprocess("radiograph_2d", size).record(), "converted_from": str(source)}
+    return model
+
+
+def write_sam(source: str | os.PathLike, out: str | os.PathLike, resize: str | None = None) -> Path:
+    """``medfm models convert SAM.pth --out DIR``: the whole SAM as ``DIR/model`` (``medfm segment --model DIR``)
+    beside its image encoder as ``DIR/encoder`` (``--encoder DIR`` for the automatic segmenters). Returns ``out``."""
+    from medfm.run import RunFolder
+
+    model = convert_sam(source, resize)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty (choose a new --out)")
+    folder = RunFolder(out)
+    folder.save(model, "model")
+    encoder = model.encoder
+    encoder.preprocess = model.spec["preprocess"]
+    folder.save(encoder, "encoder")
+    folder.write_info(kind="pretrain", plugin="converted", model="model", converted_from=str(source),
+                      resize=model.resize)
+    return out
+
+
+def is_whole_sam(source: str | os.PathLike) -> bool:
+    """Whether ``source`` is a SAM-layout checkpoint with its prompt encoder and mask decoder (a whole SAM)."""
+    from medfm.encoders.formats import identify, is_public, open_checkpoint
+
+    if not is_public(source):
+        return False
+    ckpt = open_checkpoint(source)
+    fmt = identify(ckpt)
+    return fmt is not None and fmt.name == "sam" and any(
+        k.removeprefix("module.").removeprefix("sam.").startswith("mask_decoder.") for k in ckpt.state_dict)
+
+
+def load_promptable(source: str | os.PathLike, resize: str | None = None) -> PromptableSAM:
+    """A promptable model from a converted folder (``DIR`` or ``DIR/model``) or a SAM / MedSAM checkpoint
+    (converted on the fly: :func:`convert_sam`)."""
+    from medfm.artifacts import load
+
+    path = Path(str(source))
+    for folder in (path / "model", path):
+        if (folder / "config.json").is_file():
+            model = load(folder)
+            if not isinstance(model, PromptableSAM):
+                raise ValueError(f"{folder}: a {type(model).__name__}, not a promptable model (a converted SAM / "
+                                 "MedSAM: medfm models convert SAM.pth --out DIR)")
+            return model
+    return convert_sam(source, resize)
+
+
+def segment_file(model: PromptableSAM, image: str | os.PathLike, out: str | os.PathLike,
+                 box: Sequence[float] | None = None, points: Sequence[Sequence[float]] | None = None,
+                 labels: Sequence[int] | None = None, multimask: bool = False) -> dict:
+    """``medfm segment``: the image file read, segmented from the prompts (in its pixels), and the mask with the
+    highest predicted IoU written as a 0 / 255 PNG at the image's size. Returns :meth:`PromptableSAM.predict`'s
+    result with ``best`` (the mask written) and ``mask`` (H, W)."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(image))
+    res = model.predict(pixels, box=box, points=points, labels=labels, multimask=multimask)
+    best = int(res["iou"].argmax())
+    mask = res["masks"][best].numpy()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((mask * 255).astype(np.uint8)).save(out)
+    return {**res, "best": best, "mask": mask}

@@ -1,0 +1,140 @@
+"""SAM whole (issue 42, first part): a segment-anything checkpoint (random weights, tiny size) converted into
+medfm's PromptableSAM gives segment-anything's own low-resolution logits, IoU predictions and masks through
+``SamPredictor`` for box and point prompts, single- and multi-mask; MedSAM's convention; `medfm segment`."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import medfm
+from medfm.cli import main
+
+segment_anything = pytest.importorskip("segment_anything", reason="segment-anything is not installed")
+
+PIXEL_MEAN, PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]  # segment_anything.modeling.Sam
+
+
+def _tiny_sam(seed: int = 0):
+    """segment-anything's Sam at a tiny size (64 px, 32-channel embedding), every weight random."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    torch.manual_seed(seed)
+    sam = Sam(image_encoder=ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2,
+                                            out_chans=32, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                                            use_rel_pos=True, window_size=2, global_attn_indexes=(1,),
+                                            rel_pos_zero_init=False),
+              prompt_encoder=PromptEncoder(embed_dim=32, image_embedding_size=(4, 4), input_image_size=(64, 64),
+                                           mask_in_chans=16),
+              mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=32, iou_head_depth=3,
+                                       iou_head_hidden_dim=32,
+                                       transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=8)),
+              pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD)
+    with torch.no_grad():
+        sam.image_encoder.pos_embed.normal_(0, 0.02)
+        for p in sam.prompt_encoder.parameters():  # not-a-point / no-mask embeddings start at zero-ish: randomise
+            p.add_(torch.randn_like(p) * 0.1)
+    return sam.eval()
+
+
+@pytest.fixture(scope="module")
+def sam_file(tmp_path_factory):
+    sam = _tiny_sam()
+    path = tmp_path_factory.mktemp("sam") / "sam_vit_tiny.pth"
+    torch.save({f"module.{k}": v for k, v in sam.state_dict().items()}, path)  # a DDP-saved layout
+    return sam, path
+
+
+def _image(h: int = 50, w: int = 38, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    blob = ((yy - h / 2) ** 2 / 100 + (xx - w / 3) ** 2 / 40) < 1
+    return (rng.normal(60, 10, (h, w)) + 120 * blob).clip(0, 255).astype(np.uint8)
+
+
+PROMPTS = [
+    {"box": [5, 8, 30, 40]},
+    {"points": [[12, 20], [30, 5]], "labels": [1, 0]},
+    {"box": [2, 3, 35, 45], "points": [[15, 25]], "labels": [1]},
+]
+
+
+def test_the_converted_sam_is_segment_anythings_own_through_its_predictor(sam_file):
+    from segment_anything import SamPredictor
+
+    from medfm.heads.promptable import convert_sam
+
+    sam, path = sam_file
+    ours = convert_sam(path)
+    assert ours.resize == "longest" and ours.image_size == 64
+    predictor = SamPredictor(sam)
+    image = _image()  # not square: SAM pads the bottom / right after normalising
+    predictor.set_image(np.repeat(image[..., None], 3, -1))
+    for prompt in PROMPTS:
+        for multimask in (False, True):
+            masks, iou, low = predictor.predict(
+                point_coords=np.array(prompt["points"], float) if "points" in prompt else None,
+                point_labels=np.array(prompt["labels"]) if "points" in prompt else None,
+                box=np.array(prompt["box"], float) if "box" in prompt else None, multimask_output=multimask)
+            out = ours.predict(image, multimask=multimask, **prompt)
+            torch.testing.assert_close(out["logits"], torch.as_tensor(low), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out["iou"], torch.as_tensor(iou), rtol=1e-5, atol=1e-5)
+            assert out["masks"].shape == masks.shape == ((3 if multimask else 1), 50, 38)
+            assert (out["masks"].numpy() == masks).mean() > 0.999
+
+
+def test_medsam_goes_in_square_at_zero_to_one_and_a_sam_without_decoder_is_refused(sam_file, tmp_path):
+    from medfm.heads.promptable import convert_sam
+
+    sam, path = sam_file
+    medsam = tmp_path / "medsam_vit_tiny.pth"
+    torch.save({"model": sam.state_dict()}, medsam)  # MedSAM's training checkpoint nests the model
+    model = convert_sam(medsam)
+    assert model.resize == "square" and not hasattr(model.encoder.input_norm, "mean")
+    image = _image()
+    x, size, resized = model.prepare(image)
+    assert x.shape == (1, 3, 64, 64) and size == (50, 38) and resized == (64, 64)
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    # MedSAM's own inference: the encoder on [0, 1] as is, the box scaled per axis, logits resized to the image
+    with torch.no_grad():
+        emb = sam.image_encoder(x)
+        box = torch.tensor([[5 * 64 / 38, 8 * 64 / 50, 30 * 64 / 38, 40 * 64 / 50]])
+        sparse, dense = sam.prompt_encoder(points=None, boxes=box, masks=None)
+        low, _ = sam.mask_decoder(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, False)
+        expected = torch.sigmoid(torch.nn.functional.interpolate(low, (50, 38), mode="bilinear")) > 0.5
+    out = model.predict(image, box=[5, 8, 30, 40])
+    assert (out["masks"] == expected[0]).float().mean() > 0.999
+    encoder_only = tmp_path / "sam_encoder_only.pth"
+    torch.save({k: v for k, v in sam.state_dict().items() if k.startswith("image_encoder.")}, encoder_only)
+    with pytest.raises(ValueError, match="an image encoder only"):
+        convert_sam(encoder_only)
+
+
+def test_medfm_segment_writes_the_predictors_mask_at_the_inputs_size(sam_file, tmp_path, capsys):
+    from segment_anything import SamPredictor
+
+    sam, path = sam_file
+    image = _image(41, 57, seed=1)
+    Image.fromarray(image).save(tmp_path / "grey.png")
+    converted = tmp_path / "converted"
+    assert main(["models", "convert", str(path), "--out", str(converted)]) == 0
+    model = medfm.load(converted / "model")  # reloads alone, as converted
+    assert type(model).__name__ == "PromptableSAM" and model.resize == "longest"
+    for source in (path, converted):  # a checkpoint is converted on the fly; a converted folder loads
+        out = tmp_path / f"mask_{source.name}.png"
+        assert main(["segment", "--model", str(source), str(tmp_path / "grey.png"), "--box", "4,6,40,30",
+                     "--out", str(out)]) == 0
+        written = np.asarray(Image.open(out)) > 0
+        predictor = SamPredictor(sam)
+        predictor.set_image(np.repeat(image[..., None], 3, -1))
+        masks, _, _ = predictor.predict(box=np.array([4, 6, 40, 30], float), multimask_output=False)
+        assert written.shape == (41, 57) and (written == masks[0]).mean() > 0.999
+    assert main(["segment", "--model", str(converted), str(tmp_path / "grey.png"), "--point", "20,15",
+                 "--point", "3,3,0", "--multimask", "--out", str(tmp_path / "multi.png")]) == 0
+    assert "predicted IoU" in capsys.readouterr().out
+    assert main(["segment", "--model", str(converted), str(tmp_path / "grey.png"), "--out",
+                 str(tmp_path / "none.png")]) == 2  # no prompt: one line
