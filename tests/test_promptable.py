@@ -85,6 +85,13 @@ def test_the_converted_sam_is_segment_anythings_own_through_its_predictor(sam_fi
             torch.testing.assert_close(out["iou"], torch.as_tensor(iou), rtol=1e-5, atol=1e-5)
             assert out["masks"].shape == masks.shape == ((3 if multimask else 1), 50, 38)
             assert (out["masks"].numpy() == masks).mean() > 0.999
+    # a next round: the previous low-resolution logits as the mask prompt, beside a new click
+    previous = low[:1]  # (1, 16, 16): the last round's first mask
+    masks, iou, low = predictor.predict(point_coords=np.array([[20.0, 30.0]]), point_labels=np.array([1]),
+                                        mask_input=previous, multimask_output=False)
+    out = ours.predict(image, points=[[20, 30]], mask=torch.as_tensor(previous))
+    torch.testing.assert_close(out["logits"], torch.as_tensor(low), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["iou"], torch.as_tensor(iou), rtol=1e-5, atol=1e-5)
 
 
 def test_medsam_goes_in_square_at_zero_to_one_and_a_sam_without_decoder_is_refused(sam_file, tmp_path):
