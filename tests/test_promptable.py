@@ -145,3 +145,46 @@ def test_medfm_segment_writes_the_predictors_mask_at_the_inputs_size(sam_file, t
     assert "predicted IoU" in capsys.readouterr().out
     assert main(["segment", "--model", str(converted), str(tmp_path / "grey.png"), "--out",
                  str(tmp_path / "none.png")]) == 2  # no prompt: one line
+
+
+def test_simulated_prompts_box_the_object_and_click_in_its_errors():
+    from medfm.evaluate.prompts import box_from_mask, next_click
+
+    truth = np.zeros((40, 50), bool)
+    truth[10:25, 12:30] = True
+    assert box_from_mask(truth) == [12, 10, 29, 24]
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # MedSAM's jitter moves each side outward by 0..5 pixels, inside the image
+        x0, y0, x1, y1 = box_from_mask(truth, jitter=5, rng=rng)
+        assert 7 <= x0 <= 12 and 5 <= y0 <= 10 and 29 <= x1 <= 34 and 24 <= y1 <= 29
+    assert box_from_mask(np.zeros((4, 4))) is None
+    pred = np.zeros_like(truth)
+    pred[10:25, 12:18] = True  # most of the object missed: a positive click inside what was missed
+    for seed in range(10):
+        x, y, label = next_click(pred, truth, seed=seed)
+        assert label == 1 and truth[int(y), int(x)] and not pred[int(y), int(x)]
+    pred = truth.copy()
+    pred[30:40, 0:50] = True  # a false detection larger than any miss: a negative click inside it
+    for seed in range(10):
+        x, y, label = next_click(pred, truth, seed=seed)
+        assert label == 0 and pred[int(y), int(x)] and not truth[int(y), int(x)]
+    assert next_click(truth, truth) is None
+
+
+def test_prompted_scores_follow_the_box_and_the_click_rounds(sam_file):
+    from medfm.evaluate.prompts import prompted_scores
+    from medfm.heads.promptable import convert_sam
+
+    _, path = sam_file
+    image = _image()
+    truth = np.zeros(image.shape, bool)
+    truth[15:35, 5:25] = True
+
+    def oracle(image, box=None, points=None, labels=None, mask=None):  # a model that segments the truth
+        return {"masks": torch.as_tensor(truth)[None], "logits": torch.zeros(1, 16, 16), "iou": torch.ones(1)}
+
+    perfect = prompted_scores(oracle, image, truth, clicks=(1, 3))
+    assert perfect == {k: {"dice": 1.0, "nsd": 1.0} for k in ("box", "click_1", "click_3")}
+    scores = prompted_scores(convert_sam(path).predict, image, truth, clicks=(1, 3))
+    assert set(scores) == {"box", "click_1", "click_3"}
+    assert all(0.0 <= v["dice"] <= 1.0 and 0.0 <= v["nsd"] <= 1.0 for v in scores.values())
