@@ -154,6 +154,11 @@ def test_dynunet_refuses_a_pretrained_encoder_in_one_line(tmp_path, capsys):
                  "segmentation.network=dynunet", "--method", "lora"])
     err = capsys.readouterr().err
     assert code == 2 and "segmentation.network=dynunet trains MONAI's DynUNet whole" in err
+    # network auto becomes a DynUNet for a random ViT when the run builds: LoRA is refused there too, in one line
+    code = main(["finetune", "segment_3d", "--data", str(manifest), "--out", str(tmp_path / "r2"), "--profile", "tiny",
+                 "segmentation.network=auto", "--method", "lora"])
+    err = capsys.readouterr().err
+    assert code == 2 and "network auto chooses it for a random ViT" in err and not (tmp_path / "r2").exists()
 
 
 @pytest.mark.skipif(not (SHARED / "msd_hippocampus").exists(), reason="the MSD hippocampus copy is in ../shared")

@@ -396,7 +396,8 @@ class SegmentationConfig:
     mask: str = "mask"  # manifest column of the label maps
     # unetr: any medfm encoder + UNETR / U-Net decoder | dynunet: MONAI's DynUNet (nnU-Net), whole, random init |
     # segresnet: MONAI's SegResNetDS around a segres_encoder | swinunetr: MONAI's SwinUNETR around a swin_vit |
-    # auto: a pretrained encoder's own network (unetr for ViTs), dynunet from random init
+    # auto: the encoder family's own MONAI network (segres_encoder, swin_vit), else dynunet from random init and
+    # unetr for pretrained weights (resolve_network)
     network: str = "unetr"
     kernel_size: list | None = None  # dynunet: per stage (the plan's; None: 3 everywhere)
     strides: list | None = None  # dynunet: per stage (the plan's; None: halve each axis while it stays >= 4)
@@ -408,6 +409,14 @@ class SegmentationConfig:
     hd95: bool = True
     mirror: bool = False  # test-time mirroring at evaluation (nnU-Net's; costs 4x in 2D, 8x in 3D)
     postprocess: bool = True  # largest connected component per class, kept for the classes where validation Dice rises
+
+
+def _check_dynunet(cfg: dict) -> None:
+    """A DynUNet has no medfm encoder: it trains whole (method full) from random initialisation."""
+    if cfg["segmentation"]["network"] == "dynunet" and (cfg["method"] != "full" or cfg["encoder"].get("pretrained")):
+        raise ValueError("segmentation.network=dynunet trains MONAI's DynUNet whole from random initialisation "
+                         "(method full, no --encoder; network auto chooses it for a random ViT); a pretrained medfm "
+                         "encoder or a tuning method goes under network unetr, segresnet or swinunetr")
 
 
 @TASKS.register
@@ -436,15 +445,13 @@ class SegmentationTask(FinetuneTask):
         s = self.config(cfg)
         if s.network not in NETWORKS:
             raise ValueError(f"segmentation.network={s.network!r}: one of {', '.join(NETWORKS)}")
-        if s.network == "dynunet" and (cfg["method"] != "full" or cfg["encoder"].get("pretrained")):
-            raise ValueError("segmentation.network=dynunet trains MONAI's DynUNet whole from random initialisation "
-                             "(method full, no --encoder); a pretrained medfm encoder goes under network auto (its "
-                             "family's network), unetr, segresnet or swinunetr")
+        _check_dynunet(cfg)
 
     def resolve(self, cfg: dict) -> dict:
         """``network: auto`` and the encoder a MONAI network is built around (:func:`resolve_network`)."""
         for line in resolve_network(cfg):
             print(line)
+        _check_dynunet(cfg)  # auto may have become a DynUNet: a tuning method other than full cannot apply to it
         return cfg
 
     def prepare(self, cfg: dict, train, state: dict):
