@@ -150,13 +150,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                              profile=args.profile)
         named = [o for o in overrides if o.startswith("segmentation.network=")]  # the user's choice stands
         print(f"planned from {fp.n_cases} training cases: spacing {plan.spacing}, patch {plan.patch}, "
-              f"{plan.num_classes} classes, {plan.normalization} normalisation, network " + (named[-1].split("=", 1)[1] if named else "auto"))
+              f"{plan.num_classes} classes, {plan.normalization} normalisation, network "
+              + (named[-1].split("=", 1)[1] if named else "auto"))
         overrides = flat_overrides(plan_overrides(plan)) + overrides
     if args.folds is not None:  # K runs and their ensemble; a resumed one continues with the recipe it started with
         saved = Path(args.out) / FOLDS_FILE
-        cfg = (json.loads(saved.read_text())["recipe"] if args.resume and saved.exists()
-               else load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides, args.profile))
-        group = json.loads(saved.read_text()).get("group") if args.resume and saved.exists() else args.fold_by
+        info = json.loads(saved.read_text()) if args.resume and saved.exists() else None
+        cfg = info["recipe"] if info else load_task_recipe(find_recipe(args.recipe, kind="tasks"), overrides, args.profile)
+        group = info.get("group") if info else args.fold_by
         out = run_folds(cfg, args.out, args.folds, data_path=args.data, resume=args.resume, overwrite=args.overwrite,
                         group=group)
         print(f"ensemble of {args.folds} folds: {out} (medfm predict {out} IMAGE... --out DIR)")

@@ -108,6 +108,12 @@ def fold_split(split: str) -> tuple[str, int, int, bool, str | None] | None:
     return m["split"], k, n, bool(m["without"]), m["group"]
 
 
+def base_split(split: str) -> str:
+    """The split a fold is cut from (``"train fold 2 of 5"`` -> ``"train"``); a plain split name as it is."""
+    fold = fold_split(split)
+    return fold[0] if fold else split
+
+
 def fold_rows(rows: list[tuple[int, dict]], k: int, n: int, without: bool = False, group: str | None = None) -> list:
     """Part ``k`` of ``n`` of the manifest ``rows`` (or, ``without``, every other part): a seeded permutation
     (:data:`FOLD_SEED`) of the rows, or of the distinct values of their ``group`` column, cut in ``n`` nearly equal
@@ -164,8 +170,7 @@ def read_records(
     if split is not None:
         _column(path, rows, split_key)
         present = sorted({str(r.get(split_key, "")) for _, r in rows})
-        fold = fold_split(split)
-        base = fold[0] if fold else split
+        fold, base = fold_split(split), base_split(split)
         rows = [(n, r) for n, r in rows if str(r.get(split_key, "")) == base]
         if not rows:
             raise DataError(f"{path}: no rows with {split_key}={base!r}; splits present: {present}")

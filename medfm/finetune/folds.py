@@ -75,8 +75,8 @@ def run_folds(cfg: dict, out: str | Path, folds: int, data_path: str | None = No
             print(f"fold {k}: finished earlier, kept")
             continue
         print(f"fold {k} of {folds}: {sub}")
-        run_finetune(fold_recipe(cfg, k, folds, group), sub, resume=resume and (sub / "checkpoints" / "last.ckpt").exists(),
-                     overwrite=overwrite)
+        resumable = resume and (sub / "checkpoints" / "last.ckpt").exists()
+        run_finetune(fold_recipe(cfg, k, folds, group), sub, resume=resumable, overwrite=overwrite)
     metrics = evaluate_folds(out)
     print(folds_table(metrics))
     return out

@@ -29,7 +29,7 @@ import torch
 
 from medfm.artifacts import load
 from medfm.data import DataError, split_names
-from medfm.data.manifest import fold_split
+from medfm.data.manifest import base_split
 from medfm.data.preflight import cross_split_copies
 from medfm.data.transforms import PRESETS
 from medfm.tuning import METHODS, method_sections
@@ -134,10 +134,10 @@ def check_splits(cfg: dict) -> None:
         return
     present = split_names(d["path"])
     for key in ("train_split", "val_split"):
-        if (fold_split(d[key]) or [d[key]])[0] not in present:
+        if base_split(d[key]) not in present:
             raise DataError(f"{d['path']}: no split {d[key]!r} (data.{key}); its splits: {', '.join(present) or 'none'}")
     if d.get("preflight", "auto") is not False:
-        bases = [(fold_split(d[k]) or [d[k]])[0] for k in ("train_split", "val_split", "test_split") if d.get(k)]
+        bases = [base_split(d[k]) for k in ("train_split", "val_split", "test_split") if d.get(k)]
         splits = [b for b in bases if b in present]  # a fold's copies: those of the split it is cut from
         copies = cross_split_copies(d["path"], list(dict.fromkeys(splits)))
         if copies:

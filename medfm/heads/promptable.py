@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from medfm.run import evaluating
+
 from .task_model import TaskModel, build_task_encoder
 
 RESIZE = ("longest", "square")
@@ -137,11 +139,8 @@ class PromptableSAM(TaskModel, nn.Module):
         ``logits`` (M, 4g, 4g) for a next round; M = 3 with ``multimask``, else 1."""
         if box is None and not points and mask is None:
             raise ValueError("a prompt is needed: a box, points or a previous mask")
-        was = self.training
-        self.eval()
         x, size, resized = self.prepare(image)
         device = next(self.parameters()).device
-        embedding = self.encoder.forward_features(x.to(device))
         boxes = pts = None
         if box is not None:
             boxes = torch.as_tensor(self.to_model_frame(np.asarray(box, float).reshape(2, 2), size).reshape(1, 4),
@@ -151,8 +150,9 @@ class PromptableSAM(TaskModel, nn.Module):
                                      device=device)[None]
             lab = torch.as_tensor(labels if labels is not None else [1] * len(points), dtype=torch.int, device=device)
             pts = (coords, lab[None])
-        logits, iou = self.decode(embedding, pts, boxes, None if mask is None else mask.to(device)[None], multimask)
-        self.train(was)
+        with evaluating(self):
+            embedding = self.encoder.forward_features(x.to(device))
+            logits, iou = self.decode(embedding, pts, boxes, None if mask is None else mask.to(device)[None], multimask)
         return {"masks": self.to_input(logits, size, resized)[0].cpu(), "iou": iou[0].cpu(), "logits": logits[0].cpu()}
 
     # ------------------------------------------------------------------ artifact

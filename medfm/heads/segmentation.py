@@ -205,11 +205,10 @@ class BackboneNetwork(TaskModel, nn.Module):
         family = BACKBONE_FAMILIES.get(network)
         if family is None:
             raise ValueError(f"network {network!r}: one of {', '.join(BACKBONE_FAMILIES)}")
-        have = getattr(encoder, "family", None) or type(encoder).__name__
         needs = {"segresnet": "init_filters", "swinunetr": "depths"}[network]
         if not hasattr(encoder, needs):
             raise ValueError(f"segmentation.network={network} builds its encoder from a {family} (MONAI's own); "
-                             f"got a {have}: name encoder.name={family}, give --encoder weights of that family, or "
+                             f"got a {type(encoder).__name__}: name encoder.name={family}, give --encoder weights of that family, or "
                              "use network unetr (any medfm encoder)")
         self.encoder, self.num_classes, self.network_name = encoder, num_classes, network
         dims = encoder.spatial_dims
@@ -220,14 +219,12 @@ class BackboneNetwork(TaskModel, nn.Module):
                                        norm=encoder.norm_name, blocks_down=encoder.blocks_down,
                                        dsdepth=levels - 1 if self.deep_supervision else 1)
             self.network.encoder = _Borrowed(encoder, lambda enc, x: enc.net(x))  # every level, stride 1 first
-            self._stride = 2 ** (levels - 1)
         else:
             self.deep_supervision = False  # SwinUNETR has one output
             self.network = SwinUNETR(encoder.in_chans, num_classes, patch_size=2, depths=encoder.depths,
                                      num_heads=encoder.num_heads, window_size=encoder.window_size,
                                      feature_size=encoder.feature_size, spatial_dims=dims)
             self.network.swinViT = _Borrowed(encoder, lambda enc, x, normalize: enc.net(x, normalize))
-            self._stride = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.network(x)
@@ -241,7 +238,7 @@ class BackboneNetwork(TaskModel, nn.Module):
     @property
     def stride(self) -> int:
         """What inputs must be divisible by: the encoder's total stride (SegResNet 2^(levels-1), Swin 32)."""
-        return self._stride
+        return self.encoder.patch_size[0]
 
     @classmethod
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "BackboneNetwork":
