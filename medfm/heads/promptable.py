@@ -207,10 +207,11 @@ def convert_sam(source: str | os.PathLike, resize: str | None = None) -> Prompta
     recorded in the model's spec. A checkpoint without a prompt encoder and mask decoder is an error in one line
     (an image encoder alone fine-tunes under ``--encoder``)."""
     from medfm.data import Preprocess
-    from medfm.encoders import create_encoder, saved_architecture
-    from medfm.encoders.formats import identify, open_checkpoint
+    from medfm.encoders.registry import encoder_entrypoint
+    from medfm.encoders.formats import convert_checkpoint, identify, open_checkpoint
+    from medfm.encoders.weights import load_pretrained
 
-    ckpt = open_checkpoint(source)
+    ckpt = open_checkpoint(source)  # read once: the image encoder converts from it, the decoder loads from it
     fmt = identify(ckpt)
     if fmt is None or fmt.name != "sam":
         raise ValueError(f"{source}: not a SAM / MedSAM checkpoint (image_encoder.*, prompt_encoder.*, mask_decoder.* "
@@ -221,12 +222,14 @@ def convert_sam(source: str | os.PathLike, resize: str | None = None) -> Prompta
         raise ValueError(f"{source}: an image encoder only (no prompt_encoder.* / mask_decoder.* weights): use it as "
                          "an encoder (--encoder), or give the whole SAM checkpoint")
     mode = sam_resize(source, resize)
-    arch = {k: v for k, v in saved_architecture(source).items() if k != "name"}
+    converted = convert_checkpoint(ckpt)
+    arch = dict(converted.args)
     size = arch["sam_img_size"]
     if mode == "square":  # MedSAM: [0, 1] into the encoder as is (no pixel mean / std)
         arch["input_norm"] = None
     encoder_section = {"name": "sam_vit", "spatial_dims": 2, "in_chans": 3, "img_size": size, **arch}
-    encoder = create_encoder(**{**encoder_section, "pretrained": source})
+    encoder = load_pretrained(encoder_entrypoint("sam_vit")(**{k: v for k, v in encoder_section.items() if k != "name"}),
+                              str(source), converted)
     model = PromptableSAM(encoder, image_size=size, resize=mode, **head)
     missing, _ = model.load_state_dict(parts, strict=False)
     left = [k for k in missing if k.startswith(("prompt_encoder.", "mask_decoder."))]
