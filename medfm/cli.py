@@ -528,11 +528,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
     points, labels = _points(args.point or [])
     if box is None and not points:
         raise ValueError("medfm segment needs a prompt: --box x0,y0,x1,y1 and / or --point x,y[,label] ...")
-    if not str(args.out).lower().endswith(".png"):
+    volume = str(args.image).lower().endswith((".nii", ".nii.gz"))
+    if not volume and not str(args.out).lower().endswith(".png"):
         raise ValueError(f"--out {args.out}: the mask is written as a PNG (mask.png)")
+    if volume and args.slice is None:
+        raise ValueError(f"{args.image}: a volume needs --slice K (the slice of the last voxel axis the prompt is on)")
     model = load_promptable(args.model, resize=args.resize)
     out = segment_file(model, args.image, args.out, box=box, points=points or None, labels=labels or None,
-                       multimask=args.multimask)
+                       multimask=args.multimask, index=args.slice)
+    if volume:
+        sl = out["slices"]
+        print(f"mask: {args.out} ({int(out['mask'].sum())} voxels on {len(sl)} slices"
+              + (f", {sl[0]}..{sl[-1]}" if sl else "") + f" of {out['mask'].shape[2]}; the input's affine)")
+        return 0
     best, mask = out["best"], out["mask"]
     ious = ", ".join(f"{v:.3f}" for v in out["iou"].tolist())
     print(f"mask: {args.out} ({int(mask.sum())} of {mask.size} pixels, {mask.shape[1]} x {mask.shape[0]}); predicted "
@@ -545,8 +553,11 @@ def _segment_parser(sub) -> None:
     p = sub.add_parser("segment", help="promptable segmentation with a SAM / MedSAM model: a box or points on "
                        "an image, a mask at the image's size",
                        epilog="example: medfm segment --model sam_vit_b.pth scan.png --box 40,60,120,150 --out mask.png")
-    p.add_argument("image", help="a 2D image (PNG, JPEG, ...)")
-    p.add_argument("--model", required=True, help="a SAM / MedSAM checkpoint, or its `medfm models convert` folder")
+    p.add_argument("image", help="a 2D image (PNG, JPEG, ...), or a NIfTI volume with --slice (propagated slice by slice)")
+    p.add_argument("--model", required=True, help="a SAM / MedSAM checkpoint, its `medfm models convert` folder, or "
+                   "a promptable fine-tuning run (tasks/promptable_2d.yaml)")
+    p.add_argument("--slice", type=int, default=None, help="volumes: the slice (index along the last voxel axis) the "
+                   "prompt is on; x, y are the first and second voxel indices")
     p.add_argument("--box", default=None, help="x0,y0,x1,y1 in the image's pixels")
     p.add_argument("--point", action="append", default=None, help="x,y[,label] in the image's pixels (label 1: "
                    "foreground, the default; 0: background); repeatable")
@@ -554,7 +565,8 @@ def _segment_parser(sub) -> None:
                    "predicted IoU is written")
     p.add_argument("--resize", default=None, choices=RESIZE, help="a checkpoint's input convention (see medfm "
                    "models convert --resize)")
-    p.add_argument("--out", required=True, help="the mask (PNG, 0 / 255, the image's size)")
+    p.add_argument("--out", required=True, help="the mask (PNG, 0 / 255, the image's size; a volume's: NIfTI, 0 / 1, "
+                   "the input's affine)")
     p.set_defaults(fn=cmd_segment)
 
 

@@ -1,6 +1,8 @@
-"""SAM whole (issue 42, first part): a segment-anything checkpoint (random weights, tiny size) converted into
-medfm's PromptableSAM gives segment-anything's own low-resolution logits, IoU predictions and masks through
-``SamPredictor`` for box and point prompts, single- and multi-mask; MedSAM's convention; `medfm segment`."""
+"""SAM whole (issue 42): a segment-anything checkpoint (random weights, tiny size) converted into medfm's
+PromptableSAM gives segment-anything's own low-resolution logits, IoU predictions and masks through ``SamPredictor``
+for box and point prompts, single- and multi-mask; MedSAM's convention; `medfm segment` on images and (by
+propagation) volumes in their own geometry; the promptable fine-tuning recipe on real slices (MNI152 tissue maps),
+from a random encoder and from a whole SAM, with LoRA."""
 
 from __future__ import annotations
 
@@ -184,7 +186,136 @@ def test_prompted_scores_follow_the_box_and_the_click_rounds(sam_file):
         return {"masks": torch.as_tensor(truth)[None], "logits": torch.zeros(1, 16, 16), "iou": torch.ones(1)}
 
     perfect = prompted_scores(oracle, image, truth, clicks=(1, 3))
+    assert perfect.pop("shown")["box"] is not None
     assert perfect == {k: {"dice": 1.0, "nsd": 1.0} for k in ("box", "click_1", "click_3")}
     scores = prompted_scores(convert_sam(path).predict, image, truth, clicks=(1, 3))
+    scores.pop("shown")
     assert set(scores) == {"box", "click_1", "click_3"}
     assert all(0.0 <= v["dice"] <= 1.0 and 0.0 <= v["nsd"] <= 1.0 for v in scores.values())
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+TINY_DECODER = ["promptable.prompt_dim=32", "promptable.decoder_mlp_dim=64", "promptable.iou_hidden=32",
+                "promptable.decoder_heads=4", "promptable.eval_clicks=[1,3]", "promptable.eval_max=6",
+                "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "data.num_workers=0",
+                "data.batch_size=4", "optim.lr=3e-3", "optim.warmup_steps=0"]
+
+
+def _promptable(*overrides: str) -> dict:
+    from medfm.finetune import load_task_recipe
+
+    from .conftest import REPO
+
+    return load_task_recipe(REPO / "tasks" / "promptable_2d.yaml", [*TINY_DECODER, *overrides], profile="tiny")
+
+
+def _losses(run) -> list[float]:
+    import csv
+
+    with open(run / "logs" / "metrics.csv") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.mark.slow  # a 30-step run and its prompted evaluation
+def test_promptable_recipe_trains_on_real_slices_reloads_alone_and_scores_prompts(tmp_path):
+    from medfm.finetune import run_finetune
+
+    from .finetune_helpers import mni_slices
+
+    manifest = mni_slices(tmp_path)  # MNI152 axial slices, grey (1) and white (2) matter: two object classes
+    cfg = _promptable("trainer.max_steps=30", "encoder.patch_size=4")
+    run = run_finetune(cfg, tmp_path / "run", data_path=str(manifest))
+    losses = _losses(run)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first, losses
+    metrics = __import__("json").loads((run / "metrics.json").read_text())
+    val = metrics["val"]
+    assert val["n"] == 6 and {"box_dice", "box_nsd", "click_1_dice", "click_3_dice", "cpu_s_per_prompt"} <= set(val)
+    assert "box_dice/class 1" in val and "box_dice/class 2" in val  # per class: both tissue classes were objects
+    assert (run / "prompted_val.html").read_text().count("<tr>") > 5 and (run / "prompted_val_overlays.png").exists()
+    model = medfm.load(run / "model")  # reloads alone, predicts as the run's own model did
+    assert model.spec["head"]["classes"] == [1.0, 2.0] and model.resize == "square"
+    assert not any(p.requires_grad for p in model.prompt_encoder.parameters())  # MedSAM: the prompt encoder frozen
+    image = np.asarray(Image.open(next(manifest.parent.glob("t1_*.png"))))
+    out_a = model.predict(image, box=[20, 30, 150, 170])
+    out_b = medfm.heads.promptable.load_promptable(run).predict(image, box=[20, 30, 150, 170])
+    torch.testing.assert_close(out_a["logits"], out_b["logits"])
+    assert out_a["masks"].shape == (1, *image.shape[:2])  # the input's size
+    # medfm evaluate scores the run's validation split again, the same way
+    assert main(["evaluate", str(run), "--split", "val", "--out", str(tmp_path / "eval")]) == 0
+    again = __import__("json").loads((tmp_path / "eval" / "metrics.json").read_text())["val"]
+    assert again["box_dice"] == pytest.approx(val["box_dice"])
+
+
+@pytest.mark.slow  # two short runs from a whole (tiny) SAM
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_promptable_starts_from_a_whole_sam_with_its_decoder_and_its_sizes(sam_file, tmp_path, method):
+    from medfm.finetune import run_finetune
+    from medfm.heads.promptable import convert_sam
+
+    from .finetune_helpers import mni_slices
+
+    sam, path = sam_file
+    manifest = mni_slices(tmp_path, n=8)
+    cfg = _promptable("trainer.max_steps=2", f"method={method}", f"promptable.from_model={path}",
+                      "promptable.classes=[2]", "lora.target_modules=null")
+    run = run_finetune(cfg, tmp_path / "run", data_path=str(manifest))
+    model = medfm.load(run / "model")
+    source = convert_sam(path)
+    assert model.image_size == 64 and model.encoder.patch_size == (16, 16)  # the SAM's sizes, not the recipe's
+    assert model.spec["head"]["classes"] == [2.0] and model.spec["head"]["prompt_dim"] == 32
+    for k, v in source.prompt_encoder.state_dict().items():  # frozen, as loaded from the SAM
+        torch.testing.assert_close(model.prompt_encoder.state_dict()[k], v)
+    changed = [k for k, v in source.mask_decoder.state_dict().items()
+               if not torch.equal(model.mask_decoder.state_dict()[k], v)]
+    assert changed  # the decoder started from the SAM's weights and trained
+    if method == "lora":
+        assert any("lora_" in k for k in model.state_dict())
+
+
+def test_propagation_follows_a_3d_object_from_one_slice(tmp_path, sam_file):
+    """Slice by slice from a box on one slice (a model that segments the bright pixels inside its box stands in
+    for a trained one: what is tested is the propagation); a NIfTI volume in, its mask written with the input's
+    oblique, LPS affine."""
+    import nibabel as nib
+
+    from medfm.heads.promptable import propagate, segment_file
+
+    vol = np.zeros((40, 36, 24), np.float32)
+    ii, jj, kk = np.mgrid[:40, :36, :24]
+    ball = ((ii - 20) / 9) ** 2 + ((jj - 16) / 7) ** 2 + ((kk - 11) / 6) ** 2 < 1  # slices 6..16
+    vol[ball] = 100
+    vol[2:6, 2:6, :] = 100  # something bright elsewhere on every slice: outside the boxes, never segmented
+
+    class Thresholder:
+        calls = []
+
+        def predict(self, image, box=None, points=None, labels=None, **_):
+            self.calls.append(box)
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            m = np.zeros(image.shape, bool)
+            m[y0:y1 + 1, x0:x1 + 1] = image[y0:y1 + 1, x0:x1 + 1] > 50
+            return {"masks": torch.as_tensor(m)[None]}
+
+    model = Thresholder()
+    mask = propagate(model, vol, 11, box=[11, 9, 29, 23])  # x = first voxel index, y = second, on slice 11
+    assert (mask == ball).all()
+    assert len(model.calls) == 1 + 6 + 6  # slices 12..16 and one empty above, 10..6 and one empty below
+    with pytest.raises(ValueError, match="outside the volume"):
+        propagate(model, vol, 30, box=[0, 0, 5, 5])
+    # the file path: an oblique, LPS-oriented NIfTI in, its mask out with the same affine
+    affine = np.array([[-0.9, 0.1, 0.0, 40.0], [0.1, -0.95, 0.05, 30.0], [0.0, 0.05, 2.0, -20.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "vol.nii.gz")
+    out = segment_file(model, tmp_path / "vol.nii.gz", tmp_path / "mask.nii.gz", box=[11, 9, 29, 23], index=11)
+    written = nib.load(tmp_path / "mask.nii.gz")
+    np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+    assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(affine) == ("L", "P", "S")
+    assert (np.asarray(written.dataobj) == ball).all() and out["slices"] == list(range(6, 17))
+    # and through the CLI with a real (tiny, converted) SAM: a mask in the volume's geometry
+    _, path = sam_file
+    assert main(["segment", "--model", str(path), str(tmp_path / "vol.nii.gz"), "--box", "11,9,29,23", "--slice",
+                 "11", "--out", str(tmp_path / "sam_mask.nii.gz")]) == 0
+    sam_mask = nib.load(tmp_path / "sam_mask.nii.gz")
+    assert sam_mask.shape == vol.shape and np.allclose(sam_mask.affine, affine)
+    assert main(["segment", "--model", str(path), str(tmp_path / "vol.nii.gz"), "--box", "11,9,29,23",
+                 "--out", str(tmp_path / "x.nii.gz")]) == 2  # a volume without --slice: one line

@@ -10,14 +10,18 @@ normalised surface Dice) after each; coordinates are (x, y) in the image's pixel
 
 from __future__ import annotations
 
+import html
 import json
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from monai.apps.deepgrow.transforms import AddRandomGuidanced
 from monai.metrics import compute_surface_dice
+
+from medfm.figures import pyplot, save_figure
 
 
 def box_from_mask(mask: np.ndarray, jitter: int = 0, rng: np.random.Generator | None = None) -> list[float] | None:
@@ -73,7 +77,8 @@ def nsd(pred: np.ndarray, truth: np.ndarray, tolerance: float = 2.0) -> float:
 def prompted_scores(predict: Callable[..., dict], image: np.ndarray, truth: np.ndarray,
                     clicks: Sequence[int] = (1, 3, 5, 10), jitter: int = 5, seed: int = 0) -> dict:
     """Dice and NSD of one object from a jittered ground-truth box (``box``) and after each number of interactive
-    clicks in ``clicks`` (``click_k``). ``predict(image, box=..., points=..., labels=..., mask=...)`` is a
+    clicks in ``clicks`` (``click_k``); ``shown``: the box, the clicks and the masks after the box and after the
+    last click (for :func:`prompted_page`). ``predict(image, box=..., points=..., labels=..., mask=...)`` is a
     promptable model's :meth:`~medfm.heads.promptable.PromptableSAM.predict`: each click round gives it every click
     so far and the previous round's logits, as SAM-Med2D's interactive training does."""
     rng = np.random.default_rng(seed)
@@ -82,7 +87,8 @@ def prompted_scores(predict: Callable[..., dict], image: np.ndarray, truth: np.n
     if box is None:
         raise ValueError("an empty mask has no object to prompt for")
     res = predict(image, box=box)
-    out["box"] = {"dice": dice(res["masks"][0], truth), "nsd": nsd(res["masks"][0], truth)}
+    box_mask = res["masks"][0].numpy()
+    out["box"] = {"dice": dice(box_mask, truth), "nsd": nsd(box_mask, truth)}
     pred, logits, points, labels = np.zeros_like(truth, bool), None, [], []
     for k in range(1, max(clicks, default=0) + 1):
         click = next_click(pred, truth, seed=seed * 1000 + k)
@@ -93,4 +99,53 @@ def prompted_scores(predict: Callable[..., dict], image: np.ndarray, truth: np.n
             pred, logits = res["masks"][0].numpy(), res["logits"][:1]
         if k in clicks:
             out[f"click_{k}"] = {"dice": dice(pred, truth), "nsd": nsd(pred, truth)}
+    out["shown"] = {"box": box, "box_mask": box_mask, "points": points, "labels": labels, "click_mask": pred}
     return out
+
+
+def prompted_page(shown: Sequence[dict], metrics: dict, path: str | Path, title: str = "") -> Path:
+    """An HTML page of promptable segmentation results: the metrics as a table, then one row of overlays per
+    object (``shown``: ``image``, ``truth``, ``name``, ``scores`` and :func:`prompted_scores`' ``shown``: the box
+    and its mask, the clicks and the mask after the last), drawn into ``<page>_overlays.png`` beside it."""
+    path = Path(path)
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float) else
+                   f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in metrics.items())
+    figure = ""
+    if shown:
+        png = path.with_name(path.stem + "_overlays.png")
+        _overlays(shown, png)
+        figure = f'<img src="{png.name}" alt="overlays">'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
+                    f"<h2>{html.escape(title)}</h2><table border='1' cellpadding='3'>{rows}</table>"
+                    f"<p>Rows: one object each. Columns: the image with the ground truth (green) and the jittered "
+                    f"box; the mask from the box; the mask after the last simulated click (+ foreground, x "
+                    f"background clicks).</p>{figure}</body></html>")
+    return path
+
+
+def _overlays(shown: Sequence[dict], path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(len(shown), 3, figsize=(7.2, 2.4 * len(shown)), squeeze=False)
+    for row, item in zip(axes, shown):
+        img = np.asarray(item["image"], dtype=np.float32)
+        img = img.mean(-1) if img.ndim == 3 else img
+        clicks = sum(1 for k in item["scores"] if k.startswith("click_") and k.endswith("_dice"))
+        last = max((int(k.split("_")[1]) for k in item["scores"] if k.startswith("click_") and k.endswith("_dice")),
+                   default=0)
+        panels = [("ground truth, box", item["truth"]), (f"box: Dice {item['scores']['box_dice']:.2f}", item["box_mask"])]
+        if clicks:
+            panels.append((f"{last} clicks: Dice {item['scores'][f'click_{last}_dice']:.2f}", item["click_mask"]))
+        for ax, (name, mask) in zip(row, panels):
+            ax.imshow(img, cmap="gray")
+            m = np.asarray(mask) > 0
+            ax.imshow(np.ma.masked_where(~m, m), cmap="summer" if ax is row[0] else "autumn", alpha=0.45,
+                      interpolation="nearest")
+            ax.set_title(name, fontsize=8)
+            ax.set_axis_off()
+        x0, y0, x1, y1 = item["box"]
+        row[0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1))
+        for (x, y), lab in zip(item["points"], item["labels"]):
+            row[2].plot(x, y, "+" if lab else "x", color="cyan" if lab else "red", markersize=7, mew=1.5)
+        row[0].text(2, 2, item["name"], color="white", fontsize=6, va="top")
+    save_figure(fig, path, dpi=90)

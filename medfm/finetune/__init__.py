@@ -1,5 +1,5 @@
 """Fine-tuning: the tasks, one module each (recipe section, model, training module, metrics and evaluation,
-plug-in): classification, segmentation, report generation, visual question answering; their shared base (:mod:`.base`) and the
+plug-in): classification, segmentation, promptable (SAM-style) segmentation, report generation, visual question answering; their shared base (:mod:`.base`) and the
 fine-tuning recipe runner (:mod:`.recipe`) behind ``medfm finetune`` and the recipes in the top-level
 ``tasks/`` folder. A new task is one module with a ``@TASKS.register`` plug-in, imported here (or by the code
 that uses it). The tuning methods (LoRA, VPT, ...) are :mod:`medfm.tuning`, re-exported here; task models and their
@@ -7,7 +7,7 @@ shared parts (segmentation model, text writer) are :mod:`medfm.heads`."""
 
 from medfm.tuning import METHODS, adapt_encoder, count_parameters, export_encoder, few_shot_indices
 
-from . import classification, mllm, report_generation, segmentation, site_adaptation, vqa  # noqa: F401  (registers the tasks)
+from . import classification, mllm, promptable, report_generation, segmentation, site_adaptation, vqa  # noqa: F401  (registers the tasks)
 from medfm.heads import ReportVocab, SegmentationModel, TaskModel, build_decoder, build_task_encoder
 
 from .base import FinetuneTask

@@ -15,6 +15,11 @@ Two input conventions share the one checkpoint layout (recorded with the model a
 
 Boxes (x0, y0, x1, y1) and points (x, y) are given in the input image's pixels and mapped to the model's frame
 as the image is (:meth:`PromptableSAM.predict`).
+
+Any medfm 2D encoder can be the image encoder (LiteMedSAM's idea: a small encoder at 256 px instead of SAM's
+ViT-B at 1024): its last feature map goes through SAM's neck (1x1 and 3x3 convolutions with channel LayerNorm, to
+``prompt_dim`` channels); a SAM encoder (``sam_vit``) brings its own neck. The image embedding's grid is
+``image_size / stride`` and the decoder's masks are four times that grid.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from medfm.encoders.sam import SAMEncoder
+from medfm.evaluate.prompts import box_from_mask
 from medfm.run import evaluating
 
 from .task_model import TaskModel, build_task_encoder
@@ -37,12 +45,25 @@ from .task_model import TaskModel, build_task_encoder
 RESIZE = ("longest", "square")
 
 
+def sam_neck(channels: int, out: int) -> nn.Sequential:
+    """SAM's neck (segment-anything's ``ImageEncoderViT.neck``): a feature map of ``channels`` to ``out``."""
+    return nn.Sequential(nn.Conv2d(channels, out, 1, bias=False), LayerNorm2d(out),
+                         nn.Conv2d(out, out, 3, padding=1, bias=False), LayerNorm2d(out))
+
+
+class ImageEmbedding:
+    """One image prepared and encoded once (:meth:`PromptableSAM.embed`), for several prompts on it (clicks)."""
+
+    def __init__(self, embedding: torch.Tensor, size: tuple[int, int], resized: tuple[int, int]):
+        self.embedding, self.size, self.resized = embedding, size, resized
+
+
 class PromptableSAM(TaskModel, nn.Module):
     """Image encoder + SAM's prompt encoder and mask decoder: images and prompts in, mask logits and predicted
     IoU out.
 
-    ``encoder``: a medfm 2D encoder whose ``forward_features`` gives the (B, ``prompt_dim``, S/16, S/16) image
-    embedding at input size ``image_size`` (SAM's neck). The decoder's sizes (``decoder_depth``, ``decoder_mlp_dim``,
+    ``encoder``: a medfm 2D encoder; a ``sam_vit`` gives the (B, ``prompt_dim``, S/16, S/16) image embedding itself
+    (its neck), any other encoder's last feature map goes through a new SAM neck (``neck``). The decoder's sizes (``decoder_depth``, ``decoder_mlp_dim``,
     ``decoder_heads``, ``iou_hidden``, ``mask_in_chans``) are SAM's by default and read from a checkpoint when
     converted (:func:`sam_parts`)."""
 
@@ -53,7 +74,18 @@ class PromptableSAM(TaskModel, nn.Module):
         if resize not in RESIZE:
             raise ValueError(f"resize={resize!r}: one of {', '.join(RESIZE)} (SAM's longest side, MedSAM's square)")
         self.encoder, self.image_size, self.resize = encoder, image_size, resize
+        if image_size % encoder.patch_size[0]:
+            raise ValueError(f"image_size {image_size} is not divisible by the encoder's stride {encoder.patch_size[0]}")
         grid = image_size // encoder.patch_size[0]
+        self.neck = None
+        if not isinstance(encoder, SAMEncoder):
+            was = encoder.training
+            with torch.no_grad():  # a dry run in eval mode (no BatchNorm statistics touched) gives the width
+                channels = self._last_map(encoder.eval(), torch.zeros(1, encoder.in_chans, image_size, image_size)).shape[1]
+            encoder.train(was)
+            self.neck = sam_neck(channels, prompt_dim)
+        elif encoder.embed_dim != prompt_dim:
+            raise ValueError(f"prompt_dim {prompt_dim}: a SAM encoder's neck gives {encoder.embed_dim} channels")
         self.prompt_encoder = PromptEncoder(embed_dim=prompt_dim, image_embedding_size=(grid, grid),
                                             input_image_size=(image_size, image_size), mask_in_chans=mask_in_chans)
         self.mask_decoder = MaskDecoder(
@@ -63,6 +95,19 @@ class PromptableSAM(TaskModel, nn.Module):
         self.resizer = ResizeLongestSide(image_size)
 
     # ------------------------------------------------------------------ the network
+    @staticmethod
+    def _last_map(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if encoder.feature_maps == "tokens":
+            return encoder.forward_intermediates(x, indices=[-1], norm=True)[-1]
+        return encoder.forward_intermediates(x)[-1]
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, prompt_dim, grid, grid) for prepared images (B, C, S, S): a SAM encoder's neck output, or any other
+        encoder's last feature map through the model's neck."""
+        if self.neck is None:
+            return self.encoder.forward_features(images)
+        return self.neck(self._last_map(self.encoder, images))
+
     def decode(self, embeddings: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
                boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
                multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +125,7 @@ class PromptableSAM(TaskModel, nn.Module):
                 multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched training form: ``images`` (B, C, S, S) already prepared (:meth:`prepare`), one prompt set per
         image (``boxes`` (B, 4), ``points`` ((B, N, 2), (B, N)), ``masks`` (B, 1, 4g, 4g)): logits and IoU."""
-        embeddings = self.encoder.forward_features(images)
+        embeddings = self.image_embeddings(images)
         outs = [self.decode(embeddings[i:i + 1],
                             None if points is None else (points[0][i:i + 1], points[1][i:i + 1]),
                             None if boxes is None else boxes[i:i + 1], None if masks is None else masks[i:i + 1],
@@ -95,8 +140,13 @@ class PromptableSAM(TaskModel, nn.Module):
         if image.ndim == 2:
             image = image[..., None]
         chans = self.encoder.in_chans
-        if image.shape[-1] != chans:
-            image = np.repeat(image[..., :1], chans, -1)
+        if image.shape[-1] != chans:  # as the training data were made (medfm.data.transforms.MatchChannels)
+            if chans == 1:
+                image = image.astype(np.float32).mean(-1, keepdims=True)
+            elif image.shape[-1] == 1:
+                image = np.repeat(image, chans, -1)
+            else:
+                raise ValueError(f"an image with {image.shape[-1]} channels for a {chans}-channel encoder")
         size = image.shape[:2]
         if self.resize == "longest":  # SAM: uint8 0..255, segment-anything's own resize, pad after normalising
             if image.dtype != np.uint8:
@@ -130,16 +180,26 @@ class PromptableSAM(TaskModel, nn.Module):
         return F.interpolate(logits, size, mode="bilinear", align_corners=False) > 0
 
     @torch.no_grad()
-    def predict(self, image: np.ndarray, box: Sequence[float] | None = None,
+    def embed(self, image: np.ndarray) -> ImageEmbedding:
+        """The image prepared and encoded once, for :meth:`predict` with several prompts (SamPredictor's
+        ``set_image``)."""
+        x, size, resized = self.prepare(image)
+        with evaluating(self):
+            embedding = self.image_embeddings(x.to(next(self.parameters()).device))
+        return ImageEmbedding(embedding, size, resized)
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray | ImageEmbedding, box: Sequence[float] | None = None,
                 points: Sequence[Sequence[float]] | None = None, labels: Sequence[int] | None = None,
                 mask: torch.Tensor | None = None, multimask: bool = False) -> dict:
-        """Masks for one image and one prompt set given in the image's pixels: ``box`` (x0, y0, x1, y1),
+        """Masks for one image (or its :meth:`embed`) and one prompt set given in the image's pixels: ``box`` (x0, y0, x1, y1),
         ``points`` [(x, y), ...] with ``labels`` (1 foreground, 0 background; default all 1), ``mask`` a previous
         round's low-resolution logits. Returns ``masks`` (M, H, W) bool at the image's size, ``iou`` (M,),
         ``logits`` (M, 4g, 4g) for a next round; M = 3 with ``multimask``, else 1."""
         if box is None and not points and mask is None:
             raise ValueError("a prompt is needed: a box, points or a previous mask")
-        x, size, resized = self.prepare(image)
+        embedded = image if isinstance(image, ImageEmbedding) else self.embed(image)
+        size, resized = embedded.size, embedded.resized
         device = next(self.parameters()).device
         boxes = pts = None
         if box is not None:
@@ -151,8 +211,8 @@ class PromptableSAM(TaskModel, nn.Module):
             lab = torch.as_tensor(labels if labels is not None else [1] * len(points), dtype=torch.int, device=device)
             pts = (coords, lab[None])
         with evaluating(self):
-            embedding = self.encoder.forward_features(x.to(device))
-            logits, iou = self.decode(embedding, pts, boxes, None if mask is None else mask.to(device)[None], multimask)
+            logits, iou = self.decode(embedded.embedding, pts, boxes, None if mask is None else mask.to(device)[None],
+                                      multimask)
         return {"masks": self.to_input(logits, size, resized)[0].cpu(), "iou": iou[0].cpu(), "logits": logits[0].cpu()}
 
     # ------------------------------------------------------------------ artifact
@@ -160,6 +220,8 @@ class PromptableSAM(TaskModel, nn.Module):
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "PromptableSAM":
         h = spec["head"]
         model = cls(build_task_encoder(spec, pretrained), **{k: h[k] for k in SAM_HEAD_KEYS if k in h})
+        for part in h.get("frozen", ()):  # what a fine-tuning recipe kept frozen (MedSAM: the prompt encoder)
+            getattr(model, part).requires_grad_(False)
         model.spec = spec
         return model
 
@@ -288,14 +350,67 @@ def load_promptable(source: str | os.PathLike, resize: str | None = None) -> Pro
     return convert_sam(source, resize)
 
 
+def propagate(model: PromptableSAM, volume: np.ndarray, index: int, box: Sequence[float] | None = None,
+              points: Sequence[Sequence[float]] | None = None, labels: Sequence[int] | None = None,
+              margin: int = 2) -> np.ndarray:
+    """A 3D object from a prompt on one slice, slice by slice (MedSAM's and LiteMedSAM's 3D inference).
+
+    ``volume`` (I, J, K) in its voxel order; slices run along K, slice ``k`` shown as ``volume[:, :, k].T`` (x = I
+    across, y = J down: how SimpleITK and ITK-SNAP index an axial slice), so ``box`` (x0, y0, x1, y1) and ``points``
+    are voxel indices (i, j) on slice ``index``. The prompted slice is segmented first; then each next slice, up and
+    down, is prompted with the box of its neighbour's mask widened by ``margin`` voxels, until a slice comes out
+    empty or the volume ends. Returns the (I, J, K) boolean mask."""
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"propagation takes a 3D volume, got shape {volume.shape}")
+    if not 0 <= index < volume.shape[2]:
+        raise ValueError(f"slice {index} is outside the volume's {volume.shape[2]} slices (0..{volume.shape[2] - 1})")
+    out = np.zeros(volume.shape, bool)
+
+    def segment(k: int, **prompt) -> np.ndarray:
+        return model.predict(volume[:, :, k].T, **prompt)["masks"][0].numpy().T
+
+    first = out[:, :, index] = segment(index, box=box, points=points, labels=labels)
+    for step in (1, -1):
+        previous, k = first, index + step
+        while 0 <= k < volume.shape[2] and previous.any():
+            x0, y0, x1, y1 = box_from_mask(previous.T)
+            h, w = previous.T.shape
+            widened = [max(0, x0 - margin), max(0, y0 - margin), min(w - 1, x1 + margin), min(h - 1, y1 + margin)]
+            previous = out[:, :, k] = segment(k, box=widened)
+            k += step
+    return out
+
+
 def segment_file(model: PromptableSAM, image: str | os.PathLike, out: str | os.PathLike,
                  box: Sequence[float] | None = None, points: Sequence[Sequence[float]] | None = None,
-                 labels: Sequence[int] | None = None, multimask: bool = False) -> dict:
+                 labels: Sequence[int] | None = None, multimask: bool = False, index: int | None = None) -> dict:
     """``medfm segment``: the image file read, segmented from the prompts (in its pixels), and the mask with the
-    highest predicted IoU written as a 0 / 255 PNG at the image's size. Returns :meth:`PromptableSAM.predict`'s
-    result with ``best`` (the mask written) and ``mask`` (H, W)."""
+    highest predicted IoU written as a 0 / 255 PNG at the image's size. A NIfTI volume (``.nii``, ``.nii.gz``) is
+    segmented from the prompts on slice ``index`` by :func:`propagate` and written as a 0 / 1 NIfTI with the input's
+    affine (its geometry and orientation). Returns :meth:`PromptableSAM.predict`'s result with ``best`` (the mask
+    written) and ``mask`` (H, W), or for a volume ``mask`` (I, J, K)."""
     from PIL import Image
 
+    name = str(image).lower()
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        from medfm.data.writers import write_nifti
+
+        if index is None:
+            raise ValueError(f"{image}: a volume needs the slice the prompt is on (--slice K)")
+        if not str(out).lower().endswith((".nii", ".nii.gz")):
+            raise ValueError(f"--out {out}: a volume's mask is written as NIfTI (mask.nii.gz)")
+        try:
+            vol = nib.load(str(image))
+            data = np.asarray(vol.dataobj, dtype=np.float32)
+        except Exception as e:  # nibabel's errors name neither the file nor what to do
+            raise ValueError(f"{image}: not a readable NIfTI volume ({e})") from e
+        data = data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data
+        mask = propagate(model, data, index, box=box, points=points, labels=labels)
+        write_nifti(mask.astype(np.uint8), out, vol.affine)
+        return {"mask": mask, "slices": [int(k) for k in np.nonzero(mask.any((0, 1)))[0]]}
     pixels = np.asarray(Image.open(image))
     res = model.predict(pixels, box=box, points=points, labels=labels, multimask=multimask)
     best = int(res["iou"].argmax())
