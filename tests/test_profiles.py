@@ -38,7 +38,7 @@ def test_3d_segmentation_from_random_init_trains_a_cnn_encoder_at_the_cpu_profil
     The profile now trains that encoder from scratch; named weights and a named encoder are left alone."""
     path = list_recipes()["tasks"][0].parent / "segment_3d.yaml"
     scratch = load_task_recipe(path, ["segmentation.num_classes=3"], "cpu")["encoder"]
-    assert scratch["name"] == "segres_encoder" and scratch["init_filters"] == 8 and "patch_size" not in scratch
+    assert scratch["name"] == "segres_encoder" and scratch["init_filters"] == 16 and "patch_size" not in scratch
     weights = load_task_recipe(path, ["encoder.pretrained=runs/mae3d/encoder"], "cpu")["encoder"]
     assert weights["name"] == "vit_small" and weights["patch_size"] == 16  # the weights decide
     named = load_task_recipe(path, ["encoder.name=vit_tiny"], "cpu")["encoder"]

@@ -75,7 +75,7 @@ ARCHITECTURE = ("name", "patch_size")  # kept when the recipe loads pretrained w
 # positions: 0.12 / 0.67). A small SegResNet encoder under the same decoder and recipe: 0.825 / 0.816
 # (benchmarks/RESULTS.md, issue 41). Named weights (--encoder) always keep their own architecture.
 SCRATCH_ENCODERS: dict[str, dict[tuple[str, int], dict]] = {
-    "cpu": {("segmentation", 3): {"name": "segres_encoder", "init_filters": 8, "blocks_down": [1, 2, 2, 4],
+    "cpu": {("segmentation", 3): {"name": "segres_encoder", "init_filters": 16, "blocks_down": [1, 2, 2, 4],
                                   "patch_size": None}},
 }
 
