@@ -16,75 +16,12 @@ and writes OUT/results.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-from PIL import Image
-
 from medfm.cli import main as medfm
-from medfm.data.writers import write_manifest
-from medfm.evaluate.prompts import box_from_mask, dice
-
-
-def slice_manifest(volumes: Path, out: Path, split: str = "train") -> Path:
-    """The ``split`` volumes of a 3D manifest as axial slices (the last voxel axis; shown transposed, as
-    ``medfm segment`` shows a volume's slice) that hold a label, PNG image (min-max per volume) and label map."""
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    with open(volumes) as f:
-        for row in csv.DictReader(f):
-            if row["split"] != split:
-                continue
-            vol = np.asarray(nib.load(volumes.parent / row["image"]).dataobj, dtype=np.float32)
-            lab = np.asarray(nib.load(volumes.parent / row["mask"]).dataobj).astype(np.uint8)
-            lo, hi = np.percentile(vol, [0.5, 99.5])
-            vol = np.clip((vol - lo) / max(hi - lo, 1e-6), 0, 1)
-            case = Path(row["image"]).name.split(".")[0]
-            for k in np.nonzero(lab.any((0, 1)))[0]:
-                name = f"{case}_{k:03d}.png"
-                Image.fromarray((vol[:, :, k].T * 255).round().astype(np.uint8)).save(out / f"img_{name}")
-                Image.fromarray(lab[:, :, k].T).save(out / f"lab_{name}")
-                rows.append({"image": f"img_{name}", "mask": f"lab_{name}", "split": "train"})
-    # a validation split the recipe can score (prompted slices): every 10th slice moves there
-    for i, r in enumerate(rows):
-        if i % 10 == 9:
-            r["split"] = "val"
-    return write_manifest(out / "manifest.csv", rows)
-
-
-def propagated_dice(run: Path, volumes: Path, split: str = "val") -> dict:
-    """Each object (class) of each ``split`` volume segmented by propagation from a box (no jitter) on its middle
-    slice: 3D Dice per class, CPU seconds per volume."""
-    from medfm.heads.promptable import load_promptable, propagate
-
-    model = load_promptable(run)
-    classes, names = model.spec["head"]["classes"], model.spec["head"]["class_names"]
-    per_class: dict[str, list[float]] = {n: [] for n in names}
-    cpu, n = 0.0, 0
-    with open(volumes) as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == split]
-    for row in rows:
-        vol = np.asarray(nib.load(volumes.parent / row["image"]).dataobj, dtype=np.float32)
-        lab = np.asarray(nib.load(volumes.parent / row["mask"]).dataobj)
-        for c, name in zip(classes, names):
-            truth = lab == c
-            ks = np.nonzero(truth.any((0, 1)))[0]
-            if not len(ks):
-                continue
-            k = int(ks[len(ks) // 2])
-            t0 = time.process_time()
-            pred = propagate(model, vol, k, box=box_from_mask(truth[:, :, k].T))
-            cpu += time.process_time() - t0
-            n += 1
-            per_class[name].append(dice(pred, truth))
-    out = {f"dice/{k}": float(np.mean(v)) for k, v in per_class.items() if v}
-    out.update(mean_dice=float(np.mean([np.mean(v) for v in per_class.values() if v])), objects=n,
-               cpu_s_per_object=cpu / max(n, 1), volumes=len(rows))
-    return out
+from medfm.finetune.promptable import propagated_scores, slice_manifest
 
 
 def main() -> None:
@@ -119,7 +56,9 @@ def main() -> None:
               f"(wall, {metrics['steps']} steps); CPU s per image encoding {val['cpu_s_per_image']:.3f}, per prompt "
               f"{val['cpu_s_per_prompt']:.4f}; total {(time.perf_counter() - t0) / 60:.1f} min"]
     if args.volumes:
-        prop = propagated_dice(run, Path(args.volumes).resolve())
+        from medfm.heads.promptable import load_promptable
+
+        prop = propagated_scores(load_promptable(run), Path(args.volumes).resolve())
         lines += ["", "3D by propagation from one box on each object's middle slice (val volumes):", "",
                   "| " + " | ".join(prop) + " |", "|" + "---|" * len(prop),
                   "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in prop.values()) + " |"]

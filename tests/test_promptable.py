@@ -298,6 +298,7 @@ def test_propagation_follows_a_3d_object_from_one_slice(tmp_path, sam_file):
             return {"masks": torch.as_tensor(m)[None]}
 
     model = Thresholder()
+    model.spec = {"head": {"classes": [1.0, 2.0], "class_names": ["left half", "right half"]}}
     mask = propagate(model, vol, 11, box=[11, 9, 29, 23])  # x = first voxel index, y = second, on slice 11
     assert (mask == ball).all()
     assert len(model.calls) == 1 + 6 + 6  # slices 12..16 and one empty above, 10..6 and one empty below
@@ -319,3 +320,40 @@ def test_propagation_follows_a_3d_object_from_one_slice(tmp_path, sam_file):
     assert sam_mask.shape == vol.shape and np.allclose(sam_mask.affine, affine)
     assert main(["segment", "--model", str(path), str(tmp_path / "vol.nii.gz"), "--box", "11,9,29,23",
                  "--out", str(tmp_path / "x.nii.gz")]) == 2  # a volume without --slice: one line
+
+
+def test_a_3d_manifest_becomes_slices_to_train_on_and_its_volumes_are_scored_by_propagation(tmp_path):
+    import csv
+
+    from medfm.finetune.promptable import propagated_scores, slice_manifest
+
+    from .finetune_helpers import labelled_volumes
+
+    volumes = labelled_volumes(tmp_path / "set", [(30, 34, 28)] * 4, [(1.0, 1.0, 1.0)] * 4)  # c3 is val
+    slices = slice_manifest(volumes, tmp_path / "slices")
+    with open(slices) as f:
+        rows = list(csv.DictReader(f))
+    labelled = int(np.asarray(nib_load(tmp_path / "set" / "labels" / "c0.nii.gz")).any((0, 1)).sum())
+    assert len(rows) == 3 * labelled and sum(r["split"] == "val" for r in rows) == len(rows) // 10
+    first = np.asarray(Image.open(slices.parent / rows[0]["mask"]))
+    assert first.shape == (34, 30) and set(np.unique(first)) <= {0, 1, 2}  # shown transposed: (J, I)
+
+    class Thresholder:  # segments what is brighter than the background inside its box
+        spec = {"head": {"classes": [1.0, 2.0], "class_names": ["one", "two"]}}
+
+        def predict(self, image, box=None, **_):
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            m = np.zeros(image.shape, bool)
+            m[y0:y1 + 1, x0:x1 + 1] = image[y0:y1 + 1, x0:x1 + 1] > 200
+            return {"masks": torch.as_tensor(m)[None]}
+
+    scores = propagated_scores(Thresholder(), volumes)
+    assert scores["objects"] == 2 and scores["volumes"] == 1
+    # the halves touch: each widened box takes in a little of the other half (this stand-in knows no classes)
+    assert 0.7 < scores["dice/one"] < 1 and 0.7 < scores["dice/two"] < 1, scores
+
+
+def nib_load(path):
+    import nibabel as nib
+
+    return nib.load(path).dataobj

@@ -23,22 +23,26 @@ convention, recorded as the model's ``resize: square``).
 
 from __future__ import annotations
 
+import csv
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from PIL import Image
 from torch.utils.data import Subset
 
 from medfm.data import DataError, load
-from medfm.evaluate.prompts import box_from_mask, next_click, prompted_page, prompted_scores
+from medfm.data.writers import write_manifest
+from medfm.evaluate.prompts import box_from_mask, dice, next_click, prompted_page, prompted_scores
 from medfm.heads import FrozenEncoder, encoder_and_head_groups
-from medfm.heads.promptable import SAM_HEAD_KEYS, PromptableSAM, load_promptable
+from medfm.heads.promptable import SAM_HEAD_KEYS, PromptableSAM, load_promptable, propagate
 from medfm.progress import progress_bar
 from medfm.run import TrainingModule
 
@@ -245,6 +249,69 @@ def evaluate_prompted(model: PromptableSAM, ds, classes: list, class_names: list
                cpu_s_per_prompt=prompt_s / max(n_prompts, 1))
     prompted_page(shown, res, out / f"prompted_{split}.html", title=f"{split}: promptable segmentation")
     return res
+
+
+# ------------------------------------------------------------------------------ volumes, slice by slice
+def slice_manifest(volumes: Path, out: Path, split: str = "train", val_every: int = 10) -> Path:
+    """A 3D segmentation manifest's ``split`` volumes as a 2D one the promptable recipe trains on: every slice along
+    the last voxel axis that holds a label, shown as :func:`propagate` shows it (transposed), as PNG image (scaled
+    by the volume's 0.5 / 99.5 percentiles) and label map under ``out``; every ``val_every``-th slice is put in the
+    manifest's ``val`` split (prompted slices to score while training). Returns ``out/manifest.csv``."""
+    volumes, out = Path(volumes), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with open(volumes) as f:
+        for row in csv.DictReader(f):
+            if row.get("split") != split:
+                continue
+            vol = np.asarray(nib.load(volumes.parent / row["image"]).dataobj, dtype=np.float32)
+            lab = np.asarray(nib.load(volumes.parent / row["mask"]).dataobj).astype(np.uint8)
+            lo, hi = np.percentile(vol, [0.5, 99.5])
+            vol = np.clip((vol - lo) / max(hi - lo, 1e-6), 0, 1)
+            case = Path(row["image"]).name.split(".")[0]
+            for k in np.nonzero(lab.any((0, 1)))[0]:
+                name = f"{case}_{k:03d}.png"
+                Image.fromarray((vol[:, :, k].T * 255).round().astype(np.uint8)).save(out / f"img_{name}")
+                Image.fromarray(lab[:, :, k].T).save(out / f"lab_{name}")
+                rows.append({"image": f"img_{name}", "mask": f"lab_{name}", "split": "train"})
+    if not rows:
+        raise DataError(f"{volumes}: no {split!r} volume holds a label")
+    for i, r in enumerate(rows):
+        if i % val_every == val_every - 1:
+            r["split"] = "val"
+    return write_manifest(out / "manifest.csv", rows)
+
+
+def propagated_scores(model: PromptableSAM, volumes: Path, split: str = "val") -> dict:
+    """Each object (class) of each ``split`` volume of a 3D manifest segmented by :func:`propagate` from a box (no
+    jitter) on its middle slice, as a user boxes a structure once: 3D Dice per class and their mean, CPU seconds
+    per object."""
+    head = getattr(model, "spec", {}).get("head", {})
+    classes = head.get("classes") or [1.0]  # a converted SAM / MedSAM knows no classes: label 1
+    names = head.get("class_names") or [f"class {c:g}" for c in classes]
+    per_class: dict[str, list[float]] = {n: [] for n in names}
+    cpu, n = 0.0, 0
+    volumes = Path(volumes)
+    with open(volumes) as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == split]
+    for row in rows:
+        vol = np.asarray(nib.load(volumes.parent / row["image"]).dataobj, dtype=np.float32)
+        lab = np.asarray(nib.load(volumes.parent / row["mask"]).dataobj)
+        for c, name in zip(classes, names):
+            truth = lab == c
+            ks = np.nonzero(truth.any((0, 1)))[0]
+            if not len(ks):
+                continue
+            k = int(ks[len(ks) // 2])
+            t0 = time.process_time()
+            pred = propagate(model, vol, k, box=box_from_mask(truth[:, :, k].T))
+            cpu += time.process_time() - t0
+            n += 1
+            per_class[name].append(dice(pred, truth))
+    out = {f"dice/{k}": float(np.mean(v)) for k, v in per_class.items() if v}
+    out.update(mean_dice=float(np.mean([np.mean(v) for v in per_class.values() if v])), objects=n,
+               cpu_s_per_object=cpu / max(n, 1), volumes=len(rows))
+    return out
 
 
 @TASKS.register
