@@ -96,6 +96,47 @@ def test_the_converted_sam_is_segment_anythings_own_through_its_predictor(sam_fi
     torch.testing.assert_close(out["iou"], torch.as_tensor(iou), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a ViT-B SAM (90 M random weights) built, saved and converted
+def test_a_vit_b_sam_in_the_flat_layout_converts_to_segment_anythings_own_predictions(tmp_path):
+    """SAM's ViT-B (width 768, 12 blocks, 12 heads, 14 x 14 windows, global blocks 2, 5, 8, 11; SAM's 256-wide
+    decoder) at 256 px instead of 1024 (the same weights' shapes but the position tables), as segment-anything saves
+    it (flat keys): the converted model gives SamPredictor's logits and IoU."""
+    from segment_anything import SamPredictor
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    from medfm.heads.promptable import convert_sam
+
+    torch.manual_seed(1)
+    sam = Sam(image_encoder=ImageEncoderViT(img_size=256, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                            out_chans=256, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                                            use_rel_pos=True, window_size=14, global_attn_indexes=(2, 5, 8, 11),
+                                            rel_pos_zero_init=False, qkv_bias=True),
+              prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(16, 16), input_image_size=(256, 256),
+                                           mask_in_chans=16),
+              mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3,
+                                       iou_head_hidden_dim=256,
+                                       transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)),
+              pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD).eval()
+    with torch.no_grad():
+        sam.image_encoder.pos_embed.normal_(0, 0.02)
+    path = tmp_path / "sam_vit_b_256.pth"
+    torch.save(sam.state_dict(), path)  # segment-anything's own layout: flat keys
+    ours = convert_sam(path)
+    assert ours.encoder.embed_dim == 256 and len(ours.encoder.encoder_blocks()) == 12 and ours.image_size == 256
+    image = _image(90, 120, seed=2)
+    predictor = SamPredictor(sam)
+    predictor.set_image(np.repeat(image[..., None], 3, -1))
+    for prompt in [{"box": [20, 15, 80, 70]}, {"points": [[40, 30], [100, 80]], "labels": [1, 0]}]:
+        for multimask in (False, True):
+            _, iou, low = predictor.predict(
+                point_coords=np.array(prompt["points"], float) if "points" in prompt else None,
+                point_labels=np.array(prompt["labels"]) if "points" in prompt else None,
+                box=np.array(prompt["box"], float) if "box" in prompt else None, multimask_output=multimask)
+            out = ours.predict(image, multimask=multimask, **prompt)
+            torch.testing.assert_close(out["logits"], torch.as_tensor(low), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out["iou"], torch.as_tensor(iou), rtol=1e-5, atol=1e-5)
+
+
 def test_medsam_goes_in_square_at_zero_to_one_and_a_sam_without_decoder_is_refused(sam_file, tmp_path):
     from medfm.heads.promptable import convert_sam
 
