@@ -130,3 +130,18 @@ def test_rgb_jpeg_fundus():
 
     s = load(Path(skimage.data.__file__).parent / "retina.jpg")
     assert s["image"].shape[0] == 3 and s["image"].shape[1] > 100
+
+
+def test_a_0_255_png_mask_reads_as_one_foreground_class():
+    """BUS-BRA's lesion masks are 8-bit 0 / 255 PNGs: label 1 (one class), not 255 of 256 (the plan said 256
+    classes before); a mask with other values and a 0 / 1 mask are read as they are."""
+    from medfm.data import load_mask
+
+    mask = shared_path("breast_us", "busbra", "masks", "bus_0001-l.png")
+    raw, read = load(mask, allow_constant=True)["image"], load_mask(mask)
+    assert set(torch.unique(raw).tolist()) == {0.0, 255.0}
+    assert set(torch.unique(read["image"]).tolist()) == {0.0, 1.0} and read["meta"]["binary_255"]
+    assert torch.equal(read["image"] * 255, torch.as_tensor(raw))
+    labels = shared_path("lgg_flair_seg", "masks", "TCGA_CS_4942_19970222_10.png")
+    assert set(torch.unique(load_mask(labels)["image"]).tolist()) == {0.0, 1.0}
+    assert "binary_255" not in load_mask(labels)["meta"]

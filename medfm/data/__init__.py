@@ -2,7 +2,7 @@
 
 from .datasets import FolderDataset, JoinedDataset, ManifestDataset, NpzDataset, SampleDataset, collate, open_dataset, split_names
 from .errors import DataError, MissingFileError
-from .io import load
+from .io import load, load_mask
 from .manifest import read_records, read_rows
 from .npz import npz_splits, read_npz
 from .preprocess import Preprocess
@@ -11,6 +11,7 @@ from .transforms import PRESETS, ct_3d, mr_3d, radiograph_2d
 __all__ = [
     "Preprocess",
     "load",
+    "load_mask",
     "collate",
     "DataError",
     "MissingFileError",

@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset, Dataset, default_collate
 
 from .cache import DiskCache
 from .errors import DataError
-from .io import load
+from .io import load, load_mask
 from .manifest import ManifestRecord, read_records, read_rows
 from .npz import npz_splits, read_npz
 from .preflight import AUTO_LIMIT, header_problem
@@ -205,7 +205,7 @@ class ManifestDataset(SampleDataset):
         rec = self.records[i]
         sample = load(rec.image, spatial_dims=self.spatial_dims)
         if rec.mask is not None:
-            sample["mask"] = load(rec.mask, spatial_dims=sample["meta"]["spatial_dims"], allow_constant=True)["image"]
+            sample["mask"] = load_mask(rec.mask, spatial_dims=sample["meta"]["spatial_dims"])["image"]
             sample["meta"]["mask_path"] = rec.mask
         if rec.label is not None:
             sample["label"] = rec.label

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import DataError
-from .io import load
+from .io import load, load_mask
 from .manifest import read_records
 
 SAMPLES_PER_CASE = 10_000  # foreground intensities kept per case for the percentiles (nnU-Net keeps 10 k)
@@ -99,7 +99,7 @@ def fingerprint(manifest: str | os.PathLike, split: str | None = "train", image_
     dims = channels = None
     for rec in records:
         where = f"{manifest} line {rec.line}"
-        image, mask = load(rec.image), load(rec.mask, allow_constant=True)
+        image, mask = load(rec.image), load_mask(rec.mask)
         img, msk = np.asarray(image["image"]), np.asarray(mask["image"])
         if img.shape[1:] != msk.shape[1:]:
             raise DataError(f"{where}: the mask {rec.mask} is {msk.shape[1:]} but the image {rec.image} is {img.shape[1:]}")

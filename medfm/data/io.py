@@ -67,3 +67,16 @@ def load(
         raise DataError(f"{path}: unknown file type (expected .nii/.nii.gz, DICOM, PNG/JPEG/BMP/TIFF, or a DICOM folder)")
     array, dims = _to_dims(array, dims, spatial_dims, path)
     return make_sample(array, affine, p, dims, allow_constant=allow_constant)
+
+
+def load_mask(path: str | os.PathLike, spatial_dims: int | None = None) -> dict:
+    """A label map (:func:`load` with constant images allowed). An 8-bit image file whose values are only 0 and 255
+    is a binary mask saved for viewing (BUSI, BUS-BRA, ISIC and most 2D sets store theirs so): read as 0 / 1, so it
+    is the one foreground class it holds, not label 255 of 256."""
+    sample = load(path, spatial_dims=spatial_dims, allow_constant=True)
+    if str(path).lower().endswith(IMAGE_SUFFIXES):
+        values = np.unique(np.asarray(sample["image"]))
+        if values.max(initial=0) == 255 and set(values.tolist()) <= {0.0, 255.0}:
+            sample["image"] = sample["image"] / 255
+            sample["meta"]["binary_255"] = True
+    return sample

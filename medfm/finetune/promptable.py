@@ -38,7 +38,7 @@ from monai.losses import DiceCELoss
 from PIL import Image
 from torch.utils.data import Subset
 
-from medfm.data import DataError, load
+from medfm.data import DataError, load, load_mask
 from medfm.data.writers import write_manifest
 from medfm.evaluate.prompts import box_from_mask, dice, next_click, prompted_page, prompted_scores
 from medfm.heads import FrozenEncoder, encoder_and_head_groups
@@ -187,7 +187,7 @@ def mask_values(ds, where: str = "training") -> list[set]:
     for rec in progress_bar(records, desc=f"{where} masks", unit="mask", leave=False):
         if rec.mask is None:
             raise DataError(f"{ds.manifest} line {rec.line}: no mask")
-        m = load(rec.mask, spatial_dims=2, allow_constant=True)["image"]
+        m = load_mask(rec.mask, spatial_dims=2)["image"]
         out.append({float(v) for v in torch.unique(torch.as_tensor(m)).tolist()})
     return out
 
@@ -209,7 +209,7 @@ def evaluate_prompted(model: PromptableSAM, ds, classes: list, class_names: list
         bar.update(1)
         if max_objects is not None and len(scores) >= max_objects:
             break
-        truth_all = load(rec.mask, spatial_dims=2, allow_constant=True)["image"][0].numpy()
+        truth_all = load_mask(rec.mask, spatial_dims=2)["image"][0].numpy()
         present = [c for c in classes if (truth_all == c).any()]
         if not present:
             continue

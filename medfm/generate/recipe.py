@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medfm.data import DataError, load, open_dataset
+from medfm.data import DataError, load_mask, open_dataset
 from medfm.data.cache import dataset_cache
 from medfm.data.preprocess import Preprocess
 from medfm.data.transforms import PRESETS
@@ -132,7 +132,7 @@ def complete_spec(cfg: dict, train) -> DiffusionSpec:
         for rec in getattr(train, "records", []):
             if rec.mask is None:
                 raise DataError(f"{d['path']} line {rec.line}: no label map in column {d['mask']!r}")
-            top = max(top, int(torch.as_tensor(load(rec.mask, allow_constant=True)["image"]).max()))
+            top = max(top, int(torch.as_tensor(load_mask(rec.mask)["image"]).max()))
         s["mask_classes"] = top + 1
     return DiffusionSpec(**s, preprocess=Preprocess(d["preset"], s["image_size"], d["preset_args"]).record())
 
