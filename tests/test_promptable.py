@@ -65,6 +65,22 @@ PROMPTS = [
 ]
 
 
+def _same_as_the_predictor(ours, predictor, image, prompts) -> None:
+    """Low-resolution logits and IoU within 1e-5 of ``SamPredictor``'s (set to ``image``), masks alike, for each
+    prompt, single- and multi-mask."""
+    for prompt in prompts:
+        for multimask in (False, True):
+            masks, iou, low = predictor.predict(
+                point_coords=np.array(prompt["points"], float) if "points" in prompt else None,
+                point_labels=np.array(prompt["labels"]) if "points" in prompt else None,
+                box=np.array(prompt["box"], float) if "box" in prompt else None, multimask_output=multimask)
+            out = ours.predict(image, multimask=multimask, **prompt)
+            torch.testing.assert_close(out["logits"], torch.as_tensor(low), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out["iou"], torch.as_tensor(iou), rtol=1e-5, atol=1e-5)
+            assert out["masks"].shape == masks.shape == ((3 if multimask else 1), *image.shape[:2])
+            assert (out["masks"].numpy() == masks).mean() > 0.999
+
+
 def test_the_converted_sam_is_segment_anythings_own_through_its_predictor(sam_file):
     from segment_anything import SamPredictor
 
@@ -76,19 +92,11 @@ def test_the_converted_sam_is_segment_anythings_own_through_its_predictor(sam_fi
     predictor = SamPredictor(sam)
     image = _image()  # not square: SAM pads the bottom / right after normalising
     predictor.set_image(np.repeat(image[..., None], 3, -1))
-    for prompt in PROMPTS:
-        for multimask in (False, True):
-            masks, iou, low = predictor.predict(
-                point_coords=np.array(prompt["points"], float) if "points" in prompt else None,
-                point_labels=np.array(prompt["labels"]) if "points" in prompt else None,
-                box=np.array(prompt["box"], float) if "box" in prompt else None, multimask_output=multimask)
-            out = ours.predict(image, multimask=multimask, **prompt)
-            torch.testing.assert_close(out["logits"], torch.as_tensor(low), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(out["iou"], torch.as_tensor(iou), rtol=1e-5, atol=1e-5)
-            assert out["masks"].shape == masks.shape == ((3 if multimask else 1), 50, 38)
-            assert (out["masks"].numpy() == masks).mean() > 0.999
+    _same_as_the_predictor(ours, predictor, image, PROMPTS)
     # a next round: the previous low-resolution logits as the mask prompt, beside a new click
-    previous = low[:1]  # (1, 16, 16): the last round's first mask
+    _, _, low = predictor.predict(box=np.array(PROMPTS[2]["box"], float), point_coords=np.array(PROMPTS[2]["points"], float),
+                                  point_labels=np.array(PROMPTS[2]["labels"]), multimask_output=True)
+    previous = low[:1]  # (1, 16, 16): that round's first mask
     masks, iou, low = predictor.predict(point_coords=np.array([[20.0, 30.0]]), point_labels=np.array([1]),
                                         mask_input=previous, multimask_output=False)
     out = ours.predict(image, points=[[20, 30]], mask=torch.as_tensor(previous))
@@ -126,15 +134,8 @@ def test_a_vit_b_sam_in_the_flat_layout_converts_to_segment_anythings_own_predic
     image = _image(90, 120, seed=2)
     predictor = SamPredictor(sam)
     predictor.set_image(np.repeat(image[..., None], 3, -1))
-    for prompt in [{"box": [20, 15, 80, 70]}, {"points": [[40, 30], [100, 80]], "labels": [1, 0]}]:
-        for multimask in (False, True):
-            _, iou, low = predictor.predict(
-                point_coords=np.array(prompt["points"], float) if "points" in prompt else None,
-                point_labels=np.array(prompt["labels"]) if "points" in prompt else None,
-                box=np.array(prompt["box"], float) if "box" in prompt else None, multimask_output=multimask)
-            out = ours.predict(image, multimask=multimask, **prompt)
-            torch.testing.assert_close(out["logits"], torch.as_tensor(low), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(out["iou"], torch.as_tensor(iou), rtol=1e-5, atol=1e-5)
+    _same_as_the_predictor(ours, predictor, image, [{"box": [20, 15, 80, 70]},
+                                                    {"points": [[40, 30], [100, 80]], "labels": [1, 0]}])
 
 
 def test_medsam_goes_in_square_at_zero_to_one_and_a_sam_without_decoder_is_refused(sam_file, tmp_path):
