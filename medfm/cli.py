@@ -645,7 +645,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model = medfm_load(run / "model" if (run / "model" / "config.json").exists() else run)
         keep = run_postprocessing(run)
     if not hasattr(model, "num_classes") or "preprocess" not in getattr(model, "spec", {}):
-        raise ValueError(f"{args.run}: a {type(model).__name__}, not a segmentation run (medfm finetune tasks/segment_*.yaml)")
+        hint = "; a promptable model segments from prompts: medfm segment --model RUN IMAGE --box x0,y0,x1,y1 --out mask.png" \
+            if type(model).__name__ == "PromptableSAM" else ""
+        raise ValueError(f"{args.run}: a {type(model).__name__}, not a segmentation run (medfm finetune "
+                         f"tasks/segment_*.yaml){hint}")
     paths = list(args.images)
     if args.data:
         paths += [r.image for r in read_records(args.data, split=args.split or None)[0]]
