@@ -73,7 +73,9 @@ ARCHITECTURE = ("name", "patch_size")  # kept when the recipe loads pretrained w
 # so the UNETR decoder can find a structure by its intensity but not tell its parts apart (MSD hippocampus at 1 mm,
 # ViT-Tiny/8, 500 steps: anterior Dice 0.67, posterior 0.00, never predicted; the same ViT with fixed sin-cos
 # positions: 0.12 / 0.67). A small SegResNet encoder under the same decoder and recipe: 0.825 / 0.816
-# (benchmarks/RESULTS.md, issue 41). Named weights (--encoder) always keep their own architecture.
+# (benchmarks/RESULTS.md, issue 41). Under a plan it is SegResNetDS's encoder; 16 initial filters (5.0 M parameters
+# in all) score 0.880 ± 0.001 in 500 steps where 8 (1.25 M) score 0.874 ± 0.002, at ~1.5x the time of a step.
+# Named weights (--encoder) always keep their own architecture.
 SCRATCH_ENCODERS: dict[str, dict[tuple[str, int], dict]] = {
     "cpu": {("segmentation", 3): {"name": "segres_encoder", "init_filters": 16, "blocks_down": [1, 2, 2, 4],
                                   "patch_size": None}},
