@@ -49,8 +49,9 @@ def main() -> None:
     val = metrics["val"]
     lines = [f"# promptable: {data} ({args.steps} steps, encoder {args.encoder or 'random'})", "",
              "| prompt | Dice | NSD (2 px) |", "|---|---|---|"]
-    for p in ["box", *sorted({k.split("_dice")[0] for k in val if k.startswith("click_") and "/" not in k},
-                             key=lambda s: int(s.split("_")[1]))]:
+    clicks = sorted((k[: -len("_dice")] for k in val if k.startswith("click_") and k.endswith("_dice")),
+                    key=lambda s: int(s.split("_")[1]))
+    for p in ["box", *clicks]:
         lines.append(f"| {p.replace('_', ' ')} | {val[f'{p}_dice']:.3f} | {val[f'{p}_nsd']:.3f} |")
     lines += ["", f"objects {val['n']} on {val['n_images']} images; training {metrics['train_time_s'] / 60:.1f} min "
               f"(wall, {metrics['steps']} steps); CPU s per image encoding {val['cpu_s_per_image']:.3f}, per prompt "

@@ -18,6 +18,7 @@ from torch.utils.data import Subset
 
 from medfm.data import DataError, JoinedDataset, open_dataset
 from medfm.data.preprocess import Preprocess
+from medfm.data.transforms import with_channels
 from medfm.data.cache import dataset_cache
 from medfm.data.transforms import PRESETS
 from medfm.evaluate.online_probe import OnlineProbe
@@ -136,8 +137,10 @@ def build_data(cfg: dict, method) -> StepData:
             raise ValueError(f"data.regime={d.regime} needs data: give --data PATH (an npz, a manifest or a folder) "
                              "or set data.path; or use data.regime=synthetic")
         cache = dataset_cache(d.cache, d.cache_dir, {**Preprocess(d.preset, None, d.preset_args).record(),
-                                                     "dims": enc["spatial_dims"]})
-        kw = dict(spatial_dims=enc["spatial_dims"], transform=preprocess(cfg), cache=cache, on_error=d.on_error,
+                                                     "dims": enc["spatial_dims"], "chans": enc.get("in_chans", 1)})
+        # images made the encoder's channel count first (colour -> grey), as fine-tuning makes them
+        transform = with_channels(preprocess(cfg), enc.get("in_chans", 1))
+        kw = dict(spatial_dims=enc["spatial_dims"], transform=transform, cache=cache, on_error=d.on_error,
                   preflight=d.preflight, **({"text_key": d.text} if d.text else {}))
         parts = [open_dataset(d.path, split=d.split, **kw)] if d.path else []
         parts += [open_dataset(p, split=None, **kw) for p in d.train_from]  # generated sets: every row
