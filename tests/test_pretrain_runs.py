@@ -308,3 +308,14 @@ def test_supervised_synthetic_segmentation_pretraining_loss_falls(tmp_path):
     run = run_pretrain(cfg, tmp_path / "run")
     curve = losses(run)
     assert len(curve) == 30 and sum(curve[-5:]) < 0.95 * sum(curve[:5]), curve
+
+
+def test_colour_images_pretrain_a_one_channel_encoder_as_fine_tuning_reads_them(tmp_path):
+    """LGG's slices are RGB (pre-contrast, FLAIR, post-contrast); a 1-channel ViT pretrains on their channel mean,
+    as the fine-tuning recipes make them (it failed on its first batch: 3 channels for 1)."""
+    from .conftest import shared_path
+
+    manifest = shared_path("lgg_flair_seg", "manifest.csv")
+    run = run_pretrain(tiny_recipe("mae_vit_2d", data={"split": "val", "cache": False}, trainer={"max_steps": 2}),
+                       tmp_path / "run", data_path=str(manifest))
+    assert len(losses(run)) == 2 and from_pretrained(run / "encoder").in_chans == 1
