@@ -33,11 +33,12 @@ from medfm.finetune import run_recipe as medfm_recipe
 REPO = Path(__file__).resolve().parents[1]
 
 
-def per_patient_dice(run: Path, data: Path, split: str, patient: str, mask: str = "mask") -> dict:
-    """Dice of each patient's validation slices taken together (predictions from ``medfm predict``)."""
+def per_patient_dice(run: Path, data: Path, split: str, patient: str, mask: str = "mask") -> tuple[dict, float]:
+    """Dice of each patient's validation slices taken together (predictions from ``medfm predict``), and the mean
+    Dice over the slices that hold an object (the objects a promptable model is scored on)."""
     pred_dir = run / "predict_val"
     assert medfm(["predict", str(run), "--data", str(data), "--split", split, "--out", str(pred_dir)]) == 0
-    inter, total = {}, {}
+    inter, total, objects = {}, {}, []
     with open(data) as f:
         for row in csv.DictReader(f):
             if row["split"] != split:
@@ -47,7 +48,9 @@ def per_patient_dice(run: Path, data: Path, split: str, patient: str, mask: str 
             p = row[patient]
             inter[p] = inter.get(p, 0) + int((truth & pred).sum())
             total[p] = total.get(p, 0) + int(truth.sum() + pred.sum())
-    return {p: (2 * inter[p] / total[p] if total[p] else 1.0) for p in inter}
+            if truth.any():
+                objects.append(2 * int((truth & pred).sum()) / int(truth.sum() + pred.sum()))
+    return {p: (2 * inter[p] / total[p] if total[p] else 1.0) for p in inter}, float(np.mean(objects))
 
 
 def main() -> None:
@@ -93,8 +96,9 @@ def main() -> None:
                "steps": m["steps"], "train_min": m["train_time_s"] / 60, "mean_dice": v["mean_dice"],
                **{f"dice {k}": d for k, d in v["dice"].items()}, "mean_hd95": v.get("mean_hd95", float("nan"))}
         if args.patient:
-            patients = per_patient_dice(run, data, args.val_split, args.patient)
+            patients, objects = per_patient_dice(run, data, args.val_split, args.patient)
             row["patient_dice_mean"] = float(np.mean(list(patients.values())))
+            row["object_slice_dice"] = objects
             row["patients"] = len(patients)
             (run / "patient_dice.json").write_text(json.dumps(patients, indent=1))
         rows.append(row)
