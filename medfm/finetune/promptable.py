@@ -178,7 +178,8 @@ def _points(points: list, labels: list, device) -> tuple[torch.Tensor, torch.Ten
 
 
 def mask_values(ds, where: str = "training") -> list[set]:
-    """The label values of every row's mask (read from the files of a manifest dataset)."""
+    """The label values of every row's mask (read from the files of a manifest dataset); a row without a mask holds
+    no object ({0}: a normal image, as BUSI's)."""
     records = getattr(ds, "records", None)
     if records is None:
         raise DataError(f"promptable segmentation reads masks from a manifest (image and mask columns); the {where} "
@@ -186,7 +187,8 @@ def mask_values(ds, where: str = "training") -> list[set]:
     out = []
     for rec in progress_bar(records, desc=f"{where} masks", unit="mask", leave=False):
         if rec.mask is None:
-            raise DataError(f"{ds.manifest} line {rec.line}: no mask")
+            out.append({0.0})
+            continue
         m = load_mask(rec.mask, spatial_dims=2)["image"]
         out.append({float(v) for v in torch.unique(torch.as_tensor(m)).tolist()})
     return out
@@ -203,12 +205,15 @@ def evaluate_prompted(model: PromptableSAM, ds, classes: list, class_names: list
         raise DataError("promptable evaluation reads a manifest split (image and mask columns)")
     scores, per_class, shown = [], {}, []
     encode_s = prompt_s = 0.0
-    n_images = n_prompts = 0
+    n_images = n_prompts = unmasked = 0
     bar = progress_bar(total=len(records), desc=f"prompts {split}", unit="image", leave=False)
     for i, rec in enumerate(records):
         bar.update(1)
         if max_objects is not None and len(scores) >= max_objects:
             break
+        if rec.mask is None:  # no object to prompt for (a normal image)
+            unmasked += 1
+            continue
         truth_all = load_mask(rec.mask, spatial_dims=2)["image"][0].numpy()
         present = [c for c in classes if (truth_all == c).any()]
         if not present:
@@ -239,7 +244,8 @@ def evaluate_prompted(model: PromptableSAM, ds, classes: list, class_names: list
                               "scores": flat})
     bar.close()
     if not scores:
-        raise DataError(f"split {split!r}: no mask holds any of the classes {classes}")
+        raise DataError(f"split {split!r}: no mask holds any of the classes {classes}"
+                        + (f" ({unmasked} of its {len(records)} rows have no mask)" if unmasked else ""))
     keys = list(scores[0])
     res = {k: float(np.mean([s[k] for s in scores])) for k in keys}
     if len(per_class) > 1:
