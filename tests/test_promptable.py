@@ -399,3 +399,30 @@ def nib_load(path):
     import nibabel as nib
 
     return nib.load(path).dataobj
+
+
+def test_rows_without_a_mask_hold_no_object(tmp_path):
+    """A normal image (BUSI's: no mask file) is no object: read as label 0 for training, skipped in evaluation,
+    and a split where no row has a mask is an error that says so."""
+    import csv
+
+    from medfm.data import open_dataset
+    from medfm.data.writers import write_manifest
+    from medfm.finetune.promptable import evaluate_prompted, mask_values
+
+    from .finetune_helpers import mni_slices
+
+    manifest = mni_slices(tmp_path, n=4)
+    with open(manifest) as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["mask"] = ""
+    write_manifest(manifest, rows)
+    ds = open_dataset(manifest, split="train", spatial_dims=2, mask_key="mask")
+    values = mask_values(ds)
+    assert values[0] == {0.0} and values[1] >= {1.0, 2.0}
+    for r in rows:
+        r["mask"] = ""
+    write_manifest(manifest, rows)
+    with pytest.raises(medfm.data.DataError, match="3 of its 3 rows have no mask"):
+        evaluate_prompted(None, open_dataset(manifest, split="train", spatial_dims=2, mask_key="mask"), [1.0],
+                          ["one"], tmp_path, "train", [1])
