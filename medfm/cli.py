@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from medfm.artifacts import load as medfm_load
-from medfm.atomic import write_text
+from medfm.atomic import write_json, write_text
 from medfm.data import DataError, load, open_dataset, read_records, samples
 from medfm.data.datasets import finalise_sample
 from medfm.data.transforms import preset_mismatch, with_channels
@@ -521,7 +521,33 @@ def _points(values: list[str]) -> tuple[list[list[float]], list[int]]:
     return coords, labels
 
 
+def segment_manifest(args: argparse.Namespace) -> int:
+    """``medfm segment --model M --data MANIFEST``: every object of a split scored with simulated prompts."""
+    from medfm.data import open_dataset
+    from medfm.finetune.promptable import evaluate_prompted, mask_values
+
+    if args.image or args.box or args.point:
+        raise ValueError("--data scores a manifest with prompts simulated from its masks: give no IMAGE, --box or --point")
+    model = load_promptable(args.model, resize=args.resize)
+    ds = open_dataset(args.data, split=args.split, spatial_dims=2, mask_key=args.mask)
+    head = model.spec.get("head", {})
+    classes = head.get("classes") or sorted({v for vs in mask_values(ds, args.split or "manifest") for v in vs} - {0.0})
+    names = head.get("class_names") or [f"class {c:g}" for c in classes]
+    clicks = [int(c) for c in args.clicks.split(",")]
+    out, split = Path(args.out), args.split or "all"
+    res = evaluate_prompted(model, ds, classes, names, out, split, clicks, args.jitter, args.max_objects)
+    write_json(out / "metrics.json", {"model": str(args.model), "data": str(args.data), "split": args.split, **res})
+    print(f"{res['n']} objects: box Dice {res['box_dice']:.4f}, "
+          + ", ".join(f"{c} click{'s' if c > 1 else ''} {res[f'click_{c}_dice']:.4f}" for c in clicks)
+          + f"; {out / 'metrics.json'}, {out / f'prompted_{split}.html'}")
+    return 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
+    if args.data:
+        return segment_manifest(args)
+    if not args.image:
+        raise ValueError("medfm segment needs an IMAGE (or --data MANIFEST to score a split with simulated prompts)")
     box = [float(t) for t in args.box.split(",")] if args.box else None
     if box is not None and (len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]):
         raise ValueError(f"--box {args.box}: give x0,y0,x1,y1 with x1 > x0 and y1 > y0 (the input's pixels)")
@@ -553,7 +579,8 @@ def _segment_parser(sub) -> None:
     p = sub.add_parser("segment", help="promptable segmentation with a SAM / MedSAM model: a box or points on "
                        "an image, a mask at the image's size",
                        epilog="example: medfm segment --model sam_vit_b.pth scan.png --box 40,60,120,150 --out mask.png")
-    p.add_argument("image", help="a 2D image (PNG, JPEG, ...), or a NIfTI volume with --slice (propagated slice by slice)")
+    p.add_argument("image", nargs="?", help="a 2D image (PNG, JPEG, ...), or a NIfTI volume with --slice (propagated "
+                   "slice by slice)")
     p.add_argument("--model", required=True, help="a SAM / MedSAM checkpoint, its `medfm models convert` folder, or "
                    "a promptable fine-tuning run (tasks/promptable_2d.yaml)")
     p.add_argument("--slice", type=int, default=None, help="volumes: the slice (index along the last voxel axis) the "
@@ -565,8 +592,15 @@ def _segment_parser(sub) -> None:
                    "predicted IoU is written")
     p.add_argument("--resize", default=None, choices=RESIZE, help="a checkpoint's input convention (see medfm "
                    "models convert --resize)")
+    p.add_argument("--data", default=None, help="instead of an image: a segmentation manifest whose objects are "
+                   "scored with simulated prompts (a jittered box, then clicks); --out is then a folder")
+    p.add_argument("--split", default="val", help="--data: the split scored (default val)")
+    p.add_argument("--mask", default="mask", help="--data: the manifest column of the label maps")
+    p.add_argument("--clicks", default="1,3,5", help="--data: click counts scored (default 1,3,5)")
+    p.add_argument("--jitter", type=int, default=5, help="--data: box sides moved outward 0..N pixels (default 5)")
+    p.add_argument("--max-objects", type=int, default=None, help="--data: score at most this many objects")
     p.add_argument("--out", required=True, help="the mask (PNG, 0 / 255, the image's size; a volume's: NIfTI, 0 / 1, "
-                   "the input's affine)")
+                   "the input's affine); with --data a folder (metrics.json, prompted_SPLIT.html)")
     p.set_defaults(fn=cmd_segment)
 
 

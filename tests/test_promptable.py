@@ -426,3 +426,20 @@ def test_rows_without_a_mask_hold_no_object(tmp_path):
     with pytest.raises(medfm.data.DataError, match="3 of its 3 rows have no mask"):
         evaluate_prompted(None, open_dataset(manifest, split="train", spatial_dims=2, mask_key="mask"), [1.0],
                           ["one"], tmp_path, "train", [1])
+
+
+def test_medfm_segment_scores_a_manifest_with_simulated_prompts(sam_file, tmp_path, capsys):
+    """A converted SAM (no run, no recipe) scored on a segmentation manifest's split: every object from a jittered
+    box and after clicks, metrics.json and the HTML page; its classes come from the masks."""
+    import json
+
+    from .finetune_helpers import mni_slices
+
+    _, path = sam_file
+    manifest = mni_slices(tmp_path, n=4)  # val: one slice, grey and white matter
+    out = tmp_path / "scored"
+    assert main(["segment", "--model", str(path), "--data", str(manifest), "--clicks", "1,2", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 2 and {"box_dice", "click_1_dice", "click_2_nsd", "box_dice/class 1"} <= set(metrics)
+    assert (out / "prompted_val.html").exists() and "2 objects: box Dice" in capsys.readouterr().out
+    assert main(["segment", "--model", str(path), "--data", str(manifest), "--box", "1,1,5,5", "--out", str(out)]) == 2
