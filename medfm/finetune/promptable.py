@@ -258,17 +258,17 @@ def evaluate_prompted(model: PromptableSAM, ds, classes: list, class_names: list
 
 
 # ------------------------------------------------------------------------------ volumes, slice by slice
-def slice_manifest(volumes: Path, out: Path, split: str = "train", val_every: int = 10) -> Path:
-    """A 3D segmentation manifest's ``split`` volumes as a 2D one the promptable recipe trains on: every slice along
-    the last voxel axis that holds a label, shown as :func:`propagate` shows it (transposed), as PNG image (scaled
-    by the volume's 0.5 / 99.5 percentiles) and label map under ``out``; every ``val_every``-th slice is put in the
-    manifest's ``val`` split (prompted slices to score while training). Returns ``out/manifest.csv``."""
+def slice_manifest(volumes: Path, out: Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """A 3D segmentation manifest's volumes of ``splits`` as a 2D one the promptable recipe trains on: every slice
+    along the last voxel axis that holds a label, shown as :func:`propagate` shows it (transposed), as PNG image
+    (scaled by the volume's 0.5 / 99.5 percentiles) and label map under ``out``, each in its volume's split (the
+    validation volumes' slices are what the run scores with prompts). Returns ``out/manifest.csv``."""
     volumes, out = Path(volumes), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(volumes) as f:
         for row in csv.DictReader(f):
-            if row.get("split") != split:
+            if row.get("split") not in splits:
                 continue
             vol = np.asarray(nib.load(volumes.parent / row["image"]).dataobj, dtype=np.float32)
             lab = np.asarray(nib.load(volumes.parent / row["mask"]).dataobj).astype(np.uint8)
@@ -279,12 +279,9 @@ def slice_manifest(volumes: Path, out: Path, split: str = "train", val_every: in
                 name = f"{case}_{k:03d}.png"
                 Image.fromarray((vol[:, :, k].T * 255).round().astype(np.uint8)).save(out / f"img_{name}")
                 Image.fromarray(lab[:, :, k].T).save(out / f"lab_{name}")
-                rows.append({"image": f"img_{name}", "mask": f"lab_{name}", "split": "train"})
+                rows.append({"image": f"img_{name}", "mask": f"lab_{name}", "split": row["split"]})
     if not rows:
-        raise DataError(f"{volumes}: no {split!r} volume holds a label")
-    for i, r in enumerate(rows):
-        if i % val_every == val_every - 1:
-            r["split"] = "val"
+        raise DataError(f"{volumes}: no volume of the splits {list(splits)} holds a label")
     return write_manifest(out / "manifest.csv", rows)
 
 
