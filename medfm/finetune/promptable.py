@@ -23,13 +23,11 @@ convention, recorded as the model's ``resize: square``).
 
 from __future__ import annotations
 
-import csv
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -38,7 +36,7 @@ from monai.losses import DiceCELoss
 from PIL import Image
 from torch.utils.data import Subset
 
-from medfm.data import DataError, load, load_mask
+from medfm.data import DataError, load, load_mask, read_records, split_names
 from medfm.data.writers import write_manifest
 from medfm.evaluate.prompts import box_from_mask, dice, next_click, prompted_page, prompted_scores
 from medfm.heads import FrozenEncoder, encoder_and_head_groups
@@ -263,23 +261,19 @@ def slice_manifest(volumes: Path, out: Path, splits: tuple[str, ...] = ("train",
     along the last voxel axis that holds a label, shown as :func:`propagate` shows it (transposed), as PNG image
     (scaled by the volume's 0.5 / 99.5 percentiles) and label map under ``out``, each in its volume's split (the
     validation volumes' slices are what the run scores with prompts). Returns ``out/manifest.csv``."""
-    volumes, out = Path(volumes), Path(out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with open(volumes) as f:
-        for row in csv.DictReader(f):
-            if row.get("split") not in splits:
-                continue
-            vol = np.asarray(nib.load(volumes.parent / row["image"]).dataobj, dtype=np.float32)
-            lab = np.asarray(nib.load(volumes.parent / row["mask"]).dataobj).astype(np.uint8)
+    for split in [s for s in splits if s in split_names(volumes)]:
+        for vol, lab, rec in _volumes(volumes, split):
             lo, hi = np.percentile(vol, [0.5, 99.5])
             vol = np.clip((vol - lo) / max(hi - lo, 1e-6), 0, 1)
-            case = Path(row["image"]).name.split(".")[0]
+            case = Path(rec.image).name.split(".")[0]
             for k in np.nonzero(lab.any((0, 1)))[0]:
                 name = f"{case}_{k:03d}.png"
                 Image.fromarray((vol[:, :, k].T * 255).round().astype(np.uint8)).save(out / f"img_{name}")
-                Image.fromarray(lab[:, :, k].T).save(out / f"lab_{name}")
-                rows.append({"image": f"img_{name}", "mask": f"lab_{name}", "split": row["split"]})
+                Image.fromarray(lab[:, :, k].T.astype(np.uint8)).save(out / f"lab_{name}")
+                rows.append({"image": f"img_{name}", "mask": f"lab_{name}", "split": split})
     if not rows:
         raise DataError(f"{volumes}: no volume of the splits {list(splits)} holds a label")
     return write_manifest(out / "manifest.csv", rows)
@@ -293,13 +287,9 @@ def propagated_scores(model: PromptableSAM, volumes: Path, split: str = "val") -
     classes = head.get("classes") or [1.0]  # a converted SAM / MedSAM knows no classes: label 1
     names = head.get("class_names") or [f"class {c:g}" for c in classes]
     per_class: dict[str, list[float]] = {n: [] for n in names}
-    cpu, n = 0.0, 0
-    volumes = Path(volumes)
-    with open(volumes) as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == split]
-    for row in rows:
-        vol = np.asarray(nib.load(volumes.parent / row["image"]).dataobj, dtype=np.float32)
-        lab = np.asarray(nib.load(volumes.parent / row["mask"]).dataobj)
+    cpu, n, cases = 0.0, 0, 0
+    for vol, lab, _ in _volumes(volumes, split):
+        cases += 1
         for c, name in zip(classes, names):
             truth = lab == c
             ks = np.nonzero(truth.any((0, 1)))[0]
@@ -313,8 +303,16 @@ def propagated_scores(model: PromptableSAM, volumes: Path, split: str = "val") -
             per_class[name].append(dice(pred, truth))
     out = {f"dice/{k}": float(np.mean(v)) for k, v in per_class.items() if v}
     out.update(mean_dice=float(np.mean([np.mean(v) for v in per_class.values() if v])), objects=n,
-               cpu_s_per_object=cpu / max(n, 1), volumes=len(rows))
+               cpu_s_per_object=cpu / max(n, 1), volumes=cases)
     return out
+
+
+def _volumes(manifest: Path, split: str):
+    """(volume, label map, record) of each row of a 3D manifest's ``split``, both (I, J, K) in the file's voxel
+    order (medfm's readers: a missing or damaged file names itself)."""
+    for rec in read_records(manifest, split=split, mask_key="mask")[0]:
+        vol = load(rec.image, spatial_dims=3)["image"][0].numpy()
+        yield vol, load_mask(rec.mask, spatial_dims=3)["image"][0].numpy(), rec
 
 
 @TASKS.register

@@ -394,22 +394,19 @@ def segment_file(model: PromptableSAM, image: str | os.PathLike, out: str | os.P
 
     name = str(image).lower()
     if name.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
+        from medfm.data.nifti import read_nifti
         from medfm.data.writers import write_nifti
 
         if index is None:
             raise ValueError(f"{image}: a volume needs the slice the prompt is on (--slice K)")
         if not str(out).lower().endswith((".nii", ".nii.gz")):
             raise ValueError(f"--out {out}: a volume's mask is written as NIfTI (mask.nii.gz)")
-        try:
-            vol = nib.load(str(image))
-            data = np.asarray(vol.dataobj, dtype=np.float32)
-        except Exception as e:  # nibabel's errors name neither the file nor what to do
-            raise ValueError(f"{image}: not a readable NIfTI volume ({e})") from e
-        data = data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data
-        mask = propagate(model, data, index, box=box, points=points, labels=labels)
-        write_nifti(mask.astype(np.uint8), out, vol.affine)
+        data, affine = read_nifti(image)  # (C, I, J, K) in the file's voxel order; a damaged file names itself
+        if data.ndim != 4 or data.shape[0] != 1:
+            raise ValueError(f"{image}: a one-channel 3D volume is segmented slice by slice; it holds "
+                             f"{tuple(data.shape[1:])} voxels in {data.shape[0]} channel(s)")
+        mask = propagate(model, data[0], index, box=box, points=points, labels=labels)
+        write_nifti(mask.astype(np.uint8), out, affine)
         return {"mask": mask, "slices": [int(k) for k in np.nonzero(mask.any((0, 1)))[0]]}
     pixels = np.asarray(Image.open(image))
     res = model.predict(pixels, box=box, points=points, labels=labels, multimask=multimask)
