@@ -523,7 +523,6 @@ def _points(values: list[str]) -> tuple[list[list[float]], list[int]]:
 
 def segment_manifest(args: argparse.Namespace) -> int:
     """``medfm segment --model M --data MANIFEST``: every object of a split scored with simulated prompts."""
-    from medfm.data import open_dataset
     from medfm.finetune.promptable import evaluate_prompted, mask_values
 
     if args.image or args.box or args.point:

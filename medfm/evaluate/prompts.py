@@ -21,6 +21,7 @@ import torch
 from monai.apps.deepgrow.transforms import AddRandomGuidanced
 from monai.metrics import compute_surface_dice
 
+from medfm.atomic import write_text
 from medfm.figures import pyplot, save_figure
 
 
@@ -116,7 +117,7 @@ def prompted_page(shown: Sequence[dict], metrics: dict, path: str | Path, title:
         _overlays(shown, png)
         figure = f'<img src="{png.name}" alt="overlays">'
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
+    write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
                     f"<h2>{html.escape(title)}</h2><table border='1' cellpadding='3'>{rows}</table>"
                     f"<p>Rows: one object each. Columns: the image with the ground truth (green) and the jittered "
                     f"box; the mask from the box; the mask after the last simulated click (+ foreground, x "
@@ -130,11 +131,10 @@ def _overlays(shown: Sequence[dict], path: Path) -> None:
     for row, item in zip(axes, shown):
         img = np.asarray(item["image"], dtype=np.float32)
         img = img.mean(-1) if img.ndim == 3 else img
-        clicks = sum(1 for k in item["scores"] if k.startswith("click_") and k.endswith("_dice"))
         last = max((int(k.split("_")[1]) for k in item["scores"] if k.startswith("click_") and k.endswith("_dice")),
-                   default=0)
+                   default=0)  # the largest click count scored (0: none)
         panels = [("ground truth, box", item["truth"]), (f"box: Dice {item['scores']['box_dice']:.2f}", item["box_mask"])]
-        if clicks:
+        if last:
             panels.append((f"{last} clicks: Dice {item['scores'][f'click_{last}_dice']:.2f}", item["click_mask"]))
         for ax, (name, mask) in zip(row, panels):
             ax.imshow(img, cmap="gray")

@@ -18,9 +18,8 @@ from torch.utils.data import Subset
 
 from medfm.data import DataError, JoinedDataset, open_dataset
 from medfm.data.preprocess import Preprocess
-from medfm.data.transforms import with_channels
 from medfm.data.cache import dataset_cache
-from medfm.data.transforms import PRESETS
+from medfm.data.transforms import PRESETS, with_channels
 from medfm.evaluate.online_probe import OnlineProbe
 from medfm.run import DataConfig, KeyedDataset, StepData, position_seed, section
 from medfm.synthetic import SynthConfig, synth_pair, synth_sample
