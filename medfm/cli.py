@@ -505,7 +505,8 @@ def _models_parser(sub) -> None:
     p.add_argument("--out", default=None, help="convert: the folder to write")
     p.add_argument("--resize", default=None, choices=RESIZE, help="convert, a whole SAM: its input convention "
                    "(longest: SAM's resize-longest-side, pixel mean / std, padding; square: MedSAM's [0, 1] square "
-                   "resize; default: square when the file's name says medsam)")
+                   "resize; square_norm: SAM-Med2D's square resize with pixel mean / std; default: square when the "
+                   "file's name says medsam, square_norm for SAM-Med2D's name or adapters, else longest)")
     p.set_defaults(fn=cmd_models)
 
 

@@ -165,6 +165,91 @@ def test_medsam_goes_in_square_at_zero_to_one_and_a_sam_without_decoder_is_refus
         convert_sam(encoder_only)
 
 
+class _SammedAdapter(torch.nn.Module):
+    """SAM-Med2D's ``Adapter_Layer`` as its repository writes it (OpenGVLab/SAM-Med2D,
+    segment_anything/modeling/image_encoder.py): the reference the converted adapters are checked against."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        nn = torch.nn
+        self.norm = nn.LayerNorm(dim)
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.channel = nn.Sequential(nn.Linear(dim, dim // 4, bias=False), nn.ReLU(), nn.Linear(dim // 4, dim, bias=False),
+                                     nn.Sigmoid())
+        self.spatial = nn.Sequential(nn.Conv2d(dim, dim, 3, 2, 1, bias=False), nn.ReLU(),
+                                     nn.ConvTranspose2d(dim, dim, 4, 2, 1, bias=False), nn.ReLU())
+
+    def forward(self, x):
+        x = x.permute(0, 3, 1, 2)
+        b, c = x.shape[:2]
+        x_channel = self.channel(self.avg_pool(x).view(b, c)).view(b, c, 1, 1) * x
+        x = x + self.spatial(x_channel)
+        return self.norm(x.permute(0, 2, 3, 1))
+
+
+def _sammed_block_forward(self, x):
+    """SAM-Med2D's ``Block.forward`` with its adapter: ``x + mlp(norm2(x)) + Adapter(norm2(x))``."""
+    from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+    shortcut = x
+    x = self.norm1(x)
+    if self.window_size > 0:
+        h, w = x.shape[1], x.shape[2]
+        x, pad_hw = window_partition(x, self.window_size)
+    x = self.attn(x)
+    if self.window_size > 0:
+        x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+    x = shortcut + x
+    normed = self.norm2(x)
+    return x + self.mlp(normed) + self.Adapter(normed)
+
+
+def test_a_sam_med2d_checkpoint_converts_with_its_adapters_and_its_square_normalised_input(tmp_path, monkeypatch):
+    """SAM-Med2D's layout (an ``Adapter`` beside each block's MLP, ``{"model": ...}``): every adapter weight loads,
+    the input convention is read from the keys (``square_norm``), and the converted model gives SAM-Med2D's own
+    forward (its adapter and block code above, ``SammedPredictor``'s steps) within 1e-5."""
+    from segment_anything.modeling.image_encoder import Block
+
+    from medfm.heads.promptable import convert_sam, load_promptable, write_sam
+
+    sam = _tiny_sam(seed=3)
+    monkeypatch.setattr(Block, "forward", _sammed_block_forward)
+    torch.manual_seed(4)
+    for block in sam.image_encoder.blocks:
+        block.Adapter = _SammedAdapter(32)
+    sam.eval()
+    path = tmp_path / "tiny_with_adapters.pth"  # the name says nothing: the adapters decide the convention
+    torch.save({"model": sam.state_dict(), "epoch": 3}, path)
+    ours = convert_sam(path)
+    assert ours.resize == "square_norm" and ours.spec["encoder"]["adapters"] is True
+    assert sum(k.count(".Adapter.") for k in ours.state_dict()) == 2 * 6  # 2 blocks x (norm 2, channel 2, spatial 2)
+    image = _image()
+    rgb = np.repeat(image[..., None], 3, -1).astype(np.float64)
+    # SammedPredictor: (image - pixel mean) / std, cv2 nearest resize to 64 x 64 (source index floor(i * in / out)),
+    # box coordinates scaled per axis, logits up to 64 x 64 and then to the image's size, > 0
+    normed = (rgb - np.array(PIXEL_MEAN)) / np.array(PIXEL_STD)
+    rows, cols = (np.arange(64) * 50 // 64), (np.arange(64) * 38 // 64)
+    x = torch.as_tensor(normed[rows][:, cols], dtype=torch.float32).permute(2, 0, 1)[None]
+    box = torch.tensor([[5 * 64 / 38, 8 * 64 / 50, 30 * 64 / 38, 40 * 64 / 50]])
+    with torch.no_grad():
+        sparse, dense = sam.prompt_encoder(points=None, boxes=box, masks=None)
+        low, iou = sam.mask_decoder(sam.image_encoder(x), sam.prompt_encoder.get_dense_pe(), sparse, dense, True)
+        up = torch.nn.functional.interpolate(low, (64, 64), mode="bilinear", align_corners=False)
+        masks = torch.nn.functional.interpolate(up, (50, 38), mode="bilinear", align_corners=False) > 0
+    out = ours.predict(image, box=[5, 8, 30, 40], multimask=True)
+    torch.testing.assert_close(out["logits"], low[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["iou"], iou[0], rtol=1e-5, atol=1e-5)
+    assert (out["masks"] == masks[0]).float().mean() > 0.999
+    reloaded = load_promptable(write_sam(path, tmp_path / "converted"))  # config + safetensors, adapters included
+    assert reloaded.resize == "square_norm"
+    torch.testing.assert_close(reloaded.predict(image, box=[5, 8, 30, 40], multimask=True)["logits"], out["logits"])
+    # the adapters matter: without them the same weights predict otherwise
+    plain = tmp_path / "tiny_plain.pth"
+    torch.save({k: v for k, v in sam.state_dict().items() if ".Adapter." not in k}, plain)
+    assert not torch.allclose(convert_sam(plain, resize="square_norm").predict(image, box=[5, 8, 30, 40])["logits"],
+                              low[0, :1], atol=1e-3)
+
+
 def test_medfm_segment_writes_the_predictors_mask_at_the_inputs_size(sam_file, tmp_path, capsys):
     from segment_anything import SamPredictor
 

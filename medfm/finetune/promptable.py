@@ -14,7 +14,7 @@ actual IoU. Which parts train is the recipe's: the image encoder by the tuning m
 MedSAM (a checkpoint, its ``medfm models convert`` folder, or an earlier promptable run).
 
 Evaluation reads each validation image and mask from its file, as ``medfm segment`` reads a user's image, and
-scores every object with a jittered ground-truth box and after 1, 3, 5 ... simulated clicks
+scores every object with a jittered ground-truth box and after 1, 3, 5 and 10 simulated clicks
 (:func:`medfm.evaluate.prompts.prompted_scores`): Dice and NSD per prompt, per class, the CPU time per image
 encoding and per prompt, and ``prompted_<split>.html`` with overlays. Training images are prepared as the model
 prepares a user's image: min-max scaled (the preset's percentiles 0 and 100) and resized square (MedSAM's
@@ -70,7 +70,7 @@ class PromptableConfig:
     click_rounds: int = 2  # up to this many simulated correction clicks before each step's loss (SAM-Med2D)
     iou_weight: float = 1.0  # weight of the IoU-prediction loss beside Dice + BCE
     eval_jitter: int = 5  # evaluation boxes: each side moved outward 0..eval_jitter pixels of the image
-    eval_clicks: list = field(default_factory=lambda: [1, 3, 5])  # click counts scored
+    eval_clicks: list = field(default_factory=lambda: [1, 3, 5, 10])  # click counts scored
     eval_max: int | None = 300  # at most this many objects scored per split (the first ones); None: all
     overlays: int = 6  # objects drawn on the HTML page
 

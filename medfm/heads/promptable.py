@@ -3,7 +3,7 @@ and segment-anything's own ``PromptEncoder`` and ``MaskDecoder`` (``TwoWayTransf
 ``prompt_encoder.*`` and ``mask_decoder.*`` weights load as their authors saved them (the prompt encoder's random
 Fourier matrix, ``pe_layer.positional_encoding_gaussian_matrix``, is a weight that loads, never re-drawn).
 
-Two input conventions share the one checkpoint layout (recorded with the model as ``resize``):
+Three input conventions share the one checkpoint layout (recorded with the model as ``resize``):
 
 * ``longest`` (SAM, ``SamPredictor``): the image as 0..255 RGB, its longest side resized to ``image_size`` with
   segment-anything's ``ResizeLongestSide``, normalised by SAM's pixel mean / std (the encoder's ``InputNorm``),
@@ -12,6 +12,9 @@ Two input conventions share the one checkpoint layout (recorded with the model a
 * ``square`` (MedSAM): the image min-max scaled to [0, 1], resized to ``image_size`` square (no normalisation, no
   padding: the encoder has no ``InputNorm``); the mask is the 256 x 256 logits resized to the input's size,
   sigmoid > 0.5.
+* ``square_norm`` (SAM-Med2D, ``SammedPredictor``): the image as 0..255 RGB, resized to ``image_size`` square
+  (nearest neighbour), normalised by SAM's pixel mean / std; the logits go up to ``image_size`` and then to the
+  input's size, thresholded at 0.
 
 Boxes (x0, y0, x1, y1) and points (x, y) are given in the input image's pixels and mapped to the model's frame
 as the image is (:meth:`PromptableSAM.predict`).
@@ -42,7 +45,7 @@ from medfm.run import evaluating
 
 from .task_model import TaskModel, build_task_encoder
 
-RESIZE = ("longest", "square")
+RESIZE = ("longest", "square", "square_norm")
 
 
 def sam_neck(channels: int, out: int) -> nn.Sequential:
@@ -72,7 +75,8 @@ class PromptableSAM(TaskModel, nn.Module):
                  mask_in_chans: int = 16):
         super().__init__()
         if resize not in RESIZE:
-            raise ValueError(f"resize={resize!r}: one of {', '.join(RESIZE)} (SAM's longest side, MedSAM's square)")
+            raise ValueError(f"resize={resize!r}: one of {', '.join(RESIZE)} (SAM's longest side, MedSAM's square, "
+                             "SAM-Med2D's normalised square)")
         self.encoder, self.image_size, self.resize = encoder, image_size, resize
         if image_size % encoder.patch_size[0]:
             raise ValueError(f"image_size {image_size} is not divisible by the encoder's stride {encoder.patch_size[0]}")
@@ -159,6 +163,10 @@ class PromptableSAM(TaskModel, nn.Module):
                       if fill is not None else torch.zeros(1, x.shape[1], self.image_size, self.image_size))
             canvas[..., :h, :w] = x  # the mean pads: zero once normalised, as SAM pads its normalised image
             return canvas, size, (h, w)
+        if self.resize == "square_norm":  # SAM-Med2D: 0..255 stretched square, normalised inside the encoder
+            x = torch.as_tensor(image if image.dtype == np.uint8 else _to_uint8(image), dtype=torch.float32)
+            x = F.interpolate(x.permute(2, 0, 1)[None] / 255.0, (self.image_size, self.image_size), mode="nearest")
+            return x, size, (self.image_size, self.image_size)
         x = torch.as_tensor(image.astype(np.float32)).permute(2, 0, 1)[None]  # MedSAM: min-max to [0, 1], square
         x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
         x = F.interpolate(x, (self.image_size, self.image_size), mode="bicubic", align_corners=False).clamp(0, 1)
@@ -173,10 +181,11 @@ class PromptableSAM(TaskModel, nn.Module):
 
     def to_input(self, logits: torch.Tensor, size: tuple[int, int], resized: tuple[int, int]) -> torch.Tensor:
         """Low-resolution logits (B, M, 4g, 4g) as masks at the input's ``size``: SAM's upsampling, crop of the
-        padding and resize, threshold at 0; MedSAM's resize, sigmoid > 0.5 (the same threshold)."""
-        if self.resize == "longest":
-            up = F.interpolate(logits, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
-            logits = up[..., :resized[0], :resized[1]]
+        padding and resize, threshold at 0; MedSAM's resize, sigmoid > 0.5 (the same threshold); SAM-Med2D's
+        upsampling to the model's size, then the input's."""
+        if self.resize != "square":
+            logits = F.interpolate(logits, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            logits = logits[..., :resized[0], :resized[1]]
         return F.interpolate(logits, size, mode="bilinear", align_corners=False) > 0
 
     @torch.no_grad()
@@ -251,15 +260,18 @@ def sam_parts(state_dict: dict) -> tuple[dict, dict]:
     return sd, args
 
 
-def sam_resize(source: str | os.PathLike, resize: str | None = None) -> str:
+def sam_resize(source: str | os.PathLike, resize: str | None = None, adapters: bool = False) -> str:
     """The input convention of a SAM-layout checkpoint: ``resize`` when given, else ``square`` for a file or
-    folder whose name says MedSAM (MedSAM, LiteMedSAM: [0, 1] inputs resized square) and ``longest`` (SAM's
-    ``SamPredictor``) for any other."""
+    folder whose name says MedSAM (MedSAM, LiteMedSAM: [0, 1] inputs resized square), ``square_norm`` for one
+    that says SAM-Med2D or holds its ``adapters``, and ``longest`` (SAM's ``SamPredictor``) for any other."""
     if resize is not None:
         if resize not in RESIZE:
             raise ValueError(f"resize={resize!r}: one of {', '.join(RESIZE)}")
         return resize
-    return "square" if "medsam" in Path(str(source)).name.lower() else "longest"
+    name = Path(str(source)).name.lower().replace("-", "_")
+    if "medsam" in name:
+        return "square"
+    return "square_norm" if adapters or "sam_med2d" in name or "sammed" in name else "longest"
 
 
 def convert_sam(source: str | os.PathLike, resize: str | None = None) -> PromptableSAM:
@@ -283,9 +295,9 @@ def convert_sam(source: str | os.PathLike, resize: str | None = None) -> Prompta
     if not parts:
         raise ValueError(f"{source}: an image encoder only (no prompt_encoder.* / mask_decoder.* weights): use it as "
                          "an encoder (--encoder), or give the whole SAM checkpoint")
-    mode = sam_resize(source, resize)
     converted = convert_checkpoint(ckpt)
     arch = dict(converted.args)
+    mode = sam_resize(source, resize, arch.get("adapters", False))
     size = arch["sam_img_size"]
     if mode == "square":  # MedSAM: [0, 1] into the encoder as is (no pixel mean / std)
         arch["input_norm"] = None
