@@ -37,9 +37,9 @@ def box_from_mask(mask: np.ndarray, jitter: int = 0, rng: np.random.Generator | 
             float(min(h - 1, ys.max() + r[3]))]
 
 
-def next_click(pred: np.ndarray, truth: np.ndarray, seed: int = 0) -> tuple[float, float, int] | None:
-    """The next simulated click (x, y, label) on a 2D prediction: in the missed object (label 1) when it is larger
-    than the false detection, else in the false detection (label 0); drawn by MONAI deepgrow's
+def next_voxel_click(pred: np.ndarray, truth: np.ndarray, seed: int = 0) -> tuple[tuple[int, ...], int] | None:
+    """The next simulated click on a 2D or 3D prediction, as (array index, label): in the missed object (label 1)
+    when it is larger than the false detection, else in the false detection (label 0); drawn by MONAI deepgrow's
     ``AddRandomGuidanced`` (probability exp(distance to the region's border) - 1). None when nothing is wrong."""
     truth, pred = np.asarray(truth) > 0, np.asarray(pred) > 0
     missed, false = (truth & ~pred).astype(np.float32), (pred & ~truth).astype(np.float32)
@@ -50,7 +50,15 @@ def next_click(pred: np.ndarray, truth: np.ndarray, seed: int = 0) -> tuple[floa
     out = pick({"guidance": json.dumps([[], []]), "discrepancy": [missed[None], false[None]], "probability": 1.0})
     pos, neg = json.loads(out["guidance"])
     label = 1 if pos and pos[0][0] != -1 else 0
-    _, y, x = (pos if label else neg)[0]  # deepgrow writes (distance, row, column)
+    return tuple(int(v) for v in (pos if label else neg)[0][1:]), label  # deepgrow writes (channel, *index)
+
+
+def next_click(pred: np.ndarray, truth: np.ndarray, seed: int = 0) -> tuple[float, float, int] | None:
+    """:func:`next_voxel_click` on a 2D image as (x, y, label), the way prompts are given in an image's pixels."""
+    click = next_voxel_click(pred, truth, seed)
+    if click is None:
+        return None
+    (y, x), label = click
     return float(x), float(y), label
 
 
@@ -62,14 +70,14 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def nsd(pred: np.ndarray, truth: np.ndarray, tolerance: float = 2.0) -> float:
-    """Normalised surface Dice at ``tolerance`` pixels (MONAI's ``compute_surface_dice``), 2D binary masks."""
+    """Normalised surface Dice at ``tolerance`` pixels (MONAI's ``compute_surface_dice``), 2D or 3D binary masks."""
     p = torch.as_tensor(np.asarray(pred) > 0)
     t = torch.as_tensor(np.asarray(truth) > 0)
     if not p.any() and not t.any():
         return 1.0
     if not p.any() or not t.any():
         return 0.0
-    onehot = lambda m: torch.stack([~m, m])[None].float()  # noqa: E731  (1, 2, H, W)
+    onehot = lambda m: torch.stack([~m, m])[None].float()  # noqa: E731  (1, 2, *spatial)
     with warnings.catch_warnings():  # MONAI warns about an argument of its own internals
         warnings.simplefilter("ignore", FutureWarning)
         return float(compute_surface_dice(onehot(p), onehot(t), class_thresholds=[tolerance]).item())
@@ -104,6 +112,29 @@ def prompted_scores(predict: Callable[..., dict], image: np.ndarray, truth: np.n
     return out
 
 
+def click_scores(predict: Callable[[list, list], np.ndarray], truth: np.ndarray,
+                 clicks: Sequence[int] = (1, 3, 5, 10), seed: int = 0) -> dict:
+    """Dice and NSD of one object (2D or 3D) after each number of clicks in ``clicks``, for a model prompted by
+    clicks alone (the native 3D model): the first click lands in the object, each next one in the larger error
+    (:func:`next_voxel_click`); ``predict(points, labels)`` gets every click so far as array indices and returns
+    the binary mask. ``shown``: the clicks, the masks after the first and the last."""
+    out: dict = {}
+    pred, points, labels, first = np.zeros_like(truth, bool), [], [], None
+    if not np.asarray(truth).any():
+        raise ValueError("an empty mask has no object to prompt for")
+    for k in range(1, max(clicks, default=0) + 1):
+        click = next_voxel_click(pred, truth, seed=seed * 1000 + k)
+        if click is not None:
+            points.append(list(click[0]))
+            labels.append(click[1])
+            pred = np.asarray(predict(points, labels)) > 0
+        first = pred if first is None else first
+        if k in clicks:
+            out[f"click_{k}"] = {"dice": dice(pred, truth), "nsd": nsd(pred, truth)}
+    out["shown"] = {"points": points, "labels": labels, "first_mask": first, "click_mask": pred}
+    return out
+
+
 def prompted_page(shown: Sequence[dict], metrics: dict, path: str | Path, title: str = "") -> Path:
     """An HTML page of promptable segmentation results: the metrics as a table, then one row of overlays per
     object (``shown``: ``image``, ``truth``, ``name``, ``scores`` and :func:`prompted_scores`' ``shown``: the box
@@ -133,7 +164,10 @@ def _overlays(shown: Sequence[dict], path: Path) -> None:
         img = img.mean(-1) if img.ndim == 3 else img
         last = max((int(k.split("_")[1]) for k in item["scores"] if k.startswith("click_") and k.endswith("_dice")),
                    default=0)  # the largest click count scored (0: none)
-        panels = [("ground truth, box", item["truth"]), (f"box: Dice {item['scores']['box_dice']:.2f}", item["box_mask"])]
+        boxed = item.get("box") is not None  # a clicks-only model (3D) shows its first click's mask instead
+        panels = [("ground truth, box" if boxed else "ground truth", item["truth"]),
+                  (f"box: Dice {item['scores']['box_dice']:.2f}", item["box_mask"]) if boxed else
+                  (f"1 click: Dice {item['scores']['click_1_dice']:.2f}", item["first_mask"])]
         if last:
             panels.append((f"{last} clicks: Dice {item['scores'][f'click_{last}_dice']:.2f}", item["click_mask"]))
         for ax, (name, mask) in zip(row, panels):
@@ -143,8 +177,9 @@ def _overlays(shown: Sequence[dict], path: Path) -> None:
                       interpolation="nearest")
             ax.set_title(name, fontsize=8)
             ax.set_axis_off()
-        x0, y0, x1, y1 = item["box"]
-        row[0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1))
+        if boxed:
+            x0, y0, x1, y1 = item["box"]
+            row[0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1))
         for (x, y), lab in zip(item["points"], item["labels"]):
             row[2].plot(x, y, "+" if lab else "x", color="cyan" if lab else "red", markersize=7, mew=1.5)
         row[0].text(2, 2, item["name"], color="white", fontsize=6, va="top")

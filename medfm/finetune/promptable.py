@@ -38,9 +38,11 @@ from torch.utils.data import Subset
 
 from medfm.data import DataError, load, load_mask, read_records, split_names
 from medfm.data.writers import write_manifest
-from medfm.evaluate.prompts import box_from_mask, dice, next_click, prompted_page, prompted_scores
+from medfm.evaluate.prompts import (box_from_mask, click_scores, dice, next_click, next_voxel_click, prompted_page,
+                                    prompted_scores)
 from medfm.heads import FrozenEncoder, encoder_and_head_groups
 from medfm.heads.promptable import SAM_HEAD_KEYS, PromptableSAM, load_promptable, propagate
+from medfm.heads.promptable_volume import PromptableVolume
 from medfm.progress import progress_bar
 from medfm.run import TrainingModule
 
@@ -93,6 +95,18 @@ def _adopt_weights(model: nn.Module, source: nn.Module) -> int:
     return len(take)
 
 
+def pick_objects(masks: torch.Tensor, classes: list, rng: np.random.Generator) -> tuple[list[int], torch.Tensor]:
+    """For each image or volume whose mask holds a class, one of them drawn at random as a binary target: the
+    indices kept and the targets (B', 1, *spatial)."""
+    keep, targets = [], []
+    for b in range(len(masks)):
+        present = [c for c in classes if bool((masks[b] == c).any())]
+        if present:
+            keep.append(b)
+            targets.append(masks[b, 0] == present[rng.integers(len(present))])
+    return keep, (torch.stack(targets)[:, None].float() if targets else masks[:0])
+
+
 class PromptableModule(FrozenEncoder, TrainingModule):
     """Lightning module: a :class:`PromptableSAM` trained on ``image`` / ``mask`` batches with simulated prompts
     (see the module docstring)."""
@@ -113,19 +127,9 @@ class PromptableModule(FrozenEncoder, TrainingModule):
     def param_groups(self) -> list[dict]:
         return encoder_and_head_groups(self, self.layer_decay)
 
-    def _objects(self, masks: torch.Tensor, rng: np.random.Generator) -> tuple[list[int], torch.Tensor]:
-        """For each image whose mask holds a class, one of them drawn at random as a binary target."""
-        keep, targets = [], []
-        for b in range(len(masks)):
-            present = [c for c in self.classes if bool((masks[b] == c).any())]
-            if present:
-                keep.append(b)
-                targets.append(masks[b, 0] == present[rng.integers(len(present))])
-        return keep, (torch.stack(targets)[:, None].float() if targets else masks[:0])
-
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))  # the run's torch RNG drives it
-        keep, targets = self._objects(batch["mask"], rng)
+        keep, targets = pick_objects(batch["mask"], self.classes, rng)
         if not keep:  # augmentation moved every object out of view: a zero that keeps the graph
             return sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad), {}
         images = batch["image"][keep]
@@ -175,7 +179,7 @@ def _points(points: list, labels: list, device) -> tuple[torch.Tensor, torch.Ten
             torch.tensor([labels], dtype=torch.int, device=device))
 
 
-def mask_values(ds, where: str = "training") -> list[set]:
+def mask_values(ds, where: str = "training", dims: int = 2) -> list[set]:
     """The label values of every row's mask (read from the files of a manifest dataset); a row without a mask holds
     no object ({0}: a normal image, as BUSI's)."""
     records = getattr(ds, "records", None)
@@ -187,7 +191,7 @@ def mask_values(ds, where: str = "training") -> list[set]:
         if rec.mask is None:
             out.append({0.0})
             continue
-        m = load_mask(rec.mask, spatial_dims=2)["image"]
+        m = load_mask(rec.mask, spatial_dims=dims)["image"]
         out.append({float(v) for v in torch.unique(torch.as_tensor(m)).tolist()})
     return out
 
@@ -353,7 +357,7 @@ class PromptableTask(FinetuneTask):
         """The classes from the training masks (where not given) and the training rows that hold one (MedSAM
         trains on images with an object)."""
         s = self.config(cfg)
-        values = mask_values(train)
+        values = mask_values(train, dims=cfg["encoder"]["spatial_dims"])
         classes = [float(c) for c in s.classes] if s.classes else sorted({v for vs in values for v in vs} - {0.0})
         if not classes:
             raise DataError(f"{self.section(cfg, 'data').path}: no training mask holds a non-zero label")
@@ -363,8 +367,8 @@ class PromptableTask(FinetuneTask):
         names = list(s.class_names or [f"class {c:g}" for c in classes])
         if len(names) != len(classes):
             raise ValueError(f"promptable.class_names has {len(names)} names for {len(classes)} classes {classes}")
-        cfg = {**cfg, "promptable": {**cfg["promptable"], "classes": classes, "class_names": names}}
-        print(f"promptable: {len(idx)} of {len(values)} training images hold an object of {names}")
+        cfg = {**cfg, self.name: {**cfg[self.name], "classes": classes, "class_names": names}}
+        print(f"{self.name}: {len(idx)} of {len(values)} training images hold an object of {names}")
         return cfg, Subset(train, idx)
 
     def head(self, cfg: dict, state: dict) -> dict:
@@ -388,3 +392,181 @@ class PromptableTask(FinetuneTask):
         s = self.config(cfg)
         return evaluate_prompted(model, ds, s.classes, s.class_names, out, split, list(s.eval_clicks), s.eval_jitter,
                                  s.eval_max, s.overlays)
+
+
+# ------------------------------------------------------------------------------ native 3D: clicks in a volume
+@dataclass
+class PromptableVolumeConfig:
+    """``promptable_3d`` recipe section (a 3D encoder: :class:`medfm.heads.promptable_volume.PromptableVolume`)."""
+
+    mask: str = "mask"  # manifest column of the label maps
+    classes: list | None = None  # label values, each trained and scored as a binary object (None: every non-zero)
+    class_names: list | None = None
+    feature_dim: int = 32  # the feature map the point head reads (a multiple of 8)
+    decoder_width: int = 16  # the U-Net decoder's first level
+    max_prompt: int = 16  # click sets decoded at once
+    click_rounds: int = 4  # up to this many correction clicks after the first, simulated before each step's loss
+    eval_clicks: list = field(default_factory=lambda: [1, 3, 5, 10])  # click counts scored
+    eval_max: int | None = 100  # at most this many objects scored per split; None: all
+    overlays: int = 6  # objects drawn on the HTML page (the slice through each object's middle)
+
+
+class PromptableVolumeModule(FrozenEncoder, TrainingModule):
+    """Lightning module: a :class:`PromptableVolume` trained on ``image`` / ``mask`` patches with simulated clicks:
+    for each volume one class as a binary object, a first click in it and then up to ``click_rounds`` correction
+    clicks, each from the larger error of the model's own prediction with the clicks so far (SAM-Med3D's
+    interactive training; :func:`medfm.evaluate.prompts.next_voxel_click`); the loss is Dice + BCE (MONAI's
+    ``DiceCELoss``) of the last round's mask."""
+
+    def __init__(self, model: PromptableVolume, classes: list, click_rounds: int = 4,
+                 layer_decay: float | None = None, frozen_encoder: bool = False, **optim):
+        super().__init__(**optim)
+        self.model, self.classes, self.click_rounds = model, [float(c) for c in classes], click_rounds
+        self.layer_decay, self.frozen_encoder = layer_decay, frozen_encoder
+        self.criterion = DiceCELoss(sigmoid=True)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def param_groups(self) -> list[dict]:
+        return encoder_and_head_groups(self, self.layer_decay)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))  # the run's torch RNG drives it
+        keep, targets = pick_objects(batch["mask"], self.classes, rng)
+        if not keep:
+            return sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad), {}
+        feats = self.model.features(batch["image"][keep])
+        device = feats.device
+        clicks = []
+        for i in range(len(keep)):
+            truth = targets[i, 0].cpu().numpy() > 0
+            pred, points, labels = np.zeros_like(truth), [], []
+            rounds = 1 + int(rng.integers(0, self.click_rounds + 1))
+            for r in range(rounds):
+                click = next_voxel_click(pred, truth, seed=int(rng.integers(2**31 - 1)))
+                if click is None:
+                    break
+                points.append(list(click[0]))
+                labels.append(click[1])
+                if r < rounds - 1:
+                    with torch.no_grad():
+                        low = self.model.decode(feats[i:i + 1].detach(), torch.tensor([points], device=device),
+                                                torch.tensor([labels], device=device))
+                    pred = low[0, 0].cpu().numpy() > 0
+            clicks.append((points, labels))
+        n = max(len(p) for p, _ in clicks)
+        pts = torch.zeros(len(keep), n, 3, device=device)
+        labs = torch.full((len(keep), n), -1, dtype=torch.long, device=device)  # -1: padding, no click
+        for i, (p, lab) in enumerate(clicks):
+            pts[i, :len(p)] = torch.tensor(p, dtype=torch.float32)
+            labs[i, :len(lab)] = torch.tensor(lab)
+        logits = torch.cat([self.model.decode(feats[i:i + 1], pts[i:i + 1], labs[i:i + 1]) for i in range(len(keep))])
+        loss = self.criterion(logits.float(), targets)
+        return loss, {"clicks": torch.tensor(float(np.mean([len(p) for p, _ in clicks])))}
+
+
+@torch.no_grad()
+def evaluate_clicked(model: PromptableVolume, ds, classes: list, class_names: list, out: Path, split: str,
+                     clicks: list, max_objects: int | None = None, overlays: int = 6) -> dict:
+    """Every object (one class of one volume) of a split, prepared as the run prepares its data and scored after
+    each click count (:func:`click_scores`: the first click in the object, each next in the larger error); Dice
+    and NSD (2 voxels) per click count and per class, CPU seconds per volume encoding and per click round, and
+    ``prompted_<split>.html`` with the slice through each shown object's middle."""
+    scores, per_class, shown = [], {}, []
+    encode_s = click_s = 0.0
+    n_volumes = n_rounds = 0
+    records = getattr(ds, "records", None)
+    bar = progress_bar(total=len(ds), desc=f"clicks {split}", unit="volume", leave=False)
+    for i in range(len(ds)):
+        bar.update(1)
+        if max_objects is not None and len(scores) >= max_objects:
+            break
+        sample = ds[i]
+        truth_all = sample["mask"][0].numpy()
+        present = [c for c in classes if (truth_all == c).any()]
+        if not present:
+            continue
+        t0 = time.process_time()
+        embedded = model.embed(sample["image"])
+        encode_s += time.process_time() - t0
+        n_volumes += 1
+
+        def predict(points, labels):
+            nonlocal click_s, n_rounds
+            t = time.process_time()
+            mask = model.predict(embedded, points, labels)["mask"].numpy()
+            click_s += time.process_time() - t
+            n_rounds += 1
+            return mask
+
+        for c in present:
+            truth = truth_all == c
+            res = click_scores(predict, truth, clicks=clicks, seed=i)
+            name = class_names[classes.index(c)]
+            flat = {f"{p}_{m}": v[m] for p, v in res.items() if p != "shown" for m in v}
+            scores.append(flat)
+            per_class.setdefault(name, []).append(flat)
+            if len(shown) < overlays:  # the slice through the object's middle, shown as propagate shows slices
+                ks = np.nonzero(truth.any((0, 1)))[0]
+                k = int(ks[len(ks) // 2])
+                cut = lambda v: np.asarray(v)[:, :, k].T  # noqa: E731
+                where = Path(records[i].image).name if records is not None else f"volume {i}"
+                shown.append({"image": cut(sample["image"][0].numpy()), "truth": cut(truth), "box": None,
+                              "name": f"{where} ({name}, slice {k})", "scores": flat,
+                              "first_mask": cut(res["shown"]["first_mask"]), "click_mask": cut(res["shown"]["click_mask"]),
+                              "points": [(p[0], p[1]) for p in res["shown"]["points"] if p[2] == k],
+                              "labels": [lab for p, lab in zip(res["shown"]["points"], res["shown"]["labels"]) if p[2] == k]})
+    bar.close()
+    if not scores:
+        raise DataError(f"split {split!r}: no mask holds any of the classes {classes}")
+    keys = list(scores[0])
+    res = {k: float(np.mean([s[k] for s in scores])) for k in keys}
+    if len(per_class) > 1:
+        for name, rows in per_class.items():
+            res.update({f"{k}/{name}": float(np.mean([s[k] for s in rows])) for k in keys})
+    res.update(n=len(scores), n_volumes=n_volumes, cpu_s_per_volume=encode_s / max(n_volumes, 1),
+               cpu_s_per_click_round=click_s / max(n_rounds, 1))
+    prompted_page(shown, res, out / f"prompted_{split}.html", title=f"{split}: 3D promptable segmentation (clicks)")
+    return res
+
+
+@TASKS.register
+class PromptableVolumeTask(PromptableTask):
+    """Native 3D promptable segmentation (``tasks/promptable_3d.yaml``): a 3D encoder, clicks in the volume."""
+
+    name = "promptable_3d"
+    Config = PromptableVolumeConfig
+    model_class = PromptableVolume
+    headline = ("click_1_dice", "click_3_dice", "click_5_dice", "click_10_dice")
+
+    def validate(self, cfg: dict) -> None:
+        FinetuneTask.validate(self, cfg)
+        s, enc = self.config(cfg), cfg["encoder"]
+        if enc["spatial_dims"] != 3:
+            raise ValueError("promptable_3d takes a 3D encoder (encoder.spatial_dims: 3); a 2D model segments volumes "
+                             "slice by slice: tasks/promptable_2d.yaml")
+        if s.feature_dim % 8 or s.click_rounds < 0:
+            raise ValueError("promptable_3d: feature_dim a multiple of 8 and click_rounds >= 0")
+
+    def resolve(self, cfg: dict) -> dict:
+        return cfg
+
+    def eval_size(self, cfg: dict):
+        return None  # the whole volume: its clicks are placed anywhere in it
+
+    def head(self, cfg: dict, state: dict) -> dict:
+        s = self.config(cfg)
+        return {"feature_dim": s.feature_dim, "decoder_width": s.decoder_width, "max_prompt": s.max_prompt,
+                "classes": s.classes, "class_names": s.class_names}
+
+    def module(self, cfg: dict, model, train, state: dict):
+        s = self.config(cfg)
+        return PromptableVolumeModule(model, s.classes, s.click_rounds, frozen_encoder=self.frozen_encoder(cfg),
+                                      **self.optim(cfg))
+
+    def evaluate_split(self, model, ds, cfg: dict, out: Path, split: str, state: dict) -> dict:
+        s = self.config(cfg)
+        return evaluate_clicked(model, ds, s.classes, s.class_names, out, split, list(s.eval_clicks), s.eval_max,
+                                s.overlays)

@@ -1,0 +1,102 @@
+"""Native 3D promptable segmentation: clicks in a volume -> the object's 3D mask (SAM-Med3D's and VISTA3D's way,
+where the encoder is 3D; a 2D model segments volumes slice by slice instead: :func:`medfm.heads.promptable.propagate`).
+
+A medfm 3D encoder under medfm's U-Net decoder (:class:`~medfm.heads.segmentation.SegmentationModel`, with
+``feature_dim`` output channels instead of classes) gives a full-resolution feature map; MONAI's VISTA3D point
+head (``monai.networks.nets.vista3d.PointMappingSAM``: SAM's two-way transformer between the click tokens and the
+features at half resolution, random Fourier positions of the clicks, a hypernetwork mask token) turns each set
+of clicks into mask logits at the input's size. Clicks are voxel indices (i, j, k) of the tensor the model
+reads, with labels 1 (object), 0 (background) and -1 (padding: no click).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.nets.vista3d import PointMappingSAM
+
+from medfm.run import evaluating
+
+from .segmentation import SegmentationModel
+from .task_model import TaskModel, build_task_encoder
+
+
+class PromptableVolume(TaskModel, nn.Module):
+    """(B, C, I, J, K) volumes and one click set per volume -> (B, 1, I, J, K) mask logits.
+
+    ``feature_dim``: the width of the feature map the point head reads (a multiple of 8: its attention halves it
+    over 4 heads); ``decoder_width``: the U-Net decoder's first-level width; ``max_prompt``: click sets decoded
+    at once."""
+
+    def __init__(self, encoder: nn.Module, feature_dim: int = 32, decoder_width: int = 16, max_prompt: int = 16):
+        super().__init__()
+        if encoder.spatial_dims != 3:
+            raise ValueError("PromptableVolume takes a 3D encoder (a 2D one segments volumes by propagation)")
+        if feature_dim % 8:
+            raise ValueError(f"feature_dim {feature_dim}: a multiple of 8 (the point head's attention: 4 heads of "
+                             "half the width)")
+        self.body = SegmentationModel(encoder, feature_dim, decoder_width)
+        # n_classes=1: the class embeddings VISTA3D keeps for its class prompts are not used by click prompts
+        self.point_head = PointMappingSAM(feature_size=feature_dim, max_prompt=max_prompt, n_classes=1,
+                                          last_supported=1)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.body.encoder
+
+    @property
+    def multiple(self) -> int:
+        """What every side of an input must be divisible by: the body's stride, and even for the point head."""
+        return int(np.lcm(self.body.stride, 2))
+
+    def features(self, volumes: torch.Tensor) -> torch.Tensor:
+        """The (B, feature_dim, I, J, K) map the point head reads."""
+        return self.body(volumes)
+
+    def decode(self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mask logits (P, 1, I, J, K) for one volume's features (1, F, I, J, K) and P click sets ((P, N, 3) voxel
+        indices, (P, N) labels; -1 pads)."""
+        return self.point_head(features, points.float(), labels)
+
+    def forward(self, volumes: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Batched training form: one click set per volume ((B, N, 3), (B, N)) -> (B, 1, I, J, K) logits."""
+        feats = self.features(volumes)
+        return torch.cat([self.decode(feats[b:b + 1], points[b:b + 1], labels[b:b + 1]) for b in range(len(volumes))])
+
+    @torch.no_grad()
+    def embed(self, volume: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """One prepared volume (C, I, J, K) (the spec's preprocessing applied), padded to :attr:`multiple` and
+        encoded once for several click rounds: its features and its own size."""
+        size = tuple(volume.shape[1:])
+        pad = [(-s) % self.multiple for s in size]
+        x = F.pad(volume[None].float(), [p for s in reversed(pad) for p in (0, s)])
+        with evaluating(self):
+            return self.features(x.to(next(self.parameters()).device)), size
+
+    @torch.no_grad()
+    def predict(self, embedded: tuple[torch.Tensor, tuple[int, ...]], points: Sequence[Sequence[float]],
+                labels: Sequence[int] | None = None) -> dict:
+        """The mask for clicks ``points`` [(i, j, k), ...] (``labels``: 1 object, 0 background; default all 1) on
+        a volume :meth:`embed` prepared: ``mask`` (I, J, K) bool and ``logits`` at the volume's size."""
+        if not points:
+            raise ValueError("a click is needed: points [(i, j, k), ...]")
+        feats, size = embedded
+        device = feats.device
+        pts = torch.as_tensor(np.asarray(points, dtype=np.float32)[None], device=device)
+        lab = torch.as_tensor([list(labels) if labels is not None else [1] * len(points)], dtype=torch.long,
+                              device=device)
+        with evaluating(self):
+            logits = self.decode(feats, pts, lab)[0, 0][tuple(slice(0, s) for s in size)].cpu()
+        return {"mask": logits > 0, "logits": logits}
+
+    @classmethod
+    def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "PromptableVolume":
+        h = spec["head"]
+        model = cls(build_task_encoder(spec, pretrained), h["feature_dim"], h["decoder_width"], h.get("max_prompt", 16))
+        model.spec = spec
+        return model
