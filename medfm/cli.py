@@ -29,6 +29,7 @@ from medfm.finetune import TASKS, load_task_recipe, run_finetune
 from medfm.finetune.folds import FOLDS_FILE, evaluate_folds, folds_table, is_folds_run, load_folds, run_folds
 from medfm.finetune.segmentation import predict_files, run_postprocessing
 from medfm.heads.promptable import RESIZE, is_whole_sam, load_promptable, segment_file, write_sam
+from medfm.heads.promptable_volume import PromptableVolume, segment_volume
 from medfm.finetune.planning import describe, flat_overrides, plan_data, plan_overrides, plan_recipe_text
 from medfm.finetune.site_adaptation import SITE_METHODS, SiteAdaptation, adapt_run
 from medfm.generate import GENERATORS, export_generated, model_hash
@@ -510,15 +511,17 @@ def _models_parser(sub) -> None:
     p.set_defaults(fn=cmd_models)
 
 
-def _points(values: list[str]) -> tuple[list[list[float]], list[int]]:
-    """``--point x,y[,label]`` values as coordinates and labels (1 foreground by default, 0 background)."""
+def _points(values: list[str], dims: int = 2) -> tuple[list[list[float]], list[int]]:
+    """``--point x,y[,label]`` (``i,j,k[,label]`` for a native 3D model: ``dims`` 3) values as coordinates and
+    labels (1 foreground by default, 0 background)."""
     coords, labels = [], []
+    form = "x,y" if dims == 2 else "i,j,k"
     for v in values:
         parts = [float(t) for t in v.split(",")]
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in (0, 1)):
-            raise ValueError(f"--point {v}: give x,y or x,y,label with label 1 (foreground) or 0 (background)")
-        coords.append(parts[:2])
-        labels.append(int(parts[2]) if len(parts) == 3 else 1)
+        if len(parts) not in (dims, dims + 1) or (len(parts) == dims + 1 and parts[dims] not in (0, 1)):
+            raise ValueError(f"--point {v}: give {form} or {form},label with label 1 (foreground) or 0 (background)")
+        coords.append(parts[:dims])
+        labels.append(int(parts[dims]) if len(parts) == dims + 1 else 1)
     return coords, labels
 
 
@@ -529,6 +532,9 @@ def segment_manifest(args: argparse.Namespace) -> int:
     if args.image or args.box or args.point:
         raise ValueError("--data scores a manifest with prompts simulated from its masks: give no IMAGE, --box or --point")
     model = load_promptable(args.model, resize=args.resize)
+    if isinstance(model, PromptableVolume):
+        raise ValueError(f"{args.model}: a native 3D model is scored with simulated clicks by its task: medfm evaluate "
+                         f"RUN --data {args.data} --split {args.split}")
     ds = open_dataset(args.data, split=args.split, spatial_dims=2, mask_key=args.mask)
     head = model.spec.get("head", {})
     classes = head.get("classes") or sorted({v for vs in mask_values(ds, args.split or "manifest") for v in vs} - {0.0})
@@ -548,6 +554,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return segment_manifest(args)
     if not args.image:
         raise ValueError("medfm segment needs an IMAGE (or --data MANIFEST to score a split with simulated prompts)")
+    model = load_promptable(args.model, resize=args.resize)
+    if isinstance(model, PromptableVolume):  # native 3D: clicks (i, j, k) in the volume
+        if args.box or args.slice is not None or not args.point:
+            raise ValueError(f"{args.model}: a native 3D model is prompted by clicks in the volume: --point i,j,k[,label] "
+                             "(voxel indices of the input), no --box or --slice")
+        points, labels = _points(args.point, dims=3)
+        out = segment_volume(model, args.image, args.out, points, labels)
+        print(f"mask: {args.out} ({int(out['mask'].sum())} voxels of {out['mask'].size}; the input's affine and grid)")
+        return 0
     box = [float(t) for t in args.box.split(",")] if args.box else None
     if box is not None and (len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]):
         raise ValueError(f"--box {args.box}: give x0,y0,x1,y1 with x1 > x0 and y1 > y0 (the input's pixels)")
@@ -559,7 +574,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: the mask is written as a PNG (mask.png)")
     if volume and args.slice is None:
         raise ValueError(f"{args.image}: a volume needs --slice K (the slice of the last voxel axis the prompt is on)")
-    model = load_promptable(args.model, resize=args.resize)
     out = segment_file(model, args.image, args.out, box=box, points=points or None, labels=labels or None,
                        multimask=args.multimask, index=args.slice)
     if volume:
@@ -582,12 +596,14 @@ def _segment_parser(sub) -> None:
     p.add_argument("image", nargs="?", help="a 2D image (PNG, JPEG, ...), or a NIfTI volume with --slice (propagated "
                    "slice by slice)")
     p.add_argument("--model", required=True, help="a SAM / MedSAM checkpoint, its `medfm models convert` folder, or "
-                   "a promptable fine-tuning run (tasks/promptable_2d.yaml)")
+                   "a promptable fine-tuning run (tasks/promptable_2d.yaml, or tasks/promptable_3d.yaml: clicks in a "
+                   "volume)")
     p.add_argument("--slice", type=int, default=None, help="volumes: the slice (index along the last voxel axis) the "
                    "prompt is on; x, y are the first and second voxel indices")
     p.add_argument("--box", default=None, help="x0,y0,x1,y1 in the image's pixels")
     p.add_argument("--point", action="append", default=None, help="x,y[,label] in the image's pixels (label 1: "
-                   "foreground, the default; 0: background); repeatable")
+                   "foreground, the default; 0: background); a native 3D model (tasks/promptable_3d.yaml): i,j,k[,label] "
+                   "voxel indices of the volume; repeatable")
     p.add_argument("--multimask", action="store_true", help="three candidate masks; the one with the highest "
                    "predicted IoU is written")
     p.add_argument("--resize", default=None, choices=RESIZE, help="a checkpoint's input convention (see medfm "
@@ -596,7 +612,7 @@ def _segment_parser(sub) -> None:
                    "scored with simulated prompts (a jittered box, then clicks); --out is then a folder")
     p.add_argument("--split", default="val", help="--data: the split scored (default val)")
     p.add_argument("--mask", default="mask", help="--data: the manifest column of the label maps")
-    p.add_argument("--clicks", default="1,3,5", help="--data: click counts scored (default 1,3,5)")
+    p.add_argument("--clicks", default="1,3,5,10", help="--data: click counts scored (default 1,3,5,10)")
     p.add_argument("--jitter", type=int, default=5, help="--data: box sides moved outward 0..N pixels (default 5)")
     p.add_argument("--max-objects", type=int, default=None, help="--data: score at most this many objects")
     p.add_argument("--out", required=True, help="the mask (PNG, 0 / 255, the image's size; a volume's: NIfTI, 0 / 1, "

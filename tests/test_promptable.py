@@ -563,7 +563,7 @@ def test_medfm_segment_scores_a_manifest_with_simulated_prompts(sam_file, tmp_pa
 
 
 @pytest.mark.slow  # a 3D run and its click evaluation on real MNI152 hemispheres
-def test_promptable_3d_recipe_trains_on_real_volumes_reloads_alone_and_scores_clicks(tmp_path):
+def test_promptable_3d_recipe_trains_on_real_volumes_reloads_alone_and_scores_clicks(tmp_path, capsys):
     """tasks/promptable_3d.yaml (native 3D: a 3D encoder, VISTA3D's point head) on the MNI152 hemispheres (grey and
     white matter as two object classes): the loss falls, validation scores 1 / 3 clicks per class, and the saved
     model reloads alone: `medfm evaluate` scores the same."""
@@ -591,3 +591,27 @@ def test_promptable_3d_recipe_trains_on_real_volumes_reloads_alone_and_scores_cl
     assert main(["evaluate", str(run), "--split", "val", "--out", str(tmp_path / "eval")]) == 0
     again = __import__("json").loads((tmp_path / "eval" / "metrics.json").read_text())["val"]
     assert again["click_3_dice"] == pytest.approx(val["click_3_dice"])
+    # medfm segment: clicks in the input's voxels, carried through world coordinates into the model's 6 mm grid, the
+    # mask written back in the input's grid and affine
+    import nibabel as nib
+
+    from medfm.heads.promptable_volume import segment_volume
+
+    src = nib.load(manifest.parent / "right_t1.nii.gz")
+    lab = np.asarray(nib.load(manifest.parent / "right_tissue.nii.gz").dataobj)
+    click = [int(v) for v in np.argwhere(lab == 2)[len(np.argwhere(lab == 2)) // 2]]
+    out = tmp_path / "mask.nii.gz"
+    assert main(["segment", "--model", str(run), str(manifest.parent / "right_t1.nii.gz"),
+                 "--point", ",".join(map(str, click)), "--out", str(out)]) == 0
+    written = nib.load(out)
+    assert written.shape == src.shape and np.allclose(written.affine, src.affine)
+    res = segment_volume(model, manifest.parent / "right_t1.nii.gz", tmp_path / "again.nii.gz", [click])
+    prepared = medfm.data.load(manifest.parent / "right_t1.nii.gz", spatial_dims=3)["image"]
+    from medfm.data.preprocess import Preprocess
+
+    grid = Preprocess.read(model.spec["preprocess"]).transform(train=False)({"image": prepared, "meta": {}})["image"].affine
+    world = lambda affine, ijk: (np.asarray(affine, float) @ [*ijk, 1.0])[:3]  # noqa: E731
+    assert np.linalg.norm(world(grid, res["model_points"][0]) - world(src.affine, click)) < 6.0  # within a model voxel
+    assert main(["segment", "--model", str(run), str(manifest.parent / "right_t1.nii.gz"), "--box", "1,2,3,4",
+                 "--out", str(out)]) == 2  # a box for a clicks-only model: one line, exit 2
+    assert "clicks in the volume" in capsys.readouterr().err

@@ -43,6 +43,7 @@ from medfm.encoders.sam import SAMEncoder
 from medfm.evaluate.prompts import box_from_mask
 from medfm.run import evaluating
 
+from .promptable_volume import PromptableVolume
 from .task_model import TaskModel, build_task_encoder
 
 RESIZE = ("longest", "square", "square_norm")
@@ -346,16 +347,16 @@ def is_whole_sam(source: str | os.PathLike) -> bool:
         k.removeprefix("module.").removeprefix("sam.").startswith("mask_decoder.") for k in ckpt.state_dict)
 
 
-def load_promptable(source: str | os.PathLike, resize: str | None = None) -> PromptableSAM:
-    """A promptable model from a converted folder (``DIR`` or ``DIR/model``) or a SAM / MedSAM checkpoint
-    (converted on the fly: :func:`convert_sam`)."""
+def load_promptable(source: str | os.PathLike, resize: str | None = None) -> PromptableSAM | PromptableVolume:
+    """A promptable model from a converted folder or run (``DIR`` or ``DIR/model``: a SAM-layout model, or a native
+    3D one from tasks/promptable_3d.yaml) or a SAM / MedSAM checkpoint (converted on the fly: :func:`convert_sam`)."""
     from medfm.artifacts import load
 
     path = Path(str(source))
     for folder in (path / "model", path):
         if (folder / "config.json").is_file():
             model = load(folder)
-            if not isinstance(model, PromptableSAM):
+            if not isinstance(model, (PromptableSAM, PromptableVolume)):
                 raise ValueError(f"{folder}: a {type(model).__name__}, not a promptable model (a converted SAM / "
                                  "MedSAM: medfm models convert SAM.pth --out DIR)")
             return model

@@ -11,6 +11,7 @@ reads, with labels 1 (object), 0 (background) and -1 (padding: no click).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -18,8 +19,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.networks.nets.vista3d import PointMappingSAM
+from monai.transforms import ResampleToMatch
 
+from medfm.data import load
+from medfm.data.preprocess import Preprocess
+from medfm.data.transforms import with_channels
+from medfm.data.volume import plain_tensor
+from medfm.data.writers import write_nifti
 from medfm.run import evaluating
 
 from .segmentation import SegmentationModel
@@ -100,3 +108,33 @@ class PromptableVolume(TaskModel, nn.Module):
         model = cls(build_task_encoder(spec, pretrained), h["feature_dim"], h["decoder_width"], h.get("max_prompt", 16))
         model.spec = spec
         return model
+
+
+def segment_volume(model: PromptableVolume, volume: str | os.PathLike, out: str | os.PathLike,
+                   points: Sequence[Sequence[float]], labels: Sequence[int] | None = None) -> dict:
+    """``medfm segment --model RUN volume.nii.gz --point i,j,k``: the volume read and prepared as the model's run
+    prepared its data (orientation, spacing, intensity: the spec's preprocessing), the clicks (voxel indices of
+    the input file) carried through the world coordinates into the model's grid, and the mask resampled back to
+    the input's voxel grid (MONAI's ``ResampleToMatch`` of the logits) and written as 0 / 1 NIfTI with the input's
+    affine. Returns ``mask`` (I, J, K) in the input's voxel order and ``model_points`` (the clicks in the model's
+    grid)."""
+    if not str(out).lower().endswith((".nii", ".nii.gz")):
+        raise ValueError(f"--out {out}: a volume's mask is written as NIfTI (mask.nii.gz)")
+    raw = load(volume, spatial_dims=3)
+    size = tuple(raw["image"].shape[1:])
+    for p in points:
+        if len(p) != 3 or not all(0 <= v < n for v, n in zip(p, size)):
+            raise ValueError(f"{volume}: the click {list(p)} is not a voxel index (i, j, k) inside its {size} voxels")
+    enc = model.spec["encoder"]
+    transform = with_channels(Preprocess.read(model.spec["preprocess"]).transform(train=False), enc["in_chans"])
+    image = transform({"image": raw["image"].clone(), "meta": dict(raw["meta"])})["image"]
+    src = np.asarray(raw["image"].affine, dtype=np.float64)
+    dst = np.asarray(image.affine, dtype=np.float64)
+    homogeneous = np.c_[np.asarray(points, dtype=np.float64), np.ones(len(points))]
+    model_points = (np.linalg.solve(dst, src @ homogeneous.T).T[:, :3]).round().clip(0, np.array(image.shape[1:]) - 1)
+    res = model.predict(model.embed(plain_tensor(image)), model_points.tolist(), labels)
+    back = ResampleToMatch(mode="bilinear", padding_mode="border")(MetaTensor(res["logits"][None].float(),
+                                                                              affine=image.affine), img_dst=raw["image"])
+    mask = (plain_tensor(back)[0] > 0).numpy()
+    write_nifti(mask.astype(np.uint8), out, raw["meta"]["affine"])
+    return {"mask": mask, "model_points": model_points}
