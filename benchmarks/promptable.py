@@ -73,7 +73,7 @@ def main() -> None:
                  f"per prompt {val['cpu_s_per_prompt']:.4f}")
     lines += ["", f"{where[0]}; training {metrics['train_time_s'] / 60:.1f} min (wall, {metrics['steps']} steps); CPU s "
               f"{where[1]}, {where[2]}; total {(time.perf_counter() - t0) / 60:.1f} min"]
-    per_class = [k for k in val if "/" in k and k.endswith("_dice") and k.startswith("click_")]
+    per_class = [k for k in val if k.startswith(("box_dice/", "click_")) and "_dice/" in k]
     if per_class:
         lines += ["", "| per class | Dice |", "|---|---|", *[f"| {k} | {val[k]:.3f} |" for k in per_class]]
     if args.volumes and not args.native:
