@@ -107,16 +107,14 @@ def pick_objects(masks: torch.Tensor, classes: list, rng: np.random.Generator) -
     return keep, (torch.stack(targets)[:, None].float() if targets else masks[:0])
 
 
-class PromptableModule(FrozenEncoder, TrainingModule):
-    """Lightning module: a :class:`PromptableSAM` trained on ``image`` / ``mask`` batches with simulated prompts
-    (see the module docstring)."""
+class PromptedModule(FrozenEncoder, TrainingModule):
+    """What the 2D and 3D promptable modules share: the model, its object classes, Dice + BCE (MONAI's
+    ``DiceCELoss``), the encoder's parameter groups, and each step's objects (:meth:`objects`)."""
 
-    def __init__(self, model: PromptableSAM, classes: list, box_prob: float = 0.5, jitter: int = 20,
-                 click_rounds: int = 2, iou_weight: float = 1.0, layer_decay: float | None = None,
+    def __init__(self, model: nn.Module, classes: list, layer_decay: float | None = None,
                  frozen_encoder: bool = False, **optim):
         super().__init__(**optim)
         self.model, self.classes = model, [float(c) for c in classes]
-        self.box_prob, self.jitter, self.click_rounds, self.iou_weight = box_prob, jitter, click_rounds, iou_weight
         self.layer_decay, self.frozen_encoder = layer_decay, frozen_encoder
         self.criterion = DiceCELoss(sigmoid=True)
 
@@ -127,11 +125,30 @@ class PromptableModule(FrozenEncoder, TrainingModule):
     def param_groups(self) -> list[dict]:
         return encoder_and_head_groups(self, self.layer_decay)
 
+    def objects(self, batch: dict) -> tuple[np.random.Generator, list[int], torch.Tensor]:
+        """The step's random generator (drawn from the run's torch RNG, so a resumed run repeats it) and one
+        object per sample that holds one (:func:`pick_objects`)."""
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+        return (rng, *pick_objects(batch["mask"], self.classes, rng))
+
+    def no_object(self) -> torch.Tensor:
+        """The loss of a batch without an object (augmentation moved each out of view): a zero that keeps the graph."""
+        return sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad)
+
+
+class PromptableModule(PromptedModule):
+    """Lightning module: a :class:`PromptableSAM` trained on ``image`` / ``mask`` batches with simulated prompts
+    (see the module docstring)."""
+
+    def __init__(self, model: PromptableSAM, classes: list, box_prob: float = 0.5, jitter: int = 20,
+                 click_rounds: int = 2, iou_weight: float = 1.0, **kwargs):
+        super().__init__(model, classes, **kwargs)
+        self.box_prob, self.jitter, self.click_rounds, self.iou_weight = box_prob, jitter, click_rounds, iou_weight
+
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))  # the run's torch RNG drives it
-        keep, targets = pick_objects(batch["mask"], self.classes, rng)
-        if not keep:  # augmentation moved every object out of view: a zero that keeps the graph
-            return sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad), {}
+        rng, keep, targets = self.objects(batch)
+        if not keep:
+            return self.no_object(), {}
         images = batch["image"][keep]
         embeddings = self.model.image_embeddings(images)
         size = images.shape[-2:]
@@ -196,6 +213,17 @@ def mask_values(ds, where: str = "training", dims: int = 2) -> list[set]:
     return out
 
 
+def object_means(scores: list[dict], per_class: dict[str, list[dict]]) -> dict:
+    """Each score's mean over the objects, and over each class's objects (``score/class``) where there are
+    several classes."""
+    keys = list(scores[0])
+    res = {k: float(np.mean([s[k] for s in scores])) for k in keys}
+    if len(per_class) > 1:
+        for name, rows in per_class.items():
+            res.update({f"{k}/{name}": float(np.mean([s[k] for s in rows])) for k in keys})
+    return res
+
+
 @torch.no_grad()
 def evaluate_prompted(model: PromptableSAM, ds, classes: list, class_names: list, out: Path, split: str,
                       clicks: list, jitter: int = 5, max_objects: int | None = None, overlays: int = 6) -> dict:
@@ -248,11 +276,7 @@ def evaluate_prompted(model: PromptableSAM, ds, classes: list, class_names: list
     if not scores:
         raise DataError(f"split {split!r}: no mask holds any of the classes {classes}"
                         + (f" ({unmasked} of its {len(records)} rows have no mask)" if unmasked else ""))
-    keys = list(scores[0])
-    res = {k: float(np.mean([s[k] for s in scores])) for k in keys}
-    if len(per_class) > 1:
-        for name, rows in per_class.items():
-            res.update({f"{k}/{name}": float(np.mean([s[k] for s in rows])) for k in keys})
+    res = object_means(scores, per_class)
     res.update(n=len(scores), n_images=n_images, cpu_s_per_image=encode_s / max(n_images, 1),
                cpu_s_per_prompt=prompt_s / max(n_prompts, 1))
     prompted_page(shown, res, out / f"prompted_{split}.html", title=f"{split}: promptable segmentation")
@@ -411,32 +435,21 @@ class PromptableVolumeConfig:
     overlays: int = 6  # objects drawn on the HTML page (the slice through each object's middle)
 
 
-class PromptableVolumeModule(FrozenEncoder, TrainingModule):
+class PromptableVolumeModule(PromptedModule):
     """Lightning module: a :class:`PromptableVolume` trained on ``image`` / ``mask`` patches with simulated clicks:
     for each volume one class as a binary object, a first click in it and then up to ``click_rounds`` correction
     clicks, each from the larger error of the model's own prediction with the clicks so far (SAM-Med3D's
     interactive training; :func:`medfm.evaluate.prompts.next_voxel_click`); the loss is Dice + BCE (MONAI's
     ``DiceCELoss``) of the last round's mask."""
 
-    def __init__(self, model: PromptableVolume, classes: list, click_rounds: int = 4,
-                 layer_decay: float | None = None, frozen_encoder: bool = False, **optim):
-        super().__init__(**optim)
-        self.model, self.classes, self.click_rounds = model, [float(c) for c in classes], click_rounds
-        self.layer_decay, self.frozen_encoder = layer_decay, frozen_encoder
-        self.criterion = DiceCELoss(sigmoid=True)
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.model.encoder
-
-    def param_groups(self) -> list[dict]:
-        return encoder_and_head_groups(self, self.layer_decay)
+    def __init__(self, model: PromptableVolume, classes: list, click_rounds: int = 4, **kwargs):
+        super().__init__(model, classes, **kwargs)
+        self.click_rounds = click_rounds
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))  # the run's torch RNG drives it
-        keep, targets = pick_objects(batch["mask"], self.classes, rng)
+        rng, keep, targets = self.objects(batch)
         if not keep:
-            return sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad), {}
+            return self.no_object(), {}
         feats = self.model.features(batch["image"][keep])
         device = feats.device
         clicks = []
@@ -521,11 +534,7 @@ def evaluate_clicked(model: PromptableVolume, ds, classes: list, class_names: li
     bar.close()
     if not scores:
         raise DataError(f"split {split!r}: no mask holds any of the classes {classes}")
-    keys = list(scores[0])
-    res = {k: float(np.mean([s[k] for s in scores])) for k in keys}
-    if len(per_class) > 1:
-        for name, rows in per_class.items():
-            res.update({f"{k}/{name}": float(np.mean([s[k] for s in rows])) for k in keys})
+    res = object_means(scores, per_class)
     res.update(n=len(scores), n_volumes=n_volumes, cpu_s_per_volume=encode_s / max(n_volumes, 1),
                cpu_s_per_click_round=click_s / max(n_rounds, 1))
     prompted_page(shown, res, out / f"prompted_{split}.html", title=f"{split}: 3D promptable segmentation (clicks)")
