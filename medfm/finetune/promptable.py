@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from medfm.data import DataError, load, load_mask, read_records, split_names
+from medfm.data.fingerprint import resampling_note
 from medfm.data.writers import write_manifest
 from medfm.evaluate.prompts import (box_from_mask, click_scores, dice, next_click, next_voxel_click, prompted_page,
                                     prompted_scores)
@@ -564,6 +566,16 @@ class PromptableVolumeTask(PromptableTask):
 
     def eval_size(self, cfg: dict):
         return None  # the whole volume: its clicks are placed anywhere in it
+
+    def prepare(self, cfg: dict, train, state: dict):
+        """The classes and object rows (as in 2D), and one line when the recipe resamples the set far from its
+        native spacing (``--profile cpu``'s 3 mm on a 1 mm set)."""
+        d = self.section(cfg, "data")
+        note = resampling_note(d.path, dict(d.preset_args).get("spacing"), d.train_split)
+        if note:
+            warnings.warn(note.replace("`--plan auto` (or `medfm plan`) takes the spacing from the data",
+                                       "tasks/promptable_3d.yaml is CPU-sized without a profile"), stacklevel=2)
+        return super().prepare(cfg, train, state)
 
     def head(self, cfg: dict, state: dict) -> dict:
         s = self.config(cfg)

@@ -78,7 +78,10 @@ ARCHITECTURE = ("name", "patch_size")  # kept when the recipe loads pretrained w
 # Named weights (--encoder) always keep their own architecture.
 SCRATCH_ENCODERS: dict[str, dict[tuple[str, int], dict]] = {
     "cpu": {("segmentation", 3): {"name": "segres_encoder", "init_filters": 16, "blocks_down": [1, 2, 2, 4],
-                                  "patch_size": None}},
+                                  "patch_size": None},
+            # the native 3D promptable recipe's own encoder (it is CPU-sized as it is): a ViT would not learn where
+            ("promptable_3d", 3): {"name": "segres_encoder", "init_filters": 16, "blocks_down": [1, 2, 2, 4],
+                                   "patch_size": None}},
 }
 
 
