@@ -28,7 +28,7 @@ from medfm.tuning import METHODS as ADAPTATIONS
 from medfm.finetune import TASKS, load_task_recipe, run_finetune
 from medfm.finetune.folds import FOLDS_FILE, evaluate_folds, folds_table, is_folds_run, load_folds, run_folds
 from medfm.finetune.segmentation import predict_files, run_postprocessing
-from medfm.heads.promptable import RESIZE, is_whole_sam, load_promptable, segment_file, write_sam
+from medfm.heads.promptable import RESIZE, PromptableSAM, is_whole_sam, load_promptable, segment_file, write_sam
 from medfm.heads.promptable_volume import PromptableVolume, segment_volume
 from medfm.finetune.planning import describe, flat_overrides, plan_data, plan_overrides, plan_recipe_text
 from medfm.finetune.site_adaptation import SITE_METHODS, SiteAdaptation, adapt_run
@@ -695,8 +695,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model = medfm_load(run / "model" if (run / "model" / "config.json").exists() else run)
         keep = run_postprocessing(run)
     if not hasattr(model, "num_classes") or "preprocess" not in getattr(model, "spec", {}):
-        hint = "; a promptable model segments from prompts: medfm segment --model RUN IMAGE --box x0,y0,x1,y1 --out mask.png" \
-            if type(model).__name__ == "PromptableSAM" else ""
+        hint = ("; a promptable model segments from prompts: medfm segment --model RUN IMAGE --box x0,y0,x1,y1 --out mask.png"
+                if isinstance(model, PromptableSAM) else
+                "; a native 3D promptable model segments from clicks: medfm segment --model RUN VOLUME --point i,j,k --out "
+                "mask.nii.gz" if isinstance(model, PromptableVolume) else "")
         raise ValueError(f"{args.run}: a {type(model).__name__}, not a segmentation run (medfm finetune "
                          f"tasks/segment_*.yaml){hint}")
     paths = list(args.images)

@@ -616,3 +616,5 @@ def test_promptable_3d_recipe_trains_on_real_volumes_reloads_alone_and_scores_cl
     assert main(["segment", "--model", str(run), str(manifest.parent / "right_t1.nii.gz"), "--box", "1,2,3,4",
                  "--out", str(out)]) == 2  # a box for a clicks-only model: one line, exit 2
     assert "clicks in the volume" in capsys.readouterr().err
+    assert main(["predict", str(run), str(manifest.parent / "right_t1.nii.gz"), "--out", str(tmp_path / "p")]) == 2
+    assert "segments from clicks: medfm segment --model RUN VOLUME --point i,j,k" in capsys.readouterr().err
