@@ -618,3 +618,26 @@ def test_promptable_3d_recipe_trains_on_real_volumes_reloads_alone_and_scores_cl
     assert "clicks in the volume" in capsys.readouterr().err
     assert main(["predict", str(run), str(manifest.parent / "right_t1.nii.gz"), "--out", str(tmp_path / "p")]) == 2
     assert "segments from clicks: medfm segment --model RUN VOLUME --point i,j,k" in capsys.readouterr().err
+
+
+def test_a_native_3d_model_reads_its_training_patch_around_the_first_click():
+    """PromptableVolume.embed(centre=first click) reads the training patch around it (kept inside the volume); the
+    mask comes back at the volume's size with background outside that region; clicks outside it are left out, and
+    none inside is an error in one line."""
+    from medfm.encoders import build_encoder
+    from medfm.heads.promptable_volume import PromptableVolume
+
+    torch.manual_seed(0)
+    encoder = build_encoder({"name": "segres_encoder", "spatial_dims": 3, "in_chans": 1, "img_size": 16,
+                             "init_filters": 4, "blocks_down": [1, 1]}, pretrained=False)
+    model = PromptableVolume(encoder, feature_dim=8, decoder_width=4, patch=(16, 16, 16))
+    volume = torch.randn(1, 30, 20, 12)  # smaller than the patch along the last axis
+    e = model.embed(volume, centre=(28, 3, 6))
+    assert e.start == (14, 0, 0) and e.region == (16, 16, 12) and e.size == (30, 20, 12)
+    out = model.predict(e, [[28, 3, 6], [2, 2, 2]], [1, 0])  # the second click lies outside the region: left out
+    assert out["logits"].shape == (30, 20, 12) and bool((out["logits"][:14] == -20.0).all())
+    assert bool((out["logits"][:, 16:] == -20.0).all()) and not bool(out["mask"][:14].any())
+    with pytest.raises(ValueError, match="no click"):
+        model.predict(e, [[1, 1, 1]])
+    whole = model.embed(volume)  # without a centre: the whole volume
+    assert whole.start == (0, 0, 0) and whole.region == (30, 20, 12)

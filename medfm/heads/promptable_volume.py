@@ -34,15 +34,25 @@ from .segmentation import SegmentationModel
 from .task_model import TaskModel, build_task_encoder
 
 
+class VolumeEmbedding:
+    """A volume encoded once (:meth:`PromptableVolume.embed`): the ``features`` of the region the model read,
+    where it ``start``s and its size (``region``), and the whole volume's ``size``."""
+
+    def __init__(self, features: torch.Tensor, start: tuple, region: tuple, size: tuple):
+        self.features, self.start, self.region, self.size = features, start, region, size
+
+
 class PromptableVolume(TaskModel, nn.Module):
     """(B, C, I, J, K) volumes and one click set per volume -> (B, 1, I, J, K) mask logits.
 
     ``feature_dim``: the width of the feature map the point head reads (a multiple of 8: its attention halves it
     over 4 heads); ``decoder_width``: the U-Net decoder's first-level width; ``max_prompt``: click sets decoded
-    at once."""
+    at once; ``patch``: the training patch (I, J, K), the region read around a first click at inference."""
 
-    def __init__(self, encoder: nn.Module, feature_dim: int = 32, decoder_width: int = 16, max_prompt: int = 16):
+    def __init__(self, encoder: nn.Module, feature_dim: int = 32, decoder_width: int = 16, max_prompt: int = 16,
+                 patch: Sequence[int] | None = None):
         super().__init__()
+        self.patch = tuple(int(p) for p in patch) if patch is not None else None
         if encoder.spatial_dims != 3:
             raise ValueError("PromptableVolume takes a 3D encoder (a 2D one segments volumes by propagation)")
         if feature_dim % 8:
@@ -77,35 +87,51 @@ class PromptableVolume(TaskModel, nn.Module):
         return torch.cat([self.decode(feats[b:b + 1], points[b:b + 1], labels[b:b + 1]) for b in range(len(volumes))])
 
     @torch.no_grad()
-    def embed(self, volume: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """One prepared volume (C, I, J, K) (the spec's preprocessing applied), padded to :attr:`multiple` and
-        encoded once for several click rounds: its features and its own size."""
+    def embed(self, volume: torch.Tensor, centre: Sequence[float] | None = None) -> "VolumeEmbedding":
+        """One prepared volume (C, I, J, K) (the spec's preprocessing applied) encoded once for several click
+        rounds. With ``centre`` (the first click) and a training ``patch``, the model reads the patch of that size
+        centred there (inside the volume), as it was trained on patches around its objects (SAM-Med3D crops around
+        the prompt the same way); otherwise the whole volume. The region is padded to :attr:`multiple`."""
         size = tuple(volume.shape[1:])
-        pad = [(-s) % self.multiple for s in size]
-        x = F.pad(volume[None].float(), [p for s in reversed(pad) for p in (0, s)])
+        start, region = (0, 0, 0), size
+        if centre is not None and self.patch is not None:
+            region = tuple(min(p, s) for p, s in zip(self.patch, size))
+            start = tuple(int(np.clip(round(c) - r // 2, 0, s - r)) for c, r, s in zip(centre, region, size))
+        x = volume[(slice(None), *(slice(a, a + r) for a, r in zip(start, region)))][None].float()
+        pad = [(-r) % self.multiple for r in region]
+        x = F.pad(x, [p for s in reversed(pad) for p in (0, s)])  # z-scored volumes: 0 is their mean
         with evaluating(self):
-            return self.features(x.to(next(self.parameters()).device)), size
+            return VolumeEmbedding(self.features(x.to(next(self.parameters()).device)), start, region, size)
 
     @torch.no_grad()
-    def predict(self, embedded: tuple[torch.Tensor, tuple[int, ...]], points: Sequence[Sequence[float]],
+    def predict(self, embedded: "VolumeEmbedding", points: Sequence[Sequence[float]],
                 labels: Sequence[int] | None = None) -> dict:
         """The mask for clicks ``points`` [(i, j, k), ...] (``labels``: 1 object, 0 background; default all 1) on
-        a volume :meth:`embed` prepared: ``mask`` (I, J, K) bool and ``logits`` at the volume's size."""
+        a volume :meth:`embed` prepared: ``mask`` (I, J, K) bool and ``logits`` at the volume's size (outside the
+        region the model read: background). Clicks outside that region are left out."""
         if not points:
             raise ValueError("a click is needed: points [(i, j, k), ...]")
-        feats, size = embedded
-        device = feats.device
-        pts = torch.as_tensor(np.asarray(points, dtype=np.float32)[None], device=device)
-        lab = torch.as_tensor([list(labels) if labels is not None else [1] * len(points)], dtype=torch.long,
-                              device=device)
+        e = embedded
+        labels = list(labels) if labels is not None else [1] * len(points)
+        local = np.asarray(points, dtype=np.float32) - np.asarray(e.start, dtype=np.float32)
+        inside = np.all((local >= 0) & (local < np.asarray(e.region)), axis=1)
+        if not inside.any():
+            raise ValueError(f"no click {list(map(list, points))} lies in the region the model read (from {e.start}, "
+                             f"{e.region} voxels): embed with the first click as its centre")
+        device = e.features.device
+        pts = torch.as_tensor(local[inside][None], device=device)
+        lab = torch.as_tensor([[lab for lab, ok in zip(labels, inside) if ok]], dtype=torch.long, device=device)
         with evaluating(self):
-            logits = self.decode(feats, pts, lab)[0, 0][tuple(slice(0, s) for s in size)].cpu()
+            region = self.decode(e.features, pts, lab)[0, 0][tuple(slice(0, r) for r in e.region)].cpu()
+        logits = torch.full(e.size, -20.0)
+        logits[tuple(slice(a, a + r) for a, r in zip(e.start, e.region))] = region
         return {"mask": logits > 0, "logits": logits}
 
     @classmethod
     def from_spec(cls, spec: dict, pretrained: bool = True, folder: Path | None = None) -> "PromptableVolume":
         h = spec["head"]
-        model = cls(build_task_encoder(spec, pretrained), h["feature_dim"], h["decoder_width"], h.get("max_prompt", 16))
+        model = cls(build_task_encoder(spec, pretrained), h["feature_dim"], h["decoder_width"], h.get("max_prompt", 16),
+                    h.get("patch"))
         model.spec = spec
         return model
 
@@ -132,7 +158,7 @@ def segment_volume(model: PromptableVolume, volume: str | os.PathLike, out: str 
     dst = np.asarray(image.affine, dtype=np.float64)
     homogeneous = np.c_[np.asarray(points, dtype=np.float64), np.ones(len(points))]
     model_points = (np.linalg.solve(dst, src @ homogeneous.T).T[:, :3]).round().clip(0, np.array(image.shape[1:]) - 1)
-    res = model.predict(model.embed(plain_tensor(image)), model_points.tolist(), labels)
+    res = model.predict(model.embed(plain_tensor(image), centre=model_points[0]), model_points.tolist(), labels)
     back = ResampleToMatch(mode="bilinear", padding_mode="border")(MetaTensor(res["logits"][None].float(),
                                                                               affine=image.affine), img_dst=raw["image"])
     mask = (plain_tensor(back)[0] > 0).numpy()
