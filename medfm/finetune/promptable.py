@@ -19,6 +19,10 @@ scores every object with a jittered ground-truth box and after 1, 3, 5 and 10 si
 encoding and per prompt, and ``prompted_<split>.html`` with overlays. Training images are prepared as the model
 prepares a user's image: min-max scaled (the preset's percentiles 0 and 100) and resized square (MedSAM's
 convention, recorded as the model's ``resize: square``).
+
+The native 3D task (``promptable_3d``, :class:`PromptableVolumeTask`, ``tasks/promptable_3d.yaml``) trains a
+:class:`~medfm.heads.promptable_volume.PromptableVolume` (a 3D encoder, clicks in the volume) on patches around
+its objects with simulated click rounds, and scores 1, 3, 5 and 10 clicks per object (:func:`evaluate_clicked`).
 """
 
 from __future__ import annotations
