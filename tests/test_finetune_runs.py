@@ -127,7 +127,8 @@ def test_every_recipe_in_tasks_loads():
     assert {"classify_2d", "classify_3d", "segment_2d", "segment_3d"} <= set(names)
     for name in names:
         cfg = load_task_recipe(REPO / "tasks" / f"{name}.yaml")
-        assert cfg["task"] in ("classification", "segmentation", "report_generation", "vqa", "mllm", "promptable")
+        assert cfg["task"] in ("classification", "segmentation", "report_generation", "vqa", "mllm", "promptable",
+                               "promptable_3d")
     with pytest.raises(KeyError, match="unknown recipe key 'lora.rank'"):
         load_task_recipe(REPO / "tasks" / "classify_2d.yaml", ["lora.rank=4"])
 

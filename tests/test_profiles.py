@@ -9,6 +9,7 @@ from medfm.finetune import load_task_recipe
 from medfm.generate import is_generator_recipe, load_generator_recipe
 from medfm.pretrain import load_recipe
 from medfm.run import list_recipes
+from medfm.run.profiles import SCRATCH_ENCODERS
 
 from .pretrain_helpers import data_2d, losses
 
@@ -26,7 +27,7 @@ def test_every_recipe_takes_every_profile(path):
     assert small["trainer"]["max_steps"] == 500 <= full["trainer"]["max_steps"]
     if "img_size" in full.get("encoder", {}) and not full["encoder"].get("pretrained"):
         dims = full["encoder"]["spatial_dims"]
-        scratch = "segres_encoder" if (small.get("task"), dims) == ("segmentation", 3) else "vit_tiny"  # see below
+        scratch = "segres_encoder" if (small.get("task"), dims) in SCRATCH_ENCODERS["cpu"] else "vit_tiny"  # see below
         assert small["encoder"]["name"] == scratch and small["encoder"]["img_size"] == {2: 64, 3: 32}[dims]
         assert full["encoder"]["img_size"] > small["encoder"]["img_size"]
 
