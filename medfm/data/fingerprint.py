@@ -12,6 +12,7 @@ plan.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -21,6 +22,7 @@ import numpy as np
 from .errors import DataError
 from .io import load, load_mask
 from .manifest import read_records
+from .transforms import PRESETS
 
 SAMPLES_PER_CASE = 10_000  # foreground intensities kept per case for the percentiles (nnU-Net keeps 10 k)
 
@@ -155,9 +157,14 @@ def native_spacing(manifest: str | os.PathLike, split: str | None = "train", ima
     return [float(v) for v in np.median(found, 0)] if found else None
 
 
-def resampling_note(manifest: str | os.PathLike, spacing, split: str | None = "train", far: float = 1.5) -> str | None:
+PLAN_REMEDY = "`--plan auto` (or `medfm plan`) takes the spacing from the data"
+
+
+def resampling_note(manifest: str | os.PathLike, spacing, split: str | None = "train", far: float = 1.5,
+                    remedy: str = PLAN_REMEDY) -> str | None:
     """One line when resampling to ``spacing`` (a preset's ``spacing``) moves any axis more than ``far`` times
-    from the set's native spacing (how a 35x50x35 mm hippocampus became 12x17x12 voxels at 3 mm); None otherwise."""
+    from the set's native spacing (how a 35x50x35 mm hippocampus became 12x17x12 voxels at 3 mm), ending with
+    ``remedy``; None otherwise."""
     native = native_spacing(manifest, split)
     if native is None or spacing is None:
         return None
@@ -168,4 +175,14 @@ def resampling_note(manifest: str | os.PathLike, spacing, split: str | None = "t
     fmt = lambda v: " x ".join(f"{a:g}" for a in v)  # noqa: E731
     return (f"{manifest}: resampled from its native spacing {fmt(native)} mm to {fmt(target)} mm "
             f"(data.preset_args.spacing), {max(ratio):.1f}x coarser on its coarsest axis: small structures lose "
-            f"their voxels; `--plan auto` (or `medfm plan`) takes the spacing from the data")
+            f"their voxels; {remedy}")
+
+
+def recipe_resampling_note(path: str | os.PathLike, preset: str, preset_args: dict, split: str | None = "train",
+                           remedy: str = PLAN_REMEDY) -> str | None:
+    """:func:`resampling_note` for a 3D recipe's data: the spacing its ``preset`` resamples to (``preset_args``'
+    ``spacing``, else the preset's own default); None for data that is not a manifest (an npz, a folder)."""
+    if not str(path).lower().endswith((".csv", ".jsonl", ".json")):
+        return None
+    default = inspect.signature(PRESETS[preset]).parameters["spacing"].default
+    return resampling_note(path, dict(preset_args).get("spacing", default), split, remedy=remedy)

@@ -4,12 +4,14 @@ encoder's ``config.json`` as ``{"preset", "size", "args"}`` and read back here, 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from monai.transforms import Compose
 
-from .transforms import PRESET_DIMS, PRESETS
+from .io import load
+from .transforms import PRESET_DIMS, PRESETS, with_channels
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,11 @@ class Preprocess:
         """The MONAI dictionary transform this record describes; ``size`` overrides the recorded size (None:
         keep the input size)."""
         return PRESETS[self.preset](size=self.size if size == "default" else size, train=train, **self.args)
+
+    def read_file(self, path: str | os.PathLike, channels: int) -> tuple[dict, Any]:
+        """A file read by medfm's reader and prepared as this record says for evaluation, with ``channels``
+        channels: the raw sample (its image and meta: the geometry to write a result back in) and the prepared
+        image (a MetaTensor whose affine is the model's grid)."""
+        raw = load(path, spatial_dims=self.spatial_dims)
+        transform = with_channels(self.transform(train=False), channels)
+        return raw, transform({"image": raw["image"].clone(), "meta": dict(raw["meta"])})["image"]

@@ -43,7 +43,7 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from medfm.data import DataError, load, load_mask, read_records, split_names
-from medfm.data.fingerprint import resampling_note
+from medfm.data.fingerprint import recipe_resampling_note
 from medfm.data.writers import write_manifest
 from medfm.evaluate.prompts import (box_from_mask, click_scores, dice, next_click, next_voxel_click, prompted_page,
                                     prompted_scores)
@@ -582,10 +582,10 @@ class PromptableVolumeTask(PromptableTask):
         """The classes and object rows (as in 2D), and one line when the recipe resamples the set far from its
         native spacing (``--profile cpu``'s 3 mm on a 1 mm set)."""
         d = self.section(cfg, "data")
-        note = resampling_note(d.path, dict(d.preset_args).get("spacing"), d.train_split)
+        note = recipe_resampling_note(d.path, d.preset, d.preset_args, d.train_split,
+                                      remedy="tasks/promptable_3d.yaml is CPU-sized without a profile")
         if note:
-            warnings.warn(note.replace("`--plan auto` (or `medfm plan`) takes the spacing from the data",
-                                       "tasks/promptable_3d.yaml is CPU-sized without a profile"), stacklevel=2)
+            warnings.warn(note, stacklevel=2)
         return super().prepare(cfg, train, state)
 
     def head(self, cfg: dict, state: dict) -> dict:

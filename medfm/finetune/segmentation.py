@@ -19,7 +19,6 @@ encoder's input size; evaluation predicts whole images and volumes with a slidin
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 import warnings
@@ -39,10 +38,9 @@ from monai.transforms import Compose, KeepLargestConnectedComponent, ResampleToM
 from PIL import Image
 from monai.utils import ensure_tuple_rep
 
-from medfm.data import DataError, load
+from medfm.data import DataError
 from medfm.data.preprocess import Preprocess
-from medfm.data.fingerprint import resampling_note
-from medfm.data.transforms import PRESETS, with_channels
+from medfm.data.fingerprint import recipe_resampling_note
 from medfm.data.volume import plain_tensor
 from medfm.data.writers import write_nifti
 from medfm.evaluate.plots import overlay_png
@@ -255,7 +253,7 @@ def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabili
     enc = spec["encoder"]
     dims = enc["spatial_dims"]
     roi = ensure_tuple_rep(enc["img_size"], dims)
-    transform = with_channels(Preprocess.read(spec["preprocess"]).transform(train=False), enc["in_chans"])
+    preprocess = Preprocess.read(spec["preprocess"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -266,9 +264,7 @@ def predict_files(model, paths: Sequence[str | Path], out: str | Path, probabili
     keep = [names.index(n) for n in largest_component_of]
     written = []
     for path in progress_bar(paths, desc=progress, unit="case", disable=progress is None):
-        raw = load(path, spatial_dims=dims)
-        sample = transform({"image": raw["image"].clone(), "meta": dict(raw["meta"])})
-        image = sample["image"]
+        raw, image = preprocess.read_file(path, enc["in_chans"])
         probs = predict(model, plain_tensor(image)[None].to(device), roi, overlap, sw_batch_size, mirror)[0].cpu()
         stem = Path(path).name.split(".")[0]
         if dims == 3:
@@ -457,11 +453,10 @@ class SegmentationTask(FinetuneTask):
     def prepare(self, cfg: dict, train, state: dict):
         """Says in one line when the recipe resamples a volume set far from its native spacing."""
         d = self.section(cfg, "data")
-        if cfg["encoder"]["spatial_dims"] == 3 and str(d.path).lower().endswith((".csv", ".jsonl", ".json")):
-            default = inspect.signature(PRESETS[d.preset]).parameters["spacing"].default
-            note = resampling_note(d.path, dict(d.preset_args).get("spacing", default), d.train_split)
-            if note:
-                warnings.warn(note, stacklevel=2)
+        note = recipe_resampling_note(d.path, d.preset, d.preset_args, d.train_split) \
+            if cfg["encoder"]["spatial_dims"] == 3 else None
+        if note:
+            warnings.warn(note, stacklevel=2)
         return cfg, train
 
     def head(self, cfg: dict, state: dict) -> dict:

@@ -23,9 +23,7 @@ from monai.data import MetaTensor
 from monai.networks.nets.vista3d import PointMappingSAM
 from monai.transforms import ResampleToMatch
 
-from medfm.data import load
 from medfm.data.preprocess import Preprocess
-from medfm.data.transforms import with_channels
 from medfm.data.volume import plain_tensor
 from medfm.data.writers import write_nifti
 from medfm.run import evaluating
@@ -146,14 +144,11 @@ def segment_volume(model: PromptableVolume, volume: str | os.PathLike, out: str 
     grid)."""
     if not str(out).lower().endswith((".nii", ".nii.gz")):
         raise ValueError(f"--out {out}: a volume's mask is written as NIfTI (mask.nii.gz)")
-    raw = load(volume, spatial_dims=3)
+    raw, image = Preprocess.read(model.spec["preprocess"]).read_file(volume, model.spec["encoder"]["in_chans"])
     size = tuple(raw["image"].shape[1:])
     for p in points:
         if len(p) != 3 or not all(0 <= v < n for v, n in zip(p, size)):
             raise ValueError(f"{volume}: the click {list(p)} is not a voxel index (i, j, k) inside its {size} voxels")
-    enc = model.spec["encoder"]
-    transform = with_channels(Preprocess.read(model.spec["preprocess"]).transform(train=False), enc["in_chans"])
-    image = transform({"image": raw["image"].clone(), "meta": dict(raw["meta"])})["image"]
     src = np.asarray(raw["image"].affine, dtype=np.float64)
     dst = np.asarray(image.affine, dtype=np.float64)
     homogeneous = np.c_[np.asarray(points, dtype=np.float64), np.ones(len(points))]
