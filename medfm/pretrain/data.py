@@ -25,6 +25,7 @@ from medfm.run import DataConfig, KeyedDataset, StepData, position_seed, section
 from medfm.synthetic import SynthConfig, synth_pair, synth_sample
 from medfm.synthetic.batched import synth_batch
 
+from .mixture import build_mixture
 from .views import batch_resized_crop
 
 REGIMES = ("real", "synthetic", "mixed")
@@ -45,6 +46,12 @@ class PretrainDataConfig(DataConfig):
     train_from: list[str] = field(default_factory=list)  # more image sets, whole (e.g. `medfm generate` manifests)
     text: str | None = None  # manifest column with each image's report/caption (CLIP, text MLM)
     batch_size: int = 64  # per device
+    # a mixture (medfm.pretrain.mixture), instead of path / train_from: a list of {path, weight, split, preset,
+    # preset_args, text, name}, each source drawn at its weight with its own preprocessing
+    sources: list | None = None
+    exclude: list = field(default_factory=list)  # evaluation splits ({path, split}) a mixture never trains on
+    exclude_suite: str | None = None  # ... and every evaluation split of this suite file (`default`: medfm's)
+    root: str | None = None  # where the mixture's and the suite's relative paths live (default: $MEDFM_SUITE_DATA)
 
 
 @dataclass
@@ -126,12 +133,20 @@ def build_data(cfg: dict, method) -> StepData:
     needs, name = method.needs, method.name
     if needs in ("pairs", "masks") and d.regime != "synthetic":
         raise ValueError(f"method {name} trains on the engine's samples: set data.regime=synthetic")
-    if needs == "text" and (d.regime != "real" or not d.text):
+    if needs == "text" and (d.regime != "real" or not (d.text or d.sources)):
         raise ValueError(f"method {name} trains on image-text pairs: set data.regime=real and data.text "
                          f"to the manifest column holding each image's report or caption (now regime={d.regime}, "
                          f"text={d.text})")
-    dataset = synthetic = None
-    if d.regime in ("real", "mixed"):
+    dataset = synthetic = mixture = None
+    if d.sources is not None and (d.path or d.train_from):
+        raise ValueError("data.sources (a mixture) replaces data.path and data.train_from: give one or the other "
+                         "(--data sets data.path)")
+    if d.regime in ("real", "mixed") and d.sources is not None:
+        def cache_for(record):
+            return dataset_cache(d.cache, d.cache_dir, record)
+
+        dataset, mixture = build_mixture(d.sources, d, enc, cfg["seed"], needs == "text", cache_for)
+    elif d.regime in ("real", "mixed"):
         if not d.path and not d.train_from:
             raise ValueError(f"data.regime={d.regime} needs data: give --data PATH (an npz, a manifest or a folder) "
                              "or set data.path; or use data.regime=synthetic")
@@ -153,7 +168,11 @@ def build_data(cfg: dict, method) -> StepData:
         synthetic = method.synthetic_source(cfg)
     mix = {"real": 0.0, "synthetic": 1.0, "mixed": d.mix}[d.regime]
     keyed = KeyedDataset(dataset, method.make_view(cfg), seed=cfg["seed"], synthetic=synthetic, mix=mix)
-    return StepData(keyed, len(keyed) if dataset is not None else None, d.batch_size, d.num_workers, cfg["seed"])
+    # a mixture is addressed by sample position (it picks the source itself): an endless source
+    n = len(keyed) if dataset is not None and mixture is None else None
+    data = StepData(keyed, n, d.batch_size, d.num_workers, cfg["seed"])
+    data.mixture = mixture  # recorded in the run (mixture.json) by the method's before_fit
+    return data
 
 
 def engine_on_device(cfg: dict, d: PretrainDataConfig, method) -> bool:

@@ -89,6 +89,12 @@ class PretrainMethod(RunPlugin):
         module = self.build_module(cfg, build_encoder(cfg["encoder"]))
         return Built(module, data, [probe] if probe else [], cfg=cfg)
 
+    def before_fit(self, built: Built, folder: RunFolder, resumed: bool) -> None:
+        """A mixture's record (its sources, weights, sizes and what de-duplication dropped) into the run."""
+        mixture = getattr(built.data, "mixture", None)
+        if mixture is not None:
+            write_json(folder / "mixture.json", mixture)
+
     def export(self, module, folder: RunFolder, trainer, built: Built) -> None:
         """The encoder alone (``save_pretrained``, with its preprocessing) into ``RUN/encoder``."""
         encoder = module.encoder
