@@ -457,9 +457,38 @@ def _benchmark_parser(sub) -> None:
     p.set_defaults(fn=cmd_benchmark)
 
 
+def cmd_suite(args: argparse.Namespace) -> int:
+    from medfm.suite import run_suite
+
+    run_suite(args.encoders, args.out, args.suite, args.data_root, [int(s) for s in args.seeds.split(",")], args.size,
+              args.tasks.split(",") if args.tasks else None, cache=None if args.no_cache else SELECT_CACHE)
+    return 0
+
+
+def _suite_parser(sub) -> None:
+    """``medfm suite``."""
+    p = sub.add_parser("suite", help="score encoders on a downstream suite with frozen features: linear probe and k-NN "
+                       "at 1 / 10 / all labels per class, zero-shot, a segmentation probe; two or more: compared",
+                       epilog="ENCODER: a run or encoder folder, a public model (file, folder, hf:ORG/NAME), medfm:tiny-2d, "
+                              "random or random:NAME (random init). The default suite: PneumoniaMNIST, BreastMNIST, "
+                              "BUS-BRA, MedPix modality / region / plane, LGG FLAIR (medfm/evaluate/suites/default_2d.yaml)")
+    p.add_argument("encoders", nargs="+", metavar="ENCODER", help="the encoders (the first is the reference of the "
+                   "comparison)")
+    p.add_argument("--suite", default="default", help="a suite YAML file, or a medfm suite name (default)")
+    p.add_argument("--data-root", default=None, help="the folder the suite's data paths are relative to (default "
+                   "$MEDFM_SUITE_DATA; sets prepared by `medfm data prepare` are found too)")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
+    p.add_argument("--seeds", default="0,1,2", help="few-shot draws / probe seeds (default 0,1,2)")
+    p.add_argument("--size", type=int, default=None, help="input size (default: the encoder's recorded one; random: 64)")
+    p.add_argument("--no-cache", action="store_true", help="compute embeddings again instead of reading the cache")
+    p.add_argument("--out", default="runs/suite", help="folder: suite.md, suite.csv, suite.png, compare.md")
+    p.set_defaults(fn=cmd_suite)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from medfm.encoders.formats import convert_checkpoint, identify, list_formats, nearest_format, open_checkpoint
     from medfm.encoders.language_model import list_language_models
+    from medfm.encoders.shipped import list_shipped
 
     words = list(args.words)
     if not words:
@@ -469,6 +498,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                   f"\n  license     {f.license}\n  example     {f.example}\n")
         print("also: timm state dicts of medfm's ViT / ResNet sizes, and every medfm encoder or run folder "
               "(docs/checkpoints.md)")
+        print("\nencoders shipped with medfm (--encoder medfm:NAME, no network):\n")
+        for name, what, where in list_shipped():
+            print(f"{name}  {what}\n  folder      {where}\n")
         print("\nlanguage models (mllm.language_model=; also a transformers causal-LM folder, hf:ORG/NAME or a .gguf file):\n")
         for name, what, where in list_language_models():
             print(f"{name}  {what}\n  file        {where}\n")
@@ -1003,7 +1035,7 @@ def _data_parser(sub) -> None:
 
 
 # one function per command, in `medfm --help` order
-PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
+PARSERS = (_quickstart_parser, _data_parser, _benchmark_parser, _suite_parser, _info_parser, _models_parser, _encode_parser, _pretrain_parser, _finetune_parser,
            _plan_parser, _predict_parser, _segment_parser,
            _evaluate_parser, _adapt_parser, _generate_parser, _generate_report_parser, _answer_parser, _chat_parser, _export_parser,
            _select_parser,

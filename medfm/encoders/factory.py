@@ -15,6 +15,7 @@ from medfm.artifacts import load, read_config
 from medfm.data.preprocess import Preprocess
 
 from .formats import is_public, list_formats
+from .shipped import shipped_folder
 from .source import EncoderSource, forget_sources, resolve_source
 from .registry import encoder_arguments, encoder_entrypoint, encoder_family, list_encoders
 from .vit import vit_size_name
@@ -168,7 +169,8 @@ def create_model_and_transforms(model_id: str | os.PathLike, spatial_dims: int |
 
 def load_model(model_id: str | os.PathLike, **hub_kwargs: Any) -> nn.Module:
     """``medfm.load``: any saved medfm model or run (its main artifact), and a public model folder or file
-    that ``--encoder`` takes (converted, as :func:`create_model_and_transforms` builds it)."""
+    that ``--encoder`` takes (converted, as :func:`create_model_and_transforms` builds it), or ``medfm:NAME``."""
+    model_id = shipped_folder(str(model_id))
     if is_public(model_id):
         source = resolve_source(model_id)
         if source.converted is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from medfm.artifacts import CONFIG_NAME
 
 from .formats import Converted, convert_checkpoint, is_public, open_checkpoint
+from .shipped import shipped_folder
 
 
 def encoder_folder(given: str | os.PathLike) -> str:
@@ -72,7 +73,7 @@ def resolve_source(given: str | os.PathLike) -> EncoderSource:
     source asked again (unchanged on disk) returns the kept resolution."""
     global _LAST
     given = str(given)
-    path = encoder_folder(given)
+    path = encoder_folder(shipped_folder(given))
     if path.startswith("timm:"):
         return EncoderSource(given, path, "timm")
     if not is_public(path):

@@ -31,6 +31,7 @@ class SuiteTask:
     max_train: int | None = None  # cap on the training pool (spread evenly over it)
     max_val: int | None = None
     zero_shot: dict | None = None  # class -> prompt: zero-shot scores for an encoder with a text tower
+    min_train: int = 10  # classes with fewer training examples (or none to evaluate on) are left out
 
 
 @dataclass

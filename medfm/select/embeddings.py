@@ -97,10 +97,12 @@ def data_identity(path: str | os.PathLike, split: str | None) -> str:
 
 
 def embed(embedder: Embedder, data: str | os.PathLike, split: str | None = "train", label: str | None = None,
-          cache: str | os.PathLike | None = CACHE_DIR, batch_size: int = 64, progress: bool = True):
+          cache: str | os.PathLike | None = CACHE_DIR, batch_size: int = 64, progress: bool = True,
+          on_error: str = "raise"):
     """(dataset, embeddings (N, D) float32 numpy, labels (N,) or None) of ``split`` of ``data``; read from
-    ``cache`` when this encoder already embedded this data (``cache=None``: always compute)."""
-    dataset = open_dataset(data, split=split, label=label, transform=embedder.transform)
+    ``cache`` when this encoder already embedded this data (``cache=None``: always compute). ``on_error="skip"``
+    leaves out manifest rows that cannot be read (an empty label, a missing file), with a warning naming them."""
+    dataset = open_dataset(data, split=split, label=label, transform=embedder.transform, on_error=on_error)
     if len(dataset) == 0:
         raise DataError(f"{data}: split {split!r} is empty")
     dims, wants = dataset.load_sample(0)["meta"]["spatial_dims"], embedder.preprocess.spatial_dims
