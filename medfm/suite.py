@@ -146,24 +146,32 @@ def classification(task: SuiteTask, enc: Embedder, data: str, shots: list, seeds
 
 
 def zero_shot(task: SuiteTask, given: str, data: str) -> list[Scored]:
-    """Zero-shot scores of a CLIP run's towers on the task's evaluation split (its classes named by prompts)."""
-    from medfm.evaluate.zeroshot import load_clip_run, text_embeddings, zero_shot_scores
+    """Zero-shot scores of a CLIP run's two towers on the task's evaluation split, each class named by the task's
+    prompt in medfm's prompt templates (:func:`medfm.evaluate.zeroshot.class_embeddings`); none for an encoder
+    without a text tower."""
+    from medfm.encoders import preprocess_transform
+    from medfm.evaluate.zeroshot import class_embeddings, load_clip_run, zero_shot_scores
 
     try:
-        model = load_clip_run(given)
-    except (FileNotFoundError, ValueError, KeyError, OSError):
-        return []  # no text tower: not a zero-shot model
-    from medfm.encoders import preprocess_transform
-
-    ds = open_dataset(data, split=task.val, label=task.label, transform=preprocess_transform(model.visual))
+        model = load_clip_run(encoder_run(given))
+    except (FileNotFoundError, ValueError, OSError):
+        return []
+    ds = open_dataset(data, split=task.val, label=task.label, on_error="skip",
+                      transform=preprocess_transform(model.image_encoder.preprocess))
     classes = [str(c) for c in getattr(ds, "classes", None) or []]
     missing = [c for c in classes if c not in task.zero_shot]
     if missing:
         raise ValueError(f"task {task.name}: zero_shot names no prompt for class(es) {missing}")
-    img, y = embed_dataset(model.visual, ds, forward=model.encode_image)
-    scores = zero_shot_scores(F.normalize(img, dim=-1), text_embeddings(model, [task.zero_shot[c] for c in classes]))
+    img, y = embed_dataset(model, ds, forward=model.encode_image)
+    scores = zero_shot_scores(img, class_embeddings(model, [task.zero_shot[c] for c in classes]))
     return [Scored({"task": task.name, "kind": "classify", "method": "zero_shot", "shots": "0", "seed": 0,
                     "n_train": 0, "auroc": auroc(scores, y), "accuracy": accuracy(scores, y)}, scores, y)]
+
+
+def encoder_run(given: str) -> str:
+    """The run folder an ``encoder/`` folder belongs to (a CLIP run is given either way)."""
+    p = Path(given)
+    return str(p.parent) if p.name == "encoder" else given
 
 
 def _spread(n: int, cap: int | None) -> list[int]:
@@ -239,6 +247,7 @@ def run_suite(encoders: list[str], out: str | Path, suite: str = "default", data
         if unknown:
             raise ValueError(f"suite {spec.name}: no task {unknown} (it has {', '.join(t.name for t in spec.tasks)})")
         chosen = [t for t in spec.tasks if t.name in tasks]
+    embedders = {given: open_encoder(given, size) for given in encoders}  # a bad encoder fails before any work
     where = {}
     for t in chosen:
         path = task_data(t, data_root)
@@ -253,8 +262,7 @@ def run_suite(encoders: list[str], out: str | Path, suite: str = "default", data
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cells: dict[str, list[Scored]] = {}
-    for given in encoders:
-        enc = open_encoder(given, size)
+    for given, enc in embedders.items():
         scored = []
         for t in chosen:
             if t.name not in where:
