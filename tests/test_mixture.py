@@ -4,7 +4,6 @@ splits, resumed after a kill to the same weights. Data: real MNI152 axial slices
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -22,7 +22,7 @@ NEEDS_SHARED = {"05_segmentation.ipynb", "08_vqa.ipynb", "11_mllm.ipynb", "12_pr
 
 
 def test_the_notebooks_are_there_and_stored_without_outputs():
-    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 13)]
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 14)]
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
         code = [c for c in book.cells if c.cell_type == "code"]
