@@ -24,6 +24,7 @@ evaluation items, the same resamples for both encoders, metric averaged over see
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ import torchmetrics.functional.classification as tmc
 
 from medfm.atomic import write_text
 from medfm.data import DataError, open_dataset
+from medfm.data.preprocess import Preprocess
+from medfm.data.transforms import with_channels
+from medfm.encoders import create_encoder
 from medfm.evaluate.probe import embed_dataset, logistic_probe
 from medfm.evaluate.suite_spec import Suite, SuiteTask, read_suite, task_data
 from medfm.figures import pyplot, save_figure
@@ -54,10 +58,6 @@ def open_encoder(given: str, size: int | None = None, seed: int = 0) -> Embedder
         name = given.partition(":")[2] or "vit_tiny"
         kw = {"patch_size": 8} if name.startswith("vit") else {}
         torch.manual_seed(seed)
-        from medfm.encoders import create_encoder
-        from medfm.data.preprocess import Preprocess
-        from medfm.data.transforms import with_channels
-
         size = size or 64
         model = create_encoder(name, spatial_dims=2, in_chans=1, img_size=size, **kw).eval()
         pre = Preprocess("radiograph_2d", size, {})
@@ -289,18 +289,13 @@ def run_suite(encoders: list[str], out: str | Path, suite: str = "default", data
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    keys = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    text = []
-    import io
-
+    """The rows as CSV (the union of their keys; segmentation rows carry Dice, classification rows AUROC)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
     w.writerows(rows)
-    text.append(buf.getvalue())
-    write_text(path, "".join(text))
+    write_text(path, buf.getvalue())
 
 
 def metric_of(row: dict) -> str:
