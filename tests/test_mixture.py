@@ -27,14 +27,16 @@ def _uint8(a: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory) -> dict[str, str]:
-    """Two sources (lower axial slices of the MNI152 brain, every third plane; upper ones 14 mm above, every other plane) and an evaluation set
-    (sagittal slices of it: no copy of any source image), 32 px npz files."""
+    """Two sources (axial and coronal slices of the MNI152 brain) and an evaluation set (sagittal slices of it: no
+    copy of any source image), 32 px npz files. (Slices of one orientation are look-alikes at 32 px: a central
+    crop of one matches another, and the mixture drops them as copies.)"""
     tmp = tmp_path_factory.mktemp("mixture")
     vol = load(samples.mni152("t1"))["image"][0].numpy()
-    axial = np.stack([_uint8(vol[:, :, z]) for z in range(50, 140)])
+    axial = np.stack([_uint8(vol[:, :, z]) for z in range(50, 140, 6)])
+    coronal = np.stack([_uint8(vol[:, y]) for y in range(60, 150, 6)])
     sagittal = np.stack([_uint8(vol[x]) for x in range(40, 160, 8)])
     out = {}
-    for name, images in (("lower", axial[0:45:3]), ("upper", axial[56:86:2]), ("eval", sagittal)):
+    for name, images in (("lower", axial), ("upper", coronal), ("eval", sagittal)):
         labels = (np.arange(len(images)) % 2)[:, None]
         np.savez(tmp / f"{name}.npz", train_images=images, train_labels=labels, val_images=images, val_labels=labels)
         out[name] = str(tmp / f"{name}.npz")
@@ -108,3 +110,29 @@ def test_bad_mixtures_are_one_line(sets, tmp_path, capsys):
     assert main(["pretrain", "mae_vit_2d", "--profile", "tiny", "--out", str(tmp_path / "r"),
                  f"data.sources=[{{path: {sets['lower']}, wieght: 2}}]"]) == 2
     assert "data.sources[0]" in capsys.readouterr().err
+
+
+def test_a_centre_cropped_small_copy_of_a_full_frame_is_found(tmp_path):
+    """MedMNIST's copy of a film (a centre square crop, 28 px) against the same film resized whole (squashed to a
+    square): PneumoniaMNIST and the 224 px pediatric chest X-rays. A look-alike (the slice 30 mm above) is kept."""
+    from medfm.data import open_dataset
+    from medfm.pretrain.mixture import deduplicate
+
+    vol = load(samples.mni152("t1"))["image"][0].numpy()
+
+    def u8(a):
+        return (255 * a / a.max()).astype(np.uint8)
+
+    film, other = u8(vol[:, :, 100].T), u8(vol[:, :, 130].T)
+    film, other = np.concatenate([film, film[:, :40]], 1), np.concatenate([other, other[:, :40]], 1)  # wide frames
+    h, w = film.shape
+    square = film[:, (w - h) // 2:(w - h) // 2 + h]
+    small = np.asarray(Image.fromarray(square).resize((28, 28), Image.BILINEAR))
+    frames = np.stack([np.asarray(Image.fromarray(a).resize((64, 64), Image.BILINEAR)) for a in (film, other)])
+    np.savez(tmp_path / "frames.npz", train_images=frames, train_labels=np.zeros((2, 1), int))
+    np.savez(tmp_path / "eval.npz", val_images=small[None], val_labels=np.zeros((1, 1), int))
+    frames_ds = open_dataset(tmp_path / "frames.npz", split="train")
+    keep, dropped = deduplicate([frames_ds], ["frames"], [("eval:val", open_dataset(tmp_path / "eval.npz", split="val"))],
+                                progress=False)
+    assert keep == [[1]], dropped
+    assert dropped[0]["copy_of_source"] == "eval:val" and dropped[0]["item"].endswith("sample 0")

@@ -12,8 +12,8 @@ replacement), so a resumed or multi-rank run draws exactly what the uninterrupte
 
 De-duplication, before training: every image of every source and of the evaluation sets the run must never see
 (``data.exclude``: ``{path, split}`` entries; ``data.exclude_suite``: every evaluation split of a suite file,
-``default`` for medfm's own) is fingerprinted (exact pixels, perceptual hash confirmed by pixel correlation:
-:mod:`medfm.select.duplicates`, the checks of ``medfm curate``). A source image that copies an evaluation image is
+``default`` for medfm's own) is fingerprinted (exact pixels; perceptual hash confirmed by pixel correlation, the checks of ``medfm curate``;
+and between sources, a centre-cropped square copy of a full frame: :mod:`medfm.select.duplicates`). A source image that copies an evaluation image is
 dropped; an image that copies one of an earlier source is dropped from the later source (PneumoniaMNIST and the
 pediatric chest X-rays are the same children's films). What was dropped, and why, is printed and recorded in the
 run's ``mixture.json`` with the sources, their weights, sizes and presets.
@@ -32,7 +32,22 @@ from medfm.data import DataError, open_dataset
 from medfm.data.transforms import PRESETS, with_channels
 from medfm.evaluate.suite_spec import data_root, evaluation_splits
 from medfm.progress import progress_bar
-from medfm.select.duplicates import exact_key, exact_pairs, hash_pairs, perceptual_hash, thumbnail_vector
+from medfm.select.duplicates import (
+    CROP_CONFIRM,
+    CROP_CORRELATION,
+    CROP_THUMB,
+    HASH_DISTANCE,
+    PIXEL_CORRELATION,
+    confirm_array,
+    crop_confirmed,
+    crop_pairs,
+    crop_thumbnails,
+    exact_key,
+    exact_pairs,
+    hash_pairs,
+    perceptual_hash,
+    thumbnail_vector,
+)
 
 
 @dataclass
@@ -133,6 +148,9 @@ class Fingerprints:
     keys: list[str] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
     thumbs: list[np.ndarray] = field(default_factory=list)
+    small: list[np.ndarray] = field(default_factory=list)  # whole, at the crop thumbnails' size
+    crops: list[np.ndarray] = field(default_factory=list)  # central crops (float16: 20 KB an image)
+    arrays: list[np.ndarray] = field(default_factory=list)  # uint8, at most 64 px: crop matches confirmed on it
 
     def add(self, owner: int, dataset, label: str, progress: bool) -> None:
         for i in progress_bar(range(len(dataset)), desc=f"fingerprinting {label}", disable=not progress,
@@ -144,13 +162,27 @@ class Fingerprints:
             self.keys.append(exact_key(image))
             self.hashes.append(perceptual_hash(image))
             self.thumbs.append(thumbnail_vector(image))
+            self.small.append(thumbnail_vector(image, CROP_THUMB))
+            self.crops.append(crop_thumbnails(image).astype(np.float16))
+            self.arrays.append(confirm_array(image))
 
-    def copies(self) -> list[tuple[int, int, bool]]:
-        """(i, j, exact), i < j, for every pair of images that are the same picture: the same pixels (exact), or
-        a perceptual hash within a few bits confirmed by pixel correlation."""
+    def copies(self, chunk: int = 32) -> list[tuple[int, int, bool]]:
+        """(i, j, exact), i < j, for every pair of images that are the same picture: the same pixels (exact), a
+        perceptual hash within a few bits confirmed by pixel correlation, or (between different owners) a
+        centre-cropped copy of a full frame (:func:`medfm.select.duplicates.crop_pairs`)."""
+        if not self.keys:
+            return []
         exact = set(exact_pairs(self.keys))
-        near = {(i, j) for i, j, _ in hash_pairs(self.hashes, thumbnails=np.stack(self.thumbs))} if self.hashes else set()
-        return sorted([(i, j, True) for i, j in exact] + [(i, j, False) for i, j in near - exact])
+        near = {(i, j) for i, j, _ in hash_pairs(self.hashes, thumbnails=np.stack(self.thumbs))}
+        owner, wholes, crops = np.asarray(self.owner), np.stack(self.small), np.stack(self.crops)
+        for start in range(0, len(crops), chunk):
+            block = crops[start:start + chunk].astype(np.float32)
+            for a, j, k in crop_pairs(block, wholes):
+                i = start + a
+                if owner[i] != owner[j] and crop_confirmed(self.arrays[i], k, self.arrays[j]):
+                    near.add((min(i, j), max(i, j)))
+        # exact copies first: an image that is both an exact and a near copy is reported as the exact one's
+        return sorted([(i, j, True) for i, j in exact]) + sorted([(i, j, False) for i, j in near - exact])
 
 
 def deduplicate(datasets: list, names: list[str], excluded: list[tuple[str, object]], progress: bool = True
@@ -250,6 +282,8 @@ def build_mixture(entries: list, d, enc: dict, seed: int, needs_text: bool, cach
         "excluded": [{"name": n, "images": len(ds)} for n, ds in held],
         "dropped": dropped,
         "sampling": "source by weight from (seed, position), then an image of it with replacement",
+        "copy_checks": {"exact": "same pixels", "hash_distance": HASH_DISTANCE, "pixel_correlation": PIXEL_CORRELATION,
+                        "crop_correlation": CROP_CORRELATION, "crop_confirm": CROP_CONFIRM},
     }
     print(summary(record))
     keys = ("image", "text") if needs_text else ("image",)

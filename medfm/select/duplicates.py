@@ -6,6 +6,10 @@ embedding neighbours.
   ``hash_distance`` bits, confirmed by a pixel correlation of at least ``PIXEL_CORRELATION`` between the two
   images at 32 x 32: survives resizing, re-compression and small intensity changes. The hash alone calls
   any two axial slices of one brain within 15 mm alike at 64 px; the correlation keeps the closest of them;
+* crop: a centre-cropped square copy of a full frame (MedMNIST's preprocessing against the same film resized
+  whole): a central crop of one image, at the aspect ratio of the original, correlates with the other at
+  ``CROP_CORRELATION`` at 24 px, confirmed at ``CROP_CONFIRM`` at the smaller image's resolution (:func:`crop_pairs`,
+  :func:`crop_confirmed`; pretraining mixtures run it between sources and evaluation sets);
 * embedding: cosine similarity of centred, l2-normalised embeddings at or above ``cosine``, with a pixel
   correlation of at least ``LOOKALIKE_CORRELATION``: a copy the hash misses (noise, a different window). Below
   that correlation an embedding neighbour is a look-alike, not a copy: on PneumoniaMNIST all 10 pairs of
@@ -70,6 +74,73 @@ def thumbnail_vector(image, size: int = THUMB) -> np.ndarray:
     t = np.asarray(Image.fromarray(as_uint8(image)).resize((size, size), Image.BILINEAR), dtype=np.float32).ravel()
     t = t - t.mean()
     return t / (np.linalg.norm(t) + 1e-8)
+
+
+CROP_RATIOS = tuple(np.round(np.arange(1.1, 2.0, 0.1), 1))  # aspect ratios of the original a square crop came from
+CROP_CORRELATION = 0.96  # at 24 px. PneumoniaMNIST val against the 224 px pediatric chest X-rays (benchmarks/RESULTS.md):
+# copies found at 0.97-0.995, the best crop of a different child's film at 0.93 or below ...
+CROP_CONFIRM = 0.96  # ... confirmed at the smaller image's own resolution (up to 64 px): 96 % of those copies keep it; look-alike brain slices of
+# different LGG patients pass at 24 px (0.96) and not at 64 px
+CROP_THUMB = 24
+CONFIRM_MAX = 64
+
+
+def _crops(a: np.ndarray, ratios=CROP_RATIOS) -> list[np.ndarray]:
+    """The central crops of a 2D array that a square crop of a wider, then a taller, original becomes once the
+    original is squashed to this array's shape, for each aspect ratio."""
+    h, w = a.shape
+    out = []
+    for r in ratios:
+        cw, ch = int(round(w / r)), int(round(h / r))
+        out += [a[:, (w - cw) // 2:(w - cw) // 2 + cw], a[(h - ch) // 2:(h - ch) // 2 + ch]]
+    return out
+
+
+def _vector(a: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    t = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((size, size), Image.BILINEAR), dtype=np.float32).ravel()
+    t = t - t.mean()
+    return t / (np.linalg.norm(t) + 1e-8)
+
+
+def crop_thumbnails(image, ratios=CROP_RATIOS, size: int = CROP_THUMB) -> np.ndarray:
+    """(2 x len(ratios), size^2): centred, l2-normalised thumbnails of the image's central crops (:func:`_crops`):
+    what a copy made by centre-cropping to a square then resizing (MedMNIST) looks like in a full frame."""
+    return np.stack([_vector(c, size) for c in _crops(as_uint8(image), ratios)])
+
+
+def confirm_array(image) -> np.ndarray:
+    """The image as uint8, its longer side at most :data:`CONFIRM_MAX` (what a crop match is confirmed on)."""
+    from PIL import Image
+
+    a = as_uint8(image)
+    scale = CONFIRM_MAX / max(a.shape)
+    if scale < 1:
+        a = np.asarray(Image.fromarray(a).resize((max(1, round(a.shape[1] * scale)), max(1, round(a.shape[0] * scale))),
+                                                 Image.BILINEAR))
+    return a
+
+
+def crop_pairs(crops: np.ndarray, wholes: np.ndarray, min_correlation: float = CROP_CORRELATION
+               ) -> Iterable[tuple[int, int, int]]:
+    """(i, j, k) where central crop k of image i (``crops``: (N, C, D) from :func:`crop_thumbnails`) correlates
+    with image j whole (``wholes``: (M, D), :func:`thumbnail_vector` at the crops' size) at least
+    ``min_correlation``: candidates for "j is a centre-cropped copy of the full frame i"; confirm them with
+    :func:`crop_confirmed`."""
+    n, c, d = crops.shape
+    sim = (crops.reshape(-1, d) @ wholes.T).reshape(n, c, len(wholes))
+    best = sim.max(1)
+    for i, j in zip(*np.nonzero(best >= min_correlation)):
+        yield int(i), int(j), int(sim[i, :, j].argmax())
+
+
+def crop_confirmed(full: np.ndarray, k: int, copy: np.ndarray, min_correlation: float = CROP_CONFIRM) -> bool:
+    """Whether crop ``k`` of ``full`` and ``copy`` (:func:`confirm_array` arrays) correlate ``min_correlation`` at
+    the smaller one's resolution."""
+    crop = _crops(full)[k]
+    size = max(8, min(*crop.shape, *copy.shape))
+    return float(_vector(crop, size) @ _vector(copy, size)) >= min_correlation
 
 
 def exact_pairs(keys: list[str]) -> list[tuple[int, int]]:
