@@ -7,7 +7,8 @@ encoder (a run, an ``encoder/`` folder, a converted public model, ``medfm:tiny-2
 ``random:NAME`` for a randomly initialised one):
 
 * classification: a logistic-regression probe (L-BFGS, :func:`medfm.evaluate.probe.logistic_probe`) and a
-  weighted k-NN (DINO's: the 20 nearest training embeddings by cosine, votes ``exp(cos / 0.07)``) with 1, 10 and
+  weighted k-NN (DINO's: the 20 nearest training embeddings by cosine, votes ``exp(cos / 0.07)``, on embeddings
+  centred on the training mean) with 1, 10 and
   all labelled examples per class (the few-shot draws differ per seed and are the same for every encoder), scored
   by AUROC (macro one-vs-rest) and accuracy on the task's evaluation split;
 * zero-shot where the encoder is a CLIP run and the task names prompts;
@@ -78,8 +79,11 @@ def accuracy(scores: torch.Tensor, y: torch.Tensor) -> float:
 
 def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, num_classes: int,
                k: int = KNN_K, t: float = KNN_T) -> torch.Tensor:
-    """Class scores (N, K) of a weighted k-NN on l2-normalised embeddings (DINO's evaluation), rows summing to 1."""
-    a, b = F.normalize(train_x.float(), dim=1), F.normalize(val_x.float(), dim=1)
+    """Class scores (N, K) of a weighted k-NN on l2-normalised embeddings (DINO's evaluation), rows summing to 1.
+    The embeddings are centred on the training mean first: a randomly initialised ViT's embeddings share one large
+    direction (cosines of 0.99 between any two images), and uncentred its k-NN ranks worse than chance."""
+    mean = train_x.float().mean(0)
+    a, b = F.normalize(train_x.float() - mean, dim=1), F.normalize(val_x.float() - mean, dim=1)
     sim, idx = (b @ a.T).topk(min(k, len(a)), dim=1)
     votes = torch.zeros(len(b), num_classes).scatter_add_(1, train_y[idx], (sim / t).exp())
     return votes / votes.sum(1, keepdim=True)

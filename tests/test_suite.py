@@ -68,9 +68,10 @@ def test_knn_scores_are_dinos_weighted_vote():
     y = torch.tensor([0, 0, 1, 1])
     s = knn_scores(train, y, torch.tensor([[1.0, 0.05], [0.2, 1.0]]), num_classes=2, k=3, t=0.07)
     assert s.argmax(1).tolist() == [0, 1] and torch.allclose(s.sum(1), torch.ones(2))
-    # by hand for the first query: its 3 nearest by cosine, each voting exp(cos / t)
-    q = torch.nn.functional.normalize(torch.tensor([1.0, 0.05]), dim=0)
-    cos = torch.nn.functional.normalize(train, dim=1) @ q
+    # by hand for the first query: its 3 nearest by cosine (centred on the training mean), each voting exp(cos / t)
+    mean = train.mean(0)
+    q = torch.nn.functional.normalize(torch.tensor([1.0, 0.05]) - mean, dim=0)
+    cos = torch.nn.functional.normalize(train - mean, dim=1) @ q
     top = cos.topk(3).indices
     votes = np.zeros(2)
     for i in top.tolist():
