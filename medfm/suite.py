@@ -283,7 +283,9 @@ def run_suite(encoders: list[str], out: str | Path, suite: str = "default", data
         cells[given] = scored
     rows = [s.row for v in cells.values() for s in v]
     write_csv(out / "suite.csv", rows)
-    write_text(out / "suite.md", f"# Suite {spec.name}\n\n" + "\n".join(summary_table(rows)) + "\n")
+    write_text(out / "suite.md", f"# Suite {spec.name}\n\nLinear probe, AUROC at 10 labels per class (segmentation: "
+               "Dice of the linear probe on the last feature map), mean over seeds:\n\n" + "\n".join(headline_table(rows))
+               + "\n\nEvery method and number of labels, mean ± std over seeds:\n\n" + "\n".join(summary_table(rows)) + "\n")
     plot(rows, out / "suite.png")
     if len(encoders) > 1:
         write_text(out / "compare.md", "\n".join(compare(cells, encoders)) + "\n")
@@ -308,6 +310,26 @@ def metric_of(row: dict) -> str:
 
 def _shot_key(s: str) -> float:
     return math.inf if s == "all" else float(s)
+
+
+def headline_table(rows: list[dict], shots: str = "10") -> list[str]:
+    """Markdown: one row per encoder, one column per task: the linear probe's AUROC at ``shots`` labels per class
+    (the nearest shots a task has; segmentation: Dice), mean over seeds, and the mean over the classification
+    tasks."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
+    lines = ["| encoder | " + " | ".join(tasks) + " | mean (classification) |", "|---" * (len(tasks) + 2) + "|"]
+    for enc in encoders:
+        cells, means = [], []
+        for t in tasks:
+            rs = [r for r in rows if r["encoder"] == enc and r["task"] == t and r["method"] == "linear"]
+            near = sorted({r["shots"] for r in rs}, key=lambda x: abs(_shot_key(x) - _shot_key(shots)))
+            v = [r[metric_of(r)] for r in rs if near and r["shots"] == near[0]]
+            cells.append(f"{np.mean(v):.3f}" if v else "")
+            if v and rs[0]["kind"] == "classify":
+                means.append(np.mean(v))
+        lines.append(f"| {enc} | " + " | ".join(cells) + (f" | {np.mean(means):.3f} |" if means else " | |"))
+    return lines
 
 
 def summary_table(rows: list[dict]) -> list[str]:

@@ -50,6 +50,7 @@ def test_suite_scores_two_encoders_and_compares_them(suite_file, mae_run, slices
         assert len(list(csv.DictReader(f))) == len(rows)
     table = (out / "suite.md").read_text()
     assert "| random:vit_micro | level | knn | auroc |" in table and " ± " in table
+    assert "| encoder | level | tissue | mean (classification) |" in table  # the headline: linear probe, 1 per class here
     compare = (out / "compare.md").read_text()
     assert "## random:vit_micro - " in compare and compare.count("| level |") == 4  # 2 methods x 2 shots
     assert "| tissue | linear | all | dice |" in compare
