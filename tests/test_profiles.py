@@ -29,7 +29,11 @@ def test_every_recipe_takes_every_profile(path):
         dims = full["encoder"]["spatial_dims"]
         scratch = "segres_encoder" if (small.get("task"), dims) in SCRATCH_ENCODERS["cpu"] else "vit_tiny"  # see below
         assert small["encoder"]["name"] == scratch and small["encoder"]["img_size"] == {2: 64, 3: 32}[dims]
-        assert full["encoder"]["img_size"] > small["encoder"]["img_size"]
+        if path.name not in AT_SHIPPED_SIZE:
+            assert full["encoder"]["img_size"] > small["encoder"]["img_size"]
+
+
+AT_SHIPPED_SIZE = {"medfm_tiny_2d.yaml"}  # the recipe of medfm:tiny-2d is written at the size it ships (ViT-Tiny/8, 64 px)
 
 
 def test_3d_segmentation_from_random_init_trains_a_cnn_encoder_at_the_cpu_profile():
