@@ -283,9 +283,11 @@ def run_suite(encoders: list[str], out: str | Path, suite: str = "default", data
         cells[given] = scored
     rows = [s.row for v in cells.values() for s in v]
     write_csv(out / "suite.csv", rows)
-    write_text(out / "suite.md", f"# Suite {spec.name}\n\nLinear probe, AUROC at 10 labels per class (segmentation: "
-               "Dice of the linear probe on the last feature map), mean over seeds:\n\n" + "\n".join(headline_table(rows))
-               + "\n\nEvery method and number of labels, mean ± std over seeds:\n\n" + "\n".join(summary_table(rows)) + "\n")
+    headline = ("Linear probe, AUROC at 10 labels per class (segmentation: Dice of the linear probe on the last "
+                "feature map), mean over seeds:")
+    write_text(out / "suite.md", f"# Suite {spec.name}\n\n{headline}\n\n" + "\n".join(headline_table(rows))
+               + "\n\nEvery method and number of labels, mean ± std over seeds:\n\n"
+               + "\n".join(summary_table(rows)) + "\n")
     plot(rows, out / "suite.png")
     if len(encoders) > 1:
         write_text(out / "compare.md", "\n".join(compare(cells, encoders)) + "\n")
@@ -340,8 +342,8 @@ def summary_table(rows: list[dict]) -> list[str]:
     for r in rows:
         groups.setdefault((r["encoder"], r["task"], r["method"], metric_of(r)), {}).setdefault(r["shots"], []).append(
             r[metric_of(r)])
-    lines = ["| encoder | task | method | metric | " + " | ".join(f"{s} per class" if s not in ("all", "0") else
-                                                             ("all" if s == "all" else "zero-shot") for s in shots) + " |",
+    heads = [f"{s} per class" if s not in ("all", "0") else ("all" if s == "all" else "zero-shot") for s in shots]
+    lines = ["| encoder | task | method | metric | " + " | ".join(heads) + " |",
              "|" + "---|" * (4 + len(shots))]
     for (enc, task, method, metric), by in groups.items():
         cells = []

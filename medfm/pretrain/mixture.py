@@ -12,9 +12,9 @@ replacement), so a resumed or multi-rank run draws exactly what the uninterrupte
 
 De-duplication, before training: every image of every source and of the evaluation sets the run must never see
 (``data.exclude``: ``{path, split}`` entries; ``data.exclude_suite``: every evaluation split of a suite file,
-``default`` for medfm's own) is fingerprinted (exact pixels; perceptual hash confirmed by pixel correlation, the checks of ``medfm curate``;
-and between sources, a centre-cropped square copy of a full frame: :mod:`medfm.select.duplicates`). A source image that copies an evaluation image is
-dropped; an image that copies one of an earlier source is dropped from the later source (PneumoniaMNIST and the
+``default`` for medfm's own) is fingerprinted: exact pixels, a perceptual hash confirmed by pixel correlation (the
+checks of ``medfm curate``) and, between sources, a centre-cropped square copy of a full frame
+(:mod:`medfm.select.duplicates`). A source image that copies an evaluation image is dropped; an image that copies one of an earlier source is dropped from the later source (PneumoniaMNIST and the
 pediatric chest X-rays are the same children's films). What was dropped, and why, is printed and recorded in the
 run's ``mixture.json`` with the sources, their weights, sizes and presets.
 """

@@ -77,8 +77,8 @@ def thumbnail_vector(image, size: int = THUMB) -> np.ndarray:
 
 
 CROP_RATIOS = tuple(np.round(np.arange(1.1, 2.0, 0.1), 1))  # aspect ratios of the original a square crop came from
-CROP_CORRELATION = 0.96  # at 24 px. PneumoniaMNIST val against the 224 px pediatric chest X-rays (benchmarks/RESULTS.md):
-# copies found at 0.97-0.995, the best crop of a different child's film at 0.93 or below ...
+CROP_CORRELATION = 0.96  # at 24 px. PneumoniaMNIST val against the 224 px pediatric chest X-rays
+# (benchmarks/RESULTS.md): copies found at 0.97-0.995, the best crop of a different child's film at 0.93 or below ...
 CROP_CONFIRM = 0.95  # ... confirmed at the smaller image's own resolution (up to 64 px). On the shipped mixture: 478
 # of PneumoniaMNIST's 524 val films found in the pediatric set (at 0.96: 461; about 472 expected), and 103 LGG
 # training slices called copies of other patients' validation slices (at 0.96: 41): look-alikes, not copies. A
@@ -101,7 +101,8 @@ def _crops(a: np.ndarray, ratios=CROP_RATIOS) -> list[np.ndarray]:
 def _vector(a: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
-    t = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((size, size), Image.BILINEAR), dtype=np.float32).ravel()
+    small = Image.fromarray(np.ascontiguousarray(a)).resize((size, size), Image.BILINEAR)
+    t = np.asarray(small, dtype=np.float32).ravel()
     t = t - t.mean()
     return t / (np.linalg.norm(t) + 1e-8)
 
