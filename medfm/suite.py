@@ -94,7 +94,7 @@ class Scored:
     """One cell of the table: its row, and the evaluation scores the comparison resamples."""
 
     row: dict
-    scores: torch.Tensor | None = None  # (N, K) class scores, or (N,) per-image Dice
+    scores: torch.Tensor | None = None  # (N, K) class scores; segmentation: (N, 2) per image, 2 x overlap and sizes
     target: torch.Tensor | None = None
 
 
