@@ -5,7 +5,8 @@
 The encoder folder is saved as medfm saves any encoder, then its weights are rewritten in fp16 (half the bytes;
 medfm reads them into fp32 parameters). ``card.json`` records what it is, the recipe, the mixture (the run's
 ``mixture.json``: sources, weights, what de-duplication dropped) with each source's licence and citation from
-``medfm data``, the steps and CPU time of the run, the file size, and the embedding of a fixed image (the MNI152
+``medfm data`` (the dropped images counted per source and reason; the run keeps the list), the steps and CPU
+time of the run, the file size, and the embedding of a fixed image (the MNI152
 brain's middle axial slice, a file nilearn ships) that ``tests/test_suite.py`` checks the shipped encoder against.
 """
 
@@ -41,11 +42,17 @@ def main(argv=None) -> int:
     model.save_pretrained(dest)
     weights = dest / "model.safetensors"
     save_file({k: v.half().contiguous() for k, v in load_file(str(weights)).items()}, str(weights))
+    weights.chmod(0o644)
     shipped, transform = create_model_and_transforms(dest)  # what users get: the fp16 weights in fp32
     with torch.no_grad():
         x = transform({"image": reference_image()})["image"][None]
         emb = shipped.eval()(torch.as_tensor(x)).flatten()
     mixture = json.loads((run / "mixture.json").read_text())
+    counts: dict[tuple, int] = {}
+    for d in mixture.pop("dropped"):  # every item stays in the run's mixture.json; the card counts them
+        key = (d["source"], d["copy_of_source"], d["reason"])
+        counts[key] = counts.get(key, 0) + 1
+    mixture["dropped_counts"] = [{"source": s, "copy_of": c, "reason": r, "images": n} for (s, c, r), n in counts.items()]
     for s in mixture["sources"]:
         src = catalogue.get_source(CATALOGUE.get(s["name"], s["name"]))
         s.update(licence=src.licence, citation=src.citation, homepage=src.homepage)
