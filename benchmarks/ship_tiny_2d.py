@@ -71,6 +71,8 @@ def main(argv=None) -> int:
         "loss_first_last": [losses[0][1], losses[-1][1]] if losses else None,
         "train_minutes": args.train_minutes,
         "trained_on": "CPU, 1 thread (2-core machine), fp32",
+        "licence_note": "each source keeps its own licence (listed per source); the LGG FLAIR slices are CC BY-NC-SA "
+                        "4.0, so use the weights non-commercially and share them alike",
         "mixture": mixture,
         "reference_embedding": [round(float(v), 6) for v in emb],
     }
