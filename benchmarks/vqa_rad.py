@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--encoder", default=None, help="a pretrained encoder (folder / run) instead of random init")
-    ap.add_argument("--size", type=int, default=64, help="image size of the random-init ViT-Tiny/8 (default 64)")
+    ap.add_argument("--size", type=int, default=64, help="input size of the encoder, random-init or pretrained "
+                    "(default 64)")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE recipe overrides (e.g. encoder.img_size=96)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -47,7 +48,8 @@ def main() -> None:
     for seed in args.seeds:
         over = {"seed": seed, "data": {"path": str(manifest), "test_split": None},
                 "trainer": {"max_steps": args.steps, "checkpoint_every_n_steps": args.steps}}
-        over["encoder"] = ({"pretrained": args.encoder} if args.encoder else
+        # the input size is the benchmark's for a pretrained encoder too (the recipe's own is GPU-scale 224 px)
+        over["encoder"] = ({"pretrained": args.encoder, "img_size": args.size} if args.encoder else
                            {"name": "vit_tiny", "img_size": args.size, "patch_size": 8})
         for item in args.overrides:
             key, _, value = item.partition("=")
