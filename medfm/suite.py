@@ -314,6 +314,14 @@ def _shot_key(s: str) -> float:
     return math.inf if s == "all" else float(s)
 
 
+def linear_cell(rows: list[dict], encoder: str, task: str, shots: str = "10") -> tuple[list[float], str | None]:
+    """The linear probe's metric over seeds for one encoder and task at ``shots`` labels per class, or at the
+    nearest shots the task has (segmentation: all), and the task's kind (None when it has no such rows)."""
+    rs = [r for r in rows if r["encoder"] == encoder and r["task"] == task and r["method"] == "linear"]
+    near = sorted({r["shots"] for r in rs}, key=lambda x: abs(_shot_key(x) - _shot_key(shots)))
+    return [r[metric_of(r)] for r in rs if r["shots"] == near[0]] if near else [], rs[0]["kind"] if rs else None
+
+
 def headline_table(rows: list[dict], shots: str = "10") -> list[str]:
     """Markdown: one row per encoder, one column per task: the linear probe's AUROC at ``shots`` labels per class
     (the nearest shots a task has; segmentation: Dice), mean over seeds, and the mean over the classification
@@ -324,11 +332,9 @@ def headline_table(rows: list[dict], shots: str = "10") -> list[str]:
     for enc in encoders:
         cells, means = [], []
         for t in tasks:
-            rs = [r for r in rows if r["encoder"] == enc and r["task"] == t and r["method"] == "linear"]
-            near = sorted({r["shots"] for r in rs}, key=lambda x: abs(_shot_key(x) - _shot_key(shots)))
-            v = [r[metric_of(r)] for r in rs if near and r["shots"] == near[0]]
+            v, kind = linear_cell(rows, enc, t, shots)
             cells.append(f"{np.mean(v):.3f}" if v else "")
-            if v and rs[0]["kind"] == "classify":
+            if v and kind == "classify":
                 means.append(np.mean(v))
         lines.append(f"| {enc} | " + " | ".join(cells) + (f" | {np.mean(means):.3f} |" if means else " | |"))
     return lines
@@ -364,9 +370,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for e, enc in enumerate(encoders):
         means, errs = [], []
         for t in tasks:
-            rs = [r for r in rows if r["encoder"] == enc and r["task"] == t and r["method"] == "linear"]
-            shots = sorted({r["shots"] for r in rs}, key=lambda s: abs(_shot_key(s) - 10))
-            v = [r[metric_of(r)] for r in rs if shots and r["shots"] == shots[0]]
+            v, _ = linear_cell(rows, enc, t)
             means.append(np.mean(v) if v else np.nan)
             errs.append(np.std(v) if v else 0)
         ax.bar(np.arange(len(tasks)) + e * width - 0.4 + width / 2, means, width, yerr=errs, label=enc, capsize=2)

@@ -248,12 +248,13 @@ def build_mixture(entries: list, d, enc: dict, seed: int, needs_text: bool, cach
     sources = parse_sources(entries, d.preset, d.preset_args)
     excluded = parse_excluded(d.exclude, d.exclude_suite, d.root)
     chans = enc.get("in_chans", 1)
-    datasets = []
+    datasets, resolved = [], []
     for s in sources:
         if needs_text and not s.text:
             raise ValueError(f"data.sources: {s.name} has no `text` column; an image-text objective needs each "
                              "source's caption or report column")
         path = resolve_path(s.path, d.root)
+        resolved.append(path)
         transform = with_channels(PRESETS[s.preset](size=None, **s.preset_args), chans)
         cache = cache_for({"preset": s.preset, "args": s.preset_args, "dims": enc["spatial_dims"], "chans": chans})
         kw = dict(spatial_dims=enc["spatial_dims"], transform=transform, cache=cache, on_error=d.on_error,
@@ -276,9 +277,9 @@ def build_mixture(entries: list, d, enc: dict, seed: int, needs_text: bool, cach
             raise DataError(f"data.exclude {e.path} (split {e.split}): {err}") from None
     keep, dropped = deduplicate(datasets, [s.name for s in sources], held, progress)
     record = {
-        "sources": [{**asdict(s), "resolved": resolve_path(s.path, d.root), "images": len(ds), "kept": len(k),
+        "sources": [{**asdict(s), "resolved": path, "images": len(ds), "kept": len(k),
                      "dropped": len(ds) - len(k), "share": s.weight / sum(x.weight for x in sources)}
-                    for s, ds, k in zip(sources, datasets, keep)],
+                    for s, path, ds, k in zip(sources, resolved, datasets, keep)],
         "excluded": [{"name": n, "images": len(ds)} for n, ds in held],
         "dropped": dropped,
         "sampling": "source by weight from (seed, position), then an image of it with replacement",
